@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["KeptClaims", "keep_left", "kept_dir", "take_back_kept"]
+__all__ = ["KeptClaims", "keep_left", "kept_dir", "leave_call_s", "take_back_kept"]
 
 log = logging.getLogger("smartbatch.budget")
 _SUFFIX = ".outbox"
@@ -64,6 +64,12 @@ def _ledger(url: str, prefix: str) -> str:
     return f"{u.scheme}://{u.hostname}:{u.port or 6379}/{u.path.strip('/') or asked}|{prefix}"
 
 
+def leave_call_s(settings) -> float:
+    """How long a stop waits for the controller's answer to ``leave``: its wait for Redis, a Redis call out then
+    (two timeouts), and slack for a busy actor (``_leave`` adds a restart's ``RESTART_AT_STOP_S``)."""
+    return settings.journal.ledger_wait_s + 2 * settings.budgets.redis_timeout_s + 30.0
+
+
 def keep_left(ray, budget, settings, engine: str, where: str | Path | None = None) -> dict[str, Any] | None:
     """The engine stops: have ``budget`` wait for its Redis to take what waits for it, and keep what it has not
     taken in a file, in ``where`` (the ledger's directory its start resolved, ``kept_dir``; None: resolved
@@ -72,7 +78,7 @@ def keep_left(ray, budget, settings, engine: str, where: str | Path | None = Non
         return None
     wait = settings.journal.ledger_wait_s
     try:
-        left = _leave(ray, budget, wait, wait + 2 * settings.budgets.redis_timeout_s + 30.0)
+        left = _leave(ray, budget, wait, leave_call_s(settings))
     except Exception as exc:
         log.error("engine %s: the budget ledger did not say what waits for its Redis at the stop (%s): whatever "
                   "it held is dropped with the engine, its claims released at their expiry", engine,

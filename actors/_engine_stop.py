@@ -14,6 +14,7 @@ from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._peer import (
     RESTART_POLL_S,
     ClockRef,
+    mark_stopping,
     read_layout,
     resolve_clock,
     restarting,
@@ -68,7 +69,9 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         clock = resolve_clock(ClockRef(engine))[0]
         copy = _journal_copy(engine) if last else None
         # First: drivers attached to it see it gone rather than a half-stopped engine. Its journals in Ray's store
-        # stay until the controller is dead (``_clean_once_dead``): one that dies in the stop reads them back.
+        # stay until the controller is dead (``_clean_once_dead``): one that dies in the stop reads them back. A
+        # ``serve`` that sees it gone waits for the stop's end (the mark) before it stops its Ray.
+        mark_stopping(engine)
         unpublish_layout(engine)
         n = _kill(rest)
         for step, what in ((lambda: _cancel_batches(engine, last, clock, copy), "cancel"),

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["keep_ledger", "keep_named", "ledger_home"]
+__all__ = ["keep_ledger", "keep_named", "ledger_home", "outlive_stop", "stop_left_s"]
 
 log = logging.getLogger("smartbatch.driver")
 
@@ -63,3 +63,31 @@ def keep_named(ray: Any, engine: str, layout: dict) -> dict[str, Any] | None:
     settings = layout["settings"]
     return keep_ledger(ray, engine, actor("budget") if "budget" in kinds else None, dispatchers, settings,
                        layout.get("ledger_dir") or ledger_home(settings))
+
+
+def stop_left_s(settings) -> float:
+    """At most how long a stop of an engine on ``settings`` runs once it has removed the engine's layout: the
+    dispatchers' cancel (asked again once after a restart), their settlements told, the ledger's ``leave`` (a
+    Redis ledger; asked again after a restart), and the wait for the killed actors' death."""
+    from actors._budget_kept import leave_call_s
+    from actors._engine_stop import DEATH_WAIT_S, RESTART_AT_STOP_S, STOP_CALL_S
+    from engine.app._driver_pull import LAST_REPORT_S
+
+    ledger = leave_call_s(settings) + RESTART_AT_STOP_S if settings.budgets.redis_url else 0.0
+    return 2 * STOP_CALL_S + RESTART_AT_STOP_S + LAST_REPORT_S + ledger + DEATH_WAIT_S
+
+
+def outlive_stop(engine: str, limit_s: float, leave) -> bool:
+    """Wait until the stop of ``engine`` under way elsewhere (``smartbatch stop --name``: its layout gone) has
+    ended (``actors._peer.stopping``), at most ``limit_s`` or until ``leave`` (a ``threading.Event``) is set: a
+    ``serve`` that stops its own Ray waits for it. It stopped Ray as the layout went, while that stop waited for
+    the ledger's Redis: the budget controller died with what waited for Redis, kept in no file, and the stop
+    waited a minute for the dead GCS, then failed. True once the stop has ended (or none was under way)."""
+    from actors._peer import RESTART_POLL_S, stopping
+
+    end = time.monotonic() + limit_s
+    while stopping(engine):
+        if leave.is_set() or time.monotonic() >= end:
+            return False
+        leave.wait(RESTART_POLL_S)  # the mark is a key in Ray's store: no event says it went
+    return True

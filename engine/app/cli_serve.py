@@ -210,7 +210,8 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
                          drain_s: float = 0.0) -> None:
     import ray
 
-    from actors._peer import read_layout
+    from actors._peer import read_layout, stopping
+    from engine.app._ledger_stop import outlive_stop, stop_left_s
 
     name = eng.name
     done, leave = threading.Event(), threading.Event()  # a first signal stops; a second leaves the drain
@@ -262,12 +263,20 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
                 eng.shutdown()
             else:
                 eng.stop()
+                if ray_procs and stopping(name):  # this serve's Ray goes with it: not under that stop's feet
+                    err_console.print(f"engine {name!r} is being stopped (smartbatch stop): waiting up to "
+                                      f"{elsewhere_s:g} s for that stop to end before stopping Ray (it keeps what "
+                                      "the budget ledger's Redis has not taken; Ctrl-C to stop Ray now)")
+                    outlive_stop(name, elsewhere_s, leave)
             stopped_cleanly(state_dir)
 
         try:
             # No grace: Ray was started before the engine (above), so its stop never shuts Ray down itself.
             # The drain's own bound, and the seconds its check and its cancel take before the wait (CANCEL_CALL_S).
-            limit_s = _GRACEFUL_S + (drain_s + _DRAIN_SLACK_S if drain_s > 0 else 0.0)
+            # And a stop by name's own, which this serve outlives on a Ray of its own (``outlive_stop``).
+            elsewhere_s = stop_left_s(eng.settings)
+            limit_s = _GRACEFUL_S + (drain_s + _DRAIN_SLACK_S if drain_s > 0 else 0.0) + (
+                elsewhere_s if ray_procs else 0.0)
             outcome = stop_or_lose_ray(steps, ray_procs, timeout_s=limit_s, grace_s=0.0)
             if outcome == "ray-gone":
                 claim.release()
