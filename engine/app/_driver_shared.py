@@ -16,7 +16,7 @@ from typing import Any
 
 from engine.core.errors import ConfigError
 
-__all__ = ["SharedEngine", "check_answers", "init_ray", "stale_engine"]
+__all__ = ["SharedEngine", "check_answers", "check_not_stopping", "init_ray", "stale_engine"]
 
 log = logging.getLogger("smartbatch")
 
@@ -137,6 +137,30 @@ def stale_engine(name: str) -> bool:
             continue
     kill_engine(name)
     return True
+
+
+def check_not_stopping(name: str) -> None:
+    """Refuse to start an engine named ``name`` while the actors of one of that name still run with its layout
+    gone: a stop of it is under way (it removes the layout first, then keeps its budget ledger, up to
+    ``journal.ledger_wait_s`` for Redis and more), or one was cut short. Ray refused the new budget controller's
+    name after the start had made its hub, which nothing stopped: every later start of the name failed on it."""
+    import ray
+
+    from actors._peer import stopping
+    from actors.remote import NAMESPACE, actor_name
+
+    for kind in ("budget", "hub"):
+        try:
+            ray.get_actor(actor_name(name, kind), namespace=NAMESPACE)
+        except ValueError:  # gone
+            continue
+        if stopping(name):
+            raise ConfigError(f"name={name!r}: an engine of that name is being stopped (its actors still run: the "
+                              f"stop keeps its budget ledger first); start it again once that stop has ended "
+                              f"(smartbatch stop --name {name} returns then), or pick another name")
+        raise ConfigError(f"name={name!r}: actors of an engine of that name still run on this Ray cluster with no "
+                          f"layout (a stop of it was cut short: actor {actor_name(name, kind)!r}); restart the Ray "
+                          "cluster, or pick another name")
 
 
 class SharedEngine:

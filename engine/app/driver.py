@@ -28,7 +28,7 @@ from engine.app._driver_owners import SharedOwners
 from engine.app._driver_pull import Pulling
 from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
 from engine.app._driver_resume import take_back
-from engine.app._driver_shared import SharedEngine, init_ray, stale_engine
+from engine.app._driver_shared import SharedEngine, check_not_stopping, init_ray, stale_engine
 from engine.app._future import ResultFuture
 from engine.app._start_args import check_start_args
 from engine.app._supervise import Supervised, port_of
@@ -172,6 +172,8 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         if name is not None and read_layout(name) is not None and not stale_engine(name):
             raise ConfigError(f"name={name!r}: an engine of that name already runs on this Ray cluster; attach "
                               f"to it with Engine.connect({name!r}), or stop it first (smartbatch stop --name {name})")
+        if name is not None:  # its layout gone, its actors may still run: a stop of it keeping the ledger
+            check_not_stopping(name)
         if detached and started:
             log.warning("smartbatch: engine %r is detached but runs on the Ray this process started, which stops "
                         "with it; start Ray first (ray start --head) or use smartbatch serve", name)

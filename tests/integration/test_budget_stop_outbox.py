@@ -295,3 +295,44 @@ def test_a_budget_controller_that_dies_while_the_stop_waits_for_redis_still_keep
         pytest.approx(2.0), pytest.approx(2.0), 0.5), (rep, left)
     assert (left["settlements"], left["charges"], left["unsettled_usd"]) == (1, 1, 2.0), left
 
+
+
+def test_a_start_of_the_name_while_its_stop_keeps_the_ledger_is_refused_and_leaves_the_name_free(
+        ray_session, monkeypatch):
+    """An engine of the same name started while a stop by name keeps the ledger (its layout gone, its budget
+    controller alive for up to ``journal.ledger_wait_s`` and more): Ray refused the controller's name
+    (``ActorAlreadyExistsError``) after the start had made its hub, which nothing stopped: every later start of
+    the name failed on that hub's name, and ``smartbatch stop --name`` found no engine of it. Now refused at once,
+    naming the stop, with nothing made."""
+    import secrets
+    import threading
+
+    import engine.app._ledger_stop as ledger_stop
+    from engine import Engine
+    from engine.core.errors import ConfigError
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    name = f"stopstart-{secrets.token_hex(3)}"
+    in_ledger, go, out = threading.Event(), threading.Event(), []
+    keep_named = ledger_stop.keep_named
+
+    def held(*args):
+        in_ledger.set()
+        go.wait(60)
+        return keep_named(*args)
+
+    monkeypatch.setattr(ledger_stop, "keep_named", held)
+    eng = Engine.start(catalog=OPENAI_ONLY, policy="naive", metrics_port=None, name=name, detached=True)
+    eng.stop()  # this driver leaves; the engine runs on
+    stop = threading.Thread(target=lambda: out.append(Engine.stop_named(name)))
+    stop.start()
+    try:
+        assert in_ledger.wait(60)
+        with pytest.raises(ConfigError, match="being stopped"):
+            Engine.start(catalog=OPENAI_ONLY, policy="naive", metrics_port=None, name=name, detached=True)
+    finally:
+        go.set()
+        stop.join(120)
+    assert out and out[0] > 0, out
+    with Engine.start(catalog=OPENAI_ONLY, policy="naive", metrics_port=None, name=name) as again:
+        assert again.name == name
