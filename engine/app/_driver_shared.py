@@ -159,8 +159,9 @@ def check_not_stopping(name: str) -> None:
                               f"stop keeps its budget ledger first); start it again once that stop has ended "
                               f"(smartbatch stop --name {name} returns then), or pick another name")
         raise ConfigError(f"name={name!r}: actors of an engine of that name still run on this Ray cluster with no "
-                          f"layout (a stop of it was cut short: actor {actor_name(name, kind)!r}); restart the Ray "
-                          "cluster, or pick another name")
+                          f"layout (actor {actor_name(name, kind)!r}: an engine of that name starting, or one whose "
+                          "stop was cut short); try again in a few seconds, else restart the Ray cluster or pick "
+                          "another name")
 
 
 class SharedEngine:
