@@ -23,7 +23,8 @@ SCOPE_SECONDS = {
     "test_endpoint_live.py": 35, "test_reliability.py": 31, "test_serve_drain.py": 30, "test_release_faults.py": 26,
     "test_flex_http.py": 23, "test_stop_crash.py": 21, "test_metrics_live.py": 21, "test_async_api.py": 19,
     "test_budget_redis.py": 19, "test_parity_faults.py": 19, "test_hung_actor.py": 18, "test_batchfile_live.py": 13,
-    "test_driver_resume_live.py": 11, "test_engine.py::TestOnOneQuietEngine": 10,
+    "test_driver_resume_live.py": 11, "test_serve_stop_ledger.py": 40, "test_redis_cluster_engine.py": 15,
+    "test_engine.py::TestOnOneQuietEngine": 10,
 }
 
 
