@@ -123,14 +123,20 @@ def print_seed_table(doc: dict) -> None:
 def print_plan(plan: dict) -> None:
     t = Table(title=f"dry run: {counted(plan['requests'], 'request')}, nothing sent; estimated ${plan['cost_usd']:.4f} "
                     f"(${plan['list_price_usd']:.4f} at list price)")
-    for col in ("provider", "calls", "requests", "sync", "flex", "batch API", "GPU batch", "reused", "est. $"):
+    for col in ("provider", "calls", "requests", "sync", "flex", "batch API", "GPU batch", "reused", "refused",
+                "est. $"):
         t.add_column(col, justify="left" if col in ("provider", "calls") else "right", no_wrap=True)
     for name, row in plan["providers"].items():
         m = row["modes"]
         t.add_row(name, row["calls"], str(row["requests"]), str(m.get("sync", 0)), str(m.get("flex", 0)),
-                  str(m.get("batch_api", 0)),
-                  str(m.get("gpu_batch", 0)), str(m.get("reuse", 0)), f"{row['cost_usd']:.4f}")
+                  str(m.get("batch_api", 0)), str(m.get("gpu_batch", 0)), str(m.get("reuse", 0)),
+                  str(row.get("refused", 0)), f"{row['cost_usd']:.4f}")
     console.print(t)
+    if (refused := plan.get("refused") or {}).get("count"):
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(refused["by_reason"].items()))
+        ex = refused["example"]
+        console.print(Text(f"{counted(refused['count'], 'request')} the budgets would refuse ({reasons}); e.g. "
+                           f"{ex['id']}: {ex['why']}", style="yellow"))
     for name, sample in plan["samples"].items():
         console.print(Text.assemble((name, "bold"), f" {sample['route']} at {masked_url(sample['base_url'])}:"))
         console.print_json(data=sample["body"])

@@ -242,13 +242,15 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
                        speedup=speedup)
     rows: dict[str, dict] = {}
     list_total = 0.0
+    why = res.extra.get("reject_why", {})  # the budgets' refusals: a plan of them alone read "$0.0000", unexplained
     for k, r in enumerate(res.requests):
         row = rows.setdefault(r.provider, {"calls": "http" if r.provider in http else "simulated", "requests": 0,
-                                           "modes": {}, "cost_usd": 0.0})
+                                           "modes": {}, "refused": 0, "cost_usd": 0.0})
         row["requests"] += 1
         m = int(res.mode[k])
         mode = MODES[m] if 0 <= m < len(MODES) else "none"
         row["modes"][mode] = row["modes"].get(mode, 0) + 1
+        row["refused"] += k in why
         row["cost_usd"] += float(res.cost[k])
         list_total += price_alone(r, cat, "sync").total
     samples = {}
@@ -268,8 +270,10 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
             base = native_root(base)
         samples[name] = {"route": route, "base_url": base or "(the SDK's default)",
                          "body": body}
+    refused = {"count": len(why), "by_reason": dict(res.extra.get("rejected", {})),
+               "example": next(({"id": res.requests[k].id, "why": w} for k, w in sorted(why.items())), None)}
     return {"requests": len(res.requests), "cost_usd": float(res.total_cost), "list_price_usd": list_total,
-            "providers": rows, "samples": samples, "keys": key_problems(catalog, settings)}
+            "providers": rows, "refused": refused, "samples": samples, "keys": key_problems(catalog, settings)}
 
 
 def _clip(value, n: int = 120):

@@ -344,9 +344,19 @@ def with_budget(settings: Settings, total_usd: float | None = None,
             raise ConfigError(f"{what} must be a number of US dollars >= 0, got {usd!r}")
     specs = list(settings.budgets.specs)
     horizon = horizon_s if duration is None and horizon_s and horizon_s > 0 else None
+    added = []
     if total_usd is not None:
-        specs.append(BudgetSpec(max_budget=total_usd, budget_duration=duration, horizon_s=horizon))
+        added.append(("budget_usd (--budget)", BudgetSpec(max_budget=total_usd, budget_duration=duration,
+                                                          horizon_s=horizon)))
     for tenant, usd in (tenants or {}).items():
-        specs.append(BudgetSpec(tenant=tenant, max_budget=usd, budget_duration=duration, horizon_s=horizon))
+        added.append((f"the budget of tenant {tenant!r} (--tenant-budget)",
+                      BudgetSpec(tenant=tenant, max_budget=usd, budget_duration=duration, horizon_s=horizon)))
+    for what, spec in added:
+        # Said here, naming both sources: the settings' own check came out as "--budget-duration None: two
+        # budgets cover ['global']", a flag not given, and not where the other budget came from (a new user's tour).
+        if any(s.name == spec.name for s in specs):
+            raise ConfigError(f"{what} covers {spec.name!r}, as a budget of settings.budgets.specs "
+                              f"(SMARTBATCH_BUDGETS__SPECS) already does; give that budget in one place")
+        specs.append(spec)
     budgets = BudgetSettings.model_validate({**settings.budgets.model_dump(), "specs": specs})
     return settings.model_copy(update={"budgets": budgets})

@@ -1,0 +1,49 @@
+"""What a new user met on a second day with the README (a helper's tour, stop 75): flags together, a budget both
+in the settings and on the command line, a dry run under a budget. Each test is one trip."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.app.cli import app
+
+runner = CliRunner()
+
+
+def _trace(tmp_path, n: int = 3):
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(f'{{"id":"r{i}","arrival_s":{i},"tenant":"acme","model":"gpt-5-mini","prompt":"say {i}",'
+                         f'"deadline_s":7200}}\n' for i in range(n)))
+    return p
+
+
+@pytest.mark.parametrize("flags, spec, says", [
+    (["--budget", "1"], '[{"max_budget": 5}]', "budget_usd (--budget) covers 'global'"),
+    (["--tenant-budget", "acme=1"], '[{"tenant": "acme", "max_budget": 5}]', "tenant 'acme' (--tenant-budget)"),
+])
+def test_a_budget_flag_that_covers_a_budget_of_the_settings_names_the_flag_and_the_variable(tmp_path, flags, spec,
+                                                                                           says):
+    """`SMARTBATCH_BUDGETS__SPECS='[{"max_budget": 5}]' smartbatch bench t.jsonl --budget 1` said "--budget-duration
+    None: budgets.specs: two budgets cover ['global']; merge them into one": a flag not given, quoting None, and
+    not where the other budget was."""
+    r = runner.invoke(app, ["bench", str(_trace(tmp_path)), "--policies", "naive", *flags,
+                            "--out", str(tmp_path / "o")], env={"SMARTBATCH_BUDGETS__SPECS": spec})
+    assert r.exit_code == 2, r.output
+    assert says in r.output and "SMARTBATCH_BUDGETS__SPECS" in r.output, r.output
+    assert "--budget-duration" not in r.output and "None" not in r.output, r.output
+
+
+def test_a_dry_run_under_a_budget_says_how_many_requests_the_budget_would_refuse_and_why(tmp_path):
+    """`smartbatch run t.jsonl --dry-run --budget 0.05` printed "estimated $0.0000" and a row of zeros per provider:
+    every request was refused by the budget (each reserves the model's maximum output), which the plan did not
+    show, so it read as a run that costs nothing."""
+    r = runner.invoke(app, ["run", str(_trace(tmp_path)), "--dry-run", "--budget", "0.05"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    head = next(line for line in r.output.splitlines() if "provider" in line and "requests" in line)
+    row = next(line for line in r.output.splitlines() if line.lstrip("│ ").startswith("openai"))
+    cols = [c.strip() for c in head.strip("│┃ ").replace("┃", "│").split("│")]
+    got = dict(zip(cols, (c.strip() for c in row.strip("│ ").split("│"))))
+    assert got["requests"] == "3" and got["refused"] == "3", r.output
+    assert "3 requests the budgets would refuse (budget_exhausted 3)" in r.output, r.output
+    assert "budget global has $0.050000 left" in r.output, r.output
