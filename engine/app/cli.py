@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import NoReturn
 
 import typer
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
 from engine.app import cli_batch, cli_budget, cli_serve, cli_status, cli_trace  # noqa: F401  (importing them registers their commands on the app)
@@ -22,6 +21,7 @@ from engine.app.cli_common import (
     app,
     console,
     err_console,
+    progress,
 )
 from engine.app.cli_report import print_plan, print_providers, print_seed_table, print_table
 from engine.core.errors import SmartbatchError
@@ -93,8 +93,7 @@ def _bench(requests, name: str, policies: str, variants: Path | None, out: Path,
 
     specs = resolve_policies(policies, load_variants(variants), cat)
     _check_outputs(dirs={"--out": out})
-    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+    with progress(err_console) as bar:
         if len(seeds) == 1:
             task = bar.add_task(f"bench {name}", total=len(specs) + 1)
             doc = run_bench(requests, specs, trace_name=name, catalog=cat, settings=settings, seed=seeds[0],
@@ -169,8 +168,7 @@ def _live(requests, name: str, policy: str, speedup: float, address: str | None,
 
     params, label = (spec.params, spec.name) if spec is not None else (None, None)
     policy = spec.policy if spec is not None else policy
-    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+    with progress(err_console) as bar:
         task = bar.add_task(f"live {label or policy} x{speedup:g}", total=len(requests))
         return run_live(requests, trace_name=name, policy=policy, params=params, label=label, speedup=speedup,
                         address=address, seed=seed, catalog=cat, settings=settings, results=results,

@@ -30,6 +30,7 @@ from engine.app.cli_common import (
     app,
     console,
     err_console,
+    progress,
 )
 from engine.core.errors import SmartbatchError
 
@@ -198,11 +199,7 @@ def _wait_showing_progress(futs: list, what: str) -> None:
     due in a day rides provider batches that take minutes to hours, during which nothing was shown."""
     import concurrent.futures
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("${task.fields[spent]:.4f}"), TimeElapsedColumn(), console=err_console,
-                  transient=True) as bar:
+    with progress(err_console, "${task.fields[spent]:.4f}") as bar:
         task = bar.add_task(what, total=len(futs), spent=0.0)
         for f in futs:  # in order, each waited on as before (Ctrl-C comes in a wait); the bar counts them all
             while True:

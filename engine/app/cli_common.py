@@ -69,6 +69,18 @@ console = Console(width=None if Console().is_terminal else 120, markup=False)
 err_console = Console(stderr=True, soft_wrap=True, markup=False)
 
 
+def progress(on: Console, *fields: str):
+    """A transient bar on ``on`` (stderr): the description, the bar, done/total, ``fields`` (``TextColumn``
+    formats) and the time. Shown on a terminal only: elsewhere rich draws nothing and, at its end, wrote an empty
+    line, so a command's error in a log or a pipe was a blank line and then the ``error:`` line (a new user's
+    tour)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), *(TextColumn(f) for f in fields),
+                    TimeElapsedColumn(), console=on, transient=True, disable=not on.is_terminal)
+
+
 def _version(value: bool) -> None:
     if value:
         from importlib.metadata import PackageNotFoundError, version

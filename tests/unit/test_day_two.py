@@ -47,3 +47,11 @@ def test_a_dry_run_under_a_budget_says_how_many_requests_the_budget_would_refuse
     assert got["requests"] == "3" and got["refused"] == "3", r.output
     assert "3 requests the budgets would refuse (budget_exhausted 3)" in r.output, r.output
     assert "budget global has $0.050000 left" in r.output, r.output
+
+
+def test_a_commands_error_in_a_log_or_a_pipe_is_its_one_error_line(tmp_path):
+    """`smartbatch bench t.jsonl --policies nope 2> err.log` wrote an empty line, then the `error:` line: rich's
+    progress bar, drawn on no terminal, ends with a newline. The README: every command error is one line."""
+    r = runner.invoke(app, ["bench", str(_trace(tmp_path)), "--policies", "nope", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith("error: unknown policy 'nope'"), repr(r.output)
+    assert len(r.output.strip().splitlines()) == 1, r.output
