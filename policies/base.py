@@ -78,6 +78,9 @@ class Policy:
                 params = self.Params.model_validate(dict(params or {}))
             except ValidationError as exc:
                 raise ConfigError(_param_error(self.name, self.Params, exc)) from exc
+        elif not isinstance(params, self.Params):  # a list read as parameters raised AttributeError at its first use
+            raise ConfigError(f"policy {self.name!r}: params must be a mapping of its parameters (or a "
+                              f"{self.Params.__name__}), got {type(params).__name__}; `smartbatch policies` lists them")
         self.params = params
 
     @property

@@ -26,8 +26,13 @@ def _whole(name: str, v: Any, low: int) -> None:
 
 def check_start_args(*, speedup: Any, offset_s: Any, seed: Any, micro_batch: Any, flush_ms: Any,
                      num_groupers: Any, num_shards: Any, max_pending: Any, overload: Any, submit_timeout_s: Any,
-                     retention_s: Any, metrics_port: Any) -> None:
+                     retention_s: Any, metrics_port: Any, name: Any = None) -> None:
     """Raise ``ConfigError`` naming the first bad argument."""
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        # "" was taken as no name: the engine ran as a random sb-xxxxxx, which Engine.connect("") and
+        # `smartbatch serve --name ""`'s own claim did not name (a new user's tour).
+        raise ConfigError(f"name={name!r}: give a non-empty name (what Engine.connect and smartbatch stop --name "
+                          "take), or leave it out for a random one")
     _number("speedup", speedup, low=0.0, inclusive=False, fix="engine seconds per real second, a number > 0 "
             "(1 for real time)")
     _number("offset_s", offset_s, low=-math.inf, fix="the engine clock's start, a finite number of seconds")

@@ -153,7 +153,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         check_start_args(speedup=speedup, offset_s=offset_s, seed=seed, micro_batch=micro_batch, flush_ms=flush_ms,
                          num_groupers=num_groupers, num_shards=num_shards, max_pending=max_pending,
                          overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
-                         metrics_port=metrics_port)
+                         metrics_port=metrics_port, name=name)
         settings = settings or load_settings()
         # Decided once, here: the drivers that attach later and the endpoint refuse the same requests.
         settings = settings.model_copy(update={"providers": settings.providers.decided()})

@@ -26,6 +26,11 @@ from engine.core.errors import ConfigError
     ({"metrics_port": True}, "metrics_port=True"),
     ({"overload": "drop"}, "overload='drop'"),
     ({"budget_usd": -5.0}, "budget_usd"),
+    # A new user's tour (stop 75): "" ran the engine under a random name, which nothing named; a list of
+    # parameters raised AttributeError from inside the policy.
+    ({"name": ""}, "name=''"),
+    ({"name": 5}, "name=5"),
+    ({"policy_params": [1]}, "policy 'smart': params must be a mapping of its parameters .*got list"),
 ])
 def test_a_bad_start_argument_is_named_before_anything_starts(kw, named, monkeypatch):
     import engine.app.driver as driver
