@@ -29,12 +29,13 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from engine.core._budget_words import EPS, deferred_reason
+
 __all__ = ["LEDGER", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
            "parse_duration", "usd", "verdict_of", "window_bounds", "window_label", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-EPS = 1e-9
 _QUOTED = re.compile(r"""[,=/@'"]|^\s|\s$""")  # a value a budget's name could not tell from its separators
 _MAX_MONTHS = 1200  # 100 years
 
@@ -228,7 +229,7 @@ class Verdict(NamedTuple):
         reserved its model's whole output, $0.26: a helper's tour). ``model_max``: ``budgets.reserve_output``
         is ``model_max`` (else ``request``: its output_tokens are reserved)."""
         if self.reason == "deferred":
-            return self._deferred(claim_usd)
+            return deferred_reason(self, claim_usd)
         if self.reason == "budget_unavailable":
             return f"the budget ledger did not answer: {self.detail}"
         left = f"budget {self.budget} has ${self.remaining_usd:.6f} left"
@@ -255,19 +256,6 @@ class Verdict(NamedTuple):
                 + (f" by now (budgets.throttle.{self.priority}, paced over the window by budgets.throttle.pace: "
                    "the share grows as the window goes)" if self.paced else
                    f" (budgets.throttle.{self.priority}: the rest is kept for more urgent work)"))
-
-    def _deferred(self, claim_usd: float | None) -> str:
-        # Said as "resets at t=86400s, after the deadline" alone, a normal request of $0.0009 under a $0.004 day
-        # budget with $0.0013 left read as a bug: pacing held it, and nothing named it or the ways on (a tour).
-        said = f"budget {self.budget} has ${self.remaining_usd:.6f} left" + self._reach()
-        if claim_usd is not None:
-            said += f"; this request reserves up to ${claim_usd:.6f}"
-        said += (f" and could go only at t={self.retry_at:.0f}s"
-                 + ("" if self.paced else ", when the window resets") + ", after its deadline")
-        ways = (", or turn pacing off (SMARTBATCH_BUDGETS__THROTTLE__PACE=false)" if self.paced
-                else ", or raise that fraction")
-        return (f"{said}: send it urgent ({'never paced, and ' if self.paced else ''}it may spend the whole "
-                f"limit), give it a later deadline, raise the budget{ways} (docs/budgets.md)")
 
     def held(self, claim_usd: float | None = None) -> str:
         """What held a request back (``wait`` or ``deferred``) when it was last tried: the reason it carries

@@ -55,3 +55,33 @@ def test_a_commands_error_in_a_log_or_a_pipe_is_its_one_error_line(tmp_path):
     r = runner.invoke(app, ["bench", str(_trace(tmp_path)), "--policies", "nope", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and r.output.startswith("error: unknown policy 'nope'"), repr(r.output)
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+@pytest.mark.parametrize("limit, spent, claim_usd, priority, when", [
+    (0.0, 0.0, 0.128, "normal", "it could go in no window"),
+    (0.004, 0.0039, 0.128, "background", "it could go in no window"),
+    (0.004, 0.0039, 0.001, "normal", "when the window resets"),
+])
+def test_a_request_a_spent_budget_defers_is_not_told_ways_that_would_not_pass_it(limit, spent, claim_usd, priority,
+                                                                                 when):
+    """`smartbatch budget set --max 0 --duration 1h`, then a call: its 429 said "... could go only at t=3600s, when
+    the window resets, after its deadline: send it urgent (it may spend the whole limit), give it a later deadline,
+    raise the budget, or raise that fraction": no fraction was named, an urgent request is refused alike (the money
+    left is short of what it reserves), and no window's reset lets a request dearer than the limit pass. Only the
+    ways that pass it are said."""
+    import calendar
+
+    from engine.core.budgets import BudgetSpec, Claim, Throttle, window_bounds
+    from engine.core.ledger import BudgetBook
+
+    start = window_bounds("1h", float(calendar.timegm((2026, 11, 29, 10, 0, 0))))[0]
+    book = BudgetBook([BudgetSpec(max_budget=limit, budget_duration="1h")], Throttle(pace=False))
+    if spent:
+        assert book.reserve_many([Claim("u", "acme", "openai", "gpt-5", "urgent", spent)], start + 60)[0].ok
+        book.settle_many([("u", spent)])
+    v = book.reserve_many([Claim("n", "acme", "openai", "gpt-5", priority, claim_usd)], start + 60)[0]
+    why = v.why(claim_usd)
+    assert v.reason == "deferred" and when in why, why
+    assert why.endswith(": give it a later deadline or raise the budget; a lower max_tokens reserves less "
+                        "(docs/budgets.md)"), why
+    assert "send it urgent" not in why and "raise that fraction" not in why, why

@@ -1,0 +1,37 @@
+"""What a deferred budget verdict tells the request it rejects (``Verdict.why``): what holds it, what it reserves,
+when it could go, and the ways on that would pass it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.core.budgets import Verdict
+
+__all__ = ["EPS", "deferred_reason"]
+
+EPS = 1e-9  # USD below which two amounts are one (engine.core.budgets' comparisons)
+
+
+def deferred_reason(v: Verdict, claim_usd: float | None) -> str:
+    """The reason of a request ``v`` deferred past its deadline; ``claim_usd``, what it reserved. Said as "resets
+    at t=86400s, after the deadline" alone, a normal request of $0.0009 under a $0.004 day budget with $0.0013 left
+    read as a bug: pacing held it, and nothing named it or the ways on (a tour)."""
+    reach = v._reach()
+    said = f"budget {v.budget} has ${v.remaining_usd:.6f} left" + reach
+    if claim_usd is not None:
+        said += f"; this request reserves up to ${claim_usd:.6f}"
+    if claim_usd is not None and v.max_usd is not None and claim_usd > v.max_usd + EPS:  # no reset lets it pass
+        said += f", more than the whole limit of ${v.max_usd:.6f}: it could go in no window"
+    else:
+        said += (f" and could go only at t={v.retry_at:.0f}s" + ("" if v.paced else ", when the window resets")
+                 + ", after its deadline")
+    if (short := claim_usd is not None and claim_usd > v.remaining_usd + EPS) or not reach:
+        # Nor would urgent work, a larger share or no pacing pass it: a spent budget (or one of $0) was told "send
+        # it urgent ... or raise that fraction", a fraction the reason never named (a new user's tour).
+        return (f"{said}: give it a later deadline or raise the budget"
+                + ("; a lower max_tokens reserves less" if short else "") + " (docs/budgets.md)")
+    ways = (", or turn pacing off (SMARTBATCH_BUDGETS__THROTTLE__PACE=false)" if v.paced
+            else ", or raise that fraction")
+    return (f"{said}: send it urgent ({'never paced, and ' if v.paced else ''}it may spend the whole limit), "
+            f"give it a later deadline, raise the budget{ways} (docs/budgets.md)")
