@@ -263,12 +263,12 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
     if shape is not None:
         raise TraceError([shape], hint="")
     problems = bf.problems()
-    if problems and not skip_invalid:
-        raise TraceError(problems)
+    if problems and not skip_invalid:  # a batch file's lines, not a trace's (as `smartbatch batch` says)
+        raise TraceError(problems, what="batch file")
     if not bf.requests:
         why = f"all {len({p[1] for p in problems})} non-empty line(s) are invalid" if problems else "it is empty"
         raise TraceError(problems + [(bf.source, 0, "file", f"{Path(path).name} has no requests ({why}); give at "
-                                                            "least one valid line")], hint="")
+                                                            "least one valid line")], hint="", what="batch file")
     return Trace(name=Path(path).stem, requests=bf.requests, skipped=len({p[1] for p in problems}),
                  problems=problems)
 

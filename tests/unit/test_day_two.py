@@ -85,3 +85,16 @@ def test_a_request_a_spent_budget_defers_is_not_told_ways_that_would_not_pass_it
     assert why.endswith(": give it a later deadline or raise the budget; a lower max_tokens reserves less "
                         "(docs/budgets.md)"), why
     assert "send it urgent" not in why and "raise that fraction" not in why, why
+
+
+def test_trace_from_openai_batch_calls_the_bad_lines_of_a_batch_file_batch_file_lines(tmp_path):
+    """`smartbatch trace from-openai-batch in.jsonl` said "2 invalid trace line(s)" of an OpenAI batch file, where
+    `smartbatch batch in.jsonl` says "2 invalid batch file line(s)" of the same file."""
+    import json
+
+    src = tmp_path / "in.jsonl"
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-nope", "messages": [{"role": "user", "content": "hi"}]}}
+    src.write_text("\n".join([json.dumps(line), json.dumps({**line, "custom_id": "b"})]) + "\n")
+    r = runner.invoke(app, ["trace", "from-openai-batch", str(src), "--out", str(tmp_path / "t.jsonl")])
+    assert r.exit_code == 2 and "2 invalid batch file line(s)" in r.output and "trace line" not in r.output, r.output
