@@ -29,7 +29,8 @@ __all__ = ["run_seeds", "seed_cells", "seeds_markdown", "write_seed_outputs"]
 _NAIVE = "naive"  # a policy listed under this name is the deadline baseline of ``seeds_below_naive``
 # Seeds on which a policy met fewer deadlines than naive ("seeds below naive", beside a cost, read as cheaper).
 _FEWER = "seeds, fewer met than naive"
-_KEPT = ("policy", "cost_usd", "capture_of_achievable", "capture_of_online", "deadline_met_frac")
+_KEPT = ("policy", "cost_usd", "capture_of_achievable", "capture_of_online", "deadline_met_frac", "rejected")
+_REFUSED = "refused"  # requests the budgets refused, a mean over the seeds: only when a run refused any
 _job: dict = {}  # a worker's trace and settings, set once by ``_init`` rather than pickled with every seed
 
 
@@ -75,6 +76,7 @@ def _summary(runs: list[dict], names: list[str]) -> list[dict]:
                     "min_deadline_met_frac": min(r["deadline_met_frac"] for r in rows),
                     "mean_deadline_met_frac": math.fsum(r["deadline_met_frac"] for r in rows) / len(rows),
                     "mean_diff_vs_reference_usd": diff, "se_diff_vs_reference_usd": diff_se,
+                    "mean_refused": math.fsum(sum((r.get("rejected") or {}).values()) for r in rows) / len(rows),
                     "seeds_below_naive": None if naive is None else sum(
                         r["deadline_met_frac"] < b["deadline_met_frac"] for r, b in zip(rows, naive))})
     return out
@@ -143,6 +145,12 @@ def seed_cells(doc: dict) -> tuple[list[str], list[list[str]]]:
         head.append(_FEWER)
         for row, s in zip(rows, doc["summary"]):
             row.append(str(s["seeds_below_naive"]))
+    # Under budgets a run's cost is of the work it served: naive refused everything read "$0", and smart "+$0.0057
+    # vs naive" for the work it did (a new user's tour); the single seed's table shows its "rejected" too.
+    if any(s.get("mean_refused") for s in doc["summary"]):
+        head.append(_REFUSED)
+        for row, s in zip(rows, doc["summary"]):
+            row.append(f"{s.get('mean_refused', 0.0):,.1f}")
     return head, rows
 
 
@@ -158,7 +166,10 @@ def seeds_markdown(doc: dict) -> str:
              " ± is the standard error of the mean; the difference from "
              f"{doc['reference']} is paired, seed by seed; \"met, fewest\" is the least share of deadlines met on "
              "any seed." + (f' "{_FEWER}" counts the seeds on which a policy met fewer deadlines than naive.'
-                             if _FEWER in head else ""), *([source_line(doc)] if source_line(doc) else []), "",
+                             if _FEWER in head else "")
+             + (f' "{_REFUSED}": requests the budgets refused, a mean over the seeds; a cost covers the work served, '
+                "so a difference between policies that refused different work is no saving." if _REFUSED in head
+                else ""), *([source_line(doc)] if source_line(doc) else []), "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     # Seed by seed, so a mean's spread and a lost deadline can be traced to the draws that made them.

@@ -112,7 +112,8 @@ def print_seed_table(doc: dict) -> None:
     nd = places_for(max(doc["naive_cost_usd"] or 0.0, *(s["mean_cost_usd"] for s in doc["summary"])))
     t = Table(title=f"{doc['trace']}: {counted(doc['requests'], 'request')}, seeds {seeds[0]}-{seeds[-1]}; mean lower bound "
                     f"${doc['lower_bound_usd']:.{nd}f}", caption="± standard error of the mean; the difference from "
-              f"{doc['reference']} is paired, seed by seed")
+              f"{doc['reference']} is paired, seed by seed" + ("; refused: by the budgets (a cost is of the work "
+                                                               "served)" if "refused" in head else ""))
     for col in head:
         t.add_column(col, justify="left" if col == "policy" else "right")
     for r in rows:

@@ -98,3 +98,20 @@ def test_trace_from_openai_batch_calls_the_bad_lines_of_a_batch_file_batch_file_
     src.write_text("\n".join([json.dumps(line), json.dumps({**line, "custom_id": "b"})]) + "\n")
     r = runner.invoke(app, ["trace", "from-openai-batch", str(src), "--out", str(tmp_path / "t.jsonl")])
     assert r.exit_code == 2 and "2 invalid batch file line(s)" in r.output and "trace line" not in r.output, r.output
+
+
+def test_bench_over_seeds_under_a_budget_shows_what_each_policy_refused(tmp_path):
+    """`bench --seeds 3 --budget 0.2 --policies naive,smart` printed naive "$0.0000" and smart "+$0.0057 vs naive",
+    smart read as the dearer, with nothing saying that naive's budget refused every request (the single seed's
+    table has its "rejected" column): the seeds' table and results.md now count each policy's refusals."""
+    r = runner.invoke(app, ["bench", str(_trace(tmp_path, 6)), "--policies", "naive,smart", "--seeds", "2",
+                            "--budget", "0.001", "--out", str(tmp_path / "o")], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    head = next(line for line in r.output.splitlines() if "policy" in line)
+    naive = next(line for line in r.output.splitlines() if line.lstrip("│ ").startswith("naive"))
+    assert head.rstrip("┃ ").endswith("refused") and naive.rstrip("│ ").endswith("6.0"), r.output
+    md = (tmp_path / "o" / "results.md").read_text()
+    assert "| refused |" in md and '"refused": requests the budgets refused' in md, md
+    r = runner.invoke(app, ["bench", str(_trace(tmp_path, 6)), "--policies", "naive,smart", "--seeds", "2",
+                            "--out", str(tmp_path / "p")], env={"COLUMNS": "250"})
+    assert r.exit_code == 0 and "refused" not in r.output, r.output  # a run without budgets: as before
