@@ -143,6 +143,8 @@ def print_plan(plan: dict) -> None:
         console.print_json(data=sample["body"])
     for name, problem in plan.get("keys", {}).items():  # last, where a plan's reader looks before the real run
         console.print(Text(f"{name}'s API key: the real run would stop at its start: {problem}", style="yellow"))
+    if plan.get("speedup"):
+        console.print(Text(f"the real run would stop at its start: {plan['speedup']}", style="yellow"))
 
 
 def _replayed(doc: dict) -> int:

@@ -11,7 +11,13 @@ import numpy as np
 
 from engine.app._ray_stop import Terminated, own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
 from engine.app.bench import document, result_row
-from engine.app.provider_setup import check_simulated, http_setup, key_problems, with_hedge_lag
+from engine.app.provider_setup import (
+    check_simulated,
+    http_setup,
+    key_problems,
+    speedup_problem,
+    with_hedge_lag,
+)
 from engine.core.catalog import Catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
@@ -273,7 +279,8 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
     refused = {"count": len(why), "by_reason": dict(res.extra.get("rejected", {})),
                "example": next(({"id": res.requests[k].id, "why": w} for k, w in sorted(why.items())), None)}
     return {"requests": len(res.requests), "cost_usd": float(res.total_cost), "list_price_usd": list_total,
-            "providers": rows, "refused": refused, "samples": samples, "keys": key_problems(catalog, settings)}
+            "providers": rows, "refused": refused, "samples": samples, "keys": key_problems(catalog, settings),
+            "speedup": speedup_problem(catalog, settings, speedup)}
 
 
 def _clip(value, n: int = 120):

@@ -10,14 +10,16 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from engine.core._settings_providers import add_endpoint, keep_defaults, simulated_refusal
+from engine.core._settings_env import masked_url
+from engine.core._settings_providers import add_endpoint, keep_defaults, loopback, simulated_refusal
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError
 from engine.core.provider_api import Secret
 from engine.core.request import Request
 from engine.core.settings import Settings
 
-__all__ = ["check_simulated", "http_setup", "is_variable_name", "key_problems", "retiring", "with_hedge_lag"]
+__all__ = ["check_simulated", "http_setup", "is_variable_name", "key_problems", "retiring", "speedup_problem",
+           "with_hedge_lag"]
 
 log = logging.getLogger("smartbatch.providers")
 
@@ -37,6 +39,8 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     them); a missing key is a start-up error, not a run of 401s. The catalog's models that the provider has shut
     down, or shuts down within ``RETIRING_DAYS`` of ``today`` (UTC), are named in a warning (``retiring``)."""
     _check_fallbacks_real(settings)
+    if need_keys and (problem := speedup_problem(catalog, settings, speedup)) is not None:
+        raise ConfigError(problem)
     keys: dict[str, Secret] = {}
     providers = dict(catalog.providers)
     for name in settings.providers.http_providers(catalog.providers):
@@ -59,6 +63,22 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
         catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
                                           "providers": {k: v.model_dump() for k, v in providers.items()}})
     return with_hedge_lag(catalog, settings.hedge_lag_s, speedup), (keys if need_keys else {})
+
+
+def speedup_problem(catalog: Catalog, settings: Settings, speedup: float) -> str | None:
+    """Why a start at ``speedup`` (engine seconds per real second; 0: a plan's) is refused: a provider called over
+    HTTP away from this machine runs in real time. At 100x (``run``'s default) a deadline of an hour was 36 s of
+    it, a batch was cancelled at its hedge within a minute and a flex call given up, maybe billed, after 9 s;
+    the help's "higher only against simulated or emulated providers" was not held (a new user's tour)."""
+    if speedup in (0.0, 1.0):
+        return None
+    for name in settings.providers.http_providers(catalog.providers):
+        if not loopback(where := settings.providers.endpoints[name].address()):
+            return (f"--speedup {speedup:g}: provider {name} is called at "
+                    f"{masked_url(where) if where else 'its own API'}, which runs in real time: give --speedup 1 "
+                    "(speedup=1.0), or point it at the emulator (smartbatch emulate --speedup N; --base-url) to "
+                    "compress time")
+    return None
 
 
 def is_variable_name(text: str) -> bool:

@@ -115,3 +115,33 @@ def test_bench_over_seeds_under_a_budget_shows_what_each_policy_refused(tmp_path
     r = runner.invoke(app, ["bench", str(_trace(tmp_path, 6)), "--policies", "naive,smart", "--seeds", "2",
                             "--out", str(tmp_path / "p")], env={"COLUMNS": "250"})
     assert r.exit_code == 0 and "refused" not in r.output, r.output  # a run without budgets: as before
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "--speedup 100: provider openai is called at its own API"),  # run's default speedup
+    (["--speedup", "10", "--base-url", "openai=http://127.0.0.1:9/openai/v1"], "provider anthropic is called"),
+    (["--speedup", "10", "--base-url", "openai=https://llm.example.com/v1", "--base-url",
+      "anthropic=http://127.0.0.1:9/anthropic"], "provider openai is called at https://llm.example.com/v1"),
+])
+def test_a_run_against_a_real_api_is_refused_at_a_speedup_other_than_1(tmp_path, monkeypatch, args, says):
+    """The README's real-provider lines export SMARTBATCH_PROVIDERS__MODE=http; `smartbatch run trace.jsonl`
+    without `--speedup 1` then ran the real APIs at run's default 100x (the help: "higher only against simulated
+    or emulated providers"): deadlines, hedges and the flex tier's timeout 100 times short of the providers' own
+    time, batches cancelled within a minute and flex calls given up as maybe billed. Refused before anything is
+    anything is sent; `--dry-run` plans all the same and says the real run would stop on it, as it says of a
+    missing key; `--speedup 1` or loopback servers (the emulator) go on."""
+    import engine.app.driver as driver
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.setattr(driver, "init_ray", lambda *a, **k: pytest.fail("Ray was started for a run refused"))
+    trace = _trace(tmp_path)
+    r = runner.invoke(app, ["run", str(trace), "--providers", "http", *args, "--dry-run"], env={"COLUMNS": "300"})
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and "the real run would stop at its start: --speedup" in said and says in said, r.output
+    r = runner.invoke(app, ["run", str(trace), "--providers", "http", *args, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and says in r.output and "give --speedup 1" in r.output, r.output
+    for ok in (["--speedup", "1"], ["--base-url", "openai=http://127.0.0.1:9/openai/v1", "--base-url",
+                                    "anthropic=http://127.0.0.1:9/anthropic"]):
+        r = runner.invoke(app, ["run", str(trace), "--providers", "http", "--dry-run", *ok])
+        assert r.exit_code == 0 and "would stop" not in r.output, r.output
