@@ -137,6 +137,10 @@ def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[st
     return out
 
 
+_PACKED = {b"\x1f\x8b": ("gzip", "gunzip"), b"\xfd7zXZ\x00": ("xz", "unxz"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+           b"PK\x03\x04": ("zip", "unzip")}  # a compressed file's first bytes: (its format, the tool that opens it)
+
+
 def decode_lines(raw_lines: Iterable[bytes], source: str, problems: list[tuple[str, int, str, str]],
                  not_utf8: dict[int, str] | None = None) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of UTF-8 byte lines (a file's, or an upload's): a line that is not UTF-8 is
@@ -161,6 +165,13 @@ def read_lines(path: str | Path, problems: list[tuple[str, int, str, str]],
     p = Path(path)
     try:
         with p.open("rb") as fh:
+            head = fh.read(8)
+            if packed := next((k for m, k in _PACKED.items() if head.startswith(m)), None):
+                # Each of its lines was "not UTF-8 text ...; save the file as UTF-8" (a new user's tour).
+                raise TraceError([(str(p), 0, "file", f"{packed[0]}-compressed, not text: decompress it "
+                                                      f"first ({packed[1]} {p.name}) and give the file it writes")],
+                                 hint="")
+            fh.seek(0)
             yield from decode_lines(fh, str(p), problems, not_utf8)
     except OSError as exc:
         raise TraceError([(str(p), 0, "file", f"cannot read it: {exc.strerror}; pass an existing, readable file")],

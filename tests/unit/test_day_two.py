@@ -145,3 +145,22 @@ def test_a_run_against_a_real_api_is_refused_at_a_speedup_other_than_1(tmp_path,
                                     "anthropic=http://127.0.0.1:9/anthropic"]):
         r = runner.invoke(app, ["run", str(trace), "--providers", "http", "--dry-run", *ok])
         assert r.exit_code == 0 and "would stop" not in r.output, r.output
+
+
+@pytest.mark.parametrize("command", [["bench"], ["batch"], ["trace", "from-openai-batch"], ["trace", "from-mooncake"]])
+def test_a_compressed_input_is_named_as_such_once_not_as_lines_that_are_not_utf8(tmp_path, command):
+    """`smartbatch bench trace.jsonl.gz` (or `batch`, or a builder) said "trace.jsonl.gz:1: field 'line': not UTF-8
+    text (byte 0x8b at column 2); save the file as UTF-8", and a line so for each line of the compressed bytes
+    (with --skip-invalid, `batch` said "no line can be answered"): one error now names the file's format and the
+    tool that opens it."""
+    import gzip
+
+    packed = tmp_path / "in.jsonl.gz"
+    packed.write_bytes(gzip.compress(_trace(tmp_path, 50).read_bytes()))
+    out = ["--out", str(tmp_path / ("o" if command == ["bench"] else "o.jsonl"))]
+    skips = ([],) if command == ["trace", "from-mooncake"] else ([], ["--skip-invalid"])  # no such flag there
+    for skip in skips:
+        r = runner.invoke(app, [*command, str(packed), *out, *skip])
+        assert r.exit_code == 2, r.output
+        assert r.output.strip() == (f"error: {packed}: field 'file': gzip-compressed, not text: decompress it first "
+                                    "(gunzip in.jsonl.gz) and give the file it writes"), r.output
