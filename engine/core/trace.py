@@ -165,13 +165,13 @@ def read_lines(path: str | Path, problems: list[tuple[str, int, str, str]],
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            head = fh.read(8)
+            # Peeked, not read then seeked back: a pipe (`<(gunzip -c trace.jsonl.gz)`, /dev/stdin) cannot seek.
+            head = fh.peek(8)[:8]
             if packed := next((k for m, k in _PACKED.items() if head.startswith(m)), None):
                 # Each of its lines was "not UTF-8 text ...; save the file as UTF-8" (a new user's tour).
                 raise TraceError([(str(p), 0, "file", f"{packed[0]}-compressed, not text: decompress it "
                                                       f"first ({packed[1]} {p.name}) and give the file it writes")],
                                  hint="")
-            fh.seek(0)
             yield from decode_lines(fh, str(p), problems, not_utf8)
     except OSError as exc:
         raise TraceError([(str(p), 0, "file", f"cannot read it: {exc.strerror}; pass an existing, readable file")],

@@ -164,3 +164,24 @@ def test_a_compressed_input_is_named_as_such_once_not_as_lines_that_are_not_utf8
         assert r.exit_code == 2, r.output
         assert r.output.strip() == (f"error: {packed}: field 'file': gzip-compressed, not text: decompress it first "
                                     "(gunzip in.jsonl.gz) and give the file it writes"), r.output
+
+
+def test_a_trace_read_from_a_pipe_is_read_as_before_the_compressed_file_check(tmp_path):
+    """`smartbatch bench <(gunzip -c trace.jsonl.gz)`, the way on that the compressed-file error points to, said
+    "/dev/fd/63: cannot read it: None": the check read the file's first bytes and seeked back, which a pipe
+    cannot. A pipe is read as any file (a review of stop 75)."""
+    import json
+    import os
+    import threading
+
+    data = _trace(tmp_path, 50).read_bytes()
+    r, w = os.pipe()
+    writer = threading.Thread(target=lambda: (os.write(w, data), os.close(w)))  # more than one read's worth
+    writer.start()
+    try:
+        got = runner.invoke(app, ["bench", f"/dev/fd/{r}", "--policies", "naive", "--out", str(tmp_path / "o")])
+    finally:
+        writer.join()
+        os.close(r)
+    assert got.exit_code == 0, got.output
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["requests"] == 50, got.output
