@@ -21,12 +21,22 @@ def deferred_reason(v: Verdict, claim_usd: float | None) -> str:
     said = f"budget {v.budget} has ${v.remaining_usd:.6f} left" + reach
     if claim_usd is not None:
         said += f"; this request reserves up to ${claim_usd:.6f}"
+    short = claim_usd is not None and claim_usd > v.remaining_usd + EPS
     if claim_usd is not None and v.max_usd is not None and claim_usd > v.max_usd + EPS:  # no reset lets it pass
-        said += f", more than the whole limit of ${v.max_usd:.6f}: it could go in no window"
-    else:
-        said += (f" and could go only at t={v.retry_at:.0f}s" + ("" if v.paced else ", when the window resets")
-                 + ", after its deadline")
-    if (short := claim_usd is not None and claim_usd > v.remaining_usd + EPS) or not reach:
+        # Nor a later deadline: it was told "give it a later deadline" beside "it could go in no window" (a review).
+        return (f"{said}, more than the whole limit of ${v.max_usd:.6f}: it could go in no window: raise the budget "
+                "or give it a lower max_tokens, which reserves less (docs/budgets.md)")
+    if claim_usd is not None and reach and not v.paced and claim_usd > v.allowed_usd + EPS:
+        # Unpaced, what its priority may reach now is its share of any window: the reset that "could" pass it
+        # gives it no more, so neither does a later deadline alone (a review of stop 75).
+        # Urgent work is never deferred: short of the money left, it is refused at once, so not said then.
+        share = f"raise that fraction (budgets.throttle.{v.priority})"
+        ways = (f"{share} and give it a later deadline" if short else
+                f"send it urgent (it may spend the whole limit), {share}")
+        return f"{said}, more than {v.priority} work may reach in any window: {ways}, or raise the budget (docs/budgets.md)"
+    said += (f" and could go only at t={v.retry_at:.0f}s" + ("" if v.paced else ", when the window resets")
+             + ", after its deadline")
+    if short or not reach:
         # Nor would urgent work, a larger share or no pacing pass it: a spent budget (or one of $0) was told "send
         # it urgent ... or raise that fraction", a fraction the reason never named (a new user's tour).
         return (f"{said}: give it a later deadline or raise the budget"

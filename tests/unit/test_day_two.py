@@ -58,8 +58,6 @@ def test_a_commands_error_in_a_log_or_a_pipe_is_its_one_error_line(tmp_path):
 
 
 @pytest.mark.parametrize("limit, spent, claim_usd, priority, when", [
-    (0.0, 0.0, 0.128, "normal", "it could go in no window"),
-    (0.004, 0.0039, 0.128, "background", "it could go in no window"),
     (0.004, 0.0039, 0.001, "normal", "when the window resets"),
 ])
 def test_a_request_a_spent_budget_defers_is_not_told_ways_that_would_not_pass_it(limit, spent, claim_usd, priority,
@@ -185,3 +183,43 @@ def test_a_trace_read_from_a_pipe_is_read_as_before_the_compressed_file_check(tm
         os.close(r)
     assert got.exit_code == 0, got.output
     assert json.loads((tmp_path / "o" / "results.json").read_text())["requests"] == 50, got.output
+
+
+@pytest.mark.parametrize("limit, spent, claim_usd, priority, ways", [
+    # dearer than the whole limit: no window, so no later deadline, passes it
+    (0.0, 0.0, 0.128, "normal", "more than the whole limit of $0.000000: it could go in no window: raise the "
+                                "budget or give it a lower max_tokens, which reserves less"),
+    (0.004, 0.0039, 0.128, "background", "it could go in no window: raise the budget or give it a lower "
+                                       "max_tokens, which reserves less"),
+    # dearer than background's share (0.8 of $0.004) unpaced: a reset gives it no more; urgent passes it now
+    (0.004, 0.0, 0.0035, "background", "more than background work may reach in any window: send it urgent (it "
+                                       "may spend the whole limit), raise that fraction (budgets.throttle.background)"
+                                       ", or raise the budget"),
+    # the same, short of the money left: urgent work would be refused at once (it is never deferred)
+    (0.004, 0.001, 0.0035, "background", "more than background work may reach in any window: raise that fraction "
+                                         "(budgets.throttle.background) and give it a later deadline, or raise the "
+                                         "budget"),
+])
+def test_a_request_no_window_passes_at_its_priority_is_not_told_a_later_deadline_or_the_reset_passes_it(
+        limit, spent, claim_usd, priority, ways):
+    """A request dearer than the whole limit was told "it could go in no window: give it a later deadline or raise
+    the budget"; one dearer than its priority's share (background may reach $0.0032 of $0.004) "could go only at
+    t=3600s, when the window resets, ...: give it a later deadline": the reset gives it the same share, so neither
+    passes it (a review of stop 75). The ledger's own answer at the reset is checked, not only the words."""
+    import calendar
+
+    from engine.core.budgets import BudgetSpec, Claim, Throttle, window_bounds
+    from engine.core.ledger import BudgetBook
+
+    start, end = window_bounds("1h", float(calendar.timegm((2026, 11, 29, 10, 0, 0))))
+    book = BudgetBook([BudgetSpec(max_budget=limit, budget_duration="1h")], Throttle(pace=False))
+    if spent:
+        assert book.reserve_many([Claim("u", "acme", "openai", "gpt-5", "urgent", spent)], start + 60)[0].ok
+        book.settle_many([("u", spent)])
+    v = book.reserve_many([Claim("n", "acme", "openai", "gpt-5", priority, claim_usd)], start + 60)[0]
+    why = v.why(claim_usd)
+    assert v.reason == "deferred" and why.endswith(f"{ways} (docs/budgets.md)"), why
+    assert "later deadline or" not in why and "when the window resets" not in why, why
+    assert not book.reserve_many([Claim("m", "acme", "openai", "gpt-5", priority, claim_usd)], end + 1)[0].ok
+    if "send it urgent" in why:
+        assert book.reserve_many([Claim("x", "acme", "openai", "gpt-5", "urgent", claim_usd)], start + 60)[0].ok
