@@ -9,7 +9,7 @@ from typing import Any
 
 from engine.core.errors import ConfigError
 
-__all__ = ["check_start_args"]
+__all__ = ["check_name", "check_start_args"]
 
 
 def _number(name: str, v: Any, *, low: float, inclusive: bool = True, fix: str) -> None:
@@ -24,15 +24,21 @@ def _whole(name: str, v: Any, low: int) -> None:
         raise ConfigError(f"{name}={v!r}: give a whole number >= {low}")
 
 
+def check_name(name: Any, flag: str = "name=") -> None:
+    """Refuse an engine name that is empty, blank or no string; ``flag``: how the message names it."""
+    if not isinstance(name, str) or not name.strip():
+        # "" was taken as no name: the engine ran as a random sb-xxxxxx, which Engine.connect("") and
+        # `smartbatch serve --name ""`'s own claim did not name (a new user's tour).
+        raise ConfigError(f"{flag}{name!r}: give a non-empty name (what Engine.connect and smartbatch stop --name "
+                          "take)" + (", or leave it out for a random one" if flag == "name=" else ""))
+
+
 def check_start_args(*, speedup: Any, offset_s: Any, seed: Any, micro_batch: Any, flush_ms: Any,
                      num_groupers: Any, num_shards: Any, max_pending: Any, overload: Any, submit_timeout_s: Any,
                      retention_s: Any, metrics_port: Any, name: Any = None) -> None:
     """Raise ``ConfigError`` naming the first bad argument."""
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        # "" was taken as no name: the engine ran as a random sb-xxxxxx, which Engine.connect("") and
-        # `smartbatch serve --name ""`'s own claim did not name (a new user's tour).
-        raise ConfigError(f"name={name!r}: give a non-empty name (what Engine.connect and smartbatch stop --name "
-                          "take), or leave it out for a random one")
+    if name is not None:
+        check_name(name)
     _number("speedup", speedup, low=0.0, inclusive=False, fix="engine seconds per real second, a number > 0 "
             "(1 for real time)")
     _number("offset_s", offset_s, low=-math.inf, fix="the engine clock's start, a finite number of seconds")

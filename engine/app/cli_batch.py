@@ -32,7 +32,8 @@ from engine.app.cli_common import (
     err_console,
     progress,
 )
-from engine.core.errors import SmartbatchError
+from engine.app.provider_setup import speedup_problem
+from engine.core.errors import ConfigError, SmartbatchError
 
 
 @app.command("batch")
@@ -85,6 +86,10 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
         settings = _strict(settings)
+        if (problem := speedup_problem(cat, settings, speedup)) is not None:
+            # Here, not at the engine's start: `prepare` first takes back an earlier run's journal, cancelling
+            # its batches under way at the provider, for a run refused (a review of stop 75).
+            raise ConfigError(problem)
         bf = read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat, settings=settings, live=True)
         shape = None if bf.lines else not_a_batch_file(input_file)
         if shape is not None:

@@ -18,8 +18,9 @@ from engine.app._driver_shared import check_answers, init_ray
 from engine.app._endpoint_rescue import prepare_endpoint, stopped_cleanly
 from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
 from engine.app._serve_claim import NameClaim, port_holder, served_address, wait_released
+from engine.app._start_args import check_name
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
-from engine.app.provider_setup import is_variable_name
+from engine.app.provider_setup import is_variable_name, speedup_problem
 from engine.core.errors import ConfigError, SmartbatchError
 
 # How long a stop waits for the engine's endpoint and actors to go before it gives up on them (they are then
@@ -94,6 +95,10 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
     """Start a named, detached engine and keep it running (and supervised) until Ctrl-C, SIGTERM or `smartbatch
     stop`. Drivers attach with Engine.connect(NAME, address=...), and share its cache, budgets and idempotency.
     One serve per NAME on a machine: a second one is refused, naming the first."""
+    try:  # before its claim and any Ray (Engine.start said it after a Ray had started for nothing)
+        check_name(name, "--name ")
+    except ConfigError as exc:
+        _fail(exc)
     claim = NameClaim(name)  # first: a second serve of this name is refused at once, before any Ray starts
     try:
         _check_http_port(http_host, http_port)
@@ -106,6 +111,8 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
 
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
+        if (problem := speedup_problem(cat, settings, speedup)) is not None:  # before a Ray, or a killed one's rescue
+            _fail(ConfigError(problem))
         settings = prepare_endpoint(state, settings, cat, speedup=speedup, address=address)  # (a killed one's)
         init_ray(address or "local", "--address")
         # Ray Serve logs its own start and stop at INFO on this terminal, one line of which ("New http_options ...

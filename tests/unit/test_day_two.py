@@ -223,3 +223,36 @@ def test_a_request_no_window_passes_at_its_priority_is_not_told_a_later_deadline
     assert not book.reserve_many([Claim("m", "acme", "openai", "gpt-5", priority, claim_usd)], end + 1)[0].ok
     if "send it urgent" in why:
         assert book.reserve_many([Claim("x", "acme", "openai", "gpt-5", "urgent", claim_usd)], start + 60)[0].ok
+
+
+def test_batch_and_serve_refuse_a_speedup_against_a_real_api_and_an_empty_name_before_anything_starts(
+        tmp_path, monkeypatch):
+    """`batch --providers http --speedup 10` was refused by the engine's start, after `prepare` had taken back an
+    earlier run's journal (cancelling its batches under way at the provider, with --resume or --overwrite);
+    `serve` said it, and `serve --name ""` its empty name, after a killed endpoint's rescue and a Ray started for
+    nothing (a review of stop 75)."""
+    import json
+    import tempfile
+
+    import engine.app.cli_batch as cli_batch
+    import engine.app.cli_serve as cli_serve
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # serve's name claims
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setattr(cli_batch, "prepare", lambda *a, **k: pytest.fail("an earlier run's journal was taken "
+                                                                          "back (its batches cancelled) first"))
+    monkeypatch.setattr(cli_serve, "prepare_endpoint", lambda *a, **k: pytest.fail("an endpoint's rescue ran first"))
+    monkeypatch.setattr(cli_serve, "init_ray", lambda *a, **k: pytest.fail("Ray was started for a refused serve"))
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}}) + "\n")
+    says = "--speedup 10: provider openai is called at its own API"
+    r = runner.invoke(app, ["batch", str(src), "--providers", "http", "--speedup", "10", "--resume",
+                            "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 2 and says in r.output and "give --speedup 1" in r.output, r.output
+    r = runner.invoke(app, ["serve", "--providers", "http", "--speedup", "10"])
+    assert r.exit_code == 2 and says in r.output, r.output
+    r = runner.invoke(app, ["serve", "--name", " "])
+    assert r.exit_code == 2 and r.output.startswith("error: --name ' ': give a non-empty name"), r.output
