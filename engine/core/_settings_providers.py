@@ -197,11 +197,16 @@ class ProvidersSettings(BaseModel):
         return bool(self.endpoints) and all(loopback(ep.address(environ)) for ep in self.endpoints.values())
 
     def decided(self, environ: Mapping[str, str] | None = None) -> ProvidersSettings:
-        """These settings with ``simulate_others`` decided (an engine's start: its drivers, its endpoint and a
-        driver that attaches later then agree, whatever their own environment says)."""
-        if self.mode != "http" or self.simulate_others is not None:
+        """These settings with ``simulate_others`` decided and each endpoint's SDK variable (``OPENAI_BASE_URL``,
+        ``ANTHROPIC_BASE_URL``) taken into its ``base_url`` (an engine's start: its drivers, its endpoint, its
+        actors and a driver that attaches later then agree, whatever their own environment says). The actors'
+        SDKs read their own process's variables, which a Ray started elsewhere does not have: a start checked
+        at the emulator (its speed-up, the simulated others) called the providers' own APIs (a review)."""
+        if self.mode != "http":
             return self
-        return self.model_copy(update={"simulate_others": self.simulates_others(environ)})
+        endpoints = {name: ep if ep.base_url or not (where := ep.address(environ))
+                     else ep.model_copy(update={"base_url": where}) for name, ep in self.endpoints.items()}
+        return self.model_copy(update={"endpoints": endpoints, "simulate_others": self.simulates_others(environ)})
 
     def refuses(self, provider: str) -> bool:
         """Whether a request of ``provider`` is refused: an HTTP run would simulate it, and may not."""

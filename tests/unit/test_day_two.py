@@ -256,3 +256,36 @@ def test_batch_and_serve_refuse_a_speedup_against_a_real_api_and_an_empty_name_b
     assert r.exit_code == 2 and says in r.output, r.output
     r = runner.invoke(app, ["serve", "--name", " "])
     assert r.exit_code == 2 and r.output.startswith("error: --name ' ': give a non-empty name"), r.output
+
+
+def test_an_engine_checked_at_the_emulator_by_the_sdk_variables_sends_its_actors_there(monkeypatch):
+    """OPENAI_BASE_URL and ANTHROPIC_BASE_URL naming the emulator passed the speed-up check in the driver, but the
+    actors' SDKs read their own process's variables: on a Ray started elsewhere (`run --address auto` beside
+    `smartbatch serve`, a cluster) they have none, and the providers' own APIs were called at 100x with the
+    driver's keys (a review of stop 75; a scratch check: a task on a Ray started without OPENAI_BASE_URL saw None
+    where its driver had it). The engine's start takes them into the endpoints its actors get."""
+    import actors.remote
+    import engine.app.driver as driver
+    from engine.app.driver import Engine
+
+    urls = {"openai": "http://127.0.0.1:9/openai/v1", "anthropic": "http://127.0.0.1:9/anthropic"}
+    monkeypatch.setenv("OPENAI_BASE_URL", urls["openai"])
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", urls["anthropic"])
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__MODE", "http")
+    monkeypatch.setattr(driver, "init_ray", lambda *a, **k: False)  # a Ray this process is attached to
+
+    class Started(Exception):
+        pass
+
+    got = {}
+
+    def start_actors(pol, catalog, settings, *a, **k):
+        got["endpoints"] = settings.providers.endpoints
+        raise Started
+
+    monkeypatch.setattr(actors.remote, "start_actors", start_actors)
+    with pytest.raises(Started):
+        Engine.start(speedup=100.0)
+    assert {n: got["endpoints"][n].base_url for n in urls} == urls
