@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from engine.app._batch_kept import billed_charges, earlier_answers, kept_charges
+from engine.app._batch_record import error_file, recorder
 from engine.app._batch_rescue import charges, finish, prepare, watch_answers
 from engine.app._ray_stop import (
     Terminated,
@@ -40,8 +41,9 @@ from engine.core.errors import ConfigError, SmartbatchError
 def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", help="an OpenAI Batch input file"),
                out: Path = typer.Option(..., "--out", help="the output file (OpenAI's batch output format)"),
                window: str = typer.Option("24h", help="the completion window: every line's deadline (e.g. 24h)"),
-               errors: Path | None = typer.Option(None, "--errors", help="the error file (default: "
-                                                  "OUT's stem + .errors.jsonl)"),
+               errors: Path | None = typer.Option(None, "--errors", help="the error file (default: the one "
+                                                  "an earlier run on OUT recorded beside it, else OUT's stem + "
+                                                  ".errors.jsonl)"),
                report_path: Path | None = typer.Option(None, "--report", help="where to write the cost report "
                                                        "(JSON)"),
                policy: str = typer.Option("smart", help="registered name or module:Class"),
@@ -102,8 +104,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         if not bf.lines:
             raise TraceError([(bf.source, 0, "file", "no line can be answered; give at least one line with a "
                                                      "custom_id")], hint="")
-        err_flag = "--errors" if errors is not None else "the error file (OUT's stem + .errors.jsonl)"
-        errors = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
+        errors, err_flag = error_file(out, errors, {ln.custom_id for ln in bf.lines}, resume=resume,
+                                      overwrite=overwrite, resend_billed=resend_billed)
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
         stack.enter_context(_output_lock(out))
         every = bf.lines
@@ -234,7 +236,8 @@ def _write(bf, results: list, out: Path, errors: Path, kept: dict[int, dict]) ->
     from engine.core.errors import ConfigError
     by_id = {r.id: r for r in results}  # in the input's order: answers taken from a killed run come first
     try:
-        return write_results(bf, [by_id[q.id] for q in bf.requests], out, errors, created=int(time.time()), kept=kept)
+        return write_results(bf, [by_id[q.id] for q in bf.requests], out, errors, created=int(time.time()), kept=kept,
+                             before=recorder(out, errors))  # where the error file went, for the next run on OUT
     except OSError as exc:
         paid = sum(r.status in ("ok", "reused") for r in results)
         raise ConfigError(f"could not write {out} or {errors}: {exc.strerror or exc}. Both are left as they were"

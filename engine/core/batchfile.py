@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -282,7 +282,7 @@ def answered_lines(path: str | Path) -> dict[str, dict]:
             and isinstance(row.get("custom_id"), str) and isinstance(row.get("response"), dict)}
 
 
-def answered_choices(path: str | Path) -> dict[str, dict[int, dict]]:
+def answered_choices(path: str | Path | list[dict]) -> dict[str, dict[int, dict]]:
     """The choices answered of the lines of n choices that an error file an earlier run wrote holds (a line one of
     whose choices was not answered: ``CHOICES_KEY``), by ``custom_id``, then by choice index; none when the file
     is absent. What is not such a choice is passed over."""
@@ -296,7 +296,7 @@ def answered_choices(path: str | Path) -> dict[str, dict[int, dict]]:
     return found
 
 
-def possibly_billed_lines(path: str | Path) -> dict[str, dict]:
+def possibly_billed_lines(path: str | Path | list[dict]) -> dict[str, dict]:
     """The lines of an error file an earlier run wrote that failed possibly billed (``BILLED_KEY``: a positive
     bound), by ``custom_id``; none when the file is absent."""
     return {row["custom_id"]: row for row in _rows(path) if row.get("error") is not None
@@ -304,7 +304,10 @@ def possibly_billed_lines(path: str | Path) -> dict[str, dict]:
             and row[BILLED_KEY] > 0}
 
 
-def _rows(path: str | Path) -> Iterable[dict]:
+def _rows(path: str | Path | list[dict]) -> Iterable[dict]:
+    if isinstance(path, list):  # rows about to be written (``write_results``'s ``before``)
+        yield from path
+        return
     p = Path(path)
     if not p.is_file():
         return
@@ -319,10 +322,12 @@ def _rows(path: str | Path) -> Iterable[dict]:
 
 
 def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, errors: str | Path | None = None, *,
-                  created: int = 0, kept: Mapping[int, dict] | None = None) -> tuple[int, int]:
+                  created: int = 0, kept: Mapping[int, dict] | None = None,
+                  before: Callable[[list[dict]], None] | None = None) -> tuple[int, int]:
     """Write ``result_rows`` to the output file and the error file (beside ``out`` as ``<stem>.errors.jsonl``
     when not given). ``kept``: rows of an earlier run to write again, by input line number, in input order
-    among the new ones. Returns (output lines, error lines)."""
+    among the new ones. ``before``: called with the error rows before either file is written. Returns (output
+    lines, error lines)."""
     rows = result_rows(bf, results, created=created)
     if kept:
         order = [(ln.no, row) for ln, row in zip(bf.lines, rows, strict=True)] + list(kept.items())
@@ -333,6 +338,8 @@ def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, err
         p.parent.mkdir(parents=True, exist_ok=True)
     out_lines = [json.dumps(row, separators=(",", ":")) + "\n" for row in rows if row["error"] is None]
     err_lines = [json.dumps(row, separators=(",", ":")) + "\n" for row in rows if row["error"] is not None]
+    if before is not None:
+        before([row for row in rows if row["error"] is not None])
     # Each written whole beside its name, then put in place (the answers first): opened "w", a full disk left OUT
     # cut short, and answers an earlier run had paid for were lost (a helper's hunt). A stream is written as it is.
     for p, lines in ((out_p, out_lines), (err_p, err_lines)):

@@ -1,0 +1,123 @@
+"""Where a ``smartbatch batch`` run wrote the error file of its output, recorded beside the output
+(``<OUT>.smartbatch.json``), with the lines in it that were paid for or may be billed.
+
+The error file holds money: the lines that failed possibly billed (``BILLED_KEY``) and the answered choices of
+lines of n choices (``CHOICES_KEY``), which a ``--resume`` keeps rather than send again. A first run given
+``--errors PATH`` and a resume not given it again read OUT's default error file, found neither, and sent those
+lines again: paid twice (a new user's hunt). So the run records where it wrote them, a later run on the same OUT
+reads them there, and a run that cannot find them (the file moved or deleted, or another ``--errors`` given while
+the recorded one still holds them) is refused, naming the fix, rather than send them again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["default_errors", "error_file", "record_path", "recorder"]
+
+VERSION = 1
+
+
+def record_path(out: Path) -> Path:
+    """The record of the run that last wrote ``out``."""
+    return out.with_name(out.name + ".smartbatch.json")
+
+
+def default_errors(out: Path) -> Path:
+    return out.with_name(out.stem + ".errors.jsonl")
+
+
+def _stream(out: Path) -> bool:
+    return out.exists() and not out.is_file()  # /dev/stdout, a pipe: no place beside it
+
+
+def _read(out: Path) -> dict | None:
+    from engine.core.errors import ConfigError
+
+    rec = record_path(out)
+    if _stream(out) or not rec.is_file():
+        return None
+    try:
+        doc = json.loads(rec.read_text(encoding="utf-8"))
+        errors, billed, choices = doc["errors"], doc.get("possibly_billed", []), doc.get("choices", [])
+        if not (isinstance(errors, str) and all(isinstance(x, list) and all(isinstance(c, str) for c in x)
+                                                for x in (billed, choices))):
+            raise TypeError("not a record of an error file")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{rec}: the record of where the earlier run writing {out} put its error file cannot be "
+                          f"read ({exc}); delete it, and give --errors where that run's error file is") from None
+    return {"errors": errors, "possibly_billed": billed, "choices": choices}
+
+
+def _same(a: Path, b: Path) -> bool:
+    return a.absolute().resolve() == b.absolute().resolve()
+
+
+def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, overwrite: bool,
+               resend_billed: bool) -> tuple[Path, str]:
+    """(the error file of this run, how messages name it). Without ``--errors``, the one the record beside ``out``
+    names, else OUT's default. ``ConfigError`` where a line of this input (``ids``: its custom_ids) that the
+    earlier run's error file held paid for or possibly billed would not be found, and so be sent again."""
+    from engine.app._batch_kept import RESEND_FLAG
+    from engine.core.batchfile import answered_choices, answered_lines, possibly_billed_lines
+    from engine.core.errors import ConfigError
+
+    rec = _read(out)
+    default = default_errors(out)
+    recorded = Path(rec["errors"]) if rec is not None else default
+    if given is None:
+        where = f"recorded in {record_path(out)}" if not _same(recorded, default) else "OUT's stem + .errors.jsonl"
+        errors, flag = recorded, f"the error file ({where})"
+    else:
+        errors, flag = given, "--errors"
+    if overwrite:  # every line is sent again, asked for: nothing there is kept
+        return errors, flag
+    if not _same(errors, recorded):
+        # Two error files for one OUT: reading the new one, the resume sent the old one's lines again.
+        paid = sorted((set(possibly_billed_lines(recorded)) | set(answered_choices(recorded))) & ids)
+        if paid:
+            raise ConfigError(f"--errors {given}: the earlier run writing {out} wrote its error file to {recorded}, "
+                              f"which holds {len(paid):,} line(s) it paid for or that may be billed (e.g. "
+                              f"{paid[0]!r}); reading another, they would be sent again: give --errors {recorded} "
+                              f"(or move that file to {given}), or --overwrite to send every line again (paid again)")
+    if rec is None:
+        return errors, flag
+    # What the record says was there and is not: the file moved, deleted or replaced since. Sent again, paid twice.
+    done, held, got = set(answered_lines(out)), possibly_billed_lines(errors), answered_choices(errors)
+    billed = [] if resend_billed and resume else [
+        c for c in rec["possibly_billed"] if c in ids and c not in done and c not in held]
+    choices = [c for c in rec["choices"] if c in ids and c not in done and c not in got]
+    if billed or choices:
+        gone = "is gone" if not errors.exists() else "does not hold them (replaced, or its last write failed)"
+        some = (billed or choices)[0]
+        ways = ([f"--resume {RESEND_FLAG} to send the lines that may be billed again (maybe paid twice)"] if billed
+                and not choices else []) + ["--overwrite to send every line again (paid again)"]
+        what = " and ".join(([f"{len(billed):,} line(s) that failed possibly billed"] if billed else [])
+                            + ([f"{len(choices):,} line(s) with choices answered"] if choices else []))
+        raise ConfigError(f"{flag} {errors} {gone}: the earlier run writing {out} wrote there {what} (e.g. "
+                          f"{some!r}), as {record_path(out)} records; found nowhere, they would be sent again and "
+                          "paid twice. Give --errors where that file is now, or put it back; or " + ", or ".join(ways))
+    return errors, flag
+
+
+def recorder(out: Path, errors: Path):
+    """The ``before`` hook of ``write_results`` that records where the error file goes and which of its lines were
+    paid for or may be billed (None for a stream OUT). Written (whole, or not at all) before the files: a run cut
+    off between them, or whose files could not be written (a full disk: both left as they were), leaves a record
+    that a later run refuses on, rather than none, which sent the lines again. With the default error file and
+    nothing paid in it, no record is left: it would say nothing."""
+    from engine.core.batchfile import answered_choices, possibly_billed_lines
+    from engine.core.files import write_atomic
+
+    if _stream(out):
+        return None
+    rec = record_path(out)
+
+    def keep(rows: list[dict]) -> None:
+        billed, choices = sorted(possibly_billed_lines(rows)), sorted(answered_choices(rows))
+        if _same(errors, default_errors(out)) and not billed and not choices:
+            rec.unlink(missing_ok=True)
+            return
+        doc = {"version": VERSION, "errors": str(errors.absolute()), "possibly_billed": billed, "choices": choices}
+        write_atomic(rec, (json.dumps(doc, indent=1) + "\n").encode(), durable=True)
+    return keep

@@ -1,0 +1,155 @@
+"""`smartbatch batch --errors PATH`, then a later run on the same OUT: the error file's lines that failed possibly
+billed are found where the first run wrote them (recorded beside OUT), or the run is refused naming the fix; they
+are never sent again unasked (``engine.app._batch_record``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.app._batch_record import record_path
+from engine.app.cli import app
+from engine.core.batchfile import BILLED_KEY
+from tests.unit.test_batch_billed_resume import _Engine, _line
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def rig(tmp_path, monkeypatch):
+    import engine.app.driver as driver_mod
+
+    sent: list[list[str]] = []
+    state = {"billed": {"b"}, "refused": {"c"}}
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(
+        lambda cls, *a, **k: _Engine(sent, [], state["billed"], state["refused"])))
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(_line(c, f"Name {c} rivers.") + "\n" for c in ("a", "b", "c")))
+    return p, tmp_path / "o.jsonl", tmp_path / "logs" / "failed.jsonl", sent, state
+
+
+def _ids(path) -> list[str]:
+    return [json.loads(x)["custom_id"] for x in path.read_text().splitlines()]
+
+
+def _said(r) -> str:
+    return " ".join(r.output.split())
+
+
+def _first_run(p, out, err, sent, state, *flags) -> None:
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), *flags])
+    assert r.exit_code == 0, r.output
+    assert _ids(err) == ["b", "c"] and json.loads(err.read_text().splitlines()[0])[BILLED_KEY] > 0
+    state["billed"], state["refused"] = set(), set()  # a second run would answer both
+    sent.clear()
+
+
+def test_a_resume_without_the_first_runs_errors_flag_keeps_back_its_possibly_billed_line(rig):
+    """Before, the resume read OUT's default error file (none there) and sent b again: paid twice."""
+    p, out, err, sent, state = rig
+    _first_run(p, out, err, sent, state, "--errors", str(err))
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert sent == [["c"]], sent
+    assert "1 line(s) kept back in the error file" in _said(r) and str(err) in _said(r), _said(r)
+    assert _ids(err) == ["b"] and not out.with_name("o.errors.jsonl").exists()
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])  # a second resume: the same file
+    assert r.exit_code == 0 and sent == [], (r.output, sent)
+    assert _ids(err) == ["b"] and sorted(_ids(out)) == ["a", "c"]
+
+
+@pytest.mark.parametrize("first", ["custom", "default"])
+def test_a_run_given_another_errors_while_the_earlier_one_holds_a_possibly_billed_line_is_refused(rig, first):
+    """Before, the resume read the file given, empty, and sent b again (either way round)."""
+    p, out, err, sent, state = rig
+    earlier = err if first == "custom" else out.with_name("o.errors.jsonl")
+    _first_run(p, out, earlier, sent, state, *(["--errors", str(err)] if first == "custom" else []))
+    other = out.with_name("other.errors.jsonl")
+    for flags in (["--resume"], []):
+        r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--errors", str(other), *flags])
+        assert r.exit_code == 2 and sent == [], (r.output, sent)
+        assert f"--errors {earlier}" in _said(r) and "'b'" in _said(r), _said(r)
+    assert not other.exists() and _ids(earlier) == ["b", "c"]
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--errors", str(earlier), "--resume"])
+    assert r.exit_code == 0 and sent == [["c"]], (r.output, sent)
+
+
+def test_an_error_file_moved_is_read_where_given_and_one_gone_is_refused_naming_the_fixes(rig):
+    p, out, err, sent, state = rig
+    _first_run(p, out, err, sent, state, "--errors", str(err))
+    moved = out.with_name("moved.jsonl")
+    err.rename(moved)
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    said = _said(r)
+    assert r.exit_code == 2 and sent == [], (said, sent)  # before: b sent again
+    assert f"{err} is gone" in said and "Give --errors where that file is now" in said, said
+    assert "--resend-possibly-billed" in said and str(record_path(out)) in said, said
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume", "--errors", str(moved)])
+    assert r.exit_code == 0 and sent == [["c"]], (r.output, sent)
+    assert _ids(moved) == ["b"] and not err.exists()
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])  # now recorded where it was moved
+    assert r.exit_code == 0 and sent == [], (r.output, sent)
+    moved.unlink()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out)])  # nor sent again by a plain run
+    assert r.exit_code == 2 and sent == [] and f"{moved} is gone" in _said(r), _said(r)
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume", "--resend-possibly-billed"])
+    assert r.exit_code == 0 and sent == [["b"]], (r.output, sent)  # asked for: sent again
+    assert moved.read_text() == "" and sorted(_ids(out)) == ["a", "b", "c"]
+
+
+def test_default_paths_leave_no_record_unless_their_error_file_holds_a_line_that_may_be_billed(rig):
+    p, out, _, sent, state = rig
+    err = out.with_name("o.errors.jsonl")
+    state["billed"] = set()
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 0
+    assert _ids(err) == ["c"] and not record_path(out).exists()  # as before this record
+    state["billed"], state["refused"] = {"c"}, set()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and sent[-1] == ["c"], (r.output, sent)
+    rec = json.loads(record_path(out).read_text())
+    assert (rec["errors"], rec["possibly_billed"]) == (str(err.absolute()), ["c"])
+    state["billed"] = set()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume", "--resend-possibly-billed"])
+    assert r.exit_code == 0 and sent[-1] == ["c"] and err.read_text() == "", (r.output, sent)
+    assert not record_path(out).exists()  # nothing left to say
+
+
+def test_choices_answered_in_a_custom_error_file_are_kept_by_a_resume_not_given_it(tmp_path, monkeypatch):
+    """A line of 3 choices, its third failed: its two answered (paid) are in the error file given by --errors. Before,
+    a --resume without it sent all three again; deleted, it is refused, --resend-possibly-billed no way out."""
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import AnsweringEngine
+    from tests.unit.test_batch_choices import CAT, FailsOneChoice, line
+
+    p, out, err = tmp_path / "in.jsonl", tmp_path / "o.jsonl", tmp_path / "e.jsonl"
+    p.write_text(line("a", n=3) + "\n" + line("b", "Name a sea.") + "\n")
+    sent: list[list[str]] = []
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: FailsOneChoice(CAT, sent)))
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out), "--errors", str(err)]).exit_code == 0
+    saved = err.read_text()
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: AnsweringEngine(CAT, sent)))
+    err.unlink()
+    sent.clear()
+    for flags in (["--resume"], ["--resume", "--resend-possibly-billed"]):
+        r = runner.invoke(app, ["batch", str(p), "--out", str(out), *flags])
+        assert r.exit_code == 2 and sent == [], (r.output, sent)
+        assert "1 line(s) with choices answered" in _said(r) and "--overwrite" in _said(r), _said(r)
+    err.write_text(saved)  # put back
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and sent == [["a/n2"]], (r.output, sent)
+    assert err.read_text() == "" and sorted(_ids(out)) == ["a", "b"]
+    rec = json.loads(record_path(out).read_text())  # (a custom error file stays recorded, with nothing in it)
+    assert (rec["errors"], rec["possibly_billed"], rec["choices"]) == (str(err), [], [])
+
+
+def test_a_record_that_cannot_be_read_is_refused_naming_it(rig):
+    p, out, err, sent, state = rig
+    _first_run(p, out, err, sent, state, "--errors", str(err))
+    record_path(out).write_text('{"errors": 3}')
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 2 and sent == [], (r.output, sent)
+    assert str(record_path(out)) in _said(r) and "give --errors where" in _said(r), _said(r)
