@@ -89,13 +89,16 @@ def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, ov
     choices = [c for c in rec["choices"] if c in ids and c not in done and c not in got]
     if billed or choices:
         gone = "is gone" if not errors.exists() else "does not hold them (replaced, or its last write failed)"
+        if not _same(errors, recorded):  # (the recorded file is gone too, or it was refused above)
+            gone = (("does not hold them" if errors.exists() else "does not exist") + ", and "
+                    + (f"neither does {recorded}" if recorded.exists() else f"{recorded} is gone"))
         some = (billed or choices)[0]
         ways = ([f"--resume {RESEND_FLAG} to send the lines that may be billed again (maybe paid twice)"] if billed
                 and not choices else []) + ["--overwrite to send every line again (paid again)"]
         what = " and ".join(([f"{len(billed):,} line(s) that failed possibly billed"] if billed else [])
                             + ([f"{len(choices):,} line(s) with choices answered"] if choices else []))
-        raise ConfigError(f"{flag} {errors} {gone}: the earlier run writing {out} wrote there {what} (e.g. "
-                          f"{some!r}), as {record_path(out)} records; found nowhere, they would be sent again and "
+        raise ConfigError(f"{flag} {errors} {gone}: the earlier run writing {out} wrote {what} (e.g. {some!r}) to "
+                          f"{recorded}, as {record_path(out)} records; found nowhere, they would be sent again and "
                           "paid twice. Give --errors where that file is now, or put it back; or " + ", or ".join(ways))
     return errors, flag
 

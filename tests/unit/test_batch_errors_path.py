@@ -87,6 +87,10 @@ def test_an_error_file_moved_is_read_where_given_and_one_gone_is_refused_naming_
     assert r.exit_code == 2 and sent == [], (said, sent)  # before: b sent again
     assert f"{err} is gone" in said and "Give --errors where that file is now" in said, said
     assert "--resend-possibly-billed" in said and str(record_path(out)) in said, said
+    other = out.with_name("other.jsonl")
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume", "--errors", str(other)])
+    assert r.exit_code == 2 and sent == [], (r.output, sent)
+    assert f"--errors {other} does not exist, and {err} is gone" in _said(r), _said(r)
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume", "--errors", str(moved)])
     assert r.exit_code == 0 and sent == [["c"]], (r.output, sent)
     assert _ids(moved) == ["b"] and not err.exists()
