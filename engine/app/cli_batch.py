@@ -104,10 +104,13 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         if not bf.lines:
             raise TraceError([(bf.source, 0, "file", "no line can be answered; give at least one line with a "
                                                      "custom_id")], hint="")
+        _check_outputs({"--out": out, "--errors": errors, "--report": report_path}, inputs=(input_file,))
+        stack.enter_context(_output_lock(out))
+        # The record beside OUT read under OUT's lock: read before it, a run on OUT ending meanwhile had written
+        # its error file elsewhere unseen, and its possibly billed lines were sent again (a review).
         errors, err_flag = error_file(out, errors, {ln.custom_id for ln in bf.lines}, resume=resume,
                                       overwrite=overwrite, resend_billed=resend_billed)
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
-        stack.enter_context(_output_lock(out))
         every = bf.lines
         bf, kept, kept_lines, held = earlier_answers(bf, input_file, out, errors, resume=resume,
                                                      overwrite=overwrite, resend_billed=resend_billed)

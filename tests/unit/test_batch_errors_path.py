@@ -157,3 +157,30 @@ def test_a_record_that_cannot_be_read_is_refused_naming_it(rig):
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
     assert r.exit_code == 2 and sent == [], (r.output, sent)
     assert str(record_path(out)) in _said(r) and "give --errors where" in _said(r), _said(r)
+
+
+def test_a_run_that_ends_while_another_waits_for_outs_lock_has_its_record_read_under_the_lock(rig, monkeypatch):
+    """Run A (``--errors E``, b failed possibly billed) ends between run B's start and B taking OUT's lock. Before
+    (a review), B read the record before the lock, found none, read OUT's default error file and sent b again."""
+    import contextlib
+
+    import engine.app.cli_batch as cli_batch
+
+    p, out, err, sent, state = rig
+    _first_run(p, out, err, sent, state, "--errors", str(err))
+    left = {f: f.read_bytes() for f in (out, err, record_path(out))}  # what run A leaves
+    for f in left:
+        f.unlink()
+    real = cli_batch._output_lock
+
+    @contextlib.contextmanager
+    def a_ends_first(o):
+        for f, data in left.items():
+            f.write_bytes(data)
+        with real(o):
+            yield
+
+    monkeypatch.setattr(cli_batch, "_output_lock", a_ends_first)
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and sent == [["c"]], (r.output, sent)
+    assert _ids(err) == ["b"] and not out.with_name("o.errors.jsonl").exists()
