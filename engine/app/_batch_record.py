@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["default_errors", "error_file", "record_path", "recorder"]
+__all__ = ["default_errors", "error_file", "record_path", "recorder", "unrecorded"]
 
 VERSION = 1
 
@@ -118,9 +118,32 @@ def recorder(out: Path, errors: Path):
 
     def keep(rows: list[dict]) -> None:
         billed, choices = sorted(possibly_billed_lines(rows)), sorted(answered_choices(rows))
+        doc = {"version": VERSION, "errors": str(errors.absolute()), "possibly_billed": billed, "choices": choices}
+        data = (json.dumps(doc, indent=1) + "\n").encode()
+        if not _can_add(rec):
+            # A directory that takes no new file, OUT written in place there: an OSError here lost the run's
+            # answers, paid for (a review). One there is written in place; none: ``unrecorded`` said so.
+            if rec.is_file():
+                rec.write_bytes(data)
+            return
         if _same(errors, default_errors(out)) and not billed and not choices:
             rec.unlink(missing_ok=True)
             return
-        doc = {"version": VERSION, "errors": str(errors.absolute()), "possibly_billed": billed, "choices": choices}
-        write_atomic(rec, (json.dumps(doc, indent=1) + "\n").encode(), durable=True)
+        write_atomic(rec, data, durable=True)
     return keep
+
+
+def _can_add(rec: Path) -> bool:
+    import os
+
+    return os.access(rec.parent, os.W_OK)
+
+
+def unrecorded(out: Path, errors: Path) -> str | None:
+    """What to say before a run whose error file (not OUT's default) cannot be recorded beside OUT (a directory
+    that takes no new file; as for its journal, the run goes on): a later run must be given it again."""
+    rec = record_path(out)
+    if _stream(out) or _same(errors, default_errors(out)) or _can_add(rec) or rec.is_file():
+        return None
+    return (f"no record beside {out} of where its error file goes ({rec.parent} takes no new file): give --errors "
+            f"{errors} again to a later run on {out}, else the lines it holds that may be billed are sent again")

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from engine.app._batch_kept import billed_charges, earlier_answers, kept_charges
-from engine.app._batch_record import error_file, recorder
+from engine.app._batch_record import error_file, recorder, unrecorded
 from engine.app._batch_rescue import charges, finish, prepare, watch_answers
 from engine.app._ray_stop import (
     Terminated,
@@ -111,6 +111,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         errors, err_flag = error_file(out, errors, {ln.custom_id for ln in bf.lines}, resume=resume,
                                       overwrite=overwrite, resend_billed=resend_billed)
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
+        if (note := unrecorded(out, errors)) is not None:
+            err_console.print(note, style="yellow")
         every = bf.lines
         bf, kept, kept_lines, held = earlier_answers(bf, input_file, out, errors, resume=resume,
                                                      overwrite=overwrite, resend_billed=resend_billed)

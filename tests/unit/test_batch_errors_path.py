@@ -184,3 +184,57 @@ def test_a_run_that_ends_while_another_waits_for_outs_lock_has_its_record_read_u
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
     assert r.exit_code == 0 and sent == [["c"]], (r.output, sent)
     assert _ids(err) == ["b"] and not out.with_name("o.errors.jsonl").exists()
+
+
+@pytest.fixture
+def read_only_dir(monkeypatch):
+    """A directory that takes no new file (its files writable): ``os.access`` says so and a temporary file cannot
+    be made there, as for a user not root (the tests run as root, who may write anywhere)."""
+    import os
+
+    import engine.core.files as files
+
+    ro: list = []
+    access, mkstemp = os.access, files.tempfile.mkstemp
+
+    def no_access(path, mode, *a, **k):
+        return False if mode & os.W_OK and any(os.path.samefile(path, d) for d in ro if os.path.exists(path)) \
+            else access(path, mode, *a, **k)
+
+    def no_mkstemp(*a, dir=None, **k):
+        if dir is not None and any(os.path.samefile(dir, d) for d in ro):
+            raise PermissionError(13, "Permission denied")
+        return mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(os, "access", no_access)
+    monkeypatch.setattr(files.tempfile, "mkstemp", no_mkstemp)
+    return ro
+
+
+@pytest.mark.parametrize("given", [None, "unrecorded", "recorded"])
+def test_a_resume_in_a_directory_that_takes_no_new_file_writes_its_answers(rig, read_only_dir, given):
+    """OUT and its error file writable in a directory that takes no new file (written in place there; the journal
+    goes unmade). Before (a review), the record could not be made beside OUT, and the run, b answered and c failed
+    possibly billed, wrote nothing: b's answer lost (paid again by the next resume) and c's mark with it."""
+    p, out, _, sent, state = rig
+    err = out.with_name("o.errors.jsonl") if not given else out.parent / "logs" / "e.jsonl"
+    err.parent.mkdir(exist_ok=True)
+    state["billed"], state["refused"] = set(), {"b", "c"}
+    flags = ["--errors", str(err)] if given else []
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out), *flags]).exit_code == 0
+    if given == "unrecorded":
+        record_path(out).unlink()  # (made by an older version: none there)
+    read_only_dir.append(out.parent)
+    state["billed"], state["refused"] = {"c"}, set()
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), *flags, "--resume"])
+    assert r.exit_code == 0 and sent == [["b", "c"]], (r.output, sent)
+    assert sorted(_ids(out)) == ["a", "b"] and _ids(err) == ["c"] and BILLED_KEY in err.read_text()
+    if given == "unrecorded":  # said: a later run must be given it again
+        assert f"give --errors {err} again" in _said(r), _said(r)
+    if given == "recorded":  # written in place, and read by a run not given --errors
+        assert json.loads(record_path(out).read_text())["possibly_billed"] == ["c"]
+        flags = []
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), *flags, "--resume"])
+    assert r.exit_code == 0 and sent == [], (r.output, sent)  # c kept back
