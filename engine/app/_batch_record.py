@@ -88,10 +88,12 @@ def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, ov
         c for c in rec["possibly_billed"] if c in ids and c not in done and c not in held]
     choices = [c for c in rec["choices"] if c in ids and c not in done and c not in got]
     if billed or choices:
-        gone = "is gone" if not errors.exists() else "does not hold them (replaced, or its last write failed)"
+        why = "a stream: nothing kept" if _stream(errors) else "replaced, or its last write failed"
+        gone = "is gone" if not errors.exists() else f"does not hold them ({why})"
         if not _same(errors, recorded):  # (the recorded file is gone too, or it was refused above)
+            # (It said "does not exist, and neither does <the recorded file>" of one there.)
             gone = (("does not hold them" if errors.exists() else "does not exist") + ", and "
-                    + (f"neither does {recorded}" if recorded.exists() else f"{recorded} is gone"))
+                    + (f"{recorded} does not hold them" if recorded.exists() else f"{recorded} is gone"))
         some = (billed or choices)[0]
         ways = ([f"--resume {RESEND_FLAG} to send the lines that may be billed again (maybe paid twice)"] if billed
                 and not choices else []) + ["--overwrite to send every line again (paid again)"]

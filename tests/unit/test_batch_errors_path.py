@@ -238,3 +238,22 @@ def test_a_resume_in_a_directory_that_takes_no_new_file_writes_its_answers(rig, 
     sent.clear()
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), *flags, "--resume"])
     assert r.exit_code == 0 and sent == [], (r.output, sent)  # c kept back
+
+
+def test_a_refusal_says_of_each_error_file_whether_it_is_there(rig):
+    """The recorded file there but emptied, another --errors not there. Before (a review), the refusal said "--errors
+    X does not exist, and neither does <the recorded file>", which was there; of a stream, that it was replaced."""
+    p, out, err, sent, state = rig
+    _first_run(p, out, err, sent, state, "--errors", str(err))
+    err.write_text("")
+    other = out.with_name("other.jsonl")
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume", "--errors", str(other)])
+    assert r.exit_code == 2 and sent == [], (r.output, sent)
+    assert f"--errors {other} does not exist, and {err} does not hold them" in _said(r), _said(r)
+    state["billed"] = {"b"}
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--overwrite", "--errors", "/dev/null"])
+    assert r.exit_code == 0 and sent == [["a", "b", "c"]], (r.output, sent)
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 2 and sent == [], (r.output, sent)
+    assert "/dev/null does not hold them (a stream: nothing kept)" in _said(r), _said(r)
