@@ -95,8 +95,11 @@ def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, ov
             gone = (("does not hold them" if errors.exists() else "does not exist") + ", and "
                     + (f"{recorded} does not hold them" if recorded.exists() else f"{recorded} is gone"))
         some = (billed or choices)[0]
+        # Lost choices have no flag of their own: --overwrite alone paid again for every line OUT answers (a review).
         ways = ([f"--resume {RESEND_FLAG} to send the lines that may be billed again (maybe paid twice)"] if billed
-                and not choices else []) + ["--overwrite to send every line again (paid again)"]
+                and not choices else []) + ([f"delete {record_path(out)} and --resume to send those lines again "
+                                             "whole (their choices answered paid twice), the lines OUT answers kept"]
+                                            if choices else []) + ["--overwrite to send every line again (paid again)"]
         what = " and ".join(([f"{len(billed):,} line(s) that failed possibly billed"] if billed else [])
                             + ([f"{len(choices):,} line(s) with choices answered"] if choices else []))
         raise ConfigError(f"{flag} {errors} {gone}: the earlier run writing {out} wrote {what} (e.g. {some!r}) to "

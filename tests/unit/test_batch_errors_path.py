@@ -257,3 +257,28 @@ def test_a_refusal_says_of_each_error_file_whether_it_is_there(rig):
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
     assert r.exit_code == 2 and sent == [], (r.output, sent)
     assert "/dev/null does not hold them (a stream: nothing kept)" in _said(r), _said(r)
+
+
+def test_choices_answered_and_lost_are_refused_naming_a_way_that_keeps_the_lines_out_answers(tmp_path, monkeypatch):
+    """A line of 3 choices whose two answered went with its error file (deleted, or a crash after the record was
+    written). Before (a review), the refusal named only --overwrite: every line sent again, b (answered in OUT)
+    paid twice. Deleting the record and resuming sends a alone."""
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import AnsweringEngine
+    from tests.unit.test_batch_choices import CAT, FailsOneChoice, line
+
+    p, out, err = tmp_path / "in.jsonl", tmp_path / "o.jsonl", tmp_path / "e.jsonl"
+    p.write_text(line("a", n=3) + "\n" + line("b", "Name a sea.") + "\n")
+    sent: list[list[str]] = []
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: FailsOneChoice(CAT, sent)))
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out), "--errors", str(err)]).exit_code == 0
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: AnsweringEngine(CAT, sent)))
+    err.unlink()
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 2 and sent == [], (r.output, sent)
+    assert f"delete {record_path(out)} and --resume" in _said(r), _said(r)
+    record_path(out).unlink()  # as named
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and sent == [["a", "a/n1", "a/n2"]], (r.output, sent)
+    assert sorted(_ids(out)) == ["a", "b"]
