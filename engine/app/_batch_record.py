@@ -83,10 +83,12 @@ def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, ov
     if rec is None:
         return errors, flag
     # What the record says was there and is not: the file moved, deleted or replaced since. Sent again, paid twice.
-    done, held, got = set(answered_lines(out)), possibly_billed_lines(errors), answered_choices(errors)
-    billed = [] if resend_billed and resume else [
-        c for c in rec["possibly_billed"] if c in ids and c not in done and c not in held]
-    choices = [c for c in rec["choices"] if c in ids and c not in done and c not in got]
+    billed = [] if resend_billed and resume else [c for c in rec["possibly_billed"] if c in ids]
+    choices = [c for c in rec["choices"] if c in ids]
+    if billed or choices:  # (OUT and the error file read only then: each read again after, a big OUT twice)
+        done, held, got = set(answered_lines(out)), possibly_billed_lines(errors), answered_choices(errors)
+        billed = [c for c in billed if c not in done and c not in held]
+        choices = [c for c in choices if c not in done and c not in got]
     if billed or choices:
         why = "a stream: nothing kept" if _stream(errors) else "replaced, or its last write failed"
         gone = "is gone" if not errors.exists() else f"does not hold them ({why})"

@@ -282,3 +282,20 @@ def test_choices_answered_and_lost_are_refused_naming_a_way_that_keeps_the_lines
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
     assert r.exit_code == 0 and sent == [["a", "a/n1", "a/n2"]], (r.output, sent)
     assert sorted(_ids(out)) == ["a", "b"]
+
+
+def test_a_resume_whose_record_names_none_of_its_lines_reads_out_once(rig, monkeypatch):
+    """A custom error file stays recorded with nothing in it. Before (a review), every run on OUT read OUT whole
+    once more to check the record's lines, none: a big OUT parsed twice before anything was sent."""
+    import engine.core.batchfile as batchfile
+
+    p, out, err, sent, state = rig
+    state["billed"] = set()
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out), "--errors", str(err)]).exit_code == 0
+    assert json.loads(record_path(out).read_text())["possibly_billed"] == []
+    reads, real = [], batchfile.answered_lines
+    monkeypatch.setattr(batchfile, "answered_lines", lambda path: reads.append(path) or real(path))
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and sent == [["c"]], (r.output, sent)
+    assert reads == [out], reads
