@@ -35,7 +35,7 @@ def _read(out: Path) -> dict | None:
     from engine.core.errors import ConfigError
 
     rec = record_path(out)
-    if _stream(out) or not rec.is_file():
+    if _stream(out) or not _there(rec):
         return None
     try:
         doc = json.loads(rec.read_text(encoding="utf-8"))
@@ -74,7 +74,8 @@ def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, ov
         return errors, flag
     if not _same(errors, recorded):
         # Two error files for one OUT: reading the new one, the resume sent the old one's lines again.
-        paid = sorted((set(possibly_billed_lines(recorded)) | set(answered_choices(recorded))) & ids)
+        paid = sorted((set(possibly_billed_lines(recorded)) | set(answered_choices(recorded))) & ids) \
+            if _there(recorded) else []  # (OUT's default, its name too long for one: none; it raised)
         if paid:
             raise ConfigError(f"--errors {given}: the earlier run writing {out} wrote its error file to {recorded}, "
                               f"which holds {len(paid):,} line(s) it paid for or that may be billed (e.g. "
@@ -127,10 +128,10 @@ def recorder(out: Path, errors: Path):
         billed, choices = sorted(possibly_billed_lines(rows)), sorted(answered_choices(rows))
         doc = {"version": VERSION, "errors": str(errors.absolute()), "possibly_billed": billed, "choices": choices}
         data = (json.dumps(doc, indent=1) + "\n").encode()
-        if not _can_add(rec):
+        if _cannot_add(rec):
             # A directory that takes no new file, OUT written in place there: an OSError here lost the run's
             # answers, paid for (a review). One there is written in place; none: ``unrecorded`` said so.
-            if rec.is_file():
+            if _there(rec):
                 rec.write_bytes(data)
             return
         if _same(errors, default_errors(out)) and not billed and not choices:
@@ -140,17 +141,34 @@ def recorder(out: Path, errors: Path):
     return keep
 
 
-def _can_add(rec: Path) -> bool:
+def _cannot_add(rec: Path) -> str | None:
+    """Why ``rec`` cannot be made beside OUT, if it cannot: OUT's directory takes no new file, or OUT's name is so
+    long that its record's is over the file system's limit (OUT's own, 240 to 255 bytes, was taken before)."""
     import os
 
-    return os.access(rec.parent, os.W_OK)
+    try:
+        if not os.access(rec.parent, os.W_OK):
+            return f"{rec.parent} takes no new file"
+        if len(os.fsencode(rec.name)) > os.pathconf(rec.parent, "PC_NAME_MAX"):
+            return f"the name {rec.name!r} is too long for its file system"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _there(rec: Path) -> bool:
+    try:
+        return rec.is_file()
+    except OSError:  # (a name too long: none there)
+        return False
 
 
 def unrecorded(out: Path, errors: Path) -> str | None:
     """What to say before a run whose error file (not OUT's default) cannot be recorded beside OUT (a directory
     that takes no new file; as for its journal, the run goes on): a later run must be given it again."""
     rec = record_path(out)
-    if _stream(out) or _same(errors, default_errors(out)) or _can_add(rec) or rec.is_file():
+    why = None if _stream(out) or _same(errors, default_errors(out)) or _there(rec) else _cannot_add(rec)
+    if why is None:
         return None
-    return (f"no record beside {out} of where its error file goes ({rec.parent} takes no new file): give --errors "
-            f"{errors} again to a later run on {out}, else the lines it holds that may be billed are sent again")
+    return (f"no record beside {out} of where its error file goes ({why}): give --errors {errors} again to a later "
+            f"run on {out}, else the lines it holds that may be billed are sent again")
