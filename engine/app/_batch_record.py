@@ -74,8 +74,10 @@ def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, ov
         return errors, flag
     if not _same(errors, recorded):
         # Two error files for one OUT: reading the new one, the resume sent the old one's lines again.
-        paid = sorted((set(possibly_billed_lines(recorded)) | set(answered_choices(recorded))) & ids) \
-            if _there(recorded) else []  # (OUT's default, its name too long for one: none; it raised)
+        # (OUT's default, its name too long for one: none; it raised. Lines that may be billed, asked to be sent
+        # again, are not kept: refused, as they were not once that file had moved.)
+        paid = [] if not _there(recorded) else sorted((set(answered_choices(recorded)) | (
+            set() if resume and resend_billed else set(possibly_billed_lines(recorded)))) & ids)
         if paid:
             raise ConfigError(f"--errors {given}: the earlier run writing {out} wrote its error file to {recorded}, "
                               f"which holds {len(paid):,} line(s) it paid for or that may be billed (e.g. "

@@ -314,3 +314,15 @@ def test_an_out_whose_record_name_would_be_too_long_is_written_and_says_to_give_
     sent.clear()
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--errors", str(err), "--resume"])
     assert r.exit_code == 0 and sent == [["c"]], (r.output, sent)
+
+
+def test_another_errors_with_resend_possibly_billed_sends_the_lines_asked_for(rig):
+    """--resume --resend-possibly-billed asks for b to be sent again. Before (a review), given another --errors
+    while the recorded file still held b, the run was refused (it was not when that file had moved)."""
+    p, out, err, sent, state = rig
+    _first_run(p, out, err, sent, state, "--errors", str(err))
+    other = out.with_name("other.jsonl")
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume", "--resend-possibly-billed", "--errors",
+                            str(other)])
+    assert r.exit_code == 0 and sent == [["b", "c"]], (r.output, sent)
+    assert other.read_text() == "" and sorted(_ids(out)) == ["a", "b", "c"]
