@@ -125,9 +125,13 @@ def _cluster_enabled(url: str) -> bool | None:
 def check_cluster_modes(settings: Any, only: tuple[str, ...] = ("budgets", "cache", "journal")) -> None:
     """Raise ``ConfigError`` when a Redis the engine uses runs in cluster mode and its ``redis_cluster`` setting is
     off, or the other way round. Each Redis set is asked once (``INFO cluster``); ``only``: the parts checked."""
-    parts = [("budgets", settings.budgets.redis_url, settings.budgets.redis_cluster),
-             ("cache", settings.cache.redis_url, settings.cache.redis_cluster)]
-    journal_url = settings.journal_redis_url()
+    # Only the parts asked for are read: a rescue's settlement passes the budgets' settings alone.
+    parts = []
+    if "budgets" in only:
+        parts.append(("budgets", settings.budgets.redis_url, settings.budgets.redis_cluster))
+    if "cache" in only:
+        parts.append(("cache", settings.cache.redis_url, settings.cache.redis_cluster))
+    journal_url = settings.journal_redis_url() if "journal" in only else None
     if journal_url and settings.journal.dir is None:
         parts.append(("journal", journal_url, settings.journal_redis_cluster()))
     asked: dict[str, bool | None] = {}
