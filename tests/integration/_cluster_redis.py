@@ -1,9 +1,11 @@
-"""A real local Redis Cluster for the tests: three masters, no replicas, on 127.0.0.1, no persistence. Started by
-the ``redis_cluster`` fixture (tests/integration/conftest.py), torn down after."""
+"""A real local Redis Cluster for the tests: three masters on 127.0.0.1, no persistence, with no replicas (the
+``redis_cluster`` fixture) or one each and a short ``cluster-node-timeout`` (``redis_cluster_replicas``: a master
+lost is failed over in a second or two); both fixtures in tests/integration/conftest.py, torn down after."""
 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -72,45 +74,67 @@ def _free_ports(n: int) -> list[int]:
 
 
 class LocalCluster:
-    """Three ``redis-server --cluster-enabled yes`` joined by ``redis-cli --cluster create``. ``url``: the first
-    node's (a cluster client finds the others from it); ``urls``: each node's."""
+    """Three ``redis-server --cluster-enabled yes`` joined by ``redis-cli --cluster create``, with ``replicas``
+    replicas each. ``url``: the first node's (a cluster client finds the others from it); ``urls``: each node's."""
 
-    def __init__(self, tmp_dir) -> None:
-        self.ports = _free_ports(3)
+    def __init__(self, tmp_dir, replicas: int = 0, node_timeout_ms: int = 15000) -> None:
+        self.replicas = replicas
+        self.node_timeout_ms = node_timeout_ms
+        self.ports = _free_ports(3 * (1 + replicas))
         self.dir = tmp_dir
         self.procs: list[subprocess.Popen] = []
-        self._drains: list[threading.Thread] = []
+        self._drains: dict[int, threading.Thread] = {}
         self.urls = [f"redis://127.0.0.1:{p}/0" for p in self.ports]
         self.url = self.urls[0]
 
     def start(self) -> None:
-        binary = shutil.which("redis-server")
         for port in self.ports:
-            proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
-                 "--appendonly", "no", "--dir", str(self.dir), "--loglevel", "notice"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            self.procs.append(proc)
-            seen = []
-            for line in proc.stdout:  # its own "ready" line: an event, not a guessed delay
-                seen.append(line)
-                if "Ready to accept connections" in line:
-                    break
-            else:
-                raise RuntimeError(f"redis-server (cluster node) did not start on {port}: {''.join(seen[-5:])}")
-            drain = threading.Thread(target=_drain, args=(proc.stdout,), daemon=True)
-            drain.start()
-            self._drains.append(drain)
+            self.procs.append(self._spawn(port))
         create = subprocess.run(
             [shutil.which("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=READY_S)
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"], capture_output=True, text=True, timeout=READY_S)
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout[-500:]} {create.stderr[-500:]}")
         self._wait_agreed()
 
+    def _spawn(self, port: int) -> subprocess.Popen:
+        """Start the node of ``port`` (its ``nodes-<port>.conf`` kept: one started again rejoins as it was, a
+        master failed over meanwhile as a replica of its successor), waited for, its output drained."""
+        proc = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir), "--loglevel", "notice",
+             "--cluster-node-timeout", str(self.node_timeout_ms)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in proc.stdout:  # its own "ready" line: an event, not a guessed delay
+            seen.append(line)
+            if "Ready to accept connections" in line:
+                break
+        else:
+            proc.wait(10)
+            raise RuntimeError(f"redis-server (cluster node) did not start on {port}: {''.join(seen[-5:])}")
+        drain = threading.Thread(target=_drain, args=(proc.stdout,), daemon=True)
+        drain.start()
+        self._drains[port] = drain
+        return proc
+
+    def revive(self, port: int) -> None:
+        """Start again the node of ``port`` that a test killed, and wait until the cluster agrees again with every
+        replica's link up: the next test finds three masters with a replica each."""
+        i = self.ports.index(port)
+        old = self.procs[i]
+        old.wait(10)
+        self._drains[port].join(10)  # it ends at the pipe's end, when the node died
+        old.stdout.close()
+        self.procs[i] = self._spawn(port)
+        self._wait_agreed()
+
     def _wait_agreed(self) -> None:
-        """Until every node says the cluster is ok, knows the three and serves all 16384 slots (bounded)."""
+        """Until every node says the cluster is ok, knows every node and serves all 16384 slots, and three are
+        masters, each with its replicas online on both ends (a master started again after its failover says it is
+        one until the cluster tells it otherwise; a replica whose link is up may not be online at its master yet,
+        and ``ROLE`` leaves it out) (bounded)."""
         import redis
 
         clients = [redis.Redis(port=p, socket_timeout=2.0) for p in self.ports]
@@ -118,8 +142,13 @@ class LocalCluster:
             end = time.monotonic() + READY_S
             while True:
                 infos = [_info(c.execute_command("CLUSTER", "INFO")) for c in clients]
-                if all(str(i.get("cluster_state")) == "ok" and int(i.get("cluster_known_nodes", 0)) == 3
-                       and int(i.get("cluster_slots_ok", 0)) == 16384 for i in infos):
+                links = [c.info("replication") for c in clients]
+                masters = [r for r in links if r.get("role") == "master"]
+                if all(str(i.get("cluster_state")) == "ok" and int(i.get("cluster_known_nodes", 0)) == len(self.ports)
+                       and int(i.get("cluster_slots_ok", 0)) == 16384 for i in infos) and len(masters) == 3 and all(
+                        r.get("master_link_status") == "up" for r in links if r not in masters) and all(
+                        sum(r.get(f"slave{k}", {}).get("state") == "online" for k in range(self.replicas))
+                        == self.replicas for r in masters):
                     return
                 if time.monotonic() > end:
                     raise RuntimeError(f"the local Redis Cluster did not agree within {READY_S} s: {infos}")
@@ -150,12 +179,57 @@ class LocalCluster:
                 out[p] = sorted(k.decode() for k in c.scan_iter(match=pattern, count=1000))
         return out
 
+    def replica_of(self, port: int) -> int:
+        """The port of the replica of the master at ``port``."""
+        import redis
+
+        with redis.Redis(port=port, socket_timeout=2.0) as c:
+            role = c.execute_command("ROLE")
+        assert role[0] in (b"master", "master") and role[2], f"the node at {port} is no master with a replica: {role}"
+        return int(role[2][0][1])
+
+    def signal(self, port: int, sig: int) -> None:
+        """Send ``sig`` to the node at ``port`` (SIGSTOP, SIGCONT; SIGKILL: a crash, waited for)."""
+        proc = self.procs[self.ports.index(port)]
+        proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            proc.wait(10)
+
+    def wait_master(self, port: int, dead: int | None = None) -> None:
+        """Until the node at ``port`` is a master and every node but ``dead`` says the cluster is ok (bounded)."""
+        import redis
+
+        with redis.Redis(port=port, socket_timeout=2.0) as c:
+            end = time.monotonic() + READY_S
+            while c.execute_command("ROLE")[0] not in (b"master", "master"):
+                if time.monotonic() > end:
+                    raise RuntimeError(f"the node at {port} was not promoted within {READY_S} s")
+                time.sleep(0.02)  # polling the server's own state, bounded above: nothing to wait on instead
+        live = [p for p in self.ports if p != dead]
+        end = time.monotonic() + READY_S
+        while True:
+            states = []
+            for p in live:
+                with redis.Redis(port=p, socket_timeout=2.0) as c:
+                    states.append(_info(c.execute_command("CLUSTER", "INFO")).get("cluster_state"))
+            if all(s == "ok" for s in states):
+                return
+            if time.monotonic() > end:
+                raise RuntimeError(f"the cluster was not ok again within {READY_S} s: {states}")
+            time.sleep(0.02)
+
     def stop(self) -> None:
         for proc in self.procs:
-            proc.terminate()
+            if proc.poll() is None:  # a node a test stopped (SIGSTOP) takes SIGTERM only once it runs again
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
         for proc in self.procs:  # a node that never became ready has no drain: waited for all the same
-            proc.wait(10)
-        for drain in self._drains:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        for drain in self._drains.values():
             drain.join(10)
         for proc in self.procs:
             proc.stdout.close()

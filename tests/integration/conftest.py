@@ -8,7 +8,7 @@ from tests._passes import check, select, wanted
 # CI sets SMARTBATCH_REQUIRE_REDIS=1: there a Redis test that skips (redis-server missing, or any other reason)
 # fails instead, because the Redis settle and the cache TTL are only checked by these tests.
 REQUIRE_REDIS_ENV = "SMARTBATCH_REQUIRE_REDIS"
-REDIS_FIXTURES = frozenset({"redis_server", "own_redis", "redis_cluster"})
+REDIS_FIXTURES = frozenset({"redis_server", "own_redis", "redis_cluster", "redis_cluster_replicas"})
 # scripts/test runs the integration tests in two passes: the others on two workers, then the ``solo`` ones alone
 # (SMARTBATCH_SOLO=without, then =only). Unset, every test runs.
 SOLO_ENV = "SMARTBATCH_SOLO"
@@ -23,7 +23,8 @@ SCOPE_SECONDS = {
     "test_endpoint_live.py": 35, "test_reliability.py": 31, "test_serve_drain.py": 30, "test_release_faults.py": 26,
     "test_flex_http.py": 23, "test_stop_crash.py": 21, "test_metrics_live.py": 21, "test_async_api.py": 19,
     "test_budget_redis.py": 19, "test_parity_faults.py": 19, "test_hung_actor.py": 18, "test_batchfile_live.py": 13,
-    "test_driver_resume_live.py": 11, "test_serve_stop_ledger.py": 40, "test_redis_cluster_engine.py": 15,
+    "test_driver_resume_live.py": 11, "test_serve_stop_ledger.py": 40, "test_redis_cluster_engine.py": 40,
+    "test_redis_cluster_failover.py": 35,
     "test_engine.py::TestOnOneQuietEngine": 10,
 }
 
@@ -207,9 +208,37 @@ def own_redis(tmp_path):
 def redis_cluster(tmp_path_factory):
     """A real local Redis Cluster (three masters, no replicas) for the session (each start takes 2-4 s; three
     modules use it); each test uses its own prefix, and one that pauses a node or takes slots down gives them back."""
-    import shutil
-
     from tests.integration._cluster_redis import LocalCluster
+
+    _need_redis_cli()
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_replicas(tmp_path_factory):
+    """A real local Redis Cluster of three masters with a replica each and a 1 s ``cluster-node-timeout`` (a
+    master killed is failed over in about two seconds), for the failover tests; a test that kills a master starts
+    it again (``LocalCluster.revive``, it rejoins as a replica), so the next finds three pairs. Every node is
+    killed at the end, a stopped one too."""
+    from tests.integration._cluster_redis import LocalCluster
+
+    _need_redis_cli()
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster-replicas"), replicas=1, node_timeout_ms=1000)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _need_redis_cli() -> None:
+    """Skip (fail under SMARTBATCH_REQUIRE_REDIS=1) without redis-server or redis-cli."""
+    import shutil
 
     _need_redis()
     if shutil.which("redis-cli") is None:  # it joins the nodes (installed with redis-server by apt)
@@ -217,9 +246,3 @@ def redis_cluster(tmp_path_factory):
         if _redis_required():
             pytest.fail(f"{why}, and {REQUIRE_REDIS_ENV}=1 says Redis tests must run here", pytrace=False)
         pytest.skip(why)
-    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
