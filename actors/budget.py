@@ -175,6 +175,9 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
                         "settlements are kept until it answers; retrying every %.1f s",
                         self._url, self._last_error, self.settings.redis_retry_s)
         self._down_until = time.monotonic() + self.settings.redis_retry_s
+        doubt = getattr(self.book, "doubt_server", None)  # a Redis book: the next call first reads who answers
+        if doubt is not None:
+            doubt()
 
     def _recovered(self) -> None:
         if self._down_until is not None:

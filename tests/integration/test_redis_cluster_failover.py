@@ -1,0 +1,233 @@
+"""The budget ledger and the cache on a real local Redis Cluster whose masters have a replica each
+(``redis_cluster_replicas``), through a failover: the master holding the ledger's slot killed (promoted by the
+cluster, or taken over by its replica) and a clean manual ``CLUSTER FAILOVER`` (docs/budgets.md, Redis Cluster).
+Redis replicates asynchronously: what the master acknowledged and had not sent its replica is gone from the
+promoted one, as from a Redis restarted from an older snapshot. No Ray."""
+
+import asyncio
+import itertools
+import signal
+import time
+
+import pytest
+import redis
+
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+
+_prefix = itertools.count()
+
+
+def _settings(cluster, stem: str) -> BudgetSettings:
+    return BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=cluster.url,
+                          redis_prefix=f"sbtest-fo-{stem}{next(_prefix)}", redis_cluster=True, redis_timeout_s=0.5,
+                          redis_retry_s=0.2)
+
+
+def _claims(*rids: str, usd: float = 1.0) -> list[Claim]:
+    return [Claim(rid, "acme", "openai", "gpt-5", "urgent", usd) for rid in rids]
+
+
+def _synced(master: int, replica: int) -> None:
+    """Until the replica has taken everything the master wrote (its offset; bounded): what comes before this is on
+    both."""
+    with redis.Redis(port=master, socket_timeout=2.0) as m, redis.Redis(port=replica, socket_timeout=2.0) as r:
+        want, end = m.info("replication")["master_repl_offset"], time.monotonic() + 10
+        while r.info("replication").get("slave_repl_offset", -1) < want:
+            assert time.monotonic() < end, "the replica never caught up"
+            time.sleep(0.02)  # polling the servers' own offsets, bounded above: nothing to wait on instead
+
+
+def _run_id(port: int) -> str:
+    with redis.Redis(port=port, socket_timeout=2.0) as c:
+        return c.info("server")["run_id"]
+
+
+async def _drained(ctl) -> dict:
+    """The ledger's report once its outbox is empty and it answers (bounded)."""
+    end = time.monotonic() + 15
+    while True:
+        rep = await ctl.report()
+        if rep["ledger"]["unsettled"] == 0 and rep["ledger"]["up"] and rep["budgets"]:
+            return rep
+        assert time.monotonic() < end, f"the ledger never drained its outbox: {rep['ledger']}"
+        await asyncio.sleep(0.05)  # the outbox's own retry runs meanwhile; a report reads where it is
+
+
+def test_writes_the_promoted_replica_never_received_are_taken_again_before_any_other_call(redis_cluster_replicas,
+                                                                                         monkeypatch):
+    """The replica is cut from its master (stopped, and its link closed: a stopped replica still takes the stream
+    into its socket and reads it once it runs); the master grants two $2.50 claims and takes two settlements, then
+    dies, and the replica takes its slots over. Those writes are gone from it: one claim settled on the master is
+    open again there, its $0.70 uncounted, and the two claims are unknown, their $5 free for others. The ledger
+    reads a new ``run_id`` on the node serving its slot, and reserves and sends them again before anything else
+    is decided there. Before, that read waited for the watch's next second (a minute here, to make that second
+    wide): the first calls after the outage were taken first, a $4.50 claim was granted under a $10 limit with $6
+    spent or held ($10.50), and the run ended $1 short ($1.70 of $2.70 counted) with $1 held until its claim's
+    expiry."""
+    from actors import _budget_replay
+    from actors.budget import BudgetController
+
+    monkeypatch.setattr(_budget_replay, "SERVER_CHECK_S", 60.0)
+    cl = redis_cluster_replicas
+    b = _settings(cl, "lost")
+    master = cl.node_of("{" + b.redis_prefix + "}:exp")
+    replica = cl.replica_of(master)
+
+    async def go():
+        ctl = BudgetController(b)
+        try:
+            await ctl.check_ledger()
+            assert all(v.ok for v in await ctl.reserve_many(_claims("c0", "c1", "c2", "c3")))
+            await ctl.settle_many([("c0", 0.5)])
+            _synced(master, replica)
+            cl.signal(replica, signal.SIGSTOP)
+            with redis.Redis(port=master, socket_timeout=2.0) as m:
+                assert m.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
+            assert all(v.ok for v in await ctl.reserve_many(_claims("d0", "d1", usd=2.5)))
+            await ctl.settle_many([("c1", 0.7), ("d0", 0.3)])
+            cl.signal(master, signal.SIGKILL)
+            cl.signal(replica, signal.SIGCONT)
+            with redis.Redis(port=replica, socket_timeout=2.0) as r:
+                r.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+                cl.wait_master(replica, dead=master)
+                left = {k.decode() for k in r.scan_iter(match="{" + b.redis_prefix + "}:c:*")}
+            assert left == {f"{{{b.redis_prefix}}}:c:{rid}" for rid in ("c1", "c2", "c3")}  # the loss is real
+            end = time.monotonic() + 10
+            while (v := (await ctl.reserve_many(_claims("e0", usd=4.5)))[0]).reason == "budget_unavailable":
+                assert time.monotonic() < end, "the ledger never answered after the failover"
+                await asyncio.sleep(0.05)  # the ledger's own retry pause (0.2 s) runs out meanwhile
+            await ctl.settle_many([("c2", 0.2), ("c3", 0.4), ("d1", 0.6)] + [("e0", 0.0)] * v.ok)
+            return v, await _drained(ctl), ctl.book.server
+        finally:
+            await ctl.close()
+    try:
+        verdict, rep, server = asyncio.run(go())
+    finally:
+        cl.revive(master)
+    window, ledger = rep["budgets"][0], rep["ledger"]
+    assert not verdict.ok, "a $4.50 claim granted under a $10 limit with $6 spent or held"
+    assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.3 + 0.2 + 0.4 + 0.6)
+    assert window["reserved_usd"] == pytest.approx(0.0)
+    assert ledger["replayed_after_restart"] >= 3 and ledger["reopened_after_restart"] == 1
+    assert ledger["rejected_settlements"] == 0
+    assert server == _run_id(replica)  # the watch reads the node now serving the slot
+
+
+def test_a_ledger_master_killed_mid_run_is_failed_over_and_what_waited_counts_once(redis_cluster_replicas):
+    """The master holding the ledger's slot dies (SIGKILL) with claims open; the cluster promotes its replica
+    after ``cluster-node-timeout``. Meanwhile claims are answered ``budget_unavailable`` at once (nothing hangs),
+    a settlement and a charge wait in the outbox; then the client follows the slot to the promoted replica, reads
+    its ``run_id`` (another process: what the master had not replicated is sent again) and each dollar counts
+    once, nothing left reserved. Passes on the code before: an outage of seconds outlasts the watch's second."""
+    from actors.budget import BudgetController
+    from engine.core.budgets import Charge
+
+    cl = redis_cluster_replicas
+    b = _settings(cl, "kill")
+    master = cl.node_of("{" + b.redis_prefix + "}:exp")
+    replica = cl.replica_of(master)
+
+    async def go():
+        ctl = BudgetController(b)
+        try:
+            await ctl.check_ledger()
+            assert all(v.ok for v in await ctl.reserve_many(_claims("a0", "a1", "a2", "a3")))
+            await ctl.settle_many([("a0", 0.5)])
+            cl.signal(master, signal.SIGKILL)
+            t = time.monotonic()
+            await ctl.settle_many([("a1", 0.7)])
+            await ctl.charge_many([Charge("k1", "acme", "openai", "gpt-5", 0.25)])
+            (v,) = await ctl.reserve_many(_claims("b0"))
+            assert v.reason == "budget_unavailable" and time.monotonic() - t < 2 * b.redis_timeout_s
+            assert (await ctl.report())["ledger"]["unsettled"] == 2
+            cl.wait_master(replica, dead=master)
+            end = time.monotonic() + 10
+            while (v := (await ctl.reserve_many(_claims("b0")))[0]).reason == "budget_unavailable":
+                assert time.monotonic() < end, "the ledger never answered after the failover"
+                await asyncio.sleep(0.05)  # the ledger's own retry pause (0.2 s) runs out meanwhile
+            assert v.ok
+            await ctl.settle_many([("a2", 0.2), ("a3", 0.4), ("b0", 0.6), ("a1", 0.7)])  # a1 again: a lost reply
+            return await _drained(ctl), ctl.book.server
+        finally:
+            await ctl.close()
+    try:
+        rep, server = asyncio.run(go())
+    finally:
+        cl.revive(master)
+    window, ledger = rep["budgets"][0], rep["ledger"]
+    assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.25 + 0.2 + 0.4 + 0.6)
+    assert window["reserved_usd"] == pytest.approx(0.0)
+    assert ledger["rejected_settlements"] == 0 and ledger["replayed_after_restart"] >= 1
+    assert server == _run_id(replica)
+
+
+def test_a_manual_failover_of_the_ledger_s_master_loses_nothing_and_its_replay_counts_nothing_twice(
+        redis_cluster_replicas):
+    """``CLUSTER FAILOVER`` on the replica (an upgrade's, a maintenance's): the replica catches up, then takes the
+    slots, and the old master follows it. No error reaches the ledger (its client follows the ``MOVED``); its
+    watch then reads another ``run_id`` and sends the last two hours' settlements and charges again, which the
+    promoted replica had all: each counts once."""
+    from actors.budget import BudgetController
+
+    cl = redis_cluster_replicas
+    b = _settings(cl, "manual")
+    master = cl.node_of("{" + b.redis_prefix + "}:exp")
+    replica = cl.replica_of(master)
+
+    async def go():
+        ctl = BudgetController(b)
+        try:
+            await ctl.check_ledger()
+            assert all(v.ok for v in await ctl.reserve_many(_claims("m0", "m1", "m2", "m3")))
+            await ctl.settle_many([("m0", 0.5), ("m1", 0.7)])
+            with redis.Redis(port=replica, socket_timeout=2.0) as r:
+                r.execute_command("CLUSTER", "FAILOVER")
+            cl.wait_master(replica)
+            await ctl.settle_many([("m2", 0.2)])
+            new, end = _run_id(replica), time.monotonic() + 10
+            while ctl.book.server != new:  # m3 open: the watch reads the node once a second
+                assert time.monotonic() < end, "the ledger never read the promoted replica's run_id"
+                await asyncio.sleep(0.05)
+            await ctl.settle_many([("m3", 0.4)])
+            return await _drained(ctl)
+        finally:
+            await ctl.close()
+    rep = asyncio.run(go())
+    window, ledger = rep["budgets"][0], rep["ledger"]
+    assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.2 + 0.4)
+    assert window["reserved_usd"] == pytest.approx(0.0)
+    assert ledger["replayed_after_restart"] == 3 and ledger["reopened_after_restart"] == 0
+    assert ledger["lost_records"] == 0 and ledger["rejected_settlements"] == 0
+
+
+def test_the_cache_follows_its_keys_to_the_promoted_replica(redis_cluster_replicas):
+    """A master of the cache's keys killed: the layer is down for its retry pause (lookups miss, writes kept),
+    then reads what the master had replicated from the promoted replica and writes there (its clock injected)."""
+    from actors.cache_layers import RedisLayer
+
+    cl, t = redis_cluster_replicas, [0.0]
+
+    async def go():
+        layer = RedisLayer(cl.url, prefix=f"sbtest-fo-cache{next(_prefix)}", timeout_s=0.5, retry_s=5.0,
+                           cluster=True, now=lambda: t[0])
+        try:
+            keys = [layer.key("t", f"fp{i}") for i in range(30)]
+            await layer.put_many([(k, f"v{i}".encode(), 60_000) for i, k in enumerate(keys)])
+            master = cl.node_of(keys[0])
+            replica = cl.replica_of(master)
+            _synced(master, replica)
+            cl.signal(master, signal.SIGKILL)
+            try:
+                missed = await layer.get_many(keys)
+                await layer.put_many([(keys[0], b"after", 60_000)])
+                cl.wait_master(replica, dead=master)
+                t[0] += layer.retry_s
+                await layer.get_many(keys[:1])  # tried again: up, what it kept written
+                return missed, await layer.get_many(keys), layer.dropped_writes
+            finally:
+                cl.revive(master)
+        finally:
+            await layer.close()
+    missed, got, dropped = asyncio.run(go())
+    assert any(v is None for v, _ in missed)  # the dead master's keys, while it is down
+    assert dropped == 0 and [v for v, _ in got] == [b"after"] + [f"v{i}".encode() for i in range(1, 30)]
