@@ -65,32 +65,26 @@ def cluster_errors() -> tuple[type[BaseException], ...]:
     return (RedisClusterException,)
 
 
-def _node(client: Any, key: str) -> dict[str, Any]:
+async def _node(client: Any, key: str) -> dict[str, Any]:
     """Keyword arguments sending a node-wide command (``INFO``, ``CONFIG GET``) to the node that serves ``key``: a
-    cluster client sends them to every node, or any, by default."""
+    cluster client sends them to every node, or any, by default. Its slots map is read at its first command (once:
+    a no-op after), so it is read here first."""
     from redis.asyncio.cluster import RedisCluster
 
     if isinstance(client, RedisCluster):
+        await client.initialize()
         return {"target_nodes": client.get_node_from_key(key)}
     return {}
 
 
 async def server_info(client: Any, key: str, section: str = "server") -> dict[str, Any]:
     """``INFO section`` of the Redis process that holds ``key`` (on a cluster, the node serving its slot now)."""
-    from redis.asyncio.cluster import RedisCluster
-
-    if isinstance(client, RedisCluster):  # its slots map is read at its first command (once: a no-op after)
-        await client.initialize()
-    return await client.info(section, **_node(client, key))
+    return await client.info(section, **await _node(client, key))
 
 
 async def config_get(client: Any, key: str, pattern: str) -> dict[str, Any]:
     """``CONFIG GET pattern`` of the Redis process that holds ``key``."""
-    from redis.asyncio.cluster import RedisCluster
-
-    if isinstance(client, RedisCluster):
-        await client.initialize()
-    return await client.config_get(pattern, **_node(client, key))
+    return await client.config_get(pattern, **await _node(client, key))
 
 
 async def cluster_mode(client: Any) -> bool | None:
