@@ -2,7 +2,9 @@
 (``redis_cluster_replicas``), through a failover: the master holding the ledger's slot killed (promoted by the
 cluster, or taken over by its replica) and a clean manual ``CLUSTER FAILOVER`` (docs/budgets.md, Redis Cluster).
 Redis replicates asynchronously: what the master acknowledged and had not sent its replica is gone from the
-promoted one, as from a Redis restarted from an older snapshot. No Ray."""
+promoted one, as from a Redis restarted from an older snapshot. No Ray, but for the last test: a live engine through the same
+failover, here to share this module's cluster (``redis_cluster_replicas`` is module-scoped: in its own module it
+started six more redis-servers)."""
 
 import asyncio
 import itertools
@@ -231,3 +233,38 @@ def test_the_cache_follows_its_keys_to_the_promoted_replica(redis_cluster_replic
     missed, got, dropped = asyncio.run(go())
     assert any(v is None for v, _ in missed)  # the dead master's keys, while it is down
     assert dropped == 0 and [v for v, _ in got] == [b"after"] + [f"v{i}".encode() for i in range(1, 30)]
+
+
+def test_an_engine_whose_ledger_master_is_killed_mid_run_counts_every_result_once(ray_session,
+                                                                                  redis_cluster_replicas, tmp_path):
+    """The master holding the ledger's slot killed (SIGKILL) once results come in; the cluster promotes its
+    replica (about 2 s: ``cluster-node-timeout`` 1 s). The engine goes on on the promoted replica: its ledger
+    reads there another ``run_id``, reserves again and sends again what the master had not replicated; every
+    result's cost is counted once, nothing is left reserved, nothing waits past its deadline for good."""
+    from engine import Engine
+    from tests.integration._catalogs import OPENAI_ONLY
+    from tests.integration.test_redis_cluster_engine import SPEEDUP, _limit, _settings, _workload
+
+    cl = redis_cluster_replicas
+    reqs = _workload()
+    limit = _limit(reqs)
+    s = _settings(cl, tmp_path, "sbtest-clfo-eng", True, limit)
+    master = cl.node_of("{" + s.budgets.redis_prefix + "}:exp")
+    replica = cl.replica_of(master)
+    try:
+        with Engine.start(s, catalog=OPENAI_ONLY, policy="cache-only", speedup=SPEEDUP, metrics_port=None) as eng:
+            futs = eng.replay(reqs)
+            futs[0].result(timeout=120)
+            cl.signal(master, signal.SIGKILL)
+            cl.wait_master(replica, dead=master)
+            results = [f.result(timeout=120) for f in futs]
+            rep = eng.report()
+    finally:
+        cl.revive(master)
+    cost = sum(r.cost_usd for r in results)
+    window, led = rep["budget"]["budgets"][0], rep["budget"]["ledger"]
+    assert window["spent_usd"] == pytest.approx(cost, abs=1e-6) and cost <= limit + 1e-9
+    assert window["reserved_usd"] == pytest.approx(0.0, abs=1e-9)
+    assert led["up"] and led["unsettled"] == 0 and led["rejected_settlements"] == 0
+    assert led["replayed_after_restart"] >= 1  # the failover was seen as another Redis process
+    assert {r.status for r in results} >= {"ok"}
