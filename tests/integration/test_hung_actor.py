@@ -26,7 +26,10 @@ def requests(tag: str, n: int, now: float) -> list[dict]:
 
 
 def test_a_hung_ingest_is_killed_restarted_and_loses_nothing(ray_session):
-    eng = Engine.start(Settings(actor_hang_s=HANG_S), catalog=OPENAI_ONLY, speedup=SPEEDUP, metrics_port=None)
+    # naive reuses nothing, so the engine starts no cache actor (a process fewer): the hang, the kill and the
+    # re-admission are ingest's and the driver's (its requests are distinct urgent ones, sent sync either way).
+    eng = Engine.start(Settings(actor_hang_s=HANG_S), catalog=OPENAI_ONLY, policy="naive", speedup=SPEEDUP,
+                       metrics_port=None)
     try:
         before = eng.submit_many(requests("a", 50, eng.now()))
         assert all(f.result(timeout=60).status == "ok" for f in before)
