@@ -57,7 +57,9 @@ def test_a_dispatcher_that_dies_in_the_stops_cancel_is_asked_again_and_cancels_i
         emu.faults.next_fault = seen
         # The stop's first cancel is held at the provider: the dispatcher dies while it waits for the answer.
         emu.faults.script("openai", "batches.cancel", [{"timeout_s": 120.0}])
-        params = {"batch_gather_s": 0.0, "min_batch_saving_usd": 0.0}
+        # (the smart policy without reuse: the test sends one request, and no cache actor is started for it)
+        params = {"batch_gather_s": 0.0, "min_batch_saving_usd": 0.0, "reuse_exact": False, "reuse_in_flight": False,
+                  "reuse_near": False}
         eng = Engine.start(settings, catalog=OPENAI_ONLY, speedup=100, policy_params=params, metrics_port=None)
         dispatcher = eng._h["dispatchers"]["openai"]
         try:
