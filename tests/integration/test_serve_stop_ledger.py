@@ -50,9 +50,10 @@ def test_smartbatch_stop_of_a_served_engine_keeps_its_outbox_before_serve_stops_
            "SMARTBATCH_BUDGETS__SPECS": '[{"max_budget": 10, "budget_duration": "1d"}]',
            "SMARTBATCH_BUDGETS__REDIS_TIMEOUT_S": "0.3", "SMARTBATCH_BUDGETS__REDIS_RETRY_S": "0.05",
            "SMARTBATCH_JOURNAL__LEDGER_DIR": str(tmp_path / "ledgers"), "SMARTBATCH_JOURNAL__LEDGER_WAIT_S": "2"}
+    # OpenAI alone and a policy without reuse (no cache actor): the test calls the budget controller alone.
     serve = subprocess.Popen([str(BIN), "serve", "--name", name, "--catalog", str(openai_only_file(tmp_path)),
-                              "--speedup", "100"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True, cwd=tmp_path)
+                              "--policy", "naive", "--speedup", "100"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True, cwd=tmp_path)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(x) for x in serve.stdout] + [lines.put(None)], daemon=True)
     reader.start()
