@@ -22,11 +22,33 @@ def short_trace(n, seed, span_s, max_deadline_s):
     return [r.model_copy(update={"deadline_s": min(r.deadline_s, max_deadline_s)}) for r in reqs]
 
 
-def test_every_future_resolves_and_the_report_adds_up(ray_session):
+def test_every_future_resolves_and_the_report_adds_up_and_metrics_are_scraped_over_http(ray_session):
+    """One engine for two checks of a whole trace (each had an engine of its own, 15 actor processes in all,
+    before stop 76): every future resolves and the report adds up; the metrics are served where the settings
+    say, scraped over HTTP, and agree with the results."""
+    import socket
+    import urllib.request
+
+    from engine.core.settings import MetricsSettings, Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(metrics=MetricsSettings(host="127.0.0.1", port=port))
+
+    def scrape() -> dict:
+        samples = {}
+        for line in urllib.request.urlopen(eng.metrics_url, timeout=10).read().decode().splitlines():
+            if line.startswith("smartbatch_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
     reqs = short_trace(300, seed=3, span_s=300, max_deadline_s=900)
     before = gc.get_threshold()
-    with Engine.start(catalog=for_trace(reqs), speedup=500) as eng:
+    with Engine.start(settings, catalog=for_trace(reqs), speedup=500, budget_usd=1000.0) as eng:
         in_driver = gc.get_threshold()
+        assert eng.metrics_url == f"http://127.0.0.1:{port}/metrics" and eng.metrics_port == port
         futs = eng.replay(reqs)
         first = min(reqs, key=lambda r: r.arrival_s)
         assert eng.submit(first) is futs[0]  # same id: the same future, never a second call
@@ -35,6 +57,13 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
         tuned = ray.get([h.__ray_call__.remote(lambda self: (gc.get_threshold(), gc.get_freeze_count(),
                                                              type(self).__name__))
                          for h in eng._h["named"].values()])
+        # The budget's gauges reach the hub at most every 0.5 s: a run this short can end inside the first
+        # interval, its settlements reported at its end. Bounded: the report is due within 0.5 s.
+        for _ in range(200):
+            samples = scrape()
+            if samples.get('smartbatch_budget_spent_usd{budget="global"}', 0.0) > 0:
+                break
+            time.sleep(0.05)
     # Every engine actor runs with the collector the engine sets (engine.runtime.collector), its warm state
     # frozen, under its own class name.
     assert all(t == THRESHOLDS and frozen > 0 for t, frozen, _ in tuned), tuned
@@ -51,6 +80,22 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
     # After the with block: the report as the engine stood at its stop (a raw Ray error before, a helper's tour).
     after = eng.report()
     assert after["requests"] == rep["requests"] and after["spend_usd"] == pytest.approx(rep["spend_usd"])
+    done = sum(v for k, v in samples.items() if k.startswith("smartbatch_requests_total"))
+    assert done == len(results)
+    cost = sum(v for k, v in samples.items() if k.startswith("smartbatch_cost_usd_total"))
+    assert cost == pytest.approx(sum(r.cost_usd for r in results), rel=1e-6)
+    assert any(k.startswith("smartbatch_batch_size_bucket") for k in samples)
+    assert any(k.startswith("smartbatch_queue_depth") for k in samples)
+    assert any(k.startswith("smartbatch_end_to_end_seconds_count") for k in samples)
+    hits = sum(v for k, v in samples.items() if k.startswith("smartbatch_cache_hits_total"))
+    assert hits == sum(r.status == "reused" for r in results)
+    # The budget reaches the hub after the results (at most every 0.5 s), so the last settlement may still be
+    # on its way: spent is at most the billed cost, remaining at most the limit minus that spend. The ledger's
+    # rows are rounded to the micro-dollar (a spend of $0.1602755 read 0.160276: failed at 1e-9 in a rehearsal).
+    spent = samples['smartbatch_budget_spent_usd{budget="global"}']
+    assert 0 < spent <= cost + 5e-7
+    assert samples['smartbatch_budget_limit_usd{budget="global"}'] == 1000.0
+    assert samples['smartbatch_budget_remaining_usd{budget="global"}'] <= 1000.0 - spent + 1e-6
 
 
 @pytest.fixture(scope="class")
@@ -243,53 +288,6 @@ def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, polic
     assert any(r.status in ("ok", "reused") for r in results)
 
 
-def test_metrics_are_served_where_the_settings_say_and_scraped_over_http(ray_session):
-    import socket
-    import urllib.request
-
-    from engine.core.settings import MetricsSettings, Settings
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    reqs = short_trace(120, seed=6, span_s=60, max_deadline_s=600)
-    settings = Settings(metrics=MetricsSettings(host="127.0.0.1", port=port))
-    def scrape() -> dict:
-        samples = {}
-        for line in urllib.request.urlopen(eng.metrics_url, timeout=10).read().decode().splitlines():
-            if line.startswith("smartbatch_") and " " in line:
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
-
-    with Engine.start(settings, catalog=for_trace(reqs), speedup=500, budget_usd=1000.0) as eng:
-        assert eng.metrics_url == f"http://127.0.0.1:{port}/metrics" and eng.metrics_port == port
-        results = [f.result(timeout=120) for f in eng.replay(reqs)]
-        # The budget's gauges reach the hub at most every 0.5 s: a run this short can end inside the first
-        # interval, its settlements reported at its end. Bounded: the report is due within 0.5 s.
-        for _ in range(200):
-            samples = scrape()
-            if samples.get('smartbatch_budget_spent_usd{budget="global"}', 0.0) > 0:
-                break
-            time.sleep(0.05)
-    done = sum(v for k, v in samples.items() if k.startswith("smartbatch_requests_total"))
-    assert done == len(results)
-    cost = sum(v for k, v in samples.items() if k.startswith("smartbatch_cost_usd_total"))
-    assert cost == pytest.approx(sum(r.cost_usd for r in results), rel=1e-6)
-    assert any(k.startswith("smartbatch_batch_size_bucket") for k in samples)
-    assert any(k.startswith("smartbatch_queue_depth") for k in samples)
-    assert any(k.startswith("smartbatch_end_to_end_seconds_count") for k in samples)
-    hits = sum(v for k, v in samples.items() if k.startswith("smartbatch_cache_hits_total"))
-    assert hits == sum(r.status == "reused" for r in results)
-    # The budget reaches the hub after the results (at most every 0.5 s), so the last settlement may still be
-    # on its way: spent is at most the billed cost, remaining at most the limit minus that spend. The ledger's
-    # rows are rounded to the micro-dollar (a spend of $0.1602755 read 0.160276: failed at 1e-9 in a rehearsal).
-    spent = samples['smartbatch_budget_spent_usd{budget="global"}']
-    assert 0 < spent <= cost + 5e-7
-    assert samples['smartbatch_budget_limit_usd{budget="global"}'] == 1000.0
-    assert samples['smartbatch_budget_remaining_usd{budget="global"}'] <= 1000.0 - spent + 1e-6
-
-
 def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
     import ray
 
@@ -319,34 +317,6 @@ def test_a_stop_fails_the_open_requests_aloud_and_drain_counts_them(ray_session,
     failed = [f.result(timeout=0) for f in futs if f.result(timeout=0).status == "failed"]
     assert len(failed) >= after and all("drain() first waits" in r.error for r in failed)
     assert any(f"{len(failed)} open request(s) failed" in m for m in caplog.messages)
-
-
-def test_identical_concurrent_submits_make_one_provider_call(ray_session):
-    import threading
-
-    prompt = {"model": "gpt-image-1", "prompt": "A lighthouse in a storm, oil painting", "priority": "urgent",
-              "deadline_s": 120}
-    with Engine.start(catalog=OPENAI_ONLY, speedup=50) as eng:
-        # One arrival time for all: a follower must be due no later than the call it rides on, and threads
-        # stamping their own arrival would order the deadlines by thread scheduling.
-        prompt["arrival_s"] = eng.now()
-        futs = [None] * 40
-        go = threading.Barrier(40)
-
-        def caller(k):
-            go.wait()  # all 40 submit at once, as 40 users of one driver would
-            futs[k] = eng.submit({"id": f"same-{k}", **prompt})
-
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(40)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        results = [f.result(timeout=120) for f in futs]
-        rep = eng.report()
-    assert sorted(r.status for r in results).count("ok") == 1  # one provider call
-    assert {r.status for r in results} == {"ok", "reused"} and all(r.output for r in results)
-    assert rep["cache"]["miss"] == 1 and rep["cache"]["in_flight"] + rep["cache"]["exact_memory"] == 39
 
 
 def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart(ray_session, redis_server):
@@ -406,22 +376,51 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
 
 
 
-def test_a_stop_that_fails_still_gives_the_driver_its_collector_back(ray_session, monkeypatch):
-    """stop() raising after the engine stopped running (here the actors' kill; a Ray gone under the driver is
-    another way) left CPython's thresholds raised in the user's process for good: the next stop() returns at
-    once, so nothing put them back."""
+def test_identical_concurrent_submits_make_one_provider_call_and_a_stop_that_fails_gives_the_collector_back(
+        ray_session, monkeypatch):
+    """Two checks on one engine of OpenAI alone (each started its own before stop 76: 6 actor processes more).
+
+    Identical concurrent submits: 40 threads submit one image at once, and the cache makes one provider call.
+
+    Then a stop that fails: stop() raising after the engine stopped running (here the actors' kill; a Ray gone
+    under the driver is another way) left CPython's thresholds raised in the user's process for good: the next
+    stop() returns at once, so nothing put them back."""
+    import threading
+
     import actors.remote as remote
 
     before = gc.get_threshold()
     gc.set_threshold(700, 10, 10)
-    eng = Engine.start(catalog=OPENAI_ONLY, speedup=500, metrics_port=None)
-    assert gc.get_threshold() == THRESHOLDS
+    eng = Engine.start(catalog=OPENAI_ONLY, speedup=50, metrics_port=None)
     kill = remote.kill_engine
-
-    def failing(*_a, **_k):
-        raise RuntimeError("the cluster went away")
-    monkeypatch.setattr(remote, "kill_engine", failing)
     try:
+        assert gc.get_threshold() == THRESHOLDS
+        prompt = {"model": "gpt-image-1", "prompt": "A lighthouse in a storm, oil painting", "priority": "urgent",
+                  "deadline_s": 120}
+        # One arrival time for all: a follower must be due no later than the call it rides on, and threads
+        # stamping their own arrival would order the deadlines by thread scheduling.
+        prompt["arrival_s"] = eng.now()
+        futs = [None] * 40
+        go = threading.Barrier(40)
+
+        def caller(k):
+            go.wait()  # all 40 submit at once, as 40 users of one driver would
+            futs[k] = eng.submit({"id": f"same-{k}", **prompt})
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results = [f.result(timeout=120) for f in futs]
+        rep = eng.report()
+        assert sorted(r.status for r in results).count("ok") == 1  # one provider call
+        assert {r.status for r in results} == {"ok", "reused"} and all(r.output for r in results)
+        assert rep["cache"]["miss"] == 1 and rep["cache"]["in_flight"] + rep["cache"]["exact_memory"] == 39
+
+        def failing(*_a, **_k):
+            raise RuntimeError("the cluster went away")
+        monkeypatch.setattr(remote, "kill_engine", failing)
         with pytest.raises(RuntimeError, match="went away"):
             eng.stop()
         eng.stop()  # a second stop changes nothing
