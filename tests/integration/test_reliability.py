@@ -48,45 +48,41 @@ def test_a_repeated_id_returns_the_same_future_and_other_content_is_refused(engi
     assert f.result(timeout=60).status == "ok" and all(x.result(timeout=60).status == "ok" for x in g)
 
 
-def test_submit_on_a_stopped_engine_raises_and_a_second_engine_runs_on(engine):
-    """The second engine is the module's, running on the same Ray while this one starts and stops (an engine start
-    costs seconds); a tenant of its own keeps its ids apart from the other tests'."""
-    first = Engine.start(catalog=OPENAI_ONLY, speedup=100)
-    first.stop()
-    with pytest.raises(EngineStopped):
-        first.submit(text(1))
-    with pytest.raises(EngineStopped):  # the asyncio API alike (it was checked on an engine of its own)
-        asyncio.run(first.asubmit(text(2)))
-    with pytest.raises(EngineStopped):
-        asyncio.run(first.asubmit_many([text(3)]))
-    second = engine.submit(text(1, "after-a-stop"))  # new to it: a call made after the first engine stopped
-    assert second.result(timeout=60).status == "ok"  # Ray is still up under it
-
-
-def test_backpressure_bounds_the_unfinished_requests(ray_session):
-    # A 10-minute deadline at speed-up 1: the requests wait for a batch, so they stay unfinished.
-    slow = {"deadline_s": 600, "priority": "background"}
-    with Engine.start(catalog=OPENAI_ONLY, speedup=1, max_pending=3, overload="raise") as eng:
-        eng.submit_many([text(i, **slow) for i in range(3)])
-        with pytest.raises(Overloaded, match="max_pending=3"):
-            eng.submit(text(9, **slow))
-        # The same engine with overload="block" and submit_timeout_s=0.2 (saves a start-up): still full, so a
-        # submit waits 0.2 s for room, in vain.
-        eng._overload, eng._submit_timeout_s = "block", 0.2
-        t0 = time.monotonic()
-        with pytest.raises(Overloaded):
-            eng.submit(text(9, **slow))
-        assert time.monotonic() - t0 >= 0.2  # it waited for room before giving up
-
-
-def test_finished_requests_are_forgotten_after_the_retention_window(ray_session):
-    with Engine.start(catalog=OPENAI_ONLY, speedup=100, retention_s=0.0) as eng:
-        f = eng.submit(text(1))
+def test_an_engine_forgets_finished_requests_bounds_unfinished_ones_and_once_stopped_refuses_work(engine):
+    """Three checks, one after the other, on one engine of its own at speed-up 1 (each started one before stop
+    76: 12 actor processes more): finished requests are forgotten after the retention window; backpressure
+    bounds the unfinished requests; once it stops, it takes no more work, while the second engine, the
+    module's, runs on on the same Ray (a tenant of its own keeps its ids apart from the other tests')."""
+    with Engine.start(catalog=OPENAI_ONLY, speedup=1, retention_s=0.0, max_pending=3, overload="raise") as first:
+        # Retention: one request at a time, well under max_pending.
+        f = first.submit(text(1))
         assert f.result(timeout=60).status == "ok"
         # The pull loop forgets it on its next turn (at most its 0.2 s long-poll): wait on that, bounded.
-        with eng._room:
-            eng._room.wait_for(lambda: not eng._futs, timeout=10)
-            assert not eng._futs
-        g = eng.submit(text(1))  # the id is free again: a new request (answered from the result cache)
+        with first._room:
+            first._room.wait_for(lambda: not first._futs, timeout=10)
+            assert not first._futs
+        g = first.submit(text(1))  # the id is free again: a new request (answered from the result cache)
         assert g is not f and g.result(timeout=60).status in ("ok", "reused")
-        assert eng.report()["requests"] == 2
+        assert first.report()["requests"] == 2
+
+        # Backpressure. A 10-minute deadline at speed-up 1: the requests wait for a batch, so they stay unfinished.
+        slow = {"deadline_s": 600, "priority": "background"}
+        first.submit_many([text(i, **slow) for i in range(10, 13)])
+        with pytest.raises(Overloaded, match="max_pending=3"):
+            first.submit(text(19, **slow))
+        # The same engine with overload="block" and submit_timeout_s=0.2 (saves a start-up): still full, so a
+        # submit waits 0.2 s for room, in vain.
+        first._overload, first._submit_timeout_s = "block", 0.2
+        t0 = time.monotonic()
+        with pytest.raises(Overloaded):
+            first.submit(text(19, **slow))
+        assert time.monotonic() - t0 >= 0.2  # it waited for room before giving up
+    # Stopped. Ids it never saw, as a fresh engine's would be (q1 may still be known to it: not the case tested).
+    with pytest.raises(EngineStopped):
+        first.submit(text(20))
+    with pytest.raises(EngineStopped):  # the asyncio API alike (it was checked on an engine of its own)
+        asyncio.run(first.asubmit(text(21)))
+    with pytest.raises(EngineStopped):
+        asyncio.run(first.asubmit_many([text(22)]))
+    second = engine.submit(text(1, "after-a-stop"))  # new to it: a call made after the first engine stopped
+    assert second.result(timeout=60).status == "ok"  # Ray is still up under it
