@@ -151,43 +151,6 @@ def paths(sim, results) -> dict:
     return out
 
 
-def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator, monkeypatch):
-    settings = point_at_emulator(Settings(), emulator)
-    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
-    emulator.faults.script("openai", "chat.completions", [{"status": 401}, {"status": 500}])
-    from engine import Engine
-
-    with Engine.start(settings, catalog=OPENAI_ONLY, speedup=100) as eng:
-        futs = [eng.submit({"id": f"k{i}", "model": "gpt-4o-mini", "prompt": f"say {i}", "deadline_s": 20})
-                for i in range(4)]
-        results = [f.result(timeout=120) for f in futs]
-        report = eng.report()
-        # Engine.cancel: requests gathering for a batch (a day to go, each worth batching) end cancelled, and
-        # nothing more reaches the provider.
-        billed = len(emulator.bill().items)
-        held = eng.submit_many([{"id": f"g{i}", "model": "gpt-4o-mini", "prompt": f"gather {i}",
-                                 "input_tokens": 60_000, "deadline_s": 86_400} for i in range(5)])
-        assert eng.cancel() == 0 and eng.drain(timeout_s=60) == 0
-        assert all(f.result().status == "failed" and f.result().error.startswith("cancelled: ") for f in held)
-        assert len(emulator.bill().items) == billed
-        with pytest.raises(EngineStopped, match="cancelled"):  # it takes no more work (it was accepted, to fail)
-            eng.submit({"id": "late", "model": "gpt-4o-mini", "prompt": "late"})
-        import urllib.request
-
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics").read().decode()
-    assert any(r.status == "failed" for r in results) and any(r.status == "ok" for r in results)
-    texts = [r.model_dump_json() for r in results] + [json.dumps(report, default=str), metrics,
-                                                      emulator.bill().model_dump_json()]
-    # Every actor's stdout, stderr and Python log lines, in this session's own Ray: /tmp/ray/session_latest is
-    # the newest Ray of the machine, which another test worker or a `smartbatch serve` test may have started.
-    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
-    files = [p for p in logs.glob("*") if p.is_file() and p.stat().st_size < 5e7]
-    assert files, f"no Ray logs under {logs} to check"
-    texts += [p.read_text(errors="replace") for p in files]
-    assert not [t for t in texts if KEY in t or KEY[:20] in t]
-    assert os.environ[settings.providers.endpoints["openai"].api_key_env] == KEY  # it was really in use
-
-
 def test_an_anthropic_follow_up_sent_warm_reads_its_history_and_the_count_asks_the_dispatcher(ray_session,
                                                                                                monkeypatch):
     """Warm follow-ups over HTTP at an explicit cache: two urgent turns (the second marks its prefix, seen
@@ -268,11 +231,19 @@ def test_a_stop_cancels_the_provider_batches_under_way_rather_than_leave_them_bi
         assert not [i for i in emu.bill().items if i.mode == "batch_api"]  # none finished: none billed
 
 
-def test_an_engine_that_may_not_simulate_refuses_at_submit_what_it_would_simulate(ray_session, emulator, monkeypatch):
-    """A driver script of an HTTP engine submitted Gemini and GPU work, which has no endpoint, and got ``ok`` results
-    of placeholder text at a simulated cost (a new user's tour, with real keys). With ``simulate_others`` false (an
-    engine whose endpoints reach a real API decides so at its start) such a request raises ``RequestError`` naming
-    ``model``, a dict or a ``Request`` alike, and nothing of its ``submit_many`` is queued; the rest go on."""
+def test_an_engine_that_may_not_simulate_refuses_what_it_would_simulate_and_the_key_appears_in_no_output(
+        ray_session, emulator, monkeypatch):
+    """Two checks on one engine of an HTTP OpenAI (each started its own before stop 76: 6 actor processes more),
+    one after the other.
+
+    What it may not simulate: a driver script of an HTTP engine submitted Gemini and GPU work, which has no
+    endpoint, and got ``ok`` results of placeholder text at a simulated cost (a new user's tour, with real keys).
+    With ``simulate_others`` false (an engine whose endpoints reach a real API decides so at its start) such a
+    request raises ``RequestError`` naming ``model``, a dict or a ``Request`` alike, and nothing of its
+    ``submit_many`` is queued; the rest go on.
+
+    Then the key: the key it called OpenAI with appears in no result, report, metric, bill or actor's log, a
+    401 and a 500 among its calls; and ``Engine.cancel`` ends what gathers, billing nothing more."""
     from engine import Engine
     from engine.core.errors import RequestError
 
@@ -282,8 +253,8 @@ def test_an_engine_that_may_not_simulate_refuses_at_submit_what_it_would_simulat
     monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
     ok = {"id": "o1", "model": "gpt-4o-mini", "prompt": "Name a river.", "priority": "urgent", "deadline_s": 60}
     # The providers it asks for alone (Anthropic's dispatcher would be one process more to start, never called).
-    with Engine.start(settings, catalog=only("openai", "google", "modal-h100"), speedup=SPEEDUP,
-                      metrics_port=None) as eng:
+    # At the key check's 100x (its requests' 20-s deadlines): the refusals are at submit, timed by nothing.
+    with Engine.start(settings, catalog=only("openai", "google", "modal-h100"), speedup=100) as eng:
         with pytest.raises(RequestError) as one:
             eng.submit({"id": "g1", "model": "gemini-2.5-flash", "prompt": "Name two seas.", "deadline_s": 600})
         assert one.value.field == "model" and "google, which has no HTTP endpoint" in str(one.value)
@@ -296,20 +267,64 @@ def test_an_engine_that_may_not_simulate_refuses_at_submit_what_it_would_simulat
             eng.replay([made])
         got = eng.submit(ok).result(timeout=60)  # its id stayed free
         assert eng.report()["requests"] == 1
-    assert got.status == "ok" and got.real and emulator.bill().total_usd == pytest.approx(got.cost_usd)
+        assert got.status == "ok" and got.real and emulator.bill().total_usd == pytest.approx(got.cost_usd)
+
+        # The key.
+        emulator.faults.script("openai", "chat.completions", [{"status": 401}, {"status": 500}])
+        futs = [eng.submit({"id": f"k{i}", "model": "gpt-4o-mini", "prompt": f"say {i}", "deadline_s": 20})
+                for i in range(4)]
+        results = [f.result(timeout=120) for f in futs]
+        report = eng.report()
+        # Engine.cancel: requests gathering for a batch (a day to go, each worth batching) end cancelled, and
+        # nothing more reaches the provider.
+        billed = len(emulator.bill().items)
+        held = eng.submit_many([{"id": f"g{i}", "model": "gpt-4o-mini", "prompt": f"gather {i}",
+                                 "input_tokens": 60_000, "deadline_s": 86_400} for i in range(5)])
+        assert eng.cancel() == 0 and eng.drain(timeout_s=60) == 0
+        assert all(f.result().status == "failed" and f.result().error.startswith("cancelled: ") for f in held)
+        assert len(emulator.bill().items) == billed
+        with pytest.raises(EngineStopped, match="cancelled"):  # it takes no more work (it was accepted, to fail)
+            eng.submit({"id": "late", "model": "gpt-4o-mini", "prompt": "late"})
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics").read().decode()
+    assert any(r.status == "failed" for r in results) and any(r.status == "ok" for r in results)
+    texts = [r.model_dump_json() for r in results] + [json.dumps(report, default=str), metrics,
+                                                      emulator.bill().model_dump_json()]
+    # Every actor's stdout, stderr and Python log lines, in this session's own Ray: /tmp/ray/session_latest is
+    # the newest Ray of the machine, which another test worker or a `smartbatch serve` test may have started.
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
+    files = [p for p in logs.glob("*") if p.is_file() and p.stat().st_size < 5e7]
+    assert files, f"no Ray logs under {logs} to check"
+    texts += [p.read_text(errors="replace") for p in files]
+    assert not [t for t in texts if KEY in t or KEY[:20] in t]
+    assert os.environ[settings.providers.endpoints["openai"].api_key_env] == KEY  # it was really in use
 
 
-def test_a_sora_and_a_veo_video_over_http_are_made_polled_and_billed_once(ray_session, emulator, monkeypatch):
-    """Video requests in one live run over HTTP: the engine creates a sora-2 job at the emulator's OpenAI Videos
-    API and a Veo operation on the Gemini API's own route, polls each to completion (a text call of each provider
-    goes on meanwhile, Gemini's through the compatibility layer with the same key) and counts what the emulator
-    bills. Before, sora-2 went to the chat route and failed ("model 'sora-2' generates video, not text"), and Veo
-    was sent to OpenAI's Videos API at the layer's address (``/v1/videos``), which Google does not serve."""
+def test_a_sora_and_a_veo_video_and_openai_images_with_a_day_to_spare_over_http_are_billed_once(
+        ray_session, emulator, monkeypatch):
+    """Two checks in one live run over HTTP (each started an engine of its own before stop 76: 6 actor
+    processes more), the images after the videos and texts: the images go in OpenAI batches, the others sync.
+
+    Videos: the engine creates a sora-2 job at the emulator's OpenAI Videos API and a Veo operation on the
+    Gemini API's own route, polls each to completion (a text call of each provider goes on meanwhile, Gemini's
+    through the compatibility layer with the same key) and counts what the emulator bills. Before, sora-2 went
+    to the chat route and failed ("model 'sora-2' generates video, not text"), and Veo was sent to OpenAI's
+    Videos API at the layer's address (``/v1/videos``), which Google does not serve.
+
+    Images (stop 71): images due in a day, through the whole engine (smart, the groupers, the dispatcher, the
+    official SDK) at the emulator: one OpenAI batch of image lines, each image back as the Result a sync call
+    gives and billed once, at half its list price; nothing generated sync. (``gather: false``: a submission that
+    expects no company, so its batches go at once rather than gathering for hours of engine time.)"""
     settings = point_at_emulator(Settings(), emulator, ("openai", "google"))
     for name in ("openai", "google"):
         monkeypatch.setenv(settings.providers.endpoints[name].api_key_env, KEY)
     from engine import Engine
 
+    shapes = [("1024x1024", "high"), ("1536x1024", "low"), ("1024x1536", "medium")]
+    reqs = [{"id": f"poster{k}", "model": "gpt-image-2", "prompt": f"a travel poster of a lighthouse, take {k}",
+             "deadline_s": 86_400, "gather": False, "params": {"size": size, "quality": quality}}
+            for k, (size, quality) in enumerate(shapes)]
     with Engine.start(settings, catalog=only("openai", "google"), speedup=SPEEDUP) as eng:
         futures = {
             "sora": eng.submit({"id": "fox", "model": "sora-2", "prompt": "a red fox in snow", "deadline_s": 3600,
@@ -319,6 +334,10 @@ def test_a_sora_and_a_veo_video_over_http_are_made_polled_and_billed_once(ray_se
             "gpt": eng.submit({"id": "t", "model": "gpt-4o-mini", "prompt": "say hi", "deadline_s": 20}),
             "gemini": eng.submit({"id": "g", "model": "gemini-2.5-flash", "prompt": "say hi", "deadline_s": 20})}
         r = {k: f.result(timeout=120) for k, f in futures.items()}
+        # The images once the videos are made: their batch's files, lines and images are made by the emulator in
+        # this process, and beside the texts' calls they could delay one past a video's end.
+        results = {p.id: p for p in (f.result(timeout=120) for f in eng.submit_many(reqs))}
+        rep = eng.report()
     for k in ("sora", "veo"):
         assert r[k].status == "ok" and r[k].real and r[k].mode == "sync", r[k].error
     assert r["sora"].output.endswith(f"/videos/{r['sora'].raw['id']}/content") and r["sora"].raw["status"] == "completed"
@@ -326,41 +345,24 @@ def test_a_sora_and_a_veo_video_over_http_are_made_polled_and_billed_once(ray_se
     # The text calls did not wait behind the videos' polls.
     assert r["gpt"].status == "ok" and r["gpt"].done_s < r["sora"].done_s
     assert r["gemini"].status == "ok" and r["gemini"].done_s < r["veo"].done_s
-    bill = emulator.bill().items
-    (sora,) = [i for i in bill if i.model == "sora-2"]
-    (veo,) = [i for i in bill if i.route == "veo"]
+    every = emulator.bill().items
+    (sora,) = [i for i in every if i.model == "sora-2"]
+    (veo,) = [i for i in every if i.route == "veo"]
     assert r["sora"].cost_usd == pytest.approx(sora.cost_usd, abs=1e-12)
     assert r["veo"].cost_usd == pytest.approx(veo.cost_usd, abs=1e-12)
     assert sora.usage == {"seconds": 8, "size": "720x1280"} and veo.usage == {"seconds": 8, "resolution": "1080p"}
-
-
-def test_openai_images_with_a_day_to_spare_ride_a_batch_over_http_and_are_billed_once_at_half_price(
-        ray_session, emulator, monkeypatch):
-    """Stop 71: images due in a day, through the whole engine (smart, the groupers, the dispatcher, the official
-    SDK) at the emulator: one OpenAI batch of image lines, each image back as the Result a sync call gives and
-    billed once, at half its list price; nothing generated sync. (``gather: false``: a submission that expects no
-    company, so its batches go at once rather than gathering for hours of engine time.)"""
-    settings = point_at_emulator(Settings(), emulator, ("openai",))
-    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
-    from engine import Engine
-
-    shapes = [("1024x1024", "high"), ("1536x1024", "low"), ("1024x1536", "medium")]
-    reqs = [{"id": f"poster{k}", "model": "gpt-image-2", "prompt": f"a travel poster of a lighthouse, take {k}",
-             "deadline_s": 86_400, "gather": False, "params": {"size": size, "quality": quality}}
-            for k, (size, quality) in enumerate(shapes)]
-    with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP) as eng:
-        results = {r.id: r for r in (f.result(timeout=120) for f in eng.submit_many(reqs))}
-        rep = eng.report()
-    bill = emulator.bill().items
-    # One batch or several (``gather: false``: each goes as soon as it is judged), none generated sync.
+    # The images: one batch or several (``gather: false``: each goes as soon as it is judged), none generated
+    # sync (the texts and videos send no batch and generate no image).
+    bill = [i for i in every if i.model == "gpt-image-2"]
     assert emulator.count("images.generations") == 0 and 1 <= emulator.count("batches.create") <= len(reqs)
     assert len(bill) == len(reqs) and {i.mode for i in bill} == {"batch_api"}
     for d in reqs:
-        r = results[d["id"]]
-        assert r.status == "ok" and r.real and r.mode == "batch_api" and r.deadline_met, r
-        assert r.output and len(r.output) > 20  # the image, base64, as a sync call gives it
+        p = results[d["id"]]
+        assert p.status == "ok" and p.real and p.mode == "batch_api" and p.deadline_met, p
+        assert p.output and len(p.output) > 20  # the image, base64, as a sync call gives it
         req = Request.model_validate({**d, "arrival_s": 0.0}, context=validation_context(CAT))
-        assert r.cost_usd == pytest.approx(price_alone(req, CAT, "batch_api").total, abs=1e-9)
-        assert r.cost_usd == pytest.approx(0.5 * price_alone(req, CAT, "sync").total, abs=1e-9)
-    assert sum(i.cost_usd for i in bill) == pytest.approx(sum(r.cost_usd for r in results.values()), abs=1e-9)
-    assert rep["spend_usd"] == pytest.approx(sum(i.cost_usd for i in bill), abs=1e-6)
+        assert p.cost_usd == pytest.approx(price_alone(req, CAT, "batch_api").total, abs=1e-9)
+        assert p.cost_usd == pytest.approx(0.5 * price_alone(req, CAT, "sync").total, abs=1e-9)
+    assert sum(i.cost_usd for i in bill) == pytest.approx(sum(p.cost_usd for p in results.values()), abs=1e-9)
+    # The report's spend is the whole bill: the images', the videos' and the texts'.
+    assert rep["spend_usd"] == pytest.approx(sum(i.cost_usd for i in every), abs=1e-6)
