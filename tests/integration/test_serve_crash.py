@@ -43,7 +43,9 @@ class _Serve:
     def __init__(self, name: str, state: Path, emu: Emulator, tmp: Path):
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--name", name, "--http-port", "0", "--state-dir", str(state),
-             "--catalog", str(openai_only_file(tmp)), "--providers", "http",
+             # batch-all: every line rides a provider batch, as smart's do here, and with no reuse, no cache
+             # actor (a Ray worker process fewer per serve; a restarted serve's cache would start empty anyway).
+             "--catalog", str(openai_only_file(tmp)), "--policy", "batch-all", "--providers", "http",
              "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)],
             env={**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OPENAI_API_KEY": "emu-key"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
