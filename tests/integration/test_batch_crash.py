@@ -67,8 +67,10 @@ def test_a_resume_after_a_sigkill_reads_the_killed_runs_batch_instead_of_paying_
     root = journal_dir(out)
     # Every batch takes 6,000 emulated s (6 s real): the kill comes while it runs.
     with Emulator(fixed_turnaround_catalog(6000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
-        # OpenAI alone, the one provider the lines call: each run starts four dispatcher processes fewer.
-        args = [str(BIN), "batch", str(src), "--out", str(out), "--providers", "http",
+        # OpenAI alone, the one provider the lines call: each run starts four dispatcher processes fewer. batch-all:
+        # every line rides a provider batch, as smart's do here, and with no reuse, no cache actor (a process fewer
+        # per run; the lines are all different, and a run's cache starts empty).
+        args = [str(BIN), "batch", str(src), "--out", str(out), "--providers", "http", "--policy", "batch-all",
                 "--catalog", str(openai_only_file(tmp_path)),
                 "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)]
         # Two batches (one per model): their answers come back out of the input's order (a helper's review:
