@@ -20,6 +20,11 @@ def catalog():
     return only("openai", catalog=fixed_turnaround_catalog(6000.0))
 
 
+# No reuse: the kept answers are the driver's (``_driver_resume``), never the cache's, and an engine without reuse
+# starts no cache actor, a Ray worker process fewer per engine.
+NO_REUSE = {"reuse_exact": False, "reuse_in_flight": False, "reuse_near": False}
+
+
 def _killed_run_left(root, reqs) -> None:
     """The answers file of a run killed after its driver had received ``reqs``' answers."""
     root.mkdir(parents=True)
@@ -37,7 +42,8 @@ def test_a_script_that_fails_with_nothing_open_keeps_what_the_killed_run_paid_fo
     with Emulator(cat, speedup=1000.0, seed=0) as emu:
         settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu, providers=("openai",))
         with pytest.raises(RuntimeError, match="the script's own"):
-            with Engine.start(settings, catalog=cat, speedup=1000.0, metrics_port=None) as eng:
+            with Engine.start(settings, catalog=cat, speedup=1000.0, metrics_port=None,
+                              policy_params=NO_REUSE) as eng:
                 got = eng.submit(reqs[0]).result(timeout=60)  # one kept answer given, nothing open after it
                 assert got.reason == KEPT_REASON and got.output == f"paid {reqs[0].id}"
                 raise RuntimeError("the script's own error, before it submitted the others")
@@ -56,7 +62,7 @@ def test_kept_answers_take_no_room_and_every_future_resolves(ray_session, tmp_pa
     with Emulator(cat, speedup=1000.0, seed=0) as emu:
         settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu, providers=("openai",))
         with Engine.start(settings, catalog=cat, speedup=1000.0, metrics_port=None, max_pending=2,
-                          overload="raise") as eng:
+                          overload="raise", policy_params=NO_REUSE) as eng:
             # Larger than max_pending, as the killed run's first submit was: admitted whole, as it was then.
             futs = eng.submit_many([*reqs[:2], reqs[3].model_copy(update={"priority": "urgent"})])
             assert [f.result(timeout=60).reason == KEPT_REASON for f in futs] == [True, True, False]
