@@ -30,7 +30,10 @@ def endpoint(ray_session, tmp_path_factory):
     name, state = f"ep-{secrets.token_hex(3)}", tmp_path_factory.mktemp("endpoint-state")
     with Emulator(CAT, speedup=SPEEDUP, seed=0) as emu:
         settings = point_at_emulator(Settings(), emu)
-        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None) as eng:
+        # No reuse: a request id asked again is answered by the engine's ingest (its idempotency), not the cache,
+        # and no test asks the same content under another id; an engine without reuse starts no cache actor.
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None,
+                          policy_params={"reuse_exact": False, "reuse_in_flight": False, "reuse_near": False}) as eng:
             url = start_endpoint(name, port=0, state_dir=state)
             try:
                 with openai.OpenAI(base_url=url, api_key="not-a-key", max_retries=0, timeout=60) as client:
