@@ -15,8 +15,8 @@ SOLO_ENV = "SMARTBATCH_SOLO"
 # What each scope of the parallel pass takes (a module, or a class of one: what ``--dist loadscope`` keeps on one
 # worker), in seconds of its tests' setup, call and teardown (``--durations=0``), measured in stop 75 with other
 # work on the machine (about 1.5x a quiet one's: the order is what counts), those whose engines stop 76 merged
-# scaled by their engine starts; one not named is taken for short (under
-# 10 s). The pass hands scopes out longest first (below): a new long module belongs here.
+# scaled by their engine starts; one not named is taken for short (under 10 s). The pass hands scopes out longest
+# first (below): a new long module belongs here.
 SCOPE_SECONDS = {
     "test_engine.py": 150, "test_budget_stop_outbox.py": 70, "test_http_engine.py": 60, "test_serve_crash.py": 70,
     "test_driver_crash.py": 60, "test_chaos.py": 52, "test_shared_engine.py": 51, "test_budget_faults_hunt.py": 50,

@@ -25,6 +25,12 @@ def _settings(cluster, stem: str) -> BudgetSettings:
                           redis_retry_s=0.2)
 
 
+def _ledger_nodes(cluster, prefix: str) -> tuple[int, int]:
+    """The master serving a ledger's slot (every key under the hash tag ``{prefix}``), and its replica."""
+    master = cluster.node_of("{" + prefix + "}:exp")
+    return master, cluster.replica_of(master)
+
+
 def _claims(*rids: str, usd: float = 1.0) -> list[Claim]:
     return [Claim(rid, "acme", "openai", "gpt-5", "urgent", usd) for rid in rids]
 
@@ -72,8 +78,7 @@ def test_writes_the_promoted_replica_never_received_are_taken_again_before_any_o
     monkeypatch.setattr(_budget_replay, "SERVER_CHECK_S", 60.0)
     cl = redis_cluster_replicas
     b = _settings(cl, "lost")
-    master = cl.node_of("{" + b.redis_prefix + "}:exp")
-    replica = cl.replica_of(master)
+    master, replica = _ledger_nodes(cl, b.redis_prefix)
 
     async def go():
         ctl = BudgetController(b)
@@ -126,8 +131,7 @@ def test_a_ledger_master_killed_mid_run_is_failed_over_and_what_waited_counts_on
 
     cl = redis_cluster_replicas
     b = _settings(cl, "kill")
-    master = cl.node_of("{" + b.redis_prefix + "}:exp")
-    replica = cl.replica_of(master)
+    master, replica = _ledger_nodes(cl, b.redis_prefix)
 
     async def go():
         ctl = BudgetController(b)
@@ -173,8 +177,7 @@ def test_a_manual_failover_of_the_ledger_s_master_loses_nothing_and_its_replay_c
 
     cl = redis_cluster_replicas
     b = _settings(cl, "manual")
-    master = cl.node_of("{" + b.redis_prefix + "}:exp")
-    replica = cl.replica_of(master)
+    master, replica = _ledger_nodes(cl, b.redis_prefix)
 
     async def go():
         ctl = BudgetController(b)
@@ -243,14 +246,14 @@ def test_an_engine_whose_ledger_master_is_killed_mid_run_counts_every_result_onc
     result's cost is counted once, nothing is left reserved, nothing waits past its deadline for good."""
     from engine import Engine
     from tests.integration._catalogs import OPENAI_ONLY
-    from tests.integration.test_redis_cluster_engine import SPEEDUP, _limit, _settings, _workload
+    from tests.integration.test_redis_cluster_engine import SPEEDUP, _limit, _workload
+    from tests.integration.test_redis_cluster_engine import _settings as _engine_settings
 
     cl = redis_cluster_replicas
     reqs = _workload()
     limit = _limit(reqs)
-    s = _settings(cl, tmp_path, "sbtest-clfo-eng", True, limit)
-    master = cl.node_of("{" + s.budgets.redis_prefix + "}:exp")
-    replica = cl.replica_of(master)
+    s = _engine_settings(cl, tmp_path, "sbtest-clfo-eng", True, limit)
+    master, replica = _ledger_nodes(cl, s.budgets.redis_prefix)
     try:
         with Engine.start(s, catalog=OPENAI_ONLY, policy="cache-only", speedup=SPEEDUP, metrics_port=None) as eng:
             futs = eng.replay(reqs)

@@ -57,6 +57,23 @@ def test_a_commands_error_in_a_log_or_a_pipe_is_its_one_error_line(tmp_path):
     assert len(r.output.strip().splitlines()) == 1, r.output
 
 
+def _asked_in_an_hourly_window(limit: float, spent: float, priority: str, claim_usd: float):
+    """A claim of ``claim_usd`` at ``priority`` a minute into an hourly window of ``limit`` with ``spent`` settled:
+    the ledger's verdict, its words, the book and the window's bounds."""
+    import calendar
+
+    from engine.core.budgets import BudgetSpec, Claim, Throttle, window_bounds
+    from engine.core.ledger import BudgetBook
+
+    start, end = window_bounds("1h", float(calendar.timegm((2026, 11, 29, 10, 0, 0))))
+    book = BudgetBook([BudgetSpec(max_budget=limit, budget_duration="1h")], Throttle(pace=False))
+    if spent:
+        assert book.reserve_many([Claim("u", "acme", "openai", "gpt-5", "urgent", spent)], start + 60)[0].ok
+        book.settle_many([("u", spent)])
+    v = book.reserve_many([Claim("n", "acme", "openai", "gpt-5", priority, claim_usd)], start + 60)[0]
+    return v, v.why(claim_usd), book, start, end
+
+
 @pytest.mark.parametrize("limit, spent, claim_usd, priority, when", [
     (0.004, 0.0039, 0.001, "normal", "when the window resets"),
 ])
@@ -67,18 +84,7 @@ def test_a_request_a_spent_budget_defers_is_not_told_ways_that_would_not_pass_it
     raise the budget, or raise that fraction": no fraction was named, an urgent request is refused alike (the money
     left is short of what it reserves), and no window's reset lets a request dearer than the limit pass. Only the
     ways that pass it are said."""
-    import calendar
-
-    from engine.core.budgets import BudgetSpec, Claim, Throttle, window_bounds
-    from engine.core.ledger import BudgetBook
-
-    start = window_bounds("1h", float(calendar.timegm((2026, 11, 29, 10, 0, 0))))[0]
-    book = BudgetBook([BudgetSpec(max_budget=limit, budget_duration="1h")], Throttle(pace=False))
-    if spent:
-        assert book.reserve_many([Claim("u", "acme", "openai", "gpt-5", "urgent", spent)], start + 60)[0].ok
-        book.settle_many([("u", spent)])
-    v = book.reserve_many([Claim("n", "acme", "openai", "gpt-5", priority, claim_usd)], start + 60)[0]
-    why = v.why(claim_usd)
+    v, why, *_ = _asked_in_an_hourly_window(limit, spent, priority, claim_usd)
     assert v.reason == "deferred" and when in why, why
     assert why.endswith(": give it a later deadline or raise the budget; a lower max_tokens reserves less "
                         "(docs/budgets.md)"), why
@@ -206,18 +212,9 @@ def test_a_request_no_window_passes_at_its_priority_is_not_told_a_later_deadline
     the budget"; one dearer than its priority's share (background may reach $0.0032 of $0.004) "could go only at
     t=3600s, when the window resets, ...: give it a later deadline": the reset gives it the same share, so neither
     passes it (a review of stop 75). The ledger's own answer at the reset is checked, not only the words."""
-    import calendar
+    from engine.core.budgets import Claim
 
-    from engine.core.budgets import BudgetSpec, Claim, Throttle, window_bounds
-    from engine.core.ledger import BudgetBook
-
-    start, end = window_bounds("1h", float(calendar.timegm((2026, 11, 29, 10, 0, 0))))
-    book = BudgetBook([BudgetSpec(max_budget=limit, budget_duration="1h")], Throttle(pace=False))
-    if spent:
-        assert book.reserve_many([Claim("u", "acme", "openai", "gpt-5", "urgent", spent)], start + 60)[0].ok
-        book.settle_many([("u", spent)])
-    v = book.reserve_many([Claim("n", "acme", "openai", "gpt-5", priority, claim_usd)], start + 60)[0]
-    why = v.why(claim_usd)
+    v, why, book, start, end = _asked_in_an_hourly_window(limit, spent, priority, claim_usd)
     assert v.reason == "deferred" and why.endswith(f"{ways} (docs/budgets.md)"), why
     assert "later deadline or" not in why and "when the window resets" not in why, why
     assert not book.reserve_many([Claim("m", "acme", "openai", "gpt-5", priority, claim_usd)], end + 1)[0].ok
