@@ -306,11 +306,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         try:
             req = Request.model_validate(d, context=self._ctx)
         except ValidationError as exc:
-            from engine.core.trace import _problems_of
+            from engine.core.trace import request_error
 
-            rid = d.get("id") if isinstance(d.get("id"), str) else None
-            field, msg = next(iter(_problems_of(exc, "the request")), ("request", str(exc)))
-            raise RequestError(rid, field, msg, at) from None
+            raise request_error(exc, d, at) from None
         return self._owned(req, at)
 
     def _forget_finished(self) -> None:

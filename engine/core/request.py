@@ -11,6 +11,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -172,6 +173,20 @@ class Request(BaseModel):
                          "batch file, read whole), so it is never held to gather company: its batch goes once judged")
     body: dict[str, Any] | None = Field(default=None, description="the provider's own request body "
                                         "(messages, system, temperature, tools, ...), sent unchanged")
+
+    def __init__(self, /, **data: Any) -> None:
+        # Built directly, a bad field is refused as submit() refuses it (RequestError: the field and the fix), not
+        # in pydantic's report; model_validate keeps its ValidationError, whose every problem a trace reader lists.
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            from engine.core.trace import request_error  # trace imports this module
+
+            raise request_error(exc, data) from None
+
+    # Pydantic calls a model's own __init__ from model_validate too, dropping its context (the catalog, the
+    # settings): marked as the base's, it runs for Request(**kw) alone.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     @field_validator("id")
     @classmethod

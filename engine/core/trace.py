@@ -9,16 +9,17 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
 from engine.core.catalog import Catalog, default_catalog
-from engine.core.errors import ConfigError, TraceError
+from engine.core.errors import ConfigError, RequestError, TraceError
 from engine.core.request import FieldProblem, Request, validation_context
 from engine.core.settings import Settings
 
 __all__ = ["MAX_SPAN_S", "REBASE_UNIT_S", "Trace", "TraceRequests", "decode_lines", "load_trace",
-           "parse_trace_lines", "read_lines", "with_day_origin", "write_trace"]
+           "parse_trace_lines", "read_lines", "request_error", "with_day_origin", "write_trace"]
 
 # Arrivals are rebased by whole days (a trace in Unix-epoch seconds starts on its first day, keeping the time of
 # day), and a trace may span at most a year: the lower bound keeps one value per batch slot up to the last
@@ -135,6 +136,14 @@ def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[st
             msg = f"must be a whole number, got {_shown(err.get('input'))}"
         out.append((loc, msg))
     return out
+
+
+
+def request_error(exc: ValidationError, data: Any, position: int | None = None) -> RequestError:
+    """A request dict's refusal as ``submit`` and ``Request(**kw)`` give it: its first problem, by field and fix."""
+    rid = data.get("id") if isinstance(data, dict) and isinstance(data.get("id"), str) else None
+    field, msg = next(iter(_problems_of(exc, "the request")), ("request", str(exc)))
+    return RequestError(rid, field, msg, position)
 
 
 _PACKED = {b"\x1f\x8b": ("gzip", "gunzip"), b"\xfd7zXZ\x00": ("xz", "unxz"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),

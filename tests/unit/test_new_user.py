@@ -359,3 +359,38 @@ def test_run_names_its_own_flag_for_a_policy_given_twice_or_none(tmp_path, polic
     trace.write_text('{"id": "a", "arrival_s": 0, "model": "gpt-5.4-mini", "prompt": "hi"}\n')
     r = CliRunner().invoke(app, ["run", str(trace), "--policy", policy, "--dry-run"])
     assert r.exit_code != 0 and said in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.parametrize("kw, field, says", [
+    ({"deadline_s": -5}, "deadline_s", "omit it for the default"),
+    ({"arrival_s": None}, "arrival_s", "is required; add it to the request"),
+    ({"model": "gpt-5.4-mni"}, "model", "did you mean 'gpt-5.4-mini'"),
+    ({"temprature": 0.2}, "temprature", "remove it or fix its spelling"),
+])
+def test_a_request_built_directly_says_what_submit_says(kw, field, says):
+    # Request(**kw) raised pydantic's raw report ("1 validation error for Request ... [type=value_error, ...]",
+    # a model's problem under no field at all) where submit() of the same dict names the field and the fix.
+    d = {"id": "q1", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "Hi", "deadline_s": 600, **kw}
+    d = {k: v for k, v in d.items() if v is not None}
+    from engine import Request, RequestError
+
+    with pytest.raises(RequestError) as ei:
+        Request(**d)
+    assert (ei.value.request_id, ei.value.field) == ("q1", field)
+    msg = str(ei.value)
+    assert msg.startswith(f"request 'q1': field '{field}': ") and says in msg, msg
+    assert "validation error" not in msg and "[type=" not in msg and "\n" not in msg, msg
+
+
+def test_a_good_request_built_directly_or_validated_is_the_same_and_validate_keeps_its_error():
+    from pydantic import ValidationError
+
+    from engine import Request
+    from engine.core.request import validation_context
+
+    d = {"id": "q1", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "Hi", "deadline_s": 600}
+    assert Request(**d) == Request.model_validate(d)
+    # model_validate (the trace reader's, the driver's, the endpoint's way in) keeps pydantic's error and its
+    # list of every problem, and its context: a request of a catalog overlay's model is checked against it.
+    with pytest.raises(ValidationError):
+        Request.model_validate({**d, "deadline_s": -5}, context=validation_context())
