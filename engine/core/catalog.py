@@ -173,6 +173,18 @@ class ModelSpec(_Frozen):
                     self.durations_s is not None and not set(lengths) <= set(self.durations_s)):
                 raise ValueError(f"durations_at {res!r}: {list(lengths)} must be lengths of durations_s at a priced "
                                  "resolution")
+        # Mistyped limits and tiers, an overlay's above all: a cap over the window is output no call can give, yet
+        # budgets reserved it for every request without a cap of its own; a cheaper long tier billed long prompts less.
+        win, lc = self.context_window, self.long_context
+        for name, value in (("max_output_tokens", self.max_output_tokens), ("max_input_tokens", self.max_input_tokens)):
+            if win is not None and value is not None and value > win:
+                raise ValueError(f"{name} {value:,} is over context_window {win:,} (the input and output tokens the "
+                                 f"model accepts): lower {name} to at most {win:,}, or raise context_window")
+        for name in ("input_per_mtok", "output_per_mtok") if lc is not None else ():
+            base, long = getattr(self, name), getattr(lc, name)
+            if base is not None and long < base:
+                raise ValueError(f"long_context.{name} {long:g} is below {name} {base:g}: the long-prompt tier is "
+                                 f"the dearer one; give its price from the provider's page, or leave long_context out")
         return self
 
     @property
@@ -375,7 +387,8 @@ def load_catalog(path: str | Path | None = None, overlay: str | Path | None = No
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(x) for x in first["loc"])
-        raise CatalogError(f"catalog {where}: field '{loc}': {first['msg']} ({exc.error_count()} error(s))") from exc
+        msg = first["msg"].removeprefix("Value error, ")  # a check of ours: its message is whole
+        raise CatalogError(f"catalog {where}: field '{loc}': {msg} ({exc.error_count()} error(s))") from exc
 
 
 @functools.cache

@@ -86,6 +86,50 @@ def test_an_overlay_adds_a_provider_with_prices_alone_and_overrides_a_price(tmp_
         load_catalog(None, overlay)
 
 
+
+@pytest.mark.parametrize("entry, says", [
+    # A cap above the window: every request under it was refused for the window, and a budget reserved for it.
+    ("gpt-5.4-mini: {max_output_tokens: 500000}", "max_output_tokens 500,000 is over context_window 400,000"),
+    ("gpt-5.4-mini: {max_input_tokens: 900000}", "max_input_tokens 900,000 is over context_window 400,000"),
+    # The long-prompt tier is the dearer one: below the base price, a longer prompt was billed less.
+    ("gpt-6.2-sol: {long_context: {above_input_tokens: 272000, input_per_mtok: 1.0, output_per_mtok: 15.0}}",
+     "long_context.input_per_mtok 1 is below input_per_mtok 2"),
+    ("gpt-6.2-sol: {long_context: {above_input_tokens: 272000, input_per_mtok: 4.0, output_per_mtok: 5.0}}",
+     "long_context.output_per_mtok 5 is below output_per_mtok 10"),
+])
+def test_an_overlay_whose_model_contradicts_itself_is_refused_at_load_naming_the_model_and_both_fields(
+        tmp_path, entry, says):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"providers:\n  openai:\n    models:\n      {entry}\n")
+    model = entry.split(":")[0]
+    with pytest.raises(CatalogError) as ei:
+        load_catalog(None, overlay)
+    msg = str(ei.value)
+    assert f"field 'providers.openai.models.{model}': {says}" in msg and "Value error" not in msg, msg
+    assert str(overlay) in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("entry, field", [
+    # Refused before by their ranges: a batch price above the sync one needs a discount outside (0, 1).
+    ("models: {gpt-5.4-mini: {input_per_mtok: -0.75}}", "models.gpt-5.4-mini.input_per_mtok"),
+    ("batch_api: {discount: 1.5}", "batch_api.discount"),
+    ("batch_api: {discount: -0.5}", "batch_api.discount"),
+    ("flex: {discount: 1.0}", "flex.discount"),
+    ("models: {gpt-5.4-mini: {prompt_cache: {read_multiplier: 1.5}}}", "models.gpt-5.4-mini.prompt_cache.read_multiplier"),
+])
+def test_an_overlays_price_out_of_its_range_is_refused_naming_it(tmp_path, entry, field):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(f"providers:\n  openai:\n    {entry}\n")
+    with pytest.raises(CatalogError, match=f"field 'providers.openai.{field}'"):
+        load_catalog(None, overlay)
+
+
+def test_every_model_of_the_packaged_catalog_keeps_its_cap_within_its_window():
+    for prov in CAT.providers.values():
+        for m in prov.models.values():
+            assert m.context_window is None or m.max_output_tokens <= m.context_window
+
+
 def test_http_providers_need_their_key_and_plan_with_the_real_cancel_time(monkeypatch):
     settings = Settings(providers=ProvidersSettings(mode="http"))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
