@@ -12,6 +12,7 @@ from rich.text import Text
 
 from engine.app import cli_batch, cli_budget, cli_serve, cli_status, cli_trace  # noqa: F401  (importing them registers their commands on the app)
 from engine.app.cli_common import (
+    RESERVE_OUTPUT_HELP,
     _check_outputs,
     _fail,
     _providers,
@@ -124,9 +125,7 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                                          help="hard budget of one tenant, NAME=USD (repeatable)"),
           budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo); default: "
                                                       "the whole trace"),
-          reserve_output: str | None = typer.Option(None, help="output a reservation assumes without a "
-                                                    "max_output_tokens cap: model_max (default, safe) or request "
-                                                    "(output_tokens, when it is sent as max_tokens)"),
+          reserve_output: str | None = typer.Option(None, help=RESERVE_OUTPUT_HELP),
           catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)"),
           catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
                                                       "catalog: adds or overrides providers, models, prices")) -> None:
@@ -196,6 +195,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                                        help="hard budget of one tenant, NAME=USD (repeatable)"),
         budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo); default: "
                                                     "the whole trace"),
+        reserve_output: str | None = typer.Option(None, help=RESERVE_OUTPUT_HELP),
         seed: int = typer.Option(0, min=0, help="seed of the simulated draws"),
         shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                    "groupers"),
@@ -218,7 +218,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         settings = _providers(settings, providers, base_url)
         tr = _load(trace, cat, settings, skip_invalid)
         check_simulated(tr.requests, settings)  # a dry run says it too: the run it stands for sends nothing
-        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
         if dry_run:
             from engine.app.live import dry_run as plan
 

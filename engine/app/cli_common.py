@@ -15,6 +15,9 @@ from engine.core.catalog import load_catalog
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings, load_settings
 
+# The help of --reserve-output, one text for every command that takes it.
+RESERVE_OUTPUT_HELP = ("output a reservation assumes without a max_output_tokens cap: model_max (default, safe) or "
+                       "request (output_tokens, when it is sent as max_tokens)")
 _DEBUG = "smartbatch.debug"  # key in click's context meta, shared by every sub-command's context
 
 

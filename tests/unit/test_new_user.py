@@ -394,3 +394,26 @@ def test_a_good_request_built_directly_or_validated_is_the_same_and_validate_kee
     # list of every problem, and its context: a request of a catalog overlay's model is checked against it.
     with pytest.raises(ValidationError):
         Request.model_validate({**d, "deadline_s": -5}, context=validation_context())
+
+
+def test_run_takes_reserve_output_as_bench_does_and_a_dry_run_reserves_by_it(tmp_path):
+    # run had no --reserve-output (bench has): "No such option", and a tight budget refused every request
+    # that reserved the model's maximum output, with no way to reserve its output_tokens from the command line.
+    import typer
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(f'{{"id": "r{i}", "arrival_s": 0, "model": "gpt-5.4-mini", "prompt": "Hi {i}", '
+                             f'"output_tokens": 10}}\n' for i in range(3)))
+    run = ["run", str(trace), "--dry-run", "--budget", "0.1"]
+    refused = CliRunner().invoke(app, run)
+    assert refused.exit_code == 0 and "3 requests the budgets would refuse" in refused.output, refused.output
+    taken = CliRunner().invoke(app, [*run, "--reserve-output", "request"])
+    assert taken.exit_code == 0 and "would refuse" not in taken.output, taken.output
+    bad = CliRunner().invoke(app, [*run, "--reserve-output", "output"])
+    assert bad.exit_code != 0 and "--reserve-output 'output': use model_max or request" in bad.output, bad.output
+    commands = typer.main.get_command(app).commands
+    helps = {n: next(p.help for p in commands[n].params if p.name == "reserve_output") for n in ("run", "bench")}
+    assert helps["run"] == helps["bench"] and "model_max" in helps["run"]
