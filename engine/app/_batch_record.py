@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["default_errors", "error_file", "record_path", "recorder", "unrecorded"]
+__all__ = ["check_own_files", "default_errors", "error_file", "record_path", "recorder", "unrecorded"]
 
 VERSION = 1
 
@@ -31,7 +31,7 @@ def _stream(out: Path) -> bool:
     return out.exists() and not out.is_file()  # /dev/stdout, a pipe: no place beside it
 
 
-def _read(out: Path) -> dict | None:
+def _read(out: Path, overwrite: bool = False) -> dict | None:
     from engine.core.errors import ConfigError
 
     rec = record_path(out)
@@ -44,9 +44,30 @@ def _read(out: Path) -> dict | None:
                                                 for x in (billed, choices))):
             raise TypeError("not a record of an error file")
     except (OSError, ValueError, KeyError, TypeError) as exc:
+        if overwrite:  # every line is sent again, asked for: nothing is kept, and the run writes the record anew
+            return None
         raise ConfigError(f"{rec}: the record of where the earlier run writing {out} put its error file cannot be "
-                          f"read ({exc}); delete it, and give --errors where that run's error file is") from None
+                          f"read ({exc}); delete it, and give --errors where that run's error file is (or "
+                          "--overwrite to send every line again, paid again, which replaces it)") from None
     return {"errors": errors, "possibly_billed": billed, "choices": choices}
+
+
+def check_own_files(out: Path, files: dict[str, Path | None]) -> None:
+    """``ConfigError`` for an output flag (``files``: flag -> path) that names a file the run keeps beside OUT: written
+    there, the report or the error lines replaced the record (the next run on OUT was refused as unreadable, and where
+    the lines that may be billed are was lost), or took the journal's place. Before any work, as ``_check_outputs``."""
+    from engine.app._batch_rescue import journal_dir
+    from engine.core.errors import ConfigError
+
+    if _stream(out):
+        return
+    own = {"record": (record_path(out), "where its error file is, and which lines may be billed"),
+           "journal": (journal_dir(out), "its provider batches under way, taken back by a run cut off")}
+    for flag, p in files.items():
+        for what, (path, holds) in own.items():
+            if p is not None and _same(p, path):
+                raise ConfigError(f"{flag} {p}: that is the {what} the run keeps beside --out {out} ({holds}); "
+                                  f"writing there would destroy it: give {flag} another path")
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -62,7 +83,7 @@ def error_file(out: Path, given: Path | None, ids: set[str], *, resume: bool, ov
     from engine.core.batchfile import answered_choices, answered_lines, possibly_billed_lines
     from engine.core.errors import ConfigError
 
-    rec = _read(out)
+    rec = _read(out, overwrite)
     default = default_errors(out)
     recorded = Path(rec["errors"]) if rec is not None else default
     if given is None:

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from engine.app._batch_kept import billed_charges, earlier_answers, kept_charges
-from engine.app._batch_record import error_file, recorder, unrecorded
+from engine.app._batch_record import check_own_files, error_file, recorder, unrecorded
 from engine.app._batch_rescue import charges, finish, prepare, watch_answers
 from engine.app._ray_stop import (
     Terminated,
@@ -64,7 +64,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                            "earlier, interrupted run's) and send only the others; a line is "
                                            "known by its custom_id"),
                overwrite: bool = typer.Option(False, "--overwrite", help="send every line again, though OUT "
-                                              "already answers some of them (paid again), and replace OUT"),
+                                              "already answers some of them (paid again), and replace OUT and the "
+                                              "record beside it (OUT.smartbatch.json), even one that cannot be read"),
                resend_billed: bool = typer.Option(False, "--resend-possibly-billed", help="with --resume, send "
                                                   "again the lines the error file says failed possibly billed "
                                                   "(they ran; their answer could not be read): maybe paid twice"),
@@ -104,6 +105,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         if not bf.lines:
             raise TraceError([(bf.source, 0, "file", "no line can be answered; give at least one line with a "
                                                      "custom_id")], hint="")
+        check_own_files(out, {"--errors": errors, "--report": report_path})
         _check_outputs({"--out": out, "--errors": errors, "--report": report_path}, inputs=(input_file,))
         stack.enter_context(_output_lock(out))
         # The record beside OUT read under OUT's lock: read before it, a run on OUT ending meanwhile had written

@@ -326,3 +326,35 @@ def test_another_errors_with_resend_possibly_billed_sends_the_lines_asked_for(ri
                             str(other)])
     assert r.exit_code == 0 and sent == [["b", "c"]], (r.output, sent)
     assert other.read_text() == "" and sorted(_ids(out)) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("flag", ["--report", "--errors"])
+@pytest.mark.parametrize("own", ["record", "journal"])
+def test_a_report_or_error_file_on_one_of_outs_own_files_is_refused_before_any_line_is_sent(rig, flag, own):
+    """Before, --report OUT.smartbatch.json wrote the report over the record (where the error file is, which lines
+    may be billed), and the next run on OUT was refused as unreadable; --errors there wrote the error lines over
+    it. OUT's journal (OUT.journal) is the directory a run keeps its batches under way in."""
+    from engine.app._batch_rescue import journal_dir
+
+    p, out, err, sent, state = rig
+    path = record_path(out) if own == "record" else journal_dir(out)
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), flag, str(path)])
+    said = _said(r)
+    assert r.exit_code == 2 and sent == [] and not path.exists(), (said, sent)
+    assert said.startswith(f"error: {flag} {path}: that is the {own} ") and f"beside --out {out}" in said, said
+    assert f"give {flag} another path" in said, said
+
+
+def test_a_record_that_cannot_be_read_gives_way_to_overwrite_which_replaces_it(rig):
+    """Before, --overwrite (send every line again, keep nothing) was refused too, by a record it does not need, and
+    neither the refusal nor --overwrite's help said so."""
+    p, out, err, sent, state = rig
+    _first_run(p, out, err, sent, state, "--errors", str(err))
+    record_path(out).write_text('{"errors": 3}')
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 2 and sent == [] and "or --overwrite to send every line again" in _said(r), _said(r)
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--overwrite", "--errors", str(err)])
+    assert r.exit_code == 0 and sorted(sum(sent, [])) == ["a", "b", "c"], (r.output, sent)
+    assert json.loads(record_path(out).read_text())["errors"] == str(err)  # written anew: readable again
+    helps = " ".join(runner.invoke(app, ["batch", "--help"]).output.split())
+    assert "even one that cannot be read" in helps, helps
