@@ -95,7 +95,7 @@ class LocalCluster:
              "--cluster-replicas", str(self.replicas), "--cluster-yes"], capture_output=True, text=True, timeout=READY_S)
         if create.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout[-500:]} {create.stderr[-500:]}")
-        self._wait_agreed()
+        self.wait_agreed()
 
     def _spawn(self, port: int) -> subprocess.Popen:
         """Start the node of ``port`` (its ``nodes-<port>.conf`` kept: one started again rejoins as it was, a
@@ -104,7 +104,10 @@ class LocalCluster:
             [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
              "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
              "--appendonly", "no", "--dir", str(self.dir), "--loglevel", "notice",
-             "--cluster-node-timeout", str(self.node_timeout_ms)],
+             "--cluster-node-timeout", str(self.node_timeout_ms),
+             # A replica's full sync starts at once: by default a master waits 5 s for more replicas to join it, and
+             # each master started again after a failover (or demoted) held its test that long.
+             "--repl-diskless-sync-delay", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []
         for line in proc.stdout:  # its own "ready" line: an event, not a guessed delay
@@ -128,9 +131,9 @@ class LocalCluster:
         self._drains[port].join(10)  # it ends at the pipe's end, when the node died
         old.stdout.close()
         self.procs[i] = self._spawn(port)
-        self._wait_agreed()
+        self.wait_agreed()
 
-    def _wait_agreed(self) -> None:
+    def wait_agreed(self) -> None:
         """Until every node says the cluster is ok, knows every node and serves all 16384 slots, and three are
         masters, each with its replicas online on both ends (a master started again after its failover says it is
         one until the cluster tells it otherwise; a replica whose link is up may not be online at its master yet,

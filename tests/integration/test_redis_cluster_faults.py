@@ -26,7 +26,7 @@ def _slots_down(cluster, port: int):
     def back():
         with redis.Redis(port=port, socket_timeout=2.0) as c:
             c.execute_command("CLUSTER", "ADDSLOTS", lo)
-        cluster._wait_agreed()
+        cluster.wait_agreed()
     return back
 
 
