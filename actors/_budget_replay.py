@@ -13,9 +13,11 @@ import asyncio
 import itertools
 import logging
 import math
+import secrets
 import time
 from collections import OrderedDict
 
+from actors._budget_scripts import BOOK_SEQ
 from actors._journal_watch import refuses_info
 from actors._redis_cluster import server_info
 
@@ -29,12 +31,19 @@ log = logging.getLogger("smartbatch.budget")
 REPLAY_KEEP_S, REPLAY_KEEP_MAX = 7200.0, 200_000
 CHUNK = 1000  # settlements sent again per script, so one script never runs long
 SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process answers (``INFO server`` run_id)
+# A book's sequence (``BOOK_SEQ``) outlives its last script by its claims' expiry and a day. Gone after that, it is
+# taken for lost writes once (nothing of them left to put back: the claims expired, the replays older than
+# REPLAY_KEEP_S are dropped first), and taken again from there.
+SEQ_SLACK_S = 86400
+SEQ_TRIES = 3  # a script that still finds this book's writes lost after so many put-backs: an outage
 
 
 # Reserve again, past the limit if it comes to that (the money is under way), the claims a Redis that restarted lost:
 # neither its record nor the marker of its settlement is there. Its expiry is kept; a window already gone is skipped.
 _REOPEN = """
 if redis.replicate_commands then redis.replicate_commands() end
+""" + BOOK_SEQ + """
+local seq = book_seq()
 local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -58,7 +67,7 @@ for c = 1, tonumber(ARGV[2]) do
   end
   i = i + 5 + 2 * nk
 end
-return back
+return {seq, back}
 """
 
 
@@ -69,7 +78,7 @@ class ScriptRefused(Exception):
 
 class ServerWatch:
     """Mixed into ``RedisBudgetBook``, which provides ``client``, ``prefix``, ``route`` (the key its scripts name),
-    ``reservation_ttl_s``, ``_open``, ``_settle_items``, ``_charge_items``."""
+    ``reservation_ttl_s``, ``_open``, ``_looked``, ``_settle_items``, ``_charge_items``."""
 
     def __init__(self) -> None:
         self._reopen_script = self.client.register_script(_REOPEN)
@@ -83,6 +92,14 @@ class ServerWatch:
         self.replayed = 0  # settlements and charges sent again after such a restart
         self._watcher: asyncio.Task | None = None  # reads the server while claims are open (``_arm_watch``)
         self._unwatched = False
+        # This book's sequence in the ledger's slot (``BOOK_SEQ``), a key of its own: a book expects nothing of a
+        # ledger until its first script answers, so one written before it (or by a version without it) is read as
+        # it is, never taken for a ledger that lost writes.
+        self._seq_key = f"{self.prefix}:seq:{secrets.token_hex(8)}"
+        self._seq = -1  # the highest its scripts answered since its writes were last put back; -1: none yet
+        self._epoch = 0  # bumped when they were: what answers a script sent before says nothing of the Redis now
+        self._putting_back = False
+        self.lost_writes = 0  # times a script found writes of this book gone (they were put back before it ran)
 
     def _arm_watch(self) -> None:
         """While this book holds open claims, read which Redis process answers once a second, calls or not: an
@@ -125,10 +142,51 @@ class ServerWatch:
         async with self._watch:  # a call meanwhile waits: let through, it was granted the room of claims not back yet
             await self._check_server()
 
-    async def _check_server(self) -> None:
+    async def _run(self, script, args: list, check: bool = True):
+        """Run one of the scripts that write for this book (``BOOK_SEQ``) and return its answer. ``check``: should
+        the Redis answering lack writes of this book, the script refuses, they are put back and it runs again. The
+        watch reads ``run_id`` once a second, and a failover seen as a redirect (no call failed: the old master
+        demoted alive) or a restart within that second had a claim granted on the promoted replica 3.5 ms after the
+        takeover, over the limit (a scratch run of stop 75; ``test_redis_cluster_failover.py``)."""
+        for _ in range(SEQ_TRIES if check else 1):
+            epoch = self._epoch
+            # While they are put back, a call that passed the watch before that began is refused and waits for it.
+            want = -1 if not check else 2**53 if self._putting_back else self._seq
+            tag, value = await script(keys=[self.route[0], self._seq_key],
+                                      args=[*args, int(self.reservation_ttl_s) + SEQ_SLACK_S, want])
+            if tag not in (b"lost", "lost"):
+                if epoch == self._epoch:
+                    self._seq = max(self._seq, int(tag))
+                return value
+            await self._writes_lost(epoch, int(value))
+        from redis.exceptions import RedisError
+
+        raise RedisError(f"the ledger's Redis lost this book's writes again each time they were put back "
+                         f"({SEQ_TRIES} times; its key {self._seq_key} evicted or deleted?)")
+
+    async def _writes_lost(self, epoch: int, have: int) -> None:
+        async with self._watch:
+            if epoch != self._epoch:  # put back meanwhile, by another call or the watch
+                return
+            self.lost_writes += 1
+            await self._check_server(lost=f"the book's sequence there {have}, {self._seq} seen")
+
+    async def _check_server(self, lost: str = "") -> None:
+        """``lost``: a script found writes of this book gone (what it found); they are put back whichever process
+        answers (a Redis rolled back keeps its run_id: ``DEBUG RELOAD``, or one refusing ``INFO``)."""
         t = time.monotonic()
-        if t - self._server_read < SERVER_CHECK_S:
+        if not lost and t - self._server_read < SERVER_CHECK_S:
             return
+        sid = await self._read_server(t)
+        if lost or (sid is not None and self.server is not None and sid != self.server):
+            await self._put_back(sid, lost)
+        elif sid is not None:
+            self.server = sid
+
+    async def _read_server(self, t: float) -> str | None:
+        """The run_id of the Redis process serving the ledger's slot, or None when it cannot be read now."""
+        if self._server_read == math.inf:
+            return None
         from redis.exceptions import ResponseError
 
         try:
@@ -137,28 +195,45 @@ class ServerWatch:
             if not refuses_info(exc):  # BUSY (a long script) for a while: checked again (a review: never again)
                 self._server_read = t
                 log.debug("budget ledger: server check failed (%s)", exc)
-                return
+                return None
             log.warning("budget ledger: Redis refuses INFO (%s): a restart of it from an older state goes "
-                        "unnoticed", exc)
+                        "unnoticed but by the scripts' sequence of each book", exc)
             self._server_read = math.inf
-            return
+            return None
         self._server_read = t
-        if self.server is None or sid == self.server:
-            self.server = sid
-            return
-        settled, charged = list(self._settled.items()), list(self._charged.values())
-        back = await self._reopen([rid for rid in self._open if rid not in self._settled])
-        for rid, (at, _, who, windows) in settled:
-            self._open.setdefault(rid, (at, who, windows, 0.0))
-        for k in range(0, len(settled), CHUNK):
-            await self._settle_items([(rid, rec[1]) for rid, rec in settled[k:k + CHUNK]])
-        for now, group in itertools.groupby(charged, key=lambda x: x[2]):
-            await self._charge_items([c for _, c, _ in group], now)
-        log.warning("budget ledger: another Redis process answers (run_id %s, was %s): restarted from an older "
-                    "state? %d open claim(s) it had lost reserved again; %d settlement(s) and %d charge(s) of the last "
-                    "%.0f min sent again, each counted once", sid[:8], self.server[:8], back, len(settled),
-                    len(charged), REPLAY_KEEP_S / 60)
-        self.server = sid  # only once all went: a failure midway tries them all again (each counts once)
+        return sid
+
+    async def _put_back(self, sid: str | None, lost: str) -> None:
+        """Reserve again the open claims the Redis now answering lost, send again the settlements and charges of the
+        last ``REPLAY_KEEP_S`` (each counts once), then take its sequence of this book as the one to expect."""
+        self._putting_back = True
+        try:
+            t = time.monotonic()
+            for kept in (self._settled, self._charged):  # older ones' markers may be gone: sent again, counted twice
+                while kept and next(iter(kept.values()))[0] < t - REPLAY_KEEP_S:
+                    kept.popitem(last=False)
+            settled, charged = list(self._settled.items()), list(self._charged.values())
+            back = await self._reopen([rid for rid in self._open if rid not in self._settled])
+            for rid, (at, _, who, windows) in settled:
+                self._open.setdefault(rid, (at, who, windows, 0.0))
+            for k in range(0, len(settled), CHUNK):
+                await self._settle_items([(rid, rec[1]) for rid, rec in settled[k:k + CHUNK]], check=False)
+            for now, group in itertools.groupby(charged, key=lambda x: x[2]):
+                await self._charge_items([c for _, c, _ in group], now, check=False)
+            # Read after its own writes above: a loss after this is seen by the next script.
+            self._seq = int(await self.client.get(self._seq_key) or 0)
+            self._epoch += 1
+        finally:
+            self._putting_back = False
+        old = (self.server or "?")[:8]
+        what = ([f"another Redis process answers (run_id {sid[:8]}, was {old})"] if sid and sid != self.server else [])
+        what += [f"the Redis answering lacks writes this book made ({lost})"] if lost else []
+        log.warning("budget ledger: %s: restarted from an older state, or a replica promoted without them? %d open "
+                    "claim(s) it had lost reserved again; %d settlement(s) and %d charge(s) of the last %.0f min sent "
+                    "again, each counted once", "; ".join(what), back, len(settled), len(charged), REPLAY_KEEP_S / 60)
+        if sid is not None:
+            self.server = sid  # only once all went: a failure midway tries them all again (each counts once)
+        self._looked.clear()  # a move of a window's old key (``_take_legacy``) may be among what it lost
         self.replayed += len(settled) + len(charged)
         self.reopened += back
 
@@ -180,7 +255,7 @@ class ServerWatch:
                     left = ttl - int(elapsed)
                     args += [key, 0 if ttl == 0 else left if left > 0 else -1]
             if args[1]:
-                back += int(await self._reopen_script(keys=self.route, args=args))
+                back += int(await self._run(self._reopen_script, args, check=False))
         return back
 
     def _kept(self, book: OrderedDict, key: str, value: tuple) -> None:

@@ -4,7 +4,26 @@ calls them, which builds their arguments and reads their replies."""
 
 from __future__ import annotations
 
-__all__ = ["CHARGE", "PROBE", "RESERVE", "SETTLE", "SWEEP_ONLY", "UPGRADE"]
+__all__ = ["BOOK_SEQ", "CHARGE", "PROBE", "RESERVE", "SETTLE", "SWEEP_ONLY", "UPGRADE"]
+
+# Run first by every script that writes for a book (``RESERVE``, ``SETTLE``, ``CHARGE``, and the replay's
+# ``_REOPEN``): the book's own sequence, KEYS[2] (``{prefix}:seq:<book>``, in the ledger's slot), bumped once per
+# script and returned with its answer. The book sends the highest it has seen (the last ARGV; -1: none) and the
+# key's life (the one before). Lower here than the book has seen, this Redis lacks writes it acknowledged (a replica
+# promoted without them, with no failed call, its old master demoted alive; a restart from an older snapshot within
+# the watch's second, or one that kept its run_id): the script writes nothing and answers {'lost', value}, so the
+# book puts back what it lost before anything is decided (``ServerWatch._put_back``). Only that book bumps it, so
+# another engine's writes on the promoted replica cannot hide the loss, as one counter for the ledger would.
+BOOK_SEQ = """
+local function book_seq()
+  local want = tonumber(ARGV[#ARGV])
+  local have = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if have < want then return false, have end
+  local seq = redis.call('INCR', KEYS[2])
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[#ARGV - 1]))
+  return seq
+end
+"""
 
 # Run first by every script: release the reservations of claims past their expiry.
 SWEEP = """
@@ -35,7 +54,9 @@ local function sweep(prefix, limit)
 end
 """
 
-RESERVE = SWEEP + """
+RESERVE = SWEEP + BOOK_SEQ + """
+local seq, have = book_seq()
+if not seq then return {'lost', have} end
 local prefix = ARGV[1]
 local ttl = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -77,10 +98,12 @@ for c = 1, n do
   out[c] = table.concat(refused, ',')
   i = i + 4 * nk + 1
 end
-return out
+return {seq, out}
 """
 
-SETTLE = SWEEP + """
+SETTLE = SWEEP + BOOK_SEQ + """
+local seq, have = book_seq()
+if not seq then return {'lost', have} end
 local prefix = ARGV[1]
 local n = tonumber(ARGV[2])
 sweep(prefix, tonumber(ARGV[3]))
@@ -126,11 +149,13 @@ for c = 1, n do
   redis.call('ZREM', prefix .. ':exp', rid)
   i = i + 4 + 2 * nk
 end
-return lost
+return {seq, lost}
 """
 
 # Spend no claim covers (``Charge``): counted once per charge id, whose marker lives two days.
-CHARGE = """
+CHARGE = BOOK_SEQ + """
+local seq, have = book_seq()
+if not seq then return {'lost', have} end
 local prefix = ARGV[1]
 local n = tonumber(ARGV[2])
 local i = 3
@@ -147,7 +172,7 @@ for c = 1, n do
   end
   i = i + 2 * nk
 end
-return n
+return {seq, n}
 """
 
 SWEEP_ONLY = SWEEP + """

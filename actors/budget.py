@@ -371,6 +371,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
                              "lost_records": self.lost_records,
                              "replayed_after_restart": getattr(self.book, "replayed", 0),
                              "reopened_after_restart": getattr(self.book, "reopened", 0),
+                             "lost_writes_found": getattr(self.book, "lost_writes", 0),
                              "rejected_settlements": self.rejected_settlements}
         if isinstance(self.book, BudgetBook):
             out["ledger_id"] = self.ledger_id

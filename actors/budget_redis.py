@@ -177,7 +177,7 @@ class RedisBudgetBook(ServerWatch):
                 args += [s.key(now), repr(float(s.max_budget)), repr(float(a)), _ttl(s, now)]
             args.append(_who(c.tenant, c.provider, c.model))
         await self._take_legacy([s for touched in touched_all for s in touched], now)
-        raw = await self._reserve(keys=self.route, args=args)
+        raw = await self._run(self._reserve, args)
         out = []
         self._forget_old()
         for c, touched, allowed, r in zip(claims, touched_all, allowed_all, raw):
@@ -223,7 +223,7 @@ class RedisBudgetBook(ServerWatch):
         await self._same_server()
         return await self._settle_items(items)
 
-    async def _settle_items(self, items: list[tuple[str, float]]) -> int:
+    async def _settle_items(self, items: list[tuple[str, float]], check: bool = True) -> int:
         args: list = [self.prefix, len(items), SWEEP_MAX, int(self.reservation_ttl_s + MARKER_SLACK_S)]
         for rid, actual in items:
             # Kept until Redis took it: the controller sends a settlement again after a failed call (the first
@@ -235,7 +235,7 @@ class RedisBudgetBook(ServerWatch):
         from redis.exceptions import ResponseError
 
         try:
-            lost = int(await self._settle(keys=self.route, args=args))
+            lost = int(await self._run(self._settle, args, check))
         except ResponseError as exc:
             if not _refused(exc):
                 raise
@@ -263,7 +263,7 @@ class RedisBudgetBook(ServerWatch):
         await self._same_server()
         await self._charge_items(charges, now)
 
-    async def _charge_items(self, charges: list[Charge], now: float) -> None:
+    async def _charge_items(self, charges: list[Charge], now: float, check: bool = True) -> None:
         args: list = [self.prefix, len(charges)]
         await self._take_legacy([s for c in charges for s in self.covering(c.tenant, c.provider, c.model)], now)
         for c in charges:
@@ -271,7 +271,7 @@ class RedisBudgetBook(ServerWatch):
             args += [c.cid, repr(float(c.usd)), _who(c.tenant, c.provider, c.model), len(touched)]
             for s in touched:
                 args += [s.key(now), _ttl(s, now)]
-        await self._charge(keys=self.route, args=args)
+        await self._run(self._charge, args, check)
         t = time.monotonic()
         for c in charges:
             self._kept(self._charged, c.cid, (t, c, now))

@@ -71,6 +71,44 @@ def test_claims_under_way_when_redis_crashes_back_to_an_older_state_keep_their_r
     assert rep["ledger"]["reopened_after_restart"] == 4 and rep["ledger"]["lost_records"] == 0
 
 
+def test_a_redis_rolled_back_with_no_call_failing_and_its_run_id_kept_is_seen_before_the_next_claim(own_redis):
+    """$1 settled before a snapshot, four $2 claims granted after it; then the same Redis process loads that
+    snapshot again (``DEBUG RELOAD NOSAVE``): what a restart from it within the watch's second does to the ledger,
+    here with no connection cut and its run_id kept, so no call fails and the watch sees nothing. Before, four new
+    $2 claims were granted at once into the room of the four under way ($17 billed under a $10 limit, as in the
+    crash above). Now the first reservation's script finds the book's sequence lower than it saw and refuses; the
+    book reserves the four again first, and the new claims are refused."""
+    b = _budgets(own_redis.url)
+
+    async def go():
+        ctl = BudgetController(b, None, ManualClock(100.0))
+        await ctl.check_ledger()
+        try:
+            assert (await ctl.reserve_many(_claims("s0", usd=1.0)))[0].ok
+            await ctl.settle_many([("s0", 1.0)])
+            own_redis.client().save()
+            assert all(v.ok for v in await ctl.reserve_many(_claims(*(f"a{k}" for k in range(4)), usd=2.0)))
+            run_id = own_redis.client().info("server")["run_id"]
+            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")
+            assert own_redis.client().info("server")["run_id"] == run_id and not own_redis.client().exists(
+                f"{b.redis_prefix}:c:a0")  # the same process, the claims gone
+            late = await ctl.reserve_many(_claims(*(f"n{k}" for k in range(4)), usd=2.0))
+            granted = [f"n{k}" for k, v in enumerate(late) if v.ok]
+            await ctl.settle_many([(f"a{k}", 2.0) for k in range(4)] + [(rid, 2.0) for rid in granted])
+            (last,) = await ctl.reserve_many(_claims("z", usd=1.0))
+            rep = await ctl.report()
+        finally:
+            await ctl.close()
+        return granted, late, last, rep
+    granted, late, last, rep = asyncio.run(go())
+    (row,) = rep["budgets"]
+    assert all(v.reason != "budget_unavailable" for v in late)  # no call failed
+    assert granted == [], f"granted {granted} into the room of claims under way: ${row['spent_usd']} spent of $10"
+    assert row["spent_usd"] == pytest.approx(9.0) and row["reserved_usd"] == pytest.approx(1.0)
+    assert last.ok
+    assert rep["ledger"]["lost_writes_found"] == 1 and rep["ledger"]["reopened_after_restart"] == 4
+
+
 def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, monkeypatch):
     """A call that came while the book was reserving its lost claims again saw the server checked and went on: its
     claim was granted the room they were about to take back."""

@@ -211,6 +211,55 @@ def test_expiry_is_swept_by_every_reservation_and_settlement(redis_server):
     asyncio.run(go())
 
 
+def test_a_book_expects_nothing_of_a_ledger_it_did_not_write_and_takes_its_sequence_gone_once(redis_server):
+    """Each book's sequence (``BOOK_SEQ``: ``{prefix}:seq:<book>``, bumped by each script that writes for it). A
+    book started on a ledger written before it (by a version without sequences) decides on it as it is and puts
+    nothing back. A script sent with a sequence above the ledger's refuses before any write, the sweep's too. A
+    book whose sequence is gone (evicted, or expired after an idle spell) puts back what it has once, then decides
+    as before: never read as lost writes at every call."""
+    import redis.asyncio as aioredis
+
+    from actors._budget_replay import SEQ_SLACK_S
+
+    spec = BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")
+    prefix = f"sbtest-budget{next(_prefix)}"
+    r = redis_server.client()
+    window = f"{prefix}:w:{spec.key(T0)}"
+
+    def claims(*pairs):
+        return [Claim(rid, "acme", "openai", "gpt-5", "urgent", usd) for rid, usd in pairs]
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        old = RedisBudgetBook(client, [spec], prefix=prefix)
+        book = RedisBudgetBook(client, [spec], prefix=prefix)
+        try:
+            assert all(v.ok for v in await old.reserve_many(claims(("a", 4.0), ("b", 2.0)), T0))
+            await old.settle_many([("a", 3.0)])
+            r.delete(*r.keys(f"{prefix}:seq:*"))  # the ledger as a version without sequences left it
+            assert [v.ok for v in await book.reserve_many(claims(("c", 5.5), ("d", 5.0)), T0)] == [False, True]
+            (key,) = r.keys(f"{prefix}:seq:*")
+            assert int(r.get(key)) == 1 and 0 < r.ttl(key) <= book.reservation_ttl_s + SEQ_SLACK_S
+            assert (book.lost_writes, book.replayed, book.reopened) == (0, 0, 0)
+            _aged(r, prefix, "b", book.reservation_ttl_s + 1)  # due: the next script's sweep releases it
+            held = r.hgetall(window)
+            sent = [prefix, "172800.0", 1, 1000, "e", "1.0", 0, "who", 60, 2]  # a claim of no budget; 2 expected
+            assert await book._reserve(keys=[book.route[0], key], args=sent) == [b"lost", 1]
+            assert r.hgetall(window) == held and r.zscore(f"{prefix}:exp", "b") is not None
+            assert not r.exists(f"{prefix}:c:e") and int(r.get(key)) == 1
+            r.delete(key)  # gone
+            assert (await book.reserve_many(claims(("e", 2.0)), T0))[0].ok  # $3 spent, d's $5 held (b swept)
+            assert book.lost_writes == 1 and book.reopened == 0  # d was there: nothing reserved twice
+            assert not (await book.reserve_many(claims(("f", 0.5)), T0))[0].ok
+            assert book.lost_writes == 1 and int(r.get(key)) == 3  # the put-back's script, e's, f's
+            assert await book.window(spec, T0) == (3.0, 7.0)
+        finally:
+            old.stop_watch()
+            book.stop_watch()
+            await client.aclose()
+    asyncio.run(go())
+
+
 def test_a_separator_in_a_tenant_name_cannot_poison_the_shared_ledger(redis_server):
     """The spend hash joins tenant, provider and model with a separator: names holding it (or the escape
     character) are stored apart and reported back as they were, and the report stays readable."""

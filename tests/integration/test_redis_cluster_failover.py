@@ -120,6 +120,71 @@ def test_writes_the_promoted_replica_never_received_are_taken_again_before_any_o
     assert server == _run_id(replica)  # the watch reads the node now serving the slot
 
 
+def _demoted(port: int) -> None:
+    """Until the node at ``port`` says it is a replica (bounded): a call to it then meets ``MOVED``."""
+    with redis.Redis(port=port, socket_timeout=2.0) as c:
+        end = time.monotonic() + 10
+        while c.execute_command("ROLE")[0] not in (b"slave", "slave"):
+            assert time.monotonic() < end, "the old master was never demoted"
+            time.sleep(0.02)  # polling the server's own role, bounded above: nothing to wait on instead
+
+
+def test_a_takeover_with_the_old_master_alive_is_seen_by_the_ledger_s_sequence_before_the_next_claim(
+        redis_cluster_replicas, monkeypatch):
+    """The replica is cut from its master and kept from syncing again (its link closed, its ``masterauth`` made
+    wrong); the master grants two $2.50 claims and takes two settlements; the replica takes the slots over
+    (``CLUSTER FAILOVER TAKEOVER``) and the old master, alive, is demoted. The ledger's next call reaches the
+    promoted replica through a redirect, no call failing, so nothing made the book read its ``run_id`` first.
+    Before (stop 75's scratch run; here the watch's second is made a minute), a $4.50 claim was granted there at
+    once under a $10 limit with $6 spent or held. Now the reservation's script finds the book's sequence lower
+    than the book saw and refuses before any write; the book reserves again and sends again what the replica
+    lacks, then decides: refused, and each dollar counted once."""
+    from actors import _budget_replay
+    from actors.budget import BudgetController
+
+    monkeypatch.setattr(_budget_replay, "SERVER_CHECK_S", 60.0)
+    cl = redis_cluster_replicas
+    b = _settings(cl, "alive")
+    master, replica = _ledger_nodes(cl, b.redis_prefix)
+
+    async def go():
+        ctl = BudgetController(b)
+        try:
+            await ctl.check_ledger()
+            assert all(v.ok for v in await ctl.reserve_many(_claims("c0", "c1", "c2", "c3")))
+            await ctl.settle_many([("c0", 0.5)])
+            _synced(master, replica)
+            with redis.Redis(port=replica, socket_timeout=2.0) as r, redis.Redis(port=master, socket_timeout=2.0) as m:
+                r.config_set("masterauth", "not-the-masters")  # its next sync stops at AUTH: it stays behind
+                assert m.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
+            assert all(v.ok for v in await ctl.reserve_many(_claims("d0", "d1", usd=2.5)))
+            await ctl.settle_many([("c1", 0.7), ("d0", 0.3)])
+            with redis.Redis(port=replica, socket_timeout=2.0) as r:
+                r.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
+                cl.wait_master(replica)
+                _demoted(master)
+                left = {k.decode() for k in r.scan_iter(match="{" + b.redis_prefix + "}:c:*")}
+            assert left == {f"{{{b.redis_prefix}}}:c:{rid}" for rid in ("c1", "c2", "c3")}  # the loss is real
+            (v,) = await ctl.reserve_many(_claims("e0", usd=4.5))
+            await ctl.settle_many([("c2", 0.2), ("c3", 0.4), ("d1", 0.6)] + [("e0", 0.0)] * v.ok)
+            return v, await _drained(ctl), ctl._last_error
+        finally:
+            await ctl.close()
+    try:
+        verdict, rep, error = asyncio.run(go())
+    finally:
+        with redis.Redis(port=replica, socket_timeout=2.0) as r:
+            r.config_set("masterauth", "")
+        cl.wait_agreed()  # the old master synced as the new one's replica: the next test finds three pairs
+    window, ledger = rep["budgets"][0], rep["ledger"]
+    assert error == "" and verdict.reason != "budget_unavailable"  # no call failed: the redirect alone
+    assert not verdict.ok, "a $4.50 claim granted under a $10 limit with $6 spent or held"
+    assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.3 + 0.2 + 0.4 + 0.6)
+    assert window["reserved_usd"] == pytest.approx(0.0)
+    assert ledger["lost_writes_found"] == 1 and ledger["reopened_after_restart"] == 1
+    assert ledger["replayed_after_restart"] >= 3 and ledger["rejected_settlements"] == 0
+
+
 def test_a_ledger_master_killed_mid_run_is_failed_over_and_what_waited_counts_once(redis_cluster_replicas):
     """The master holding the ledger's slot dies (SIGKILL) with claims open; the cluster promotes its replica
     after ``cluster-node-timeout``. Meanwhile claims are answered ``budget_unavailable`` at once (nothing hangs),
