@@ -109,6 +109,52 @@ def test_a_redis_rolled_back_with_no_call_failing_and_its_run_id_kept_is_seen_be
     assert rep["ledger"]["lost_writes_found"] == 1 and rep["ledger"]["reopened_after_restart"] == 4
 
 
+def test_a_call_that_passed_the_watch_before_lost_writes_were_found_waits_until_all_are_back(own_redis):
+    """One write lost (a $6 settlement of a $2 claim): the put-back's first script (the reopen) brings the book's
+    sequence back to what the book saw, before the settlement is sent again. A call that had passed the watch
+    before the put-back began, its script sent meanwhile, passed the check there and was granted on a ledger
+    missing $4 of spend (a $3 claim with $11 spent or held under $10, without the put-back's own mark). Now each
+    script sent while the book puts back refuses, and waits for it."""
+    b = _budgets(own_redis.url)
+
+    async def go():
+        ctl = BudgetController(b, None, ManualClock(100.0))
+        await ctl.check_ledger()
+        book, entered, resume = ctl.book, asyncio.Event(), asyncio.Event()
+        settle_items = book._settle_items
+
+        async def held(items, check=True):  # the put-back's replay of the settlement
+            if not check:
+                entered.set()
+                await resume.wait()
+            return await settle_items(items, check)
+        try:
+            assert all(v.ok for v in await ctl.reserve_many(_claims("a", "b", usd=2.0)))
+            own_redis.client().save()
+            await ctl.settle_many([("a", 6.0)])
+            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")  # the settlement lost, a open again
+            book._settle_items = held
+            first = asyncio.ensure_future(ctl.reserve_many(_claims("n", usd=3.0)))
+            await entered.wait()
+
+            async def passed():  # the watch passed before the put-back began
+                return None
+            book._same_server = passed
+            second = asyncio.ensure_future(ctl.reserve_many(_claims("m", usd=3.0)))
+            await asyncio.wait([second], timeout=0.5)  # bounded: it must not be answered before all are back
+            answered_early = second.done()
+            resume.set()
+            (v0,), (v1,) = await first, await second
+            rep = await ctl.report()
+        finally:
+            await ctl.close()
+        return answered_early, v0, v1, rep
+    answered_early, v0, v1, rep = asyncio.run(go())
+    assert not answered_early and not v0.ok and not v1.ok, (v0, v1)
+    (row,) = rep["budgets"]
+    assert row["spent_usd"] == pytest.approx(6.0) and row["reserved_usd"] == pytest.approx(2.0)
+
+
 def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, monkeypatch):
     """A call that came while the book was reserving its lost claims again saw the server checked and went on: its
     claim was granted the room they were about to take back."""
