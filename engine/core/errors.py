@@ -55,6 +55,7 @@ class TraceError(SmartbatchError):
     def __init__(self, problems: list[tuple[str, int, str, str]], hint: str | None = None, what: str = "trace"):
         self.problems = problems
         hint = self.HINT if hint is None else hint
+        self._made = (problems, hint, what)
         lines = [_where(p, n, f, m) for p, n, f, m in problems[:20]]
         if len(problems) == 1:
             text = lines[0] + (f"; {hint}" if hint else "")
@@ -69,6 +70,11 @@ class TraceError(SmartbatchError):
                 f"{len(on_lines)} problems on {bad}"
             text = f"{head} invalid {what} line(s):\n" + "\n".join(lines) + more + tail
         super().__init__(text)
+
+    def __reduce__(self):
+        # Raised in a Ray task, it is pickled to the caller: rebuilt from its message alone it could not be made
+        # again, and Ray gave an UnserializableException in its place.
+        return type(self), self._made, self.__dict__
 
 
 def _where(path: str, line: int, field: str, message: str) -> str:
@@ -112,6 +118,11 @@ class RequestError(SmartbatchError):
     def __init__(self, request_id: str | None, field: str, message: str, position: int | None = None,
                  code: str | None = None):
         self.request_id, self.field, self.position, self.code = request_id, field, position, code
+        self._message = message
         rid = f"request {request_id!r}" if request_id else "request"
         at = f" (at {position} of the requests given, counting from 0)" if position is not None else ""
         super().__init__(f"{rid}{at}: field '{field}': {message}")
+
+    def __reduce__(self):
+        # Request(**kw) in a Ray task: pickled to the caller, as TraceError is (and pydantic's error was).
+        return type(self), (self.request_id, self.field, self._message, self.position, self.code), self.__dict__

@@ -165,3 +165,22 @@ def test_a_request_without_a_context_uses_the_settings_read_once_from_the_enviro
     finally:
         monkeypatch.delenv("SMARTBATCH_DEADLINES__NORMAL")
         default_settings.cache_clear()
+
+
+def test_a_request_error_raised_in_a_ray_task_reaches_the_caller_as_itself():
+    """Ray sends a task's exception to its caller pickled (cloudpickle). Request(**kw) raised pydantic's
+    ValidationError, which crosses; since it raises RequestError (stop 77), a bad row built in a Ray task came back
+    as ray.exceptions.UnserializableException ("Failed to deserialize exception"): RequestError was rebuilt from its
+    message alone and needs its field. TraceError (load_trace in a task) had the same fault."""
+    from ray import cloudpickle
+
+    from engine.core.errors import RequestError
+
+    with pytest.raises(RequestError) as ei:
+        Request(id="q1", arrival_s=0, model="gpt-5.4-mni", prompt="Hi")
+    made = [ei.value, RequestError("q2", "id", "taken", 3, code="id_taken"),
+            TraceError([("t.jsonl", 2, "model", "unknown")], hint="", what="batch file")]
+    for exc in made:
+        back = cloudpickle.loads(cloudpickle.dumps(exc))
+        assert type(back) is type(exc) and str(back) == str(exc), (back, exc)
+        assert {k: getattr(back, k) for k in vars(exc)} == vars(exc)
