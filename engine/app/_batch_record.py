@@ -68,6 +68,11 @@ def check_own_files(out: Path, files: dict[str, Path | None]) -> None:
             if p is not None and _same(p, path):
                 raise ConfigError(f"{flag} {p}: that is the {what} the run keeps beside --out {out} ({holds}); "
                                   f"writing there would destroy it: give {flag} another path")
+        # The journal is a directory a run ending cleanly removes whole: an error file in it went at the end of the
+        # run that wrote it (its lines that may be billed with it), a report at the next run's.
+        if p is not None and journal_dir(out).absolute().resolve() in p.absolute().resolve().parents:
+            raise ConfigError(f"{flag} {p}: that is inside the journal the run keeps beside --out {out} "
+                              f"({journal_dir(out)}), which a run that ends removes: give {flag} another path")
 
 
 def _same(a: Path, b: Path) -> bool:

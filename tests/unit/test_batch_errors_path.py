@@ -358,3 +358,19 @@ def test_a_record_that_cannot_be_read_gives_way_to_overwrite_which_replaces_it(r
     assert json.loads(record_path(out).read_text())["errors"] == str(err)  # written anew: readable again
     helps = " ".join(runner.invoke(app, ["batch", "--help"]).output.split())
     assert "even one that cannot be read" in helps, helps
+
+
+@pytest.mark.parametrize("flag", ["--report", "--errors"])
+def test_a_report_or_error_file_inside_outs_journal_is_refused_before_any_line_is_sent(rig, flag):
+    """OUT's journal (OUT.journal) is a directory that a run ending cleanly removes whole (``finish``): an error
+    file written in it (lines that may be billed) went with it at the end of the very run that wrote it, and a
+    report there at the end of the next run. Only the journal itself was refused."""
+    from engine.app._batch_rescue import journal_dir
+
+    p, out, err, sent, state = rig
+    path = journal_dir(out) / "logs" / "failed.jsonl"
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), flag, str(path)])
+    said = _said(r)
+    assert r.exit_code == 2 and sent == [] and not journal_dir(out).exists(), (said, sent)
+    assert said.startswith(f"error: {flag} {path}: that is inside the journal ") and "removes" in said, said
+    assert f"give {flag} another path" in said, said
