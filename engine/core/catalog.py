@@ -177,14 +177,17 @@ class ModelSpec(_Frozen):
         # budgets reserved it for every request without a cap of its own; a cheaper long tier billed long prompts less.
         win, lc = self.context_window, self.long_context
         for name, value in (("max_output_tokens", self.max_output_tokens), ("max_input_tokens", self.max_input_tokens)):
-            if win is not None and value is not None and value > win:
-                raise ValueError(f"{name} {value:,} is over context_window {win:,} (the input and output tokens the "
-                                 f"model accepts): lower {name} to at most {win:,}, or raise context_window")
+            if win is not None and value is not None and value > win:  # a default cap never written is said to be one
+                given = "" if name in self.model_fields_set else " (the default: none is given)"
+                raise ValueError(f"{name} {value:,}{given} is over context_window {win:,} (the input and output tokens "
+                                 f"the model accepts): lower {name} to at most {win:,}, or raise context_window")
         for name in ("input_per_mtok", "output_per_mtok") if lc is not None else ():
             base, long = getattr(self, name), getattr(lc, name)
             if base is not None and long < base:
-                raise ValueError(f"long_context.{name} {long:g} is below {name} {base:g}: the long-prompt tier is "
-                                 f"the dearer one; give its price from the provider's page, or leave long_context out")
+                # (An overlay that changes the base price alone has the catalog's tier merged under it.)
+                raise ValueError(f"long_context.{name} {long:g} is below {name} {base:g}: the long-prompt tier is the "
+                                 "dearer one; give its prices from the provider's page too (long_context: {input_per_mtok"
+                                 ": ..., output_per_mtok: ...}), or long_context: null for one price at any length")
         return self
 
     @property

@@ -109,6 +109,32 @@ def test_an_overlay_whose_model_contradicts_itself_is_refused_at_load_naming_the
     assert str(overlay) in msg and "\n" not in msg
 
 
+
+def test_an_overlay_of_a_price_alone_refused_for_the_catalogs_long_tier_or_a_default_cap_names_a_fix_it_can_give(
+        tmp_path):
+    """An overlay raising gpt-6-luna's input price above the packaged long tier's was told to "leave long_context
+    out", which it had (the tier is the catalog's, merged under it); a model added with a small window and no cap
+    was told of "max_output_tokens 4,096", a value it never gave."""
+    overlay = tmp_path / "overlay.yaml"
+
+    def load(entry: str):
+        overlay.write_text(f"providers:\n  openai:\n    models:\n      {entry}\n")
+        return load_catalog(None, overlay)
+
+    with pytest.raises(CatalogError) as ei:
+        load("gpt-6-luna: {input_per_mtok: 0.25}")
+    msg = str(ei.value)
+    assert "long_context.input_per_mtok 0.2 is below input_per_mtok 0.25" in msg and "leave long_context out" not in msg
+    assert "long_context: null" in msg and "long_context: {input_per_mtok: ..., output_per_mtok: ...}" in msg, msg
+    luna = "gpt-6-luna: {input_per_mtok: 0.25, long_context: %s}"
+    assert load(luna % "null").providers["openai"].models["gpt-6-luna"].long_context is None
+    assert load(luna % "{input_per_mtok: 0.5}").providers["openai"].models["gpt-6-luna"].long_context.input_per_mtok == 0.5
+    with pytest.raises(CatalogError) as ei:
+        load("tiny: {kind: text, input_per_mtok: 0.1, output_per_mtok: 0.2, context_window: 2048}")
+    assert "max_output_tokens 4,096 (the default: none is given) is over context_window 2,048" in str(ei.value), ei.value
+    assert load("tiny: {kind: text, input_per_mtok: 0.1, output_per_mtok: 0.2, context_window: 2048, "
+                "max_output_tokens: 2048}").providers["openai"].models["tiny"].max_output_tokens == 2048
+
 @pytest.mark.parametrize("entry, field", [
     # Refused before by their ranges: a batch price above the sync one needs a discount outside (0, 1).
     ("models: {gpt-5.4-mini: {input_per_mtok: -0.75}}", "models.gpt-5.4-mini.input_per_mtok"),
