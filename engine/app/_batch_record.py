@@ -13,13 +13,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["check_own_files", "default_errors", "error_file", "record_path", "recorder", "unrecorded"]
+__all__ = ["check_own_files", "default_errors", "error_file", "named", "record_path", "recorder", "unrecorded"]
 
 VERSION = 1
 
 
+def named(out: Path) -> Path:
+    """OUT as the file a link names (``latest.jsonl -> run-7.jsonl``; it is written through the link): its record and
+    journal go beside that file. Named after the spelling given, a resume given the other found no record (nor
+    journal) and sent again the lines that may be billed (a review of stop 77)."""
+    try:
+        return out.resolve() if out.is_symlink() else out
+    except OSError:  # (a link loop: refused as OUT later, by the write)
+        return out
+
+
 def record_path(out: Path) -> Path:
     """The record of the run that last wrote ``out``."""
+    out = named(out)
     return out.with_name(out.name + ".smartbatch.json")
 
 
@@ -61,6 +72,12 @@ def check_own_files(out: Path, files: dict[str, Path | None]) -> None:
 
     if _stream(out):
         return
+    if (real := named(out)) != out:  # a link: a record or journal left beside it (before a review) is read no more
+        for end in (".smartbatch.json", ".journal"):
+            if (left := out.with_name(out.name + end)).exists():
+                raise ConfigError(f"--out {out} is a link to {real}, whose record and journal go beside that file; "
+                                  f"{left} was left beside the link by an earlier run: move it to "
+                                  f"{real.with_name(real.name + end)}, then run again")
     own = {"record": (record_path(out), "where its error file is, and which lines may be billed"),
            "journal": (journal_dir(out), "its provider batches under way, taken back by a run cut off")}
     for flag, p in files.items():

@@ -27,6 +27,7 @@ from pathlib import Path
 from actors._file_journal import ARCHIVE, engine_dirs, locked_out, read_spaces
 from actors.providers import make_provider
 from engine.app._batch_ended import ProviderUnread, brief, ended
+from engine.app._batch_record import named
 from engine.app._rescue_settle import settle_claims
 from engine.app._video_rescue import fail_lost, made_videos, read_video
 from engine.core.clock import ManualClock
@@ -43,7 +44,8 @@ WRITERS_GONE_S = 60.0  # real seconds to wait for the processes of a killed run 
 
 
 def journal_dir(out: Path) -> Path:
-    """Where ``batch`` keeps the journal of a run writing ``out``."""
+    """Where ``batch`` keeps the journal of a run writing ``out`` (beside the file a link names, as its record)."""
+    out = named(out)
     return out.with_name(out.name + ".journal")
 
 

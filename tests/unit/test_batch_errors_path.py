@@ -374,3 +374,39 @@ def test_a_report_or_error_file_inside_outs_journal_is_refused_before_any_line_i
     assert r.exit_code == 2 and sent == [] and not journal_dir(out).exists(), (said, sent)
     assert said.startswith(f"error: {flag} {path}: that is inside the journal ") and "removes" in said, said
     assert f"give {flag} another path" in said, said
+
+
+@pytest.mark.parametrize("first", ["file", "link"])
+def test_a_resume_given_a_link_to_out_or_the_file_a_link_named_keeps_back_the_possibly_billed_line(rig, first):
+    """OUT is written through a link (latest.jsonl -> o.jsonl), but its record and journal were named after the
+    spelling given: a resume given the other spelling found no record, read that spelling's default error file
+    (none) and sent b again, paid twice; a journal of batches under way was missed the same way."""
+    import os
+
+    from engine.app._batch_rescue import journal_dir
+
+    p, out, err, sent, state = rig
+    link = out.with_name("latest.jsonl")
+    os.symlink(out.name, link)
+    one, two = (out, link) if first == "file" else (link, out)
+    _first_run(p, one, err, sent, state, "--errors", str(err))
+    r = runner.invoke(app, ["batch", str(p), "--out", str(two), "--resume"])
+    assert r.exit_code == 0 and sent == [["c"]], (_said(r), sent)
+    assert link.is_symlink() and sorted(_ids(out)) == ["a", "c"] and _ids(err) == ["b"]
+    assert record_path(link) == record_path(out) and journal_dir(link) == journal_dir(out)
+
+
+def test_a_record_left_beside_a_link_to_out_by_an_earlier_run_is_refused_naming_where_it_goes(rig):
+    """A run before records went beside the file a link names left its record beside the link: read no more there,
+    its possibly billed line would be sent again; the run is refused, naming where to move it."""
+    import os
+
+    p, out, err, sent, state = rig
+    link = out.with_name("latest.jsonl")
+    out.write_text("")
+    os.symlink(out.name, link)
+    left = link.with_name("latest.jsonl.smartbatch.json")
+    left.write_text(json.dumps({"version": 1, "errors": str(err), "possibly_billed": ["b"], "choices": []}))
+    r = runner.invoke(app, ["batch", str(p), "--out", str(link), "--resume"])
+    assert r.exit_code == 2 and sent == [], (_said(r), sent)
+    assert f"{left} was left beside the link by an earlier run: move it to {record_path(out)}" in _said(r), _said(r)
