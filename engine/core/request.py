@@ -182,7 +182,12 @@ class Request(BaseModel):
         except ValidationError as exc:
             from engine.core.trace import request_error  # trace imports this module
 
-            raise request_error(exc, data) from None
+            err = request_error(exc, data)
+            if err.field in ("model", "provider") and "catalog" in str(err):  # the overlay it names is not read here
+                raise RequestError(err.request_id, err.field, f"{err._message}; Request(**fields) checks the packaged "
+                                   "catalog alone: give the fields to the engine's submit (its catalog), or build it as "
+                                   "Request.model_validate(fields, context=validation_context(catalog))") from None
+            raise err from None
 
     # Pydantic calls a model's own __init__ from model_validate too, dropping its context (the catalog, the
     # settings): marked as the base's, it runs for Request(**kw) alone.

@@ -417,3 +417,15 @@ def test_run_takes_reserve_output_as_bench_does_and_a_dry_run_reserves_by_it(tmp
     commands = typer.main.get_command(app).commands
     helps = {n: next(p.help for p in commands[n].params if p.name == "reserve_output") for n in ("run", "bench")}
     assert helps["run"] == helps["bench"] and "model_max" in helps["run"]
+
+
+def test_a_request_built_directly_of_a_model_the_packaged_catalog_lacks_says_how_to_check_it_against_an_overlay():
+    # Request(**kw) reads the packaged catalog alone; the refusal of a model of the user's overlay told them to set
+    # SMARTBATCH_CATALOG_OVERLAY, which it never reads (a review of stop 77).
+    from engine import Request, RequestError
+
+    with pytest.raises(RequestError) as ei:
+        Request(id="q1", arrival_s=0, model="my-ft", prompt="Hi")
+    said = str(ei.value)
+    assert ei.value.field == "model" and "Request(**fields) checks the packaged catalog alone" in said, said
+    assert "Request.model_validate(fields, context=validation_context(catalog))" in said and "submit" in said, said
