@@ -78,10 +78,13 @@ def check_own_files(out: Path, files: dict[str, Path | None]) -> None:
                 raise ConfigError(f"--out {out} is a link to {real}, whose record and journal go beside that file; "
                                   f"{left} was left beside the link by an earlier run: move it to "
                                   f"{real.with_name(real.name + end)}, then run again")
-    own = {"record": (record_path(out), "where its error file is, and which lines may be billed"),
-           "journal": (journal_dir(out), "its provider batches under way, taken back by a run cut off")}
+    own = [("record", record_path(out), "where its error file is, and which lines may be billed"),
+           ("journal", journal_dir(out), "its provider batches under way, taken back by a run cut off")]
+    # Beside a link, their names are kept free too: a report there would be taken for one left (above).
+    own += [(what, out.with_name(out.name + end), holds) for (what, _, holds), end in
+            zip(own, (".smartbatch.json", ".journal")) if real != out]
     for flag, p in files.items():
-        for what, (path, holds) in own.items():
+        for what, path, holds in own:
             if p is not None and _same(p, path):
                 raise ConfigError(f"{flag} {p}: that is the {what} the run keeps beside --out {out} ({holds}); "
                                   f"writing there would destroy it: give {flag} another path")

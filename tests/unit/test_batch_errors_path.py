@@ -410,3 +410,7 @@ def test_a_record_left_beside_a_link_to_out_by_an_earlier_run_is_refused_naming_
     r = runner.invoke(app, ["batch", str(p), "--out", str(link), "--resume"])
     assert r.exit_code == 2 and sent == [], (_said(r), sent)
     assert f"{left} was left beside the link by an earlier run: move it to {record_path(out)}" in _said(r), _said(r)
+    left.unlink()  # and a report there would be taken for one: its name is kept free
+    r = runner.invoke(app, ["batch", str(p), "--out", str(link), "--report", str(left)])
+    assert r.exit_code == 2 and sent == [] and not left.exists(), (_said(r), sent)
+    assert f"--report {left}: that is the record the run keeps beside --out {link}" in _said(r), _said(r)
