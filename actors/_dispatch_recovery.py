@@ -12,6 +12,7 @@ from collections import OrderedDict
 
 from actors._batch_api import _short
 from actors._incarnations import began, drop_earlier, earlier, next_epoch, own_key
+from actors._journal_seal import lost_records
 from actors._shards import uid_shard
 from actors.journal import read_patiently
 from engine.core.result import Result
@@ -77,6 +78,7 @@ class Recovery:
     _tally_change = 0  # tallies journaled, numbered on across restarts
     _recovery: asyncio.Future | None = None
     journal_unread = 0  # recoveries that gave up on an unreadable journal (members sent again)
+    journal_lost = 0  # recoveries that found the journal's Redis had lost records (``actors._journal_seal``)
 
     def reconstructed(self) -> None:
         """Ray restarted this actor (``actors.remote`` calls this after the constructor): it takes no work and
@@ -175,6 +177,7 @@ class Recovery:
             log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
                       "are not followed and their members are sent again", self.name, _short(exc), wait_s)
             return -1
+        self.journal_lost += await lost_records(self.journal, f"dispatcher {self.name}")
         self._take_back_tally(tally)
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])
@@ -353,6 +356,8 @@ class Recovery:
         """Write every open batch and sync body to the journal again (after the hub, which keeps a memory
         journal, restarted, or a journal's Redis came back without them). ``strict``: a failed write raises, for
         the journal's watch of its Redis to try them all again; else it is logged."""
+        if not strict and (seal := getattr(self.journal, "seal", None)) is not None:
+            seal.unwitness()  # the hub restarted without its witness: told again with the records written below
         for space, recs in ((self._space, self._open), (self._sync_journal.space, self._sync_calls),
                             (self._watch_space, self._watching), (self._jobs_journal.space, self._jobs_records)):
             if recs:

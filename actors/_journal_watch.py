@@ -21,7 +21,8 @@ SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds 
 class RecordsWatch:
     """Mixed into ``RedisJournal``, which provides ``_client``, ``_base``, ``_closed``, ``_rewrite`` (writes the
     holder's records again, raising if one failed), ``_server`` (the ``run_id`` last seen), ``_unwritten`` (a
-    write failed, or another Redis process answered, since they were last written) and ``_checking`` (a lock)."""
+    write failed, or another Redis process answered, since they were last written), ``_checking`` (a lock), and
+    ``seal`` with ``_seal_in`` (``actors._journal_seal``)."""
 
     async def _watch(self) -> None:
         # Once a second while the holder runs: a batch lives up to 24 h, and a restart any time in it needs its record.
@@ -72,10 +73,19 @@ class RecordsWatch:
                         self._unwritten = True
                         return sid
                     await self._rewrite()
+                    await self._reseal()
                 except BaseException:  # (a write that fails marks them so too)
                     self._unwritten = True
                     raise
             return sid
+
+    async def _reseal(self) -> None:
+        # Its holder's records, written again, may be none (all ended): the seal too, or a restart of the holder
+        # read the loss that came before as one of records it no longer had (a false alarm).
+        if self.seal is not None:
+            async with self._client.pipeline(transaction=True) as pipe:
+                self._seal_in(pipe)
+                await pipe.execute()
 
     async def _takes_writes(self) -> bool:
         """Whether Redis takes a write now: a full Redis (``noeviction``) refuses every write that may grow its

@@ -91,7 +91,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
-        self.journal = make_journal(settings, engine, self.hub, self._journal_back)
+        self.journal = make_journal(settings, engine, self.hub, self._journal_back, f"dispatcher:{provider}")
         self._space = f"batches:{provider}"
         # idempotency key -> (dispatch, job, cache_write, body) of a sync call over HTTP, until it ends
         self._sync_calls: dict[str, tuple] = {}
@@ -394,7 +394,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                 "key_conflicts": self.key_conflicts, "flex_refused": self.flex_refused,
                 "flex_timed_out": self.flex_timed_out, "quota_unsent": self._quota.refused, "open_batches": len(self._open),
                 "reattached": self.reattached, "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread,
-                **self._files.stats()}
+                "journal_lost": self.journal_lost, **self._files.stats()}
         if waits:
             out["waits"] = list(self.waits)
         return out

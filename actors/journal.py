@@ -25,6 +25,7 @@ import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from actors._journal_seal import SEAL, JournalSeal
 from actors._journal_watch import RecordsWatch
 from actors._peer import Peer, as_peer
 from engine.core.errors import ConfigError
@@ -171,7 +172,8 @@ class RedisJournal(RecordsWatch):
     durable = True
 
     def __init__(self, url: str, prefix: str, engine: str, timeout_s: float = 1.0,
-                 rewrite: Callable[[], Awaitable[Any]] | None = None, cluster: bool = False):
+                 rewrite: Callable[[], Awaitable[Any]] | None = None, cluster: bool = False,
+                 seal: JournalSeal | None = None):
         from actors._redis_cluster import async_client, namespace
 
         self._client = async_client(url, cluster=cluster, timeout_s=timeout_s)
@@ -185,6 +187,9 @@ class RedisJournal(RecordsWatch):
         self._rewrite, self._watcher, self._server = rewrite, None, None
         self._unwritten = False  # a write failed (Redis full, away), or another Redis answers: written again
         self._checking = asyncio.Lock()
+        # Written with each record, so a restarted holder tells a Redis that lost them from one it never wrote to
+        # (``actors._journal_seal``): None for a holder that need not (its records are read back as they are).
+        self.seal = seal
 
     def _hold(self, space: str) -> None:
         self._spaces.add(space)
@@ -227,12 +232,29 @@ class RedisJournal(RecordsWatch):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
                 pipe.expire(self._base + space, JOURNAL_TTL_S)
+                self._seal_in(pipe)
                 await pipe.execute()
         except Exception:
             # Its batch or call goes on unjournaled (full under noeviction: a batch created then was sent again by
             # a restart of its dispatcher, a helper's hunt): the watch writes them again once Redis takes writes.
             self._unwritten = True
             raise
+        if self.seal is not None:
+            await self.seal.witness(self._base)
+
+    def _seal_in(self, pipe) -> None:
+        if self.seal is not None:
+            self._spaces.add(SEAL)  # its expiry pushed on with the records'
+            pipe.hset(self._base + SEAL, self.seal.holder, b"1")
+            pipe.expire(self._base + SEAL, JOURNAL_TTL_S)
+
+    async def lost_records(self) -> bool:
+        """Whether this Redis lost records its holder wrote (``actors._journal_seal``): asked by a restarted
+        holder after it read them, which then reads an empty journal as lost records, not as nothing written."""
+        if self.seal is None:
+            return False
+        sealed = bool(await self._client.hexists(self._base + SEAL, self.seal.holder))
+        return await self.seal.lost(self._base, sealed)
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:
@@ -355,19 +377,23 @@ def check_keeps_records(settings):
                       "maxmemory-policy noeviction, or run this one so (CONFIG SET maxmemory-policy noeviction)")
 
 
-def redis_journal(settings, engine: str, rewrite: Callable[[], Awaitable[Any]] | None = None) -> RedisJournal | None:
+def redis_journal(settings, engine: str, rewrite: Callable[[], Awaitable[Any]] | None = None,
+                  seal: JournalSeal | None = None) -> RedisJournal | None:
     """The Redis journal of an engine named ``engine``, if Redis is configured."""
     url = settings.journal_redis_url()
     return RedisJournal(url, settings.cache.redis_prefix, engine, settings.cache.redis_timeout_s,
-                        rewrite, settings.journal_redis_cluster()) if url else None
+                        rewrite, settings.journal_redis_cluster(), seal) if url else None
 
 
-def make_journal(settings, engine: str, hub: Any, rewrite: Callable[[], Awaitable[Any]] | None = None):
+def make_journal(settings, engine: str, hub: Any, rewrite: Callable[[], Awaitable[Any]] | None = None,
+                 holder: str | None = None):
     """The journal for an engine named ``engine``: files under ``journal.dir`` when it is set, else Redis when one is
-    configured (``rewrite`` writes the holder's records again where another Redis process answers), else the
+    configured (``rewrite`` writes the holder's records again where another Redis process answers; ``holder``
+    names it for the seal that tells its restart a Redis that lost them, ``actors._journal_seal``), else the
     hub's memory."""
     if settings.journal.dir is not None:
         from actors._file_journal import FileJournal
 
         return FileJournal(settings.journal.dir, engine, settings.journal.archive_s)
-    return redis_journal(settings, engine, rewrite) or HubJournal(hub)
+    seal = JournalSeal(hub, holder) if holder is not None else None
+    return redis_journal(settings, engine, rewrite, seal) or HubJournal(hub)
