@@ -20,6 +20,7 @@ the seal: the records written after it are lost unseen (the watch's second only)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
 from typing import Any
@@ -41,22 +42,34 @@ class JournalSeal:
         self.hub: Peer = as_peer(hub)
         self.holder = holder
         self.witnessed = False  # this incarnation's witness is in the hub (written again after the hub's restart)
+        self._telling: asyncio.Task | None = None
 
     def _key(self, base: str) -> str:
         return base + self.holder
 
-    async def witness(self, base: str) -> None:
-        """Once its first record landed (and again after the hub restarted, ``unwitness``): tell the hub. A failure
+    def witness(self, base: str) -> None:
+        """Once its first record landed (and again after the hub restarted, ``unwitness``): tell the hub, in the
+        background (a hub that restarts would hold the record's write, and a batch's create behind it). A failure
         is logged and tried at the next write: until then a loss reads as nothing written, as before."""
-        if self.witnessed:
+        if self.witnessed or self._telling is not None:
             return
-        try:
-            await self.hub.call("journal_put", _WITNESS_SPACE, self._key(base), pickle.dumps(True))
-            self.witnessed = True
-        except Exception as exc:
-            log.warning("journal %s: could not tell the hub that %s writes records there (%s: %s); a loss of them "
-                        "before the next write would go unseen by its restart", base, self.holder,
-                        type(exc).__name__, exc)
+
+        async def tell() -> None:
+            try:
+                await self.hub.call("journal_put", _WITNESS_SPACE, self._key(base), pickle.dumps(True))
+                self.witnessed = True
+            except Exception as exc:
+                log.warning("journal %s: could not tell the hub that %s writes records there (%s: %s); a loss of "
+                            "them before the next write would go unseen by its restart", base, self.holder,
+                            type(exc).__name__, exc)
+            finally:
+                self._telling = None
+
+        self._telling = asyncio.get_running_loop().create_task(tell())
+
+    def close(self) -> None:
+        if self._telling is not None:
+            self._telling.cancel()
 
     def unwitness(self) -> None:
         """The hub restarted without the witness: written again with the next record."""

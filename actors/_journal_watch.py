@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from actors._journal_seal import SEAL
 from actors._redis_cluster import server_info
 
 __all__ = ["SERVER_CHECK_S", "RecordsWatch", "refuses_info"]
@@ -22,7 +23,7 @@ class RecordsWatch:
     """Mixed into ``RedisJournal``, which provides ``_client``, ``_base``, ``_closed``, ``_rewrite`` (writes the
     holder's records again, raising if one failed), ``_server`` (the ``run_id`` last seen), ``_unwritten`` (a
     write failed, or another Redis process answered, since they were last written), ``_checking`` (a lock), and
-    ``seal`` with ``_seal_in`` (``actors._journal_seal``)."""
+    ``seal`` (``actors._journal_seal``, None for a holder with none) and ``_spaces`` (those its keeper refreshes)."""
 
     async def _watch(self) -> None:
         # Once a second while the holder runs: a batch lives up to 24 h, and a restart any time in it needs its record.
@@ -78,6 +79,23 @@ class RecordsWatch:
                     self._unwritten = True
                     raise
             return sid
+
+    def _seal_in(self, pipe) -> None:
+        """Add the holder's seal to ``pipe`` (a transaction writing its records)."""
+        from actors.journal import JOURNAL_TTL_S
+
+        if self.seal is not None:
+            self._spaces.add(SEAL)  # its expiry pushed on with the records'
+            pipe.hset(self._base + SEAL, self.seal.holder, b"1")
+            pipe.expire(self._base + SEAL, JOURNAL_TTL_S)
+
+    async def lost_records(self) -> bool:
+        """Whether this Redis lost records its holder wrote (``actors._journal_seal``): asked by a restarted
+        holder after it read them, which then reads an empty journal as lost records, not as nothing written."""
+        if self.seal is None:
+            return False
+        sealed = bool(await self._client.hexists(self._base + SEAL, self.seal.holder))
+        return await self.seal.lost(self._base, sealed)
 
     async def _reseal(self) -> None:
         # Its holder's records, written again, may be none (all ended): the seal too, or a restart of the holder

@@ -25,7 +25,7 @@ import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from actors._journal_seal import SEAL, JournalSeal
+from actors._journal_seal import JournalSeal
 from actors._journal_watch import RecordsWatch
 from actors._peer import Peer, as_peer
 from engine.core.errors import ConfigError
@@ -240,21 +240,7 @@ class RedisJournal(RecordsWatch):
             self._unwritten = True
             raise
         if self.seal is not None:
-            await self.seal.witness(self._base)
-
-    def _seal_in(self, pipe) -> None:
-        if self.seal is not None:
-            self._spaces.add(SEAL)  # its expiry pushed on with the records'
-            pipe.hset(self._base + SEAL, self.seal.holder, b"1")
-            pipe.expire(self._base + SEAL, JOURNAL_TTL_S)
-
-    async def lost_records(self) -> bool:
-        """Whether this Redis lost records its holder wrote (``actors._journal_seal``): asked by a restarted
-        holder after it read them, which then reads an empty journal as lost records, not as nothing written."""
-        if self.seal is None:
-            return False
-        sealed = bool(await self._client.hexists(self._base + SEAL, self.seal.holder))
-        return await self.seal.lost(self._base, sealed)
+            self.seal.witness(self._base)
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:
@@ -276,6 +262,8 @@ class RedisJournal(RecordsWatch):
             if task is not None:
                 task.cancel()
         self._keeper = self._watcher = None
+        if self.seal is not None:
+            self.seal.close()
         await self._client.aclose()
 
 

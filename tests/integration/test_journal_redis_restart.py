@@ -37,7 +37,7 @@ async def follows_it_after_its_restart(args, clock, hub) -> None:
     assert await d2.recover() == 1  # before, 0, and the driver's re-admission sent its members again
     got = await past_the_end(clock, hub, 3)
     assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and {r.batch_id for r in got} == {"b1"}
-    assert submitted == []
+    assert submitted == [] and d2.journal_lost == 0  # the records were there: no loss said
     await d2.journal.close()
 
 
@@ -149,8 +149,9 @@ async def lost_in_the_watchs_second(own_redis, monkeypatch, restart: bool = True
     await d1.run_many([batch()])
     async def created():  # its handle known and journaled, and the watch's first check done
         recs = await d1.journal.items(d1._space)
-        return d1.journal._server is not None and bool(recs) and all(r[4] is not None for r in recs.values())
-    await until_async(created, "the batch created and journaled")
+        return (d1.journal._server is not None and d1.journal.seal.witnessed and bool(recs)
+                and all(r[4] is not None for r in recs.values()))
+    await until_async(created, "the batch created and journaled, and the hub told")
     if restart:
         own_redis.stop()
         own_redis.start()  # no persistence: the record is gone, the batch still runs at the provider
@@ -203,3 +204,44 @@ def test_a_dispatcher_that_dies_before_its_watch_sees_the_journal_lost_does_not_
         finally:
             await die(d2)
     asyncio.run(go())
+
+
+def test_a_loss_the_watch_made_good_is_not_said_at_a_later_restart_though_nothing_was_open(own_redis, monkeypatch):
+    """The watch writes the holder's seal again with its records, even when none is open (all ended): else a restart
+    of it after a loss the watch had made good read as records lost (a false alarm; before the seal, nothing)."""
+    import actors._journal_watch as jw
+    from actors._journal_seal import JournalSeal
+    from actors.hub import ResultHub
+    from actors.journal import RedisJournal
+
+    monkeypatch.setattr(jw, "SERVER_CHECK_S", 0.01)
+
+    async def go():
+        hub, rewrites = ResultHub(), asyncio.Event()
+
+        async def rewrite():  # nothing open: nothing to write again
+            rewrites.set()
+
+        j = RedisJournal(own_redis.url, "sbtest-seal", "e1", 5.0, rewrite, seal=JournalSeal(hub, "d"))
+        try:
+            await j.put("s", "k", 1)
+            await j.delete("s", ["k"])  # ended
+            await until_async(lambda: _true(j._server is not None and j.seal.witnessed), "checked and witnessed")
+            rewrites.clear()
+            own_redis.stop()
+            own_redis.start()  # empty: the seal gone with the rest
+            await asyncio.wait_for(rewrites.wait(), 10)
+            await until_async(lambda: _not(j.lost_records()), "the seal written again")
+        finally:
+            await j.close()
+    asyncio.run(go())
+
+
+async def _true(x):
+    return x
+
+
+async def _not(aw):
+    with contextlib.suppress(Exception):
+        return not await aw
+    return False
