@@ -14,9 +14,11 @@ and nothing said so. Two marks tell the two apart:
 
 At the restart, a witness with no seal in Redis means records were lost (``lost``). A witness never written (the
 holder wrote nothing, or the hub restarted since and the holder had nothing open to write again) means nothing was.
-A false alarm (the holder died between its witness and its record's seal, or its records had all ended) costs a
-warning and a look, never a send. A snapshot taken after the holder's first record and before its later ones keeps
-the seal: the records written after it are lost unseen (the watch's second only)."""
+Both are read after the records, so a loss while they are read is said too. What it cannot tell: whether what was
+lost was still open (records of work that had all ended read as a loss: an ERROR that says "may", nothing sent);
+and a snapshot taken after the holder's first record and before its later ones keeps the seal, the later records
+lost unseen. Said, the loss is not yet made good: the lost batch is not looked for at the provider (the design is
+in docs/reliability.md, "the journal's Redis restarted without persistence")."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ log = logging.getLogger("smartbatch.journal")
 
 SEAL = "~seal"  # the journal's space holding one field per holder that wrote records (beside the records' spaces)
 _WITNESS_SPACE = "journal-seals"  # the hub's memory journal space: one key per Redis journal and holder
+HUB_ASK_S = 5.0  # real seconds a restarted holder waits for the hub's witness (one restarting too) before it goes on
 
 
 class JournalSeal:
@@ -78,11 +81,11 @@ class JournalSeal:
     async def lost(self, base: str, sealed: bool) -> bool:
         """Whether records were lost: the hub says ``holder`` wrote records to this journal, and Redis has no
         seal (``sealed``, read after the records, so a loss while they are read is taken for one). A hub that
-        does not answer tells nothing (False, logged)."""
+        does not answer within ``HUB_ASK_S`` tells nothing (False, logged): the restart reads its journal as before."""
         if sealed:
             return False
         try:
-            said = await self.hub.call("journal_items", _WITNESS_SPACE)
+            said = await asyncio.wait_for(self.hub.call("journal_items", _WITNESS_SPACE), HUB_ASK_S)
         except Exception as exc:
             log.warning("journal %s: could not ask the hub whether %s wrote records there (%s: %s)", base,
                         self.holder, type(exc).__name__, exc)
