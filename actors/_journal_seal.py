@@ -66,7 +66,8 @@ class JournalSeal:
                             "them before the next write would go unseen by its restart", base, self.holder,
                             type(exc).__name__, exc)
             finally:
-                self._telling = None
+                if self._telling is asyncio.current_task():  # (not a telling that an ``unwitness`` replaced)
+                    self._telling = None
 
         self._telling = asyncio.get_running_loop().create_task(tell())
 
@@ -75,8 +76,12 @@ class JournalSeal:
             self._telling.cancel()
 
     def unwitness(self) -> None:
-        """The hub restarted without the witness: written again with the next record."""
+        """The hub restarted without the witness: written again with the next record (a telling under way may have
+        reached the hub that died: cancelled, so it does not mark the witness written)."""
         self.witnessed = False
+        if self._telling is not None:
+            self._telling.cancel()
+            self._telling = None
 
     async def lost(self, base: str, sealed: bool) -> bool:
         """Whether records were lost: the hub says ``holder`` wrote records to this journal, and Redis has no
