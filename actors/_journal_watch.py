@@ -22,7 +22,7 @@ SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds 
 class RecordsWatch:
     """Mixed into ``RedisJournal``, which provides ``_client``, ``_base``, ``_closed``, ``_rewrite`` (writes the
     holder's records again, raising if one failed), ``_server`` (the ``run_id`` last seen), ``_unwritten`` (a
-    write failed, or another Redis process answered, since they were last written), ``_checking`` (a lock), and
+    write failed, or another Redis process answered, since they were last written), ``_checking`` (a lock),
     ``seal`` (``actors._journal_seal``, None for a holder with none) and ``_spaces`` (those its keeper refreshes)."""
 
     async def _watch(self) -> None:
