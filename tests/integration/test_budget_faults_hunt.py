@@ -155,6 +155,47 @@ def test_a_call_that_passed_the_watch_before_lost_writes_were_found_waits_until_
     assert row["spent_usd"] == pytest.approx(6.0) and row["reserved_usd"] == pytest.approx(2.0)
 
 
+def test_a_put_back_stopped_midway_is_owed_until_it_goes_through_whole(own_redis):
+    """One write lost (a $6 settlement of a $2 claim, under the same run_id), and Redis away again once the
+    put-back's reopen had run, before the settlement was sent again. That reopen had brought the book's sequence
+    back to what the book saw, so before (a review) the next claim passed the check: $3 granted with $6 of spend
+    never counted and $4 held under a $10 limit. Now the put-back is owed until it goes through whole: the next
+    call makes it first, and the claim is refused."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from actors.budget_redis import RedisBudgetBook
+
+    spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
+
+    async def go():
+        client = aioredis.Redis.from_url(own_redis.url)
+        book = RedisBudgetBook(client, [spec], prefix="sbtest-owed")
+        settle_items = book._settle_items
+
+        async def away(items, check=True):  # the put-back's replay of the settlement meets Redis away again
+            if not check:
+                raise RedisConnectionError("Redis away again")
+            return await settle_items(items, check)
+        try:
+            assert all(v.ok for v in await book.reserve_many(_claims("a", "b", usd=2.0), 100.0))
+            own_redis.client().save()
+            await book.settle_many([("a", 6.0)])
+            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")  # the settlement lost, a open again
+            book._settle_items = away
+            with pytest.raises(RedisConnectionError):
+                await book.reserve_many(_claims("n", usd=3.0), 100.0)
+            book._settle_items = settle_items  # Redis answers again
+            (late,) = await book.reserve_many(_claims("m", usd=3.0), 100.0)
+            return late, await book.window(spec, 100.0), book.lost_writes, book.replayed
+        finally:
+            book.stop_watch()
+            await client.aclose()
+    late, (spent, reserved), found, replayed = asyncio.run(go())
+    assert not late.ok, f"$3 granted with ${spent} spent and ${reserved} held under $10"
+    assert (spent, reserved) == (pytest.approx(6.0), pytest.approx(2.0)) and (found, replayed) == (1, 1)
+
+
 def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, monkeypatch):
     """A call that came while the book was reserving its lost claims again saw the server checked and went on: its
     claim was granted the room they were about to take back."""
