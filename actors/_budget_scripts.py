@@ -8,7 +8,8 @@ __all__ = ["BOOK_SEQ", "CHARGE", "PROBE", "RESERVE", "SETTLE", "SWEEP_ONLY", "UP
 
 # Run first by every script that writes for a book (``RESERVE``, ``SETTLE``, ``CHARGE``, and the replay's
 # ``_REOPEN``): the book's own sequence, KEYS[2] (``{prefix}:seq:<book>``, in the ledger's slot), bumped once per
-# script and returned with its answer. The book sends the highest it has seen (the last ARGV; -1: none) and the
+# script and returned with its answer. The book sends the highest it has seen (the last ARGV; -1: none; -2: a
+# put-back's script, which neither checks nor bumps it: the put-back bumps it once when all of it went) and the
 # key's life (the one before). Lower here than the book has seen, this Redis lacks writes it acknowledged (a replica
 # promoted without them, with no failed call, its old master demoted alive; a restart from an older snapshot within
 # the watch's second, or one that kept its run_id): the script writes nothing and answers {'lost', value}, so the
@@ -18,6 +19,7 @@ BOOK_SEQ = """
 local function book_seq()
   local want = tonumber(ARGV[#ARGV])
   local have = tonumber(redis.call('GET', KEYS[2]) or '0')
+  if want == -2 then return have end
   if have < want then return false, have end
   local seq = redis.call('INCR', KEYS[2])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[#ARGV - 1]))

@@ -196,6 +196,63 @@ def test_a_put_back_stopped_midway_is_owed_until_it_goes_through_whole(own_redis
     assert (spent, reserved) == (pytest.approx(6.0), pytest.approx(2.0)) and (found, replayed) == (1, 1)
 
 
+def test_a_script_sent_before_a_put_back_began_and_run_during_it_is_refused(own_redis):
+    """One write lost (a $6 settlement of a $2 claim, under the same run_id). A claim's script took the book's
+    sequence before the loss was found, and reached Redis late (a connection made anew, or the retry after
+    ``NOSCRIPT`` that a restarted or promoted Redis, its script cache empty, answers first): after the put-back's
+    reopen had run, before the settlement was sent again. The put-back's own scripts bumped the sequence, so
+    before (a review) it passed the check there: $3 granted with $6 of spend uncounted and $4 held under a $10
+    limit. Now the put-back bumps the sequence once, when all of it went: the script is refused, and waits."""
+    import redis.asyncio as aioredis
+
+    from actors.budget_redis import RedisBudgetBook
+
+    spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
+
+    async def go():
+        client = aioredis.Redis.from_url(own_redis.url)
+        book = RedisBudgetBook(client, [spec], prefix="sbtest-late")
+        reserve, reopen, settle_items = book._reserve, book._reopen_script, book._settle_items
+        waiting, reopened, ran = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        async def late(**kw):  # the first claim's script, its sequence taken, reaches Redis after the reopen
+            if waiting.is_set():
+                return await reserve(**kw)
+            waiting.set()
+            await reopened.wait()
+            try:
+                return await reserve(**kw)
+            finally:
+                ran.set()
+
+        async def reopen_then(**kw):
+            out = await reopen(**kw)
+            reopened.set()
+            return out
+
+        async def held(items, check=True):  # the put-back's replay of the settlement, once that script ran
+            if not check:
+                await ran.wait()
+            return await settle_items(items, check)
+        try:
+            assert all(v.ok for v in await book.reserve_many(_claims("a", "b", usd=2.0), 100.0))
+            own_redis.client().save()
+            await book.settle_many([("a", 6.0)])
+            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")  # the settlement lost, a open again
+            book._reserve, book._reopen_script, book._settle_items = late, reopen_then, held
+            first = asyncio.ensure_future(book.reserve_many(_claims("m", usd=3.0), 100.0))
+            await waiting.wait()
+            second = asyncio.ensure_future(book.reserve_many(_claims("n", usd=3.0), 100.0))  # finds the loss
+            (v0,), (v1,) = await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10)
+            return v0, v1, await book.window(spec, 100.0)
+        finally:
+            book.stop_watch()
+            await client.aclose()
+    v0, v1, (spent, reserved) = asyncio.run(go())
+    assert not v0.ok and not v1.ok, f"granted with ${spent} spent and ${reserved} held under $10: {v0}, {v1}"
+    assert (spent, reserved) == (pytest.approx(6.0), pytest.approx(2.0))
+
+
 def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, monkeypatch):
     """A call that came while the book was reserving its lost claims again saw the server checked and went on: its
     claim was granted the room they were about to take back."""
