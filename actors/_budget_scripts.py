@@ -154,7 +154,10 @@ end
 return {seq, lost}
 """
 
-# Spend no claim covers (``Charge``): counted once per charge id, whose marker lives two days.
+# Spend no claim covers (``Charge``): counted once per charge id, whose marker lives two days past its last sending.
+# A book sends a charge again at each put-back of its last two hours (``ServerWatch._put_back``), which keeps it two
+# hours more: a marker left to expire two days after the first, put-backs within two hours of each other over two
+# days sent it again past it, and it counted twice (a review).
 CHARGE = BOOK_SEQ + """
 local seq, have = book_seq()
 if not seq then return {'lost', have} end
@@ -164,7 +167,10 @@ local i = 3
 for c = 1, n do
   local cid, usd, who, nk = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
   i = i + 4
-  if redis.call('SET', prefix .. ':x:' .. cid, '1', 'NX', 'EX', 172800) then
+  local x = prefix .. ':x:' .. cid
+  if not redis.call('SET', x, '1', 'NX', 'EX', 172800) then
+    redis.call('EXPIRE', x, 172800)
+  else
     redis.call('HINCRBYFLOAT', prefix .. ':spend', who, usd)
     for j = 0, nk - 1 do
       local h, ttl = prefix .. ':w:' .. ARGV[i + 2 * j], tonumber(ARGV[i + 2 * j + 1])

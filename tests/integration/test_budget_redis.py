@@ -260,6 +260,37 @@ def test_a_book_expects_nothing_of_a_ledger_it_did_not_write_and_takes_its_seque
     asyncio.run(go())
 
 
+def test_a_charge_a_put_back_sends_again_keeps_its_marker_as_long_as_the_book_may_send_it_again(redis_server):
+    """A put-back sends again the charges of the last two hours and keeps them two hours more; their marker (counted
+    once per charge id) lived two days from the first sending. Put-backs within two hours of each other over two
+    days (a ledger failed over again and again) then sent a charge again past its marker, and it counted twice (a
+    review: $2 spent of a $1 charge). Here the marker's two days are nearly gone when a put-back sends it again:
+    it lives two days more from there."""
+    import redis.asyncio as aioredis
+
+    from actors._budget_replay import REPLAY_KEEP_S
+
+    spec = BudgetSpec(max_budget=10.0, budget_duration="30d")
+    prefix = f"sbtest-budget{next(_prefix)}"
+    r = redis_server.client()
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        book = RedisBudgetBook(client, [spec], prefix=prefix)
+        try:
+            await book.charge_many([Charge("c1", "acme", "openai", "gpt-5", 1.0)], T0)
+            r.expire(f"{prefix}:x:c1", 5)  # what is left of its two days, the book's put-backs having kept it since
+            r.delete(book._seq_key)  # the next script puts back (as after a failover)
+            await book.reserve_many([Claim("a", "acme", "openai", "gpt-5", "urgent", 0.0)], T0)
+            return book.replayed, await book.window(spec, T0)
+        finally:
+            book.stop_watch()
+            await client.aclose()
+    replayed, (spent, _) = asyncio.run(go())
+    assert replayed == 1 and spent == pytest.approx(1.0)
+    assert r.ttl(f"{prefix}:x:c1") > REPLAY_KEEP_S  # sent again within two hours, it still counts once
+
+
 def test_a_separator_in_a_tenant_name_cannot_poison_the_shared_ledger(redis_server):
     """The spend hash joins tenant, provider and model with a separator: names holding it (or the escape
     character) are stored apart and reported back as they were, and the report stays readable."""
