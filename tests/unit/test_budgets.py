@@ -216,6 +216,19 @@ def test_background_work_past_its_threshold_is_deferred_to_the_next_window():
     assert len(later) > 0 and len(b["windows"]) >= 2  # deferred work ran in the next hour
 
 
+def test_a_reservation_ttl_past_what_redis_takes_as_an_expiry_is_refused_naming_it():
+    """The Redis ledger's scripts set expiries from ``reservation_ttl_s`` (the book's sequence, a settlement's
+    marker). 1e16 s, past what Redis takes (its expiry in ms overflows), passed the start's checks: every
+    reservation then failed as an outage, and before stop 77 every settlement was refused by its script and dropped,
+    its spend never counted (a review). Now refused where it is set, naming it and the bound."""
+    from engine.core.errors import ConfigError
+    from engine.core.settings import load_settings
+
+    with pytest.raises(ConfigError, match=r"budgets\.reservation_ttl_s .*must be <= 3\.1536e\+08, got 1e\+16"):
+        load_settings(budgets={"reservation_ttl_s": 1e16})
+    assert load_settings(budgets={"reservation_ttl_s": 315_360_000}).budgets.reservation_ttl_s == 315_360_000
+
+
 def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
     from pydantic import ValidationError
 
