@@ -210,9 +210,8 @@ class ServerWatch:
         """Reserve again the open claims the Redis now answering lost, send again the settlements and charges of the
         last ``REPLAY_KEEP_S`` (each counts once), then take its sequence of this book as the one to expect. Stopped
         midway (Redis away again, the call cancelled), it stays owed (``_putting_back``): every script refuses until
-        one goes through whole. Its own scripts had bumped the sequence, maybe to what the book saw, and a lost
-        settlement not sent again yet was forgotten: the next claim passed the check, granted $3 with $6 of spend
-        uncounted under a $10 limit (a review: ``test_budget_faults_hunt.py``)."""
+        one goes through whole. Before (a review), the next claim passed the check with a lost settlement not sent
+        again yet: $3 granted with $6 of spend uncounted under a $10 limit (``test_budget_faults_hunt.py``)."""
         self._putting_back = True
         t = time.monotonic()
         for kept in (self._settled, self._charged):  # older ones' markers may be gone: sent again, counted twice
