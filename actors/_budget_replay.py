@@ -15,7 +15,7 @@ import logging
 import math
 import secrets
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from actors._budget_scripts import BOOK_SEQ
 from actors._journal_watch import refuses_info
@@ -99,6 +99,11 @@ class ServerWatch:
         self._seq = -1  # the highest its scripts answered since its writes were last put back; -1: none yet
         self._epoch = 0  # bumped when they were: what answers a script sent before says nothing of the Redis now
         self._putting_back = False
+        # The numbers its scripts answered in this epoch above the lowest one a script in flight was sent with, and
+        # those sent ones (want -> scripts): one answered twice tells writes lost under a script in flight (``_run``).
+        self._seen: set[int] = set()
+        self._flying: Counter[int] = Counter()
+        self._prune_at = 1024
         self.lost_writes = 0  # times a script found writes of this book gone (they were put back before it ran)
 
     def _arm_watch(self) -> None:
@@ -153,11 +158,20 @@ class ServerWatch:
             # While they are put back (or owed: a put-back stopped midway), a call that passed the watch before is
             # refused and waits for all of them.
             want = -2 if not check else 2**53 if self._putting_back else self._seq
-            tag, value = await script(keys=[self.route[0], self._seq_key],
-                                      args=[*args, int(self.reservation_ttl_s) + SEQ_SLACK_S, want])
+            self._flying[want] += 1
+            try:
+                tag, value = await script(keys=[self.route[0], self._seq_key],
+                                          args=[*args, int(self.reservation_ttl_s) + SEQ_SLACK_S, want])
+            finally:
+                self._flying[want] -= 1
+                if not self._flying[want]:
+                    del self._flying[want]
             if tag not in (b"lost", "lost"):
-                if check and epoch == self._epoch:
-                    self._seq = max(self._seq, int(tag))
+                if check and epoch == self._epoch and self._numbered(int(tag)):
+                    # A script sent before this book saw the writes lost passed the check (its number taken then)
+                    # and took a number answered already: its answer stands, what was lost is put back before
+                    # the next decision. Before (a review), no later script was refused: forgotten for good.
+                    await self._writes_lost(epoch, int(tag), twice=True)
                 return value
             await self._writes_lost(epoch, int(value))
         from redis.exceptions import RedisError
@@ -165,13 +179,28 @@ class ServerWatch:
         raise RedisError(f"the ledger's Redis lost this book's writes again each time they were put back "
                          f"({SEQ_TRIES} times; its key {self._seq_key} evicted or deleted?)")
 
-    async def _writes_lost(self, epoch: int, have: int) -> None:
+    def _numbered(self, n: int) -> bool:
+        """Take ``n``, a number a script of this epoch answered; True when one answered it already (a Redis that
+        kept its writes never does). Only numbers above the lowest a script in flight was sent with can come again
+        (a script refused below them), so only those are kept."""
+        twice = n in self._seen
+        self._seen.add(n)
+        self._seq = max(self._seq, n)
+        if len(self._seen) > self._prune_at:  # at twice what was kept last time: linear in the numbers answered
+            low = min(self._flying, default=self._seq)
+            self._seen = {k for k in self._seen if k > low}
+            self._prune_at = max(1024, 2 * len(self._seen))
+        return twice
+
+    async def _writes_lost(self, epoch: int, have: int, twice: bool = False) -> None:
         async with self._watch:
             if epoch != self._epoch:  # put back meanwhile, by another call or the watch
                 return
             owed = self._putting_back  # a put-back stopped midway: made again (``_check_server``), not a new find
             self.lost_writes += not owed
-            await self._check_server(lost="" if owed else f"the book's sequence there {have}, {self._seq} seen")
+            found = (f"the book's sequence {have} answered twice" if twice else
+                     f"the book's sequence there {have}, {self._seq} seen")
+            await self._check_server(lost="" if owed else found)
 
     async def _check_server(self, lost: str = "") -> None:
         """``lost``: a script found writes of this book gone (what it found); they are put back whichever process
@@ -233,6 +262,7 @@ class ServerWatch:
                                                    args=[self.prefix, 0, int(self.reservation_ttl_s) + SEQ_SLACK_S,
                                                          -1]))[0])
         self._epoch += 1
+        self._seen.clear()  # the numbers of the epoch before may be answered again: the Redis now lacked them
         self._putting_back = False
         old = (self.server or "?")[:8]
         what = ([f"another Redis process answers (run_id {sid[:8]}, was {old})"] if sid and sid != self.server else [])

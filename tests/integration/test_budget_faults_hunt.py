@@ -253,6 +253,49 @@ def test_a_script_sent_before_a_put_back_began_and_run_during_it_is_refused(own_
     assert (spent, reserved) == (pytest.approx(6.0), pytest.approx(2.0))
 
 
+def test_a_loss_a_script_in_flight_numbered_over_again_is_put_back_at_its_answer(own_redis):
+    """A $5 claim's script takes the book's sequence (1) and is slow to reach Redis; meanwhile a $6 claim is granted
+    (the sequence at 2), and Redis loses that write under the same run_id. The $5 script then passes the check there
+    (1 against 1) and bumps the sequence to 2 again, what the book saw: before (a review), no later script found the
+    loss, the $6 claim was never reserved again, and the next claims were granted its room ($0.50 here, $4 more
+    possible) under a $10 limit. A Redis that kept its writes never answers a number twice: now the book puts back
+    at that answer. What the script in flight was granted stands (its claim over the limit by at most that)."""
+    import redis.asyncio as aioredis
+
+    from actors.budget_redis import RedisBudgetBook
+
+    spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
+
+    async def go():
+        client = aioredis.Redis.from_url(own_redis.url)
+        book = RedisBudgetBook(client, [spec], prefix="sbtest-twice")
+        reserve, waiting, resume = book._reserve, asyncio.Event(), asyncio.Event()
+
+        async def slow(**kw):  # the first script after the snapshot: its sequence taken, it reaches Redis late
+            if not waiting.is_set():
+                waiting.set()
+                await resume.wait()
+            return await reserve(**kw)
+        try:
+            assert (await book.reserve_many(_claims("a", usd=1.0), 100.0))[0].ok
+            own_redis.client().save()
+            book._reserve = slow
+            late = asyncio.ensure_future(book.reserve_many(_claims("m", usd=5.0), 100.0))
+            await waiting.wait()
+            assert (await book.reserve_many(_claims("z", usd=6.0), 100.0))[0].ok
+            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")  # the $6 claim lost
+            resume.set()
+            await asyncio.wait_for(late, 10)
+            (after,) = await book.reserve_many(_claims("n", usd=0.5), 100.0)
+            return after, await book.window(spec, 100.0), book.lost_writes, book.reopened
+        finally:
+            book.stop_watch()
+            await client.aclose()
+    after, (spent, reserved), found, reopened = asyncio.run(go())
+    assert not after.ok, f"$0.50 granted with ${reserved} held under $10, the $6 claim forgotten"
+    assert (spent, reserved) == (0.0, pytest.approx(12.0)) and (found, reopened) == (1, 1)
+
+
 def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, monkeypatch):
     """A call that came while the book was reserving its lost claims again saw the server checked and went on: its
     claim was granted the room they were about to take back."""
