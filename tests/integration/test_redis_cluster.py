@@ -167,7 +167,11 @@ def test_the_cache_on_a_cluster_reads_and_writes_keys_of_every_node(redis_cluste
 
 
 def test_the_journal_on_a_cluster_keeps_an_engine_s_spaces_on_one_node_and_watches_it(redis_cluster):
-    """An engine's journal spaces live under one hash tag: on one node, whose ``run_id`` the watch reads."""
+    """An engine's journal spaces live under one hash tag: on one node, whose ``run_id`` the watch reads. The
+    dispatcher's seal (``actors._journal_seal``) too: written in the records' transaction, in another slot it would
+    fail every write with CROSSSLOT (a review's check)."""
+    from actors._journal_seal import JournalSeal
+    from actors.hub import ResultHub
     from actors.journal import RedisJournal
 
     rewrites = []
@@ -177,7 +181,7 @@ def test_the_journal_on_a_cluster_keeps_an_engine_s_spaces_on_one_node_and_watch
 
     async def go():
         j = RedisJournal(redis_cluster.urls[1], f"sbtest-cl-journal{next(_prefix)}", "eng@1", timeout_s=2.0,
-                         rewrite=rewrite, cluster=True)
+                         rewrite=rewrite, cluster=True, seal=JournalSeal(ResultHub(), "dispatcher:openai"))
         try:
             for space in ("batches:openai", "calls:anthropic", "tally:openai"):
                 await j.put_many(space, {"k1": {"space": space}, "k2": [1, 2]})
@@ -185,13 +189,14 @@ def test_the_journal_on_a_cluster_keeps_an_engine_s_spaces_on_one_node_and_watch
             items = await j.items("calls:anthropic"), await j.items("batches:openai")
             await j.refresh()
             sid = await j.check_server()
+            assert not await j.lost_records()  # sealed: no loss read
             return j._base, items, sid
         finally:
             await j.close()
     base, (calls, batches), sid = asyncio.run(go())
     assert calls == {"k1": {"space": "calls:anthropic"}} and batches == {"k1": {"space": "batches:openai"}, "k2": [1, 2]}
     keys = [k for ks in redis_cluster.keys(base + "*").values() for k in ks]
-    assert {base + s for s in ("batches:openai", "calls:anthropic", "tally:openai")} <= set(keys)
+    assert {base + s for s in ("batches:openai", "calls:anthropic", "tally:openai", "~seal")} <= set(keys)
     assert rewrites == [1] and base.startswith("{") and len({key_slot(k.encode()) for k in keys}) == 1
     import redis
 
