@@ -12,6 +12,7 @@ import threading
 import time
 
 READY_S = 20.0  # the bound on each wait: a node's start, the cluster's agreement
+MANUAL_FAILOVER_S = 6.0  # past Redis's own 5 s bound on a manual failover, after which it gives it up
 
 
 def _drain(out) -> None:
@@ -197,6 +198,22 @@ class LocalCluster:
         proc.send_signal(sig)
         if sig == signal.SIGKILL:
             proc.wait(10)
+
+    def manual_failover(self, port: int) -> None:
+        """``CLUSTER FAILOVER`` on the replica at ``port``, asked again if Redis aborts it: a manual failover that has
+        not caught up with its master in 5 s (Redis's fixed bound) is dropped, which a loaded machine saw once
+        (the node never promoted); an operator would ask again. Then ``wait_master``."""
+        import redis
+
+        with redis.Redis(port=port, socket_timeout=2.0) as c:
+            for _ in range(3):
+                c.execute_command("CLUSTER", "FAILOVER")
+                end = time.monotonic() + MANUAL_FAILOVER_S
+                while c.execute_command("ROLE")[0] not in (b"master", "master") and time.monotonic() < end:
+                    time.sleep(0.02)  # polling the server's own state, bounded above: nothing to wait on instead
+                if c.execute_command("ROLE")[0] in (b"master", "master"):
+                    break
+        self.wait_master(port)
 
     def wait_master(self, port: int, dead: int | None = None) -> None:
         """Until the node at ``port`` is a master and every node but ``dead`` says the cluster is ok (bounded)."""

@@ -250,9 +250,7 @@ def test_a_manual_failover_of_the_ledger_s_master_loses_nothing_and_its_replay_c
             await ctl.check_ledger()
             assert all(v.ok for v in await ctl.reserve_many(_claims("m0", "m1", "m2", "m3")))
             await ctl.settle_many([("m0", 0.5), ("m1", 0.7)])
-            with redis.Redis(port=replica, socket_timeout=2.0) as r:
-                r.execute_command("CLUSTER", "FAILOVER")
-            cl.wait_master(replica)
+            cl.manual_failover(replica)
             await ctl.settle_many([("m2", 0.2)])
             new, end = _run_id(replica), time.monotonic() + 10
             while ctl.book.server != new:  # m3 open: the watch reads the node once a second
