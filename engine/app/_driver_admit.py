@@ -3,10 +3,11 @@ within ``max_pending``, and the resolution that frees it. Its state is the engin
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from engine.app._driver_reject import check_ids
+from engine.app._driver_reject import check_ids, listed
 from engine.app._future import ResultFuture
 from engine.core.errors import EngineStopped, Overloaded, RequestError
 from engine.core.request import Request
@@ -25,7 +26,7 @@ class Admitting:
     def _replay_order(self, requests: Sequence[Request | Mapping]) -> list[Request]:
         """``requests`` checked, all before any is sent (an id twice with other content too: it raised when the
         second one's arrival came, the first already sent), sorted by arrival. A dict without one arrives at 0."""
-        given = [self._as_request(r, k, now=0.0) for k, r in enumerate(requests)]
+        given = [self._as_request(r, k, now=0.0) for k, r in enumerate(listed(requests, "replay"))]
         # Without the lock (a million requests would hold it a second from every resolution): a look only, the
         # admission of each slice checks again under it.
         check_ids(given, self._futs)
@@ -56,9 +57,12 @@ class Admitting:
             deadline = time.monotonic() + self._submit_timeout_s
             while new and self._pending + len(new) > self._max_pending and self._pending > 0:
                 left = deadline - time.monotonic()
-                if self._overload == "raise" or left <= 0:
+                if self._overload == "raise" or left <= 0 or self._delivering():
+                    # (in the result thread, a done-callback's submit: that thread frees the room it would wait for)
                     raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}); "
-                                     "retry later, or start the engine with a larger max_pending")
+                                     "retry later, or start the engine with a larger max_pending" +
+                                     (" (a done-callback waits for room in the thread that frees it: submit from a "
+                                      "thread of your own)" if self._delivering() else ""))
                 seen = self._admits
                 self._room.wait(left)
                 if not self._running or self._gone is not None:
@@ -81,6 +85,11 @@ class Admitting:
             if self._idle:
                 self._wake.set()
         return [futs[r.uid] for r in reqs], bool(new)
+
+    def _delivering(self) -> bool:
+        """Whether this thread is the one that delivers results (``_pull_loop``, and so a done-callback's): a wait
+        there for a result, or for the room a result frees, could only end by its timeout, every result held."""
+        return threading.current_thread() is getattr(self, "_puller", None)
 
     def _take_kept(self, kept: list[Request], futs: dict[str, ResultFuture]) -> None:
         """Register the futures of ``kept``, to resolve with their kept answers once the lock is let go

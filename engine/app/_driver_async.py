@@ -12,7 +12,14 @@ from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer
 from engine.app._driver_owners import body_of
 from engine.app._driver_pull import FORGET_WAIT_S
-from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
+from engine.app._driver_reject import (
+    OnInvalid,
+    check_on_invalid,
+    listed,
+    reject_taken,
+    validated,
+    with_rejected,
+)
 from engine.core.errors import EngineStopped, ProviderError
 from engine.core.request import Request
 from engine.core.result import Result
@@ -43,7 +50,7 @@ class AsyncSubmit:
         """``submit_many`` for asyncio: the ``Result`` of each request, in the order given. A bad request
         raises ``RequestError`` before any is queued; with ``on_invalid="reject"`` it is its own ``rejected``
         result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are queued."""
-        futs = await self.asubmit_futures(requests, on_invalid=on_invalid)
+        futs = await self.asubmit_futures(listed(requests, "asubmit_many"), on_invalid=on_invalid)
         return list(await asyncio.gather(*(_awaited(f) for f in futs)))
 
     async def asubmit_futures(self, requests: Iterable[Request | Mapping], *,
@@ -52,7 +59,7 @@ class AsyncSubmit:
         ``as_completed``) once queued. Where the engine is full it waits for room in a worker thread, never on
         the loop, as ``submit_many`` called from a coroutine would (it blocked the loop until room freed)."""
         check_on_invalid(on_invalid)
-        requests = list(requests)
+        requests = listed(requests, "asubmit_futures")
         await self.know_owners(body_of(r) for r in requests)  # an id another driver learnt (``_driver_owners``)
         if on_invalid == "raise":
             return await self._asubmit_futures(requests)

@@ -43,6 +43,10 @@ class Pulling:
             open_ = [f for f in self._futs.values() if not f.done()]
         if not open_:
             return 0
+        if self._delivering():  # (as ``ResultFuture.result`` refuses it there)
+            raise ConfigError(f"drain() was called in the engine's result thread (a done-callback runs there) with "
+                              f"{len(open_)} request(s) open: that thread delivers the results it would wait for, so "
+                              "it would wait for good; drain from a thread of your own")
         self._flush()  # what the flush thread has not sent yet leaves now, not after its next wake-up
         return len(concurrent.futures.wait(open_, timeout=timeout_s).not_done)
 

@@ -18,7 +18,8 @@ from engine.core.errors import ConfigError, RequestError
 from engine.core.request import Request
 from engine.core.result import ID_TAKEN, Result
 
-__all__ = ["INVALID", "OnInvalid", "check_ids", "check_on_invalid", "reject_taken", "rejected", "validated", "with_rejected"]
+__all__ = ["INVALID", "OnInvalid", "check_ids", "check_on_invalid", "listed", "reject_taken", "rejected", "validated",
+           "with_rejected"]
 
 INVALID = "invalid_request"  # the ``error`` of a request ``on_invalid="reject"`` refused
 OnInvalid = Literal["raise", "reject"]
@@ -29,6 +30,18 @@ def check_on_invalid(on_invalid: object) -> None:
         raise ConfigError(f"on_invalid must be 'raise' (a bad request raises RequestError, nothing is queued) or "
                           f"'reject' (a bad request is its own rejected result, the others are queued), got "
                           f"{on_invalid!r}")
+
+
+def listed(requests: Any, call: str) -> list:
+    """``requests`` as a list; one request given alone (a dict, a ``Request``), a string or what is not iterable is
+    refused whole, naming ``requests``. A dict was read as its keys: a ``RequestError`` "a request is a dict (or a
+    Request), got str" for the dict the user gave, and with ``on_invalid="reject"`` one rejected result per key
+    (``#0``, ``#1``, ...) and no error at all; None raised a bare TypeError (a helper's hunt, stop 77)."""
+    if isinstance(requests, (Mapping, Request, str, bytes)) or not isinstance(requests, Iterable):
+        got = "one request" if isinstance(requests, (Mapping, Request)) else f"a {type(requests).__name__}"
+        raise RequestError(None, "requests", f"{call}() takes an iterable of requests (a list of dicts or Requests), "
+                           f"got {got}: put it in a list, or give one request to submit()")
+    return list(requests)
 
 
 def rejected(given: Any, exc: RequestError) -> concurrent.futures.Future:

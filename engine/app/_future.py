@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import concurrent.futures
-from typing import TYPE_CHECKING
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from engine.core.errors import ConfigError
 from engine.core.request import Request
 
 if TYPE_CHECKING:
     from engine.app.driver import Engine
 
 __all__ = ["ResultFuture"]
+
+log = logging.getLogger("smartbatch")
 
 
 class ResultFuture(concurrent.futures.Future):
@@ -38,6 +44,43 @@ class ResultFuture(concurrent.futures.Future):
         cancelled future would never take its result, and so never leave that place: after ``max_pending`` of
         them every ``submit`` was refused for good. Stop waiting with ``result(timeout=...)`` instead."""
         return False
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._not_in_delivery("result")
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._not_in_delivery("exception")
+        return super().exception(timeout)
+
+    def add_done_callback(self, fn: Callable[[ResultFuture], object]) -> None:
+        """As ``concurrent.futures.Future``'s (an ``Exception`` it raises is logged), and a ``SystemExit`` (a
+        ``sys.exit()``) or another ``BaseException`` it raises in one of the engine's threads is logged too: it
+        ended the thread that delivers every result (each later one then waited for good) and skipped the future's
+        other callbacks (an ``asubmit`` awaiting it). There it could end no process anyway (``sys.exit()`` ends the
+        process only from the main thread, where it still goes on up)."""
+        def guarded(fut: ResultFuture) -> None:
+            try:
+                fn(fut)
+            except Exception:
+                raise
+            except BaseException as exc:
+                if threading.current_thread() is threading.main_thread():
+                    raise
+                log.error("a done-callback of request %r raised %s in the engine's result thread, which delivers every "
+                          "result and which it cannot end: ignored (end the script from the main thread, e.g. with a "
+                          "flag it reads)", self.request_id, type(exc).__name__, exc_info=True)
+
+        super().add_done_callback(guarded)
+
+    def _not_in_delivery(self, what: str) -> None:
+        """Refuse a wait that could never end: in the thread that delivers results (a done-callback), for a result
+        that thread has not delivered yet. It waited for good (or its whole timeout), every later result with it."""
+        if not self.done() and self._engine is not None and self._engine._delivering():
+            raise ConfigError(f"{what}() of request {self.request_id!r}, not finished yet, was called in the engine's "
+                              "result thread (a done-callback runs there): that thread delivers the result it would "
+                              "wait for, so it would wait for good and hold every other result. In a callback, add a "
+                              "callback to this future too, or wait for it in a thread of your own (an executor)")
 
     def object_ref(self):
         """An ``ObjectRef`` that resolves to this request's ``Result`` (the same one each call)."""

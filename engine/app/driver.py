@@ -26,9 +26,17 @@ from engine.app._driver_budgets import LiveBudgeting
 from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_owners import SharedOwners
 from engine.app._driver_pull import Pulling
-from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
+from engine.app._driver_reject import (
+    OnInvalid,
+    check_on_invalid,
+    listed,
+    reject_taken,
+    validated,
+    with_rejected,
+)
 from engine.app._driver_resume import take_back
 from engine.app._driver_shared import SharedEngine, check_not_stopping, init_ray, stale_engine
+from engine.app._driver_stop import Stopping
 from engine.app._future import ResultFuture
 from engine.app._start_args import check_start_args
 from engine.app._supervise import Supervised, port_of
@@ -47,7 +55,8 @@ __all__ = ["Engine", "ResultFuture"]
 log = logging.getLogger("smartbatch")
 
 
-class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, SharedEngine, SharedOwners, Supervised):
+class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, SharedEngine, SharedOwners, Stopping,
+             Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
@@ -216,70 +225,6 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
             raise
         return eng
 
-    def stop(self, timeout_s: float = 5.0, *, drain_s: float = 0.0) -> None:
-        """Flush, stop the threads and (for an engine this driver started, not detached) the actors; any future
-        still open resolves as failed, so none hangs. A driver of a shared engine leaves it running: its
-        open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
-        ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
-        long for what its provider batches finished (billed) to be answered (``cancel``, ``wait_cancelled``;
-        Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``.
-        A Redis budget ledger's settlements waiting for its Redis get up to ``journal.ledger_wait_s``, then go to
-        ``journal.ledger_dir`` for the next engine on that ledger (``report()["budget"]["ledger"]["left_at_stop"]``)."""
-        try:
-            self._drain_before_stop(drain_s)
-        except KeyboardInterrupt:  # (one that lands between its own guards): the stop below must still run
-            pass
-        with self._lock:  # from here on a submit is refused: none can slip in after the last flush below
-            if not self._running:
-                return
-            self._running = False
-        self._wake.set()
-        me = threading.current_thread()  # a result's callback may call stop() in the thread that delivers it
-        for t in (self._flusher, self._puller, self._checker):
-            if t is not me:
-                t.join(timeout_s)
-        try:
-            self._flush()
-            self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
-            clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
-            self._fail_open(self._stop_error())
-            with self._room:
-                self._room.notify_all()  # a submit waiting for room learns the engine stopped
-            from actors.remote import kill_engine
-
-            if self._owner:
-                try:
-                    self._keep_last_report()  # report() after stop() answers with it
-                finally:  # a Ctrl-C while it is read: the actors go all the same (they ran on, a batch billed)
-                    kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
-                                self._h.get("budget"), self._keep_ledger)
-                if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
-                    self._kept.finish(clean, self._h.get("journal", self.name))
-            else:  # the ids only this driver held are forgotten after its retention window, as it would have
-                for h in self._h["hubs"]:
-                    h.leave.remote(self._client)
-                for i in self._h["ingests"]:
-                    i.leave.remote(self._client, self._retention_s)
-        finally:  # raised or not, this engine no longer runs: the next stop() returns at once, above
-            Engine._running_engines.discard(self)
-            driver_gc.engine_stopped()  # the user's collector is theirs again, even on this error path
-        if self._started_ray:
-            heir = next(iter(Engine._running_engines), None)
-            if heir is None:
-                self._ray.shutdown()
-            else:  # another engine still runs on this Ray: it shuts Ray down when it stops
-                heir._started_ray = True
-
-    def __enter__(self) -> Engine:
-        return self
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        # Left on an error, a Ctrl-C or a SIGTERM, the job has not ended even with nothing open (a script that
-        # failed between two submits): what a killed run of it paid for stays for the next run (``_kept``).
-        self._cut_short = exc_type is not None and not (issubclass(exc_type, SystemExit)
-                                                        and getattr(exc[0], "code", 1) in (0, None))
-        self.stop(drain_s=self._drain_on_exit(exc_type))
-
     def now(self) -> float:
         return self.clock.now()
 
@@ -300,7 +245,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
                 raise RequestError(r.id, exc.field, str(exc), at) from None
             return self._owned(r, at)
         if not isinstance(r, Mapping):
-            raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}", at)
+            several = "; several requests go to submit_many()" if isinstance(r, (list, tuple)) and at is None else ""
+            raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}{several}",
+                               at)
         d = dict(r)
         d.setdefault("arrival_s", max(self.clock.now() if now is None else now, 0.0))
         try:
@@ -358,7 +305,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are
         queued. The futures are in the order given."""
         check_on_invalid(on_invalid)
-        now, requests = self.clock.now(), list(requests)
+        now, requests = self.clock.now(), listed(requests, "submit_many")
         self._ask_owners(requests)  # once for them all
         reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
         reqs = self._forgotten(reqs)

@@ -1,0 +1,111 @@
+"""A driver's stop (a mixin of ``Engine``): ``stop()`` and the ``with`` block's exit. The stop runs once, whoever
+calls it: a second caller (another thread, a signal handler's, a ``with`` block left while a watchdog stops the
+engine) returns once the first has ended, so what it does next (``report()``, leaving the process) finds the engine
+stopped. It returned at once instead, with the actors still running and no report kept yet: ``report()`` said the
+report "could not be read then" while the first stop was still keeping it (a helper's hunt, stop 77)."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.app.driver import Engine
+
+__all__ = ["Stopping"]
+
+
+class Stopping:
+    """Mixed into ``Engine``; uses its state (``Engine.__init__``) and the ``SharedEngine`` drain."""
+
+    _stopping: threading.Event | None = None  # made by the first stop(), set once it has ended
+    _stopper: threading.Thread | None = None  # the thread that runs it
+    _cut_short = False  # left its ``with`` block on an error: the job did not end (``__exit__``)
+
+    def stop(self, timeout_s: float = 5.0, *, drain_s: float = 0.0) -> None:
+        """Flush, stop the threads and (for an engine this driver started, not detached) the actors; any future
+        still open resolves as failed, so none hangs. A driver of a shared engine leaves it running: its
+        open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
+        ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
+        long for what its provider batches finished (billed) to be answered (``cancel``, ``wait_cancelled``;
+        Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``.
+        A Redis budget ledger's settlements waiting for its Redis get up to ``journal.ledger_wait_s``, then go to
+        ``journal.ledger_dir`` for the next engine on that ledger (``report()["budget"]["ledger"]["left_at_stop"]``).
+        Called again, from any thread, it returns once the first call has ended."""
+        if not self._first_stop():
+            return
+        try:
+            self._stop(timeout_s, drain_s)
+        finally:
+            self._stopping.set()
+
+    def _first_stop(self) -> bool:
+        """Whether this is the engine's first ``stop()``; if not, wait for that one to end, except in its own thread
+        (a callback of a future it fails) or in a thread it joins (the result thread's callback)."""
+        me = threading.current_thread()
+        with self._lock:
+            first = self._stopping is None
+            if first:
+                self._stopping, self._stopper = threading.Event(), me
+        if not first and me is not self._stopper and me not in (self._flusher, self._puller, self._checker):
+            self._stopping.wait()
+        return first
+
+    def _stop(self, timeout_s: float, drain_s: float) -> None:
+        try:
+            self._drain_before_stop(drain_s)
+        except KeyboardInterrupt:  # (one that lands between its own guards): the stop below must still run
+            pass
+        with self._lock:  # from here on a submit is refused: none can slip in after the last flush below
+            if not self._running:
+                return
+            self._running = False
+        self._wake.set()
+        me = threading.current_thread()  # a result's callback may call stop() in the thread that delivers it
+        for t in (self._flusher, self._puller, self._checker):
+            if t is not me:
+                t.join(timeout_s)
+        from engine.runtime.collector import driver_gc
+
+        running: Any = type(self)._running_engines
+        try:
+            self._flush()
+            self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
+            clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
+            self._fail_open(self._stop_error())
+            with self._room:
+                self._room.notify_all()  # a submit waiting for room learns the engine stopped
+            from actors.remote import kill_engine
+
+            if self._owner:
+                try:
+                    self._keep_last_report()  # report() after stop() answers with it
+                finally:  # a Ctrl-C while it is read: the actors go all the same (they ran on, a batch billed)
+                    kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
+                                self._h.get("budget"), self._keep_ledger)
+                if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
+                    self._kept.finish(clean, self._h.get("journal", self.name))
+            else:  # the ids only this driver held are forgotten after its retention window, as it would have
+                for h in self._h["hubs"]:
+                    h.leave.remote(self._client)
+                for i in self._h["ingests"]:
+                    i.leave.remote(self._client, self._retention_s)
+        finally:  # raised or not, this engine no longer runs
+            running.discard(self)
+            driver_gc.engine_stopped()  # the user's collector is theirs again, even on this error path
+        if self._started_ray:
+            heir = next(iter(running), None)
+            if heir is None:
+                self._ray.shutdown()
+            else:  # another engine still runs on this Ray: it shuts Ray down when it stops
+                heir._started_ray = True
+
+    def __enter__(self) -> Engine:
+        return self  # type: ignore[return-value]
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        # Left on an error, a Ctrl-C or a SIGTERM, the job has not ended even with nothing open (a script that
+        # failed between two submits): what a killed run of it paid for stays for the next run (``_kept``).
+        self._cut_short = exc_type is not None and not (issubclass(exc_type, SystemExit)
+                                                        and getattr(exc[0], "code", 1) in (0, None))
+        self.stop(drain_s=self._drain_on_exit(exc_type))

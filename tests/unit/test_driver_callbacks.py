@@ -1,0 +1,148 @@
+"""A driver script's callbacks, stops and bulk calls, as a demanding user writes them (a helper's hunt of the driver
+API, stop 77): a done-callback runs in the thread that delivers every result, so whatever it does there must
+neither end that thread nor wait for it; a second ``stop()`` returns once the engine has stopped; a bulk call given
+one request alone says so. The real driver code over fake handles (``test_driver_lanes._engine``); no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+
+import pytest
+
+from engine.core.errors import ConfigError, Overloaded, RequestError
+from engine.core.result import Result
+from tests.unit.test_driver_lanes import _engine, req
+
+
+class _Hub:
+    """One hub shard whose first pull answers ``results`` and whose second ends the loop (the engine stops)."""
+
+    def __init__(self, eng, results: list[Result]) -> None:
+        self.eng, self.results, self.pull = eng, results, self
+
+    def remote(self, *args):
+        return "pull"
+
+    def get(self, ref):
+        if self.results:
+            got, self.results = self.results, []
+            return got
+        self.eng._running = False
+        return []
+
+
+def _deliver(e, results: list[Result]) -> None:
+    """Run the driver's own pull loop, in a thread of its own (``_puller``), over one pull of ``results``."""
+    hub = _Hub(e, results)
+    e._h["hubs"], e._ray = [hub], hub
+    e._puller = threading.Thread(target=e._pull_loop)
+    e._puller.start()
+    e._puller.join(30)
+    assert not e._puller.is_alive()
+
+
+def test_a_done_callback_that_exits_leaves_the_result_thread_delivering_and_the_futures_other_callbacks_run(monkeypatch):
+    """``sys.exit()`` in a callback (a script that ends the job at its first failure) ran in the result thread: it
+    ended that thread, so every later result waited for good (the engine re-admitted them past their deadlines and
+    nobody pulled), and the future's other callbacks (an ``asubmit`` awaiting it) never ran."""
+    import sys
+
+    e = _engine(monkeypatch)
+    a, b = e.submit(req(1)), e.submit(req(2))
+    seen: list[str] = []
+    a.add_done_callback(lambda f: sys.exit(1))
+    a.add_done_callback(lambda f: seen.append(f.result().id))
+    _deliver(e, [Result(id="r1", status="ok"), Result(id="r2", status="ok")])
+    assert seen == ["r1"]
+    assert b.done() and b.result(0).id == "r2"
+    assert e._pending == 0
+
+
+def test_a_done_callback_that_waits_for_what_the_result_thread_delivers_is_refused_at_once(monkeypatch):
+    """A callback chaining requests (``submit`` the next, then ``result()``), or one that calls ``drain()``, waited in
+    the only thread that could deliver what it waited for: every result held for its timeout, or for good without
+    one. A submit there that finds the engine full waited ``submit_timeout_s`` the same way. Each now raises at once,
+    saying why; the callback's own request and the others are delivered."""
+    e = _engine(monkeypatch)
+    e._max_pending, e._submit_timeout_s = 2, 5.0
+    a, b = e.submit(req(1)), e.submit(req(2))
+    got: dict[str, object] = {}
+
+    def chain(f) -> None:
+        nxt = e.submit(req(3))  # the room a's result freed
+        for what, call in (("result", lambda: nxt.result(timeout=5)), ("drain", lambda: e.drain(timeout_s=5)),
+                           ("submit", lambda: e.submit(req(4)))):
+            try:
+                got[what] = call()
+            except Exception as exc:  # noqa: BLE001 - the test reads what each raised
+                got[what] = exc
+
+    a.add_done_callback(chain)
+    _deliver(e, [Result(id="r1", status="ok"), Result(id="r2", status="ok")])
+    assert isinstance(got["result"], ConfigError) and "result thread" in str(got["result"]), got
+    assert isinstance(got["drain"], ConfigError) and "result thread" in str(got["drain"]), got
+    assert isinstance(got["submit"], Overloaded) and "done-callback" in str(got["submit"]), got
+    assert b.done() and b.result(0).status == "ok"
+    # From another thread the same wait is a wait, as ever.
+    with pytest.raises(concurrent.futures.TimeoutError):
+        e._futs[req(3).uid].result(timeout=0.01)
+
+
+def test_a_second_stop_from_another_thread_returns_once_the_engine_has_stopped(monkeypatch):
+    """Two threads stop the engine (a watchdog and the ``with`` block's exit, a signal handler's thread): the
+    second returned at once, while the first was still keeping the report and stopping the actors, and its
+    ``report()`` said the report "could not be read then"."""
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    keeping, gate = threading.Event(), threading.Event()
+
+    def keep_last_report() -> None:  # the first stop reads the report the engine keeps ...
+        keeping.set()
+        assert gate.wait(30)
+        e._last_report = {"kept": True}
+
+    monkeypatch.setattr(e, "_keep_last_report", keep_last_report)
+    first = threading.Thread(target=e.stop)
+    first.start()
+    assert keeping.wait(30)  # ... and is in it
+    second_done, second_saw = threading.Event(), []
+
+    def second() -> None:
+        e.stop()
+        try:
+            second_saw.append(e.report())
+        except Exception as exc:  # noqa: BLE001 - the test reads what report() raised
+            second_saw.append(exc)
+        second_done.set()
+
+    t = threading.Thread(target=second)
+    t.start()
+    returned_early = second_done.wait(0.3)  # a bound on a call that, fixed, must not return yet
+    gate.set()
+    first.join(30)
+    t.join(30)
+    assert not returned_early, second_saw
+    assert second_saw == [{"kept": True}]
+
+
+@pytest.mark.parametrize("given, said", [({"id": "one", "model": "gpt-5.4-mini", "prompt": "hi"}, "got one request"),
+                                         ("abc", "got a str"), (None, "got a NoneType")])
+def test_a_bulk_call_given_one_request_alone_or_no_iterable_is_refused_naming_requests(monkeypatch, given, said):
+    """``submit_many(one_dict)`` read the dict as its keys: "a request is a dict (or a Request), got str", for the
+    dict the user gave, and with ``on_invalid="reject"`` three rejected results (#0, #1, #2) and no error at all;
+    ``submit_many(None)`` raised a bare TypeError. Refused whole now, nothing queued, in every bulk call."""
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    e = _bulk_engine(monkeypatch)
+    calls = [lambda: e.submit_many(given), lambda: e.submit_many(given, on_invalid="reject"),
+             lambda: e.replay(given), lambda: asyncio.run(e.asubmit_many(given, on_invalid="reject")),
+             lambda: asyncio.run(e.asubmit_futures(given))]
+    for call in calls:
+        with pytest.raises(RequestError, match=f"field 'requests': .*takes an iterable of requests.*{said}") as exc:
+            call()
+        assert exc.value.field == "requests"
+    assert e._futs == {} and e._buffer == []
+    with pytest.raises(RequestError, match="got list; several requests go to submit_many"):
+        e.submit([{"id": "one", "model": "gpt-5.4-mini", "prompt": "hi"}])
