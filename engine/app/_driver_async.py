@@ -78,7 +78,10 @@ class AsyncSubmit:
         loop = asyncio.get_running_loop()
         arrived: asyncio.Queue = asyncio.Queue()  # futures, in the order they finished
 
-        def from_thread(f: concurrent.futures.Future) -> None:  # runs in the thread that resolved f
+        # Runs in the thread that resolved f: a ResultFuture's, or the loop of an asyncio future, which may be
+        # another loop's (a task made in another thread). Put there straight into the queue, from that loop's
+        # thread, it woke nothing here: this loop slept on until some timer of its own, for good without one.
+        def from_thread(f: Any) -> None:
             try:
                 loop.call_soon_threadsafe(arrived.put_nowait, f)
             except RuntimeError:  # the loop has closed: nobody waits for this any more
@@ -92,7 +95,7 @@ class AsyncSubmit:
                 f = asyncio.ensure_future(f)
             todo.setdefault(id(f), f)
         for f in todo.values():
-            f.add_done_callback(from_thread if isinstance(f, concurrent.futures.Future) else arrived.put_nowait)
+            f.add_done_callback(from_thread)
         deadline = None if timeout is None else loop.time() + timeout
         for k in range(len(todo)):
             if arrived.empty():

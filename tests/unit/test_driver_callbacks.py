@@ -146,3 +146,35 @@ def test_a_bulk_call_given_one_request_alone_or_no_iterable_is_refused_naming_re
     assert e._futs == {} and e._buffer == []
     with pytest.raises(RequestError, match="got list; several requests go to submit_many"):
         e.submit([{"id": "one", "model": "gpt-5.4-mini", "prompt": "hi"}])
+
+
+def test_as_completed_wakes_for_an_awaitable_of_another_event_loop():
+    """``as_completed`` takes any awaitable: one of another event loop (a task made in another thread's loop) was
+    given a plain ``put_nowait`` callback, which ran in that loop's thread and woke nothing here, so this loop slept
+    on until a timer of its own fired (the whole ``timeout``), and for good without one. Two loops, each in a
+    thread of its own, and no timer: the answer arrives as soon as the other loop's future has it."""
+    from engine.app._driver_async import AsyncSubmit
+
+    loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+    threads = [threading.Thread(target=lp.run_forever, daemon=True) for lp in loops]
+    for t in threads:
+        t.start()
+    other, mine = loops
+
+    async def make_future():
+        return other.create_future()
+
+    async def collect(fut):
+        step = asyncio.ensure_future(AsyncSubmit().as_completed([fut]).__anext__())
+        await asyncio.sleep(0)  # the generator has its callback on fut and waits for it (no timer here)
+        other.call_soon_threadsafe(fut.set_result, "answered")
+        return await step
+
+    try:
+        fut = asyncio.run_coroutine_threadsafe(make_future(), other).result(5)
+        assert asyncio.run_coroutine_threadsafe(collect(fut), mine).result(5) == "answered"
+    finally:
+        for lp, t in zip(loops, threads):
+            lp.call_soon_threadsafe(lp.stop)
+            t.join(5)
+            lp.close()
