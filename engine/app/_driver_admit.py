@@ -32,9 +32,10 @@ class Admitting:
         check_ids(given, self._futs)
         return sorted(given, key=lambda r: r.arrival_s)
 
-    def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
+    def _admit(self, reqs: list[Request], gave_up: threading.Event | None = None) -> tuple[list[ResultFuture], bool]:
         """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
-        room as ``overload`` says. Holds the lock."""
+        room as ``overload`` says, unless ``gave_up`` is set meanwhile (``Overloaded``). Holds the lock."""
+        _check_waited(gave_up)  # (set before this call took the lock: its notify came before any wait here)
         if not self._running:
             raise EngineStopped("this engine was stopped; start a new one with Engine.start()" if self._owner else
                                 f"this driver left engine {self.name!r}; attach again with Engine.connect()")
@@ -65,6 +66,7 @@ class Admitting:
                                       "thread of your own)" if self._delivering() else ""))
                 seen = self._admits
                 self._room.wait(left)
+                _check_waited(gave_up)
                 if not self._running or self._gone is not None:
                     raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
                 if self._admits != seen:
@@ -163,6 +165,12 @@ class Admitting:
         """A called answer's response id (``raw``) is its tenant's; a copy from the cache carries its source's."""
         if res.status == "ok" and res.raw is not None:
             self.responses.learn(res.tenant, res.raw)
+
+
+def _check_waited(gave_up: threading.Event | None) -> None:
+    """Raise once an asyncio caller whose admission waits for room in a worker thread has stopped waiting."""
+    if gave_up is not None and gave_up.is_set():
+        raise Overloaded("the caller stopped waiting for room (its task was cancelled): its requests were not queued")
 
 
 def _same_content(r: Request, fut: ResultFuture) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,8 @@ class AsyncSubmit:
     async def asubmit(self, request: Request | Mapping) -> Result:
         """``submit`` for asyncio: queue one request and await its ``Result`` without blocking the event loop.
         Raises as ``submit`` does (``RequestError``, ``EngineStopped``, ``Overloaded``). Cancelling the awaiting
-        task ends the wait, not the request: it still runs, and its future is ``submit`` of the same id."""
+        task ends the wait, not the request: it still runs, and its future is ``submit`` of the same id (cancelled
+        while it still waits for room in a full engine, it was never queued)."""
         await self.know_owners([body_of(request)])
         (fut,) = await self._asubmit_futures([request])
         return await _awaited(fut)
@@ -121,8 +123,26 @@ class AsyncSubmit:
         if refs:  # an id being forgotten: sent only once it is (``Pulling._forget``)
             await asyncio.to_thread(self._ray.wait, refs, num_returns=len(refs), timeout=FORGET_WAIT_S)
         futs = self._admit_nowait(reqs)
-        if futs is None:  # no room: submit_many waits for it (up to submit_timeout_s) in a worker thread
-            futs = await asyncio.to_thread(self.submit_many, reqs)
+        if futs is None:  # no room: wait for it (up to submit_timeout_s) in a worker thread
+            gave_up = threading.Event()
+            try:
+                futs = await asyncio.to_thread(self._admit_waiting, reqs, gave_up)
+            except asyncio.CancelledError:
+                # The worker's wait ends now, its requests not queued: the caller never had them accepted. It waited
+                # on, and Ctrl-C reached the script only once it ended (asyncio.run joins its worker threads):
+                # submit_timeout_s later, its requests queued after all, as the engine stopped (a helper's hunt).
+                gave_up.set()
+                with self._room:
+                    self._room.notify_all()
+                raise
+        return futs
+
+    def _admit_waiting(self, reqs: list[Request], gave_up: threading.Event) -> list[ResultFuture]:
+        """``_admit_nowait`` that waits for room (a worker thread's call), unless ``gave_up`` is set meanwhile."""
+        with self._lock:
+            futs, _ = self._admit(reqs, gave_up)
+        self._give_kept()
+        self._flush()
         return futs
 
     def _admit_nowait(self, reqs: list[Request]) -> list[ResultFuture] | None:

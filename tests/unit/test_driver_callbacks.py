@@ -178,3 +178,25 @@ def test_as_completed_wakes_for_an_awaitable_of_another_event_loop():
             lp.call_soon_threadsafe(lp.stop)
             t.join(5)
             lp.close()
+
+
+def test_an_asubmit_cancelled_while_it_waits_for_room_leaves_at_once_its_request_not_queued(monkeypatch):
+    """``asubmit`` on a full engine waits for room in a worker thread. Its task cancelled there (``wait_for``'s
+    timeout, Ctrl-C in ``asyncio.run``), that thread waited on: ``asyncio.run`` joins it, so Ctrl-C reached the script
+    only ``submit_timeout_s`` later (60 s by default), and when room freed meanwhile the request was queued after
+    its caller had been told it was not (a new id for it then paid twice). The wait ends with the cancel now."""
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    e = _bulk_engine(monkeypatch)
+    e._max_pending, e._submit_timeout_s = 1, 30.0
+    (first,) = e.submit_many([{"id": "hold", "model": "gpt-5.4-mini", "prompt": "holds the one place"}])
+
+    async def go():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(e.asubmit({"id": "next", "model": "gpt-5.4-mini", "prompt": "waits"}), 0.05)
+        e._resolve(first, Result(id="hold", status="ok"))  # room, once the caller has stopped waiting
+
+    asyncio.run(go())  # (ends once its worker thread has: it joins them)
+    assert [f._req.id for f in e._futs.values()] == ["hold"] and e._pending == 0
+    (again,) = e.submit_many([{"id": "next", "model": "gpt-5.4-mini", "prompt": "waits"}])  # sent when asked again
+    assert not again.done() and e._pending == 1
