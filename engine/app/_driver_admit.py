@@ -21,6 +21,7 @@ class Admitting:
     _admits = 0  # submits that queued requests: a submit waiting for room looks again when it has moved
     _kept = None  # answers an earlier, killed run of the job paid for (``engine.app._driver_resume``)
     _kept_due: list  # (future, kept answer) to resolve once the lock is let go (``_give_kept``)
+    _failing: frozenset = frozenset()  # threads in ``_fail_each`` (replaced whole, under the lock)
     responses: ResponseOwners  # whose each response id is (``Engine.__init__``)
 
     def _replay_order(self, requests: Sequence[Request | Mapping]) -> list[Request]:
@@ -89,9 +90,26 @@ class Admitting:
         return [futs[r.uid] for r in reqs], bool(new)
 
     def _delivering(self) -> bool:
-        """Whether this thread is the one that delivers results (``_pull_loop``, and so a done-callback's): a wait
-        there for a result, or for the room a result frees, could only end by its timeout, every result held."""
-        return threading.current_thread() is getattr(self, "_puller", None)
+        """Whether this thread delivers results now, and so runs their done-callbacks: the pull thread, or one
+        failing what is open (``_fail_each``: a stop, the check thread). A wait there for a result, or for the room
+        a result frees, could only end by its timeout: every result held, or (a stop) the stop itself hung."""
+        me = threading.current_thread()
+        return me is getattr(self, "_puller", None) or me in self._failing
+
+    def _fail_each(self, uids: Sequence[str], error: str) -> None:
+        """Fail the open futures of ``uids``, one at a time (their callbacks run here)."""
+        me = threading.current_thread()
+        with self._lock:
+            self._failing = self._failing | {me}
+        try:
+            for uid in uids:
+                with self._lock:
+                    fut = self._futs.get(uid)
+                if fut is not None and not fut.done():
+                    self._resolve(fut, Result(id=fut.request_id, tenant=fut.tenant, status="failed", error=error))
+        finally:
+            with self._lock:
+                self._failing = self._failing - {me}
 
     def _take_kept(self, kept: list[Request], futs: dict[str, ResultFuture]) -> None:
         """Register the futures of ``kept``, to resolve with their kept answers once the lock is let go

@@ -44,7 +44,7 @@ class Pulling:
         if not open_:
             return 0
         if self._delivering():  # (as ``ResultFuture.result`` refuses it there)
-            raise ConfigError(f"drain() was called in the engine's result thread (a done-callback runs there) with "
+            raise ConfigError(f"drain() was called in a done-callback, in the thread that delivers results, with "
                               f"{len(open_)} request(s) open: that thread delivers the results it would wait for, so "
                               "it would wait for good; drain from a thread of your own")
         self._flush()  # what the flush thread has not sent yet leaves now, not after its next wake-up

@@ -75,12 +75,14 @@ class ResultFuture(concurrent.futures.Future):
 
     def _not_in_delivery(self, what: str) -> None:
         """Refuse a wait that could never end: in the thread that delivers results (a done-callback), for a result
-        that thread has not delivered yet. It waited for good (or its whole timeout), every later result with it."""
+        that thread has not delivered yet. It waited for good (or its whole timeout), every later result with it; in
+        a stop() failing what is open, the stop hung for good."""
         if not self.done() and self._engine is not None and self._engine._delivering():
-            raise ConfigError(f"{what}() of request {self.request_id!r}, not finished yet, was called in the engine's "
-                              "result thread (a done-callback runs there): that thread delivers the result it would "
-                              "wait for, so it would wait for good and hold every other result. In a callback, add a "
-                              "callback to this future too, or wait for it in a thread of your own (an executor)")
+            raise ConfigError(f"{what}() of request {self.request_id!r}, not finished yet, was called in a "
+                              "done-callback, in the thread that delivers results (the engine's result thread, or a "
+                              "stop() failing what is open): that thread delivers the result it would wait for, so "
+                              "it would wait for good and hold every other result. In a callback, add a callback to "
+                              "this future too, or wait for it in a thread of your own (an executor)")
 
     def object_ref(self):
         """An ``ObjectRef`` that resolves to this request's ``Result`` (the same one each call)."""

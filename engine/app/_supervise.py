@@ -22,8 +22,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from engine.core.result import Result
-
 __all__ = ["Supervised", "port_of"]
 
 log = logging.getLogger("smartbatch")
@@ -302,11 +300,7 @@ class Supervised:
     def _fail_ids(self, uids: Sequence[str], error: str) -> None:
         with self._lock:
             self._drop_unsent(set(uids))
-        for uid in uids:
-            with self._lock:
-                fut = self._futs.get(uid)
-            if fut is not None and not fut.done():
-                self._resolve(fut, Result(id=fut.request_id, tenant=fut.tenant, status="failed", error=error))
+        self._fail_each(uids, error)
 
     def _fail_open(self, error: str, provider: str | None = None) -> None:
         """Fail the open futures (of ``provider``'s requests alone, if given) with ``error``."""

@@ -81,13 +81,37 @@ def test_a_done_callback_that_waits_for_what_the_result_thread_delivers_is_refus
 
     a.add_done_callback(chain)
     _deliver(e, [Result(id="r1", status="ok"), Result(id="r2", status="ok")])
-    assert isinstance(got["result"], ConfigError) and "result thread" in str(got["result"]), got
-    assert isinstance(got["drain"], ConfigError) and "result thread" in str(got["drain"]), got
+    assert isinstance(got["result"], ConfigError) and "delivers results" in str(got["result"]), got
+    assert isinstance(got["drain"], ConfigError) and "delivers results" in str(got["drain"]), got
     assert isinstance(got["submit"], Overloaded) and "done-callback" in str(got["submit"]), got
     assert b.done() and b.result(0).status == "ok"
     # From another thread the same wait is a wait, as ever.
     with pytest.raises(concurrent.futures.TimeoutError):
         e._futs[req(3).uid].result(timeout=0.01)
+
+
+def test_a_stop_whose_failing_of_one_request_runs_a_callback_waiting_for_another_ends(monkeypatch):
+    """``stop()`` fails what is open one request at a time, each one's callbacks in the stopping thread: a callback
+    of one that waited for another's ``result()`` (an "after a, read b" script) waited for what only that same loop
+    would fail next, and the stop hung for good. The wait is refused there as in the result thread."""
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    a, b = e.submit(req(1)), e.submit(req(2))
+    got: list = []
+
+    def read_b(_f) -> None:
+        try:
+            got.append(b.result(timeout=5))
+        except Exception as exc:  # noqa: BLE001 - the test reads what result() raised
+            got.append(exc)
+
+    a.add_done_callback(read_b)
+    stopping = threading.Thread(target=e.stop, daemon=True)
+    stopping.start()
+    stopping.join(30)
+    assert not stopping.is_alive()
+    assert len(got) == 1 and isinstance(got[0], ConfigError) and "stop() failing what is open" in str(got[0])
+    assert b.done() and b.result(0).status == "failed"
 
 
 def test_a_second_stop_from_another_thread_returns_once_the_engine_has_stopped(monkeypatch):

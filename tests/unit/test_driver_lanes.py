@@ -198,6 +198,7 @@ def test_a_call_ray_refuses_loses_nothing_its_requests_wait_for_the_next_turn():
 def test_a_full_readmission_leaves_out_what_waits_in_a_lane():
     """After a restart the driver re-admits every unfinished request, except those not sent yet: a request
     waiting in a lane leaves with its lane, so it must not also be re-admitted (it could be generated twice)."""
+    from engine.app._driver_admit import Admitting
     from engine.app._supervise import Supervised
 
     class _Fut:
@@ -215,7 +216,7 @@ def test_a_full_readmission_leaves_out_what_waits_in_a_lane():
             self.sent += [r.id for r in part]
             return _Ref()
 
-    class _Both(_Driver, Supervised):
+    class _Both(_Driver, Supervised, Admitting):  # (Admitting: the failing loop, ``_fail_each``)
         def _by_ingest(self, reqs):
             return [(self._h["ingests"][0], list(reqs))] if reqs else []
 
@@ -247,6 +248,7 @@ def test_a_full_readmission_leaves_out_what_waits_in_a_lane():
 def test_requests_failed_while_waiting_are_never_sent():
     """An actor gone for good fails every open future (``_fail_open``): what still waits in the buffer or a lane
     must then never reach ingest, or it would be generated and paid behind a result that says it failed."""
+    from engine.app._driver_admit import Admitting
     from engine.app._supervise import Supervised
 
     class _Fut:
@@ -256,7 +258,7 @@ def test_requests_failed_while_waiting_are_never_sent():
         def done(self) -> bool:
             return self.result is not None
 
-    class _Both(_Driver, Supervised):
+    class _Both(_Driver, Supervised, Admitting):  # (Admitting: the failing loop, ``_fail_each``)
         def _resolve(self, fut, res) -> None:
             fut.result = res
 
