@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.app.driver import Engine
 
-__all__ = ["Stopping"]
+__all__ = ["NEVER_SENT", "Stopping"]
+
+# What a request of a stopped engine that this driver had not sent yet ends with.
+NEVER_SENT = ("cancelled: the engine stopped before this request was sent (drain() first waits for it); it was never "
+              "sent, and is billed nothing")
 
 
 class Stopping:
@@ -23,9 +27,10 @@ class Stopping:
     _cut_short = False  # left its ``with`` block on an error: the job did not end (``__exit__``)
 
     def stop(self, timeout_s: float = 5.0, *, drain_s: float = 0.0) -> None:
-        """Flush, stop the threads and (for an engine this driver started, not detached) the actors; any future
-        still open resolves as failed, so none hangs. A driver of a shared engine leaves it running: its
-        open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
+        """Stop the threads and (for an engine this driver started, not detached) the actors; any future still
+        open resolves as failed, so none hangs, and what this driver had not sent yet is never sent (``NEVER_SENT``,
+        billed nothing). A driver of a shared engine sends it and leaves the engine running: its open requests
+        still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
         ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
         long for what its provider batches finished (billed) to be answered (``cancel``, ``wait_cancelled``;
         Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``.
@@ -60,6 +65,12 @@ class Stopping:
             if not self._running:
                 return
             self._running = False
+            # An engine this driver started sends nothing more: what it has not sent yet (buffered, or waiting in a
+            # lane) is never sent. Flushed here, it was sent as the actors went, and billed behind a result that
+            # said it failed (a helper's hunt: 20 buffered, 20 billed at the emulator, 12 answered "failed"). A
+            # driver of a shared engine sends it (below): it runs on there for any driver to get.
+            unsent = ({r.uid for r in self._buffer} | self._lane_uids()) if self._owner else set()
+            self._drop_unsent(unsent)
         self._wake.set()
         me = threading.current_thread()  # a result's callback may call stop() in the thread that delivers it
         for t in (self._flusher, self._puller, self._checker):
@@ -72,6 +83,7 @@ class Stopping:
             self._flush()
             self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
             clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
+            self._fail_ids(sorted(unsent), NEVER_SENT)
             self._fail_open(self._stop_error())
             with self._room:
                 self._room.notify_all()  # a submit waiting for room learns the engine stopped

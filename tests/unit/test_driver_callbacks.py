@@ -224,3 +224,34 @@ def test_an_asubmit_cancelled_while_it_waits_for_room_leaves_at_once_its_request
     assert [f._req.id for f in e._futs.values()] == ["hold"] and e._pending == 0
     (again,) = e.submit_many([{"id": "next", "model": "gpt-5.4-mini", "prompt": "waits"}])  # sent when asked again
     assert not again.done() and e._pending == 1
+
+
+@pytest.mark.parametrize("owner", [True, False])
+def test_a_stop_sends_nothing_its_engine_had_not_sent_yet_unless_the_engine_runs_on(monkeypatch, owner):
+    """``stop()`` right after submits: what the driver had not sent yet (buffered, or waiting in a lane behind calls
+    out) was flushed as the engine's actors went, sent and billed behind a result that said it failed (at the
+    emulator: 20 buffered, 20 billed, 12 answered "failed"). An engine this driver started sends none of it now,
+    each failed saying it was never sent; a driver of a shared engine still sends it, to run on there."""
+    from engine.app._driver_stop import NEVER_SENT
+    from tests.unit.test_driver_lanes import MAX_OUT, _sent
+
+    e = _engine(monkeypatch, owner=owner)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    out = []
+    for k in range(MAX_OUT):
+        out.append(e.submit(req(k)))
+        e._flush()  # calls out that do not return: the lane is full
+    waiting = [e.submit(req(k)) for k in range(10, 13)]
+    e._flush()  # waiting in the lane
+    buffered = [e.submit(req(k)) for k in range(20, 23)]  # in the buffer
+    sent = _sent(e)
+    assert sent == [f"r{k}" for k in range(MAX_OUT)]
+    e.stop(timeout_s=0.5)
+    later = [r for r in _sent(e) if r not in sent]
+    if owner:
+        assert later == []
+        assert {f.result(0).error for f in waiting + buffered} == {NEVER_SENT}
+        assert {f.result(0).error for f in out} == {e._stop_error()}  # (under way: it may have run)
+    else:
+        assert later == ["r10", "r11", "r12", "r20", "r21", "r22"]
+        assert all("still runs there" in f.result(0).error for f in out + waiting + buffered)
