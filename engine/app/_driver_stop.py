@@ -9,10 +9,14 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
+from engine.core.errors import ConfigError
+
 if TYPE_CHECKING:
     from engine.app.driver import Engine
 
 __all__ = ["NEVER_SENT", "Stopping"]
+
+STOP_LOCK_WAIT_S = 10.0  # real seconds stop() waits for the engine's lock before it takes it for its own thread's
 
 # What a request of a stopped engine that this driver had not sent yet ends with.
 NEVER_SENT = ("cancelled: the engine stopped before this request was sent (drain() first waits for it); it was never "
@@ -36,7 +40,9 @@ class Stopping:
         Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``.
         A Redis budget ledger's settlements waiting for its Redis get up to ``journal.ledger_wait_s``, then go to
         ``journal.ledger_dir`` for the next engine on that ledger (``report()["budget"]["ledger"]["left_at_stop"]``).
-        Called again, from any thread, it returns once the first call has ended."""
+        Called again, from any thread, it returns once the first call has ended. Not from a signal handler: one
+        that interrupts a submit finds the engine's lock held by its own thread (``ConfigError`` after
+        ``STOP_LOCK_WAIT_S``); raise ``KeyboardInterrupt`` there instead."""
         if not self._first_stop():
             return
         try:
@@ -48,10 +54,20 @@ class Stopping:
         """Whether this is the engine's first ``stop()``; if not, wait for that one to end, except in its own thread
         (a callback of a future it fails) or in a thread it joins (the result thread's callback)."""
         me = threading.current_thread()
-        with self._lock:
+        # Bounded: the lock held this long is this thread's own, a signal handler's stop() having interrupted a
+        # submit (the engine's threads hold it milliseconds). Waited for, the script hung for good (a helper's hunt:
+        # a SIGALRM handler's stop() in a loop of submit_many hung 6 runs of 15).
+        if not self._lock.acquire(timeout=STOP_LOCK_WAIT_S):
+            raise ConfigError(f"stop() could not take the engine's lock within {STOP_LOCK_WAIT_S:g} s: this thread holds "
+                              "it, most likely a signal handler's stop() interrupting a submit. In a handler, raise "
+                              "KeyboardInterrupt (the with block's exit then stops the engine) or set a flag the "
+                              "script reads, rather than call stop()")
+        try:
             first = self._stopping is None
             if first:
                 self._stopping, self._stopper = threading.Event(), me
+        finally:
+            self._lock.release()
         if not first and me is not self._stopper and me not in (self._flusher, self._puller, self._checker):
             self._stopping.wait()
         return first

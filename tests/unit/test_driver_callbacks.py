@@ -255,3 +255,35 @@ def test_a_stop_sends_nothing_its_engine_had_not_sent_yet_unless_the_engine_runs
     else:
         assert later == ["r10", "r11", "r12", "r20", "r21", "r22"]
         assert all("still runs there" in f.result(0).error for f in out + waiting + buffered)
+
+
+def test_a_stop_from_a_signal_handler_that_interrupted_a_submit_raises_rather_than_hang(monkeypatch):
+    """A signal handler runs in the main thread between two of its bytecodes, possibly inside a submit that holds
+    the engine's lock: its ``stop()`` waited for that lock for good (a SIGALRM handler's stop() in a loop of
+    ``submit_many`` hung 6 runs of 15). Bounded now, it raises, saying why and what to do instead, and nothing has
+    changed; the stop that follows (the ``with`` block's exit) stops the engine. A thread that holds the lock and
+    calls ``stop()`` stands for the interrupted one (one thread, as a handler is)."""
+    from engine.app import _driver_stop
+
+    monkeypatch.setattr(_driver_stop, "STOP_LOCK_WAIT_S", 0.05)
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    fut = e.submit(req(1))
+    got: list = []
+
+    def interrupted_submit() -> None:
+        with e._lock:  # in the middle of an admission
+            try:
+                e.stop()
+                got.append("stopped")
+            except ConfigError as exc:
+                got.append(exc)
+
+    t = threading.Thread(target=interrupted_submit, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and len(got) == 1 and isinstance(got[0], ConfigError), got
+    assert "signal handler" in str(got[0]) and "KeyboardInterrupt" in str(got[0])
+    assert e._running and not fut.done()  # nothing changed: the refused stop did not half-stop the engine
+    e.stop()
+    assert not e._running and fut.result(0).status == "failed"
