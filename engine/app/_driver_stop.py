@@ -6,6 +6,7 @@ report "could not be read then" while the first stop was still keeping it (a hel
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
     from engine.app.driver import Engine
 
 __all__ = ["NEVER_SENT", "Stopping"]
+
+log = logging.getLogger("smartbatch")
 
 STOP_LOCK_WAIT_S = 10.0  # real seconds stop() waits for the engine's lock before it takes it for its own thread's
 
@@ -99,6 +102,9 @@ class Stopping:
             self._flush()
             self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
             clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
+            if unsent:  # in the user's log as the others are (``_fail_open``)
+                log.warning("%d request(s) not sent yet were never sent: the engine stopped (billed nothing)",
+                            len(unsent))
             self._fail_ids(sorted(unsent), NEVER_SENT)
             self._fail_open(self._stop_error())
             with self._room:
