@@ -272,6 +272,58 @@ def test_a_loss_the_watch_made_good_is_not_said_at_a_later_restart_though_nothin
     asyncio.run(go())
 
 
+def test_an_ingest_restart_after_the_journal_s_redis_lost_the_accepted_records_loses_no_request(own_redis):
+    """Ingest's ``accepted`` records have no watch: a Redis that restarts empty loses them for good. No request goes
+    with them: nothing in the engine reads them back (``Ingest.accepted``, for a driver that lost its memory, is
+    left to ``Engine.connect``, issue 14); the driver holds every unfinished request and re-admits it after ingest's
+    restart (``engine.app._supervise``), and whoever carries it keeps it. Here three are in a batch under way and a
+    fourth was lost with its grouper: the three are not sent again, each result reaches the driver once, the batch
+    created once; the fourth is sent on once."""
+    from actors import Ingest
+    from tests.integration.test_journal import Peer
+
+    async def go():
+        hub, clock, args = dispatcher_args(settings_on(own_redis))
+        settings, engine = args[2], args[-1]
+        d = Dispatcher(*args)
+        created = []
+        real_submit = d.provider.submit_batch
+        d.provider.submit_batch = lambda *a: created.append(a) or real_submit(*a)
+        grouper = Peer()  # it holds nothing it is asked for (``recall``): the fourth is lost with it
+        ing = Ingest([grouper], hub=hub, dispatchers=[d], settings=settings, engine=engine)
+        reqs = [req(i) for i in range(4)]
+        assert await ing.submit(reqs, "drv") == 4
+        await until_async(lambda: _true(bool(grouper.calls)), "the requests sent on to their grouper")
+        jobs = sorted((j for _, (js,) in grouper.calls for j in js), key=lambda j: j.req.id)
+        await d.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs[:3])])
+        await until_async(lambda: _true(bool(created)), "the batch created")
+        assert sorted(r.id for r in await ing.accepted()) == ["r0", "r1", "r2", "r3"]
+        own_redis.stop()
+        own_redis.start()  # no persistence: the accepted records are gone, and nothing writes them again
+        await ing.journal.close()  # ingest dies (its connections with it); Ray builds it again
+        regrouper = Peer()
+        again = Ingest([regrouper], hub=hub, dispatchers=[d], settings=settings, engine=engine)
+        again.reconstructed()
+        try:
+            assert await again.accepted() == []  # the records lost: not written again
+            # The driver's re-admission of what it holds unfinished: the dispatcher keeps its three.
+            assert await again.readmit(reqs, "drv") == 1
+            await until_async(lambda: _true(any(n != "recall" for n, _ in regrouper.calls)), "the fourth sent on")
+            sent = [j.req.id for n, (js, *_) in regrouper.calls if n != "recall" for j in js]
+            assert sent == ["r3"]
+            got: list = []
+            t_end = asyncio.get_running_loop().time() + 10.0
+            while len(got) < 3:
+                assert asyncio.get_running_loop().time() < t_end, f"{len(got)} of 3 results"
+                clock.advance(3600.0)
+                got += await hub.pull(0.005, "drv") or []
+            assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and {r.batch_id for r in got} == {"b1"}
+            assert len(created) == 1  # the batch created once: nothing paid twice
+        finally:
+            await again.journal.close()
+            await die(d)
+    asyncio.run(go())
+
 async def _true(x):
     return x
 
