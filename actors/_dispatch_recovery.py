@@ -30,7 +30,8 @@ TALLY = ("paid_twice", "paid_twice_usd", "possibly_billed", "possibly_billed_usd
 # ledger, and the report lost it (a hunt). Last, the open requests whose last try gave up polling a job (``_kept``):
 # its bound is charged if the request ends with no try that polls it again. Then ``journal_lost``: kept in memory
 # alone, the next restart (its seal written again, no loss to say) read 0, and the report no longer said it (a review).
-_ZERO_TALLY = (*(0 for _ in TALLY), {}, {}, {}, 0, 0, (), 0)
+# Then ``journal_unread``, for the same reason: the next restart that read its journal counted 0 (stop 77).
+_ZERO_TALLY = (*(0 for _ in TALLY), {}, {}, {}, 0, 0, (), 0, 0)
 # Each incarnation journals its tally under a key of its own, ``tally@<incarnation>``, as (epoch, start, change,
 # tally), and a restart adds back the newest (``actors._incarnations``): in one key (until stop 73), a dead
 # incarnation's write landing after its successor's replaced the newer tally, which holds the dead one's too, until
@@ -284,7 +285,7 @@ class Recovery:
     def _tally(self) -> tuple:
         return (*(getattr(self, k) for k in TALLY), dict(self._unanswered), dict(self._undelivered),
                 dict(self._flex_unanswered), self.flex_refused, self.flex_timed_out, tuple(sorted(self._kept)),
-                self.journal_lost)
+                self.journal_lost, self.journal_unread)
 
     @property
     def _tally_key(self) -> str:
@@ -308,7 +309,7 @@ class Recovery:
             return
         counts, rest = saved[:len(TALLY)], saved[len(TALLY):]
         rest = (*rest, *_ZERO_TALLY[len(TALLY) + len(rest):])  # (a tally of before: none of the later parts)
-        unanswered, undelivered, flex, refused, timed_out, kept, lost = rest[:7]
+        unanswered, undelivered, flex, refused, timed_out, kept, lost, unread = rest[:8]
         for k, v in zip(TALLY, counts):
             setattr(self, k, getattr(self, k) + v)
         self._unanswered.update(unanswered)
@@ -317,6 +318,7 @@ class Recovery:
         self.flex_refused += refused
         self.flex_timed_out += timed_out
         self.journal_lost += lost
+        self.journal_unread += unread
         if undelivered:
             self._deliver_again(undelivered)
 

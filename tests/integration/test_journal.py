@@ -174,7 +174,7 @@ class Unreadable:
 
 async def restarted_with_an_open_batch(settings, fails: int):
     """A dispatcher whose batch was submitted and journaled, dead, and its restart, whose journal reads fail
-    ``fails`` times first; with the members' jobs and the submits the restart makes."""
+    ``fails`` times first; with the members' jobs, the submits the restart makes and its constructor arguments."""
     hub, clock, args = dispatcher_args(settings)
     d1 = Dispatcher(*args)
     jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
@@ -188,14 +188,14 @@ async def restarted_with_an_open_batch(settings, fails: int):
     submitted: list = []
     real_submit = d2.provider.submit_batch
     d2.provider.submit_batch = lambda *a: submitted.append(a) or real_submit(*a)
-    return d2, jobs, submitted
+    return d2, jobs, submitted, args
 
 
 def test_a_restarted_dispatcher_waits_out_a_journal_that_fails_for_a_while_and_sends_nothing_again():
     """Redis restarting when the dispatcher restarts: its reads fail for a moment. Giving up at once answered
     the recall from an empty memory: the members went again while their batch ran on, billed twice."""
     async def go():
-        d2, jobs, submitted = await restarted_with_an_open_batch(Settings(), fails=3)
+        d2, jobs, submitted, _ = await restarted_with_an_open_batch(Settings(), fails=3)
         uids = [j.req.uid for j in jobs]
         held = await d2.recall(uids)
         assert sorted(held) == sorted(uids) and d2.journal.reads > 3
@@ -207,14 +207,24 @@ def test_a_restarted_dispatcher_waits_out_a_journal_that_fails_for_a_while_and_s
 def test_a_journal_unreadable_past_the_wait_is_given_up_counted_and_read_again_at_the_next_rewire():
     async def go():
         settings = Settings().model_copy(update={"journal": JournalSettings(recover_wait_s=0.2)})
-        d2, jobs, submitted = await restarted_with_an_open_batch(settings, fails=10**6)
+        d2, jobs, submitted, args = await restarted_with_an_open_batch(settings, fails=10**6)
         uids = [j.req.uid for j in jobs]
         assert await d2.recall(uids) == []  # given up: the members are dispatched afresh (and counted)
         assert d2.journal_unread == 1 and (await d2.stats())["journal_unread"] == 1
         assert await d2.recover() == -1  # what the driver's rewire is told: it tries again at its next check
         d2.journal.fails = 0  # Redis is back: the driver's rewire reads it
         assert await d2.recover() == 1 and sorted(await d2.holds(uids)) == sorted(uids)
-        await d2.journal.close()
+        await die(d2)
+        # ``journal_unread`` is read in ``report()["providers"]``, as ``journal_lost`` is: kept in the dispatcher's
+        # memory alone, its next restart counted 0, and the report no longer said members were sent again
+        # (fails on the code before).
+        d3 = Dispatcher(*args)
+        d3.reconstructed()
+        assert await d3.recover() == 1
+        try:
+            assert (await d3.stats())["journal_unread"] == 2
+        finally:
+            await die(d3)
     asyncio.run(go())
 
 

@@ -89,3 +89,16 @@ def test_a_dead_dispatcher_s_list_of_ended_videos_landing_after_its_successor_s_
         await _jobs_written(third)
         assert set(await hub.journal_items(third._jobs_journal.space)) == {third._ended_key}  # the older went
     asyncio.run(go())
+
+
+def test_a_tally_journaled_before_the_journal_counts_reads_them_as_none():
+    """A tally written before ``journal_lost`` and ``journal_unread`` joined it (stop 77) is added back with both at
+    0, its other counts kept; one written since brings both back."""
+    d = _dispatcher(HeldHub(), Recorder())
+    d.paid_twice, d.journal_lost, d.journal_unread = 2, 1, 3
+    full = d._tally()
+    again = _dispatcher(HeldHub(), Recorder())
+    again._add_tally(full[:-2])
+    assert (again.paid_twice, again.journal_lost, again.journal_unread) == (2, 0, 0)
+    again._add_tally(full)
+    assert (again.paid_twice, again.journal_lost, again.journal_unread) == (4, 1, 3)
