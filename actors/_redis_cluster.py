@@ -20,7 +20,7 @@ from engine.core.errors import ConfigError
 from engine.core.settings import masked_url
 
 __all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag",
-           "mode_mismatch", "namespace", "server_info"]
+           "mode_mismatch", "namespace", "server_info", "tagless_prefix"]
 
 
 def has_hash_tag(key: str) -> bool:
@@ -33,8 +33,26 @@ def has_hash_tag(key: str) -> bool:
 
 def namespace(prefix: str, cluster: bool) -> str:
     """The namespace of a key space that must live in one slot: ``{prefix}`` on a cluster, unless the prefix holds
-    a hash tag already (then as given); the prefix itself on a single Redis, as before."""
-    return "{" + prefix + "}" if cluster and not has_hash_tag(prefix) else prefix
+    a hash tag already (then as given); the prefix itself on a single Redis, as before. ``ConfigError`` for a
+    prefix no tag can hold (``tagless_prefix``)."""
+    if not cluster or has_hash_tag(prefix):
+        return prefix
+    if tagless_prefix(prefix):
+        raise ConfigError(_tagless(prefix, "redis_prefix"))
+    return "{" + prefix + "}"
+
+
+def tagless_prefix(prefix: str) -> bool:
+    """Whether ``prefix`` holds no hash tag and starts with ``}``: ``{prefix}`` then opens with ``{}``, an empty tag,
+    which Redis does not take for one (``}{`` gave ``{}{}``): each key hashed whole, each in a slot of its own, and
+    every script of the ledger or the journal's watch refused while the start's checks passed (a review)."""
+    return not has_hash_tag(prefix) and prefix.startswith("}")
+
+
+def _tagless(prefix: str, setting: str) -> str:
+    return (f"setting {setting}: {prefix!r} starts with '}}' and holds no hash tag of its own, so on a Redis Cluster "
+            f"its keys' tag {{{prefix}}} is empty and each key lands in a slot of its own (every script refused); "
+            "give a prefix that does not start with '}', or one that holds its tag, such as '{smartbatch}'")
 
 
 def async_client(url: str, *, cluster: bool, timeout_s: float, retries: bool = True) -> Any:
@@ -138,6 +156,12 @@ def check_cluster_modes(settings: Any, only: tuple[str, ...] = ("budgets", "cach
                 f"setting {where}: {masked_url(url)} names database {_database(url)}, and a Redis Cluster has "
                 f"database 0 only ({part}.redis_cluster is true); end the URL with /0, or give another prefix "
                 f"({'cache' if part == 'journal' else part}.redis_prefix) to keep its keys apart")
+        # The keys a script or the journal's watch needs in one slot go under the prefix's hash tag: one no tag can
+        # hold failed every script while the checks below passed (the cache's own keys take no tag).
+        setting = "budgets.redis_prefix" if part == "budgets" else "cache.redis_prefix"
+        prefix = settings.budgets.redis_prefix if part == "budgets" else settings.cache.redis_prefix
+        if said and part != "cache" and tagless_prefix(prefix):
+            raise ConfigError(_tagless(prefix, setting))
         if url not in asked:
             asked[url] = _cluster_enabled(url)
         enabled = asked[url]
