@@ -41,34 +41,45 @@ async def _until_answered(ctl, b, claims):
     raise AssertionError("the ledger's Redis did not answer again")
 
 
+async def _four_under_way_then_lost(b, srv, lose):
+    """$1 settled before a snapshot, four $2 claims granted after it; ``lose(ctl)`` takes Redis back to the
+    snapshot and returns the verdicts of four new $2 claims; all settle at cost, then a $1 claim is asked.
+    Returns (the new claims granted, their verdicts, the last verdict, the report)."""
+    ctl = BudgetController(b, None, ManualClock(100.0))
+    await ctl.check_ledger()
+    try:
+        assert (await ctl.reserve_many(_claims("s0", usd=1.0)))[0].ok
+        await ctl.settle_many([("s0", 1.0)])
+        srv.client().save()  # Redis's periodic snapshot happens to run now
+        assert all(v.ok for v in await ctl.reserve_many(_claims(*(f"a{k}" for k in range(4)), usd=2.0)))
+        late = await lose(ctl)
+        granted = [f"n{k}" for k, v in enumerate(late) if v.ok]
+        await ctl.settle_many([(f"a{k}", 2.0) for k in range(4)] + [(rid, 2.0) for rid in granted])
+        (last,) = await ctl.reserve_many(_claims("z", usd=1.0))
+        return granted, late, last, await ctl.report()
+    finally:
+        await ctl.close()
+
+
+def _kept_their_room(granted, last, rep) -> None:
+    (row,) = rep["budgets"]
+    assert granted == [], f"granted {granted} into the room of claims under way: ${row['spent_usd']} spent of $10"
+    assert row["spent_usd"] == pytest.approx(9.0) and row["reserved_usd"] == pytest.approx(1.0)
+    assert last.ok  # the $1 left is there, no more and no less
+    assert rep["ledger"]["reopened_after_restart"] == 4
+
+
 def test_claims_under_way_when_redis_crashes_back_to_an_older_state_keep_their_room(own_redis):
     """$1 settled before the snapshot, $8 reserved after it by four claims under way. Before: after the crash, four
     new claims of $2 were granted too, and all settled at cost: $17 billed under a $10 hard limit."""
     b = _budgets(own_redis.url)
 
-    async def go():
-        ctl = BudgetController(b, None, ManualClock(100.0))
-        await ctl.check_ledger()
-        try:
-            assert (await ctl.reserve_many(_claims("s0", usd=1.0)))[0].ok
-            await ctl.settle_many([("s0", 1.0)])
-            own_redis.client().save()  # Redis's periodic snapshot happens to run now
-            assert all(v.ok for v in await ctl.reserve_many(_claims(*(f"a{k}" for k in range(4)), usd=2.0)))
-            _crash_and_restart(own_redis)
-            late = await _until_answered(ctl, b, _claims(*(f"n{k}" for k in range(4)), usd=2.0))
-            granted = [f"n{k}" for k, v in enumerate(late) if v.ok]
-            await ctl.settle_many([(f"a{k}", 2.0) for k in range(4)] + [(rid, 2.0) for rid in granted])
-            (last,) = await ctl.reserve_many(_claims("z", usd=1.0))
-            rep = await ctl.report()
-        finally:
-            await ctl.close()
-        return granted, last, rep
-    granted, last, rep = asyncio.run(go())
-    (row,) = rep["budgets"]
-    assert granted == [], f"granted {granted} into the room of claims under way: ${row['spent_usd']} spent of $10"
-    assert row["spent_usd"] == pytest.approx(9.0) and row["reserved_usd"] == pytest.approx(1.0)
-    assert last.ok  # the $1 left is there, no more and no less
-    assert rep["ledger"]["reopened_after_restart"] == 4 and rep["ledger"]["lost_records"] == 0
+    async def lose(ctl):
+        _crash_and_restart(own_redis)
+        return await _until_answered(ctl, b, _claims(*(f"n{k}" for k in range(4)), usd=2.0))
+    granted, _, last, rep = asyncio.run(_four_under_way_then_lost(b, own_redis, lose))
+    _kept_their_room(granted, last, rep)
+    assert rep["ledger"]["lost_records"] == 0
 
 
 def test_a_redis_rolled_back_with_no_call_failing_and_its_run_id_kept_is_seen_before_the_next_claim(own_redis):
@@ -80,33 +91,16 @@ def test_a_redis_rolled_back_with_no_call_failing_and_its_run_id_kept_is_seen_be
     book reserves the four again first, and the new claims are refused."""
     b = _budgets(own_redis.url)
 
-    async def go():
-        ctl = BudgetController(b, None, ManualClock(100.0))
-        await ctl.check_ledger()
-        try:
-            assert (await ctl.reserve_many(_claims("s0", usd=1.0)))[0].ok
-            await ctl.settle_many([("s0", 1.0)])
-            own_redis.client().save()
-            assert all(v.ok for v in await ctl.reserve_many(_claims(*(f"a{k}" for k in range(4)), usd=2.0)))
-            run_id = own_redis.client().info("server")["run_id"]
-            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")
-            assert own_redis.client().info("server")["run_id"] == run_id and not own_redis.client().exists(
-                f"{b.redis_prefix}:c:a0")  # the same process, the claims gone
-            late = await ctl.reserve_many(_claims(*(f"n{k}" for k in range(4)), usd=2.0))
-            granted = [f"n{k}" for k, v in enumerate(late) if v.ok]
-            await ctl.settle_many([(f"a{k}", 2.0) for k in range(4)] + [(rid, 2.0) for rid in granted])
-            (last,) = await ctl.reserve_many(_claims("z", usd=1.0))
-            rep = await ctl.report()
-        finally:
-            await ctl.close()
-        return granted, late, last, rep
-    granted, late, last, rep = asyncio.run(go())
-    (row,) = rep["budgets"]
+    async def lose(ctl):
+        run_id = own_redis.client().info("server")["run_id"]
+        own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")
+        assert own_redis.client().info("server")["run_id"] == run_id and not own_redis.client().exists(
+            f"{b.redis_prefix}:c:a0")  # the same process, the claims gone
+        return await ctl.reserve_many(_claims(*(f"n{k}" for k in range(4)), usd=2.0))
+    granted, late, last, rep = asyncio.run(_four_under_way_then_lost(b, own_redis, lose))
     assert all(v.reason != "budget_unavailable" for v in late)  # no call failed
-    assert granted == [], f"granted {granted} into the room of claims under way: ${row['spent_usd']} spent of $10"
-    assert row["spent_usd"] == pytest.approx(9.0) and row["reserved_usd"] == pytest.approx(1.0)
-    assert last.ok
-    assert rep["ledger"]["lost_writes_found"] == 1 and rep["ledger"]["reopened_after_restart"] == 4
+    _kept_their_room(granted, last, rep)
+    assert rep["ledger"]["lost_writes_found"] == 1
 
 
 def test_a_call_that_passed_the_watch_before_lost_writes_were_found_waits_until_all_are_back(own_redis):

@@ -61,6 +61,38 @@ async def _drained(ctl) -> dict:
         await asyncio.sleep(0.05)  # the outbox's own retry runs meanwhile; a report reads where it is
 
 
+async def _granted_on_the_master_alone(ctl, master: int, replica: int, cut) -> None:
+    """Four claims granted and one settled ($0.50) on both nodes; ``cut()`` keeps the replica from what follows:
+    two $2.50 claims granted and two settlements ($0.70, $0.30) on the master alone."""
+    await ctl.check_ledger()
+    assert all(v.ok for v in await ctl.reserve_many(_claims("c0", "c1", "c2", "c3")))
+    await ctl.settle_many([("c0", 0.5)])
+    _synced(master, replica)
+    cut()
+    assert all(v.ok for v in await ctl.reserve_many(_claims("d0", "d1", usd=2.5)))
+    await ctl.settle_many([("c1", 0.7), ("d0", 0.3)])
+
+
+def _the_loss_is_real(r, prefix: str) -> None:
+    """The promoted replica holds the claims of before the cut, open, and none of after: c0 settled, d0/d1 unknown."""
+    left = {k.decode() for k in r.scan_iter(match="{" + prefix + "}:c:*")}
+    assert left == {f"{{{prefix}}}:c:{rid}" for rid in ("c1", "c2", "c3")}
+
+
+async def _the_rest_settled(ctl, verdict) -> dict:
+    await ctl.settle_many([("c2", 0.2), ("c3", 0.4), ("d1", 0.6)] + [("e0", 0.0)] * verdict.ok)
+    return await _drained(ctl)
+
+
+def _each_dollar_once(verdict, rep) -> dict:
+    """The $4.50 claim refused, every settlement counted once, nothing held; returns the ledger's report."""
+    window = rep["budgets"][0]
+    assert not verdict.ok, "a $4.50 claim granted under a $10 limit with $6 spent or held"
+    assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.3 + 0.2 + 0.4 + 0.6)
+    assert window["reserved_usd"] == pytest.approx(0.0)
+    return rep["ledger"]
+
+
 def test_writes_the_promoted_replica_never_received_are_taken_again_before_any_other_call(redis_cluster_replicas,
                                                                                          monkeypatch):
     """The replica is cut from its master (stopped, and its link closed: a stopped replica still takes the stream
@@ -82,39 +114,31 @@ def test_writes_the_promoted_replica_never_received_are_taken_again_before_any_o
 
     async def go():
         ctl = BudgetController(b)
-        try:
-            await ctl.check_ledger()
-            assert all(v.ok for v in await ctl.reserve_many(_claims("c0", "c1", "c2", "c3")))
-            await ctl.settle_many([("c0", 0.5)])
-            _synced(master, replica)
+
+        def cut():
             cl.signal(replica, signal.SIGSTOP)
             with redis.Redis(port=master, socket_timeout=2.0) as m:
                 assert m.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
-            assert all(v.ok for v in await ctl.reserve_many(_claims("d0", "d1", usd=2.5)))
-            await ctl.settle_many([("c1", 0.7), ("d0", 0.3)])
+        try:
+            await _granted_on_the_master_alone(ctl, master, replica, cut)
             cl.signal(master, signal.SIGKILL)
             cl.signal(replica, signal.SIGCONT)
             with redis.Redis(port=replica, socket_timeout=2.0) as r:
                 r.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
                 cl.wait_master(replica, dead=master)
-                left = {k.decode() for k in r.scan_iter(match="{" + b.redis_prefix + "}:c:*")}
-            assert left == {f"{{{b.redis_prefix}}}:c:{rid}" for rid in ("c1", "c2", "c3")}  # the loss is real
+                _the_loss_is_real(r, b.redis_prefix)
             end = time.monotonic() + 10
             while (v := (await ctl.reserve_many(_claims("e0", usd=4.5)))[0]).reason == "budget_unavailable":
                 assert time.monotonic() < end, "the ledger never answered after the failover"
                 await asyncio.sleep(0.05)  # the ledger's own retry pause (0.2 s) runs out meanwhile
-            await ctl.settle_many([("c2", 0.2), ("c3", 0.4), ("d1", 0.6)] + [("e0", 0.0)] * v.ok)
-            return v, await _drained(ctl), ctl.book.server
+            return v, await _the_rest_settled(ctl, v), ctl.book.server
         finally:
             await ctl.close()
     try:
         verdict, rep, server = asyncio.run(go())
     finally:
         cl.revive(master)
-    window, ledger = rep["budgets"][0], rep["ledger"]
-    assert not verdict.ok, "a $4.50 claim granted under a $10 limit with $6 spent or held"
-    assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.3 + 0.2 + 0.4 + 0.6)
-    assert window["reserved_usd"] == pytest.approx(0.0)
+    ledger = _each_dollar_once(verdict, rep)
     assert ledger["replayed_after_restart"] >= 3 and ledger["reopened_after_restart"] == 1
     assert ledger["rejected_settlements"] == 0
     assert server == _run_id(replica)  # the watch reads the node now serving the slot
@@ -149,25 +173,20 @@ def test_a_takeover_with_the_old_master_alive_is_seen_by_the_ledger_s_sequence_b
 
     async def go():
         ctl = BudgetController(b)
-        try:
-            await ctl.check_ledger()
-            assert all(v.ok for v in await ctl.reserve_many(_claims("c0", "c1", "c2", "c3")))
-            await ctl.settle_many([("c0", 0.5)])
-            _synced(master, replica)
+
+        def cut():
             with redis.Redis(port=replica, socket_timeout=2.0) as r, redis.Redis(port=master, socket_timeout=2.0) as m:
                 r.config_set("masterauth", "not-the-masters")  # its next sync stops at AUTH: it stays behind
                 assert m.execute_command("CLIENT", "KILL", "TYPE", "replica") == 1
-            assert all(v.ok for v in await ctl.reserve_many(_claims("d0", "d1", usd=2.5)))
-            await ctl.settle_many([("c1", 0.7), ("d0", 0.3)])
+        try:
+            await _granted_on_the_master_alone(ctl, master, replica, cut)
             with redis.Redis(port=replica, socket_timeout=2.0) as r:
                 r.execute_command("CLUSTER", "FAILOVER", "TAKEOVER")
                 cl.wait_master(replica)
                 _demoted(master)
-                left = {k.decode() for k in r.scan_iter(match="{" + b.redis_prefix + "}:c:*")}
-            assert left == {f"{{{b.redis_prefix}}}:c:{rid}" for rid in ("c1", "c2", "c3")}  # the loss is real
+                _the_loss_is_real(r, b.redis_prefix)
             (v,) = await ctl.reserve_many(_claims("e0", usd=4.5))
-            await ctl.settle_many([("c2", 0.2), ("c3", 0.4), ("d1", 0.6)] + [("e0", 0.0)] * v.ok)
-            return v, await _drained(ctl), ctl._last_error
+            return v, await _the_rest_settled(ctl, v), ctl._last_error
         finally:
             await ctl.close()
     try:
@@ -176,11 +195,8 @@ def test_a_takeover_with_the_old_master_alive_is_seen_by_the_ledger_s_sequence_b
         with redis.Redis(port=replica, socket_timeout=2.0) as r:
             r.config_set("masterauth", "")
         cl.wait_agreed()  # the old master synced as the new one's replica: the next test finds three pairs
-    window, ledger = rep["budgets"][0], rep["ledger"]
     assert error == "" and verdict.reason != "budget_unavailable"  # no call failed: the redirect alone
-    assert not verdict.ok, "a $4.50 claim granted under a $10 limit with $6 spent or held"
-    assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.3 + 0.2 + 0.4 + 0.6)
-    assert window["reserved_usd"] == pytest.approx(0.0)
+    ledger = _each_dollar_once(verdict, rep)
     assert ledger["lost_writes_found"] == 1 and ledger["reopened_after_restart"] == 1
     assert ledger["replayed_after_restart"] >= 3 and ledger["rejected_settlements"] == 0
 
