@@ -34,8 +34,8 @@ from actors.journal import check_keeps_records
 from engine.core.errors import SmartbatchError
 from engine.runtime.collector import tune_actor
 
-__all__ = ["NAMESPACE", "actor_name", "attach_actors", "cancel_work", "kill_engine", "provider_resource", "rewire",
-           "settle", "start_actors"]
+__all__ = ["NAMESPACE", "actor_name", "attach_actors", "cancel_work", "check_cluster_modes", "kill_engine",
+           "provider_resource", "rewire", "settle", "start_actors"]
 
 # Supervised: Ray restarts an actor that dies (its process, not a bug in a method: those are outcomes), with
 # its constructor's arguments; ``rewire`` gives it back what was set after construction, and the driver then
@@ -109,7 +109,6 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
 
     check_fallbacks(catalog, settings.resilience)
     check_budgets(catalog, settings.budgets)
-    check_cluster_modes(settings)  # a cluster node read as a single Redis: MOVED for most keys, mid-run
     settings = check_keeps_records(settings)
     life = {"lifetime": "detached"} if detached else {}
 

@@ -156,7 +156,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         ``metrics_port`` P puts shard k on P + k)."""
         import ray
 
-        from actors.remote import start_actors
+        from actors.remote import check_cluster_modes, start_actors
         from policies import load_policy
 
         check_start_args(speedup=speedup, offset_s=offset_s, seed=seed, micro_batch=micro_batch, flush_ms=flush_ms,
@@ -172,6 +172,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         catalog, keys = http_setup(catalog, settings, speedup=speedup)  # the catalog it plans with
         num_groupers = max(num_groupers, num_shards)
         pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
+        check_cluster_modes(settings)  # before Ray starts; a Redis this driver cannot reach: left to the actors
         # What an engine killed on journal.dir left is read before anything starts: its journal's locks must be
         # free, and a batch that cannot be read stops the start, not a run that would pay for it again.
         kept = None if detached else take_back(settings, catalog, keys, speedup=speedup)

@@ -47,7 +47,7 @@ def test_a_cluster_node_named_as_a_single_redis_is_refused_at_start_naming_the_s
 
 
 def test_the_settings_of_each_part_are_checked_against_the_redis_they_name(redis_cluster, redis_server):
-    """At the engine's start (``start_actors``), before any actor: the cache and the journal named a cluster node
+    """At the engine's start (``Engine.start``), before Ray starts: the cache and the journal named a cluster node
     as a single Redis met MOVED or CROSSSLOT one key in three, mid-run (the cache went to memory, the journal lost
     its records); and a single Redis said to be a cluster is refused too."""
     from actors._redis_cluster import check_cluster_modes
@@ -65,6 +65,35 @@ def test_the_settings_of_each_part_are_checked_against_the_redis_they_name(redis
     # A cluster has database 0 only: redis-py's cluster client refused /2 inside the cache actor, at its start.
     with pytest.raises(ConfigError, match=r"cache\.redis_url: .* names database 2.* database 0 only"):
         check_cluster_modes(Settings(cache={"redis_url": redis_cluster.url[:-1] + "2", "redis_cluster": True}))
+
+
+def test_a_start_against_a_mismatched_cluster_setting_is_refused_before_ray_starts(redis_cluster, redis_server,
+                                                                                  monkeypatch):
+    """The settings' check runs first in ``Engine.start``: before, it ran once an embedded Ray was up (5-6 s in on 2
+    cores, a Ray started and stopped for a refusal of the settings). A Redis this driver cannot reach is not
+    refused here: the actors may reach it where the driver does not, and their own checks say what they find."""
+    from engine import Engine
+    from engine.app import driver
+    from engine.core.settings import Settings
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    class RayStarted(Exception):
+        pass
+
+    def no_ray(*a, **k):
+        raise RayStarted
+
+    monkeypatch.setattr(driver, "init_ray", no_ray)
+    for settings, said in (
+            (Settings(budgets={"redis_url": redis_cluster.url}), r"budgets\.redis_cluster.*cluster_enabled:1"),
+            (Settings(budgets={"redis_url": redis_server.url, "redis_cluster": True}), r"cluster_enabled:0"),
+            (Settings(cache={"redis_url": redis_cluster.url[:-1] + "3", "redis_cluster": True}), r"database 3"),
+            (Settings(journal={"redis_url": redis_cluster.urls[2]}), r"journal\.redis_cluster")):
+        with pytest.raises(ConfigError, match=said):
+            Engine.start(settings, catalog=OPENAI_ONLY, metrics_port=None)
+    with pytest.raises(RayStarted):  # nobody answers there: the start goes on
+        Engine.start(Settings(budgets={"redis_url": "redis://127.0.0.1:1/0", "redis_cluster": True}),
+                     catalog=OPENAI_ONLY, metrics_port=None)
 
 
 def test_engines_on_a_cluster_share_a_budget_atomically_and_count_each_dollar_once(redis_cluster):
