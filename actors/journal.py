@@ -28,10 +28,9 @@ from typing import Any, TypeVar
 from actors._journal_seal import JournalSeal
 from actors._journal_watch import RecordsWatch
 from actors._peer import Peer, as_peer
-from engine.core.errors import ConfigError
 from engine.core.resilience import retry_delay
 
-__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "check_keeps_records", "delete_later",
+__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "delete_later",
            "make_journal", "read_patiently", "redis_journal"]
 
 log = logging.getLogger("smartbatch.journal")
@@ -331,38 +330,6 @@ class JournalWriter:
                     landed = False
             if done is not None and not done.done():
                 done.set_result(landed)
-
-
-def check_keeps_records(settings):
-    """``settings`` with a journal that keeps its records. A Redis with a memory limit and any
-    ``maxmemory-policy`` but ``noeviction`` (a Redis run as a cache) may drop them, unsaid, and a restart would
-    then pay again for the calls and batches they named (a helper's fault hunt): one named for the journal (or
-    the budgets) is refused with ``ConfigError``; the cache's, which the journal only falls back to, is left to
-    the cache and the journal kept in the hub's memory, with a warning. A Redis that does not answer, or does
-    not let its configuration be read (managed services), is let be: the journal is an aid, never a gate."""
-    url = settings.journal_redis_url()
-    if not url:
-        return settings
-    import redis
-
-    try:
-        with redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
-            cfg = client.config_get("maxmemory*")
-        policy, limit = str(cfg.get("maxmemory-policy", "")), int(cfg.get("maxmemory", 0) or 0)
-    except Exception:
-        return settings
-    if not limit or policy in ("", "noeviction"):  # no limit: nothing is ever evicted, whatever the policy
-        return settings
-    why = (f"the journal's Redis may evict keys (maxmemory {limit}, maxmemory-policy {policy}), and with them the "
-           "records of calls and batches under way, which a restart would then pay for again")
-    if not settings.journal.redis_url and not settings.budgets.redis_url:
-        log.warning("smartbatch: %s; the journal is kept in the result hub's memory instead (set "
-                    "SMARTBATCH_JOURNAL__REDIS_URL to a Redis with maxmemory-policy noeviction to keep it there)",
-                    why.replace("the journal's Redis", "the cache's Redis (cache.redis_url)"))
-        return settings.model_copy(update={"journal": settings.journal.model_copy(update={"in_memory": True})})
-    setting = "journal.redis_url" if settings.journal.redis_url else "budgets.redis_url"
-    raise ConfigError(f"setting {setting}: {why}; point SMARTBATCH_JOURNAL__REDIS_URL at a Redis with "
-                      "maxmemory-policy noeviction, or run this one so (CONFIG SET maxmemory-policy noeviction)")
 
 
 def redis_journal(settings, engine: str, rewrite: Callable[[], Awaitable[Any]] | None = None,

@@ -19,6 +19,7 @@ import ray
 
 from actors._budget_kept import take_back_kept
 from actors._engine_stop import kill_engine
+from actors._journal_evict import check_keeps_records
 from actors._kv_journal import KvJournal
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, warm_all
 from actors._redis_cluster import check_cluster_modes
@@ -30,7 +31,6 @@ from actors.dispatcher import Dispatcher
 from actors.grouper import Grouper
 from actors.hub import ResultHub
 from actors.ingest import Ingest
-from actors.journal import check_keeps_records
 from engine.core.errors import SmartbatchError
 from engine.runtime.collector import tune_actor
 
@@ -109,7 +109,11 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
 
     check_fallbacks(catalog, settings.resilience)
     check_budgets(catalog, settings.budgets)
-    settings = check_keeps_records(settings)
+    # The journal's records name this run of the engine: a later engine of the same name (on the same Redis, or
+    # another Ray cluster) must never resume them. It made the calls its namesake had under way again, for a
+    # request nobody in it sent, each paid twice (a helper's fault hunt). Ray restarts an actor with these.
+    journal = f"{engine}@{secrets.token_hex(4)}"
+    settings = check_keeps_records(settings, journal)  # (on a cluster, the node serving this journal's slot)
     life = {"lifetime": "detached"} if detached else {}
 
     def opts(kind: str, **more) -> dict:
@@ -132,10 +136,6 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
-    # The journal's records name this run of the engine: a later engine of the same name (on the same Redis, or
-    # another Ray cluster) must never resume them. It made the calls its namesake had under way again, for a
-    # request nobody in it sent, each paid twice (a helper's fault hunt). Ray restarts an actor with these.
-    journal = f"{engine}@{secrets.token_hex(4)}"
     budget = _actor(BudgetController).options(**opts("budget")).remote(
         budgets, ref("hub"), later, 0.0, engine, settings.journal.recover_wait_s, secrets.token_hex(8),
         KvJournal(engine, journal))  # a Redis ledger's outbox, a memory ledger's snapshot: it outlives the hub

@@ -500,7 +500,7 @@ def test_a_journal_redis_that_may_evict_keys_is_refused_or_left_to_the_cache(own
     writes, and a restart would then pay again for what they named (a helper's fault hunt). Named for the
     journal, such a Redis is refused; the cache's, which the journal only falls back to, keeps the cache and the
     journal goes to the hub's memory. Without a memory limit Redis evicts nothing, whatever its policy."""
-    from actors.journal import check_keeps_records
+    from actors._journal_evict import check_keeps_records
     from engine.core.errors import ConfigError
 
     by_cache = Settings().model_copy(update={"cache": CacheSettings(redis_url=own_redis.url)})

@@ -233,6 +233,43 @@ def test_the_journal_on_a_cluster_keeps_an_engine_s_spaces_on_one_node_and_watch
         assert sid == c.info("server")["run_id"]  # the node that holds them, not the one the URL names
 
 
+def test_the_journal_s_eviction_check_reads_the_node_that_serves_its_slot(redis_cluster):
+    """The start reads ``maxmemory-policy`` where the engine's journal lives: before, it read the node the URL
+    names, so a journal whose slot an evicting node served passed (its records dropped unsaid, the calls they
+    named paid again after a restart), and an evicting URL node refused a journal kept elsewhere."""
+    import redis
+
+    from actors._journal_evict import check_keeps_records
+    from actors._redis_cluster import namespace
+    from engine.core.settings import Settings
+
+    settings = Settings(journal={"redis_url": redis_cluster.urls[0], "redis_cluster": True})
+    url_node = redis_cluster.ports[0]
+
+    def node(journal: str) -> int:
+        return redis_cluster.node_of(namespace(f"{settings.cache.redis_prefix}:journal:{journal}", True) + ":")
+
+    journal = next(j for n in itertools.count() if node(j := f"eng@{n:08x}") != url_node)
+
+    def evicting(port: int, on: bool) -> None:
+        with redis.Redis(port=port) as c:
+            c.config_set("maxmemory", "100mb" if on else "0")
+            c.config_set("maxmemory-policy", "allkeys-lru" if on else "noeviction")
+
+    try:
+        evicting(node(journal), True)
+        with pytest.raises(ConfigError, match=r"journal\.redis_url: the journal's Redis may evict keys"):
+            check_keeps_records(settings, journal)
+        with pytest.raises(ConfigError, match="may evict"):  # no journal named: every master is read
+            check_keeps_records(settings)
+        evicting(node(journal), False)
+        evicting(url_node, True)
+        assert check_keeps_records(settings, journal) is settings  # the journal's node keeps what it is given
+    finally:
+        for port in {node(journal), url_node}:
+            evicting(port, False)
+
+
 def test_a_single_redis_ledger_keeps_its_key_names(redis_server):
     """``redis_cluster`` off (the default): the ledger's keys are named as before, with no hash tag, so an engine
     upgraded on its single Redis finds the spend it counted."""
