@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
+from actors._stop_claim import note_kept
+
 __all__ = ["KeptClaims", "keep_left", "kept_dir", "leave_call_s", "take_back_kept"]
 
 log = logging.getLogger("smartbatch.budget")
@@ -88,6 +90,7 @@ def keep_left(ray, budget, settings, engine: str, where: str | Path | None = Non
         return None
     records = left.pop("records")
     path = Path(where or kept_dir(settings)) / f"{time.time_ns()}-{secrets.token_hex(4)}{_SUFFIX}"
+    note_kept(engine, str(path))  # (a stop that takes this one over, its process killed, keeps nothing again)
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # spend, and who spent it: the owner's alone
         tmp = path.with_suffix(".tmp")

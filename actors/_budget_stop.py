@@ -33,19 +33,24 @@ class OutboxAtStop:
             return {}
         await self._restored_first()
         give_up = time.monotonic() + wait_s
-        while self._outbox or self._charges:
-            if self._usable() and await self._settle([]) and await self._charge():
-                break
+        # Items in a call to Redis (the flusher's, another ``leave``'s: a stop taken over from one whose process
+        # died, its call still running here) are neither taken nor in the outbox until it ends: waited for too.
+        # Only the lists read, this answered {} while both items were out, and the stop killed the controller
+        # with them ($2 kept in no file, a review of stop 77's take-over).
+        while self._outbox or self._charges or self._settling:
+            if self._outbox or self._charges:
+                if self._usable() and await self._settle([]) and await self._charge() and not self._settling:
+                    break
             now = time.monotonic()
             if now >= give_up:
                 break
             # Redis is tried again once its retry pause ends (``budgets.redis_retry_s``), not before.
             await asyncio.sleep(min(give_up, max(self._down_until or now, now + 0.01)) - now)
-        # Items in a call to Redis now (the flusher's, a late settlement's) are neither taken nor in the outbox:
-        # they come back to it when the call fails, within its timeout.
-        settled_by = time.monotonic() + self.settings.redis_timeout_s + 1.0
+        # They come back to the outbox when the call fails: within its timeouts (the watch's read of which Redis
+        # answers, the script, its load), well inside the stop's wait for this answer (``leave_call_s``).
+        settled_by = time.monotonic() + 4 * self.settings.redis_timeout_s + 1.0
         while self._settling and time.monotonic() < settled_by:
-            await asyncio.sleep(0.01)  # no event marks the end of a ledger call: bounded by its timeout
+            await asyncio.sleep(0.01)  # no event marks the end of a ledger call: bounded by its timeouts
         if not (self._outbox or self._charges):
             return {}
         copy = self.book.claim_copy

@@ -14,13 +14,13 @@ from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._peer import (
     RESTART_POLL_S,
     ClockRef,
-    mark_stopping,
     read_layout,
     resolve_clock,
     restarting,
     unpublish_clock,
     unpublish_layout,
 )
+from actors._stop_claim import kept_already, take_stop
 
 __all__ = ["kill_engine"]
 
@@ -32,7 +32,8 @@ JOURNAL_COPY_S = 2.0  # how long it waits for the hub's copy of its journal (``_
 
 
 def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping | Iterable | None = None,
-                budget=None, at_ledger: Callable[[], None] | None = None) -> int:
+                budget=None, at_ledger: Callable[[], None] | None = None, *, claim: dict | None = None,
+                wait_s: float = 0.0, waiting: Callable[[dict], None] | None = None) -> int:
     """Stop every actor of engine ``engine`` (the given handles, else those its layout names) and remove what it
     published. Returns how many actors were stopped. Its dispatchers (``dispatchers``, else those of the layout)
     go last: once the others are gone (so no driver takes what they publish for an answer), they cancel the
@@ -44,11 +45,32 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
     their room until ``reservation_ttl_s``. ``dispatchers`` by provider (a mapping) names them in the log. One
     whose process dies in its cancel, or just before, is asked again once Ray has restarted it
     (``_stop_restarted``), with the engine's clock and a copy of the hub's journal, read here before the stop
-    removes them."""
+    removes them.
+
+    One stop at a time (``actors._stop_claim``): ``claim``, this process's mark of the stop (``take_stop``), else
+    taken here; while another stop holds it, ``waiting`` is told and the stop waits up to ``wait_s`` for it, then
+    returns 0 (that stop stops the engine). One whose stopper died is taken over, with the layout it stopped; the
+    ledger it kept already (its file written whole) is not kept again."""
+    if claim is None:
+        try:
+            layout = read_layout(engine)
+        except Exception:  # no Ray answering: nothing to share the stop with
+            layout = None
+        try:
+            claim = take_stop(engine, layout, wait_s, waiting)
+        except TimeoutError as exc:  # that stop goes on: killing its actors under it was the race
+            log.warning("engine %s: not stopped here: %s", engine, exc)
+            return 0
+        if claim is None:
+            return 0
+    if claim.get("taken_over") and (kept := kept_already(claim)) is not None:
+        log.warning("engine %s: the stop taken over had kept its ledger's leftovers in %s; not kept again", engine,
+                    kept)
+        at_ledger = None
     if handles is None:
         from actors.remote import NAMESPACE, actor_name  # (it imports this module)
 
-        layout = read_layout(engine) or {"kinds": []}
+        layout = claim.get("layout") or {"kinds": []}
         handles, dispatchers = [], {}
         for kind in layout["kinds"]:
             try:
@@ -70,8 +92,7 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         copy = _journal_copy(engine) if last else None
         # First: drivers attached to it see it gone rather than a half-stopped engine. Its journals in Ray's store
         # stay until the controller is dead (``_clean_once_dead``): one that dies in the stop reads them back. A
-        # ``serve`` that sees it gone waits for the stop's end (the mark) before it stops its Ray.
-        mark_stopping(engine)
+        # ``serve`` that sees it gone waits for the stop's end (the claim's mark) before it stops its Ray.
         unpublish_layout(engine)
         n = _kill(rest)
         for step, what in ((lambda: _cancel_batches(engine, last, clock, copy), "cancel"),

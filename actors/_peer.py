@@ -263,29 +263,19 @@ def publish_clock(engine: str, clock, base: float = 0.0) -> None:
 def unpublish_clock(engine: str) -> None:
     """Remove what the engine published (its clock and its layout) and what its runs journaled in Ray's store (a
     Redis ledger's outbox, ``actors._kv_journal``): the engine is gone, nobody reads them. Its stop has ended
-    (``mark_stopping``)."""
+    (its mark, ``actors._stop_claim``)."""
     from ray.experimental import internal_kv
 
     from actors._kv_journal import drop_engine
+    from actors._stop_claim import drop_marks
 
-    unpublish_layout(engine, drop_engine,
+    unpublish_layout(engine, drop_engine, drop_marks,
                      lambda e: internal_kv._internal_kv_del(f"{e}:stopping", namespace=_CLOCK_NS))
 
 
-def mark_stopping(engine: str) -> None:
-    """Say, until the stop's last clean (``unpublish_clock``), that a stop of ``engine`` is under way: it removes
-    the layout first, and a ``serve`` that took the layout's going for the end of the stop stopped its Ray (the
-    engine's actors with it) while the stop still kept the Redis ledger's outbox (``stopping``)."""
-    from ray.experimental import internal_kv
-
-    try:
-        internal_kv._internal_kv_put(f"{engine}:stopping", b"1", overwrite=True, namespace=_CLOCK_NS)
-    except Exception:  # Ray is already down: nothing to outlive
-        pass
-
-
 def stopping(engine: str) -> bool:
-    """Whether a stop of ``engine`` is under way (``mark_stopping``); False when Ray does not answer."""
+    """Whether a stop of ``engine`` is under way (its mark, ``actors._stop_claim.take_stop``); False when Ray does
+    not answer."""
     from ray.experimental import internal_kv
 
     try:

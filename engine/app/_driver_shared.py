@@ -143,21 +143,28 @@ def check_not_stopping(name: str) -> None:
     """Refuse to start an engine named ``name`` while the actors of one of that name still run with its layout
     gone: a stop of it is under way (it removes the layout first, then keeps its budget ledger, up to
     ``journal.ledger_wait_s`` for Redis and more), or one was cut short. Ray refused the new budget controller's
-    name after the start had made its hub, which nothing stopped: every later start of the name failed on it."""
+    name after the start had made its hub, which nothing stopped: every later start of the name failed on it. A
+    stop whose process died mid-way (``kill -9``) is finished here first (``take_over_dead``): it blocked the name
+    until Ray restarted."""
     import ray
 
     from actors._peer import stopping
+    from actors._stop_claim import describe, read_stop
     from actors.remote import NAMESPACE, actor_name
+    from engine.app._ledger_stop import take_over_dead
 
+    if stopping(name):
+        take_over_dead(ray, name)  # its stopper died mid-way (kill -9): finished here, its actors gone
     for kind in ("budget", "hub"):
         try:
             ray.get_actor(actor_name(name, kind), namespace=NAMESPACE)
         except ValueError:  # gone
             continue
         if stopping(name):
-            raise ConfigError(f"name={name!r}: an engine of that name is being stopped (its actors still run: the "
-                              f"stop keeps its budget ledger first); start it again once that stop has ended "
-                              f"(smartbatch stop --name {name} returns then), or pick another name")
+            raise ConfigError(f"name={name!r}: an engine of that name is being stopped by "
+                              f"{describe(read_stop(name) or {})} (its actors still run: the stop keeps its budget "
+                              f"ledger first); start it again once that stop has ended (smartbatch stop --name "
+                              f"{name} waits for it), or pick another name")
         raise ConfigError(f"name={name!r}: actors of an engine of that name still run on this Ray cluster with no "
                           f"layout (actor {actor_name(name, kind)!r}: an engine of that name starting, or one whose "
                           "stop was cut short); try again in a few seconds, else restart the Ray cluster or pick "
@@ -213,36 +220,57 @@ class SharedEngine:
 
     @staticmethod
     def stop_named(name: str, *, address: str = "auto", drain_s: float = 0.0,
-                   draining: Callable[[], None] | None = None, flag: str = "address") -> int:
+                   draining: Callable[[], None] | None = None, flag: str = "address",
+                   waiting: Callable[[dict], None] | None = None) -> int:
         """Stop the running engine ``name`` for every driver (their open futures fail, naming the stop).
         Returns how many actors were stopped; raises ``ConfigError`` when no such engine runs. ``drain_s``: when
         provider batches or calls are under way, first cancel the engine's work and wait up to that long for them
         to end and their answers to reach the drivers (``wind_down``; ``draining`` is called as it starts, and a
         KeyboardInterrupt ends the wait): stopped at once, what they finished is billed and unread. ``flag``: as
-        ``connect`` takes it."""
+        ``connect`` takes it. A stop of ``name`` already under way (another process's) is waited for, ``waiting``
+        told first with its record (``actors._stop_claim``): 0 once it has ended; one whose process died is taken
+        over and finished here."""
         import ray
 
         from actors._peer import read_layout, running_engines
-        from actors.remote import attach_actors, cancel_work, kill_engine, settle
-        from engine.app._ledger_stop import keep_named
+        from actors._stop_claim import describe, read_stop, release_stop, take_stop
+        from actors.remote import attach_actors, cancel_work, settle
+        from engine.app._ledger_stop import stop_claimed, stop_wait_s
 
         started = _attach(name, address, flag)
         try:
-            if (layout := read_layout(name)) is None:
+            layout, under_way = read_layout(name), read_stop(name)
+            if layout is None and under_way is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
                                   f"{', '.join(running_engines()) or 'none'})")
-            attached = attach_actors(name) if drain_s > 0 else None
-            if attached is not None and settle(attached[0], 0.0):
-                if draining is not None:
-                    draining()
-                try:
-                    cancel_work(attached[0], 60.0)
-                    settle(attached[0], drain_s)
-                except KeyboardInterrupt:  # leave now: the stop below cancels what is still under way
-                    pass
+            # Before the drain: a second stop waits for the first rather than drain, kill and keep beside it.
+            try:
+                claim = take_stop(name, layout, stop_wait_s(layout or (under_way or {}).get("layout")) + drain_s,
+                                  waiting)
+            except TimeoutError as exc:
+                raise ConfigError(f"name={name!r}: {exc}; it is still under way (smartbatch stop --name {name} "
+                                  "again waits for it)") from None
+            if claim is None:
+                return 0
+            if claim.get("taken_over"):
+                log.warning("engine %s: finishing the stop by %s, which died mid-way", name,
+                            describe(claim["taken_over"]))
+            try:
+                attached = attach_actors(name) if drain_s > 0 and layout is not None else None
+                if attached is not None and settle(attached[0], 0.0):
+                    if draining is not None:
+                        draining()
+                    try:
+                        cancel_work(attached[0], 60.0)
+                        settle(attached[0], drain_s)
+                    except KeyboardInterrupt:  # leave now: the stop below cancels what is still under way
+                        pass
+            except BaseException:  # nothing stopped yet: the engine runs on, and so may the next stop of it
+                release_stop(name, claim)
+                raise
             # What its ledger's Redis has not taken is kept as the engine's own driver's stop keeps it: killed
             # with the budget controller, it was kept in no file, its spend counted by no ledger.
-            return kill_engine(name, at_ledger=lambda: keep_named(ray, name, layout))
+            return stop_claimed(ray, name, claim)
         finally:
             if started:
                 ray.shutdown()
@@ -254,6 +282,12 @@ class SharedEngine:
 
         init_ray(address)
         return running_engines()
+
+    def _stop_wait_s(self) -> float:
+        """How long this driver's stop of its engine waits for a stop of it by name already under way."""
+        from engine.app._ledger_stop import stop_left_s
+
+        return stop_left_s(self.settings)
 
     @property
     def name(self) -> str:

@@ -116,7 +116,7 @@ class Stopping:
                     self._keep_last_report()  # report() after stop() answers with it
                 finally:  # a Ctrl-C while it is read: the actors go all the same (they ran on, a batch billed)
                     kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
-                                self._h.get("budget"), self._keep_ledger)
+                                self._h.get("budget"), self._keep_ledger, wait_s=self._stop_wait_s())
                 if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
                     self._kept.finish(clean, self._h.get("journal", self.name))
             else:  # the ids only this driver held are forgotten after its retention window, as it would have

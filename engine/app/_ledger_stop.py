@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-__all__ = ["keep_ledger", "keep_named", "ledger_home", "outlive_stop", "stop_left_s"]
+__all__ = ["keep_ledger", "keep_named", "ledger_home", "outlive_stop", "stop_claimed", "stop_left_s"]
 
 log = logging.getLogger("smartbatch.driver")
 
@@ -65,6 +65,41 @@ def keep_named(ray: Any, engine: str, layout: dict) -> dict[str, Any] | None:
                        layout.get("ledger_dir") or ledger_home(settings))
 
 
+def stop_claimed(ray: Any, engine: str, claim: dict) -> int:
+    """The stop of ``engine`` by name whose mark this process holds (``actors._stop_claim.take_stop``): its own,
+    or one it took over from a stopper that died, with the layout that stopper read (the engine's is gone by
+    then). Returns how many actors were stopped."""
+    from actors.remote import kill_engine
+
+    layout = claim.get("layout")
+    keep = (lambda: keep_named(ray, engine, layout)) if layout else None
+    return kill_engine(engine, at_ledger=keep, claim=claim)
+
+
+def take_over_dead(ray: Any, engine: str) -> bool:
+    """Finish the stop of ``engine`` whose stopper's process died mid-way (``kill -9``), unless a live process
+    runs it: True once it is finished here (or no stop was under way)."""
+    from actors._stop_claim import read_stop, stopper_gone, take_stop
+
+    rec = read_stop(engine)
+    if rec is None:
+        return True
+    if not stopper_gone(rec):
+        return False
+    claim = take_stop(engine, None)  # (another process may take it over first: then it is that one's)
+    if claim is None:
+        return read_stop(engine) is None
+    stop_claimed(ray, engine, claim)
+    return True
+
+
+def stop_wait_s(layout: dict | None) -> float:
+    """How long a stop by name waits for another stop of the same engine (``stop_left_s`` of its settings, as its
+    layout says; a minute and a half without one)."""
+    settings = (layout or {}).get("settings")
+    return stop_left_s(settings) if settings is not None else 90.0
+
+
 def stop_left_s(settings) -> float:
     """At most how long a stop of an engine on ``settings`` runs once it has removed the engine's layout: the
     dispatchers' cancel (asked again once after a restart), their settlements told, the ledger's ``leave`` (a
@@ -82,11 +117,16 @@ def outlive_stop(engine: str, limit_s: float, leave) -> bool:
     ended (``actors._peer.stopping``), at most ``limit_s`` or until ``leave`` (a ``threading.Event``) is set: a
     ``serve`` that stops its own Ray waits for it. It stopped Ray as the layout went, while that stop waited for
     the ledger's Redis: the budget controller died with what waited for Redis, kept in no file, and the stop
-    waited a minute for the dead GCS, then failed. True once the stop has ended (or none was under way)."""
+    waited a minute for the dead GCS, then failed. A stop whose process died is taken over (``take_over_dead``).
+    True once the stop has ended (or none was under way)."""
+    import ray
+
     from actors._peer import RESTART_POLL_S, stopping
 
     end = time.monotonic() + limit_s
     while stopping(engine):
+        if take_over_dead(ray, engine):  # its stopper killed outright: what it had not done is done here
+            return True
         if leave.is_set() or time.monotonic() >= end:
             return False
         leave.wait(RESTART_POLL_S)  # the mark is a key in Ray's store: no event says it went

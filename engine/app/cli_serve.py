@@ -352,14 +352,24 @@ def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `s
                       "batches and calls under way to end, so what they finished is answered (Ctrl-C to stop now: "
                       "what they finished is then billed and not read)")
 
+    other: list[dict] = []
+
+    def waiting(rec: dict) -> None:  # a normal race (two stops, a loop's): said plainly, waited for, exit 0
+        from actors._stop_claim import describe
+
+        other.append(rec)
+        console.print(f"a stop of engine {name!r} is already under way ({describe(rec)}); waiting for it to end")
+
     here = served_address(name)  # the serve of this engine on this machine, which `stop` then waits out
     try:
         check_answers(address, "--address")
-        n = Engine.stop_named(name, address=address, drain_s=drain_s, draining=draining, flag="--address")
+        n = Engine.stop_named(name, address=address, drain_s=drain_s, draining=draining, flag="--address",
+                              waiting=waiting)
     except SmartbatchError as exc:
         _fail(exc)
     if here is not None and (address == here or address == "auto" and not os.environ.get("RAY_ADDRESS")):
         if (pid := wait_released(name, here)) is not None:
             err_console.print(f"serve (pid {pid}) has not exited yet; a new `smartbatch serve --name {name}` is "
                               "refused until it has", style="yellow")
-    console.print(f"stopped engine {name!r} ({n} actors)")
+    console.print(f"engine {name!r} stopped, by the stop that was under way" if other and not n else
+                  f"stopped engine {name!r} ({n} actors)")

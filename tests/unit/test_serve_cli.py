@@ -363,3 +363,23 @@ def test_stop_returns_once_the_serve_it_stopped_has_let_go_of_the_name(own_claim
         holder.kill()
         holder.wait(30)
         holder.stdout.close()
+
+
+def test_a_stop_while_another_stop_of_the_engine_runs_says_so_plainly_and_exits_0(monkeypatch):
+    """Two `smartbatch stop --name` at once (a script's loop, two shells): the second said at ERROR that the budget
+    ledger "did not say what waits for its Redis ... whatever it held is dropped", or that no engine of that name
+    ran (exit 2), neither true. Now it says a stop is under way, waits for it (``Engine.stop_named``'s
+    ``waiting``), and says the engine stopped: exit 0, as the first."""
+    from engine.app.driver import Engine
+
+    def stop_named(name, *, address, waiting=None, **_):
+        if waiting is not None:
+            waiting({"pid": 4242, "host": "box", "at": time.time(), "job": "02000000"})
+        return 0  # the stop under way stopped it
+    monkeypatch.setattr(Engine, "stop_named", staticmethod(stop_named))
+    monkeypatch.setattr(cli_serve, "check_answers", lambda *_: None)
+    r = runner.invoke(app, ["stop", "--name", "prod", "--address", "10.0.0.5:6379"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0, said
+    assert "a stop of engine 'prod' is already under way (pid 4242 on box" in said and "waiting for it to end" in said
+    assert "engine 'prod' stopped, by the stop that was under way" in said and "error" not in said.lower()
