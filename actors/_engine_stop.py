@@ -20,7 +20,7 @@ from actors._peer import (
     unpublish_clock,
     unpublish_layout,
 )
-from actors._stop_claim import kept_already, take_stop
+from actors._stop_claim import describe, kept_already, take_stop
 
 __all__ = ["kill_engine"]
 
@@ -56,8 +56,11 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
             layout = read_layout(engine)
         except Exception:  # no Ray answering: nothing to share the stop with
             layout = None
+        said = waiting or (lambda rec: log.warning("engine %s: a stop of it is already under way (%s); %s", engine,
+                                                   describe(rec), "waiting for it to end" if wait_s > 0 else
+                                                   "the engine is left to it"))
         try:
-            claim = take_stop(engine, layout, wait_s, waiting)
+            claim = take_stop(engine, layout, wait_s, said)
         except TimeoutError as exc:  # that stop goes on: killing its actors under it was the race
             log.warning("engine %s: not stopped here: %s", engine, exc)
             return 0
