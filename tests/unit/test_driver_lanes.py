@@ -364,7 +364,7 @@ def _engine(monkeypatch, owner: bool = True):
     import actors.remote
     from engine.app.driver import Engine
 
-    monkeypatch.setattr(actors.remote, "kill_engine", lambda *a: None)
+    monkeypatch.setattr(actors.remote, "kill_engine", lambda *a, **kw: None)
     from engine.core.catalog import default_catalog
 
     e = object.__new__(Engine)
