@@ -58,8 +58,12 @@ def _me(layout: dict | None) -> dict[str, Any]:
         job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
     except Exception:
         job = None
-    return {"token": secrets.token_hex(8), "job": job, "pid": os.getpid(), "host": socket.gethostname(),
-            "at": time.time(), "layout": layout, "kept": None}
+    try:  # a stop inside an actor: its job is its creator's, dead once that driver exits (a detached actor's)
+        actor = ray.get_runtime_context().get_actor_id() if job is not None else None
+    except Exception:
+        actor = None
+    return {"token": secrets.token_hex(8), "job": job, "actor": actor, "pid": os.getpid(),
+            "host": socket.gethostname(), "at": time.time(), "layout": layout, "kept": None}
 
 
 def read_stop(engine: str) -> dict[str, Any] | None:
@@ -78,15 +82,30 @@ def read_stop(engine: str) -> dict[str, Any] | None:
 def stopper_gone(rec: dict[str, Any]) -> bool:
     """Whether the process of the stop ``rec`` is dead: its Ray job says so (the GCS marks a driver's job dead when
     its process goes, from any machine). Unknown (no job named, no answer, a job the GCS forgot) is alive: a stop
-    is never taken over while its stopper may be mid-way."""
+    is never taken over while its stopper may be mid-way. A stopper in an actor is judged by its actor (dead, or
+    restarted: another pid), not its job: a detached actor outlives the driver that made it, whose job the GCS
+    marks dead (Ray 2.60: the actor ALIVE, its job ``IsDead``), and its live stop was taken over (two at once)."""
     job = rec.get("job")
     if not job:
         return False
     try:
+        if rec.get("actor"):
+            return _actor_gone(rec["actor"], rec.get("pid"))
         jobs = _jobs()
     except Exception:
         return False
     return any(j.get("JobID") == job and j.get("IsDead") for j in jobs)
+
+
+def _actor_gone(actor: str, pid: Any) -> bool:
+    """Whether the process of actor ``actor`` that ran a stop (``pid``) is gone: the actor dead or restarting, or
+    alive in another process (restarted). One the GCS does not know is alive (unknown)."""
+    from ray._private import state
+
+    info = state.actors(actor_id=actor)
+    if not info:
+        return False
+    return info.get("State") in ("DEAD", "RESTARTING") or (info.get("State") == "ALIVE" and info.get("Pid") != pid)
 
 
 def _jobs() -> list[dict[str, Any]]:
@@ -123,9 +142,15 @@ def take_stop(engine: str, layout: dict | None, wait_s: float = 0.0,
         except Exception:  # Ray is going down: no other stop can be told apart
             return mine
         if rec is None:
-            if seen:  # the stop waited for has ended: the engine with it
+            published = _published(engine) if seen else None
+            if seen and published is None:  # the stop waited for has ended: the engine with it
                 return None
-            continue  # it ended between the put and the read: the mark is free again
+            # It ended between the put and the read, or gave its mark up before its first kill (``release_stop``:
+            # the engine runs on, its layout published): the mark is free again. Read as the end of a stop, the
+            # engine was said stopped (exit 0) and an owner's ``stop()`` killed nothing.
+            mine["layout"] = mine["layout"] or published
+            seen = False
+            continue
         if stopper_gone(rec) and _take_over(engine, mine, rec):
             return mine
         if not seen and waiting is not None:
@@ -137,6 +162,16 @@ def take_stop(engine: str, layout: dict | None, wait_s: float = 0.0,
             raise TimeoutError(f"the stop of engine {engine!r} by {describe(rec)} has not ended within {wait_s:.0f} s")
         time.sleep(WAIT_POLL_S)
     return mine
+
+
+def _published(engine: str) -> dict | None:
+    """The layout ``engine`` publishes (its stop has not begun killing), None when none is or Ray does not answer."""
+    from actors._peer import read_layout  # (it imports this module)
+
+    try:
+        return read_layout(engine)
+    except Exception:  # Ray is going down: nothing left to stop
+        return None
 
 
 def _take_over(engine: str, mine: dict[str, Any], dead: dict[str, Any]) -> bool:

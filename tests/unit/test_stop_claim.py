@@ -9,6 +9,7 @@ budget controller ran on with what waited for Redis."""
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import socket
 import threading
@@ -235,3 +236,50 @@ def test_leave_waits_for_items_out_in_a_call_rather_than_answer_nothing_left():
             await ctl.close()
     left = asyncio.run(go())
     assert (left.get("settlements"), left.get("charges"), left.get("unsettled_usd")) == (1, 1, 2.0), left
+
+
+def test_a_stopper_in_a_detached_actor_whose_creating_job_ended_is_alive_not_taken_over(monkeypatch):
+    """A stop run inside a Ray actor names the job of the driver that created the actor: a detached one outlives
+    that driver, whose job the GCS marks dead (seen on Ray 2.60: the actor ALIVE, its job ``IsDead``, its pid not
+    the job's ``DriverPid``). Read by its job alone, the live stop was taken over: two stops at once, each killing
+    and keeping. An actor stopper is judged by its actor: dead, or restarted (another pid), is gone."""
+    fake = Ray(monkeypatch)
+    table = {"State": "ALIVE", "Pid": os.getpid()}
+    monkeypatch.setattr(state, "actors", lambda actor_id=None, **k: dict(table) if actor_id == "a-1" else {})
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(
+        get_job_id=lambda: getattr(fake.local, "job", "j-main"),
+        get_actor_id=lambda: getattr(fake.local, "actor", None)))
+    fake.local.job, fake.local.actor = "j-creator", "a-1"
+    live = claim_mod.take_stop("e", {"kinds": ["budget"]})
+    fake.dead.add("j-creator")  # its creating driver exits; the actor, mid-stop, runs on
+    fake.local.job, fake.local.actor = "j-second", None
+    assert claim_mod.take_stop("e", None) is None  # left to the live stop
+    assert claim_mod.read_stop("e")["token"] == live["token"]
+    table["Pid"] = os.getpid() + 1  # Ray restarted it: the process running the stop died
+    taker = claim_mod.take_stop("e", None)
+    assert taker["taken_over"]["token"] == live["token"] and taker["layout"] == {"kinds": ["budget"]}
+
+
+def test_a_second_stop_whose_first_gave_up_before_any_kill_stops_the_engine_rather_than_say_it_is_stopped(
+        monkeypatch):
+    """``Engine.stop_named`` gives its mark up when it fails before its first kill (its drain raised, a Ctrl-C
+    there): the engine runs on, its layout published. A stop waiting for it took the mark's going for the end of
+    the stop: ``smartbatch stop`` printed "engine 'e' stopped, by the stop that was under way" and exited 0, and an
+    owner's ``stop()`` killed nothing, the engine running on."""
+    fake = Ray(monkeypatch)
+    layout = {"kinds": ["budget"], "ledger_dir": "/l"}
+    fake.kv[b"e:layout"] = pickle.dumps(layout)
+    first = claim_mod.take_stop("e", layout)
+    told, out = threading.Event(), {}
+
+    def second() -> None:
+        fake.local.job = "j-second"
+        out["claim"] = claim_mod.take_stop("e", layout, 30.0, lambda rec: told.set())
+
+    t = threading.Thread(target=second)
+    t.start()
+    assert told.wait(10)
+    claim_mod.release_stop("e", first)  # it stopped nothing: the engine and its layout are there
+    t.join(10)
+    assert not t.is_alive() and out["claim"] is not None and out["claim"]["layout"] == layout
+    assert claim_mod.read_stop("e")["token"] == out["claim"]["token"]  # this one runs the stop now
