@@ -177,9 +177,14 @@ def _published(engine: str) -> dict | None:
 def _take_over(engine: str, mine: dict[str, Any], dead: dict[str, Any]) -> bool:
     """Take over the stop ``dead`` (its stopper's process is gone) if no other process has: the first to mark its
     token does, and writes its own record over the mark; the others see a live stopper and wait for it."""
-    kv = _kv()
-    if kv._internal_kv_put(f"{_key(engine)}#{dead.get('token')}", b"1", overwrite=False, namespace=_NS):
+    kv, token = _kv(), f"{_key(engine)}#{dead.get('token')}"
+    if kv._internal_kv_put(token, b"1", overwrite=False, namespace=_NS):
         return False  # another process took it over
+    if ((read_stop(engine) or {}).get("token")) != dead.get("token"):
+        # Another took it over and finished it while this one read the jobs table (its token's mark gone with
+        # its clean): marked again here, the name free or started anew, the dead stop ran twice, by its layout.
+        kv._internal_kv_del(token, namespace=_NS)
+        return False
     mine["layout"] = mine["layout"] or dead.get("layout")
     mine["kept"] = dead.get("kept")
     mine["taken_over"] = {k: v for k, v in dead.items() if k != "layout"}

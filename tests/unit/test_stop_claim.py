@@ -283,3 +283,32 @@ def test_a_second_stop_whose_first_gave_up_before_any_kill_stops_the_engine_rath
     t.join(10)
     assert not t.is_alive() and out["claim"] is not None and out["claim"]["layout"] == layout
     assert claim_mod.read_stop("e")["token"] == out["claim"]["token"]  # this one runs the stop now
+
+
+def test_a_dead_stop_finished_by_another_while_this_one_read_the_jobs_table_is_not_taken_over_again(monkeypatch):
+    """Two processes find the stopper dead; the first takes its stop over and finishes it (its marks removed, the
+    name free, maybe started again) while the second still reads the GCS's jobs table. The second then marked the
+    dead one's token (gone with the first's clean), wrote its own mark over the free name and ran the dead stop
+    again by its layout: the actors of that name killed, a new engine's too."""
+    fake = Ray(monkeypatch)
+    layout = {"kinds": ["budget"]}
+    fake.mark("j-dead", layout)
+    fake.dead.add("j-dead")
+    gone, once = claim_mod.stopper_gone, []
+
+    def slow_read(rec):  # the other process's whole take-over ends meanwhile
+        answer = gone(rec)
+        if once:
+            return answer
+        once.append(1)
+        fake.local.job = "j-first"
+        first = claim_mod.take_stop("e", None)
+        assert first["taken_over"]["job"] == "j-dead"
+        claim_mod.drop_marks("e")
+        fake.delete(KEY)
+        fake.local.job = "j-main"
+        return answer
+
+    monkeypatch.setattr(claim_mod, "stopper_gone", slow_read)
+    assert claim_mod.take_stop("e", None, 5.0) is None  # ended: nothing to stop here
+    assert fake.kv == {}  # no mark left to block the name
