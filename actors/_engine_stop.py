@@ -20,7 +20,7 @@ from actors._peer import (
     unpublish_clock,
     unpublish_layout,
 )
-from actors._stop_claim import describe, kept_already, take_stop
+from actors._stop_claim import describe, kept_already, release_stop, take_stop
 
 __all__ = ["kill_engine"]
 
@@ -71,20 +71,12 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
                     kept)
         at_ledger = None
     if handles is None:
-        from actors.remote import NAMESPACE, actor_name  # (it imports this module)
-
-        layout = claim.get("layout") or {"kinds": []}
-        handles, dispatchers = [], {}
-        for kind in layout["kinds"]:
-            try:
-                h = ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE)
-            except ValueError:  # already gone
-                continue
-            handles.append(h)
-            if kind.startswith("dispatcher-"):
-                dispatchers[kind] = h
-            elif kind == "budget":
-                budget = h
+        try:
+            handles, dispatchers, budget = _by_layout(engine, claim.get("layout") or {"kinds": []})
+        except BaseException:  # nothing stopped: its mark left, this live process blocked the name (and itself)
+            if not claim.get("taken_over"):  # (a dead one's: kept, its layout is what finds its actors)
+                release_stop(engine, claim)
+            raise
     last = _named_dispatchers(dispatchers)
     ledger = [budget] if budget is not None else []
     rest = [h for h in handles if h not in last.values() and h not in ledger]
@@ -110,6 +102,25 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         n = (_kill(rest) if n is None else n) + _kill(ledger) + _kill(list(last.values()))
         _clean_once_dead(engine, [*rest, *ledger])
     return n
+
+
+def _by_layout(engine: str, layout: dict) -> tuple[list, dict, object]:
+    """The actors of ``engine`` still alive, found by the kinds ``layout`` names: all, the dispatchers by kind, and
+    the budget controller (None: gone)."""
+    from actors.remote import NAMESPACE, actor_name  # (it imports this module)
+
+    handles, dispatchers, budget = [], {}, None
+    for kind in layout["kinds"]:
+        try:
+            h = ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE)
+        except ValueError:  # already gone
+            continue
+        handles.append(h)
+        if kind.startswith("dispatcher-"):
+            dispatchers[kind] = h
+        elif kind == "budget":
+            budget = h
+    return handles, dispatchers, budget
 
 
 def _clean_once_dead(engine: str, killed: list) -> None:

@@ -312,3 +312,19 @@ def test_a_dead_stop_finished_by_another_while_this_one_read_the_jobs_table_is_n
     monkeypatch.setattr(claim_mod, "stopper_gone", slow_read)
     assert claim_mod.take_stop("e", None, 5.0) is None  # ended: nothing to stop here
     assert fake.kv == {}  # no mark left to block the name
+
+
+def test_a_stop_by_name_that_fails_before_any_kill_gives_its_mark_up(monkeypatch):
+    """``kill_engine`` by name finds the engine's actors by their names first: a failure there (the GCS not
+    answering) left its mark, so while this process lived every start of the name was refused as being stopped,
+    and its own next stop waited for itself, then failed."""
+    fake = Ray(monkeypatch)
+    fake.kv[b"e:layout"] = pickle.dumps({"kinds": ["budget"]})
+
+    def get_actor(name, namespace=None):
+        raise ray.exceptions.RaySystemError("the GCS did not answer")
+
+    monkeypatch.setattr(engine_stop.ray, "get_actor", get_actor)
+    with pytest.raises(ray.exceptions.RaySystemError):
+        engine_stop.kill_engine("e")
+    assert claim_mod.read_stop("e") is None and claim_mod.take_stop("e", None) is not None
