@@ -7,6 +7,7 @@ report "could not be read then" while the first stop was still keeping it (a hel
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ __all__ = ["NEVER_SENT", "Stopping"]
 log = logging.getLogger("smartbatch")
 
 STOP_LOCK_WAIT_S = 10.0  # real seconds stop() waits for the engine's lock before it takes it for its own thread's
+_NOT_HOLDING = frozenset({"stop", "_first_stop", "_lock_for_stop", "__exit__", "shutdown"})  # call stop(), hold no lock
 
 # What a request of a stopped engine that this driver had not sent yet ends with.
 NEVER_SENT = ("cancelled: the engine stopped before this request was sent (drain() first waits for it); it was never "
@@ -55,12 +57,15 @@ class Stopping:
 
     def _first_stop(self) -> bool:
         """Whether this is the engine's first ``stop()``; if not, wait for that one to end, except in its own thread
-        (a callback of a future it fails) or in a thread it joins (the result thread's callback)."""
+        (a callback of a future it fails, a signal handler run inside it) or in a thread it joins (the result
+        thread's callback)."""
         me = threading.current_thread()
-        # Bounded: the lock held this long is this thread's own, a signal handler's stop() having interrupted a
-        # submit (the engine's threads hold it milliseconds). Waited for, the script hung for good (a helper's hunt:
-        # a SIGALRM handler's stop() in a loop of submit_many hung 6 runs of 15).
-        if not self._lock.acquire(timeout=STOP_LOCK_WAIT_S):
+        if self._stopper is me:  # (set by this very thread): a stop inside its own, or after it
+            # At once, without the lock, which the stop may hold as it is interrupted (a SIGTERM handler's stop()
+            # inside the ``with`` block's): waited for STOP_LOCK_WAIT_S, the ConfigError unwound that stop half
+            # done, open futures left open for good and the actors not stopped (a review of stop 77).
+            return False
+        if not self._lock_for_stop(me):
             raise ConfigError(f"stop() could not take the engine's lock within {STOP_LOCK_WAIT_S:g} s: this thread holds "
                               "it, most likely a signal handler's stop() interrupting a submit. In a handler, raise "
                               "KeyboardInterrupt (the with block's exit then stops the engine) or set a flag the "
@@ -71,9 +76,20 @@ class Stopping:
                 self._stopping, self._stopper = threading.Event(), me
         finally:
             self._lock.release()
-        if not first and me is not self._stopper and me not in (self._flusher, self._puller, self._checker):
+        if not first and me not in (self._flusher, self._puller, self._checker):
             self._stopping.wait()
         return first
+
+    def _lock_for_stop(self, me: threading.Thread) -> bool:
+        """Take the engine's lock: bounded (``STOP_LOCK_WAIT_S``) only where this thread may hold it itself, a signal
+        handler's stop() having interrupted the engine's own code (a submit) in the main thread, where Python runs
+        handlers; waited for, the script hung for good (a helper's hunt: a SIGALRM handler's stop() in a loop of
+        submit_many hung 6 runs of 15). Anywhere else the lock is another thread's, held as long as its call takes:
+        a submit_many of 600,000 requests holds it 12 s (about 20 us a request), and a watchdog's stop() raised
+        after 10 s instead of stopping the engine (a review of stop 77)."""
+        if me is threading.main_thread() and _inside(self, sys._getframe()):
+            return self._lock.acquire(timeout=STOP_LOCK_WAIT_S)
+        return self._lock.acquire()
 
     def _stop(self, timeout_s: float, drain_s: float) -> None:
         try:
@@ -143,3 +159,14 @@ class Stopping:
         self._cut_short = exc_type is not None and not (issubclass(exc_type, SystemExit)
                                                         and getattr(exc[0], "code", 1) in (0, None))
         self.stop(drain_s=self._drain_on_exit(exc_type))
+
+
+def _inside(eng: object, frame: Any) -> bool:
+    """Whether ``frame`` or one it was called from runs a method of ``eng`` that may hold its lock (``_NOT_HOLDING``
+    aside): a signal handler's frame is called from the frame it interrupted."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_varnames[:1] == ("self",) and code.co_name not in _NOT_HOLDING and frame.f_locals.get("self") is eng:
+            return True
+        frame = frame.f_back
+    return False
