@@ -43,7 +43,7 @@ class Pulling:
             open_ = [f for f in self._futs.values() if not f.done()]
         if not open_:
             return 0
-        if self._delivering():  # (as ``ResultFuture.result`` refuses it there)
+        if self._delivering() and (timeout_s is None or timeout_s > 0):  # (as ``ResultFuture.result`` refuses it)
             raise ConfigError(f"drain() was called in a done-callback, in the thread that delivers results, with "
                               f"{len(open_)} request(s) open: that thread delivers the results it would wait for, so "
                               "it would wait for good; drain from a thread of your own")

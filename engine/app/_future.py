@@ -46,11 +46,11 @@ class ResultFuture(concurrent.futures.Future):
         return False
 
     def result(self, timeout: float | None = None) -> Any:
-        self._not_in_delivery("result")
+        self._not_in_delivery("result", timeout)
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
-        self._not_in_delivery("exception")
+        self._not_in_delivery("exception", timeout)
         return super().exception(timeout)
 
     def add_done_callback(self, fn: Callable[[ResultFuture], object]) -> None:
@@ -73,10 +73,13 @@ class ResultFuture(concurrent.futures.Future):
 
         super().add_done_callback(guarded)
 
-    def _not_in_delivery(self, what: str) -> None:
+    def _not_in_delivery(self, what: str, timeout: float | None) -> None:
         """Refuse a wait that could never end: in the thread that delivers results (a done-callback), for a result
         that thread has not delivered yet. It waited for good (or its whole timeout), every later result with it; in
-        a stop() failing what is open, the stop hung for good."""
+        a stop() failing what is open, the stop hung for good. A look that does not wait (``timeout=0``, a callback
+        joining two requests) raises ``TimeoutError`` as anywhere: refused, it broke that callback (a review)."""
+        if timeout is not None and timeout <= 0:
+            return
         if not self.done() and self._engine is not None and self._engine._delivering():
             raise ConfigError(f"{what}() of request {self.request_id!r}, not finished yet, was called in a "
                               "done-callback, in the thread that delivers results (the engine's result thread, or a "

@@ -371,3 +371,28 @@ def test_a_stop_waits_for_a_long_submit_of_another_thread_rather_than_raise(monk
         t.join(30)
     assert got == ["stopped"], got
     assert not e._running and fut.result(0).status == "failed"
+
+
+def test_a_done_callback_may_look_at_another_result_without_waiting(monkeypatch):
+    """A callback that joins two requests looks at the other one without waiting, ``result(timeout=0)`` (or
+    ``exception(timeout=0)``) in a ``try`` for its ``TimeoutError``, or counts what is open with ``drain(0)``: none of
+    them waits, so none holds the thread that delivers results. They raised ``ConfigError`` there (the refusal of a
+    wait that could never end, given to a look that does not wait); they answer as anywhere else."""
+    e = _engine(monkeypatch)
+    a, b = e.submit(req(1)), e.submit(req(2))
+    got: dict[str, object] = {}
+
+    def join(_f) -> None:
+        for what, call in (("result", lambda: b.result(timeout=0)), ("exception", lambda: b.exception(timeout=0)),
+                           ("drain", lambda: e.drain(timeout_s=0))):
+            try:
+                got[what] = call()
+            except Exception as exc:  # noqa: BLE001 - the test reads what each raised
+                got[what] = exc
+
+    a.add_done_callback(join)
+    _deliver(e, [Result(id="r1", status="ok"), Result(id="r2", status="ok")])
+    assert isinstance(got["result"], concurrent.futures.TimeoutError), got
+    assert isinstance(got["exception"], concurrent.futures.TimeoutError), got
+    assert got["drain"] == 1, got  # b, open when a's callback ran
+    assert b.done() and b.result(0).status == "ok"
