@@ -20,7 +20,7 @@ SOLO_ENV = "SMARTBATCH_SOLO"
 SCOPE_SECONDS = {
     "test_engine.py": 150, "test_budget_stop_outbox.py": 70, "test_http_engine.py": 60, "test_serve_crash.py": 70,
     "test_driver_crash.py": 60, "test_chaos.py": 52, "test_shared_engine.py": 51, "test_budget_faults_hunt.py": 50,
-    "test_redis_cluster_failover.py": 50, "test_batch_crash.py": 38, "test_redis_faults.py": 35,
+    "test_redis_cluster_failover.py": 25, "test_batch_crash.py": 38, "test_redis_faults.py": 35,
     "test_batch_crash_redis.py": 35, "test_endpoint_live.py": 33, "test_serve_stop_ledger.py": 38,
     "test_release_faults.py": 26, "test_serve_drain.py": 22, "test_stop_crash.py": 19, "test_metrics_live.py": 21,
     "test_redis_cluster_engine.py": 20, "test_reliability.py": 18, "test_async_api.py": 19, "test_budget_redis.py": 19,
