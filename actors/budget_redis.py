@@ -192,7 +192,8 @@ class RedisBudgetBook(ServerWatch):
                 used = s.max_budget - float(rem)
                 refusals.append(Refusal(s, float(rem), fits == "1",
                                         th.paced_until(s, c.priority, now, used + c.amount, self.origin),
-                                        allowed[int(j) - 1], th.pace_of(s, c.priority, now, self.origin) < 1.0))
+                                        allowed[int(j) - 1], th.pace_of(s, c.priority, now, self.origin) < 1.0,
+                                        s.max_budget * th.of(c.priority)))
             out.append(verdict_of(refusals, c.priority, now))
         return out
 

@@ -8,9 +8,18 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from engine.core.budgets import Verdict
 
-__all__ = ["EPS", "deferred_reason"]
+__all__ = ["EPS", "deferred_never", "deferred_reason"]
 
 EPS = 1e-9  # USD below which two amounts are one (engine.core.budgets' comparisons)
+
+
+def deferred_never(v: Verdict, claim_usd: float | None) -> bool:
+    """Whether ``claim_usd`` is more than ``v``'s priority may reach in any window, so no reset passes it. Paced,
+    what it may reach now is less than its share, and a request dearer than the whole share was told it "could
+    go" at the window's end (stop 75's note)."""
+    cap = v.share_usd if v.share_usd is not None else None if v.paced else v.allowed_usd
+    return (claim_usd is not None and cap is not None and v.max_usd is not None and cap < v.max_usd - EPS
+            and claim_usd > cap + EPS)
 
 
 def deferred_reason(v: Verdict, claim_usd: float | None) -> str:
@@ -26,14 +35,17 @@ def deferred_reason(v: Verdict, claim_usd: float | None) -> str:
         # Nor a later deadline: it was told "give it a later deadline" beside "it could go in no window" (a review).
         return (f"{said}, more than the whole limit of ${v.max_usd:.6f}: it could go in no window: raise the budget "
                 "or give it a lower max_tokens, which reserves less (docs/budgets.md)")
-    if claim_usd is not None and reach and not v.paced and claim_usd > v.allowed_usd + EPS:
+    if reach and deferred_never(v, claim_usd):
         # Unpaced, what its priority may reach now is its share of any window: the reset that "could" pass it
         # gives it no more, so neither does a later deadline alone (a review of stop 75).
         # Urgent work is never deferred: short of the money left, it is refused at once, so not said then.
         share = f"raise that fraction (budgets.throttle.{v.priority})"
         ways = (f"{share} and give it a later deadline" if short else
                 f"send it urgent (it may spend the whole limit), {share}")
-        return f"{said}, more than {v.priority} work may reach in any window: {ways}, or raise the budget (docs/budgets.md)"
+        whole = f" (${v.share_usd:.6f}, even at the window's end)" if v.paced else ""
+        return (f"{said}, more than {v.priority} work may reach in any window{whole}: {ways}, or raise the budget; "
+                "or reserve less: a lower max_tokens (max_output_tokens), or budgets.reserve_output: request, which "
+                "reserves its output_tokens rather than the model's maximum (docs/budgets.md)")
     said += (f" and could go only at t={v.retry_at:.0f}s" + ("" if v.paced else ", when the window resets")
              + ", after its deadline")
     if short or not reach:

@@ -29,7 +29,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from engine.core._budget_words import EPS, deferred_reason
+from engine.core._budget_words import EPS, deferred_never, deferred_reason
 
 __all__ = ["LEDGER", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
            "parse_duration", "usd", "verdict_of", "window_bounds", "window_label", "window_row"]
@@ -222,6 +222,7 @@ class Verdict(NamedTuple):
     allowed_usd: float | None = None
     priority: str | None = None
     paced: bool = False  # deferred: pacing (``Throttle.pace``) cut what the claim's priority may reach now
+    share_usd: float | None = None  # deferred: what the claim's priority may reach of the limit, paced or not, at most
 
     def why(self, claim_usd: float | None = None, model_max: bool = True) -> str:
         """The ``reason`` a request rejected on this verdict carries; ``claim_usd``, what it reserved, since a
@@ -266,6 +267,8 @@ class Verdict(NamedTuple):
                  "it ends)" if self.reason == "wait" else self._reach())
         if claim_usd is not None:
             said += f"; this request reserves up to ${claim_usd:.6f}"
+        if self.reason == "deferred" and deferred_never(self, claim_usd):
+            return deferred_reason(self, claim_usd)  # no window lets it pass: "could go at t=..." was untrue
         if self.reason == "deferred" and self.retry_at is not None:
             said += f" and could go at t={self.retry_at:.0f}s"
         return (f"{said}: a lower max_tokens reserves less; or send it urgent (it goes first), give it a later "
@@ -279,6 +282,7 @@ class Refusal(NamedTuple):
     paced_until: float | None = None  # pacing holds it back until then
     allowed: float | None = None  # what the claim's priority may reach of the limit now (fraction, pace)
     paced: bool = False  # pacing cut that reach now (``Throttle.pace_of`` < 1)
+    share: float | None = None  # what the claim's priority may reach of the limit at most (its fraction, unpaced)
 
 
 _RANK = {"wait": 0, "deferred": 1, "budget_exhausted": 2}
@@ -289,17 +293,17 @@ def verdict_of(refusals: list[Refusal], priority: str, now: float) -> Verdict:
     a deferral (waiting for a reset cannot help when some budget never resets), which outranks waiting for
     open reservations; among deferrals the latest reset wins."""
     worst: Verdict | None = None
-    for s, remaining, fits_settled, paced, allowed, cut in refusals:
+    for s, remaining, fits_settled, paced, allowed, cut, share in refusals:
         end = window_bounds(s.budget_duration, now)[1]
         rem = max(remaining, 0.0)
         if fits_settled:
             v = Verdict(False, "wait", None, rem, s.name)
         elif paced is not None and paced > now:
             v = Verdict(False, "deferred", paced, rem, s.name, max_usd=s.max_budget, allowed_usd=allowed,
-                        priority=priority, paced=cut)
+                        priority=priority, paced=cut, share_usd=share)
         elif priority != "urgent" and end < math.inf:
             v = Verdict(False, "deferred", end, rem, s.name, max_usd=s.max_budget, allowed_usd=allowed,
-                        priority=priority, paced=cut)
+                        priority=priority, paced=cut, share_usd=share)
         else:
             v = Verdict(False, "budget_exhausted", None, rem, s.name, max_usd=s.max_budget,
                         allowed_usd=allowed, priority=priority)

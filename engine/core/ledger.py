@@ -93,7 +93,7 @@ class BudgetBook:
             if used + c.amount > limit + EPS:
                 refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS,
                                         th.paced_until(s, c.priority, now, used + c.amount, self.origin), limit,
-                                        pace < 1.0))
+                                        pace < 1.0, s.max_budget * frac))
         return touched, verdict_of(refusals, c.priority, now)
 
     def _at(self, now: float) -> float:

@@ -75,6 +75,8 @@ def test_the_lua_ledger_decides_as_the_reference_does(redis_server):
             assert got.ok == want.ok and (got.ok or got.reason == want.reason), (k, got, want)
             if want.reason == "budget_exhausted":  # what the priority may reach, for the reason it gives
                 assert got.allowed_usd == pytest.approx(want.allowed_usd) and got.priority == want.priority, k
+            if want.reason == "deferred":  # its priority's whole share, for a reason that says no reset passes it
+                assert got.share_usd == pytest.approx(want.share_usd) and got.paced == want.paced, k
             if got.ok:
                 open_ids.append(c.rid)
             if open_ids and rng.random() < 0.4:

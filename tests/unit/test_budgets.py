@@ -369,3 +369,18 @@ def test_a_request_pacing_holds_past_its_deadline_is_told_pacing_holds_it_and_th
     why = v.why(0.0004)
     assert v.reason == "deferred" and "when the window resets" in why and "raise that fraction" in why
     assert "pac" not in why.replace("space", "")
+
+
+def test_a_paced_request_dearer_than_its_prioritys_whole_share_is_not_told_it_could_go_at_the_windows_end():
+    """Stop 75's note: a paced $1 day budget, normal work's share $0.95, a normal request reserving $0.97 was
+    deferred to the window's end and told it "could go only at t=...s" there, or with pacing off: no window
+    ever lets it pass at that priority. The verdict is the same; the reason says so and names the ways on."""
+    book = BudgetBook([BudgetSpec(max_budget=1.0, budget_duration="1d")], Throttle())
+    start = window_bounds("1d", T0)[0]
+    v = book.reserve_many([claim("n", 0.97)], start + 60)[0]
+    assert v.reason == "deferred" and v.retry_at == window_bounds("1d", T0)[1]  # the decision is unchanged
+    for why in (v.why(0.97), v.held(0.97)):
+        assert "could go" not in why and "PACE=false" not in why and "later deadline" not in why
+        assert "more than normal work may reach in any window" in why and "$0.950000" in why
+        assert "budgets.throttle.normal" in why and "raise the budget" in why and "send it urgent" in why
+        assert "budgets.reserve_output" in why and "max_tokens" in why

@@ -191,6 +191,10 @@ def test_a_trace_read_from_a_pipe_is_read_as_before_the_compressed_file_check(tm
     assert json.loads((tmp_path / "o" / "results.json").read_text())["requests"] == 50, got.output
 
 
+_LESS = ("; or reserve less: a lower max_tokens (max_output_tokens), or budgets.reserve_output: request, which "
+         "reserves its output_tokens rather than the model's maximum")
+
+
 @pytest.mark.parametrize("limit, spent, claim_usd, priority, ways", [
     # dearer than the whole limit: no window, so no later deadline, passes it
     (0.0, 0.0, 0.128, "normal", "more than the whole limit of $0.000000: it could go in no window: raise the "
@@ -200,11 +204,11 @@ def test_a_trace_read_from_a_pipe_is_read_as_before_the_compressed_file_check(tm
     # dearer than background's share (0.8 of $0.004) unpaced: a reset gives it no more; urgent passes it now
     (0.004, 0.0, 0.0035, "background", "more than background work may reach in any window: send it urgent (it "
                                        "may spend the whole limit), raise that fraction (budgets.throttle.background)"
-                                       ", or raise the budget"),
+                                       ", or raise the budget" + _LESS),
     # the same, short of the money left: urgent work would be refused at once (it is never deferred)
     (0.004, 0.001, 0.0035, "background", "more than background work may reach in any window: raise that fraction "
                                          "(budgets.throttle.background) and give it a later deadline, or raise the "
-                                         "budget"),
+                                         "budget" + _LESS),
 ])
 def test_a_request_no_window_passes_at_its_priority_is_not_told_a_later_deadline_or_the_reset_passes_it(
         limit, spent, claim_usd, priority, ways):
