@@ -86,6 +86,7 @@ class Recovery:
         """Ray restarted this actor (``actors.remote`` calls this after the constructor): it takes no work and
         answers no ``holds``/``recall`` until it has re-read its journal (``recover``)."""
         self._must_recover = True
+        self._tally_unread = True  # its predecessors' tallies, until ``_take_back_tally``
 
     async def _ready(self) -> None:
         if self._must_recover:
@@ -293,6 +294,9 @@ class Recovery:
 
     def _take_back_tally(self, records: dict) -> None:
         """Add back the newest tally of the incarnations before this one (read back from the tally space)."""
+        if self.__dict__.get("_tally_taken"):  # (by a tally's write, before the recovery read them)
+            return
+        self._tally_taken, self._tally_unread = True, False
         saved = earlier(records, TALLY_STEM, self._tally_key)
         self._tally_superseded = list(saved)
         ranked = [v if k != TALLY_STEM else (0, 0.0, 0, v) for k, v in saved.items()]  # (one key before stop 73)
@@ -329,8 +333,13 @@ class Recovery:
         tally = self._tally()
         if tally == self._tally_sent or self.__dict__.get("_tally_retry"):
             return
-        self._tally_change += 1
         try:
+            if self.__dict__.get("_tally_unread"):
+                # A restart whose journal read gave up: its tally, written without its predecessors', outranked
+                # theirs, and the next restart lost their counts and undelivered settlements (a review, stop 77).
+                self._take_back_tally(await self.journal.items(self._tally_space))
+                tally = self._tally()
+            self._tally_change += 1
             await self.journal.put(self._tally_space, self._tally_key,
                                    (self._tally_epoch, began(self), self._tally_change, tally))
             self._tally_sent, self._tally_wait = tally, 1.0

@@ -9,7 +9,7 @@ import asyncio
 
 from actors import Dispatcher
 from engine.core.clock import ManualClock
-from engine.core.settings import Settings
+from engine.core.settings import JournalSettings, Settings
 from tests.unit.helpers import HeldHub, Recorder
 from tests.unit.test_actors import CAT
 
@@ -102,3 +102,35 @@ def test_a_tally_journaled_before_the_journal_counts_reads_them_as_none():
     assert (again.paid_twice, again.journal_lost, again.journal_unread) == (2, 0, 0)
     again._add_tally(full)
     assert (again.paid_twice, again.journal_lost, again.journal_unread) == (4, 1, 3)
+
+
+def test_a_restart_that_could_not_read_its_journal_does_not_journal_a_tally_that_outranks_its_predecessors():
+    """A restart whose journal stayed unreadable (``recover`` gave up, ``journal_unread``) journals its tally when
+    the journal answers again (a rewrite of the watch, a flush), before the driver's rewire reads it. Written
+    without its predecessor's, it outranked it (same epoch, a later start), and the next restart lost the
+    predecessor's counts and the settlement it held for the budget controller (a review of stop 77: paid_twice 0
+    of 2, the $0.25 settlement never sent, its claim held until it expired)."""
+    async def go():
+        hub, budget = HeldHub(), Recorder()
+        d = _dispatcher(hub, budget, restarted=False)
+        d.paid_twice = 2
+        d._undelivered[("settle_many", "c9")] = ("c9", 0.25)
+        await d._journal_tally()
+        again = _dispatcher(hub, budget)
+        again.settings = again.settings.model_copy(update={"journal": JournalSettings(recover_wait_s=0.05)})
+        readable = again.journal.items
+
+        async def unreadable(*_a, **_k):
+            raise ConnectionError("the journal's Redis away")
+        again.journal.items = unreadable
+        assert await again.recover() == -1 and again.journal_unread == 1
+        again.journal.items = readable  # back: the next write of the tally comes before the rewire's read
+        await again._journal_tally()
+        budget.calls.clear()
+        third = _dispatcher(hub, budget)
+        await third.recover()
+        assert await third.spend_told(10)
+        assert (third.paid_twice, third.journal_unread) == (2, 1)  # before: (0, 1)
+        assert ("settle_many", ([("c9", 0.25)],)) in budget.calls  # before: never sent
+        assert await again.recover() == 0 and again.paid_twice == 2  # the rewire's read adds nothing twice
+    asyncio.run(go())
