@@ -153,8 +153,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     # An image's background ("transparent", "opaque", "auto") is a string and passes.
     "background": (lambda v: v is not True, "false, or for an image 'transparent', 'opaque' or 'auto'",
                    "the engine already waits for the answer (and batches it) on its own: leave it out"),
-    "response_format": (lambda v: isinstance(v, dict) and v.get("type") in ("text", "json_object", "json_schema"),
-                        "an object whose type is 'text', 'json_object' or 'json_schema'", _DEFAULT_FIX),
+    # A json_schema format without its json_schema object passed, rode its deadline (a batch window: hours), and
+    # the provider refused the call ("Missing required parameter: 'response_format.json_schema'"; a hunt).
+    "response_format": (lambda v: isinstance(v, dict) and v.get("type") in ("text", "json_object", "json_schema")
+                        and (v["type"] != "json_schema" or isinstance(v.get("json_schema"), dict)),
+                        "an object whose type is 'text', 'json_object' or 'json_schema', the last with its "
+                        "json_schema object ({'name': ..., 'schema': {...}})", _DEFAULT_FIX),
     # The tier is the policy's: smart sends OpenAI's flex tier itself where it pays (docs/policies.md); priority
     # is billed at prices the catalog does not list.
     "service_tier": (lambda v: v in ("auto", "default", "standard_only"), "'auto' or 'default' (OpenAI), "
@@ -162,6 +166,9 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
                      "flex tier itself where the deadline allows), and priority is billed at prices the catalog "
                      "does not list: leave it out"),
 }
+# An images body's response_format: told apart from a chat one's, as the image refusal was told "an object whose
+# type is 'text', ..." and to send a chat format (a hunt with the SDK's images.generate).
+_IMAGE_FORMATS = ("b64_json", "url")
 GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = MappingProxyType(_RULES)
 # Narrower ranges of one wire format, checked once the request's provider is known.
 _API_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str, str]]] = {
@@ -201,6 +208,10 @@ def check_generation(body: dict, where: str, api: str | None = None) -> None:
     for key, value in body.items():
         rule = rules.get(key)
         if rule is not None and value is not None and not rule[0](value):
+            if key == "response_format" and value in _IMAGE_FORMATS:
+                raise FieldProblem(f"{where}.{key}", f"{where}.{key} {value!r} is the engine's to set on an image "
+                                   "call (it takes the image as the provider gives it, b64_json or url, and "
+                                   "answers it so): leave it out")
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be {rule[1]}, got {shown}; {rule[2]}")
 

@@ -368,6 +368,24 @@ def test_a_bad_body_is_refused_naming_the_field(served):
     assert "another driver" in exc.value.message
 
 
+def test_a_response_format_the_provider_would_refuse_is_a_400_saying_what_the_call_takes(served):
+    """A json_schema format without its json_schema object was accepted, and would have ridden its deadline (a
+    batch window) to the provider's 400; an image's ``response_format="b64_json"`` (the SDK's images.generate) was
+    told to send a chat format such as 'json_object' (a hunt with the SDKs)."""
+    eng, client = served
+    before = len(eng.submitted)
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(client, response_format={"type": "json_schema"})
+    assert exc.value.param == "response_format" and "its json_schema object" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(model="gpt-image-1", prompt="a cat", response_format="b64_json")
+    assert exc.value.param == "response_format" and "json_object" not in exc.value.message
+    assert "leave it out" in exc.value.message and "on an image call" in exc.value.message
+    assert len(eng.submitted) == before  # nothing reached the engine
+    schema = {"name": "river", "schema": {"type": "object", "properties": {"name": {"type": "string"}}}}
+    assert chat(client, response_format={"type": "json_schema", "json_schema": schema}).parse().choices
+
+
 def test_the_responses_route_answers_in_the_sdks_shape(served):
     """``client.responses.create`` got a 404 while batches took /v1/responses lines (a review); its body now has
     every field the SDK's ``Response`` type requires, checked strictly."""
