@@ -128,6 +128,9 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
     if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
         raise FieldProblem(f"{where}.metadata", f"{where}.metadata takes only user_id at Anthropic, got "
                            f"{str(meta)[:60]}; leave the other keys out")
+    if meta is not None and not isinstance(meta.get("user_id"), (str, type(None))):  # Anthropic's 400, after a wait
+        raise FieldProblem(f"{where}.metadata.user_id", f"{where}.metadata.user_id must be a string (an opaque id "
+                           f"of your user), got {repr(meta['user_id'])[:40]}: send it as a string")
     _check_empty_text(body.get("system"), f"{where}.system")
     messages = body.get("messages") or ()
     for k, m in enumerate(messages):

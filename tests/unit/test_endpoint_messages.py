@@ -135,6 +135,8 @@ def test_a_streamed_answer_is_read_by_the_sdks_stream_helper(messages):
     (dict(extra_body={"seed": 3}), "seed"),
     (dict(max_tokens=10**7), "max_tokens"),
     (dict(messages=[]), "messages"),
+    # A number was accepted, rode its deadline, and Anthropic refused the call (a hunt with the SDK).
+    (dict(metadata={"user_id": 42}), "metadata.user_id"),
 ])
 def test_a_bad_field_is_an_anthropic_400_naming_it_and_its_neighbour_is_answered(messages, kw, field):
     _, client, _ = messages
