@@ -81,8 +81,13 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
                                f"(/v1/{'chat/completions' if spec.api == 'chat' else 'responses'}): give {own[-1]}")
     if api == "openai" and spec.reasoning:
         if body.get("max_tokens") is not None:
+            # Given with max_completion_tokens (an app moving to the new cap), "give max_completion_tokens" named
+            # the fix already made (a hunt with the SDK).
+            fix = ("leave it out: max_completion_tokens, given too, is the cap" if
+                   body.get("max_completion_tokens") is not None else
+                   "give max_completion_tokens (it also counts the model's reasoning tokens)")
             raise FieldProblem(f"{where}.max_tokens", f"{where}.max_tokens is refused by OpenAI for reasoning models; "
-                               "give max_completion_tokens (it also counts the model's reasoning tokens)")
+                               + fix)
         effort = spec.effort(body)
         if spec.efforts is not None and effort not in spec.efforts:
             key = "reasoning_effort" if body.get("reasoning_effort") else "reasoning.effort"

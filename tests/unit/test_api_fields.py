@@ -153,6 +153,8 @@ def test_an_openai_reasoning_model_refuses_max_tokens_and_a_temperature_other_th
     assert CAT.model("openai", "gpt-5-mini").reasoning and not CAT.model("openai", "gpt-4o-mini").reasoning
     msg = refusal("gpt-5-mini", max_tokens=50)
     assert msg.startswith("Value error, body.max_tokens") and "max_completion_tokens" in msg
+    msg = refusal("gpt-5-mini", max_tokens=50, max_completion_tokens=50)  # it said to give the one given
+    assert msg.startswith("Value error, body.max_tokens") and "leave it out" in msg and "give max_completion" not in msg
     msg = refusal("gpt-5", temperature=0.2)
     assert msg.startswith("Value error, body.temperature") and "must be 1 or left out" in msg
     assert "body.top_p" in refusal("gpt-5", top_p=0.5)
