@@ -159,6 +159,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
                         and (v["type"] != "json_schema" or isinstance(v.get("json_schema"), dict)),
                         "an object whose type is 'text', 'json_object' or 'json_schema', the last with its "
                         "json_schema object ({'name': ..., 'schema': {...}})", _DEFAULT_FIX),
+    # Bookkeeping fields an app sets on every call: a wrong type passed, rode its deadline, and the provider
+    # refused the call (a hunt of ``serve`` with the SDKs). Types only: their limits differ by provider.
+    "user": (lambda v: isinstance(v, str), "a string (an opaque id of your user)", "send it as a string"),
+    "store": (lambda v: type(v) is bool, "true or false", "fix it, or leave it out"),
     # The tier is the policy's: smart sends OpenAI's flex tier itself where it pays (docs/policies.md); priority
     # is billed at prices the catalog does not list.
     "service_tier": (lambda v: v in ("auto", "default", "standard_only"), "'auto' or 'default' (OpenAI), "

@@ -386,6 +386,18 @@ def test_a_response_format_the_provider_would_refuse_is_a_400_saying_what_the_ca
     assert chat(client, response_format={"type": "json_schema", "json_schema": schema}).parse().choices
 
 
+@pytest.mark.parametrize(("field", "value"), [("user", 5), ("store", "yes")])
+def test_bookkeeping_fields_of_the_wrong_type_are_400s_naming_them(served, field, value):
+    """Accepted, they rode the call's deadline to the provider's 400 (a hunt with the SDKs)."""
+    eng, client = served
+    before = len(eng.submitted)
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(client, extra_body={field: value})
+    assert exc.value.param == field and f"body.{field} must be" in exc.value.message
+    assert len(eng.submitted) == before
+    assert chat(client, user="u-1", store=False, metadata={"team": "7"}).parse().choices
+
+
 def test_the_responses_route_answers_in_the_sdks_shape(served):
     """``client.responses.create`` got a 404 while batches took /v1/responses lines (a review); its body now has
     every field the SDK's ``Response`` type requires, checked strictly."""
