@@ -224,9 +224,8 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
         deadline = np.where(relax, np.inf, deadline)
     providers = [r.provider for r in reqs]
     per = np.zeros(n)
-    unserv = draws.attempts_all_fail(catalog, providers) if n else np.zeros(0, bool)
-    if unserved is not None:
-        unserv = unserv | unserved
+    failing = draws.attempts_all_fail(catalog, providers) if n else np.zeros(0, bool)
+    unserv = failing | unserved if unserved is not None else failing
 
     # 2. reuse
     free = unserv.copy()
@@ -272,8 +271,12 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
     # 4-5. price every paying request at its cheapest
     shared = _shared_blocks(reqs, unserv, catalog)
     write_holders: dict[tuple, list[tuple[float, float, float]]] = {}
-    gpu_classes: dict[tuple, list[int]] = {}
+    gpu_classes: dict[tuple, list[tuple[int, bool]]] = {}  # (request, whether it pays)
     for i, r in enumerate(reqs):
+        if failing[i] and catalog.providers[r.provider].models[r.model].gpu_priced:
+            # Its attempts fail, billed nothing, yet each rides a GPU batch and shrinks its mates' shares
+            # (a hunt: two flux jobs, one failing, the other paid $0.006969 against a bound of $0.013164).
+            gpu_classes.setdefault(compat_key(r), []).append((i, False))
         if free[i]:
             if not unserv[i]:
                 _optional_writer(r, catalog, p_batch[i], bt, arrival[i], deadline[i], write_holders)
@@ -290,7 +293,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
                  if w > 0]
         if spec.kind != "text":
             if spec.gpu_priced:
-                gpu_classes.setdefault(compat_key(r), []).append(i)
+                gpu_classes.setdefault(compat_key(r), []).append((i, True))
             else:
                 per[i] = sum(w * f for w, f, _ in lanes) * price_alone(r, catalog, "sync").total
             continue
@@ -324,14 +327,15 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
                 (arrival[i], deadline[i] + pc.ttl_s, write_extra * read + write_over_plain * (tok - read),
                  plain_extra * read))
     write_total = sum(_cluster_writes(holders) for holders in write_holders.values())
-    for key, idxs in gpu_classes.items():
-        r0 = reqs[idxs[0]]
+    for key, jobs in gpu_classes.items():
+        r0 = reqs[jobs[0][0]]
         prov = catalog.providers[r0.provider]
         spec = prov.models[r0.model]
         gb = prov.gpu_batching
-        ix = np.array(idxs)
+        ix = np.array([i for i, _ in jobs])
         b = np.minimum(_max_overlap(arrival[ix], deadline[ix]), gb.max_batch)
-        for j, i in enumerate(idxs):
-            per[i] = gpu_share_price(prov, gpu_unit_seconds(spec, reqs[i].params), int(b[j]))
+        for j, (i, pays) in enumerate(jobs):
+            if pays:
+                per[i] = gpu_share_price(prov, gpu_unit_seconds(spec, reqs[i].params), int(b[j]))
     total = float(per.sum() + write_total)
     return LowerBound(total, per, write_total, int(unserv.sum()), exact_free, len(near), int(elig.sum()))
