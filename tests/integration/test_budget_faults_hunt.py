@@ -3,6 +3,7 @@
 their spend came on top when they settled. The book reserves them again, before anything else is granted."""
 
 import asyncio
+import contextlib
 import itertools
 import math
 import pickle
@@ -149,42 +150,56 @@ def test_a_call_that_passed_the_watch_before_lost_writes_were_found_waits_until_
     assert row["spent_usd"] == pytest.approx(6.0) and row["reserved_usd"] == pytest.approx(2.0)
 
 
+_TEN_A_DAY = BudgetSpec(max_budget=10.0, budget_duration="1d")
+
+
+@contextlib.asynccontextmanager
+async def _bare_book(srv, prefix: str):
+    """A Redis book alone ($10 a day) on ``srv``: its watch stopped and its client closed after."""
+    import redis.asyncio as aioredis
+
+    from actors.budget_redis import RedisBudgetBook
+
+    client = aioredis.Redis.from_url(srv.url)
+    book = RedisBudgetBook(client, [_TEN_A_DAY], prefix=prefix)
+    try:
+        yield book
+    finally:
+        book.stop_watch()
+        await client.aclose()
+
+
+async def _a_settlement_lost(book, srv) -> None:
+    """Two $2 claims granted before a snapshot; a's $6 settlement after it, lost under the same run_id (a open again)."""
+    assert all(v.ok for v in await book.reserve_many(_claims("a", "b", usd=2.0), 100.0))
+    srv.client().save()
+    await book.settle_many([("a", 6.0)])
+    srv.client().execute_command("DEBUG", "RELOAD", "NOSAVE")
+
+
 def test_a_put_back_stopped_midway_is_owed_until_it_goes_through_whole(own_redis):
     """One write lost (a $6 settlement of a $2 claim, under the same run_id), and Redis away again once the
     put-back's reopen had run, before the settlement was sent again. That reopen had brought the book's sequence
     back to what the book saw, so before (a review) the next claim passed the check: $3 granted with $6 of spend
     never counted and $4 held under a $10 limit. Now the put-back is owed until it goes through whole: the next
     call makes it first, and the claim is refused."""
-    import redis.asyncio as aioredis
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from actors.budget_redis import RedisBudgetBook
-
-    spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
-
     async def go():
-        client = aioredis.Redis.from_url(own_redis.url)
-        book = RedisBudgetBook(client, [spec], prefix="sbtest-owed")
-        settle_items = book._settle_items
+        async with _bare_book(own_redis, "sbtest-owed") as book:
+            settle_items = book._settle_items
 
-        async def away(items, check=True):  # the put-back's replay of the settlement meets Redis away again
-            if not check:
-                raise RedisConnectionError("Redis away again")
-            return await settle_items(items, check)
-        try:
-            assert all(v.ok for v in await book.reserve_many(_claims("a", "b", usd=2.0), 100.0))
-            own_redis.client().save()
-            await book.settle_many([("a", 6.0)])
-            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")  # the settlement lost, a open again
+            async def away(items, check=True):  # the put-back's replay of the settlement meets Redis away again
+                if not check:
+                    raise RedisConnectionError("Redis away again")
+                return await settle_items(items, check)
+            await _a_settlement_lost(book, own_redis)
             book._settle_items = away
             with pytest.raises(RedisConnectionError):
                 await book.reserve_many(_claims("n", usd=3.0), 100.0)
             book._settle_items = settle_items  # Redis answers again
             (late,) = await book.reserve_many(_claims("m", usd=3.0), 100.0)
-            return late, await book.window(spec, 100.0), book.lost_writes, book.replayed
-        finally:
-            book.stop_watch()
-            await client.aclose()
+            return late, await book.window(_TEN_A_DAY, 100.0), book.lost_writes, book.replayed
     late, (spent, reserved), found, replayed = asyncio.run(go())
     assert not late.ok, f"$3 granted with ${spent} spent and ${reserved} held under $10"
     assert (spent, reserved) == (pytest.approx(6.0), pytest.approx(2.0)) and (found, replayed) == (1, 1)
@@ -197,51 +212,37 @@ def test_a_script_sent_before_a_put_back_began_and_run_during_it_is_refused(own_
     reopen had run, before the settlement was sent again. The put-back's own scripts bumped the sequence, so
     before (a review) it passed the check there: $3 granted with $6 of spend uncounted and $4 held under a $10
     limit. Now the put-back bumps the sequence once, when all of it went: the script is refused, and waits."""
-    import redis.asyncio as aioredis
-
-    from actors.budget_redis import RedisBudgetBook
-
-    spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
-
     async def go():
-        client = aioredis.Redis.from_url(own_redis.url)
-        book = RedisBudgetBook(client, [spec], prefix="sbtest-late")
-        reserve, reopen, settle_items = book._reserve, book._reopen_script, book._settle_items
-        waiting, reopened, ran = asyncio.Event(), asyncio.Event(), asyncio.Event()
+        async with _bare_book(own_redis, "sbtest-late") as book:
+            reserve, reopen, settle_items = book._reserve, book._reopen_script, book._settle_items
+            waiting, reopened, ran = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
-        async def late(**kw):  # the first claim's script, its sequence taken, reaches Redis after the reopen
-            if waiting.is_set():
-                return await reserve(**kw)
-            waiting.set()
-            await reopened.wait()
-            try:
-                return await reserve(**kw)
-            finally:
-                ran.set()
+            async def late(**kw):  # the first claim's script, its sequence taken, reaches Redis after the reopen
+                if waiting.is_set():
+                    return await reserve(**kw)
+                waiting.set()
+                await reopened.wait()
+                try:
+                    return await reserve(**kw)
+                finally:
+                    ran.set()
 
-        async def reopen_then(**kw):
-            out = await reopen(**kw)
-            reopened.set()
-            return out
+            async def reopen_then(**kw):
+                out = await reopen(**kw)
+                reopened.set()
+                return out
 
-        async def held(items, check=True):  # the put-back's replay of the settlement, once that script ran
-            if not check:
-                await ran.wait()
-            return await settle_items(items, check)
-        try:
-            assert all(v.ok for v in await book.reserve_many(_claims("a", "b", usd=2.0), 100.0))
-            own_redis.client().save()
-            await book.settle_many([("a", 6.0)])
-            own_redis.client().execute_command("DEBUG", "RELOAD", "NOSAVE")  # the settlement lost, a open again
+            async def held(items, check=True):  # the put-back's replay of the settlement, once that script ran
+                if not check:
+                    await ran.wait()
+                return await settle_items(items, check)
+            await _a_settlement_lost(book, own_redis)
             book._reserve, book._reopen_script, book._settle_items = late, reopen_then, held
             first = asyncio.ensure_future(book.reserve_many(_claims("m", usd=3.0), 100.0))
             await waiting.wait()
             second = asyncio.ensure_future(book.reserve_many(_claims("n", usd=3.0), 100.0))  # finds the loss
             (v0,), (v1,) = await asyncio.wait_for(first, 10), await asyncio.wait_for(second, 10)
-            return v0, v1, await book.window(spec, 100.0)
-        finally:
-            book.stop_watch()
-            await client.aclose()
+            return v0, v1, await book.window(_TEN_A_DAY, 100.0)
     v0, v1, (spent, reserved) = asyncio.run(go())
     assert not v0.ok and not v1.ok, f"granted with ${spent} spent and ${reserved} held under $10: {v0}, {v1}"
     assert (spent, reserved) == (pytest.approx(6.0), pytest.approx(2.0))
@@ -254,23 +255,15 @@ def test_a_loss_a_script_in_flight_numbered_over_again_is_put_back_at_its_answer
     loss, the $6 claim was never reserved again, and the next claims were granted its room ($0.50 here, $4 more
     possible) under a $10 limit. A Redis that kept its writes never answers a number twice: now the book puts back
     at that answer. What the script in flight was granted stands (its claim over the limit by at most that)."""
-    import redis.asyncio as aioredis
-
-    from actors.budget_redis import RedisBudgetBook
-
-    spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
-
     async def go():
-        client = aioredis.Redis.from_url(own_redis.url)
-        book = RedisBudgetBook(client, [spec], prefix="sbtest-twice")
-        reserve, waiting, resume = book._reserve, asyncio.Event(), asyncio.Event()
+        async with _bare_book(own_redis, "sbtest-twice") as book:
+            reserve, waiting, resume = book._reserve, asyncio.Event(), asyncio.Event()
 
-        async def slow(**kw):  # the first script after the snapshot: its sequence taken, it reaches Redis late
-            if not waiting.is_set():
-                waiting.set()
-                await resume.wait()
-            return await reserve(**kw)
-        try:
+            async def slow(**kw):  # the first script after the snapshot: its sequence taken, it reaches Redis late
+                if not waiting.is_set():
+                    waiting.set()
+                    await resume.wait()
+                return await reserve(**kw)
             assert (await book.reserve_many(_claims("a", usd=1.0), 100.0))[0].ok
             own_redis.client().save()
             book._reserve = slow
@@ -281,10 +274,7 @@ def test_a_loss_a_script_in_flight_numbered_over_again_is_put_back_at_its_answer
             resume.set()
             await asyncio.wait_for(late, 10)
             (after,) = await book.reserve_many(_claims("n", usd=0.5), 100.0)
-            return after, await book.window(spec, 100.0), book.lost_writes, book.reopened
-        finally:
-            book.stop_watch()
-            await client.aclose()
+            return after, await book.window(_TEN_A_DAY, 100.0), book.lost_writes, book.reopened
     after, (spent, reserved), found, reopened = asyncio.run(go())
     assert not after.ok, f"$0.50 granted with ${reserved} held under $10, the $6 claim forgotten"
     assert (spent, reserved) == (0.0, pytest.approx(12.0)) and (found, reopened) == (1, 1)
