@@ -110,21 +110,25 @@ def test_engines_on_a_cluster_share_a_budget_atomically_and_count_each_dollar_on
         return BudgetSettings(specs=(spec,), redis_url=url, redis_prefix=prefix, redis_cluster=True,
                               reserve_output="request")
 
-    async def engine(ctl, name):
-        granted = []
+    async def engines(a, b):
+        # Both engines' claims are in flight together, round by round: run as two free loops, a loaded CI machine
+        # ran ten of a's before b's first, and b found the budget full (stop 73's CI). Round 0 asks at most $3.20.
+        got = {"a": [], "b": []}
         for k in range(40):
-            batch = [Claim(f"{name}-{k}-{j}", "acme", "openai", "gpt-5", "urgent", round(rng.uniform(0.01, 0.4), 4))
-                     for j in range(rng.randint(1, 4))]
-            granted += [c for c, v in zip(batch, await ctl.reserve_many(batch)) if v.ok]
-            await asyncio.sleep(0)
-        return granted
+            batches = {name: [Claim(f"{name}-{k}-{j}", "acme", "openai", "gpt-5", "urgent",
+                                    round(rng.uniform(0.01, 0.4), 4)) for j in range(rng.randint(1, 4))]
+                       for name in got}
+            verdicts = await asyncio.gather(a.reserve_many(batches["a"]), b.reserve_many(batches["b"]))
+            for name, vs in zip(got, verdicts):
+                got[name] += [c for c, v in zip(batches[name], vs) if v.ok]
+        return got["a"], got["b"]
 
     async def go():
         a, b = BudgetController(settings(redis_cluster.urls[0])), BudgetController(settings(redis_cluster.urls[2]))
         try:
             await a.check_ledger()
             await b.check_ledger()
-            got_a, got_b = await asyncio.gather(engine(a, "a"), engine(b, "b"))
+            got_a, got_b = await engines(a, b)
             reserved = sum(c.amount for c in got_a + got_b)
             assert got_a and got_b and spec.max_budget * 0.9 < reserved <= spec.max_budget + 1e-9
             settle = [(c.rid, round(c.amount * rng.random(), 4)) for c in got_a + got_b]
