@@ -110,10 +110,12 @@ class Overloaded(SmartbatchError):
     ``submit_timeout_s`` in vain): retry later, or raise ``max_pending``."""
 
 
-class RequestError(SmartbatchError):
+class RequestError(SmartbatchError, ValueError):
     """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued. ``position``:
     where it was among the requests of one ``submit_many`` (from 0), which names a request that has no id.
-    ``code``: a machine-readable kind, where callers tell one apart (``id_taken``: the id names other content)."""
+    ``code``: a machine-readable kind, where callers tell one apart (``id_taken``: the id names other content).
+    A ``ValueError`` too: ``Request(**kw)`` raised pydantic's ``ValidationError`` (one) before it said the field
+    and the fix, and a driver's ``except ValueError`` around it must still catch the refusal."""
 
     def __init__(self, request_id: str | None, field: str, message: str, position: int | None = None,
                  code: str | None = None):
