@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 
 from engine.app._driver_reject import check_ids, listed
 from engine.app._future import ResultFuture
-from engine.core.errors import EngineStopped, Overloaded, RequestError
+from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
 from engine.core.request import Request
 from engine.core.response_owners import ResponseOwners
 from engine.core.result import ID_TAKEN, Result
@@ -55,19 +55,37 @@ class Admitting:
                 fut = ResultFuture(r, self)
                 (kept if self._kept is not None and self._kept.holds(r) else new).append(r)
             futs[r.uid] = fut
+        queued = 0  # of ``new``, queued in earlier parts of this call
         if new:
-            deadline = time.monotonic() + self._submit_timeout_s
-            while new and self._pending + len(new) > self._max_pending and self._pending > 0:
-                left = deadline - time.monotonic()
-                if self._overload == "raise" or left <= 0 or self._delivering():
+            if self._overload == "raise" and len(new) > self._max_pending:
+                raise ConfigError(f"this call has {len(new):,} new requests, more than max_pending="
+                                  f"{self._max_pending:,}, and overload='raise' admits a call whole or not at all: "
+                                  f"nothing was queued. Submit at most {self._max_pending:,} per call, or start the "
+                                  "engine with overload='block' (a larger call is admitted in parts as room frees) "
+                                  "or a larger max_pending")
+            # A call larger than the room goes in parts, each as much as the room holds: max_pending bounds what is
+            # unfinished, a call of a million requests included (admitted whole once nothing else was unfinished,
+            # it held them all at once). submit_timeout_s bounds each wait, restarted by every part let in.
+            total, deadline = len(new), time.monotonic() + self._submit_timeout_s
+            while new and len(new) > self._max_pending - self._pending:
+                if self._overload == "raise" or self._delivering():  # before any part: all or nothing
                     # (in the result thread, a done-callback's submit: that thread frees the room it would wait for)
-                    raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}); "
-                                     "retry later, or start the engine with a larger max_pending" +
+                    raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}) "
+                                     f"and this call has {len(new):,} new ones: none was queued; retry later, or "
+                                     "start the engine with a larger max_pending" +
                                      (" (a done-callback waits for room in the thread that frees it: submit from a "
                                       "thread of your own)" if self._delivering() else ""))
+                room = self._max_pending - self._pending
+                if room > 0:
+                    self._queue(new[:room], futs)
+                    new, queued, deadline = new[room:], queued + room, time.monotonic() + self._submit_timeout_s
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise _timed_out(queued, total, self._pending, self._max_pending, self._submit_timeout_s)
                 seen = self._admits
                 self._room.wait(left)
-                _check_waited(gave_up)
+                _check_waited(gave_up, queued)
                 if not self._running or self._gone is not None:
                     raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
                 if self._admits != seen:
@@ -75,19 +93,23 @@ class Admitting:
         if kept:  # after the wait for room: one that raised left no kept future behind, open for good
             self._take_kept(kept, futs)
         if new:
-            # Buffered first, each step one call: a Ctrl-C (raised after a call returns) then leaves the requests
-            # sent with no future at worst, which the same ids submitted again follow (ingest takes a request
-            # once). Registered first, their futures were never sent, and submitted again the same ids got those
-            # futures back, answered by the sweep past their deadlines (a helper's hunt). Holding the signal
-            # instead cost more than validating the request.
-            added, n = {r.uid: futs[r.uid] for r in new}, len(new)
-            self._buffer.extend(new)
-            self._pending += n
-            self._admits += 1
-            self._futs.update(added)
-            if self._idle:
-                self._wake.set()
-        return [futs[r.uid] for r in reqs], bool(new)
+            self._queue(new, futs)
+        return [futs[r.uid] for r in reqs], bool(new) or queued > 0
+
+    def _queue(self, new: list[Request], futs: dict[str, ResultFuture]) -> None:
+        """Under the lock: queue ``new`` (fresh requests whose futures ``futs`` holds), taking their room."""
+        # Buffered first, each step one call: a Ctrl-C (raised after a call returns) then leaves the requests
+        # sent with no future at worst, which the same ids submitted again follow (ingest takes a request
+        # once). Registered first, their futures were never sent, and submitted again the same ids got those
+        # futures back, answered by the sweep past their deadlines (a helper's hunt). Holding the signal
+        # instead cost more than validating the request.
+        added, n = {r.uid: futs[r.uid] for r in new}, len(new)
+        self._buffer.extend(new)
+        self._pending += n
+        self._admits += 1
+        self._futs.update(added)
+        if self._idle:  # (a part queued before a wait is sent by the flush thread while the call waits)
+            self._wake.set()
 
     def _delivering(self) -> bool:
         """Whether this thread delivers results now, and so runs their done-callbacks: the pull thread, or one
@@ -113,8 +135,8 @@ class Admitting:
 
     def _take_kept(self, kept: list[Request], futs: dict[str, ResultFuture]) -> None:
         """Register the futures of ``kept``, to resolve with their kept answers once the lock is let go
-        (``_give_kept``). Counted under ``max_pending`` only until then: held while their own submit waited for room,
-        a rerun larger than ``max_pending`` (admitted whole the first time) waited and was refused."""
+        (``_give_kept``). Counted under ``max_pending`` only until then: taken before the wait for room, they held
+        places of their own submit, and a rerun whose new requests just fit waited for room they held, and was refused."""
         for r in kept:  # first: one refused for its content leaves none of them registered
             if (fut := self._futs.get(r.uid)) is not None:  # another submit took it while this one waited
                 _same_content(r, fut)
@@ -185,10 +207,26 @@ class Admitting:
             self.responses.learn(res.tenant, res.raw)
 
 
-def _check_waited(gave_up: threading.Event | None) -> None:
+def _check_waited(gave_up: threading.Event | None, queued: int = 0) -> None:
     """Raise once an asyncio caller whose admission waits for room in a worker thread has stopped waiting."""
     if gave_up is not None and gave_up.is_set():
-        raise Overloaded("the caller stopped waiting for room (its task was cancelled): its requests were not queued")
+        raise Overloaded("the caller stopped waiting for room (its task was cancelled): " +
+                         (f"{queued:,} of its requests were queued in earlier parts and run on (submit the same "
+                          "requests again for their futures), the others were not" if queued else
+                          "its requests were not queued"), admitted=queued)
+
+
+def _timed_out(queued: int, total: int, pending: int, max_pending: int, timeout_s: float) -> Overloaded:
+    """The refusal of a call that waited ``timeout_s`` for room in vain, ``queued`` of its ``total`` new
+    requests let in by earlier parts."""
+    said = (f"no room freed for submit_timeout_s={timeout_s:g} s ({pending:,} requests are unfinished, "
+            f"max_pending={max_pending:,})")
+    if not queued:
+        return Overloaded(f"{said}: none of this call's {total:,} new requests was queued; retry later, or start "
+                          "the engine with a larger max_pending")
+    return Overloaded(f"{said}: {queued:,} of this call's {total:,} new requests were queued, in the order given, "
+                      "and run on; the others were not. Submit the same requests again to go on: those queued give "
+                      "back their futures and are not sent twice (within retention_s of their end)", admitted=queued)
 
 
 def _same_content(r: Request, fut: ResultFuture) -> None:

@@ -153,7 +153,7 @@ class AsyncSubmit:
             if self._running and self._overload == "block":
                 fresh = {r.uid for r in reqs if r.uid not in self._futs  # what _admit would queue (a kept
                          and not (self._kept is not None and self._kept.holds(r))}  # answer takes no room)
-                if fresh and self._pending + len(fresh) > self._max_pending and self._pending > 0:
+                if fresh and len(fresh) > self._max_pending - self._pending:  # (let in by parts, waiting)
                     return None
             futs, new = self._admit(reqs)
             full = len(self._buffer) >= self._micro_batch

@@ -139,7 +139,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
 
         Backpressure: at most ``max_pending`` requests are accepted and unfinished; past that, ``submit``
         waits up to ``submit_timeout_s`` for room (``overload="block"``) or raises ``Overloaded`` at once
-        (``overload="raise"``). A finished request's future and id are forgotten ``retention_s`` seconds after
+        (``overload="raise"``). A ``submit_many`` larger than the room is let in by parts as room frees (block:
+        ``submit_timeout_s`` bounds each wait) or refused whole (raise; ``ConfigError`` for a call larger than
+        ``max_pending``, which could never fit). A finished request's future and id are forgotten ``retention_s`` seconds after
         it finished: a resubmission of its (tenant, id) within that window returns the same future, never a
         second call.
 
@@ -304,7 +306,10 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         """Queue many requests, arrived at one instant (judged together). A bad one raises ``RequestError``
         before any is queued; with ``on_invalid="reject"`` its future is resolved at once with a ``rejected``
         result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are
-        queued. The futures are in the order given."""
+        queued. The futures are in the order given. More new requests than the room under ``max_pending`` are
+        let in by parts, each as room frees (``overload="block"``; ``Overloaded`` when one waits
+        ``submit_timeout_s`` in vain, its ``admitted`` saying how many were queued: the same requests again go on,
+        no request sent twice), or refused whole (``overload="raise"``)."""
         check_on_invalid(on_invalid)
         now, requests = self.clock.now(), listed(requests, "submit_many")
         self._ask_owners(requests)  # once for them all

@@ -107,7 +107,13 @@ class EngineStopped(SmartbatchError):
 
 class Overloaded(SmartbatchError):
     """The engine holds ``max_pending`` unfinished requests and ``submit`` could not wait (or waited
-    ``submit_timeout_s`` in vain): retry later, or raise ``max_pending``."""
+    ``submit_timeout_s`` in vain): retry later, or raise ``max_pending``. ``admitted``: how many new requests of
+    the call were queued before it gave up, in parts of a call larger than the room (``overload="block"``); they
+    run on, and the same requests submitted again give back their futures, never a second call (0: none was)."""
+
+    def __init__(self, message: str, admitted: int = 0):
+        super().__init__(message)
+        self.admitted = admitted
 
 
 class RequestError(SmartbatchError, ValueError):

@@ -63,7 +63,7 @@ def test_kept_answers_take_no_room_and_every_future_resolves(ray_session, tmp_pa
         settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu, providers=("openai",))
         with Engine.start(settings, catalog=cat, speedup=1000.0, metrics_port=None, max_pending=2,
                           overload="raise", policy_params=NO_REUSE) as eng:
-            # Larger than max_pending, as the killed run's first submit was: admitted whole, as it was then.
+            # Larger than max_pending, its kept answers taking no room: its one new request fits, admitted whole.
             futs = eng.submit_many([*reqs[:2], reqs[3].model_copy(update={"priority": "urgent"})])
             assert [f.result(timeout=60).reason == KEPT_REASON for f in futs] == [True, True, False]
             assert asyncio.run(eng.asubmit(reqs[2])).reason == KEPT_REASON

@@ -57,3 +57,20 @@ def test_a_submit_refused_for_room_leaves_no_kept_future_open(tmp_path):
         _submit_many(eng, [old, req("a")])
     assert all(f.done() for f in eng._futs.values() if f._req.id != "running"), eng._futs  # drain() would hang
     assert eng._pending == 1 and eng._kept.given <= 1
+
+
+def test_a_rerun_larger_than_max_pending_is_let_in_by_parts_and_its_kept_answers_are_given(tmp_path):
+    # Its first run was let in by parts (admitted whole before, max_pending no bound); so is the rerun after its
+    # kill, the kept answers taking no place and answered once the last part is in.
+    from .test_admit_parts import _by_parts, _resolve_open
+
+    old = req("kept")
+    eng = _kept_engine(tmp_path, 2, [old])
+    eng._submit_timeout_s = 10.0
+    reqs = [old, req("a"), req("b"), req("c")]
+    futs, peak = _by_parts(eng, lambda: _submit_many(eng, reqs))
+    assert peak <= 2 and [f.request_id for f in futs] == ["kept", "a", "b", "c"]
+    assert futs[0].result(timeout=0).output == "kept" and eng._kept.given == 1
+    assert [r.id for r in eng._buffer] == ["a", "b", "c"]  # each sent once; the kept one never
+    _resolve_open(eng)
+    assert eng._pending == 0 and all(f.done() for f in futs)

@@ -1,0 +1,217 @@
+"""A call larger than the room under ``max_pending`` (``engine.app._driver_admit``): with ``overload="block"`` it is
+let in by parts, each as room frees, and ``max_pending`` bounds what is unfinished whatever a call's size; with
+``overload="raise"`` it is admitted whole or not at all. Before, a ``submit_many`` of more requests than
+``max_pending`` was admitted whole once nothing else was unfinished: a job of a million requests held them all at
+once, its bound no bound. A stand-in engine with the driver's admission state (``test_admit``), and the real driver
+over fake handles (``test_driver_lanes._engine``); no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from engine.core.errors import ConfigError, Overloaded
+from engine.core.result import Result
+
+from .test_admit import Admit, req
+
+
+class _Room(threading.Condition):
+    """The driver's condition, counting the waits for room begun (the test waits on that count, never a sleep)."""
+
+    def __init__(self, lock) -> None:
+        super().__init__(lock)
+        self.begun, self.seen = 0, threading.Condition()
+
+    def wait(self, timeout=None):
+        with self.seen:
+            self.begun += 1
+            self.seen.notify_all()
+        return super().wait(timeout)
+
+
+def _resolve_open(eng) -> None:
+    with eng._lock:
+        open_ = [f for f in eng._futs.values() if not f.done()]
+    for f in open_:
+        eng._resolve(f, Result(id=f.request_id, tenant=f.tenant, status="ok", output=f"for {f.request_id}"))
+
+
+def _by_parts(eng, call: Callable[[], object], sent: Callable[[], set[str]] | None = None,
+              timeout_s: float = 10.0) -> tuple[object, int]:
+    """Run ``call`` in a thread of its own; each time it waits for room, answer every open request (once what it
+    let in has reached ingest, when ``sent`` gives the ids sent). Returns what ``call`` returned or raised, and the
+    most requests seen unfinished, the call's own end included."""
+    eng._room = room = _Room(eng._lock)
+    out: dict = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            out["got"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out["got"] = exc
+        finally:
+            done.set()
+            with room.seen:
+                room.seen.notify_all()
+
+    t = threading.Thread(target=run)
+    t.start()
+    peak, waits = 0, 0
+    while True:
+        with room.seen:
+            assert room.seen.wait_for(lambda: room.begun > waits or done.is_set(), timeout=timeout_s)
+            waits = room.begun
+        with eng._lock:  # (taken once the call's wait has let it go)
+            peak = max(peak, eng._pending)
+            queued = {r.id for r in eng._buffer} | {f.request_id for f in eng._futs.values()}
+        if done.is_set():
+            break
+        if sent is not None:  # a part let in is sent while the call waits: no result could come otherwise
+            assert _until(lambda: queued <= sent()), (queued, sent())
+        _resolve_open(eng)
+    t.join(10)
+    assert not t.is_alive()
+    return out["got"], peak
+
+
+def _until(ok: Callable[[], bool]) -> bool:
+    """``ok()`` within 10 s, looked at each time the flush thread's fake ingest is called (``_Ingest``)."""
+    with _Ingest.called:
+        return _Ingest.called.wait_for(ok, timeout=10)
+
+
+def test_a_call_larger_than_max_pending_is_let_in_by_parts_each_sent_as_the_call_waits(monkeypatch):
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    e = _bulk_engine(monkeypatch)
+    e._max_pending = 3
+    flusher = _with_flusher(e)
+    try:
+        dicts = [{"id": f"r{k}", "model": "gpt-5.4-mini", "prompt": f"hi {k}"} for k in range(8)]
+        futs, peak = _by_parts(e, lambda: e.submit_many(dicts), sent=lambda: set(_sent_ids(e)))
+    finally:
+        flusher()
+    assert peak <= 3, f"{peak} requests unfinished at once under max_pending=3"
+    assert [f.request_id for f in futs] == [d["id"] for d in dicts] and len(set(map(id, futs))) == 8
+    assert _sent_ids(e) == [d["id"] for d in dicts]  # each sent once, in the order given
+    _resolve_open(e)
+    assert [f.result(0).output for f in futs] == [f"for r{k}" for k in range(8)] and e._pending == 0
+
+
+def test_an_asyncio_call_larger_than_max_pending_is_let_in_by_parts_too(monkeypatch):
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    e = _bulk_engine(monkeypatch)
+    e._max_pending = 2
+    dicts = [{"id": f"a{k}", "model": "gpt-5.4-mini", "prompt": f"hi {k}"} for k in range(5)]
+    futs, peak = _by_parts(e, lambda: asyncio.run(e.asubmit_futures(dicts)))
+    assert peak <= 2 and [f.request_id for f in futs] == [d["id"] for d in dicts]
+    assert sorted(_sent_ids(e)) == sorted(d["id"] for d in dicts)
+
+
+def test_a_call_that_waits_in_vain_says_how_many_it_queued_and_the_same_call_again_goes_on():
+    eng = Admit(max_pending=2)
+    eng._submit_timeout_s = 0.2  # no room frees: the wait ends on this bound
+    reqs = [req(f"r{k}") for k in range(5)]
+
+    def submit_many():
+        with eng._lock:
+            return eng._admit(reqs)[0]
+
+    with pytest.raises(Overloaded) as err:
+        submit_many()
+    assert err.value.admitted == 2 and "2 of this call's 5 new requests were queued" in str(err.value)
+    assert "Submit the same requests again" in str(err.value)
+    first = [eng._futs[r.uid] for r in reqs[:2]]  # the part let in keeps its futures, and runs on
+    assert [r.id for r in eng._buffer] == ["r0", "r1"] and eng._pending == 2
+    eng._submit_timeout_s = 10.0
+    futs, peak = _by_parts(eng, submit_many)
+    assert futs[:2] == first and peak <= 2
+    assert [r.id for r in eng._buffer] == [r.id for r in reqs]  # none queued twice
+
+
+def test_with_overload_raise_a_call_larger_than_max_pending_is_refused_whole_naming_it_and_a_smaller_one_goes():
+    eng = Admit(max_pending=3)
+    eng._overload = "raise"
+    with pytest.raises(ConfigError) as err, eng._lock:
+        eng._admit([req(f"r{k}") for k in range(4)])
+    assert "max_pending=3" in str(err.value) and "overload='block'" in str(err.value)
+    assert eng._buffer == [] and eng._pending == 0 and eng._futs == {}  # nothing queued, nothing held
+    with eng._lock:
+        eng._admit([req(f"r{k}") for k in range(3)])
+    with pytest.raises(Overloaded) as full, eng._lock:  # room for none: refused whole, as before
+        eng._admit([req("x"), req("y")])
+    assert full.value.admitted == 0 and [r.id for r in eng._buffer] == ["r0", "r1", "r2"]
+
+
+def test_a_done_callback_call_larger_than_the_room_is_refused_whole_at_once():
+    """The result thread cannot wait for the room it frees: a callback's call that does not fit is refused whole
+    (before, one larger than max_pending was admitted whole when the callback's own result had freed the last
+    place)."""
+    eng = Admit(max_pending=2)
+    eng._puller = threading.current_thread()  # the thread that delivers results runs the callback
+    first = eng.submit(req("first"))
+    got: list = []
+
+    def chain(_f) -> None:
+        for ids in (["a", "b", "c"], ["a", "b"]):
+            try:
+                with eng._lock:
+                    got.append([f.request_id for f in eng._admit([req(i) for i in ids])[0]])
+            except Overloaded as exc:
+                got.append(exc)
+
+    first.add_done_callback(chain)
+    eng._resolve(first, Result(id="first", tenant="default", status="ok"))
+    assert isinstance(got[0], Overloaded) and "done-callback" in str(got[0]) and got[0].admitted == 0
+    assert got[1] == ["a", "b"] and [r.id for r in eng._buffer] == ["first", "a", "b"] and eng._pending == 2
+
+
+# -- the real driver's flush thread and fake ingest ---------------------------------------------------------------
+
+class _Ingest:
+    called = threading.Condition()
+
+    def __init__(self, log: list) -> None:
+        self.log, self.submit = log, self
+
+    def remote(self, reqs, client, rows):
+        import concurrent.futures
+        import pickle
+
+        from tests.unit.test_driver_lanes import _Ref
+
+        reqs = pickle.loads(pickle.dumps(reqs))  # what an actor gets: the driver sends columns (actors._wire)
+        ref = _Ref()
+        ref.fut = concurrent.futures.Future()
+        ref.fut.set_result(len(reqs))  # returned at once: the lane sends its next part
+        with _Ingest.called:
+            self.log.append(("submit", (reqs, client, rows), ref))
+            _Ingest.called.notify_all()
+        return ref
+
+
+def _sent_ids(e) -> list[str]:
+    from tests.unit.test_driver_lanes import _sent
+
+    with _Ingest.called:
+        return _sent(e)
+
+
+def _with_flusher(e) -> Callable[[], None]:
+    """Run the driver's own flush thread over a fake ingest that answers at once; returns its stop."""
+    e._h["ingests"] = [_Ingest(e.log)]
+    t = threading.Thread(target=e._flush_loop, daemon=True)
+    t.start()
+
+    def stop() -> None:
+        e._running = False
+        e._wake.set()
+        t.join(10)
+
+    return stop
