@@ -32,8 +32,8 @@ def _submit_many(eng: Admit, reqs: list):  # as ``Engine.submit_many`` does
 
 @pytest.mark.parametrize("overload", ["block", "raise"])
 def test_a_rerun_larger_than_max_pending_is_admitted_as_its_first_run_was(tmp_path, overload):
-    # The first run of this job was admitted whole (nothing was pending); run again after its kill, with one
-    # answer kept, the kept future held a place of its own submit and the submit waited for room it never got.
+    # Its new requests just fill max_pending; run again after its kill with one answer kept, the kept future (taken
+    # before the wait for room) held a place of its own submit, and the submit waited for room it never got.
     old = req("kept")
     eng = _kept_engine(tmp_path, 2, [old], overload)
     futs = _submit_many(eng, [old, req("a"), req("b")])
