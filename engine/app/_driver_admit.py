@@ -55,7 +55,7 @@ class Admitting:
                 fut = ResultFuture(r, self)
                 (kept if self._kept is not None and self._kept.holds(r) else new).append(r)
             futs[r.uid] = fut
-        queued = 0  # of ``new``, queued in earlier parts of this call
+        mine: list[ResultFuture] = []  # of ``new``, queued by earlier parts of this call
         if new:
             if self._overload == "raise" and len(new) > self._max_pending:
                 raise ConfigError(f"this call has {len(new):,} new requests, more than max_pending="
@@ -78,14 +78,15 @@ class Admitting:
                 room = self._max_pending - self._pending
                 if room > 0:
                     self._queue(new[:room], futs)
-                    new, queued, deadline = new[room:], queued + room, time.monotonic() + self._submit_timeout_s
+                    mine += [futs[r.uid] for r in new[:room]]
+                    new, deadline = new[room:], time.monotonic() + self._submit_timeout_s
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise _timed_out(queued, total, self._pending, self._max_pending, self._submit_timeout_s)
+                    raise _timed_out(mine, total, self._pending, self._max_pending, self._submit_timeout_s)
                 seen = self._admits
                 self._room.wait(left)
-                _check_waited(gave_up, queued)
+                _check_waited(gave_up, mine)
                 if not self._running or self._gone is not None:
                     raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
                 if self._admits != seen:
@@ -94,7 +95,7 @@ class Admitting:
             self._take_kept(kept, futs)
         if new:
             self._queue(new, futs)
-        return [futs[r.uid] for r in reqs], bool(new) or queued > 0
+        return [futs[r.uid] for r in reqs], bool(new or mine)
 
     def _queue(self, new: list[Request], futs: dict[str, ResultFuture]) -> None:
         """Under the lock: queue ``new`` (fresh requests whose futures ``futs`` holds), taking their room."""
@@ -207,18 +208,19 @@ class Admitting:
             self.responses.learn(res.tenant, res.raw)
 
 
-def _check_waited(gave_up: threading.Event | None, queued: int = 0) -> None:
+def _check_waited(gave_up: threading.Event | None, mine: Sequence[ResultFuture] = ()) -> None:
     """Raise once an asyncio caller whose admission waits for room in a worker thread has stopped waiting."""
     if gave_up is not None and gave_up.is_set():
         raise Overloaded("the caller stopped waiting for room (its task was cancelled): " +
-                         (f"{queued:,} of its requests were queued in earlier parts and run on (submit the same "
-                          "requests again for their futures), the others were not" if queued else
-                          "its requests were not queued"), admitted=queued)
+                         (f"{len(mine):,} of its requests were queued in earlier parts and run on (submit the same "
+                          "requests again for their futures), the others were not" if mine else
+                          "its requests were not queued"), mine)
 
 
-def _timed_out(queued: int, total: int, pending: int, max_pending: int, timeout_s: float) -> Overloaded:
-    """The refusal of a call that waited ``timeout_s`` for room in vain, ``queued`` of its ``total`` new
+def _timed_out(mine: list[ResultFuture], total: int, pending: int, max_pending: int, timeout_s: float) -> Overloaded:
+    """The refusal of a call that waited ``timeout_s`` for room in vain, ``mine`` (futures) of its ``total`` new
     requests let in by earlier parts."""
+    queued = len(mine)
     said = (f"no room freed for submit_timeout_s={timeout_s:g} s ({pending:,} requests are unfinished, "
             f"max_pending={max_pending:,})")
     if not queued:
@@ -226,7 +228,7 @@ def _timed_out(queued: int, total: int, pending: int, max_pending: int, timeout_
                           "the engine with a larger max_pending")
     return Overloaded(f"{said}: {queued:,} of this call's {total:,} new requests were queued, in the order given, "
                       "and run on; the others were not. Submit the same requests again to go on: those queued give "
-                      "back their futures and are not sent twice (within retention_s of their end)", admitted=queued)
+                      "back their futures and are not sent twice (within retention_s of their end)", mine)
 
 
 def _same_content(r: Request, fut: ResultFuture) -> None:

@@ -51,6 +51,7 @@ from engine.app._endpoint_wire import (
     cursor_page,
     engine_call,
     json_body,
+    submit_whole,
     tenant_of,
     window_text,
 )
@@ -247,7 +248,7 @@ class FilesAndBatches(TakeBack, OnceCreated, FileRoutes, MessageBatchRoutes):
         subs = [submission(req, f"{job.id}/{req.id}", deadline_s) for req in reqs]
         futs = []
         if subs:  # submit_many may wait for room in the engine: in a worker thread, never on the loop
-            futs = await engine_call(asyncio.to_thread(self.engine.submit_many, subs), lambda _: None)
+            futs = await engine_call(submit_whole(self.engine, subs), lambda _: None)
         if len(futs) != len(subs):
             raise ApiError(500, f"the engine gave {len(futs)} futures for {len(subs)} requests",
                            type="server_error")

@@ -3,6 +3,7 @@ ids, cursor pages, and the engine protocol the front drives."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import difflib
 import json
@@ -214,6 +215,19 @@ async def engine_call(call: Any, param_of: Callable[[str], str | None]) -> Any:
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except EngineStopped as exc:
         raise ApiError(503, str(exc), type="server_error", code="engine_stopped") from None
+
+
+async def submit_whole(engine: AsyncEngine, subs: list[dict]) -> Sequence[concurrent.futures.Future]:
+    """``engine.submit_many(subs)`` in a worker thread (it may wait for room), all or none: the engine lets a call
+    larger than its room in by parts, and one that then waits in vain raises ``Overloaded`` with the parts it let
+    in still running. A batch's create fails then, and nobody would read those lines: they are withdrawn (those
+    not sent yet end at no cost; one already in a call runs on, billed) before the refusal goes on up."""
+    try:
+        return await asyncio.to_thread(engine.submit_many, subs)
+    except Overloaded as exc:
+        if exc.futures:
+            await asyncio.to_thread(engine.cancel_requests, exc.futures)
+        raise
 
 
 def cursor_page(items: list[dict], *, after: str | None, limit: str | None, default_limit: int,

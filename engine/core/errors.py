@@ -16,6 +16,9 @@ Library errors are wrapped with ``raise X(...) from exc`` so callers only catch 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from concurrent.futures import Future
+
 __all__ = [
     "CatalogError",
     "ConfigError",
@@ -107,13 +110,14 @@ class EngineStopped(SmartbatchError):
 
 class Overloaded(SmartbatchError):
     """The engine holds ``max_pending`` unfinished requests and ``submit`` could not wait (or waited
-    ``submit_timeout_s`` in vain): retry later, or raise ``max_pending``. ``admitted``: how many new requests of
-    the call were queued before it gave up, in parts of a call larger than the room (``overload="block"``); they
-    run on, and the same requests submitted again give back their futures, never a second call (0: none was)."""
+    ``submit_timeout_s`` in vain): retry later, or raise ``max_pending``. ``futures``: those of the new requests
+    the call queued before it gave up, in parts of a call larger than the room (``overload="block"``), in the order
+    given (``admitted``: how many); they run on, and the same requests submitted again give them back, never a
+    second call (none: nothing of the call was queued)."""
 
-    def __init__(self, message: str, admitted: int = 0):
+    def __init__(self, message: str, futures: Sequence[Future] = ()):
         super().__init__(message)
-        self.admitted = admitted
+        self.futures, self.admitted = list(futures), len(futures)
 
 
 class RequestError(SmartbatchError, ValueError):

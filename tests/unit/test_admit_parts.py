@@ -128,6 +128,7 @@ def test_a_call_that_waits_in_vain_says_how_many_it_queued_and_the_same_call_aga
     assert err.value.admitted == 2 and "2 of this call's 5 new requests were queued" in str(err.value)
     assert "Submit the same requests again" in str(err.value)
     first = [eng._futs[r.uid] for r in reqs[:2]]  # the part let in keeps its futures, and runs on
+    assert err.value.futures == first
     assert [r.id for r in eng._buffer] == ["r0", "r1"] and eng._pending == 2
     eng._submit_timeout_s = 10.0
     futs, peak = _by_parts(eng, submit_many)
@@ -215,3 +216,32 @@ def _with_flusher(e) -> Callable[[], None]:
         t.join(10)
 
     return stop
+
+
+def test_a_batch_create_whose_lines_waited_in_vain_for_room_withdraws_the_parts_let_in():
+    """The endpoint's batch create hands its lines to one ``submit_many``: let in by parts, a create that then
+    waits in vain fails (a 429), and the lines of its first parts, running on, would be billed for a batch
+    nobody has. They are withdrawn: those not sent yet end at no cost."""
+    import openai
+
+    from engine.app.endpoint import make_app
+    from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, serving, upload
+
+    class PartlyIn(FakeEngine):
+        def submit_many(self, ds):
+            futs = super().submit_many(ds[:2])  # the first part let in, then no room for the rest
+            raise Overloaded("no room freed for submit_timeout_s=60 s: 2 of this call's 3 new requests were "
+                             "queued", futs)
+
+    eng = PartlyIn()
+    try:
+        with serving(make_app(eng, catalog=CAT)) as url, \
+                openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+            f = upload(client, [batch_line("a-queued", "one"), batch_line("b-queued", "two"), batch_line("c", "3")])
+            with pytest.raises(openai.RateLimitError):
+                client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+            assert client.batches.list().data == []
+    finally:
+        eng.release()
+    assert [i.rsplit("/", 1)[1] for i in eng.withdrawn] == ["a-queued", "b-queued"]
+    assert eng._held == []  # both ended withdrawn: nothing runs on for the failed create
