@@ -36,6 +36,8 @@ from engine.app.cli_common import (
 from engine.app.provider_setup import speedup_problem
 from engine.core.errors import ConfigError, SmartbatchError
 
+MAX_PENDING = 100_000  # the engine's default max_pending, raised to a larger file's line count
+
 
 @app.command("batch")
 def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", help="an OpenAI Batch input file"),
@@ -126,7 +128,10 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         written = None
         if sending:
             try:
-                eng = Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup, seed=seed)
+                # Room for every line: they all ride the window, freeing places only as batches end, so a file
+                # past the default let in by parts would wait in vain for room (read whole already, as before).
+                eng = Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup, seed=seed,
+                                   max_pending=max(MAX_PENDING, len(sending)))
             except KeyboardInterrupt:  # it stops what it had started; nothing was sent
                 err_console.print("interrupted before the engine was up: no line was sent, nothing was billed",
                                   style="yellow")

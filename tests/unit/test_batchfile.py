@@ -847,3 +847,26 @@ def test_a_kept_flex_answer_is_counted_at_flex_prices_where_its_model_takes_the_
     assert c.usd == pytest.approx(standard / 2)
     assert counted(other, "default") > 0 and counted(other, "flex") == pytest.approx(counted(other, "default"))
     assert counted(flexible, "flex", n=2) == pytest.approx(counted(flexible, "default", n=2))
+
+
+def test_the_batch_command_gives_its_engine_room_for_every_line(tmp_path, monkeypatch):
+    """A file of more lines than the engine's default ``max_pending`` starts its engine with room for them all. A
+    call past the room is let in by parts (stop 78), and a file's lines ride its window, freeing places only as
+    batches end: the lines past the first part would wait in vain for room, and the run fail ``Overloaded``."""
+    import engine.app.cli_batch as cli_batch
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import AnsweringEngine
+
+    monkeypatch.setattr(cli_batch, "MAX_PENDING", 2, raising=False)  # the default, scaled to a file of 3 lines
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(line(c, f"Name the {c} river.") + "\n" for c in ("a", "b", "c")))
+    got, sent = {}, []
+
+    def started(cls, *a, **k):
+        got.update(k)
+        return AnsweringEngine(CAT, sent)
+
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
+    r = runner.invoke(app, ["batch", str(p), "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 0, r.output
+    assert got.get("max_pending") == 3 and [sorted(ids) for ids in sent] == [["a", "b", "c"]]
