@@ -78,10 +78,11 @@ class ScriptRefused(Exception):
 
 class ServerWatch:
     """Mixed into ``RedisBudgetBook``, which provides ``client``, ``prefix``, ``route`` (the key its scripts name),
-    ``reservation_ttl_s``, ``_open``, ``_looked``, ``_settle_items``, ``_charge_items``."""
+    ``reservation_ttl_s``, ``_open``, ``_looked``, ``_guard`` (``on_cluster`` or ``str``), ``_settle_items``,
+    ``_charge_items``."""
 
     def __init__(self) -> None:
-        self._reopen_script = self.client.register_script(_REOPEN)
+        self._reopen_script = self.client.register_script(self._guard(_REOPEN))
         self._watch = asyncio.Lock()
         self.reopened = 0  # open claims reserved again after such a restart
         # rid -> (when, actual, who, windows); cid -> (when, charge, its now): taken in the last REPLAY_KEEP_S

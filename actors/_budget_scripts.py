@@ -4,7 +4,36 @@ calls them, which builds their arguments and reads their replies."""
 
 from __future__ import annotations
 
-__all__ = ["BOOK_SEQ", "CHARGE", "PROBE", "RESERVE", "SETTLE", "SWEEP_ONLY", "UPGRADE"]
+__all__ = ["BOOK_SEQ", "CHARGE", "PROBE", "RESERVE", "SETTLE", "SLOT_STILL", "SWEEP_ONLY", "UPGRADE", "on_cluster"]
+
+# On a Redis Cluster, run first by every script of the ledger that writes (``on_cluster``): while the ledger's slot
+# moves to another node (``redis-cli --cluster reshard`` or ``rebalance``: CLUSTER SETSLOT IMPORTING and MIGRATING,
+# MIGRATE key by key, SETSLOT NODE), on the node it leaves or the one it goes to, the script writes nothing and
+# answers TRYAGAIN, which the cluster client sends again for a while (about half a second) and then raises: an outage
+# (claims answered budget_unavailable, settlements and charges kept in the outbox until it answers, each counted
+# once). A script names one or two keys and reaches the others unnamed, which Redis checks only as each is touched:
+# on the node the slot leaves, a key moved already (or never there: a new claim's record, a settlement's marker)
+# stopped the script midway, after its writes, and sent again it counted them twice (stop 78's hunt: a $1.50
+# settlement counted $3.00, its $2 reservation released twice); on the node it goes to (reached by ASK once the
+# named keys had moved) a key not moved yet read as absent: a $2.50 claim granted under a $10 limit with $8 held,
+# its window written there, and the reshard's MIGRATE of that window then refused (BUSYKEY). A slot's state cannot
+# change while a script runs, so one that passes this runs whole on a node holding every key of the ledger.
+SLOT_STILL = """
+if redis.replicate_commands then redis.replicate_commands() end
+do
+  local slot = redis.call('CLUSTER', 'KEYSLOT', KEYS[1])
+  if string.find(redis.call('CLUSTER', 'NODES'), '[' .. slot .. '-', 1, true) then
+    return redis.error_reply('TRYAGAIN slot ' .. slot .. ' of the budget ledger is moving between nodes')
+  end
+end
+"""
+
+
+def on_cluster(script: str) -> str:
+    """``script`` as a ledger on a Redis Cluster runs it: refused (TRYAGAIN) while its slot moves (``SLOT_STILL``).
+    Only there: a single Redis has no ``CLUSTER`` command."""
+    return SLOT_STILL + script
+
 
 # Run first by every script that writes for a book (``RESERVE``, ``SETTLE``, ``CHARGE``, and the replay's
 # ``_REOPEN``): the book's own sequence, KEYS[2] (``{prefix}:seq:<book>``, in the ledger's slot), bumped once per

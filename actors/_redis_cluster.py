@@ -19,7 +19,7 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.settings import masked_url
 
-__all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag",
+__all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag", "is_cluster_client",
            "mode_mismatch", "namespace", "server_info", "tagless_prefix"]
 
 
@@ -74,6 +74,13 @@ def async_client(url: str, *, cluster: bool, timeout_s: float, retries: bool = T
         # calls at once) and the cache read as Redis down (300 claims at once: 200 budget_unavailable, a review).
         return RedisCluster.from_url(url, max_connections=2**31, **kw)
     return aioredis.Redis.from_url(url, **kw)
+
+
+def is_cluster_client(client: Any) -> bool:
+    """Whether ``client`` is a cluster client (``async_client(..., cluster=True)``)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
 
 
 def cluster_errors() -> tuple[type[BaseException], ...]:

@@ -159,6 +159,8 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         from urllib.parse import urlsplit
 
         text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        if text == "ClusterError: TTL exhausted.":  # redis-py's word when each try met TRYAGAIN, MOVED or ASK
+            text += " (TRYAGAIN, MOVED or ASK at each try: the ledger's slot moving between nodes?)"
         try:
             pw = urlsplit(self.settings.redis_url or "").password
         except ValueError:

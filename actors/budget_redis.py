@@ -22,8 +22,8 @@ import re
 import time
 
 from actors._budget_replay import ScriptRefused, ServerWatch
-from actors._budget_scripts import CHARGE, PROBE, RESERVE, SETTLE, SWEEP_ONLY, UPGRADE
-from actors._redis_cluster import config_get
+from actors._budget_scripts import CHARGE, PROBE, RESERVE, SETTLE, SWEEP_ONLY, UPGRADE, on_cluster
+from actors._redis_cluster import config_get, is_cluster_client
 from engine.core._budget_legacy import legacy_key, today_key
 from engine.core.budgets import (
     BudgetSpec,
@@ -121,12 +121,14 @@ class RedisBudgetBook(ServerWatch):
         # slot (every key under one hash tag, ``actors._redis_cluster.namespace``); a single Redis ignores it.
         self.route = [f"{prefix}:exp"]
         self.reservation_ttl_s = reservation_ttl_s
-        self._reserve = client.register_script(RESERVE)
-        self._settle = client.register_script(SETTLE)
-        self._sweep = client.register_script(SWEEP_ONLY)
-        self._charge = client.register_script(CHARGE)
-        self._probe = client.register_script(PROBE)
-        self._upgrade = client.register_script(UPGRADE)
+        # On a cluster, each script that writes refuses while the ledger's slot moves between nodes (``SLOT_STILL``).
+        self._guard = on_cluster if is_cluster_client(client) else str
+        self._reserve = client.register_script(self._guard(RESERVE))
+        self._settle = client.register_script(self._guard(SETTLE))
+        self._sweep = client.register_script(self._guard(SWEEP_ONLY))
+        self._charge = client.register_script(self._guard(CHARGE))
+        self._probe = client.register_script(PROBE)  # one key, written whole wherever it is
+        self._upgrade = client.register_script(self._guard(UPGRADE))
         # Per budget, its last window looked for under its key of before stop 74 (``legacy_key``): one per budget,
         # not one per window, which a quoted budget of "1s" windows would add every second for good.
         self._looked: dict[str, str] = {}

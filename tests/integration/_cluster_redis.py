@@ -163,10 +163,63 @@ class LocalCluster:
 
     def node_of(self, key: str) -> int:
         """The port of the node that serves ``key``'s slot."""
-        import redis
         from redis.crc import key_slot
 
-        slot = key_slot(key.encode())
+        return self.node_of_slot(key_slot(key.encode()))
+
+    def ids(self) -> dict[int, str]:
+        """Each node's id, by port."""
+        import redis
+
+        out = {}
+        for p in self.ports:
+            with redis.Redis(port=p, socket_timeout=2.0) as c:
+                out[p] = c.execute_command("CLUSTER", "MYID").decode()
+        return out
+
+    def begin_move(self, slot: int, to: int) -> int:
+        """Start moving ``slot`` to the node at ``to`` as ``redis-cli --cluster reshard`` does (SETSLOT IMPORTING on
+        it, then MIGRATING on the node serving it); returns that node's port. No key moves yet (``move_keys``)."""
+        import redis
+
+        frm, ids = self.node_of_slot(slot), self.ids()
+        with redis.Redis(port=to, socket_timeout=2.0) as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[frm])
+        with redis.Redis(port=frm, socket_timeout=2.0) as c:
+            c.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[to])
+        return frm
+
+    def slot_keys(self, port: int, slot: int) -> list[str]:
+        """The keys of ``slot`` the node at ``port`` holds."""
+        import redis
+
+        with redis.Redis(port=port, socket_timeout=2.0) as c:
+            return sorted(k.decode() for k in c.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100_000))
+
+    def move_keys(self, frm: int, to: int, keys: list[str]) -> None:
+        """``MIGRATE`` ``keys`` from the node at ``frm`` to the one at ``to``, with ``REPLACE`` (as ``redis-cli
+        --cluster reshard --cluster-replace``): a key written on ``to`` meanwhile is overwritten, not a failure."""
+        import redis
+
+        if keys:
+            with redis.Redis(port=frm, socket_timeout=5.0) as c:
+                c.execute_command("MIGRATE", "127.0.0.1", to, "", 0, 5000, "REPLACE", "KEYS", *keys)
+
+    def end_move(self, slot: int, frm: int, to: int) -> None:
+        """Move the keys of ``slot`` left on ``frm`` and give the slot to ``to`` on every node (SETSLOT NODE: the
+        importing node first, then the one it left, then the others, as redis-cli does)."""
+        import redis
+
+        self.move_keys(frm, to, self.slot_keys(frm, slot))
+        ids = self.ids()
+        for p in (to, frm, *(q for q in self.ports if q not in (frm, to))):
+            with redis.Redis(port=p, socket_timeout=2.0) as c:
+                c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[to])
+
+    def node_of_slot(self, slot: int) -> int:
+        """The port of the node that serves ``slot``."""
+        import redis
+
         with redis.Redis(port=self.ports[0], socket_timeout=2.0) as c:
             for lo, hi, (_, port, *_), *_ in c.execute_command("CLUSTER", "SLOTS"):
                 if lo <= slot <= hi:
