@@ -17,12 +17,15 @@ __all__ = ["BOOK_SEQ", "CHARGE", "PROBE", "RESERVE", "SETTLE", "SLOT_STILL", "SW
 # settlement counted $3.00, its $2 reservation released twice); on the node it goes to (reached by ASK once the
 # named keys had moved) a key not moved yet read as absent: a $2.50 claim granted under a $10 limit with $8 held,
 # its window written there, and the reshard's MIGRATE of that window then refused (BUSYKEY). A slot's state cannot
-# change while a script runs, so one that passes this runs whole on a node holding every key of the ledger.
+# change while a script runs, so one that passes this runs whole on a node holding every key of the ledger. A node
+# that refuses CLUSTER to scripts (an ACL, a managed service) runs them as before this check: an error there would
+# have kept the ledger down for good.
 SLOT_STILL = """
 if redis.replicate_commands then redis.replicate_commands() end
 do
-  local slot = redis.call('CLUSTER', 'KEYSLOT', KEYS[1])
-  if string.find(redis.call('CLUSTER', 'NODES'), '[' .. slot .. '-', 1, true) then
+  local slot = redis.pcall('CLUSTER', 'KEYSLOT', KEYS[1])
+  local nodes = type(slot) == 'number' and redis.pcall('CLUSTER', 'NODES')
+  if type(nodes) == 'string' and string.find(nodes, '[' .. slot .. '-', 1, true) then
     return redis.error_reply('TRYAGAIN slot ' .. slot .. ' of the budget ledger is moving between nodes')
   end
 end
