@@ -75,3 +75,37 @@ def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_not
     assert rep["ledger"]["unsettled"] == 0 and rep["ledger"]["rejected_settlements"] == 0
     assert rep["ledger"]["lost_writes_found"] == 0  # the book's sequence moved with its slot: nothing lost
     assert redis_cluster.node_of("{" + prefix + "}:exp") == to
+
+
+def test_a_cluster_that_refuses_cluster_commands_to_scripts_runs_the_ledger_unguarded(redis_cluster):
+    """The guard asks ``CLUSTER NODES`` inside each script; a user whose ACL refuses it (as a managed service may)
+    runs the ledger as before the guard: an error there failed every ledger call, the ledger down for good."""
+    import redis
+
+    prefix = f"sbtest-reshard-acl-{next(_prefix)}"
+    user = f"nocluster{next(_prefix)}"
+    for port in redis_cluster.ports:
+        with redis.Redis(port=port, socket_timeout=2.0) as c:
+            c.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-cluster|nodes")
+    url = redis_cluster.url.replace("redis://", f"redis://{user}:pw@")
+
+    async def go():
+        from actors.budget import BudgetController
+
+        ctl = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=url,
+                                              redis_prefix=prefix, redis_cluster=True, redis_timeout_s=1.0))
+        try:
+            await ctl.check_ledger()
+            (v,) = await ctl.reserve_many([Claim("a1", "acme", "openai", "gpt-5", "urgent", 2.0)])
+            await ctl.settle_many([("a1", 1.25)])
+            return v, await ctl.report()
+        finally:
+            await ctl.close()
+    try:
+        v, rep = asyncio.run(go())
+    finally:
+        for port in redis_cluster.ports:
+            with redis.Redis(port=port, socket_timeout=2.0) as c:
+                c.execute_command("ACL", "DELUSER", user)
+    assert v.ok and rep["ledger"]["up"] and rep["ledger"]["unsettled"] == 0
+    assert (rep["budgets"][0]["spent_usd"], rep["budgets"][0]["reserved_usd"]) == (1.25, 0.0)
