@@ -19,7 +19,7 @@ from collections import Counter, OrderedDict
 
 from actors._budget_scripts import BOOK_SEQ
 from actors._journal_watch import refuses_info
-from actors._redis_cluster import server_info
+from actors._redis_cluster import server_info, serving_node, slot_left
 
 __all__ = ["REPLAY_KEEP_MAX", "REPLAY_KEEP_S", "SERVER_CHECK_S", "ScriptRefused", "ServerWatch"]
 
@@ -89,6 +89,8 @@ class ServerWatch:
         self._settled: OrderedDict[str, tuple] = OrderedDict()
         self._charged: OrderedDict[str, tuple] = OrderedDict()
         self.server: str | None = None  # the run_id of the Redis process that took them
+        self._server_at: str | None = None  # where it was read (a cluster node's host:port), and the last read's
+        self._read_at: str | None = None
         self._server_read = -math.inf
         self.replayed = 0  # settlements and charges sent again after such a restart
         self._watcher: asyncio.Task | None = None  # reads the server while claims are open (``_arm_watch``)
@@ -212,9 +214,17 @@ class ServerWatch:
             return
         sid = await self._read_server(t)
         if lost or (sid is not None and self.server is not None and sid != self.server):
+            # The ledger's slot moved to another node (a reshard), its keys with it: nothing to put back. Taken for a
+            # restart, each reshard sent the last two hours' settlements and charges again, with a WARNING of a
+            # Redis that lost them (stop 78's hunt; each counted once).
+            if not lost and await slot_left(self.client, self._server_at, self.server, self.route[0]):
+                log.info("budget ledger: its slot moved from %s to %s (a reshard): its keys went with it",
+                         self._server_at, self._read_at)
+                self.server, self._server_at = sid, self._read_at
+                return
             await self._put_back(sid, lost)
         elif sid is not None:
-            self.server = sid
+            self.server, self._server_at = sid, self._read_at
 
     async def _read_server(self, t: float) -> str | None:
         """The run_id of the Redis process serving the ledger's slot, or None when it cannot be read now."""
@@ -223,6 +233,7 @@ class ServerWatch:
         from redis.exceptions import ResponseError
 
         try:
+            self._read_at = await serving_node(self.client, self.route[0])  # read first: a mismatch puts back
             sid = str((await server_info(self.client, self.route[0])).get("run_id", ""))
         except ResponseError as exc:  # INFO refused (an ACL, a managed service): not watched, never an outage
             if not refuses_info(exc):  # BUSY (a long script) for a while: checked again (a review: never again)
@@ -271,8 +282,8 @@ class ServerWatch:
         log.warning("budget ledger: %s: restarted from an older state, or a replica promoted without them? %d open "
                     "claim(s) it had lost reserved again; %d settlement(s) and %d charge(s) of the last %.0f min sent "
                     "again, each counted once", "; ".join(what), back, len(settled), len(charged), REPLAY_KEEP_S / 60)
-        if sid is not None:
-            self.server = sid  # only once all went: a failure midway tries them all again (each counts once)
+        if sid is not None:  # only once all went: a failure midway tries them all again (each counts once)
+            self.server, self._server_at = sid, self._read_at
         self._looked.clear()  # a move of a window's old key (``_take_legacy``) may be among what it lost
         self.replayed += len(settled) + len(charged)
         self.reopened += back

@@ -20,7 +20,7 @@ from engine.core.errors import ConfigError
 from engine.core.settings import masked_url
 
 __all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag", "is_cluster_client",
-           "mode_mismatch", "namespace", "server_info", "tagless_prefix"]
+           "mode_mismatch", "namespace", "server_info", "serving_node", "slot_left", "tagless_prefix"]
 
 
 def has_hash_tag(key: str) -> bool:
@@ -105,6 +105,28 @@ async def _node(client: Any, key: str) -> dict[str, Any]:
 async def server_info(client: Any, key: str, section: str = "server") -> dict[str, Any]:
     """``INFO section`` of the Redis process that holds ``key`` (on a cluster, the node serving its slot now)."""
     return await client.info(section, **await _node(client, key))
+
+
+async def serving_node(client: Any, key: str) -> str | None:
+    """The name (``host:port``) of the cluster node that ``key``'s commands go to now; None on a single Redis."""
+    node = (await _node(client, key)).get("target_nodes")
+    return None if node is None else node.name
+
+
+async def slot_left(client: Any, node: str | None, run_id: str, key: str) -> bool:
+    """Whether the cluster node named ``node`` still runs as process ``run_id``, a master holding no key of ``key``'s
+    slot: the slot was moved off it (``redis-cli --cluster reshard``, whose MIGRATE moves each key whole), not lost
+    with it. A restart has another run_id; a node failed over is demoted to a replica, or holds its keys still until
+    it learns it was; one that does not answer (removed from the cluster) tells nothing: False for each."""
+    if node is None or not is_cluster_client(client) or (target := client.get_node(node_name=node)) is None:
+        return False
+    try:
+        server = await client.info("server", target_nodes=target)
+        role = (await client.info("replication", target_nodes=target)).get("role")
+        held = await client.execute_command("CLUSTER", "COUNTKEYSINSLOT", client.keyslot(key), target_nodes=target)
+    except Exception:
+        return False
+    return str(server.get("run_id", "")) == run_id and role == "master" and int(held) == 0
 
 
 async def config_get(client: Any, key: str, pattern: str) -> dict[str, Any]:

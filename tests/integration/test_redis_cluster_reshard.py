@@ -58,14 +58,15 @@ def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_not
             redis_cluster.end_move(slot, frm, to)
             frm = None
             await asyncio.wait_for(ctl._flusher, timeout=15)  # the outbox sent once the slot serves again
+            ctl.book.doubt_server()  # which process answers is read before the next call: the slot's new node's
             await ctl.settle_many([("r0", 1.5)])  # sent again (a lost reply): counted once
-            return big, during, await ctl.report()
+            return big, during, await ctl.report(), ctl.book.server
         finally:
             if frm is not None:
                 redis_cluster.end_move(slot, frm, to)
             await ctl.close()
             await other.close()
-    big, during, rep = asyncio.run(go())
+    big, during, rep, server = asyncio.run(go())
     window = rep["budgets"][0]
     # $7 to $7.50 spent or held: $4 more would pass $10; spent r3's $1, o1's $0.50, r0's $1.50 and the charge's
     # $0.25 once; r1 and r2 hold $4. Compared at once: the code before failed each.
@@ -74,7 +75,12 @@ def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_not
     assert during[0] == 2 and "slot moving between nodes" in during[1]  # the settlement and the charge, kept
     assert rep["ledger"]["unsettled"] == 0 and rep["ledger"]["rejected_settlements"] == 0
     assert rep["ledger"]["lost_writes_found"] == 0  # the book's sequence moved with its slot: nothing lost
+    import redis
+
     assert redis_cluster.node_of("{" + prefix + "}:exp") == to
+    with redis.Redis(port=to, socket_timeout=2.0) as c:
+        assert server == c.info("server")["run_id"]  # the new node's process was read, and not taken for a restart
+    assert (rep["ledger"]["replayed_after_restart"], rep["ledger"]["reopened_after_restart"]) == (0, 0)
 
 
 def test_a_cluster_that_refuses_cluster_commands_to_scripts_runs_the_ledger_unguarded(redis_cluster):
