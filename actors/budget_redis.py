@@ -127,7 +127,9 @@ class RedisBudgetBook(ServerWatch):
         self._settle = client.register_script(self._guard(SETTLE))
         self._sweep = client.register_script(self._guard(SWEEP_ONLY))
         self._charge = client.register_script(self._guard(CHARGE))
-        self._probe = client.register_script(PROBE)  # one key, written whole wherever it is
+        # The start's probe too: sent by ASK to the node a slot moves to, it wrote its key there before the move's
+        # MIGRATE of it, which then failed (BUSYKEY).
+        self._probe = client.register_script(self._guard(PROBE))
         self._upgrade = client.register_script(self._guard(UPGRADE))
         # Per budget, its last window looked for under its key of before stop 74 (``legacy_key``): one per budget,
         # not one per window, which a quoted budget of "1s" windows would add every second for good.
