@@ -15,8 +15,8 @@ __all__ = ["BOOK_SEQ", "CHARGE", "PROBE", "RESERVE", "SETTLE", "SLOT_STILL", "SW
 # on the node the slot leaves, a key moved already (or never there: a new claim's record, a settlement's marker)
 # stopped the script midway, after its writes, and sent again it counted them twice (stop 78's hunt: a $1.50
 # settlement counted $3.00, its $2 reservation released twice); on the node it goes to (reached by ASK once the
-# named keys had moved) a key not moved yet read as absent: a $2.50 claim granted under a $10 limit with $8 held,
-# its window written there, and the reshard's MIGRATE of that window then refused (BUSYKEY). A slot's state cannot
+# named keys had moved) a key not moved yet read as absent: a $4 claim granted under a $10 limit with $7 spent or
+# held, its window written there, and the reshard's MIGRATE of that window then refused (BUSYKEY). A slot's state cannot
 # change while a script runs, so one that passes this runs whole on a node holding every key of the ledger. A node
 # that refuses CLUSTER to scripts (an ACL, a managed service) runs them as before this check: an error there would
 # have kept the ledger down for good.

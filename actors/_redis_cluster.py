@@ -19,8 +19,9 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.settings import masked_url
 
-__all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag", "is_cluster_client",
-           "mode_mismatch", "namespace", "server_info", "serving_node", "slot_left", "tagless_prefix"]
+__all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag",
+           "is_cluster_client", "mode_mismatch", "namespace", "server_info", "serving_node", "slot_left",
+           "tagless_prefix"]
 
 
 def has_hash_tag(key: str) -> bool:
