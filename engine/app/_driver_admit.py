@@ -89,6 +89,10 @@ class Admitting:
                 _check_waited(gave_up, mine)
                 if not self._running or self._gone is not None:
                     raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
+                if self._h.get("cancelled"):  # (its cancel freed the room waited for: the rest went in after it)
+                    raise EngineStopped(f"this engine was cancelled (Engine.cancel) while this call waited for room: "
+                                        f"{len(mine):,} of its requests were let in before, ended by the cancel, "
+                                        "and no more; start a new engine")
                 if self._admits != seen:
                     new = self._queued_meanwhile(new, futs)
         if kept:  # after the wait for room: one that raised left no kept future behind, open for good
@@ -156,6 +160,14 @@ class Admitting:
             due, self._kept_due = self._kept_due, []
         for fut, res in due:
             self._resolve(fut, res)
+
+    def _let_in(self, reqs: Sequence[Request], have: Sequence[ResultFuture]) -> list[ResultFuture]:
+        """The futures of ``reqs`` this driver holds and ``have`` does not, in their order: what a call that raised
+        had let in (its earlier parts), found by id since the raise carried none of them."""
+        seen = set(map(id, have))
+        with self._lock:
+            found = [self._futs.get(r.uid) for r in reqs]
+        return [f for f in dict.fromkeys(found) if f is not None and id(f) not in seen]
 
     def _queued_meanwhile(self, new: list[Request], futs: dict[str, ResultFuture]) -> list[Request]:
         """The wait for room let the lock go, and another submit may have queued some of ``new`` meanwhile: those

@@ -225,9 +225,15 @@ async def submit_whole(engine: AsyncEngine, subs: list[dict]) -> Sequence[concur
     try:
         return await asyncio.to_thread(engine.submit_many, subs)
     except Overloaded as exc:
-        if exc.futures:
-            await asyncio.to_thread(engine.cancel_requests, exc.futures)
-        raise
+        if not exc.futures:
+            raise
+        await asyncio.to_thread(engine.cancel_requests, exc.futures)
+        # Its client reads this: the driver's "they run on, submit the same requests again" is false once they are
+        # withdrawn, and a create again is a new batch, its lines new requests.
+        why = str(exc).split("): ", 1)[0] + ")" if "): " in str(exc) else "no room freed in the engine"
+        raise Overloaded(f"{why}: {exc.admitted:,} of the batch's {len(subs):,} lines were let in before the rest "
+                         "waited in vain, and were withdrawn (billed nothing unless a call had already taken them); "
+                         "no batch was created. Create it again later") from None
 
 
 def cursor_page(items: list[dict], *, after: str | None, limit: str | None, default_limit: int,

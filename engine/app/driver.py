@@ -340,7 +340,14 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
             while j < len(reqs) and reqs[j].arrival_s <= now:
                 j += 1
             if j > k:
-                futs.extend(self.submit_many(reqs[k:j]))
+                try:
+                    futs.extend(self.submit_many(reqs[k:j]))
+                except BaseException:
+                    # A burst larger than the room is let in by parts: one that raised as it waited for the next
+                    # (a Ctrl-C, Overloaded) has sent the parts before, whose futures the caller keeps as any sent
+                    # (they were left out: billed, their results never written by an interrupted run).
+                    futs.extend(self._let_in(reqs[k:j], futs))
+                    raise
                 if on_submit is not None:
                     on_submit(j - k)
                 k = j

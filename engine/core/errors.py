@@ -119,6 +119,11 @@ class Overloaded(SmartbatchError):
         super().__init__(message)
         self.futures, self.admitted = list(futures), len(futures)
 
+    def __reduce__(self):
+        # Raised in a Ray task, it is pickled to the caller: its futures (a lock each) cannot be, and Ray gave an
+        # UnserializableException in its place. The count crosses; the futures stay with the driver holding them.
+        return type(self), (str(self),), {"futures": [], "admitted": self.admitted}
+
 
 class RequestError(SmartbatchError, ValueError):
     """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued. ``position``:

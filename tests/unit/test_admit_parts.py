@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from engine.core.errors import ConfigError, Overloaded
+from engine.core.errors import ConfigError, EngineStopped, Overloaded
 from engine.core.result import Result
 
 from .test_admit import Admit, req
@@ -41,10 +41,10 @@ def _resolve_open(eng) -> None:
 
 
 def _by_parts(eng, call: Callable[[], object], sent: Callable[[], set[str]] | None = None,
-              timeout_s: float = 10.0) -> tuple[object, int]:
-    """Run ``call`` in a thread of its own; each time it waits for room, answer every open request (once what it
-    let in has reached ingest, when ``sent`` gives the ids sent). Returns what ``call`` returned or raised, and the
-    most requests seen unfinished, the call's own end included."""
+              timeout_s: float = 10.0, at_wait: Callable[[], None] = lambda: None) -> tuple[object, int]:
+    """Run ``call`` in a thread of its own; each time it waits for room, ``at_wait()`` and answer every open
+    request (once what it let in has reached ingest, when ``sent`` gives the ids sent). Returns what ``call``
+    returned or raised, and the most requests seen unfinished, the call's own end included."""
     eng._room = room = _Room(eng._lock)
     out: dict = {}
     done = threading.Event()
@@ -73,6 +73,7 @@ def _by_parts(eng, call: Callable[[], object], sent: Callable[[], set[str]] | No
             break
         if sent is not None:  # a part let in is sent while the call waits: no result could come otherwise
             assert _until(lambda: queued <= sent()), (queued, sent())
+        at_wait()
         _resolve_open(eng)
     t.join(10)
     assert not t.is_alive()
@@ -224,24 +225,87 @@ def test_a_batch_create_whose_lines_waited_in_vain_for_room_withdraws_the_parts_
     nobody has. They are withdrawn: those not sent yet end at no cost."""
     import openai
 
+    from engine.app._driver_admit import _timed_out
     from engine.app.endpoint import make_app
     from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, serving, upload
 
     class PartlyIn(FakeEngine):
         def submit_many(self, ds):
             futs = super().submit_many(ds[:2])  # the first part let in, then no room for the rest
-            raise Overloaded("no room freed for submit_timeout_s=60 s: 2 of this call's 3 new requests were "
-                             "queued", futs)
+            raise _timed_out(futs, 3, 100_000, 100_000, 60.0)  # the driver's own words
 
     eng = PartlyIn()
     try:
         with serving(make_app(eng, catalog=CAT)) as url, \
                 openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
             f = upload(client, [batch_line("a-queued", "one"), batch_line("b-queued", "two"), batch_line("c", "3")])
-            with pytest.raises(openai.RateLimitError):
+            with pytest.raises(openai.RateLimitError) as refused:
                 client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
             assert client.batches.list().data == []
     finally:
         eng.release()
     assert [i.rsplit("/", 1)[1] for i in eng.withdrawn] == ["a-queued", "b-queued"]
     assert eng._held == []  # both ended withdrawn: nothing runs on for the failed create
+    # What the client reads says so: the driver's "run on ... submit the same requests again" was false here (the
+    # lines were withdrawn, and a create again is a new batch, its lines new requests).
+    said = refused.value.message
+    assert "2 of the batch's 3 lines" in said and "withdrawn" in said and "max_pending=100,000" in said, said
+    assert "run on" not in said and "same requests again" not in said, said
+
+
+def test_a_replay_interrupted_as_it_waits_for_room_keeps_the_futures_of_the_parts_it_let_in(monkeypatch):
+    """``replay(into=...)`` hands the caller every future sent, so a Ctrl-C keeps what was paid for (``smartbatch
+    run`` writes them to results.partial.jsonl). A burst larger than the room is let in by parts: a Ctrl-C as it
+    waited for room for the next part left the parts let in out of ``into``, sent (and billed) with their results
+    never written, and the run's count of requests sent short of them."""
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    class _CtrlC(threading.Condition):
+        def wait(self, timeout=None):  # the Ctrl-C lands as the call waits for room (the lock taken back)
+            raise KeyboardInterrupt
+
+    e = _bulk_engine(monkeypatch)
+    e._max_pending, e._room = 2, _CtrlC(e._lock)
+    earlier = e.submit({"id": "earlier", "model": "gpt-5.4-mini", "prompt": "hi"})
+    dicts = [{"id": f"r{k}", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": f"hi {k}"} for k in range(5)]
+    into: list = [earlier]  # (a future of the caller's own stays once)
+    e._resolve(earlier, Result(id="earlier", tenant="default", status="ok"))
+    with pytest.raises(KeyboardInterrupt):
+        e.replay(dicts, into=into)
+    assert [f.request_id for f in into] == ["earlier", "r0", "r1"], [f.request_id for f in into]
+    assert all(e._futs[f._req.uid] is f for f in into[1:]) and e._pending == 2  # the two let in, sent
+
+
+def test_a_call_waiting_for_room_for_its_next_part_when_the_engine_is_cancelled_queues_no_more():
+    """``Engine.cancel()`` ends every open request (failed, billed nothing), which frees their room: a call let in
+    by parts that waited for it queued its next parts into the cancelled engine, and returned as if accepted,
+    every one of them to end failed "cancelled", where a call begun after the cancel is refused (EngineStopped)."""
+    eng = Admit(max_pending=2)
+    reqs = [req(f"r{k}") for k in range(5)]
+
+    def submit_many():
+        with eng._lock:
+            return eng._admit(reqs)[0]
+
+    def cancel() -> None:
+        eng._h["cancelled"] = True  # (the open requests it ends: answered below, as at every wait)
+
+    got, _ = _by_parts(eng, submit_many, at_wait=cancel)
+    assert isinstance(got, EngineStopped) and "cancelled" in str(got), got
+    assert "2 of its requests" in str(got), got  # the part let in before, ended by the cancel
+    assert [r.id for r in eng._buffer] == ["r0", "r1"] and eng._pending == 0  # nothing queued after the cancel
+
+
+def test_an_overloaded_that_carries_the_futures_of_its_parts_pickles_as_a_ray_task_raises_it():
+    """Raised in a Ray task (a driver there, ``Engine.connect``), an exception is pickled to the caller. The
+    futures a call let in by parts carried (a lock each) could not be: the caller got no ``Overloaded`` at all
+    (Ray's UnserializableException, as for ``RequestError`` before stop 78). The count crosses; the futures stay
+    with the driver that holds them (the same requests again there give them back)."""
+    import pickle
+
+    eng = Admit(max_pending=2)
+    eng._submit_timeout_s = 0.05  # no room frees: the wait ends on this bound
+    with pytest.raises(Overloaded) as err, eng._lock:
+        eng._admit([req(f"r{k}") for k in range(3)])
+    got = pickle.loads(pickle.dumps(err.value))
+    assert type(got) is Overloaded and str(got) == str(err.value) and got.admitted == 2 and got.futures == []
