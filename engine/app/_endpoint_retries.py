@@ -182,11 +182,16 @@ def try_outcome(tries: Any, key: str, rid: str, refused: type[BaseException] | t
     """Record in ``tries`` (a ``SdkRetries``, or what wraps one) how the try ``rid`` of ``key`` ended: refused when
     ``refused`` is raised (nothing was made: its retry is a call of its own), else answered, also when it broke (a
     bug's 500, a client gone, the handler cancelled: the work may run on, billed, and its retry must take it; kept
-    for a while, not as under way for good)."""
+    for a while, not as under way for good). A refusal whose error says part of the try runs on (``runs_on``: a
+    call of several choices let in by parts, whose 429 came after the first) is answered too: refused, its retry
+    was a new request, and the choices let in were generated and paid again."""
     try:
         yield
-    except refused:
-        tries.refused(key, rid)
+    except refused as exc:
+        if getattr(exc, "runs_on", False):
+            tries.answered(key, rid)
+        else:
+            tries.refused(key, rid)
         raise
     except BaseException:
         tries.answered(key, rid)

@@ -78,6 +78,8 @@ class AsyncEngine(Protocol):
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
+    runs_on = False  # part of the call it refuses was let in and runs on (``engine_call``, ``try_outcome``)
+
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -211,8 +213,10 @@ async def engine_call(call: Any, param_of: Callable[[str], str | None]) -> Any:
     except RequestError as exc:
         raise refused(exc.field, str(exc), param_of, code=exc.code) from None
     except Overloaded as exc:
-        raise ApiError(429, f"the engine is full: {exc}", type="requests", code="rate_limit_exceeded",
-                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        full = ApiError(429, f"the engine is full: {exc}", type="requests", code="rate_limit_exceeded",
+                        headers={"Retry-After": str(RETRY_AFTER_S)})
+        full.runs_on = exc.admitted > 0  # part of the call was let in and runs on: its retry takes it (try_outcome)
+        raise full from None
     except EngineStopped as exc:
         raise ApiError(503, str(exc), type="server_error", code="engine_stopped") from None
 

@@ -219,3 +219,36 @@ def test_a_409_says_not_to_retry_so_the_sdk_asks_once():
     # A Message Batch's (Anthropic's shape) too, and a header the error names itself is kept.
     said = AnthropicError(409, "message_batch_id: ended", headers={"Retry-After": "1"}).response().headers
     assert (said["x-should-retry"], said["retry-after"]) == ("false", "1")
+
+
+class FullAfterAPart(FakeEngine):
+    """A full engine that lets an ``n=3`` call in by parts: the first choice gets a place, then the call waits in
+    vain for the rest (the driver's ``Overloaded``, the part let in running on); from the next call on, room."""
+
+    def __init__(self):
+        super().__init__()
+        self.parted = False
+
+    async def asubmit_many(self, ds):
+        if self.parted:
+            return await super().asubmit_many(ds)
+        self.parted = True
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        fut.set_result(self._result(self._request(ds[0])))  # sent, answered and billed
+        raise Overloaded("no room freed for submit_timeout_s=60 s: 1 of this call's 3 new requests were queued",
+                         [fut])
+
+
+def test_the_retry_of_a_call_whose_429_came_after_part_of_it_was_let_in_takes_that_part():
+    """With more choices than the room, a call is let in by parts: one that then waits in vain is a 429 while the
+    part let in runs on, billed. Counted as refused, that try's retry (the SDK's own, on a 429) was a new request
+    under a fresh id, every choice of it generated and paid again; it now takes the try's id, and the engine gives
+    back the part let in (the same id and content is never a second call)."""
+    eng = FullAfterAPart()
+    body = {"model": "gpt-5-mini", "messages": ASK, "n": 3}
+    with serving(make_app(eng, catalog=CAT)) as url, httpx.Client(base_url=url, timeout=10) as http:
+        assert http.post("/chat/completions", json=body, headers={RETRY_COUNT: "0"}).status_code == 429
+        retry = http.post("/chat/completions", json=body, headers={RETRY_COUNT: "1"})
+    assert retry.status_code == 200, retry.text
+    first, *rest = eng.submitted
+    assert rest[0] == first and len(set(eng.submitted)) == 3, eng.submitted  # the part's id, asked again
