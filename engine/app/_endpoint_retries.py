@@ -12,7 +12,8 @@ So a retry takes the request id of the try it repeats: the latest try of the sam
 (body, ``n``, deadline, priority) that is still running or was answered within ``ANSWERED_KEEP_S``. The engine's
 idempotency then answers it with that request's result (the same id and content is never a second call). A try
 that ended in an error the endpoint answered is forgotten: its retry (a full engine's 429, a stop's 503) is a new
-request, as before, unless an earlier try of that content is still remembered (each is, up to ``PER_CONTENT``);
+request, as before, unless an earlier try of that content is still remembered (each is, up to ``PER_CONTENT``), or
+the 429 came after part of the call was let in (``try_outcome``);
 one that broke otherwise (a bug's 500, the handler cut) is kept as answered: its request may run on. A first
 try (retry count 0) is always a request of its own: two clients that send the same body at once are two calls.
 What is matched is the content, so a retry from one client may take the request of another client's identical
