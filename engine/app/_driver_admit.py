@@ -22,6 +22,7 @@ class Admitting:
     _kept = None  # answers an earlier, killed run of the job paid for (``engine.app._driver_resume``)
     _kept_due: list  # (future, kept answer) to resolve once the lock is let go (``_give_kept``)
     _failing: frozenset = frozenset()  # threads in ``_fail_each`` (replaced whole, under the lock)
+    _inboxes: tuple = ()  # of each call waiting for room, the ids others queue meanwhile (replaced whole, under it)
     responses: ResponseOwners  # whose each response id is (``Engine.__init__``)
 
     def _replay_order(self, requests: Sequence[Request | Mapping]) -> list[Request]:
@@ -63,28 +64,53 @@ class Admitting:
                                   f"nothing was queued. Submit at most {self._max_pending:,} per call, or start the "
                                   "engine with overload='block' (a larger call is admitted in parts as room frees) "
                                   "or a larger max_pending")
-            # A call larger than the room goes in parts, each as much as the room holds: max_pending bounds what is
-            # unfinished, a call of a million requests included (admitted whole once nothing else was unfinished,
-            # it held them all at once). submit_timeout_s bounds each wait, restarted by every part let in.
-            total, deadline = len(new), time.monotonic() + self._submit_timeout_s
-            while new and len(new) > self._max_pending - self._pending:
+            if len(new) > self._max_pending - self._pending:
+                new = self._by_parts(new, futs, mine, gave_up)
+        if kept:  # after the wait for room: one that raised left no kept future behind, open for good
+            self._take_kept(kept, futs)
+        if new:
+            self._queue(new, futs)
+        return [futs[r.uid] for r in reqs], bool(new or mine)
+
+    def _by_parts(self, new: list[Request], futs: dict[str, ResultFuture], mine: list[ResultFuture],
+                  gave_up: threading.Event | None) -> list[Request]:
+        """Under the lock: queue ``new`` (fresh requests whose futures ``futs`` holds) part by part, each as much as
+        the room holds, waiting for room between (``mine`` gets the futures of each part), until the rest fits: it
+        is returned. Raises as ``_admit`` says."""
+        # A call larger than the room goes in parts: max_pending bounds what is unfinished, a call of a million
+        # requests included (admitted whole once nothing else was unfinished, it held them all at once).
+        # submit_timeout_s bounds each wait, restarted by every part let in.
+        total, at, deadline = len(new), 0, time.monotonic() + self._submit_timeout_s
+        # What other submits queue while this one waits (``_queue``), read after each wait: looking up every
+        # request of the rest instead cost a call of n requests let in by k parts about n*k/2 looks, under the lock.
+        taken: set[str] = set()  # of new[at:], queued meanwhile by another submit (with the future it made)
+        inbox: list[str] = []
+        self._inboxes = (*self._inboxes, inbox)
+        try:
+            while len(new) - at - len(taken) > self._max_pending - self._pending:
                 if self._overload == "raise" or self._delivering():  # before any part: all or nothing
                     # (in the result thread, a done-callback's submit: that thread frees the room it would wait for)
                     raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}) "
-                                     f"and this call has {len(new):,} new ones: none was queued; retry later, or "
+                                     f"and this call has {total:,} new ones: none was queued; retry later, or "
                                      "start the engine with a larger max_pending" +
                                      (" (a done-callback waits for room in the thread that frees it: submit from a "
                                       "thread of your own)" if self._delivering() else ""))
                 room = self._max_pending - self._pending
                 if room > 0:
-                    self._queue(new[:room], futs)
-                    mine += [futs[r.uid] for r in new[:room]]
-                    new, deadline = new[room:], time.monotonic() + self._submit_timeout_s
+                    part, at = ([], at) if taken else (new[at:at + room], at + room)
+                    while len(part) < room:  # (some of the rest taken by another submit: skipped, one by one)
+                        r, at = new[at], at + 1
+                        if r.uid in taken:
+                            taken.discard(r.uid)
+                        else:
+                            part.append(r)
+                    self._queue(part, futs)
+                    mine += [futs[r.uid] for r in part]
+                    deadline = time.monotonic() + self._submit_timeout_s
                     continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise _timed_out(mine, total, self._pending, self._max_pending, self._submit_timeout_s)
-                seen = self._admits
                 self._room.wait(left)
                 _check_waited(gave_up, mine)
                 if not self._running or self._gone is not None:
@@ -93,13 +119,16 @@ class Admitting:
                     raise EngineStopped(f"this engine was cancelled (Engine.cancel) while this call waited for room: "
                                         f"{len(mine):,} of its requests were let in before, ended by the cancel, "
                                         "and no more; start a new engine")
-                if self._admits != seen:
-                    new = self._queued_meanwhile(new, futs)
-        if kept:  # after the wait for room: one that raised left no kept future behind, open for good
-            self._take_kept(kept, futs)
-        if new:
-            self._queue(new, futs)
-        return [futs[r.uid] for r in reqs], bool(new or mine)
+                for uid in inbox:
+                    # Of the rest: a future of this call's own, never queued (so open) and not the one queued
+                    if uid not in taken and (f := futs.get(uid)) is not None and not f.done() and \
+                            self._futs.get(uid) not in (None, f):
+                        self._queued_meanwhile(f._req, futs)
+                        taken.add(uid)
+                inbox.clear()
+        finally:
+            self._inboxes = tuple(b for b in self._inboxes if b is not inbox)
+        return [r for r in new[at:] if r.uid not in taken]
 
     def _queue(self, new: list[Request], futs: dict[str, ResultFuture]) -> None:
         """Under the lock: queue ``new`` (fresh requests whose futures ``futs`` holds), taking their room."""
@@ -113,6 +142,8 @@ class Admitting:
         self._pending += n
         self._admits += 1
         self._futs.update(added)
+        for box in self._inboxes:  # the calls waiting for room: one may hold some of these ids in its rest
+            box.extend(added)
         if self._idle:  # (a part queued before a wait is sent by the flush thread while the call waits)
             self._wake.set()
 
@@ -169,16 +200,14 @@ class Admitting:
             found = [self._futs.get(r.uid) for r in reqs]
         return [f for f in dict.fromkeys(found) if f is not None and id(f) not in seen]
 
-    def _queued_meanwhile(self, new: list[Request], futs: dict[str, ResultFuture]) -> list[Request]:
-        """The wait for room let the lock go, and another submit may have queued some of ``new`` meanwhile: those
-        take its future (``futs``), and the rest is returned. Queued again under a second future, such a request
-        was sent twice, and that future never resolved nor freed its room; with other content, one of the two was
-        billed and answered nobody (a helper's fault hunt)."""
-        for r in new:
-            if (fut := self._futs.get(r.uid)) is not None:
-                _same_content(r, fut)
-                futs[r.uid] = fut
-        return [r for r in new if r.uid not in self._futs]
+    def _queued_meanwhile(self, r: Request, futs: dict[str, ResultFuture]) -> None:
+        """The wait for room let the lock go, and another submit queued ``r`` (of this call's rest) meanwhile: it
+        takes that future (``futs``). Queued again under a second future, such a request was sent twice, and that
+        future never resolved nor freed its room; with other content, one of the two was billed and answered nobody
+        (a helper's fault hunt)."""
+        fut = self._futs[r.uid]
+        _same_content(r, fut)
+        futs[r.uid] = fut
 
     def _resolve(self, fut: ResultFuture, res: Result) -> None:
         # The place is freed before the result is set: a caller woken by its result (or a done-callback) that
