@@ -18,7 +18,6 @@ __all__ = ["Admitting"]
 
 
 class Admitting:
-    _admits = 0  # submits that queued requests: a submit waiting for room looks again when it has moved
     _kept = None  # answers an earlier, killed run of the job paid for (``engine.app._driver_resume``)
     _kept_due: list  # (future, kept answer) to resolve once the lock is let go (``_give_kept``)
     _failing: frozenset = frozenset()  # threads in ``_fail_each`` (replaced whole, under the lock)
@@ -140,7 +139,6 @@ class Admitting:
         added, n = {r.uid: futs[r.uid] for r in new}, len(new)
         self._buffer.extend(new)
         self._pending += n
-        self._admits += 1
         self._futs.update(added)
         for box in self._inboxes:  # the calls waiting for room: one may hold some of these ids in its rest
             box.extend(added)
