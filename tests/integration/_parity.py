@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
 from engine.core.cost import MODES
+from engine.core.draws import Draws
 from engine.core.features import fingerprint
 from engine.core.trace import TraceRequests
 from engine.core.tracegen import synth
@@ -52,11 +55,47 @@ LEARNING_WORLD = 0.3
 MIDNIGHT_AT_S = 60.0  # engine time of the learning trace's midnight: batches fall in hours 23 and 0
 
 
+# Seed 30, not 39: 39's decisions hung on when a batch ended. A sonnet batch's end at 102.6 s warmed a prompt
+# prefix and pulled three waiting requests to sync, 0.55 engine s before their group's own flush would have sent
+# them in a batch: a batch ended 110 ms of real time late live (at 5x, the machine loaded), and the three rode a
+# batch where the simulator's went sync (stop 77's failed rehearsal; reproduced with two busy loops beside it,
+# and by the simulator itself with every batch ending 0.6 s late). ``closest_call`` does not see such a gap (the
+# flush it beat never happens); ``LateDraws`` does. Seed 30 decides alike with every batch 4 s late.
+LEARNING_TRACE = {"n": 100, "seed": 30, "span_s": 100.0, "max_deadline_s": 150.0}
+
+
 def learning_trace() -> TraceRequests:
     """A wave trace that started at 23:59 UTC (as a trace built from timestamps knows), so a runtime that counts
     hours from anything but the trace's origin files its batches under other hours."""
-    return TraceRequests(wave_trace(n=100, seed=39, span_s=100.0, max_deadline_s=150.0),
-                         day_origin_s=86400.0 - MIDNIGHT_AT_S)
+    return TraceRequests(wave_trace(**LEARNING_TRACE), day_origin_s=86400.0 - MIDNIGHT_AT_S)
+
+
+class LateDraws(Draws):
+    """The simulator's draws with every batch-API batch submitted ``lag_s`` after it was decided: its turnaround
+    that of the slot it then lands in, and it ends ``lag_s`` later. What a live dispatcher's lag does to a batch
+    and to all that hangs on its end (the prompt prefixes it warms, the requests that follow it, its hedge): a
+    trace whose decisions do not move under it has none within ``lag_s`` of a batch's end."""
+
+    def __init__(self, n_requests: int, max_attempts: int, seed: int, slot_s: float, lag_s: float):
+        super().__init__(n_requests, max_attempts, seed, slot_s)
+        self.lag_s = lag_s
+
+    def turnaround(self, provider, ba, t, world=None) -> float:
+        return self.lag_s + super().turnaround(provider, ba, t + self.lag_s, world)
+
+
+def sim_differences(sim, other) -> list:
+    """``differences`` between two simulations of one trace (``other``: under ``LateDraws``, say)."""
+    return differences(sim, {r.id: _AsResult(other, i) for i, r in enumerate(other.requests)})
+
+
+class _AsResult:
+    """Request ``i`` of a simulation, read as ``differences`` reads a live Result."""
+
+    def __init__(self, sim, i: int):
+        self.id, self.mode, self.cost_usd = sim.requests[i].id, MODES[sim.mode[i]], float(sim.cost[i])
+        self.deadline_met, self.batch_id = bool(sim.met[i]), int(sim.batch_of[i])
+        self.hit = {0: None, 1: "identical", 2: "in_flight", 3: "near"}[int(sim.hit[i])]
 
 
 def closest_cut(sim, epoch_s: float, guard_s: float) -> float:
@@ -125,3 +164,53 @@ def differences(sim, live: dict) -> list:
             batches((x.id, x.mode, x.batch_id) for x in live.values()):
         diffs.append(("batches", "members differ", ""))
     return diffs
+
+
+def refit(catalog, learning, day_origin_s: float, epoch: int, starts: dict, ends: dict, lags: dict | None = None):
+    """What a fresh ``TurnaroundEstimator`` learns by epoch ``epoch`` from the batches a grouper's was told
+    (``starts``: key -> {start: how many}; ``ends``: key -> [(start, end, censored)]), each moved earlier by its
+    ``lags`` (key -> {start: engine seconds}) first: a grouper's learning checked against the events it saw,
+    whenever they came."""
+    from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
+
+    back = (lags or {})
+    est = TurnaroundEstimator(catalog, learning, day_origin_s)
+    for (p, m), got in starts.items():
+        lag = back.get((p, m), {})
+        est.observe(Turnaround(p, m, s - lag.get(s, 0.0)) for s, n in got.items() for _ in range(n))
+    for (p, m), got in ends.items():
+        lag = back.get((p, m), {})
+        est.observe(Turnaround(p, m, s - lag.get(s, 0.0), e - lag.get(s, 0.0), c) for s, e, c in got)
+    est.advance(epoch * learning.epoch_s)
+    return est.learned()
+
+
+def lags_behind(sim, starts: dict, ends: dict, cut: float) -> dict:
+    """Per (provider, model), how much later than the simulator's each batch-API batch it started by ``cut`` (the
+    learning cut of the epoch in force) started live: key -> {live start: lag}. The live engine's first batches
+    are the simulator's, one for one in order, and those after them started past the cut (asserted); one may
+    have started past the cut itself, late. A lag moves a batch's start and end alike (the provider ends it a
+    turnaround after it got it): each of them that finished took the simulator's turnaround, to 10 ms of real
+    time (asserted), so the start told is when the provider got it, however late that was."""
+    live: dict = collections.defaultdict(collections.Counter)
+    for key, got in starts.items():
+        live[key].update(got)
+    for key, got in ends.items():
+        for s, n in collections.Counter(s for s, _, _ in got).items():
+            live[key][s] = max(live[key][s], n)
+    took = collections.defaultdict(float)  # simulated batch id -> turnaround (its last member's end)
+    for i in range(len(sim.requests)):
+        if MODES[sim.mode[i]] == "batch_api":
+            took[int(sim.batch_of[i])] = max(took[int(sim.batch_of[i])], float(sim.done_at[i]))
+    out = {}
+    for key in set(live) | {(b.provider, b.model) for b in sim.batches if b.mode == "batch_api"}:
+        mine = sorted(s for s, n in live.get(key, {}).items() for _ in range(n))
+        theirs = sorted((b.t, b.id) for b in sim.batches if (b.provider, b.model) == key and b.mode == "batch_api"
+                        and b.t <= cut)
+        assert len(mine) >= len(theirs) and all(s > cut for s in mine[len(theirs):]), (key, mine, theirs)
+        out[key] = {s: s - t for s, (t, _) in zip(mine, theirs)}
+        finished = {s: e - s for s, e, censored in ends.get(key, ()) if not censored}
+        for s, (t, bid) in zip(mine, theirs):
+            if s in finished or bid in took:
+                assert finished.get(s, 0.0) == pytest.approx(took.get(bid, 0.0) - t, abs=0.05), (key, s, t)
+    return out
