@@ -55,13 +55,15 @@ async def die(actor) -> None:
     await actor.journal.close()  # its connections die with its process
 
 
-async def until(cond, what: str, steps: int = 500) -> None:
-    """Yield to the loop until ``cond()`` holds (bounded): the actors here are coroutines on this loop."""
-    for _ in range(steps):
-        if cond():
-            return
+async def until(cond, what: str, timeout_s: float = 30.0) -> None:
+    """Yield to the loop until ``cond()`` holds; fail after ``timeout_s`` of real time. The actors here are
+    coroutines on this loop, but what they wait for is real: Redis's answers, a thread's file writes. Bounded by
+    500 polls (about a second) before, which a loaded machine could use up while Redis answered."""
+    t_end = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        if asyncio.get_running_loop().time() > t_end:
+            raise AssertionError(f"never happened: {what}")
         await asyncio.sleep(0.002)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def until_async(probe, what: str, timeout_s: float = 10.0) -> None:

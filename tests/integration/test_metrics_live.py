@@ -47,11 +47,10 @@ def test_reliability_metrics_are_scraped_with_plausible_values(ray_session):
         with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP) as eng:
             results = [f.result(timeout=120) for f in eng.submit_many(reqs)]
             assert eng.metrics_port
-            # Results and the dispatcher's counters leave in separate batched messages: wait for the counters.
-            samples = scrape(eng.metrics_port)
-            for _ in range(50):
-                if total(samples, "smartbatch_retried_calls_total") >= 2:
-                    break
+            # Results and the dispatcher's counters leave in separate batched messages: wait for the counters,
+            # bounded in time (50 scrapes, 5 s, before: a hang guard, not a figure of the engine's).
+            samples, give_up = scrape(eng.metrics_port), time.monotonic() + 60
+            while total(samples, "smartbatch_retried_calls_total") < 2 and time.monotonic() < give_up:
                 time.sleep(0.1)
                 samples = scrape(eng.metrics_port)
 

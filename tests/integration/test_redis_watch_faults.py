@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import redis
 
@@ -23,15 +24,17 @@ def busy(srv):
     spinner = redis.Redis(port=srv.port)
     t = threading.Thread(target=_spin, args=(spinner,), daemon=True)
     t.start()
-    for _ in range(5000):
+    # Bounded in time, not in pings: 5000 pings were about half a second, which a loaded machine may take to start
+    # the spinner's thread and its script.
+    give_up = time.monotonic() + 30
+    while True:
         try:
             r.ping()
         except redis.exceptions.ResponseError as exc:
             if str(exc).startswith("BUSY"):
                 break
             raise
-    else:
-        raise AssertionError("Redis never busy")
+        assert time.monotonic() < give_up, "Redis never busy"
     try:
         yield
     finally:

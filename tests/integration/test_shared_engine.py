@@ -159,7 +159,7 @@ def test_drivers_share_one_named_engine_and_leave_it_running(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert stop.returncode == 0 and f"stopped engine {name!r}" in stop.stdout, stop.stdout + stop.stderr
         assert server.wait(timeout=60) == 0  # serve saw its engine stopped and exited
-        _wait_for(lines, f"engine {name!r} was stopped", seen, timeout=5)
+        _wait_for(lines, f"engine {name!r} was stopped", seen)  # (the reader's queue, fed to the pipe's end)
     finally:
         if server.poll() is None:
             server.kill()
