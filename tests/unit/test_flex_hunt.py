@@ -11,6 +11,7 @@ import pytest
 from actors._types import Job
 from engine.core.provider_api import CallJob
 from tests.unit.test_flex_live import (
+    HOLD_S,
     _tiers,
     flex_bound,
     flex_req,
@@ -38,7 +39,7 @@ def test_a_timed_out_flex_calls_bound_outlives_a_restart_during_its_standard_cal
     its cost plus the flex call's bound, counted as timed out and possibly billed (the restart forgot it: the
     ledger fell short of what the provider may have billed, and the report lost the timeout). Under a budget the
     flex claim is settled at that bound before the standard call, which reserves on its own (stop 72)."""
-    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held 2 real s: the client gives up
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": HOLD_S}])  # held: the client gives up
 
     async def go():
         rig = Rig(emu)
@@ -139,7 +140,7 @@ def test_a_request_withdrawn_while_its_flex_call_times_out_says_it_may_have_been
     """Withdrawn (``Engine.cancel_requests``) while its flex call was out, which then timed out: no standard call
     is made, the request ends cancelled, settled at the flex call's bound, and its error says an earlier try got
     no answer (it said "billed nothing" beside a settlement at that bound)."""
-    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": HOLD_S}])
 
     async def go():
         rig = Rig(emu)
@@ -219,7 +220,7 @@ def test_a_flex_call_that_timed_out_then_a_refused_standard_call_marks_the_resul
     line was sent again, and the flex call maybe paid twice (a review)."""
     from tests.unit.test_flex_live import timing_out
 
-    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}, {"status": 400}])
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": HOLD_S}, {"status": 400}])
 
     async def go():
         rig = Rig(emu)

@@ -31,6 +31,9 @@ from tests.unit.test_http_providers import KEY, Rig, emu, priced  # noqa: F401  
 
 CAT = default_catalog()
 OPENAI = CAT.provider("openai")
+# Real seconds the emulator holds a call that must time out: far past the flex call's 0.5 s, so a loaded machine's
+# late timer still times out (held 2 s before: 1.5 s of slack); the emulator's stop ends the hold.
+HOLD_S = 60.0
 
 
 def flex_req(rid: str = "flex-0", model: str = "gpt-5-mini", **kw: Any) -> Request:
@@ -42,7 +45,7 @@ def flex_req(rid: str = "flex-0", model: str = "gpt-5-mini", **kw: Any) -> Reque
 
 def timing_out(rig: Rig) -> Request:
     """A flex request whose deadline leaves its flex call 500 engine s (0.5 real s at the rig's speed) before the
-    standard call's room: the emulator's 2-s hold outlasts the call's timeout."""
+    standard call's room: the emulator's hold (``HOLD_S``) outlasts the call's timeout."""
     r = flex_req(deadline_s=1.0)
     room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
     return r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
@@ -238,7 +241,7 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
     """No answer within the flex call's timeout (the room its deadline leaves a standard call after it): it may
     have run, so its bound at flex prices stays on the budget (``possibly_billed``, even where the provider
     honours keys: the standard call has a key of its own), and the request is answered at the standard tier."""
-    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held 2 real s: the client gives up
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": HOLD_S}])  # held: the client gives up
 
     async def go():
         rig = Rig(emu)
@@ -268,7 +271,7 @@ def test_a_flex_call_that_times_out_at_a_server_not_yet_seen_serving_flex_keeps_
     stays at the standard prices, not the flex ones. Before, it kept the flex bound, half what the server may have
     billed, and every such probe that timed out (the server never answering one, it never became known) passed a
     hard budget by that half again."""
-    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held 2 real s: the client gives up
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": HOLD_S}])  # held: the client gives up
 
     async def go():
         rig = Rig(emu)

@@ -893,7 +893,8 @@ def test_failures_open_the_circuit_and_send_the_work_to_the_fallback_model(emu):
 
 
 def test_a_timed_out_call_is_retried_with_the_same_idempotency_key_and_billed_once(emu):
-    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held past the client's timeout
+    # Held past the client's timeout, far past it (2 s before; the emulator's stop ends the hold).
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": 60.0}])
 
     async def go():
         rig = Rig(emu, timeout_s=0.25)
