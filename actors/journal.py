@@ -257,9 +257,11 @@ class RedisJournal(RecordsWatch):
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._keeper, self._watcher):
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in (self._keeper, self._watcher) if t is not None and t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        if tasks:  # ended first: a connection one was making as the pool closed was left open (a test's warning)
+            await asyncio.wait(tasks, timeout=1.0)
         self._keeper = self._watcher = None
         if self.seal is not None:
             self.seal.close()
