@@ -35,6 +35,8 @@ class RecordsWatch:
                 if self._closed:  # (a close's cancel that lands in a Redis read can come back as its error)
                     return
                 log.debug("journal %s: server check failed (%s: %s)", self._base, type(exc).__name__, exc)
+            if self._closed:  # closed in the check, its cancel spent there (a Redis read cut, caught as its error by a
+                return        # write of the holder's): it slept on, up to a second (an hour in tests), cancelled
             await asyncio.sleep(SERVER_CHECK_S)
 
     async def check_server(self) -> str | None:
