@@ -192,6 +192,8 @@ class Outbox:
                 unjournal, self._unjournal_held = unjournal + self._unjournal_held, []
         for space in {sp for sp, _ in unjournal}:
             keys = [k for sp, k in unjournal if sp == space]
+            if space == self._space:  # the hub's entries go with the records (``_batch_index``)
+                self._index_drop(keys)
             writer = next((w for w in (self._sync_journal, self._jobs_journal) if w.space == space), None)
             if writer is not None:  # with that space's writes, so a late delete never takes a newer record
                 for k in keys:

@@ -180,7 +180,9 @@ class Recovery:
             log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
                       "are not followed and their members are sent again", self.name, _short(exc), wait_s)
             return -1
-        self.journal_lost += await lost_records(self.journal, f"dispatcher {self.name}")
+        if await lost_records(self.journal, f"dispatcher {self.name}"):
+            self.journal_lost += 1
+            await self._index_take(records)  # the batches the hub's index has: held, taken up once re-admitted
         self._take_back_tally(tally)
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])
@@ -372,6 +374,7 @@ class Recovery:
         the journal's watch of its Redis to try them all again; else it is logged."""
         if not strict and (seal := getattr(self.journal, "seal", None)) is not None:
             seal.unwitness()  # the hub restarted without its witness: told again with the records written below
+            self._index_put(list(self._open))  # and without its index of the batches (``_batch_index``)
         for space, recs in ((self._space, self._open), (self._sync_journal.space, self._sync_calls),
                             (self._watch_space, self._watching), (self._jobs_journal.space, self._jobs_records)):
             if recs:

@@ -25,6 +25,7 @@ from collections import Counter, OrderedDict, deque
 from actors._batch_api import BatchApiRuns
 from actors._batch_files import FileCleanup
 from actors._batch_gate import BatchGate
+from actors._batch_index import BatchIndex
 from actors._cancel import CancelDispatches
 from actors._count_tokens import CountTokens
 from actors._dispatch_jobs import MadeJobs
@@ -59,7 +60,7 @@ TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one
 
 
 class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens,
-                 VideoContent):
+                 VideoContent, BatchIndex):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):
@@ -131,8 +132,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._learners = learners
         # Whether the groupers' policy reads prompt-cache warmth (``reads_warmth``): no notes for one that does not
         self._warm_readers = warm_readers
-        # Counters for the hub's metrics, sent with the dispatch observations (see ``flush``).
-        self._counts = DispatchCounts()
+        self._counts = DispatchCounts()  # counters for the hub's metrics, sent with the observations (``flush``)
         self._queued_at: dict[int, float] = {}  # id(work item) -> engine time it joined the rate gate's queue
         self._breaker_reported: dict[str, int] = {}
         self._breaker_dirty = True  # the first flush reports every model's circuit as closed
@@ -143,8 +143,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._cache_tasks: dict[int, asyncio.Task] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._pump_timer: tuple[float, asyncio.TimerHandle] | None = None
-        self.in_flight = self.rerouted = self.batches_cancelled = 0
-        self.reattached = 0  # journaled batches followed again after a restart
+        # reattached: journaled (or indexed, ``_batch_index``) batches followed again after a restart
+        self.in_flight = self.rerouted = self.batches_cancelled = self.reattached = 0
         self.resumed_calls = 0  # journaled sync calls made again (same key and body) after a restart
         self.waits: deque[float] = deque(maxlen=10_000)  # engine seconds from arrival to start, for benchmarks
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from actors._ingest_adopt import hand_over, recall_from
 from actors._ingest_holders import Holders
 from actors._peer import Warm, as_peer
 from actors._shards import Shards, by_job_class, by_result_uid, class_shard, uid_shard
@@ -350,17 +351,7 @@ class Ingest(Holders, Warm):
                     fut.set_result([j for j in jobs if id(j) in missed])
 
     async def _recall(self, peers: list, uids: list[str], caches: list = (), detach: bool = False) -> set[str]:
-        """Who holds ``uids``. One that cannot answer holds nothing (a restarted dispatcher reads its journal first)."""
-        known: set[str] = set()
-
-        async def ask(peer, *more):
-            try:
-                known.update(await peer.call("recall", uids, *more))
-            except Exception as exc:
-                log.warning("ingest: recall failed (%s: %s)", type(exc).__name__, exc)
-
-        await asyncio.gather(*(ask(p) for p in peers), *(ask(c, detach) for c in caches))
-        return known
+        return await recall_from(peers, uids, caches, detach)
 
     async def readmit(self, requests: list[Request], client: str | None = None, force: bool = False) -> int:
         """Requests accepted earlier that a restarted actor may have lost (driver ``client`` sends every
@@ -393,6 +384,8 @@ class Ingest(Holders, Warm):
                         "a grouper or the hub: %s", len(known), sorted(known)[:5])
         # Still in their cache lookup (a busy cache keeps one past the sweep's grace): that lookup sends them on,
         # so sent from here too they were generated and paid twice.
+        # A dispatcher whose journal lost a batch's record holds its members until it has their requests
+        await hand_over(self.dispatchers, [r for r in requests if r.uid in known])
         jobs = [self._job(r) for r in requests if r.uid not in known and r.uid not in self._moving]
         send_sharded(self.groupers, jobs)
         self.readmitted += len(jobs)

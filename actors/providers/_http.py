@@ -204,6 +204,10 @@ class HttpBase(BatchMembers):
     def queue_refusal(self, handle: BatchHandle) -> int | None:
         return None  # Anthropic names no batch queue limit (OpenAI overrides it)
 
+    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> BatchHandle:
+        """The handle of batch ``bid``, created by an earlier process of the dispatcher (``actors._batch_index``)."""
+        return BatchHandle(bid, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+
     async def discard(self, handle: BatchHandle) -> int:
         """Nothing (OpenAI overrides it). A Message Batch holds its requests with its results and can be deleted
         once ended, but only with them: a resume or a take-back reads an ended batch's results again from the

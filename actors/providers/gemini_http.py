@@ -110,6 +110,11 @@ class GeminiProvider(OpenAIProvider):
                                          cast_to=object, options=self._opts)
         return self._native_handle(op, jobs)
 
+    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> BatchHandle:
+        if not self.native(jobs):
+            return super().reattach(bid, jobs, hedge_at)
+        return NativeHandle(bid, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+
     def _native_handle(self, op: Any, jobs: Sequence[CallJob], whole: bool = True) -> NativeHandle:
         if not isinstance(op, dict) or not isinstance(op.get("name"), str):
             raise ProviderError(f"{self.name}: a batch create was answered without a batch name")

@@ -223,6 +223,10 @@ class Provider(Protocol):
         provider has it, else None (it was never created; a create under ``ref`` follows). ``known``: the ids of
         the batches the dispatcher follows, never the one looked for."""
 
+    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+        """The handle of the batch the provider knows as ``bid`` (``""`` for one simulated), made by an earlier
+        process whose journal record was lost: what ``submit_batch`` returned, without asking the provider."""
+
     async def poll(self, handle: Any) -> BatchState:
         """Where the batch stands."""
 

@@ -1,0 +1,135 @@
+"""The result hub's index of a dispatcher's open batches, for a restart whose Redis journal lost their records.
+
+A Redis restarted without persistence loses the records of the batches under way; the journal's watch writes
+them again within a second (``actors._journal_watch``), and a dispatcher that dies in that second restarts to an
+empty journal: the loss is told (``actors._journal_seal``), and before this index its batches' members, re-admitted
+by the driver, were sent again, paid twice. The hub outlives the dispatcher, so it keeps, beside the seal's witness,
+one small entry per batch record, written when the record is and dropped with it (one hub message per record, not
+per request): the record's key, its ``BatchJob`` without members, start, tokens, the provider's batch id once
+created, and per member its uid, draw row, fingerprint, attempts, claim and the like; no request, no body (about
+110 bytes a member pickled, and 160 a batch).
+
+A restart that reads a loss takes the entries missing from its journal as its own: their members are held
+(``holds``/``recall``), so the driver's re-admission does not send them through a policy again; ingest, which
+re-admits them and has their requests, hands them over (``wanted``, ``adopt``, ``actors._ingest_adopt``). Once a
+batch's members are all back it is taken up as a journaled one is: followed by the provider's batch id
+(``Provider.reattach``), or, where its create was cut before the id was known, looked for under its key
+(``find_batch``) and, not found, created under it with the requests ingest handed over. Its members keep their
+attempts (their ``custom_id``) and settle their first claim, and its record is journaled again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+
+from actors._journal_seal import HUB_ASK_S
+from actors._types import Job
+from engine.core.request import Request
+
+__all__ = ["INDEX", "BatchIndex", "entry"]
+
+log = logging.getLogger("smartbatch.dispatcher")
+
+INDEX = "batch-index:"  # the hub's memory-journal space of one holder of one Redis journal: INDEX + base + holder
+
+
+def entry(rec: tuple) -> bytes:
+    """A batch record (``Dispatcher._open``'s value) as its index entry: no request, no body."""
+    b, jobs, start, tokens, handle, _ = rec
+    bid = None if handle is None else str(getattr(handle, "id", ""))  # ("": simulated, drawn again)
+    members = tuple((j.req.uid, j.seq, j.fp, *j[3:]) for j in jobs)
+    return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members))
+
+
+class BatchIndex:
+    """Mixed into ``Dispatcher``: the index's writes, its read at a restart that lost records, and the adoption."""
+
+    def _index_space(self) -> str | None:
+        seal = getattr(self.journal, "seal", None)  # only a Redis journal loses what the hub keeps
+        return None if seal is None else INDEX + self.journal._base + seal.holder
+
+    def _index_put(self, keys) -> None:
+        """Batch records ``keys`` were journaled: their entries, in one message."""
+        space = self._index_space()
+        blobs = {k: entry(self._open[k]) for k in keys if k in self._open}
+        if space is not None and blobs:
+            self.hub.send("journal_put_many", space, blobs)
+
+    def _index_drop(self, keys: list[str]) -> None:
+        space = self._index_space()
+        if space is not None and keys:
+            self.hub.send("journal_del", space, keys)
+
+    async def _index_take(self, records: dict) -> int:
+        """After a loss (``lost_records``): hold the members of the batches the index has and the journal lost,
+        until ingest hands their requests over (``adopt``). Returns how many batches."""
+        space = self._index_space()
+        try:
+            got = await asyncio.wait_for(self.hub.call("journal_items", space), HUB_ASK_S)
+        except Exception as exc:
+            log.error("dispatcher %s: could not read the hub's index of its batches (%s: %s): their members may "
+                      "be sent again, paid twice", self.name, type(exc).__name__, exc)
+            return 0
+        lost = {k: pickle.loads(v) for k, v in got.items() if k not in records and k not in self._open}
+        ended = await self._ended_at_hub([m[0] for e in lost.values() for m in e[4]])
+        waiting = self.__dict__.setdefault("_adopting", {})
+        for key, (b, start, tokens, bid, members) in lost.items():
+            members = [m for m in members if m[0] not in ended and m[0] not in self._known and m[0] not in self._done]
+            if not members:
+                self._index_drop([key])
+                continue
+            waiting[key] = ((b, start, tokens, bid, members), {})
+            self._known.update(m[0] for m in members)
+        if waiting:
+            log.warning("dispatcher %s: %d batch(es) under way found in the hub's index, their records lost: their "
+                        "members are held, and followed once their requests are re-admitted", self.name, len(waiting))
+        return len(waiting)
+
+    async def wanted(self, uids: list[str]) -> list[str]:
+        """Of ``uids`` (re-admitted, held here), those whose request this dispatcher waits for (``adopt``)."""
+        await self._ready()
+        want = {m[0] for e, _ in self.__dict__.get("_adopting", {}).values() for m in e[4]}
+        return [u for u in uids if u in want]
+
+    async def adopt(self, requests: list[Request]) -> int:
+        """The requests of members of lost batches (``_index_take``), from ingest's re-admission: a batch whose
+        members are all back is taken up. Returns how many batches."""
+        await self._ready()
+        waiting, n = self.__dict__.get("_adopting", {}), 0
+        by_uid = {r.uid: r for r in requests}
+        for key, (e, reqs) in list(waiting.items()):
+            reqs.update((m[0], by_uid[m[0]]) for m in e[4] if m[0] in by_uid)
+            if len(reqs) == len(e[4]):
+                del waiting[key]
+                self._take_up(key, e, reqs)
+                n += 1
+        if n:
+            self.reattached += n
+            self._kick()
+            await self._journal_tally()  # its count kept by now, as a recovery's is
+        return n
+
+    def _take_up(self, key: str, e: tuple, reqs: dict[str, Request]) -> None:
+        b, start, tokens, bid, members = e
+        jobs = [Job(m[1], reqs[m[0]], m[2], *m[3:]) for m in members]
+        b = b._replace(jobs=jobs)
+        cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+        handle = None
+        try:
+            handle = None if bid is None else self.provider.reattach(bid, cjobs, b.hedge_at)
+        except Exception as exc:  # (a provider that cannot make one from an id): looked for under its key instead
+            log.warning("dispatcher %s: could not re-attach to batch %s by its id (%s: %s); looked for under its "
+                        "key", self.name, bid, type(exc).__name__, exc)
+        self._open[key] = (b, jobs, start, tokens, handle, None)
+        stem = key.rpartition("#")[0]
+        if not stem or stem not in self._parts_left:  # one dispatch holds its tokens once, for all its parts
+            self._count_reattached(tokens, jobs)
+        if stem:  # a part of a split dispatch: its last part releases its tokens
+            self._parts_left[stem] = self._parts_left.get(stem, 0) + 1
+        self.in_flight += len(jobs)
+        if handle is None:  # its create was cut: found at the provider under its key, or created under it
+            self._spawn(self._run_batch(b, jobs, start, tokens, key), jobs, b)
+        else:  # journaled again, for a later restart to follow it from its record
+            self._spawn(self._journal_put(key), [], b)
+            self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)

@@ -1,0 +1,266 @@
+"""The hub's index of a dispatcher's open batches (``actors._batch_index``): a restart whose Redis journal lost the
+batches' records (a Redis restarted empty within the watch's second) finds them there, holds their members, takes
+their requests from the driver's re-admission through ingest, and follows the batch it had created, by the
+provider's id, or looked for under its key where its create was cut before the id was known: nothing sent again.
+
+The journal here is the hub's memory (no Redis); a journal that loses records is stood in for by giving it a seal
+(``actors._journal_seal``), which makes the dispatcher keep the index, and by wiping the records' space."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import pytest
+
+from actors import Dispatcher, ResultHub
+from actors._batch_index import INDEX, entry
+from actors._ingest_adopt import hand_over
+from actors._journal_seal import JournalSeal
+from actors._peer import as_peer
+from actors._types import BatchJob, Job
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.provider_api import Secret
+from engine.core.request import Request
+from engine.core.settings import Settings
+
+from .helpers import Recorder
+from .test_http_providers import (  # noqa: F401  (emu: the fixture)
+    KEY,
+    Rig,
+    billed_by_custom_id,
+    emu,
+    jobs_of,
+)
+from .test_restart_windows import _done
+
+CAT = default_catalog()
+CREATE = {"openai": "batches.create", "anthropic": "messages.batches.create"}
+
+
+def sealed(d: Dispatcher) -> Dispatcher:
+    """``d``'s journal made one that can lose its records (as a Redis journal can): the dispatcher keeps the
+    hub's index of its batches, and a restart told of a loss reads it."""
+    d.journal.seal, d.journal._base = JournalSeal(d.hub, f"dispatcher:{d.name}"), "idx:"
+    return d
+
+
+def lost(d: Dispatcher) -> Dispatcher:
+    """``d`` restarted (Ray calls ``reconstructed``) onto a journal that lost its records, and says so."""
+    async def yes() -> bool:
+        return True
+    d.journal.lost_records = yes
+    d.reconstructed()
+    return d
+
+
+async def index_of(hub: ResultHub, d: Dispatcher) -> dict:
+    return {k: pickle.loads(v) for k, v in (await hub.journal_items(d._index_space())).items()}
+
+
+def test_an_index_entry_holds_no_request_and_a_few_bytes_a_member():
+    body = "x" * 10_000
+    jobs = [Job(i, Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": body,
+                                           "input_tokens": 100, "output_tokens": 10}), f"{i:064x}", claim=f"c{i}")
+            for i in range(100)]
+    blob = entry((BatchJob("b1", "batch_api", 60.0, False, "r", "why", jobs), jobs, 1.0, 1000, None, "a body"))
+    b, start, tokens, bid, members = pickle.loads(blob)
+    assert b.jobs == [] and (start, tokens, bid) == (1.0, 1000, None) and b"xxxx" not in blob
+    assert [m[0] for m in members] == [j.req.uid for j in jobs] and {m[5] for m in members} == {f"c{i}" for i in
+                                                                                                 range(100)}
+    assert len(blob) / len(jobs) < 200  # bytes a member: the request's body and fields stay with ingest
+
+
+def sim_dispatcher(hub: ResultHub, clock: ManualClock, settings: Settings) -> Dispatcher:
+    return Dispatcher("openai", CAT, settings, 0, clock, [Recorder()], hub, None, Recorder())
+
+
+def sim_batch(n: int = 3) -> BatchJob:
+    jobs = [Job(i, Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "p",
+                                           "input_tokens": 100, "output_tokens": 10}), f"fp{i}") for i in range(n)]
+    return BatchJob("b1", "batch_api", None, False, "r", "why", jobs)
+
+
+def test_the_index_follows_the_record_one_message_each_and_is_written_again_after_the_hubs_restart():
+    """One hub message per batch record written (none per request), the entry dropped with the record, and the
+    whole index written again by the rewire's ``rejournal`` after the hub lost its memory (fails before: no index)."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = sealed(sim_dispatcher(hub, clock, settings))
+        sent = []
+        for m in ("journal_put", "journal_put_many", "journal_del"):
+            def spy(space, *a, m=m, real=getattr(hub, m)):
+                sent.append(m) if space.startswith(INDEX) else None
+                return real(space, *a)
+            setattr(hub, m, spy)
+        await d.run_many([sim_batch(30)])
+        await _until(lambda: d._open and all(r[4] is not None for r in d._open.values()))
+        await _until(lambda: sent.count("journal_put_many") == 1)
+        entries = await index_of(hub, d)
+        assert list(entries) == list(d._open) and len(entries[next(iter(d._open))][4]) == 30
+        hub.__dict__.pop("_journal_spaces")  # the hub restarted: its memory gone
+        await d.rejournal()
+        await _until_async(lambda: _has(hub, d, list(d._open)))
+        while not await hub.pull(0.001):
+            clock.advance(3600.0)
+        await _until_async(lambda: _has(hub, d, []))  # dropped with the record, once its results are with the hub
+        assert sent.count("journal_del") == 1
+        await _done(d)
+    asyncio.run(go())
+
+
+def test_a_restart_that_lost_the_record_holds_the_members_until_ingest_hands_them_over_and_follows_the_batch():
+    """Simulated: the batch drawn again from its members (nothing runs but the draws); each result once, none sent
+    to a grouper, the batch not created again, the members' claims kept for their first settlement."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d1 = sealed(sim_dispatcher(hub, clock, settings))
+        b = sim_batch()
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        await d1.run_many([b])
+        await _until(lambda: d1._open and all(r[4] is not None for r in d1._open.values()))
+        await _until_async(lambda: _has(hub, d1, list(d1._open)))
+        for t in list(d1._tasks):
+            t.cancel()
+        hub.__dict__["_journal_spaces"].pop(d1._space)  # the journal's records lost, the hub's index kept
+        d2 = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        created = []
+        d2.provider.submit_batch = lambda *a, **k: created.append(a)
+        uids = [j.req.uid for j in b.jobs]
+        assert sorted(await d2.recall(uids)) == sorted(uids)  # held: the re-admission sends none of them
+        assert d2.journal_lost == 1 and d2.reattached == 0 and await d2.wanted(uids[:1] + ["other"]) == uids[:1]
+        await hand_over([as_peer(d2)], [j.req for j in b.jobs[:2]])
+        assert d2.reattached == 0 and sorted(await d2.holds(uids)) == sorted(uids)  # one still to come
+        await hand_over([as_peer(d2)], [j.req for j in b.jobs])
+        assert d2.reattached == 1 and await d2.wanted(uids) == []
+        got = []
+        while len(got) < 3:
+            clock.advance(3600.0)
+            got += await hub.pull(0.001)
+        assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and {r.batch_id for r in got} == {"b1"}
+        await _done(d2)
+        assert created == [] and d2.groupers[0]._target.readmitted() == []
+        settled = [c for m, args in d2.budget._target.calls if m == "settle_many" for c, _ in args[0]]
+        assert sorted(settled) == ["c0", "c1", "c2"]
+    asyncio.run(go())
+
+
+def test_the_parts_of_a_split_dispatch_hold_its_tokens_on_the_gate_once_and_release_them_with_the_last():
+    """Two parts of one dispatch (``<stem>#<n>``) found in the index: its tokens taken once on the batch queue's gate,
+    released when its last part ends, as for parts read from the journal (taken twice, the gate held one dispatch's
+    tokens for good)."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        jobs = sim_batch(4).jobs
+        parts = {f"b1-x#{k}": BatchJob("b1", "batch_api", None, False, "r", "why", jobs[2 * k:2 * k + 2])
+                 for k in range(2)}
+        await hub.journal_put_many(d._index_space(), {
+            key: entry((b, b.jobs, 0.0, 5000, type("Made", (), {"id": ""})(), None)) for key, b in parts.items()})
+        held = d.sim.enqueued.held
+        await d.recall([j.req.uid for j in jobs])
+        await hand_over([as_peer(d)], [j.req for j in jobs])
+        assert d.reattached == 2 and d._parts_left == {"b1-x": 2} and d.sim.enqueued.held == held + 5000
+        got = []
+        while len(got) < 4:
+            clock.advance(3600.0)
+            got += await hub.pull(0.001)
+        await _done(d)
+        d.sim.enqueued.earliest(clock.now() + 1.0, 0)  # (what ended by then is let go as it asks)
+        assert d._parts_left == {} and d.sim.enqueued.held == held
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("provider", "cut"), [("openai", "created"), ("openai", "create cut"),
+                                               ("anthropic", "create cut")])
+def test_a_lost_record_s_batch_is_followed_at_the_provider_and_nothing_is_billed_twice(emu, provider, cut):  # noqa: F811
+    """Over HTTP at the emulator: ``created``, by the batch id the index holds; ``create cut``, the dispatcher died
+    in the create (the index holds the entry written before it, no id): looked for under its key and found (OpenAI
+    by its metadata, Anthropic by its size). Either way one create, each member billed once."""
+    e, jobs = emu, jobs_of(provider)
+
+    async def go():
+        rig = Rig(e, provider)
+        sealed(rig.d)
+        if cut == "create cut":
+            real, stop = rig.d.provider.submit_batch, asyncio.Event()
+
+            async def dies_in_the_create(*a, **k):
+                await real(*a, **k)
+                await stop.wait()  # its answer never heard: the process died
+            rig.d.provider.submit_batch = dies_in_the_create
+        d2 = None
+        try:
+            await rig.run("batch_api", jobs)
+            await rig.until(lambda: e.count(CREATE[provider]) == 1, "the batch created")
+            async def indexed():  # (the entry written before the create, then, once created, the one with its id)
+                return [v[3] is None for v in (await index_of(rig.hub, rig.d)).values()] == [cut == "create cut"]
+            await _until_async(indexed)
+            for t in list(rig.d._tasks):
+                t.cancel()
+            rig.hub.__dict__["_journal_spaces"].pop(rig.d._space)
+            d2 = lost(sealed(Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub,
+                                        None, rig.budget, key=Secret(KEY))))
+            assert sorted(await d2.recall([j.req.uid for j in jobs])) == sorted(j.req.uid for j in jobs)
+            await hand_over([as_peer(d2)], [j.req for j in jobs])
+            await rig.until(lambda: len(rig.results) == len(jobs), "every member's result", 30)
+            await _done(d2)
+            assert e.count(CREATE[provider]) == 1 and rig.grouper.readmitted() == []
+            assert len(billed_by_custom_id(e)) == len(jobs)  # (it asserts none twice)
+            assert {r.batch_id for r in rig.results.values()} == {"b"} and d2.reattached == 1
+        finally:
+            if d2 is not None:
+                await d2.provider.close()
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_ingest_s_readmit_hands_a_dispatcher_only_the_requests_it_waits_for():
+    """The driver's re-admission through ingest: the members a dispatcher holds for a lost record's batch are not
+    sent on, and their requests reach it (fails before: held, they waited for good). One small call per dispatcher
+    (the ids); the requests only to the one that waits for them."""
+    from actors import Ingest
+
+    class D:
+        def __init__(self, want, holds=()):
+            self.want, self.held, self.adopted = want, set(holds) | want, []
+
+        async def recall(self, uids):
+            return [u for u in uids if u in self.held]
+
+        async def wanted(self, uids):
+            return [u for u in uids if u in self.want]
+
+        async def adopt(self, reqs):
+            self.adopted.append([r.uid for r in reqs])
+
+    class G(Recorder):  # a grouper that holds none of them
+        async def recall(self, uids):
+            return []
+
+    reqs = [j.req for j in sim_batch(4).jobs]
+    a, b, g = D({reqs[1].uid}), D(set(), holds={reqs[2].uid}), G()
+    assert asyncio.run(Ingest([g], dispatchers=[a, b]).readmit(reqs)) == 2
+    assert a.adopted == [[reqs[1].uid]] and b.adopted == []
+    assert sorted(j.req.id for j in g.readmitted()) == ["r0", "r3"]
+
+
+async def _has(hub: ResultHub, d: Dispatcher, keys: list[str]) -> bool:
+    return sorted(await hub.journal_items(INDEX + d.journal._base + d.journal.seal.holder)) == sorted(keys)
+
+
+async def _until(cond, steps: int = 2000) -> None:
+    for _ in range(steps):
+        if cond():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("never happened")
+
+
+async def _until_async(probe, steps: int = 2000) -> None:
+    for _ in range(steps):
+        if await probe():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError("never happened")
