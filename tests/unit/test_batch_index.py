@@ -102,8 +102,7 @@ def test_the_index_follows_the_record_one_message_each_and_is_written_again_afte
         hub.__dict__.pop("_journal_spaces")  # the hub restarted: its memory gone
         await d.rejournal()
         await _until_async(lambda: _has(hub, d, list(d._open)))
-        while not await hub.pull(0.001):
-            clock.advance(3600.0)
+        await _pulled(hub, clock, 30)
         await _until_async(lambda: _has(hub, d, []))  # dropped with the record, once its results are with the hub
         assert sent.count("journal_del") == 1
         await _done(d)
@@ -134,10 +133,7 @@ def test_a_restart_that_lost_the_record_holds_the_members_until_ingest_hands_the
         assert d2.reattached == 0 and sorted(await d2.holds(uids)) == sorted(uids)  # one still to come
         await hand_over([as_peer(d2)], [j.req for j in b.jobs])
         assert d2.reattached == 1 and await d2.wanted(uids) == []
-        got = []
-        while len(got) < 3:
-            clock.advance(3600.0)
-            got += await hub.pull(0.001)
+        got = await _pulled(hub, clock, 3)
         assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and {r.batch_id for r in got} == {"b1"}
         await _done(d2)
         assert created == [] and d2.groupers[0]._target.readmitted() == []
@@ -162,10 +158,7 @@ def test_the_parts_of_a_split_dispatch_hold_its_tokens_on_the_gate_once_and_rele
         await d.recall([j.req.uid for j in jobs])
         await hand_over([as_peer(d)], [j.req for j in jobs])
         assert d.reattached == 2 and d._parts_left == {"b1-x": 2} and d.sim.enqueued.held == held + 5000
-        got = []
-        while len(got) < 4:
-            clock.advance(3600.0)
-            got += await hub.pull(0.001)
+        await _pulled(hub, clock, 4)
         await _done(d)
         d.sim.enqueued.earliest(clock.now() + 1.0, 0)  # (what ended by then is let go as it asks)
         assert d._parts_left == {} and d.sim.enqueued.held == held
@@ -250,17 +243,28 @@ async def _has(hub: ResultHub, d: Dispatcher, keys: list[str]) -> bool:
     return sorted(await hub.journal_items(INDEX + d.journal._base + d.journal.seal.holder)) == sorted(keys)
 
 
-async def _until(cond, steps: int = 2000) -> None:
-    for _ in range(steps):
-        if cond():
-            return
-        await asyncio.sleep(0.002)
-    raise AssertionError("never happened")
+async def _until(cond, timeout_s: float = 20.0) -> None:
+    """Until ``cond()`` holds; fail after ``timeout_s`` of real time (a bound, not a wait)."""
+    await _until_async(lambda: _now(cond()), timeout_s)
 
 
-async def _until_async(probe, steps: int = 2000) -> None:
-    for _ in range(steps):
-        if await probe():
-            return
+async def _until_async(probe, timeout_s: float = 20.0) -> None:
+    t_end = asyncio.get_running_loop().time() + timeout_s
+    while not await probe():
+        assert asyncio.get_running_loop().time() < t_end, "never happened"
         await asyncio.sleep(0.002)
-    raise AssertionError("never happened")
+
+
+async def _pulled(hub: ResultHub, clock: ManualClock, n: int, timeout_s: float = 20.0) -> list:
+    """Run the clock past every batch's end until the hub holds ``n`` results (bounded in real time)."""
+    got: list = []
+    t_end = asyncio.get_running_loop().time() + timeout_s
+    while len(got) < n:
+        assert asyncio.get_running_loop().time() < t_end, f"{len(got)} of {n} results"
+        clock.advance(3600.0)
+        got += await hub.pull(0.001)
+    return got
+
+
+async def _now(x):
+    return x
