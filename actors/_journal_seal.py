@@ -17,7 +17,8 @@ holder wrote nothing, or the hub restarted since and the holder had nothing open
 Both are read after the records, so a loss while they are read is said too. What it cannot tell: whether what was
 lost was still open (records of work that had all ended read as a loss: an ERROR that says "may", nothing sent);
 and a snapshot taken after the holder's first record and before its later ones keeps the seal, the later records
-lost unseen. Said, the loss is made good where the hub's index of the holder's batches has them (``actors._batch_index``)."""
+lost unseen. Said, the loss is made good where the hub's index of the holder's batches has them
+(``actors._batch_index``)."""
 
 from __future__ import annotations
 

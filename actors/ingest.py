@@ -382,10 +382,10 @@ class Ingest(Holders, Warm):
         if force and known:
             log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher, "
                         "a grouper or the hub: %s", len(known), sorted(known)[:5])
-        # Still in their cache lookup (a busy cache keeps one past the sweep's grace): that lookup sends them on,
-        # so sent from here too they were generated and paid twice.
         # A dispatcher whose journal lost a batch's record holds its members until it has their requests
         await hand_over(self.dispatchers, [r for r in requests if r.uid in known])
+        # Still in their cache lookup (a busy cache keeps one past the sweep's grace): that lookup sends them on,
+        # so sent from here too they were generated and paid twice.
         jobs = [self._job(r) for r in requests if r.uid not in known and r.uid not in self._moving]
         send_sharded(self.groupers, jobs)
         self.readmitted += len(jobs)

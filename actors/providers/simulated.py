@@ -82,12 +82,13 @@ class SimulatedProvider:
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str = "",
                            body: Any = None, wanted: Any = None) -> Any:  # (no step before the create: ``wanted``)
-        # The draws know when the batch ends; a batch that would end after its hedge is drawn as cancelled
-        # there, billing nothing (all members of a simulated batch finish together).
         return self.reattach("", jobs, hedge_at)
 
     def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> _Handle:
-        """Nothing runs anywhere but in the draws: a batch of an earlier process is drawn again, the same."""
+        """Nothing runs anywhere but in the draws (seeded by row and slot): a batch of an earlier process is drawn
+        again, the same."""
+        # The draws know when the batch ends; a batch that would end after its hedge is drawn as cancelled
+        # there, billing nothing (all members of a simulated batch finish together).
         out = self.sim.batch([j.row for j in jobs], [j.req for j in jobs], jobs[0].start, hedge_at,
                              [j.attempt for j in jobs])
         return _Handle(jobs, out)
