@@ -5,8 +5,10 @@ Redis Cluster). The session's ``redis_cluster`` fixture: each test moves only th
 ends the move whatever happens. No Ray."""
 
 import asyncio
+import contextlib
 import itertools
 
+import pytest
 from redis.crc import key_slot
 
 from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
@@ -14,28 +16,53 @@ from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
 _prefix = itertools.count()
 
 
-def _controller(cluster, prefix: str):
+def _controller(url: str, prefix: str):
     from actors.budget import BudgetController
 
-    return BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=cluster.url,
+    return BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=url,
                                            redis_prefix=prefix, redis_cluster=True, redis_timeout_s=1.0,
                                            redis_retry_s=0.2))
 
 
-def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_nothing_past_its_limit(redis_cluster):
+@contextlib.contextmanager
+def _user(cluster, refused: str | None):
+    """The URL the engines use: the default user's, or one of a user refused ``refused`` (a command, as an ACL or a
+    managed service may refuse ``CLUSTER NODES``), removed after."""
+    import redis
+
+    if refused is None:
+        yield cluster.url
+        return
+    user = f"refused{next(_prefix)}"
+    for port in cluster.ports:
+        with redis.Redis(port=port, socket_timeout=2.0) as c:
+            c.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", f"-{refused}")
+    try:
+        yield cluster.url.replace("redis://", f"redis://{user}:pw@")
+    finally:
+        for port in cluster.ports:
+            with redis.Redis(port=port, socket_timeout=2.0) as c:
+                c.execute_command("ACL", "DELUSER", user)
+
+
+@pytest.mark.parametrize("refused", [None, "cluster|nodes"])
+def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_nothing_past_its_limit(redis_cluster,
+                                                                                                     refused):
     """Caught on the node the slot leaves, a settlement's script met a key moved already (or never there: its
     marker) after it had counted the spend and released the reservation, failed, and was sent again from the
     outbox: a $1.50 settlement counted $3.00, its $2 reservation released twice. Sent on by ASK to the node the slot
     goes to once the keys it names had moved, a claim read the window not moved yet as empty: $4 granted under a
     $10 limit with $7 spent or held (and the move's MIGRATE of that window then met the one written there). Now
     each script refuses while the slot moves (TRYAGAIN): an outage for the move's length, whose settlement and charge
-    count once when it ends."""
+    count once when it ends. The same for a user refused ``CLUSTER NODES`` (an ACL, a managed service): the check is
+    Redis's own on two keys of the slot; before (a review), it read ``CLUSTER NODES`` in each script and, refused,
+    ran the scripts unguarded: the same $4 granted and $1.50 counted twice."""
     prefix = f"sbtest-reshard-{next(_prefix)}"
     slot = key_slot(("{" + prefix + "}").encode())
     to = next(p for p in redis_cluster.ports if p != redis_cluster.node_of_slot(slot))
 
-    async def go():
-        ctl, other = _controller(redis_cluster, prefix), _controller(redis_cluster, prefix)  # two engines
+    async def go(url):
+        ctl, other = _controller(url, prefix), _controller(url, prefix)  # two engines
         frm = None
         try:
             await ctl.check_ledger()
@@ -66,7 +93,8 @@ def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_not
                 redis_cluster.end_move(slot, frm, to)
             await ctl.close()
             await other.close()
-    big, during, rep, server = asyncio.run(go())
+    with _user(redis_cluster, refused) as url:
+        big, during, rep, server = asyncio.run(go(url))
     window = rep["budgets"][0]
     # $7 to $7.50 spent or held: $4 more would pass $10; spent r3's $1, o1's $0.50, r0's $1.50 and the charge's
     # $0.25 once; r1 and r2 hold $4. Compared at once: the code before failed each.
@@ -81,37 +109,3 @@ def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_not
     with redis.Redis(port=to, socket_timeout=2.0) as c:
         assert server == c.info("server")["run_id"]  # the new node's process was read, and not taken for a restart
     assert (rep["ledger"]["replayed_after_restart"], rep["ledger"]["reopened_after_restart"]) == (0, 0)
-
-
-def test_a_cluster_that_refuses_cluster_commands_to_scripts_runs_the_ledger_unguarded(redis_cluster):
-    """The guard asks ``CLUSTER NODES`` inside each script; a user whose ACL refuses it (as a managed service may)
-    runs the ledger as before the guard: an error there failed every ledger call, the ledger down for good."""
-    import redis
-
-    prefix = f"sbtest-reshard-acl-{next(_prefix)}"
-    user = f"nocluster{next(_prefix)}"
-    for port in redis_cluster.ports:
-        with redis.Redis(port=port, socket_timeout=2.0) as c:
-            c.execute_command("ACL", "SETUSER", user, "on", ">pw", "~*", "&*", "+@all", "-cluster|nodes")
-    url = redis_cluster.url.replace("redis://", f"redis://{user}:pw@")
-
-    async def go():
-        from actors.budget import BudgetController
-
-        ctl = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=url,
-                                              redis_prefix=prefix, redis_cluster=True, redis_timeout_s=1.0))
-        try:
-            await ctl.check_ledger()
-            (v,) = await ctl.reserve_many([Claim("a1", "acme", "openai", "gpt-5", "urgent", 2.0)])
-            await ctl.settle_many([("a1", 1.25)])
-            return v, await ctl.report()
-        finally:
-            await ctl.close()
-    try:
-        v, rep = asyncio.run(go())
-    finally:
-        for port in redis_cluster.ports:
-            with redis.Redis(port=port, socket_timeout=2.0) as c:
-                c.execute_command("ACL", "DELUSER", user)
-    assert v.ok and rep["ledger"]["up"] and rep["ledger"]["unsettled"] == 0
-    assert (rep["budgets"][0]["spent_usd"], rep["budgets"][0]["reserved_usd"]) == (1.25, 0.0)
