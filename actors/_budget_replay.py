@@ -216,8 +216,12 @@ class ServerWatch:
         if lost or (sid is not None and self.server is not None and sid != self.server):
             # The ledger's slot moved to another node (a reshard), its keys with it: nothing to put back. Taken for a
             # restart, each reshard sent the last two hours' settlements and charges again, with a WARNING of a
-            # Redis that lost them (stop 78's hunt; each counted once).
-            if not lost and await slot_left(self.client, self._server_at, self.server, self.route[0]):
+            # Redis that lost them (stop 78's hunt; each counted once). Only if the new node holds this book's
+            # sequence as high as it saw: one that lost the slot's keys after the move (a restart, a replica
+            # promoted) was taken for the move, and an engine waiting on its claims with no call had them lost until
+            # its next call ($5 granted under a $10 limit with a $6 claim lost, a review).
+            if not lost and await slot_left(self.client, self._server_at, self.server, self.route[0]) \
+                    and await self._book_kept():
                 log.info("budget ledger: its slot moved from %s to %s (a reshard): its keys went with it",
                          self._server_at, self._read_at)
                 self.server, self._server_at = sid, self._read_at
@@ -225,6 +229,11 @@ class ServerWatch:
             await self._put_back(sid, lost)
         elif sid is not None:
             self.server, self._server_at = sid, self._read_at
+
+    async def _book_kept(self) -> bool:
+        """Whether the Redis serving the ledger's slot now holds every write of this book it saw answered: its
+        sequence there as high (a Redis keeps or loses writes in their order; a key moves whole)."""
+        return int(await self.client.get(self._seq_key) or 0) >= self._seq
 
     async def _read_server(self, t: float) -> str | None:
         """The run_id of the Redis process serving the ledger's slot, or None when it cannot be read now."""

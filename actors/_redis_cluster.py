@@ -110,6 +110,11 @@ async def server_info(client: Any, key: str, section: str = "server") -> dict[st
 
 async def serving_node(client: Any, key: str) -> str | None:
     """The name (``host:port``) of the cluster node that ``key``'s commands go to now; None on a single Redis."""
+    if is_cluster_client(client):
+        # A command on the key first: the client learns that a slot moved only from a MOVED, and the watch of an
+        # engine with no call since its ledger's slot moved read the node it left, the same process each second,
+        # while the node it went to restarted empty (a review: a waiting claim lost until the engine's next call).
+        await client.exists(key)
     node = (await _node(client, key)).get("target_nodes")
     return None if node is None else node.name
 
@@ -117,8 +122,9 @@ async def serving_node(client: Any, key: str) -> str | None:
 async def slot_left(client: Any, node: str | None, run_id: str, key: str) -> bool:
     """Whether the cluster node named ``node`` still runs as process ``run_id``, a master holding no key of ``key``'s
     slot: the slot was moved off it (``redis-cli --cluster reshard``, whose MIGRATE moves each key whole), not lost
-    with it. A restart has another run_id; a node failed over is demoted to a replica, or holds its keys still until
-    it learns it was; one that does not answer (removed from the cluster) tells nothing: False for each."""
+    with it; whether the node it went to kept them since is the caller's to check (it may have restarted). A restart
+    has another run_id; a node failed over is demoted to a replica, or holds its keys still until it learns it was;
+    one that does not answer (removed from the cluster) tells nothing: False for each."""
     if node is None or not is_cluster_client(client) or (target := client.get_node(node_name=node)) is None:
         return False
     try:

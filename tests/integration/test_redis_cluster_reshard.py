@@ -109,3 +109,58 @@ def test_a_ledger_whose_slot_moves_midway_counts_each_dollar_once_and_grants_not
     with redis.Redis(port=to, socket_timeout=2.0) as c:
         assert server == c.info("server")["run_id"]  # the new node's process was read, and not taken for a restart
     assert (rep["ledger"]["replayed_after_restart"], rep["ledger"]["reopened_after_restart"]) == (0, 0)
+
+
+def test_a_node_that_loses_the_ledger_soon_after_its_slot_moved_there_is_not_taken_for_the_move(redis_cluster):
+    """The ledger's slot moved, quietly (no call failed, so no engine read the new node's ``run_id``), to a node that
+    then restarted empty (no persistence) and still serves it. The watch of an engine whose claim waits for its
+    provider, with no call meanwhile, reads another process there, and the node the slot left, still the same process,
+    a master holding no key of the slot, told a move: nothing was put back, and its $6 claim stayed lost until its next
+    call while another engine was granted $5 under a $10 limit (a review). Now a move is taken only if the new node
+    holds the book's own sequence as high as the book saw (``actors._budget_replay``): it does not, the claim is
+    reserved again at that check, and the $5 waits. It also needs the watch to read the node the slot went to: the
+    cluster client learns a move only from a MOVED, and the watch of an engine with no call since read the node the
+    slot left, the same process each second, and never saw the restart (``serving_node``). One node's restart: 2 s."""
+    import signal
+
+    import redis
+
+    prefix = f"sbtest-reshard-lost-{next(_prefix)}"
+    slot = key_slot(("{" + prefix + "}").encode())
+    frm = redis_cluster.node_of_slot(slot)
+    to = next(p for p in redis_cluster.ports if p != frm)
+
+    async def go():
+        waiting, busy = _controller(redis_cluster.url, prefix), _controller(redis_cluster.url, prefix)
+        try:
+            await waiting.check_ledger()
+            await busy.check_ledger()
+            assert all(v.ok for v in await waiting.reserve_many([Claim("w1", "acme", "openai", "gpt-5", "urgent", 6.0)]))
+            assert waiting.book._server_at == f"127.0.0.1:{frm}"  # read where the slot was
+            redis_cluster.end_move(slot, redis_cluster.begin_move(slot, to), to)  # no call meanwhile
+            redis_cluster.signal(to, signal.SIGKILL)
+            redis_cluster.revive(to)  # empty, the slot still its own (its nodes.conf kept)
+            # The waiting engine's watch, as each second: its first read meets the connection the restart closed.
+            for _ in range(3):
+                waiting.book.doubt_server()
+                try:
+                    await waiting.book._same_server()
+                    break
+                except redis.ConnectionError:  # the connection the restart closed; the watch's next tick reads again
+                    continue
+            verdicts = []
+            for _ in range(3):  # its first call may meet the closed connection too: an outage until the flusher ends
+                (v,) = await busy.reserve_many([Claim(f"b{len(verdicts)}", "acme", "openai", "gpt-5", "urgent", 5.0)])
+                verdicts.append(v)
+                if v.reason != "budget_unavailable":
+                    break
+                if busy._flusher is not None:
+                    await asyncio.wait_for(busy._flusher, timeout=15)
+            return verdicts[-1], waiting.book.reopened, await busy.report()
+        finally:
+            await waiting.close()
+            await busy.close()
+    big, reopened, rep = asyncio.run(go())
+    window = rep["budgets"][0]
+    # The code before: (True, 0, 5.0): $5 granted with the $6 claim lost.
+    assert (big.ok, reopened, round(window["reserved_usd"], 6)) == (False, 1, 6.0)
