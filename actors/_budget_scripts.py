@@ -22,8 +22,9 @@ __all__ = ["BOOK_SEQ", "CHARGE", "PROBE", "RESERVE", "SETTLE", "SLOT_STILL", "SW
 # as 0 on a slot at rest; it needs no CLUSTER command. A slot's state cannot change while a script runs, so one that
 # passes this runs whole on a node holding every key of the ledger. Any error here is taken for a move (an outage
 # that names it), never let through. Before (a review), the check read CLUSTER NODES in each script: 22 us of the
-# node's one thread a call on 3 nodes, 300 us on 100, 620 us with fragmented slots (this: 0.5 to 2.5 us), and a node
-# refusing CLUSTER to scripts (an ACL, a managed service) ran the scripts unguarded.
+# node's one thread a call on 3 nodes, up to 300 us on 100, 620 us with fragmented slots (this: 0.3 to 2.5 us;
+# benchmarks/bench_ledger_slot_guard.py), and a node refusing CLUSTER to scripts (an ACL, a managed service) ran the
+# scripts unguarded.
 SLOT_STILL = """
 if redis.replicate_commands then redis.replicate_commands() end
 do
