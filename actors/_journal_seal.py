@@ -6,9 +6,9 @@ next check, within a second. A dispatcher that dies within that second restarts 
 the same as a dispatcher that had nothing under way: its batch's members, re-admitted, were sent again, paid twice,
 and nothing said so. Two marks tell the two apart:
 
-- the **seal**, a field of ``<journal>:~seal`` named for the holder, written in the same transaction as each of
-  its records (and by each rewrite of the watch): a Redis that holds any record written since its last loss holds
-  the seal;
+- the **seal**, a field of ``<journal>:~seal`` named for the holder, written in the transaction of its first record
+  of each incarnation, then by the watch once it wrote every record again: a Redis that holds it holds every record
+  since its last loss (carried by every write, the first record after a loss put it back, the loss unseen);
 - the **witness**, in the result hub's memory, which outlives the holder's death: written once per incarnation of
   the holder, after its first record landed, it says "this holder wrote records to that Redis".
 

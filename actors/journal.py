@@ -189,6 +189,10 @@ class RedisJournal(RecordsWatch):
         # Written with each record, so a restarted holder tells a Redis that lost them from one it never wrote to
         # (``actors._journal_seal``): None for a holder that need not (its records are read back as they are).
         self.seal = seal
+        # Sealed by this incarnation's first write, then by the watch's rewrites alone: a seal each write carried put
+        # it back with the first record written after a Redis that restarted empty (a busy dispatcher writes within
+        # the watch's second: a batch, a call's body, its tally), and a restart then read the loss as none (a review)
+        self._sealed = False
 
     def _hold(self, space: str) -> None:
         self._spaces.add(space)
@@ -231,8 +235,10 @@ class RedisJournal(RecordsWatch):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
                 pipe.expire(self._base + space, JOURNAL_TTL_S)
-                self._seal_in(pipe)
+                if not self._sealed:
+                    self._seal_in(pipe)
                 await pipe.execute()
+            self._sealed = True
         except Exception:
             # Its batch or call goes on unjournaled (full under noeviction: a batch created then was sent again by
             # a restart of its dispatcher, a helper's hunt): the watch writes them again once Redis takes writes.

@@ -135,10 +135,12 @@ def test_a_batch_that_ends_while_its_record_is_written_again_is_not_left_in_the_
     asyncio.run(go())
 
 
-async def lost_in_the_watchs_second(own_redis, monkeypatch, restart: bool = True, hub_restart: bool = False):
+async def lost_in_the_watchs_second(own_redis, monkeypatch, restart: bool = True, hub_restart: bool = False,
+                                    then=None):
     """A batch under way, journaled; the journal's Redis restarts empty; the dispatcher dies before its watch's next
-    check (made never to come: the window is the second between two checks). Returns the restarted dispatcher,
-    recovered, with the hub, the clock and its constructor arguments."""
+    check (made never to come: the window is the second between two checks). ``then(d1)``: what the dispatcher does
+    between the restart and its death. Returns the restarted dispatcher, recovered, with the hub, the clock and its
+    constructor arguments."""
     import actors._journal_watch as jw
 
     monkeypatch.setattr(jw, "SERVER_CHECK_S", 3600.0)
@@ -157,6 +159,8 @@ async def lost_in_the_watchs_second(own_redis, monkeypatch, restart: bool = True
     if restart:
         own_redis.stop()
         own_redis.start()  # no persistence: the record is gone, the batch still runs at the provider
+    if then is not None:
+        await then(d1)
     await die(d1)  # within the watch's second: nothing wrote the record again
     d2 = Dispatcher(*args)
     d2.reconstructed()
@@ -240,6 +244,43 @@ def test_a_dispatcher_that_dies_before_its_watch_sees_the_journal_lost_does_not_
                 return (await d2.journal.items(d2._space) == {}
                         and await hub.journal_items(d2._index_space()) == {})
             await until_async(gone, "the batch's record and its index entry dropped")
+        finally:
+            await die(d2)
+    asyncio.run(go())
+
+
+def test_a_record_written_after_the_loss_does_not_hide_it(own_redis, monkeypatch):
+    """A busy dispatcher journals something within the watch's second after its Redis restarted empty (here a new
+    batch; a sync call's body or its tally does too): that write carried the seal back, the loss read as none at the
+    restart, the hub's index unread, and the lost batch's members, re-admitted, were sent again, paid twice (fails on
+    the code before: ``journal_lost`` 0, r0-r2 not held). Only the first write of an incarnation and the watch's
+    rewrite of every record seal the journal; the batch journaled after the loss is followed from its record."""
+    from actors._ingest_adopt import hand_over
+    from actors._peer import as_peer
+
+    later = BatchJob("b2", "batch_api", None, False, "process_as_batch", "cheap", [Job(i, req(i), f"fp{i}")
+                                                                                   for i in range(3, 5)])
+
+    async def new_batch(d1) -> None:
+        with contextlib.suppress(Exception):
+            await d1.journal.items(d1._space)  # the connection the restart cut fails once
+        await d1.run_many([later])
+        async def journaled():
+            return list(await d1.journal.items(d1._space)) == [k for k, r in d1._open.items() if r[0].bid == "b2"]
+        await until_async(journaled, "the later batch journaled after the loss")
+
+    async def go():
+        d2, hub, clock, args = await lost_in_the_watchs_second(own_redis, monkeypatch, then=new_batch)
+        submitted = []
+        d2.provider.submit_batch = lambda *a, **k: submitted.append(a)
+        try:
+            uids = sorted(j.req.uid for j in batch().jobs)
+            assert d2.journal_lost == 1 and d2.reattached == 1  # b2 from its record
+            assert sorted(await d2.recall(uids)) == uids  # b1's members held, not sent again
+            await hand_over([as_peer(d2)], [j.req for j in batch().jobs])
+            assert d2.reattached == 2
+            got = await past_the_end(clock, hub, 5)
+            assert sorted(r.id for r in got) == ["r0", "r1", "r2", "r3", "r4"] and submitted == []
         finally:
             await die(d2)
     asyncio.run(go())
