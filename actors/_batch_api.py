@@ -251,7 +251,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         except Exception as exc:  # the batch still runs; only a restart of this dispatcher would lose track of it
             log.warning("dispatcher %s: could not journal batch %s: %s", self.name, key, _short(exc))
             return
-        self._index_put([key])  # the hub's entry, for a restart after its Redis lost the record (``_batch_index``)
+        self._index_put([key], journaled=True)  # the hub's entry, for a restart after its Redis lost the record
 
     async def _follow_batch(self, key: str, b: BatchJob, jobs: list[Job], start: float, tokens: int, handle,
                             cjobs: list[CallJob]) -> None:

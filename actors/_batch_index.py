@@ -49,17 +49,45 @@ class BatchIndex:
         seal = getattr(self.journal, "seal", None)  # only a Redis journal loses what the hub keeps
         return None if seal is None else INDEX + self.journal._base + seal.holder
 
-    def _index_put(self, keys) -> None:
-        """Batch records ``keys`` were journaled: their entries, in one message."""
+    def _index_put(self, keys, journaled: bool = False) -> None:
+        """Batch records ``keys`` were journaled (``journaled``), or the hub lost its index: their entries, in one
+        message."""
         space = self._index_space()
         blobs = {k: entry(self._open[k]) for k in keys if k in self._open}
         if space is not None and blobs:
             self.hub.send("journal_put_many", space, blobs)
+        if journaled:
+            self._journaled_again(keys)
+
+    def _index_rewrite(self) -> None:
+        """The hub restarted without its index: every entry again, those still waiting for their requests too
+        (lost with the hub, a restart before the re-admission found them nowhere and sent their members again)."""
+        self._index_put(list(self._open))
+        if (space := self._index_space()) is not None and (waiting := self.__dict__.get("_adopting")):
+            self.hub.send("journal_put_many", space, {k: pickle.dumps(e) for k, (e, _) in waiting.items()})
 
     def _index_drop(self, keys: list[str]) -> None:
         space = self._index_space()
         if space is not None and keys:
             self.hub.send("journal_del", space, keys)
+        self._journaled_again(keys)  # (ended: nothing of them left to journal)
+
+    def _journaled_again(self, keys) -> None:
+        """Of the batches a restart took from the index, ``keys`` are journaled again (or ended): once none is left,
+        the journal is sealed again. Until then it is not (``RedisJournal.seal_held``): sealed by the restart's
+        first write, a second restart before the re-admission read no loss, and sent their members again."""
+        left = self.__dict__.get("_unsealed")
+        if not left:
+            return
+        left.difference_update(keys)
+        if not left:
+            async def release() -> None:
+                try:
+                    await self.journal.release_seal()  # (a Redis journal's: only one with a seal takes entries)
+                except Exception as exc:  # sealed by the next write instead
+                    log.warning("dispatcher %s: could not seal its journal again (%s: %s)", self.name,
+                                type(exc).__name__, exc)
+            self._sealing = asyncio.ensure_future(release())  # (held: a task may be collected)
 
     async def _index_take(self, records: dict) -> int:
         """After a loss (``lost_records``): hold the members of the batches the index has and the journal lost,
@@ -81,7 +109,9 @@ class BatchIndex:
                 continue
             waiting[key] = ((b, start, tokens, bid, members), {})
             self._known.update(m[0] for m in members)
-        if waiting:
+        if waiting:  # unsealed until they are journaled again: a restart before that reads the loss again
+            self.__dict__.setdefault("_unsealed", set()).update(waiting)
+            self.journal.seal_held = True
             log.warning("dispatcher %s: %d batch(es) under way found in the hub's index, their records lost: their "
                         "members are held, and followed once their requests are re-admitted", self.name, len(waiting))
         return len(waiting)

@@ -374,7 +374,7 @@ class Recovery:
         the journal's watch of its Redis to try them all again; else it is logged."""
         if not strict and (seal := getattr(self.journal, "seal", None)) is not None:
             seal.unwitness()  # the hub restarted without its witness: told again with the records written below
-            self._index_put(list(self._open))  # and without its index of the batches (``_batch_index``)
+            self._index_rewrite()  # and without its index of the batches (``_batch_index``)
         for space, recs in ((self._space, self._open), (self._sync_journal.space, self._sync_calls),
                             (self._watch_space, self._watching), (self._jobs_journal.space, self._jobs_records)):
             if recs:

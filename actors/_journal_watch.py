@@ -23,7 +23,8 @@ class RecordsWatch:
     """Mixed into ``RedisJournal``, which provides ``_client``, ``_base``, ``_closed``, ``_rewrite`` (writes the
     holder's records again, raising if one failed), ``_server`` (the ``run_id`` last seen), ``_unwritten`` (a
     write failed, or another Redis process answered, since they were last written), ``_checking`` (a lock),
-    ``seal`` (``actors._journal_seal``, None for a holder with none) and ``_spaces`` (those its keeper refreshes)."""
+    ``seal`` (``actors._journal_seal``, None for a holder with none), ``_sealed`` (this incarnation sealed it),
+    ``seal_held`` (its holder holds the seal back) and ``_spaces`` (those its keeper refreshes)."""
 
     async def _watch(self) -> None:
         # Once a second while the holder runs: a batch lives up to 24 h, and a restart any time in it needs its record.
@@ -101,11 +102,19 @@ class RecordsWatch:
 
     async def _reseal(self) -> None:
         # Its holder's records, written again, may be none (all ended): the seal too, or a restart of the holder
-        # read the loss that came before as one of records it no longer had (a false alarm).
-        if self.seal is not None:
+        # read the loss that came before as one of records it no longer had (a false alarm). Not while the holder
+        # holds it (``release_seal``): its records are not all here.
+        if self.seal is not None and not self.seal_held:
             async with self._client.pipeline(transaction=True) as pipe:
                 self._seal_in(pipe)
                 await pipe.execute()
+            self._sealed = True
+
+    async def release_seal(self) -> None:
+        """The holder's records are all here again (the batches a restart took from the hub's index journaled, or
+        ended): sealed now, and by this incarnation's next write if this one fails."""
+        self.seal_held, self._sealed = False, False
+        await self._reseal()
 
     async def _takes_writes(self) -> bool:
         """Whether Redis takes a write now: a full Redis (``noeviction``) refuses every write that may grow its

@@ -193,6 +193,9 @@ class RedisJournal(RecordsWatch):
         # it back with the first record written after a Redis that restarted empty (a busy dispatcher writes within
         # the watch's second: a batch, a call's body, its tally), and a restart then read the loss as none (a review)
         self._sealed = False
+        # Held by a restarted holder while batches it took from the hub's index are journaled nowhere: sealed then, a
+        # second restart read no loss and sent their members again (``actors._batch_index``, ``release_seal``)
+        self.seal_held = False
 
     def _hold(self, space: str) -> None:
         self._spaces.add(space)
@@ -235,10 +238,11 @@ class RedisJournal(RecordsWatch):
             async with self._client.pipeline(transaction=True) as pipe:
                 pipe.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
                 pipe.expire(self._base + space, JOURNAL_TTL_S)
-                if not self._sealed:
+                sealing = not (self._sealed or self.seal_held)
+                if sealing:
                     self._seal_in(pipe)
                 await pipe.execute()
-            self._sealed = True
+            self._sealed = self._sealed or sealing
         except Exception:
             # Its batch or call goes on unjournaled (full under noeviction: a batch created then was sent again by
             # a restart of its dispatcher, a helper's hunt): the watch writes them again once Redis takes writes.

@@ -165,6 +165,26 @@ def test_the_parts_of_a_split_dispatch_hold_its_tokens_on_the_gate_once_and_rele
     asyncio.run(go())
 
 
+def test_the_hub_s_restart_keeps_the_entries_of_batches_still_waiting_for_their_requests():
+    """The rewire's ``rejournal`` after the hub lost its memory writes the index again: the entries of the batches a
+    restart took from it and still holds, waiting for the re-admission, too (fails before: only the open batches',
+    so a second restart of the dispatcher found the held batch nowhere, and its members were sent again)."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(2)
+        await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100, None, None))})
+        uids = [j.req.uid for j in b.jobs]
+        assert sorted(await d.recall(uids)) == sorted(uids)  # held, waiting for their requests
+        hub.__dict__.pop("_journal_spaces")  # the hub restarted: its memory gone
+        await d.rejournal()
+        await _until_async(lambda: _has(hub, d, ["b1-x"]))
+        members = (await index_of(hub, d))["b1-x"][4]
+        assert [m[0] for m in members] == uids
+        await _done(d)
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize(("provider", "cut"), [("openai", "created"), ("openai", "create cut"),
                                                ("anthropic", "create cut")])
 def test_a_lost_record_s_batch_is_followed_at_the_provider_and_nothing_is_billed_twice(emu, provider, cut):  # noqa: F811
