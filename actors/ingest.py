@@ -350,8 +350,9 @@ class Ingest(Holders, Warm):
                 if not fut.done():
                     fut.set_result([j for j in jobs if id(j) in missed])
 
-    async def _recall(self, peers: list, uids: list[str], caches: list = (), detach: bool = False) -> set[str]:
-        return await recall_from(peers, uids, caches, detach)
+    async def _recall(self, peers: list, uids: list[str], caches: list = (), detach: bool = False,
+                      held: dict | None = None) -> set[str]:
+        return await recall_from(peers, uids, caches, detach, held)
 
     async def readmit(self, requests: list[Request], client: str | None = None, force: bool = False) -> int:
         """Requests accepted earlier that a restarted actor may have lost (driver ``client`` sends every
@@ -375,15 +376,17 @@ class Ingest(Holders, Warm):
             self.hubs.send("claim", uid_shard, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
         peers = [*self._rememberers(caches=False), *self.groupers]
-        known = await self._recall(peers, uids, caches=list(self.caches), detach=force)
+        held: dict = {}  # what each peer said it holds (``hand_over``)
+        known = await self._recall(peers, uids, caches=list(self.caches), detach=force, held=held)
         while any(u in self._deciding for u in uids):  # a submit of one awaits the hub's verdict: ask once it has it
             await self._decided(uids)
-            known = await self._recall(peers, uids, caches=list(self.caches), detach=force)
+            held.clear()
+            known = await self._recall(peers, uids, caches=list(self.caches), detach=force, held=held)
         if force and known:
             log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher, "
                         "a grouper or the hub: %s", len(known), sorted(known)[:5])
         # A dispatcher whose journal lost a batch's record holds its members until it has their requests
-        await hand_over(self.dispatchers, [r for r in requests if r.uid in known])
+        await hand_over(self.dispatchers, [r for r in requests if r.uid in known], held)
         # Still in their cache lookup (a busy cache keeps one past the sweep's grace): that lookup sends them on,
         # so sent from here too they were generated and paid twice.
         jobs = [self._job(r) for r in requests if r.uid not in known and r.uid not in self._moving]

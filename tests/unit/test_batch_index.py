@@ -237,12 +237,13 @@ def test_ingest_s_readmit_hands_a_dispatcher_only_the_requests_it_waits_for():
 
     class D:
         def __init__(self, want, holds=()):
-            self.want, self.held, self.adopted = want, set(holds) | want, []
+            self.want, self.held, self.adopted, self.asked = want, set(holds) | want, [], []
 
         async def recall(self, uids):
             return [u for u in uids if u in self.held]
 
         async def wanted(self, uids):
+            self.asked.append(list(uids))
             return [u for u in uids if u in self.want]
 
         async def adopt(self, reqs):
@@ -253,10 +254,12 @@ def test_ingest_s_readmit_hands_a_dispatcher_only_the_requests_it_waits_for():
             return []
 
     reqs = [j.req for j in sim_batch(4).jobs]
-    a, b, g = D({reqs[1].uid}), D(set(), holds={reqs[2].uid}), G()
-    assert asyncio.run(Ingest([g], dispatchers=[a, b]).readmit(reqs)) == 2
+    a, b, c, g = D({reqs[1].uid}), D(set(), holds={reqs[2].uid}), D(set()), G()
+    assert asyncio.run(Ingest([g], dispatchers=[a, b, c]).readmit(reqs)) == 2
     assert a.adopted == [[reqs[1].uid]] and b.adopted == []
     assert sorted(j.req.id for j in g.readmitted()) == ["r0", "r3"]
+    # Only a dispatcher that holds some of them is asked, of those alone (before: every one, of every id held)
+    assert a.asked == [[reqs[1].uid]] and b.asked == [[reqs[2].uid]] and c.asked == []
 
 
 async def _has(hub: ResultHub, d: Dispatcher, keys: list[str]) -> bool:
