@@ -39,7 +39,10 @@ def entry(rec: tuple) -> bytes:
     b, jobs, start, tokens, handle, _ = rec
     bid = None if handle is None else str(getattr(handle, "id", ""))  # ("": simulated, drawn again)
     members = tuple((j.req.uid, j.seq, j.fp, *j[3:]) for j in jobs)
-    return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members))
+    # What its members were sent as: one rerouted here (``asked``) is re-admitted as the driver sent it, to its first
+    # model, which names another call key (custom_id): its line of the batch was missed and it was sent again
+    sent_as = {j.req.uid: (j.req.provider, j.req.model) for j in jobs if j.asked is not None}
+    return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members, sent_as))
 
 
 class BatchIndex:
@@ -102,12 +105,12 @@ class BatchIndex:
         lost = {k: pickle.loads(v) for k, v in got.items() if k not in records and k not in self._open}
         ended = await self._ended_at_hub([m[0] for e in lost.values() for m in e[4]])
         waiting = self.__dict__.setdefault("_adopting", {})
-        for key, (b, start, tokens, bid, members) in lost.items():
+        for key, (b, start, tokens, bid, members, *sent_as) in lost.items():
             members = [m for m in members if m[0] not in ended and m[0] not in self._known and m[0] not in self._done]
             if not members:
                 self._index_drop([key])
                 continue
-            waiting[key] = ((b, start, tokens, bid, members), {})
+            waiting[key] = ((b, start, tokens, bid, members, *sent_as), {})
             self._known.update(m[0] for m in members)
         if waiting:  # unsealed until they are journaled again: a restart before that reads the loss again
             self.__dict__.setdefault("_unsealed", set()).update(waiting)
@@ -141,7 +144,11 @@ class BatchIndex:
         return n
 
     def _take_up(self, key: str, e: tuple, reqs: dict[str, Request]) -> None:
-        b, start, tokens, bid, members = e
+        b, start, tokens, bid, members, *rest = e
+        sent_as = rest[0] if rest else {}
+        for uid, (provider, model) in sent_as.items():  # rerouted here: as sent (``Dispatcher._start_reroute``)
+            if uid in reqs:
+                reqs[uid] = reqs[uid].model_copy(update={"provider": provider, "model": model})
         jobs = [Job(m[1], reqs[m[0]], m[2], *m[3:]) for m in members]
         b = b._replace(jobs=jobs)
         cjobs = [self._call_job(j, start, batch=True) for j in jobs]

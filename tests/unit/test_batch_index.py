@@ -65,7 +65,7 @@ def test_an_index_entry_holds_no_request_and_a_few_bytes_a_member():
                                            "input_tokens": 100, "output_tokens": 10}), f"{i:064x}", claim=f"c{i}")
             for i in range(100)]
     blob = entry((BatchJob("b1", "batch_api", 60.0, False, "r", "why", jobs), jobs, 1.0, 1000, None, "a body"))
-    b, start, tokens, bid, members = pickle.loads(blob)
+    b, start, tokens, bid, members, _ = pickle.loads(blob)
     assert b.jobs == [] and (start, tokens, bid) == (1.0, 1000, None) and b"xxxx" not in blob
     assert [m[0] for m in members] == [j.req.uid for j in jobs] and {m[5] for m in members} == {f"c{i}" for i in
                                                                                                  range(100)}
@@ -181,6 +181,31 @@ def test_the_hub_s_restart_keeps_the_entries_of_batches_still_waiting_for_their_
         await _until_async(lambda: _has(hub, d, ["b1-x"]))
         members = (await index_of(hub, d))["b1-x"][4]
         assert [m[0] for m in members] == uids
+        await _done(d)
+    asyncio.run(go())
+
+
+def test_a_rerouted_member_is_taken_up_with_the_fallback_model_it_was_sent_to():
+    """A member rerouted to this provider's model (its circuit open on the first) is in the batch under the fallback
+    model, while the driver re-admits its request as it sent it: taken up with that one, its call key (custom_id,
+    made of the model) named no line of the batch, its output was missed and it was sent again, paid twice, and its
+    result named the first model (fails on the code before)."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        sent = [Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "claude-haiku-4-5", "prompt": "p",
+                                        "input_tokens": 100, "output_tokens": 10}) for i in range(2)]
+        jobs = [Job(i, r.model_copy(update={"provider": "openai", "model": "gpt-5-mini"}), f"fp{i}",
+                    asked=("anthropic", "claude-haiku-4-5")) for i, r in enumerate(sent)]
+        b = BatchJob("b1", "batch_api", None, False, "r", "why", jobs)
+        await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, jobs, 0.0, 100, type("Made", (), {"id": ""})(),
+                                                                     None))})
+        await d.recall([r.uid for r in sent])
+        await hand_over([as_peer(d)], sent)  # as the driver holds them
+        assert d.reattached == 1
+        assert {(j.req.provider, j.req.model) for rec in d._open.values() for j in rec[1]} == {("openai", "gpt-5-mini")}
+        got = await _pulled(hub, clock, 2)
+        assert {(r.provider, r.model) for r in got} == {("openai", "gpt-5-mini")}
         await _done(d)
     asyncio.run(go())
 
