@@ -143,6 +143,28 @@ class BatchIndex:
             await self._journal_tally()  # its count kept by now, as a recovery's is
         return n
 
+    async def _cancel_held(self, wait_s: float) -> tuple[int, int]:
+        """The engine stops while batches taken from the index still wait for their members' requests: each one the
+        provider knows by an id is cancelled by it (nobody waits for its members now). Unknown to the stop before, it
+        ran on, billed, counted nowhere. Returns how many, and how many no cancel reached (they run on, billed).
+        Their members' claims stay held (``reservation_ttl_s``): the entry has no request to bound them."""
+        waiting = self.__dict__.get("_adopting") or {}
+
+        async def one(key: str, b, bid: str | None) -> int:
+            try:
+                if bid is None:  # its create cut before its id was known: not looked for now
+                    raise LookupError("its create was cut before the provider's id was known")
+                await asyncio.wait_for(self.provider.cancel(self.provider.reattach(bid, [], b.hedge_at)), wait_s)
+                return 0
+            except Exception as exc:
+                log.error("dispatcher %s: the engine stops, and batch %s (%s), held for its members' requests since its "
+                          "record was lost, could not be cancelled (%s: %s): it runs on, billed", self.name, key, bid,
+                          type(exc).__name__, exc)
+                return 1
+        # (bid "": simulated, nothing runs anywhere but in its draws, never read now)
+        missed = await asyncio.gather(*(one(k, e[0], e[3]) for k, (e, _) in waiting.items() if e[3] != ""))
+        return len(waiting), sum(missed)
+
     def _take_up(self, key: str, e: tuple, reqs: dict[str, Request]) -> None:
         b, start, tokens, bid, members, *rest = e
         sent_as = rest[0] if rest else {}

@@ -192,13 +192,15 @@ class CancelDispatches:
         under_way = set(self._open)
         self._stopping = True
         await self.cancel()
+        held, missed = await self._cancel_held(CANCEL_CALL_S)  # (taken from the hub's index, ``_batch_index``)
         await self._files.drain()  # the ended batches' input files: known to no later start once cut
         await self._settle_cut_short()
         if self.open_jobs:  # (a drain, ``stop(drain_s=...)``, waits for them: they are calls under way)
             log.warning("dispatcher %s: the engine stops with %d video(s) under way: each is billed when it "
                         "completes and is not read; their records stay in the journal (%s)", self.name,
                         self.open_jobs, self._jobs_journal.space)
-        return len(under_way), len(self._open.keys() - self._cancel_sent - self._being_read), self.open_jobs
+        return (len(under_way) + held, len(self._open.keys() - self._cancel_sent - self._being_read) + missed,
+                self.open_jobs)
 
     _settled_at_stop: set[str] | None = None  # claims ``_settle_cut_short`` settled: never settled again
 

@@ -210,6 +210,29 @@ def test_a_rerouted_member_is_taken_up_with_the_fallback_model_it_was_sent_to():
     asyncio.run(go())
 
 
+def test_the_engine_s_stop_cancels_a_batch_still_held_for_its_requests_by_its_id():
+    """The engine stops before the driver's re-admission reached a restart that holds a lost record's batch: the
+    stop knew nothing of it (it is not yet among the open batches), and it ran on at the provider, billed, counted
+    nowhere (fails on the code before: no cancel, the stop counted no batch). Now it is cancelled by the provider's
+    id, and counted among the batches the stop found under way."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(2)
+        cancelled = []
+
+        async def cancel(handle):
+            cancelled.append(handle)
+        d.provider.reattach, d.provider.cancel = (lambda bid, jobs, hedge_at: ("handle", bid)), cancel
+        await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100,
+                                                                     type("Made", (), {"id": "batch_7"})(), None))})
+        assert len(await d.recall([j.req.uid for j in b.jobs])) == 2  # held, waiting for the re-admission
+        under_way, missed, _ = await d.stop_spending(clock)
+        assert cancelled == [("handle", "batch_7")] and (under_way, missed) == (1, 0)
+        await _done(d)
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize(("provider", "cut"), [("openai", "created"), ("openai", "create cut"),
                                                ("anthropic", "create cut")])
 def test_a_lost_record_s_batch_is_followed_at_the_provider_and_nothing_is_billed_twice(emu, provider, cut):  # noqa: F811
