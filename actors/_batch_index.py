@@ -125,16 +125,24 @@ class BatchIndex:
         want = {m[0] for e, _ in self.__dict__.get("_adopting", {}).values() for m in e[4]}
         return [u for u in uids if u in want]
 
-    async def adopt(self, requests: list[Request]) -> int:
+    async def adopt(self, requests: list[Request], force: bool = False) -> int:
         """The requests of members of lost batches (``_index_take``), from ingest's re-admission: a batch whose
-        members are all back is taken up. Returns how many batches."""
+        members are all back is taken up. ``force`` (the driver's sweep, for requests long past their deadline): a
+        batch some of whose members are back is taken up with those; the others, which no driver re-admitted (its
+        driver gone), are no longer held (sent again should they come back). Held until all came back, they held
+        the rest for good, their results never made. Returns how many batches."""
         await self._ready()
         waiting, n = self.__dict__.get("_adopting", {}), 0
         by_uid = {r.uid: r for r in requests}
         for key, (e, reqs) in list(waiting.items()):
             reqs.update((m[0], by_uid[m[0]]) for m in e[4] if m[0] in by_uid)
-            if len(reqs) == len(e[4]):
+            if len(reqs) == len(e[4]) or force and any(m[0] in by_uid for m in e[4]):
                 del waiting[key]
+                if len(reqs) < len(e[4]):
+                    log.warning("dispatcher %s: batch %s taken up with the %d of its %d members re-admitted; the "
+                                "others are no longer held", self.name, key, len(reqs), len(e[4]))
+                    self._known.difference_update(m[0] for m in e[4] if m[0] not in reqs)
+                    e = (*e[:4], [m for m in e[4] if m[0] in reqs], *e[5:])
                 self._take_up(key, e, reqs)
                 n += 1
         if n:

@@ -32,13 +32,14 @@ async def recall_from(peers: list, uids: list[str], caches: list = (), detach: b
     return known
 
 
-async def hand_over(dispatchers: list, requests: list[Request], held: dict | None = None) -> None:
+async def hand_over(dispatchers: list, requests: list[Request], held: dict | None = None, force: bool = False) -> None:
     """Of ``requests`` (re-admitted, and held by someone), hand each dispatcher those it waits for: members of a
     batch it found in the hub's index, its record lost, followed once they are all back. Held, they are not sent
     again from here; not handed over, they would wait for good. One small call per dispatcher (the ids), and the
     requests only to one that waits for them. ``held`` (``recall_from``'s): only a dispatcher that said it holds
     some of them is asked, of those alone (a re-admission after any restart asks for every open request, most held
-    by groupers and other dispatchers: each dispatcher was sent every id again, one call more each, for nothing)."""
+    by groupers and other dispatchers: each dispatcher was sent every id again, one call more each, for nothing).
+    ``force``: the driver's sweep's (``Dispatcher.adopt``)."""
     if not requests:
         return
     uids = [r.uid for r in requests]
@@ -49,7 +50,7 @@ async def hand_over(dispatchers: list, requests: list[Request], held: dict | Non
             return
         try:
             if want := set(await d.call("wanted", ids)):
-                await d.call("adopt", [r for r in requests if r.uid in want])
+                await d.call("adopt", [r for r in requests if r.uid in want], force)
         except Exception as exc:  # (a dispatcher that restarts again reads the index again, and is asked again)
             log.warning("ingest: could not hand a dispatcher the requests it waits for (%s: %s)",
                         type(exc).__name__, exc)

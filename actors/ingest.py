@@ -386,7 +386,7 @@ class Ingest(Holders, Warm):
             log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher, "
                         "a grouper or the hub: %s", len(known), sorted(known)[:5])
         # A dispatcher whose journal lost a batch's record holds its members until it has their requests
-        await hand_over(self.dispatchers, [r for r in requests if r.uid in known], held)
+        await hand_over(self.dispatchers, [r for r in requests if r.uid in known], held, force)
         # Still in their cache lookup (a busy cache keeps one past the sweep's grace): that lookup sends them on,
         # so sent from here too they were generated and paid twice.
         jobs = [self._job(r) for r in requests if r.uid not in known and r.uid not in self._moving]

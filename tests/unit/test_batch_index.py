@@ -233,6 +233,33 @@ def test_the_engine_s_stop_cancels_a_batch_still_held_for_its_requests_by_its_id
     asyncio.run(go())
 
 
+def test_a_held_batch_one_of_whose_members_never_comes_back_is_taken_up_at_the_sweep_s_forced_re_admission():
+    """A batch is taken up once all its members are re-admitted; one whose request no driver re-admits (its driver
+    gone) held the others for good, their results never made, even when the driver's sweep re-admitted them long
+    past their deadlines (fails on the code before). The sweep's forced re-admission takes the batch up with those
+    that came back; the missing one is no longer held (sent again if it ever comes back)."""
+    from actors import Ingest
+
+    class G(Recorder):  # a grouper that holds none of them
+        async def recall(self, uids):
+            return []
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(3)
+        await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100, type("Made", (), {"id": ""})(),
+                                                                     None))})
+        reqs = [j.req for j in b.jobs]
+        ing = Ingest([G()], dispatchers=[d])
+        assert await ing.readmit(reqs[:2]) == 0 and d.reattached == 0  # held, waiting for the third
+        assert await ing.readmit(reqs[:2], force=True) == 0 and d.reattached == 1
+        got = await _pulled(hub, clock, 2)
+        assert sorted(r.id for r in got) == ["r0", "r1"] and await d.holds([reqs[2].uid]) == []
+        await _done(d)
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize(("provider", "cut"), [("openai", "created"), ("openai", "create cut"),
                                                ("anthropic", "create cut")])
 def test_a_lost_record_s_batch_is_followed_at_the_provider_and_nothing_is_billed_twice(emu, provider, cut):  # noqa: F811
@@ -294,7 +321,7 @@ def test_ingest_s_readmit_hands_a_dispatcher_only_the_requests_it_waits_for():
             self.asked.append(list(uids))
             return [u for u in uids if u in self.want]
 
-        async def adopt(self, reqs):
+        async def adopt(self, reqs, force=False):
             self.adopted.append([r.uid for r in reqs])
 
     class G(Recorder):  # a grouper that holds none of them
