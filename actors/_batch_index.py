@@ -143,6 +143,9 @@ class BatchIndex:
                                 "others are no longer held", self.name, key, len(reqs), len(e[4]))
                     self._known.difference_update(m[0] for m in e[4] if m[0] not in reqs)
                     e = (*e[:4], [m for m in e[4] if m[0] in reqs], *e[5:])
+                    if e[3] is None:  # its create cut: looked for by its size, or made again, as a part of itself,
+                        self._let_go(key, e, reqs)  # it was not found, and made again beside itself
+                        continue
                 self._take_up(key, e, reqs)
                 n += 1
         if n:
@@ -173,13 +176,29 @@ class BatchIndex:
         missed = await asyncio.gather(*(one(k, e[0], e[3]) for k, (e, _) in waiting.items() if e[3] != ""))
         return len(waiting), sum(missed)
 
-    def _take_up(self, key: str, e: tuple, reqs: dict[str, Request]) -> None:
-        b, start, tokens, bid, members, *rest = e
-        sent_as = rest[0] if rest else {}
-        for uid, (provider, model) in sent_as.items():  # rerouted here: as sent (``Dispatcher._start_reroute``)
+    def _jobs_of(self, e: tuple, reqs: dict[str, Request]) -> list[Job]:
+        """The members of entry ``e`` with their re-admitted requests, those rerouted here as they were sent (the
+        fallback's provider and model: ``Dispatcher._start_reroute``)."""
+        sent_as = e[5] if len(e) > 5 else {}
+        for uid, (provider, model) in sent_as.items():
             if uid in reqs:
                 reqs[uid] = reqs[uid].model_copy(update={"provider": provider, "model": model})
-        jobs = [Job(m[1], reqs[m[0]], m[2], *m[3:]) for m in members]
+        return [Job(m[1], reqs[m[0]], m[2], *m[3:]) for m in e[4]]
+
+    def _let_go(self, key: str, e: tuple, reqs: dict[str, Request]) -> None:
+        """A batch whose create was cut before its id was known, some of its members never re-admitted: those that
+        were go to their policy again, with their claims, as at a hedge; the batch is not looked for."""
+        log.error("dispatcher %s: batch %s, its create cut before the provider's id was known and some of its members "
+                  "never re-admitted, is not looked for: those re-admitted go again; if it was made, what it finishes "
+                  "is paid twice, uncounted", self.name, key)
+        self._known.difference_update(reqs)
+        self._readmit.extend(self._jobs_of(e, reqs))
+        self._index_drop([key])
+        self._kick()
+
+    def _take_up(self, key: str, e: tuple, reqs: dict[str, Request]) -> None:
+        b, start, tokens, bid = e[:4]
+        jobs = self._jobs_of(e, reqs)
         b = b._replace(jobs=jobs)
         cjobs = [self._call_job(j, start, batch=True) for j in jobs]
         handle = None
