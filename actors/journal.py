@@ -186,7 +186,7 @@ class RedisJournal(RecordsWatch):
         self._rewrite, self._watcher, self._server = rewrite, None, None
         self._unwritten = False  # a write failed (Redis full, away), or another Redis answers: written again
         self._checking = asyncio.Lock()
-        # Written with each record, so a restarted holder tells a Redis that lost them from one it never wrote to
+        # Written with the records, so a restarted holder tells a Redis that lost them from one it never wrote to
         # (``actors._journal_seal``): None for a holder that need not (its records are read back as they are).
         self.seal = seal
         # Sealed by this incarnation's first write, then by the watch's rewrites alone: a seal each write carried put
