@@ -192,11 +192,12 @@ class Admitting:
 
     def _let_in(self, reqs: Sequence[Request], have: Sequence[ResultFuture]) -> list[ResultFuture]:
         """The futures of ``reqs`` this driver holds and ``have`` does not, in their order: what a call that raised
-        had let in (its earlier parts), found by id since the raise carried none of them."""
+        had let in (its earlier parts), found by id since the raise carried none of them. Only of these requests: an
+        id another submit took with other content (the raise, a ``RequestError``) names another request's future."""
         seen = set(map(id, have))
         with self._lock:
-            found = [self._futs.get(r.uid) for r in reqs]
-        return [f for f in dict.fromkeys(found) if f is not None and id(f) not in seen]
+            found = [(r, self._futs.get(r.uid)) for r in reqs]
+        return list(dict.fromkeys(f for r, f in found if f is not None and id(f) not in seen and _same(r, f)))
 
     def _queued_meanwhile(self, r: Request, futs: dict[str, ResultFuture]) -> None:
         """The wait for room let the lock go, and another submit queued ``r`` (of this call's rest) meanwhile: it
@@ -270,7 +271,12 @@ def _timed_out(mine: list[ResultFuture], total: int, pending: int, max_pending: 
                       "back their futures and are not sent twice (within retention_s of their end)", mine)
 
 
+def _same(r: Request, fut: ResultFuture) -> bool:
+    """Whether ``fut`` is the future of ``r``: the same tenant, id and content (its arrival aside)."""
+    return r.model_copy(update={"arrival_s": fut._req.arrival_s}) == fut._req
+
+
 def _same_content(r: Request, fut: ResultFuture) -> None:
-    if r.model_copy(update={"arrival_s": fut._req.arrival_s}) != fut._req:
+    if not _same(r, fut):
         raise RequestError(r.id, "id", f"tenant {r.tenant!r} already submitted id {r.id!r} with other content; an "
                            "id names one request: use a new id for a new request", code=ID_TAKEN)

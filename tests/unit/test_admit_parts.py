@@ -350,3 +350,28 @@ def test_a_call_let_in_by_parts_beside_other_submits_looks_up_each_request_a_bou
     assert [f.request_id for f in futs] == [r.id for r in reqs] and futs[-1] is eng._futs[reqs[-1].uid]
     assert sorted(r.id for r in eng._buffer if r.id.startswith("r")) == sorted(r.id for r in reqs)  # each once
     assert looks.looks - before <= 3 * len(reqs), f"{looks.looks - before:,} looks up for {len(reqs):,} requests"
+
+
+def test_a_replay_whose_burst_is_refused_for_an_id_taken_meanwhile_hands_out_no_future_of_the_other_request(
+        monkeypatch):
+    """``replay(into=...)`` hands the caller the futures its interrupted burst let in, found by id: a burst refused
+    because another submit took one of its ids with other content after the replay began (``RequestError``, nothing
+    of the burst queued) handed out that other request's future as the burst's own, and ``smartbatch run`` would
+    have written another request's answer under this line (the property test of concurrent calls found it)."""
+    from engine.core.errors import RequestError
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    e = _bulk_engine(monkeypatch)
+    dicts = [{"id": "a", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "hi"},
+             {"id": "x", "arrival_s": 1.0, "model": "gpt-5.4-mini", "prompt": "mine"}]
+    others: list = []
+
+    def between(_n) -> None:  # after the first burst: another submit takes "x" with other content, then x is due
+        others.append(e.submit({"id": "x", "model": "gpt-5.4-mini", "prompt": "theirs"}))
+        e.clock.advance(1.0)
+
+    into: list = []
+    with pytest.raises(RequestError, match="other content"):
+        e.replay(dicts, into=into, on_submit=between)
+    assert [f._req.prompt for f in into] == ["hi"], [f._req.prompt for f in into]
+    assert others[0] not in into
