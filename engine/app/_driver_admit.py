@@ -14,7 +14,18 @@ from engine.core.request import Request
 from engine.core.response_owners import ResponseOwners
 from engine.core.result import ID_TAKEN, Result
 
-__all__ = ["Admitting"]
+__all__ = ["Admitting", "admission_lock"]
+
+
+def admission_lock() -> tuple[threading.RLock, threading.Condition]:
+    """The engine's lock, and the condition signalled when room frees under ``max_pending`` (``Engine.__init__``).
+    An ``RLock``: a wait for room takes the lock back as it wakes (``Condition.wait``), and a plain lock's acquire
+    there is interrupted by a signal (a Ctrl-C, as another thread holds the lock): the wait raised without it, and
+    the submit's ``with`` block then released the lock of the thread that held it, which ran on unguarded and whose
+    own release raised (in the result thread, its end). An RLock's is taken back uninterrupted, and only its owner
+    releases it (a review of stop 78)."""
+    lock = threading.RLock()
+    return lock, threading.Condition(lock)
 
 
 class Admitting:

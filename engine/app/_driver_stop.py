@@ -86,7 +86,10 @@ class Stopping:
         handlers; waited for, the script hung for good (a helper's hunt: a SIGALRM handler's stop() in a loop of
         submit_many hung 6 runs of 15). Anywhere else the lock is another thread's, held as long as its call takes:
         a submit_many of 600,000 requests holds it 12 s (about 20 us a request), and a watchdog's stop() raised
-        after 10 s instead of stopping the engine (a review of stop 77)."""
+        after 10 s instead of stopping the engine (a review of stop 77). The lock is an RLock (``admission_lock``):
+        held by this very thread, it would be taken again at once, and the stop run inside the interrupted submit."""
+        if self._lock._is_owned():  # (the handler's stop() inside a submit that holds it: refused at once)
+            return False
         if me is threading.main_thread() and _inside(self, sys._getframe()):
             return self._lock.acquire(timeout=STOP_LOCK_WAIT_S)
         return self._lock.acquire()

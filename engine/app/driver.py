@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
-from engine.app._driver_admit import Admitting
+from engine.app._driver_admit import Admitting, admission_lock
 from engine.app._driver_async import AsyncSubmit
 from engine.app._driver_budgets import LiveBudgeting
 from engine.app._driver_lanes import IngestLanes
@@ -86,8 +86,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         self.metrics_url: str | None = None  # where Prometheus scrapes this engine (hub shard 0)
         self.metrics_urls: list[str] = []  # every hub shard's: each counts the results of its request ids
         self._last_report: dict | None = None  # what report() answers after stop()
-        self._lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # signalled when unfinished requests drop
+        self._lock, self._room = admission_lock()  # the room: signalled when unfinished requests drop
         self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
         self._retention_s = retention_s
         self._forgetting: list[tuple[Any, set[str]]] = []  # forgets out at ingest: (call, ids), see _forget

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from engine.app._driver_admit import Admitting
+from engine.app._driver_admit import Admitting, admission_lock
 from engine.core.errors import RequestError
 from engine.core.request import Request
 from engine.core.result import Result
@@ -40,7 +40,7 @@ class Admit(Admitting):
         self.name, self._owner, self._running, self._gone, self._h = "t", True, True, None, {}
         self._futs, self._pending, self._max_pending = {}, 0, max_pending
         self._overload, self._submit_timeout_s = "block", 30.0
-        self._lock = threading.Lock()
+        self._lock = admission_lock()[0]  # as Engine.__init__
         self._room = _Room(self._lock)
         self._buffer, self._finished, self._idle, self._wake = [], collections.deque(), False, threading.Event()
 

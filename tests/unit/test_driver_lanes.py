@@ -376,8 +376,9 @@ def _engine(monkeypatch, owner: bool = True):
     e._ray, e.catalog, e.settings, e.clock = None, default_catalog(), Settings(), ManualClock(0.0)
     e._h = {"ingests": [_Actor(e.log)], "hubs": [_Actor(e.log)], "engine": "fake", "all": [], "dispatchers": {}}
     e._owner, e._client, e._next_row, e._micro_batch, e._flush_s = owner, "me", 0, 1000, 0.002
-    e._lock = threading.Lock()
-    e._room = threading.Condition(e._lock)
+    from engine.app._driver_admit import admission_lock
+
+    e._lock, e._room = admission_lock()  # as Engine.__init__
     e._max_pending, e._overload, e._submit_timeout_s, e._retention_s = 100_000, "block", 60.0, 3600.0
     e._pending, e._finished, e._futs, e._buffer, e._inflight_refs = 0, collections.deque(), {}, [], {}
     e._forgetting = []
