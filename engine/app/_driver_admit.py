@@ -146,13 +146,16 @@ class Admitting:
         # sent with no future at worst, which the same ids submitted again follow (ingest takes a request
         # once). Registered first, their futures were never sent, and submitted again the same ids got those
         # futures back, answered by the sweep past their deadlines (a helper's hunt). Holding the signal
-        # instead cost more than validating the request.
+        # instead cost more than validating the request. The calls waiting for room are told before the
+        # futures are registered: told after, a Ctrl-C as the registration returned left one blind to them, and it
+        # queued such an id again under a future of its own, which replaced the first (sent twice, the first never
+        # resolved nor its room freed); told first, a Ctrl-C leaves it ids it does not find, and sends its own.
         added, n = {r.uid: futs[r.uid] for r in new}, len(new)
         self._buffer.extend(new)
-        self._pending += n
-        self._futs.update(added)
         for box in self._inboxes:  # the calls waiting for room: one may hold some of these ids in its rest
             box.extend(added)
+        self._pending += n
+        self._futs.update(added)
         if self._idle:  # (a part queued before a wait is sent by the flush thread while the call waits)
             self._wake.set()
 

@@ -68,3 +68,52 @@ def test_a_ctrl_c_that_lands_as_a_wait_for_room_takes_the_lock_back_leaves_the_l
     e._resolve(filler, Result(id="filler", tenant="default", status="ok"))  # (a result thread's resolve goes on)
     assert e._pending == 0 and filler.result(0).status == "ok"
 
+
+class _CtrlCAfterUpdate(dict):
+    """The driver's futures by id, whose next ``update`` is followed by a Ctrl-C: Python runs a signal's handler as a
+    call returns, so one that landed during the update raises just after it."""
+
+    armed = False
+
+    def update(self, *args, **kw) -> None:
+        super().update(*args, **kw)
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
+
+
+def test_a_ctrl_c_as_a_submit_registers_its_futures_leaves_a_call_waiting_for_room_to_take_them():
+    """A call let in by parts learns, after each wait, which of its ids another submit queued meanwhile (its inbox,
+    fed by ``_queue``). The inboxes were fed after the futures were registered: a Ctrl-C between (as the
+    registration's call returned) left a waiting call blind to them, and it queued the same id again under a
+    future of its own, which replaced the first in the driver: the id sent twice, and the first future never
+    resolved nor freed its room (``_pending`` 1 for good)."""
+    from engine.app._future import ResultFuture
+
+    from .test_admit import Admit, req
+    from .test_admit_parts import _by_parts, _resolve_open
+
+    eng = Admit(max_pending=1)
+    eng._futs = futs = _CtrlCAfterUpdate()
+    filler = eng.submit(req("filler"))
+    x = req("x")
+    theirs: list = []
+
+    def another_submit_interrupted() -> None:  # as the call waits: another thread's submit of "x", cut by a Ctrl-C
+        if theirs:
+            return
+        theirs.append(ResultFuture(x, eng))
+        futs.armed = True
+        with pytest.raises(KeyboardInterrupt), eng._lock:
+            eng._queue([x], {x.uid: theirs[0]})
+
+    def submit_many():
+        with eng._lock:
+            return eng._admit([req("y"), x])[0]
+
+    got, _ = _by_parts(eng, submit_many, at_wait=another_submit_interrupted)
+    assert not isinstance(got, BaseException), got
+    assert [r.id for r in eng._buffer].count("x") == 1, [r.id for r in eng._buffer]
+    assert got[1] is theirs[0] and eng._futs[x.uid] is theirs[0]  # one future for "x", the first
+    _resolve_open(eng)
+    assert filler.done() and theirs[0].done() and eng._pending == 0, eng._pending
