@@ -375,3 +375,51 @@ def test_a_replay_whose_burst_is_refused_for_an_id_taken_meanwhile_hands_out_no_
         e.replay(dicts, into=into, on_submit=between)
     assert [f._req.prompt for f in into] == ["hi"], [f._req.prompt for f in into]
     assert others[0] not in into
+
+
+def test_an_id_of_a_part_let_in_freed_and_queued_again_as_the_call_waits_is_not_taken_for_its_rest():
+    """A part's request refused for its id (``ID_TAKEN``: another driver's, with other content) is freed, and the id
+    may be queued again by another submit before the refusal's thread has set the first future's result. The waiting
+    call read that id in what others queued meanwhile and counted it as taken from its rest, where it was not: its
+    rest counted one short, it let in one more than the room, and ``max_pending`` was passed (3 under 2 here)."""
+    from engine.core.result import ID_TAKEN
+
+    from .test_admit import Admit, req
+
+    eng = Admit(max_pending=2)
+    eng._room = room = _Room(eng._lock)
+    reqs = [req(i) for i in "abcd"]
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            with eng._lock:
+                eng._admit(reqs)
+        finally:
+            done.set()
+            with room.seen:
+                room.seen.notify_all()
+
+    t = threading.Thread(target=call)
+    t.start()
+    with room.seen:  # "a" and "b" let in; the call waits
+        assert room.seen.wait_for(lambda: room.begun > 0 or done.is_set(), timeout=10)
+    first, later = eng._futs[reqs[0].uid], []
+    first.set_result = later.append  # set by the refusal's thread once it goes on
+    with eng._lock:  # the waiting call takes it back after both
+        eng._resolve(first, Result(id="a", tenant="default", status="rejected", reason=ID_TAKEN))
+        eng.submit(reqs[0])  # another submit of "a", free again
+    peak, waits = 0, 1
+    while True:
+        with room.seen:
+            assert room.seen.wait_for(lambda: room.begun > waits or done.is_set(), timeout=10)
+            waits = room.begun
+        with eng._lock:
+            peak = max(peak, eng._pending)
+            open_ = [f for f in eng._futs.values() if not f.done()]
+        if done.is_set():
+            break
+        eng._resolve(open_[0], Result(id=open_[0].request_id, tenant="default", status="ok"))  # one place frees
+    t.join(10)
+    assert peak <= 2, f"{peak} unfinished under max_pending=2"
+    assert sorted(r.id for r in eng._buffer) == ["a", "a", "b", "c", "d"]  # "a" again by the other submit alone
