@@ -135,7 +135,7 @@ class Admitting:
                     # open-and-of-the-rest; counted as taken, the rest was one short and max_pending passed)
                     if uid not in taken and (f := futs.get(uid)) is not None and not f._claimed and \
                             self._futs.get(uid) not in (None, f):
-                        self._queued_meanwhile(f._req, futs)
+                        self._queued_meanwhile(f._req, futs, len(mine))
                         taken.add(uid)
                 inbox.clear()
         finally:
@@ -215,13 +215,13 @@ class Admitting:
             found = [(r, self._futs.get(r.uid)) for r in reqs]
         return list(dict.fromkeys(f for r, f in found if f is not None and id(f) not in seen and _same(r, f)))
 
-    def _queued_meanwhile(self, r: Request, futs: dict[str, ResultFuture]) -> None:
+    def _queued_meanwhile(self, r: Request, futs: dict[str, ResultFuture], let_in: int) -> None:
         """The wait for room let the lock go, and another submit queued ``r`` (of this call's rest) meanwhile: it
         takes that future (``futs``). Queued again under a second future, such a request was sent twice, and that
         future never resolved nor freed its room; with other content, one of the two was billed and answered nobody
-        (a helper's fault hunt)."""
+        (a helper's fault hunt): refused then, saying what the call's earlier parts (``let_in`` requests) let in."""
         fut = self._futs[r.uid]
-        _same_content(r, fut)
+        _same_content(r, fut, let_in)
         futs[r.uid] = fut
 
     def _resolve(self, fut: ResultFuture, res: Result) -> None:
@@ -292,7 +292,12 @@ def _same(r: Request, fut: ResultFuture) -> bool:
     return r.model_copy(update={"arrival_s": fut._req.arrival_s}) == fut._req
 
 
-def _same_content(r: Request, fut: ResultFuture) -> None:
+def _same_content(r: Request, fut: ResultFuture, let_in: int = 0) -> None:
+    """Refuse ``r`` unless ``fut`` is its future; ``let_in``: how many of its call's requests earlier parts queued."""
     if not _same(r, fut):
+        # (Found as a call let in by parts waits: its first parts run on, where a RequestError says nothing was.)
+        parts = (f"; {let_in:,} of this call's requests were let in by its earlier parts before another submit took "
+                 "this id, and run on: submit the call again without this request (or with a new id for it) for "
+                 "their futures, none sent twice") if let_in else ""
         raise RequestError(r.id, "id", f"tenant {r.tenant!r} already submitted id {r.id!r} with other content; an "
-                           "id names one request: use a new id for a new request", code=ID_TAKEN)
+                           f"id names one request: use a new id for a new request{parts}", code=ID_TAKEN)

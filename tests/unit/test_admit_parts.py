@@ -423,3 +423,32 @@ def test_an_id_of_a_part_let_in_freed_and_queued_again_as_the_call_waits_is_not_
     t.join(10)
     assert peak <= 2, f"{peak} unfinished under max_pending=2"
     assert sorted(r.id for r in eng._buffer) == ["a", "a", "b", "c", "d"]  # "a" again by the other submit alone
+
+
+def test_a_call_refused_for_an_id_another_submit_took_as_it_waited_says_what_its_parts_let_in():
+    """A ``RequestError`` says nothing was queued, and ``submit_many``'s raises before any is: but the id of a call's
+    rest that another submit takes with other content while the call waits for room is found only then, its first
+    parts let in and running. The refusal said only "already submitted ... with other content", and its caller took
+    the call for refused whole; it says now how many were let in, and how to get their futures (none sent twice)."""
+    from engine.app._future import ResultFuture
+    from engine.core.errors import RequestError
+
+    from .test_admit import Admit, req
+
+    eng = Admit(max_pending=2)
+    reqs = [req(f"r{k}") for k in range(5)]
+
+    def another_submit() -> None:  # as the call waits: "r4" with other content, once
+        if not any(r.id == "r4" for r in eng._buffer):
+            o = req("r4", "Name three lakes.")
+            with eng._lock:
+                eng._queue([o], {o.uid: ResultFuture(o, eng)})
+
+    def submit_many():
+        with eng._lock:
+            return eng._admit(reqs)[0]
+
+    got, _ = _by_parts(eng, submit_many, at_wait=another_submit)
+    assert isinstance(got, RequestError) and got.code == "id_taken", got
+    assert "2 of this call's requests were let in" in str(got) and "without" in str(got), str(got)
+    assert [r.id for r in eng._buffer] == ["r0", "r1", "r4"]  # the two let in run on
