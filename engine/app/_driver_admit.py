@@ -130,9 +130,9 @@ class Admitting:
                                         f"{len(mine):,} of its requests were let in before, ended by the cancel, "
                                         "and no more; start a new engine")
                 for uid in inbox:
-                    # Of the rest: a future of this call's own, never queued (so never claimed: one of its parts'
-                    # refused for its id, freed and queued again by another before its result is set, is not
-                    # open-and-of-the-rest; counted as taken, the rest was one short and max_pending passed)
+                    # Of the rest: a future of this call's own, never queued, so never claimed (open is not enough:
+                    # a part's, refused for its id, is freed before its result is set, and another submit may queue
+                    # the id anew meanwhile; taken for the rest's, the rest came one short and passed max_pending)
                     if uid not in taken and (f := futs.get(uid)) is not None and not f._claimed and \
                             self._futs.get(uid) not in (None, f):
                         self._queued_meanwhile(f._req, futs, len(mine))
