@@ -51,7 +51,8 @@ class AsyncSubmit:
                            on_invalid: OnInvalid = "raise") -> list[Result]:
         """``submit_many`` for asyncio: the ``Result`` of each request, in the order given. A bad request
         raises ``RequestError`` before any is queued; with ``on_invalid="reject"`` it is its own ``rejected``
-        result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are queued."""
+        result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are queued.
+        Raises as ``asubmit_futures`` does (``Overloaded``: its ``futures``, of the parts let in, run on)."""
         futs = await self.asubmit_futures(listed(requests, "asubmit_many"), on_invalid=on_invalid)
         return list(await asyncio.gather(*(_awaited(f) for f in futs)))
 
@@ -59,7 +60,11 @@ class AsyncSubmit:
                               on_invalid: OnInvalid = "raise") -> list[ResultFuture]:
         """``submit_many`` for asyncio, as futures: queue the requests and return their ``ResultFuture``s (for
         ``as_completed``) once queued. Where the engine is full it waits for room in a worker thread, never on
-        the loop, as ``submit_many`` called from a coroutine would (it blocked the loop until room freed)."""
+        the loop, as ``submit_many`` called from a coroutine would (it blocked the loop until room freed). It admits
+        and raises as ``submit_many`` does: a call larger than the room is let in by parts (``Overloaded`` after a
+        wait in vain, its ``admitted`` and ``futures`` those of the parts let in, which run on). Its task cancelled
+        as it waits for room leaves at once, the rest not queued; parts already let in run on, and the same
+        requests submitted again give back their futures."""
         check_on_invalid(on_invalid)
         requests = listed(requests, "asubmit_futures")
         await self.know_owners(body_of(r) for r in requests)  # an id another driver learnt (``_driver_owners``)

@@ -307,8 +307,10 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are
         queued. The futures are in the order given. More new requests than the room under ``max_pending`` are
         let in by parts, each as room frees (``overload="block"``; ``Overloaded`` when one waits
-        ``submit_timeout_s`` in vain, its ``admitted`` saying how many were queued: the same requests again go on,
-        no request sent twice), or refused whole (``overload="raise"``)."""
+        ``submit_timeout_s`` in vain, its ``admitted`` saying how many were queued and ``futures`` theirs: they run
+        on, and the same requests again give them back and go on, no request sent twice), or refused whole
+        (``overload="raise"``: ``Overloaded``, nothing queued; ``ConfigError`` for more new requests than
+        ``max_pending``, which could never fit)."""
         check_on_invalid(on_invalid)
         now, requests = self.clock.now(), listed(requests, "submit_many")
         self._ask_owners(requests)  # once for them all

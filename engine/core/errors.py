@@ -109,11 +109,13 @@ class EngineStopped(SmartbatchError):
 
 
 class Overloaded(SmartbatchError):
-    """The engine holds ``max_pending`` unfinished requests and ``submit`` could not wait (or waited
-    ``submit_timeout_s`` in vain): retry later, or raise ``max_pending``. ``futures``: those of the new requests
-    the call queued before it gave up, in parts of a call larger than the room (``overload="block"``), in the order
-    given (``admitted``: how many); they run on, and the same requests submitted again give them back, never a
-    second call (none: nothing of the call was queued)."""
+    """The engine holds ``max_pending`` unfinished requests and ``submit`` could not wait (``overload="raise"``, or a
+    done-callback's submit) or waited ``submit_timeout_s`` in vain: retry later, or raise ``max_pending``.
+    ``futures``: those of the new requests the call queued before it gave up, in parts of a call larger than the room
+    (``overload="block"``), in the order given (``admitted``: how many); they run on, and the same requests submitted
+    again give them back, never a second call (none: nothing of the call was queued, as always with
+    ``overload="raise"``). Raised in a Ray task it reaches the caller with ``admitted`` and no ``futures`` (they stay
+    with the driver that holds them)."""
 
     def __init__(self, message: str, futures: Sequence[Future] = ()):
         super().__init__(message)
@@ -126,7 +128,9 @@ class Overloaded(SmartbatchError):
 
 
 class RequestError(SmartbatchError, ValueError):
-    """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued. ``position``:
+    """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued, but for a call let
+    in by parts (``overload="block"``) refused as it waited for room because another submit took one of its ids
+    with other content (``id_taken``): its earlier parts run on, and the message says how many. ``position``:
     where it was among the requests of one ``submit_many`` (from 0), which names a request that has no id.
     ``code``: a machine-readable kind, where callers tell one apart (``id_taken``: the id names other content).
     A ``ValueError`` too: ``Request(**kw)`` raised pydantic's ``ValidationError`` (one) before it said the field
