@@ -38,7 +38,7 @@ end
 
 def on_cluster(script: str) -> str:
     """``script`` as a ledger on a Redis Cluster runs it: refused (TRYAGAIN) while its slot moves (``SLOT_STILL``).
-    Only there: a single Redis has no ``CLUSTER`` command."""
+    Only there: a single Redis's keys never move (the guard reads no ``CLUSTER`` command since stop 78's review)."""
     return SLOT_STILL + script
 
 
