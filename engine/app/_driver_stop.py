@@ -46,8 +46,9 @@ class Stopping:
         A Redis budget ledger's settlements waiting for its Redis get up to ``journal.ledger_wait_s``, then go to
         ``journal.ledger_dir`` for the next engine on that ledger (``report()["budget"]["ledger"]["left_at_stop"]``).
         Called again, from any thread, it returns once the first call has ended. Not from a signal handler: one
-        that interrupts a submit finds the engine's lock held by its own thread (``ConfigError`` after
-        ``STOP_LOCK_WAIT_S``); raise ``KeyboardInterrupt`` there instead."""
+        that interrupts a submit finds the engine's lock held by its own thread (``ConfigError`` at once; held by
+        another thread as it interrupts the engine's code, after ``STOP_LOCK_WAIT_S``); raise ``KeyboardInterrupt``
+        there instead."""
         if not self._first_stop():
             return
         try:
