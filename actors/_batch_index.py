@@ -87,7 +87,7 @@ class BatchIndex:
             async def release() -> None:  # (a Redis journal's; the unit tests' stand-in has none)
                 try:
                     await release_seal()
-                except Exception as exc:  # sealed by the next write instead
+                except Exception as exc:  # sealed by the watch's next rewrite of every record
                     log.warning("dispatcher %s: could not seal its journal again (%s: %s)", self.name,
                                 type(exc).__name__, exc)
             self._sealing = asyncio.ensure_future(release())  # (held: a task may be collected)

@@ -112,9 +112,15 @@ class RecordsWatch:
 
     async def release_seal(self) -> None:
         """The holder's records are all here again (the batches a restart took from the hub's index journaled, or
-        ended): sealed now, and by this incarnation's next write if this one fails."""
-        self.seal_held, self._sealed = False, False
-        await self._reseal()
+        ended): sealed now; if this fails, by the watch's next rewrite of every record, never by a record's write."""
+        self.seal_held = False
+        try:
+            await self._reseal()
+        except BaseException:
+            # A Redis that fails the seal may be restarting empty: the next record written after it, sealing, put the
+            # seal back beside that record alone, the loss of the others unseen by a restart (a review)
+            self._sealed = self._unwritten = True
+            raise
 
     async def _takes_writes(self) -> bool:
         """Whether Redis takes a write now: a full Redis (``noeviction``) refuses every write that may grow its

@@ -321,6 +321,49 @@ def test_a_dispatcher_that_dies_again_before_the_re_admission_still_holds_the_lo
     asyncio.run(go())
 
 
+def test_a_seal_whose_release_failed_is_not_put_back_by_the_next_record_alone(own_redis, monkeypatch):
+    """A restart that held a batch taken from the hub's index seals its journal once the batch is journaled again
+    (``release_seal``). That write failing (Redis away), the next record's write sealed instead: after a Redis back
+    empty, the seal went back beside that record alone, the batch's record lost unseen, and a restart before the
+    watch's next check read no loss and sent its members again (fails on the code before). The watch's rewrite of
+    every record seals it."""
+    import actors._journal_watch as jw
+    from actors._journal_seal import JournalSeal
+    from actors.hub import ResultHub
+    from actors.journal import RedisJournal
+
+    monkeypatch.setattr(jw, "SERVER_CHECK_S", 3600.0)  # after its first, the watch's checks are made here
+
+    async def go():
+        hub, records = ResultHub(), {}
+
+        async def rewrite():  # the holder's records under way, written again
+            await j.put_many("s", dict(records))
+
+        j = RedisJournal(own_redis.url, "sbtest-seal", "e1", 5.0, rewrite, seal=JournalSeal(hub, "d"))
+        try:
+            j.seal_held = True  # a restart that read a loss holds the seal back
+            records["taken"] = 1
+            await j.put("s", "taken", 1)  # the batch it took from the index, journaled again
+            await until_async(lambda: _true(j._server is not None and j.seal.witnessed), "checked and witnessed")
+            assert await j.lost_records()  # (held back until now)
+            own_redis.stop()
+            with contextlib.suppress(Exception):
+                await j.release_seal()
+            assert not j.seal_held
+            own_redis.start()  # empty: the batch's record lost again
+            records["later"] = 2
+            with contextlib.suppress(Exception):
+                await j.items("s")  # the connection the restart cut fails once
+            await j.put("s", "later", 2)  # a later record, within the watch's second
+            assert await j.lost_records()  # before: the seal back beside "later" alone, the loss unseen
+            await j.check_server()  # the watch's next check
+            assert await j.items("s") == records and not await j.lost_records()
+        finally:
+            await j.close()
+    asyncio.run(go())
+
+
 def test_a_journal_s_loss_is_said_after_the_hub_restarted_too(own_redis, monkeypatch):
     """The hub's restart loses its word that the dispatcher wrote records; the rewire's rejournal tells it again
     (fails without: the loss read as nothing written)."""
