@@ -105,6 +105,7 @@ class BatchIndex:
         lost = {k: pickle.loads(v) for k, v in got.items() if k not in records and k not in self._open}
         ended = await self._ended_at_hub([m[0] for e in lost.values() for m in e[4]])
         waiting = self.__dict__.setdefault("_adopting", {})
+        self._held_at = {}
         for key, (b, start, tokens, bid, members, *sent_as) in lost.items():
             members = [m for m in members if m[0] not in ended and m[0] not in self._known and m[0] not in self._done]
             if not members:
@@ -112,12 +113,32 @@ class BatchIndex:
                 continue
             waiting[key] = ((b, start, tokens, bid, members, *sent_as), {})
             self._known.update(m[0] for m in members)
+            self._held_at.update((m[0], key) for m in members)
         if waiting:  # unsealed until they are journaled again: a restart before that reads the loss again
             self.__dict__.setdefault("_unsealed", set()).update(waiting)
             self.journal.seal_held = True
             log.warning("dispatcher %s: %d batch(es) under way found in the hub's index, their records lost: their "
                         "members are held, and followed once their requests are re-admitted", self.name, len(waiting))
         return len(waiting)
+
+    _held_at: dict[str, str] = {}  # (read only) uid -> the key of the batch a restart took it in from the index
+
+    def _spare_claim(self, j: Job) -> str | None:
+        """The claim to let go of ``j``, a copy of work carried here, dropped as a duplicate: its own; but a copy of a
+        member taken from the index (its entry outlived a hedge whose index drop the death cut) carries the claim its
+        grouper reserved anew, letting the member's go (``_reserve``): the member goes on under the copy's. Before (a
+        review), the copy's was let go, and the member's cost was settled on a claim released already: ignored."""
+        key = self._held_at.get(j.req.uid)
+        held = self.__dict__.get("_adopting", {}).get(key)
+        jobs = held[0][4] if held is not None else self._open[key][1] if key in self._open else ()
+        for i, m in enumerate(jobs):
+            uid, claim = (m[0], m[5]) if held is not None else (m.req.uid, m.claim)
+            if uid == j.req.uid:
+                if claim == j.claim:
+                    return None
+                jobs[i] = (*m[:5], j.claim, *m[6:]) if held is not None else m._replace(claim=j.claim)
+                return claim
+        return j.claim
 
     async def wanted(self, uids: list[str]) -> list[str]:
         """Of ``uids`` (re-admitted, held here), those whose request this dispatcher waits for (``adopt``)."""

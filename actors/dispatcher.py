@@ -191,8 +191,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
             if uid in done and uid not in here:
                 self._send_again(uid)
                 here.add(uid)
-            if j.claim is not None:
-                self._settle.append((j.claim, 0.0))  # the duplicate's own reservation is not needed
+            if j.claim is not None and (spare := self._spare_claim(j)) is not None:  # (``_batch_index``)
+                self._settle.append((spare, 0.0))  # the duplicate's own reservation is not needed
         if len(out) == len(jobs):
             return jobs
         self._kick()

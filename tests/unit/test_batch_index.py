@@ -233,6 +233,31 @@ def test_the_engine_s_stop_cancels_a_batch_still_held_for_its_requests_by_its_id
     asyncio.run(go())
 
 
+def test_a_copy_of_a_held_member_sent_here_hands_the_member_its_claim():
+    """A copy of a held member reaches its dispatcher (its entry outlived a hedge whose index drop the death cut, and
+    its grouper sent it again): dropped as a duplicate, as before, but its claim, which the grouper reserved anew while
+    letting the member's go (``_reserve``), was let go with it, and the member's cost settled on the claim released
+    already, which a ledger ignores (a claim settles once): its spend counted nowhere (fails on the code before). The
+    member goes on under the copy's claim; its own is let go."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(2)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100, type("Made", (), {"id": ""})(),
+                                                                     None))})
+        assert len(await d.recall([j.req.uid for j in b.jobs])) == 2  # held
+        copy = b.jobs[0]._replace(hedges=1, claim="g0")  # its grouper's, under the claim it reserved for it
+        await d.run_many([BatchJob("b2", "batch_api", None, False, "r", "why", [copy])])
+        await hand_over([as_peer(d)], [j.req for j in b.jobs])
+        got = await _pulled(hub, clock, 2)
+        assert sorted(r.id for r in got) == ["r0", "r1"]
+        await _done(d)
+        settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
+        assert settled["g0"] > 0 and settled["c1"] > 0 and settled.get("c0", 0.0) == 0.0, settled
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("bid", ["", None])
 def test_a_held_batch_one_of_whose_members_never_comes_back_is_taken_up_at_the_sweep_s_forced_re_admission(bid):
     """A batch is taken up once all its members are re-admitted; one whose request no driver re-admits (its driver
