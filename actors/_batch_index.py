@@ -42,7 +42,8 @@ def entry(rec: tuple) -> bytes:
     # What its members were sent as: one rerouted here (``asked``) is re-admitted as the driver sent it, to its first
     # model, which names another call key (custom_id): its line of the batch was missed and it was sent again
     sent_as = {j.req.uid: (j.req.provider, j.req.model) for j in jobs if j.asked is not None}
-    return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members, sent_as))
+    model = jobs[0].req.model if jobs else None  # (the route of a cancel made with no member, ``_cancel_held``)
+    return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members, sent_as, model))
 
 
 class BatchIndex:
@@ -182,11 +183,12 @@ class BatchIndex:
         Their members' claims stay held (``reservation_ttl_s``): the entry has no request to bound them."""
         waiting = self.__dict__.get("_adopting") or {}
 
-        async def one(key: str, b, bid: str | None) -> int:
+        async def one(key: str, b, bid: str | None, model: str | None) -> int:
             try:
                 if bid is None:  # its create cut before its id was known: not looked for now
                     raise LookupError("its create was cut before the provider's id was known")
-                await asyncio.wait_for(self.provider.cancel(self.provider.reattach(bid, [], b.hedge_at)), wait_s)
+                await asyncio.wait_for(self.provider.cancel(self.provider.reattach(bid, [], b.hedge_at, model=model)),
+                                       wait_s)
                 return 0
             except Exception as exc:
                 log.error("dispatcher %s: the engine stops, and batch %s (%s), held for its members' requests since its "
@@ -194,7 +196,8 @@ class BatchIndex:
                           type(exc).__name__, exc)
                 return 1
         # (bid "": simulated, nothing runs anywhere but in its draws, never read now)
-        missed = await asyncio.gather(*(one(k, e[0], e[3]) for k, (e, _) in waiting.items() if e[3] != ""))
+        missed = await asyncio.gather(*(one(k, e[0], e[3], e[6] if len(e) > 6 else None)
+                                        for k, (e, _) in waiting.items() if e[3] != ""))
         return len(waiting), sum(missed)
 
     def _jobs_of(self, e: tuple, reqs: dict[str, Request]) -> list[Job]:

@@ -204,7 +204,8 @@ class HttpBase(BatchMembers):
     def queue_refusal(self, handle: BatchHandle) -> int | None:
         return None  # Anthropic names no batch queue limit (OpenAI overrides it)
 
-    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> BatchHandle:
+    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None,
+                 model: str | None = None) -> BatchHandle:
         """The handle of batch ``bid``, created by an earlier process of the dispatcher (``actors._batch_index``)."""
         return BatchHandle(bid, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 

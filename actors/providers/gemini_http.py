@@ -110,8 +110,12 @@ class GeminiProvider(OpenAIProvider):
                                          cast_to=object, options=self._opts)
         return self._native_handle(op, jobs)
 
-    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> BatchHandle:
-        if not self.native(jobs):
+    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None,
+                 model: str | None = None) -> BatchHandle:
+        ba = self.spec.batch_api
+        # With no members (the engine's stop cancels it), by the model: taken for a layer's batch, a native one's
+        # cancel went by the OpenAI-compatible route, refused, and it ran on, billed (a review)
+        if not (self.native(jobs) if jobs else ba is not None and model in (ba.media_models or ())):
             return super().reattach(bid, jobs, hedge_at)
         return NativeHandle(bid, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 

@@ -84,7 +84,7 @@ class SimulatedProvider:
                            body: Any = None, wanted: Any = None) -> Any:  # (no step before the create: ``wanted``)
         return self.reattach("", jobs, hedge_at)
 
-    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> _Handle:
+    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None, model: str | None = None) -> _Handle:
         """Nothing runs anywhere but in the draws (seeded by row and slot): a batch of an earlier process is drawn
         again, the same."""
         # The draws know when the batch ends; a batch that would end after its hedge is drawn as cancelled

@@ -223,9 +223,10 @@ class Provider(Protocol):
         provider has it, else None (it was never created; a create under ``ref`` follows). ``known``: the ids of
         the batches the dispatcher follows, never the one looked for."""
 
-    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+    def reattach(self, bid: str, jobs: Sequence[CallJob], hedge_at: float | None, model: str | None = None) -> Any:
         """The handle of the batch the provider knows as ``bid`` (``""`` for one simulated), made by an earlier
-        process whose journal record was lost: what ``submit_batch`` returned, without asking the provider."""
+        process whose journal record was lost: what ``submit_batch`` returned, without asking the provider. ``model``:
+        its members' model, for a handle made with no ``jobs`` (to cancel it), where the route depends on it."""
 
     async def poll(self, handle: Any) -> BatchState:
         """Where the batch stands."""

@@ -65,8 +65,8 @@ def test_an_index_entry_holds_no_request_and_a_few_bytes_a_member():
                                            "input_tokens": 100, "output_tokens": 10}), f"{i:064x}", claim=f"c{i}")
             for i in range(100)]
     blob = entry((BatchJob("b1", "batch_api", 60.0, False, "r", "why", jobs), jobs, 1.0, 1000, None, "a body"))
-    b, start, tokens, bid, members, _ = pickle.loads(blob)
-    assert b.jobs == [] and (start, tokens, bid) == (1.0, 1000, None) and b"xxxx" not in blob
+    b, start, tokens, bid, members, _, model = pickle.loads(blob)
+    assert b.jobs == [] and (start, tokens, bid, model) == (1.0, 1000, None, "gpt-5-mini") and b"xxxx" not in blob
     assert [m[0] for m in members] == [j.req.uid for j in jobs] and {m[5] for m in members} == {f"c{i}" for i in
                                                                                                  range(100)}
     assert len(blob) / len(jobs) < 200  # bytes a member: the request's body and fields stay with ingest
@@ -223,7 +223,7 @@ def test_the_engine_s_stop_cancels_a_batch_still_held_for_its_requests_by_its_id
 
         async def cancel(handle):
             cancelled.append(handle)
-        d.provider.reattach, d.provider.cancel = (lambda bid, jobs, hedge_at: ("handle", bid)), cancel
+        d.provider.reattach, d.provider.cancel = (lambda bid, jobs, hedge_at, model=None: ("handle", bid)), cancel
         await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100,
                                                                      type("Made", (), {"id": "batch_7"})(), None))})
         assert len(await d.recall([j.req.uid for j in b.jobs])) == 2  # held, waiting for the re-admission
@@ -402,3 +402,65 @@ async def _pulled(hub: ResultHub, clock: ManualClock, n: int, timeout_s: float =
 
 async def _now(x):
     return x
+
+
+def test_the_engine_s_stop_cancels_a_held_gemini_native_batch_by_its_native_route():
+    """A held batch of Gemini images (Google's native Batch API) is cancelled at the engine's stop by its native
+    route: the handle made from its id alone, with no member to tell its model, was taken for the OpenAI layer's,
+    whose cancel Google refused, and the batch ran on, billed (fails on the code before: no native cancel, counted
+    among those no cancel reached). The entry now names its model."""
+    from engine.core.provider_api import CallJob
+    from tests.unit.test_gemini_batch import batch_key, emulator
+    from tests.unit.test_gemini_batch import jobs_of as image_jobs
+
+    with emulator() as e:
+        async def go():
+            rig = Rig(e, "google")
+            d = None
+            try:
+                jobs = image_jobs(2)
+                made = await rig.d.provider.submit_batch([CallJob(batch_key(j), j.req, 0.0, 0, 0) for j in jobs],
+                                                         None, "ref-x")
+                b = BatchJob("b1", "batch_api", None, False, "r", "why", jobs)
+                d = lost(sealed(Dispatcher("google", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub,
+                                           None, rig.budget, key=Secret(KEY))))
+                await rig.hub.journal_put_many(d._index_space(), {"b1-x": entry((b, jobs, 0.0, 100, made, None))})
+                assert len(await d.recall([j.req.uid for j in jobs])) == 2  # held, waiting for the re-admission
+                under_way, missed, _ = await d.stop_spending(rig.clock)
+                assert (under_way, missed) == (1, 0) and e.count("gemini.batches.cancel") == 1
+                await _done(d)
+            finally:
+                if d is not None:
+                    await d.provider.close()
+                await rig.close()
+        asyncio.run(go())
+
+
+def test_a_gemini_native_batch_re_attached_by_its_name_is_polled_read_by_key_and_billed_once():
+    """``GeminiProvider.reattach`` from the operation's name and the members' call jobs: the handle polls the native
+    route, reads each member by its key as the handle the create made does, each billed once."""
+    from engine.core.clock import ManualClock as Clock
+    from engine.core.provider_api import CallJob
+    from tests.unit.test_gemini_batch import T, batch_key, billed, emulator
+    from tests.unit.test_gemini_batch import jobs_of as image_jobs
+
+    with emulator() as e:
+        clock = Clock(1000.0)
+        e.follow(clock)  # the emulator on a clock the test moves
+
+        async def go():
+            rig = Rig(e, "google")
+            try:
+                cjobs = [CallJob(batch_key(j), j.req, 0.0, 0, 0) for j in image_jobs(3)]
+                p = rig.d.provider
+                made = await p.submit_batch(cjobs, None, "ref-x")
+                handle = p.reattach(made.id, cjobs, None)
+                assert type(handle) is type(made) and (await p.poll(handle)).status == "running"
+                clock.advance(2 * T)
+                assert (await p.poll(handle)).status == "ended"
+                return await p.fetch(handle), cjobs
+            finally:
+                await rig.close()
+        out, cjobs = asyncio.run(go())
+        assert sorted(out) == sorted(cj.key for cj in cjobs) and all(o.ok and o.cost > 0 for o in out.values())
+        assert sorted(billed(e)) == sorted(cj.key for cj in cjobs)
