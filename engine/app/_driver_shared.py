@@ -16,7 +16,9 @@ from typing import Any
 
 from engine.core.errors import ConfigError
 
-__all__ = ["SharedEngine", "check_answers", "check_not_stopping", "init_ray", "stale_engine"]
+__all__ = ["MAX_PENDING", "SharedEngine", "check_answers", "check_not_stopping", "init_ray", "stale_engine"]
+
+MAX_PENDING = 100_000  # the engine's default max_pending (Engine.start, Engine.connect)
 
 log = logging.getLogger("smartbatch")
 

@@ -14,6 +14,7 @@ from rich.table import Table
 from engine.app._batch_kept import billed_charges, earlier_answers, kept_charges
 from engine.app._batch_record import check_own_files, error_file, recorder, unrecorded
 from engine.app._batch_rescue import charges, finish, prepare, watch_answers
+from engine.app._driver_shared import MAX_PENDING  # raised to a larger file's line count
 from engine.app._ray_stop import (
     Terminated,
     exit_now,
@@ -35,8 +36,6 @@ from engine.app.cli_common import (
 )
 from engine.app.provider_setup import speedup_problem
 from engine.core.errors import ConfigError, SmartbatchError
-
-MAX_PENDING = 100_000  # the engine's default max_pending, raised to a larger file's line count
 
 
 @app.command("batch")

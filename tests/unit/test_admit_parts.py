@@ -452,3 +452,32 @@ def test_a_call_refused_for_an_id_another_submit_took_as_it_waited_says_what_its
     assert isinstance(got, RequestError) and got.code == "id_taken", got
     assert "2 of this call's requests were let in" in str(got) and "without" in str(got), str(got)
     assert [r.id for r in eng._buffer] == ["r0", "r1", "r4"]  # the two let in run on
+
+
+def test_a_replay_of_a_trace_whose_one_instant_holds_more_than_the_room_starts_its_engine_with_room_for_it(monkeypatch):
+    """``smartbatch run`` (``run_live``) starts its engine with room for the trace's largest burst of one instant (a
+    batch file made a trace: every line at 0). Let in by parts, that burst's requests ride batch windows and free
+    their places only as batches end: the parts past the first waited in vain and the run failed ``Overloaded``,
+    where before stop 78 the burst went in whole (a docs audit, stop 78)."""
+    import engine.app.driver as driver_mod
+    import engine.app.live as live
+
+    class Started(Exception):
+        pass
+
+    got: dict = {}
+
+    def started(cls, *a, **k):
+        got.update(k)
+        raise Started
+
+    monkeypatch.setattr(live, "MAX_PENDING", 2, raising=False)  # the default, scaled to a trace of 3 at one instant
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
+    trace = [req("a"), req("b"), req("c"), req("d").model_copy(update={"arrival_s": 5.0})]
+    with pytest.raises(Started):
+        live.run_live(trace, trace_name="burst")
+    assert got.get("max_pending") == 3
+    got.clear()
+    with pytest.raises(Started):  # a trace of spread arrivals keeps the default
+        live.run_live([r.model_copy(update={"arrival_s": float(k)}) for k, r in enumerate(trace)], trace_name="t")
+    assert got.get("max_pending") == 2
