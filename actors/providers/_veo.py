@@ -97,7 +97,7 @@ class VeoCalls:
         self._omit = sdk.Omit()
         self.client = sdk.AsyncOpenAI(api_key=provider._key.get() or "unset",
                                       base_url=native_root(provider.endpoint.base_url), max_retries=0,
-                                      timeout=provider.endpoint.timeout_s,
+                                      timeout=provider.endpoint.http_timeout(sdk),
                                       default_headers={"x-goog-api-key": provider._key.get() or "unset"})
         self._ops: dict[str, str] = {}  # key -> operation name, of a create answered whose video is not in yet
         self._replayed: set[str] = set()  # keys whose create was answered with an earlier run's operation

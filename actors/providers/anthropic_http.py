@@ -84,7 +84,7 @@ class AnthropicProvider(HttpBase):
 
         self._sdk = anthropic
         self.client = anthropic.AsyncAnthropic(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
-                                               max_retries=0, timeout=self.endpoint.timeout_s)
+                                               max_retries=0, timeout=self.endpoint.http_timeout(anthropic))
         # What its calls read or wrote, warm for one TTL from their answer (the groupers' belief, ``WarmNote``,
         # counts from the call's start: it must hold wherever in a batch a member ran).
         self._warm = PrefixWarmth(max((pc.ttl_s for m in self.spec.models if (pc := self.spec.cache_of(m))),

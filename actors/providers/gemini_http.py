@@ -75,7 +75,7 @@ class GeminiProvider(OpenAIProvider):
         super().__init__(*args, **kw)
         self._native = self._sdk.AsyncOpenAI(api_key=self._key.get() or "unset",
                                              base_url=native_root(self.endpoint.base_url), max_retries=0,
-                                             timeout=self.endpoint.timeout_s,
+                                             timeout=self.endpoint.http_timeout(self._sdk),
                                              default_headers={"x-goog-api-key": self._key.get() or "unset"})
         # Google reads a bearer token as OAuth's: the SDK's own Authorization header is left out
         self._opts = {"headers": {"Authorization": self._sdk.Omit()}}

@@ -52,7 +52,7 @@ class OpenAIProvider(OpenAIBatches):
         self._sdk = openai
         # max_retries=0: the engine's retry, Retry-After, backoff and circuit breaker are the only ones.
         self.client = openai.AsyncOpenAI(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
-                                         max_retries=0, timeout=self.endpoint.timeout_s)
+                                         max_retries=0, timeout=self.endpoint.http_timeout(openai))
         self._orphans: set[asyncio.Task] = set()  # deletes of uploads no batch was made from
         # A video: a job made, then polled; OpenAI's Videos API, or Google's Veo on the Gemini API's own routes
         self._videos = VeoCalls(self) if self.spec.compat == "gemini" else VideoCalls(self)

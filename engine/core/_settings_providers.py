@@ -30,6 +30,10 @@ class ProviderEndpoint(BaseModel):
                                  "ANTHROPIC_BASE_URL)")
     api_key_env: str = Field(min_length=1, description="environment variable that holds the API key")
     timeout_s: float = Field(default=600.0, gt=0, description="real seconds before one HTTP call times out")
+    connect_timeout_s: float = Field(default=5.0, gt=0, description=(
+        "real seconds to open a connection (the SDKs' own default); timeout_s bounds the rest of the call. One "
+        "timeout for both held an unreachable endpoint's every call timeout_s (10 min) before it failed over, and "
+        "a short timeout_s took a slow connect for a call sent (possibly billed)"))
     cancel_s: float = Field(default=600.0, ge=0, description="engine seconds a batch cancel may take (real "
                             "batches sit in 'cancelling' up to 10 min); the hedge falls back this much earlier")
     poll_min_s: float = Field(default=30.0, gt=0, description="first wait between polls of a batch (engine s)")
@@ -66,6 +70,11 @@ class ProviderEndpoint(BaseModel):
         if self.poll_max_s < self.poll_min_s:
             raise ValueError(f"poll_max_s={self.poll_max_s} must be >= poll_min_s={self.poll_min_s}")
         return self
+
+    def http_timeout(self, sdk: Any) -> Any:
+        """The timeout of a client of ``sdk`` (the ``openai`` or ``anthropic`` module, each exporting its
+        transport's ``Timeout``): ``connect_timeout_s`` to connect, ``timeout_s`` for each other phase."""
+        return sdk.Timeout(self.timeout_s, connect=self.connect_timeout_s)
 
     def serves_flex(self, environ: Mapping[str, str] | None = None) -> bool:
         """Whether OpenAI's ``service_tier: "flex"`` goes to this server (``flex_tier``; unset: its address is

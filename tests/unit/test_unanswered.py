@@ -50,6 +50,12 @@ async def billed_later(emu: Emulator, bound: float) -> None:
     assert 0 < emu.bill().total_usd <= bound
 
 
+# The client's timeout, far below the ~2.5 s real a call takes, so each call is abandoned while its answer is
+# awaited (maybe billed). The connection has its own timeout (``connect_timeout_s``, 5 s): with one 0.1 s timeout
+# for both, a loaded machine (a CI rehearsal, stop 78) timed out the connection itself, "never sent".
+TIMEOUT_S = 0.1
+
+
 def test_a_request_whose_calls_all_timed_out_keeps_its_upper_bound_on_its_budget():
     # Each call takes about 2.5 s real (a seeded draw at this latency scale) against a 0.1 s client timeout: the
     # four attempts give up first, and the provider finishes the first one and bills it.
@@ -57,7 +63,7 @@ def test_a_request_whose_calls_all_timed_out_keeps_its_upper_bound_on_its_budget
         (j,) = jobs_of("openai", 1, claims=True)
 
         async def go():
-            rig = Rig(slow, timeout_s=0.1)
+            rig = Rig(slow, timeout_s=TIMEOUT_S)
             try:
                 await rig.reserve([j])
                 await rig.run("sync", [j])
@@ -164,7 +170,7 @@ def test_a_request_rerouted_after_a_timed_out_call_keeps_that_calls_upper_bound_
         (j,) = jobs_of("openai", 1, claims=True)
 
         async def go():
-            rig = Rig(emu, timeout_s=0.1, resilience=res)
+            rig = Rig(emu, timeout_s=TIMEOUT_S, resilience=res)
             try:
                 await rig.reserve([j])
                 await rig.run("sync", [j])
@@ -197,7 +203,7 @@ def test_a_call_resumed_after_a_restart_keeps_its_upper_bound_if_every_retry_fai
         (j,) = jobs_of("openai", 1, claims=True)
 
         async def go():
-            rig = Rig(slow, timeout_s=0.1)
+            rig = Rig(slow, timeout_s=TIMEOUT_S)
             try:
                 await rig.reserve([j])
                 await rig.run("sync", [j])
@@ -297,3 +303,18 @@ def test_a_rerouted_request_its_fallback_refuses_at_the_grouper_still_says_the_f
         assert res.status == "rejected" and res.error.startswith("budget_exhausted")
         assert res.possibly_billed_usd == pytest.approx(0.25) and "possibly_billed" in res.error
     asyncio.run(go())
+
+
+def test_a_call_s_connection_has_its_own_timeout_so_a_short_call_timeout_is_not_taken_for_a_connect():
+    """``connect_timeout_s`` (5 s, the SDKs' default) bounds the connect, ``timeout_s`` the rest of the call: with
+    one timeout for both, an unreachable endpoint held each call ``timeout_s`` (600 s) before it failed over, and a
+    0.1 s ``timeout_s`` on a loaded machine timed out connecting (a call never sent), failing the tests above."""
+    from actors.providers.anthropic_http import AnthropicProvider
+    from actors.providers.openai_http import OpenAIProvider
+    from engine.core.clock import ManualClock
+    from engine.core.settings import ProviderEndpoint, Settings
+
+    for name, cls in (("openai", OpenAIProvider), ("anthropic", AnthropicProvider)):
+        ep = ProviderEndpoint(api=name, api_key_env="X", base_url="http://127.0.0.1:1/v1", timeout_s=0.1)
+        t = cls(name, CAT, Settings(), ep, None, ManualClock(0.0)).client.timeout
+        assert (t.connect, t.read, t.write) == (5.0, 0.1, 0.1), (name, t)
