@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.providers._wire import redact
+from actors.providers._wire import call_timeout, redact
 
 __all__ = ["COUNT_TIMEOUT_S", "COUNT_URL", "NO_RETRY", "CountAnswer", "count_at", "refusal"]
 
@@ -32,7 +32,8 @@ async def count_at(client: Any, sdk: Any, key: str, body: dict[str, Any], timeou
     """``body`` counted by the provider ``client`` calls (an ``anthropic.AsyncAnthropic``; ``sdk``: the module),
     within ``timeout_s``; ``key``: the client's key, masked wherever an answer quotes it."""
     try:
-        answer = await client.post(COUNT_URL, body=body, cast_to=object, options={"timeout": timeout_s})
+        answer = await client.post(COUNT_URL, body=body, cast_to=object,
+                                   options={"timeout": call_timeout(client, sdk, timeout_s)})
     except sdk.APIStatusError as exc:
         err = exc.body if isinstance(exc.body, dict) else None
         if not (err and err.get("type") == "error" and isinstance(err.get("error"), dict)):

@@ -15,7 +15,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from actors.providers._batch_members import BatchMembers
-from actors.providers._wire import billing_refusal, error_of, error_text, quota_message, redact, retry_after
+from actors.providers._wire import (
+    billing_refusal,
+    call_timeout,
+    error_of,
+    error_text,
+    quota_message,
+    redact,
+    retry_after,
+)
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage
 from engine.core.errors import ProviderError
@@ -66,13 +74,13 @@ class Unreadable(Exception):
 
 
 async def create_call(create: Callable, raw_create: Callable, body: dict[str, Any], key: str,
-                      timeout: float | None = None) -> tuple[Any, bool]:
+                      timeout: Any = None) -> tuple[Any, bool]:
     """Make a sync call: ``body`` as ``create``'s arguments, sent by its raw-response twin under ``key``. Returns
     the answer and whether the provider replayed an earlier call's answer under that key (``Idempotent-Replayed``,
     as Stripe names it): a replay is not billed again, and was counted at its full price (a re-run, or
     ``--resume``, reported money the provider's bill never held; a helper's tour). Raises ``Unreadable`` for a
     success whose body is not JSON (cut short): a hunt saw it failed as an engine error and settled at $0.
-    ``timeout``: real seconds for this call, in place of the client's (a flex call's)."""
+    ``timeout``: this call's, in place of the client's (a flex call's, ``call_timeout``)."""
     more = {} if timeout is None else {"timeout": timeout}
     resp = await raw_create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key}, **more)
     try:
@@ -273,12 +281,14 @@ class HttpBase(BatchMembers):
         """A flex call's body asks for the tier, unless the request's own body names one (then it goes so)."""
         return {**body, "service_tier": "flex"} if job.flex and body.get("service_tier") in (None, "auto") else body
 
-    def _flex_wait(self, job: CallJob) -> float | None:
-        """Real seconds a flex call may run (``flex_timeout_s``: the tier's timeout, within the deadline's room
-        for a standard call after it); None for another call (the client's timeout)."""
+    def _flex_wait(self, job: CallJob) -> Any:
+        """The timeout of a flex call: the real seconds it may run (``flex_timeout_s``: the tier's timeout, within
+        the deadline's room for a standard call after it), its connect the client's (``call_timeout``); None for
+        another call (the client's timeout)."""
         if not job.flex:
             return None
-        return max(self.clock.real_delay(flex_timeout_s(self.spec, job.req, self.clock.now())), 0.05)
+        seconds = max(self.clock.real_delay(flex_timeout_s(self.spec, job.req, self.clock.now())), 0.05)
+        return call_timeout(self.client, self._sdk, seconds)
 
     def _flex_error(self, job: CallJob, exc: BaseException, out: CallOutcome) -> CallOutcome:
         """A flex call's failure that the tier explains, as a refusal (sent standard at once, no try spent): a 429

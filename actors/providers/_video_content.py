@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from actors.providers._wire import redact
+from actors.providers._wire import call_timeout, redact
 
 __all__ = ["CONTENT_TIMEOUT_S", "ContentAnswer", "content_at", "content_refusal"]
 
@@ -40,7 +40,8 @@ async def content_at(client: Any, sdk: Any, key: str, url: str, variant: str, ti
     try:
         with warnings.catch_warnings():  # the SDK's notice that the Sora API shuts down (docs/providers.md)
             warnings.simplefilter("ignore", DeprecationWarning)
-            got = client.videos.download_content(vid, variant=variant, timeout=timeout_s)
+            got = client.videos.download_content(vid, variant=variant,
+                                                 timeout=call_timeout(client, sdk, timeout_s))
         got = await got
     except sdk.APIStatusError as exc:
         body = exc.body if isinstance(exc.body, dict) else None

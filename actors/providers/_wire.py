@@ -21,7 +21,7 @@ from typing import Any
 
 from engine.core.request import Request, split_body
 
-__all__ = ["billing_refusal", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
+__all__ = ["billing_refusal", "call_timeout", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
            "redact", "retry_after", "tokens"]
 
 # OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
@@ -215,6 +215,14 @@ def tokens(value) -> int:
     the ledgers took it as spend given back, letting a hard limit be overrun (a helper's hunt)."""
     n = int(value or 0)
     return n if n > 0 else 0
+
+
+def call_timeout(client: Any, sdk: Any, seconds: float) -> Any:
+    """A call's own ``seconds`` (a flex call's, a count's, a download's) as a timeout of ``client`` (of ``sdk``'s),
+    its connect still bounded by the client's (``connect_timeout_s``), if that is shorter. Given as a float, the SDK
+    took it for the connect too: an unreachable endpoint held a flex call 900 s, not 5 (a review, stop 78)."""
+    connect = getattr(client.timeout, "connect", None)
+    return sdk.Timeout(seconds, connect=seconds if connect is None else min(connect, seconds))
 
 
 async def paced(chunks: AsyncIterator[bytes], headers: Mapping[str, str], settings: Any,

@@ -318,3 +318,42 @@ def test_a_call_s_connection_has_its_own_timeout_so_a_short_call_timeout_is_not_
         ep = ProviderEndpoint(api=name, api_key_env="X", base_url="http://127.0.0.1:1/v1", timeout_s=0.1)
         t = cls(name, CAT, Settings(), ep, None, ManualClock(0.0)).client.timeout
         assert (t.connect, t.read, t.write) == (5.0, 0.1, 0.1), (name, t)
+
+
+def test_a_call_with_its_own_timeout_keeps_the_connect_timeout():
+    """A flex call, a token count and a video download pass their own timeout (the tier's 900 s, 60 s, 120 s). Given
+    as a float, the SDK took it for every phase, the connect too: an unreachable endpoint held each such call that
+    long, not ``connect_timeout_s``, the very hold ``connect_timeout_s`` was made to end (a review, stop 78)."""
+    import httpx2 as httpx
+
+    from actors.providers.anthropic_http import AnthropicProvider
+    from actors.providers.openai_http import OpenAIProvider
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import CallJob
+    from engine.core.settings import ProviderEndpoint, Settings
+    from tests.unit.test_flex_live import flex_req
+
+    seen: list[dict] = []
+
+    class Live(ManualClock):  # engine seconds are real ones, as at speed-up 1: the flex call may run 900 s
+        def real_delay(self, virtual_s: float) -> float:
+            return virtual_s
+
+    def answer(request: httpx.Request) -> httpx.Response:  # nothing leaves the process: the timeout is read here
+        seen.append(request.extensions["timeout"])
+        return httpx.Response(500, json={"error": {"message": "no", "type": "server_error"}})
+
+    def provider(name, cls):
+        ep = ProviderEndpoint(api=name, api_key_env="X", base_url="http://127.0.0.1:1/v1")
+        p = cls(name, CAT, Settings(), ep, None, Live(0.0))
+        p.client = p.client.with_options(http_client=httpx.AsyncClient(transport=httpx.MockTransport(answer)))
+        return p
+
+    async def go():
+        oai = provider("openai", OpenAIProvider)
+        await oai.call(CallJob("k", flex_req(), 0.0, 0, 0, flex=True))
+        await oai.video_content("http://127.0.0.1:1/v1/videos/video_1/content", "video")
+        await provider("anthropic", AnthropicProvider).count_tokens({"model": "claude-sonnet-4-5", "messages": []})
+    asyncio.run(go())
+    assert len(seen) == 3 and [t["read"] for t in seen] == [900.0, 120.0, 60.0], seen
+    assert all(t["connect"] == 5.0 for t in seen), seen
