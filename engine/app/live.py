@@ -93,13 +93,14 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     offset = reqs[0].arrival_s if reqs else 0.0
     seed = settings.sim.seed if seed is None else seed
     t0 = time.perf_counter()
-    # Room for the largest burst of one instant (a batch file made a trace: all at 0): a burst past the room is let
-    # in by parts (stop 78), and requests riding batch windows free their places only as batches end, so its
-    # parts past the first waited in vain and the run failed Overloaded, where it was admitted whole before.
-    burst = max(collections.Counter(r.arrival_s for r in reqs).values(), default=0)
+    # Room for the whole trace, as ``batch`` gives its file's lines: a look of the replay past the room is let in
+    # by parts (stop 78), and requests riding batch windows free their places only as batches end, so its parts
+    # past the first waited in vain and the run failed Overloaded. The largest burst of one instant (a batch file
+    # made a trace: all at 0) was not room enough: a look takes every arrival the clock has passed, of several
+    # instants once the engine's start or the part before took a speed-up's seconds (a review, stop 78).
     eng = Engine.start(settings, policy=policy, policy_params=params, catalog=catalog, address=address,
                        speedup=speedup, offset_s=offset, seed=seed, num_shards=num_shards,
-                       max_pending=max(MAX_PENDING, burst))
+                       max_pending=max(MAX_PENDING, len(reqs)))
     ray_procs = [p for p in own_ray_processes() if p.poll() is None]  # if one exits, Ray is going down
     futs: list = []
     stopped = False

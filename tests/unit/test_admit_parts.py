@@ -455,10 +455,11 @@ def test_a_call_refused_for_an_id_another_submit_took_as_it_waited_says_what_its
 
 
 def test_a_replay_of_a_trace_whose_one_instant_holds_more_than_the_room_starts_its_engine_with_room_for_it(monkeypatch):
-    """``smartbatch run`` (``run_live``) starts its engine with room for the trace's largest burst of one instant (a
-    batch file made a trace: every line at 0). Let in by parts, that burst's requests ride batch windows and free
-    their places only as batches end: the parts past the first waited in vain and the run failed ``Overloaded``,
-    where before stop 78 the burst went in whole (a docs audit, stop 78)."""
+    """``smartbatch run`` (``run_live``) starts its engine with room for the whole trace, and so for its largest
+    burst of one instant (a batch file made a trace: every line at 0). Let in by parts, that burst's requests ride
+    batch windows and free their places only as batches end: the parts past the first waited in vain and the run
+    failed ``Overloaded``, where before stop 78 the burst went in whole (a docs audit, stop 78). Room for that burst
+    alone was not enough (the test below)."""
     import engine.app.driver as driver_mod
     import engine.app.live as live
 
@@ -476,8 +477,44 @@ def test_a_replay_of_a_trace_whose_one_instant_holds_more_than_the_room_starts_i
     trace = [req("a"), req("b"), req("c"), req("d").model_copy(update={"arrival_s": 5.0})]
     with pytest.raises(Started):
         live.run_live(trace, trace_name="burst")
-    assert got.get("max_pending") == 3
+    assert got.get("max_pending") == 4
     got.clear()
-    with pytest.raises(Started):  # a trace of spread arrivals keeps the default
-        live.run_live([r.model_copy(update={"arrival_s": float(k)}) for k, r in enumerate(trace)], trace_name="t")
-    assert got.get("max_pending") == 2
+    monkeypatch.setattr(live, "MAX_PENDING", 5, raising=False)
+    with pytest.raises(Started):  # a trace within the default keeps it
+        live.run_live(trace, trace_name="t")
+    assert got.get("max_pending") == 5
+
+
+def test_a_replay_whose_first_look_takes_arrivals_of_several_instants_finds_room_for_them(monkeypatch):
+    """The replay sends at each look every request whose arrival the engine clock has passed: the first look comes
+    once the engine is up, a speed-up's seconds past the first arrival, and each later one after the part before
+    was sent, so one look takes arrivals of several instants. ``smartbatch run`` gave its engine room for the
+    largest burst of one instant: a look of more went in by parts, and, its requests riding batch windows, the
+    parts past the first waited in vain (Overloaded), as the burst of one instant did (a review, stop 78)."""
+    import engine.app.driver as driver_mod
+    import engine.app.live as live
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    class Started(Exception):
+        pass
+
+    got: dict = {}
+
+    def started(cls, *a, **k):
+        got.update(k)
+        raise Started
+
+    class _NoRoom(threading.Condition):
+        def wait(self, timeout=None):  # its batches end long after: no room frees within submit_timeout_s
+            raise Overloaded("waited in vain for room")
+
+    monkeypatch.setattr(live, "MAX_PENDING", 2, raising=False)  # the default, scaled to a trace of 3
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
+    trace = [req("a"), req("b"), req("c").model_copy(update={"arrival_s": 0.5})]
+    with pytest.raises(Started):
+        live.run_live(trace, trace_name="two instants")
+    e = _bulk_engine(monkeypatch)
+    e._max_pending, e._room = got["max_pending"], _NoRoom(e._lock)
+    e.clock.advance(1.0)  # the replay's first look: the engine took its start's time to come up
+    futs = e.replay(trace)
+    assert [f.request_id for f in futs] == ["a", "b", "c"] and e._pending == 3
