@@ -454,26 +454,35 @@ def test_a_call_refused_for_an_id_another_submit_took_as_it_waited_says_what_its
     assert [r.id for r in eng._buffer] == ["r0", "r1", "r4"]  # the two let in run on
 
 
+
+class _Started(Exception):
+    """``Engine.start`` was called: ``run_live`` stops there, its arguments kept (``_start_caught``)."""
+
+
+def _start_caught(monkeypatch) -> tuple[dict, type[_Started]]:
+    """``Engine.start`` replaced by one that keeps its keyword arguments in the dict returned and raises
+    ``_Started``: what ``run_live`` starts its engine with, no Ray."""
+    import engine.app.driver as driver_mod
+
+    got: dict = {}
+
+    def started(cls, *a, **k):
+        got.update(k)
+        raise _Started
+
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
+    return got, _Started
+
 def test_a_replay_of_a_trace_whose_one_instant_holds_more_than_the_room_starts_its_engine_with_room_for_it(monkeypatch):
     """``smartbatch run`` (``run_live``) starts its engine with room for the whole trace, and so for its largest
     burst of one instant (a batch file made a trace: every line at 0). Let in by parts, that burst's requests ride
     batch windows and free their places only as batches end: the parts past the first waited in vain and the run
     failed ``Overloaded``, where before stop 78 the burst went in whole (a docs audit, stop 78). Room for that burst
     alone was not enough (the test below)."""
-    import engine.app.driver as driver_mod
     import engine.app.live as live
 
-    class Started(Exception):
-        pass
-
-    got: dict = {}
-
-    def started(cls, *a, **k):
-        got.update(k)
-        raise Started
-
+    got, Started = _start_caught(monkeypatch)
     monkeypatch.setattr(live, "MAX_PENDING", 2, raising=False)  # the default, scaled to a trace of 3 at one instant
-    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
     trace = [req("a"), req("b"), req("c"), req("d").model_copy(update={"arrival_s": 5.0})]
     with pytest.raises(Started):
         live.run_live(trace, trace_name="burst")
@@ -491,25 +500,15 @@ def test_a_replay_whose_first_look_takes_arrivals_of_several_instants_finds_room
     was sent, so one look takes arrivals of several instants. ``smartbatch run`` gave its engine room for the
     largest burst of one instant: a look of more went in by parts, and, its requests riding batch windows, the
     parts past the first waited in vain (Overloaded), as the burst of one instant did (a review, stop 78)."""
-    import engine.app.driver as driver_mod
     import engine.app.live as live
     from tests.unit.test_driver_tour import _bulk_engine
 
-    class Started(Exception):
-        pass
-
-    got: dict = {}
-
-    def started(cls, *a, **k):
-        got.update(k)
-        raise Started
-
+    got, Started = _start_caught(monkeypatch)
     class _NoRoom(threading.Condition):
         def wait(self, timeout=None):  # its batches end long after: no room frees within submit_timeout_s
             raise Overloaded("waited in vain for room")
 
     monkeypatch.setattr(live, "MAX_PENDING", 2, raising=False)  # the default, scaled to a trace of 3
-    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
     trace = [req("a"), req("b"), req("c").model_copy(update={"arrival_s": 0.5})]
     with pytest.raises(Started):
         live.run_live(trace, trace_name="two instants")
