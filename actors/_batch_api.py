@@ -260,6 +260,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         p = self.provider
         hedge_at = b.hedge_at
         outs: dict = {}
+        read = None  # its lines, once read
         again = None  # refused whole for a full queue: the parts it goes again in (``_queue_refused``)
         was_cancelled = False
         told = learn = self._learners and handle is not None and submitted(start, hedge_at)
@@ -372,5 +373,6 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                         self._counts.hedge_kept_members += o.ok
                     self._note_warm(j.req, o, start)
                     self._attempt(b, j, o.ok, o.cost, "batch_api", o)
+            self._strays_end(key, b, read)  # lines of members no driver re-admitted (``_batch_strays``)
             self._pump()
 

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import pickle
 
+from actors._batch_strays import BatchStrays
 from actors._journal_seal import HUB_ASK_S
 from actors._types import Job
 from engine.core.request import Request
@@ -46,7 +47,7 @@ def entry(rec: tuple) -> bytes:
     return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members, sent_as, model))
 
 
-class BatchIndex:
+class BatchIndex(BatchStrays):
     """Mixed into ``Dispatcher``: the index's writes, its read at a restart that lost records, and the adoption."""
 
     def _index_space(self) -> str | None:
@@ -145,30 +146,35 @@ class BatchIndex:
         """Of ``uids`` (re-admitted, held here), those whose request this dispatcher waits for (``adopt``)."""
         await self._ready()
         want = {m[0] for e, _ in self.__dict__.get("_adopting", {}).values() for m in e[4]}
+        want |= self._strays_wanted(uids)
         return [u for u in uids if u in want]
 
     async def adopt(self, requests: list[Request], force: bool = False) -> int:
         """The requests of members of lost batches (``_index_take``), from ingest's re-admission: a batch whose
         members are all back is taken up. ``force`` (the driver's sweep, for requests long past their deadline): a
         batch some of whose members are back is taken up with those; the others, which no driver re-admitted (its
-        driver gone), are no longer held (sent again should they come back). Held until all came back, they held
-        the rest for good, their results never made. Returns how many batches."""
+        driver gone), run in it as strays (``actors._batch_strays``): their lines counted on their claims, a late
+        re-admission answered with them. Held until all came back, they held the rest for good, their results never
+        made. Returns how many batches."""
         await self._ready()
         waiting, n = self.__dict__.get("_adopting", {}), 0
         by_uid = {r.uid: r for r in requests}
+        self._strays_back(requests)
         for key, (e, reqs) in list(waiting.items()):
             reqs.update((m[0], by_uid[m[0]]) for m in e[4] if m[0] in by_uid)
             if len(reqs) == len(e[4]) or force and any(m[0] in by_uid for m in e[4]):
                 del waiting[key]
-                if len(reqs) < len(e[4]):
+                gone = [m for m in e[4] if m[0] not in reqs]
+                if gone:
                     log.warning("dispatcher %s: batch %s taken up with the %d of its %d members re-admitted; the "
-                                "others are no longer held", self.name, key, len(reqs), len(e[4]))
-                    self._known.difference_update(m[0] for m in e[4] if m[0] not in reqs)
+                                "others' lines are read and counted on their claims", self.name, key, len(reqs),
+                                len(e[4]))
                     e = (*e[:4], [m for m in e[4] if m[0] in reqs], *e[5:])
                     if e[3] is None:  # its create cut: looked for by its size, or made again, as a part of itself,
-                        self._let_go(key, e, reqs)  # it was not found, and made again beside itself
+                        self._known.difference_update(m[0] for m in gone)  # it was not found, and made again
+                        self._let_go(key, e, reqs)  # beside itself
                         continue
-                self._take_up(key, e, reqs)
+                self._take_up(key, e, reqs, gone)
                 n += 1
         if n:
             self.reattached += n
@@ -220,14 +226,15 @@ class BatchIndex:
         self._index_drop([key])
         self._kick()
 
-    def _take_up(self, key: str, e: tuple, reqs: dict[str, Request]) -> None:
+    def _take_up(self, key: str, e: tuple, reqs: dict[str, Request], gone: list[tuple] = ()) -> None:
         b, start, tokens, bid = e[:4]
         jobs = self._jobs_of(e, reqs)
         b = b._replace(jobs=jobs)
         cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+        strays = self._stray_calls(key, e, list(gone), jobs, start) if gone else []  # (their lines read too)
         handle = None
         try:
-            handle = None if bid is None else self.provider.reattach(bid, cjobs, b.hedge_at)
+            handle = None if bid is None else self.provider.reattach(bid, cjobs + strays, b.hedge_at)
         except Exception as exc:  # (a provider that cannot make one from an id): looked for under its key instead
             log.warning("dispatcher %s: could not re-attach to batch %s by its id (%s: %s); looked for under its "
                         "key", self.name, bid, type(exc).__name__, exc)

@@ -29,6 +29,7 @@ from .helpers import Recorder
 from .test_http_providers import (  # noqa: F401  (emu: the fixture)
     KEY,
     Rig,
+    batch_key,
     billed_by_custom_id,
     emu,
     jobs_of,
@@ -276,6 +277,7 @@ def test_a_held_batch_one_of_whose_members_never_comes_back_is_taken_up_at_the_s
         hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
         d = lost(sealed(sim_dispatcher(hub, clock, settings)))
         b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
         made = None if bid is None else type("Made", (), {"id": bid})()
         await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100, made, None))})
         created = []
@@ -293,6 +295,9 @@ def test_a_held_batch_one_of_whose_members_never_comes_back_is_taken_up_at_the_s
             got = await _pulled(hub, clock, 2)
             assert sorted(r.id for r in got) == ["r0", "r1"] and d.reattached == 1
         await _done(d)
+        if bid == "":  # drawn again without it: nothing of the third's runs, its claim let go at once
+            settled = [x for m, args in d.budget._target.calls if m == "settle_many" for x in args[0]]
+            assert ("c2", 0.0) in settled and {c for c, _ in settled} == {"c0", "c1", "c2"}, settled
     asyncio.run(go())
 
 
@@ -464,3 +469,65 @@ def test_a_gemini_native_batch_re_attached_by_its_name_is_polled_read_by_key_and
         out, cjobs = asyncio.run(go())
         assert sorted(out) == sorted(cj.key for cj in cjobs) and all(o.ok and o.cost > 0 for o in out.values())
         assert sorted(billed(e)) == sorted(cj.key for cj in cjobs)
+
+
+@pytest.mark.parametrize("late", ["after its line was read", "while the batch runs"])
+def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admission_gets_it_with_no_new_call(
+        emu, late):  # noqa: F811
+    """Over HTTP at the emulator: a batch of 4 found in the index, 3 re-admitted, taken up at the sweep's forced
+    re-admission. The batch, followed by its id, runs the fourth's line too, billed: its claim, held until
+    ``reservation_ttl_s``, then counted nothing (the ledger $0.000179 of $0.000244 billed, a review's run; fails on
+    the code before: the fourth's claim never settled). Its line's cost is now settled on its claim from the entry,
+    and its request, re-admitted late (its driver back), gets that line's result: no new call, no new create."""
+    from actors import Ingest
+
+    class G(Recorder):  # a grouper that holds none of them
+        async def recall(self, uids):
+            return []
+
+    e, jobs = emu, jobs_of("openai", 4, claims=True)
+
+    async def go():
+        rig = Rig(e, "openai")
+        sealed(rig.d)
+        d2 = None
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.until(lambda: e.count(CREATE["openai"]) == 1, "the batch created")
+
+            async def indexed():
+                return [v[3] is not None for v in (await index_of(rig.hub, rig.d)).values()] == [True]
+            await _until_async(indexed)
+            for t in list(rig.d._tasks):
+                t.cancel()
+            rig.hub.__dict__["_journal_spaces"].pop(rig.d._space)
+            d2 = lost(sealed(Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub,
+                                        None, rig.budget, key=Secret(KEY))))
+            reqs, g = [j.req for j in jobs], G()
+            ing = Ingest([g], dispatchers=[d2])
+            assert await ing.readmit(reqs[:3]) == 0 and d2.reattached == 0  # held, waiting for the fourth
+            await ing.readmit(reqs[:3], force=True)
+            assert d2.reattached == 1
+            if late == "while the batch runs":
+                assert await ing.readmit(reqs[3:]) == 0  # held: its line runs in the batch
+            await rig.until(lambda: len(rig.results) == 3 + (late != "after its line was read"), "the results", 30)
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled, the fourth's too")
+            bill = e.bill()
+            assert len(bill.items) == 4 and len(billed_by_custom_id(e)) == 4
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(bill.total_usd, abs=1e-12)
+            if late == "after its line was read":
+                assert await ing.readmit(reqs[3:]) == 0  # held: its result is here, not sent again
+                await rig.until(lambda: len(rig.results) == 4, "the fourth's result")
+            r3 = rig.results[reqs[3].id]
+            assert r3.status == "ok" and r3.mode == "batch_api" and r3.batch_id == "b", r3
+            assert r3.cost_usd == pytest.approx(billed_by_custom_id(e)[batch_key(jobs[3])].cost_usd, abs=1e-12)
+            await _done(d2)
+            assert e.count(CREATE["openai"]) == 1 and e.count("chat.completions") == 0
+            assert len(e.bill().items) == 4 and g.readmitted() == [] and rig.grouper.readmitted() == []
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(e.bill().total_usd, abs=1e-12)
+        finally:
+            if d2 is not None:
+                await d2.provider.close()
+            await rig.close()
+    asyncio.run(go())

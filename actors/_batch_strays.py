@@ -1,0 +1,159 @@
+"""Members of a batch taken from the hub's index that no driver re-admitted (``actors._batch_index``): strays.
+
+The driver's sweep takes such a batch up with the members that came back (``BatchIndex.adopt``, ``force``); the
+batch, re-attached by the provider's id, runs the others' lines too, and the provider bills them. Before, nothing
+here knew those lines: each was read as a response naming no member (an ERROR), its claim held until
+``reservation_ttl_s`` and then let go, its spend counted by no ledger (a review's run at the emulator, 4 members, 3
+re-admitted: 4 items billed, $0.000244, the ledger $0.000179), and the member, should its driver re-admit it later,
+was sent again, paid twice.
+
+Now each stray is a member of the handle (``Provider.reattach``) under a stand-in request made from its entry (its
+tenant and id from its uid, the batch's provider and model, its attempts: its ``custom_id``), so the provider
+prices its line as any member's, by the cost model at the usage the line reports. When the batch ends its claim is
+settled at that cost, as a member's is; with no line (cancelled, never run) or one refused, released at 0 (at once
+for a simulated batch, which is drawn again without it). The line's outcome is kept: a late re-admission of the
+request is answered with it (``recall``/``holds`` say it is held, ingest hands its request over, ``adopt``), no new
+call; one that came back while the batch ran gets it when the batch ends. The hub cannot be sent it before: a
+``Result`` needs the request, and the entry has none."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from actors._types import BatchJob, Job
+from engine.core.provider_api import CallJob, CallOutcome, call_key
+from engine.core.request import Request
+from engine.runtime.outcomes import verdict
+
+__all__ = ["STRAYS_KEPT", "BatchStrays"]
+
+log = logging.getLogger("smartbatch.dispatcher")
+
+STRAYS_KEPT = 4096  # read strays' outcomes kept for a late re-admission (its driver gone, most never come)
+
+
+class _Stray:
+    __slots__ = ("cj", "claim", "entry", "key", "out", "read", "req")
+
+    def __init__(self, key: str, entry: tuple, cj: CallJob, claim: str | None):
+        self.key, self.entry, self.cj, self.claim = key, entry, cj, claim  # entry: the index entry, this member alone
+        self.req: Request | None = None  # its request, once re-admitted
+        self.out: CallOutcome | None = None
+        self.read = False  # the batch ended (``out``: its line, None where none came back)
+
+
+def stand_in(uid: str, provider: str, model: str, attempts: int, row: int, start: float) -> CallJob:
+    """The call job of a member known by its uid alone (``Request.uid``: ``<len>:<tenant>/<id>``): its call key
+    names its line of the batch, and the provider prices that line by its usage, the model's and the mode's."""
+    n, _, rest = uid.partition(":")
+    tenant, rid = rest[:int(n)], rest[int(n) + 1:]
+    # (never sent: a media model's wants a prompt. Its params are unknown: an image is priced at the size its
+    # answer reports where the provider reads one, else at the model's default)
+    req = Request.model_validate({"id": rid, "tenant": tenant, "arrival_s": 0.0, "provider": provider,
+                                  "model": model, "input_tokens": 0, "output_tokens": 0, "prompt": "-"})
+    return CallJob(call_key(tenant, rid, model, attempts), req, start, attempts, row)
+
+
+class BatchStrays:
+    """Mixed into ``BatchIndex``: the strays of a batch taken up at the sweep's forced re-admission."""
+
+    def _strays(self) -> dict[str, _Stray]:
+        return self.__dict__.setdefault("_stray", {})
+
+    def _stray_calls(self, key: str, e: tuple, gone: list[tuple], jobs: list[Job], start: float) -> list[CallJob]:
+        """``gone`` (entry members no driver re-admitted) of batch ``key`` as strays: still held here (``_known``),
+        their call jobs to re-attach the batch with. A simulated batch (drawn again without them) or one whose id
+        is unknown has none: their claims go at 0 (simulated) or stay held (its create cut, ``_let_go``)."""
+        uids = [m[0] for m in gone]
+        if e[3] is None:
+            self._known.difference_update(uids)
+            return []
+        if e[3] == "":
+            self._known.difference_update(uids)
+            self._settle.extend((m[5], 0.0) for m in gone if m[5] is not None)
+            return []
+        model, strays, out = jobs[0].req.model, self._strays(), []
+        for m in gone:
+            try:
+                cj = stand_in(m[0], self.name, model, m[3], m[1], start)
+            except Exception as exc:  # (a uid of another shape): as before, its line unread and uncounted
+                log.error("dispatcher %s: batch %s: member %s, not re-admitted, cannot be read from its entry (%s): "
+                          "its line's cost is not counted", self.name, key, m[0], exc)
+                self._known.discard(m[0])
+                continue
+            strays[m[0]] = _Stray(key, (*e[:4], [m], *e[5:]), cj, m[5])
+            out.append(cj)
+        return out
+
+    def _strays_wanted(self, uids: list[str]) -> set[str]:
+        strays = self.__dict__.get("_stray") or {}
+        return {u for u in uids if u in strays}
+
+    def _strays_back(self, requests: list[Request]) -> None:
+        """Requests of strays re-admitted: answered with their line once the batch is read."""
+        strays = self.__dict__.get("_stray") or {}
+        for r in requests:
+            s = strays.get(r.uid)
+            if s is not None:
+                s.req = r
+                if s.read:
+                    self._stray_answer(r.uid)
+
+    def _strays_end(self, key: str, b: BatchJob, outs: dict | None) -> None:
+        """Batch ``key`` ended (``outs``: its lines; None when they could not be read, its members sent again):
+        each stray's claim settled at its line's cost, as a member's (a line not billed: 0). Unread, its claim
+        stays held (``reservation_ttl_s``) and it is no longer held here (sent again should it come back)."""
+        strays = self.__dict__.get("_stray")
+        mine = [u for u, s in strays.items() if s.key == key and not s.read] if strays else []
+        if not mine:
+            return
+        kept: deque = self.__dict__.setdefault("_strays_kept", deque())
+        done = self._settled_at_stop or ()
+        for uid in mine:
+            s = strays[uid]
+            if outs is None:  # (its members go again: one whose request came goes with them, and its claim)
+                log.error("dispatcher %s: batch %s, its results unread, ran the line of %s, which no driver had "
+                          "re-admitted at its take-up: its cost is not counted", self.name, key, uid)
+                if s.req is None:
+                    self._stray_drop(uid)
+                else:
+                    s.read = True
+                    self._stray_answer(uid, s.claim)
+                continue
+            o = s.out = outs.get(s.cj.key)
+            s.read, s.entry = True, (b, *s.entry[1:])
+            usd = o.cost if o is not None and (o.ok or o.maybe_billed) else 0.0
+            if o is not None and not o.ok and o.maybe_billed and o.cost:
+                self.possibly_billed += 1
+                self.possibly_billed_usd += o.cost
+            if s.claim is not None and s.claim not in done:
+                self._settle.append((s.claim, usd))
+            if s.req is not None:
+                self._stray_answer(uid)
+            elif o is None or verdict(o.ok, s.cj.attempt + 1, self.max_att, o.retryable) == "retry":
+                self._stray_drop(uid)  # nothing billed: sent anew should it come back
+            else:
+                kept.append(uid)
+        while len(kept) > STRAYS_KEPT:
+            self._stray_drop(kept.popleft())
+        self._kick()
+
+    def _stray_answer(self, uid: str, claim: str | None = None) -> None:
+        """A read stray whose request is here: resolved as the member it was, its claim settled already (but for
+        ``claim``, one its batch's unread end left it)."""
+        s = self._strays().pop(uid)
+        j = self._jobs_of(s.entry, {uid: s.req})[0]._replace(claim=claim)
+        self.in_flight += 1  # (let go by the resolution, as a member's)
+        o = s.out
+        if o is None:  # never ran: back to its policy, as an unfinished member at a hedge
+            self._hedged(j)
+        else:
+            if not o.ok and o.maybe_billed:  # settled on its claim already: said on its result, not settled again
+                j, o = j._replace(billed_usd=j.billed_usd + o.cost), o._replace(maybe_billed=False)
+            self._attempt(s.entry[0], j, o.ok, o.cost, "batch_api", o)
+        self._kick()
+
+    def _stray_drop(self, uid: str) -> None:
+        if self._strays().pop(uid, None) is not None:
+            self._known.discard(uid)
