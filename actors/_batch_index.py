@@ -129,7 +129,14 @@ class BatchIndex(BatchStrays):
         """The claim to let go of ``j``, a copy of work carried here, dropped as a duplicate: its own; but a copy of a
         member taken from the index (its entry outlived a hedge whose index drop the death cut) carries the claim its
         grouper reserved anew, letting the member's go (``_reserve``): the member goes on under the copy's. Before (a
-        review), the copy's was let go, and the member's cost was settled on a claim released already: ignored."""
+        review), the copy's was let go, and the member's cost was settled on a claim released already: ignored.
+        A copy of a stray (``_batch_strays``; ingest's recall missed this dispatcher): its request is taken, answered
+        with the stray's line, and its claim let go (the stray's own is settled at that line's cost)."""
+        if j.req.uid in (self.__dict__.get("_stray") or {}):
+            self._strays_back([j.req])
+            return j.claim
+        if j.claim is None:
+            return None
         key = self._held_at.get(j.req.uid)
         held = self.__dict__.get("_adopting", {}).get(key)
         jobs = held[0][4] if held is not None else self._open[key][1] if key in self._open else ()

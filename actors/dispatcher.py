@@ -191,7 +191,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
             if uid in done and uid not in here:
                 self._send_again(uid)
                 here.add(uid)
-            if j.claim is not None and (spare := self._spare_claim(j)) is not None:  # (``_batch_index``)
+            if (spare := self._spare_claim(j)) is not None:  # (``_batch_index``; a stray's copy: ``_batch_strays``)
                 self._settle.append((spare, 0.0))  # the duplicate's own reservation is not needed
         if len(out) == len(jobs):
             return jobs

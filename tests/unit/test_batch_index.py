@@ -531,3 +531,42 @@ def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admis
                 await d2.provider.close()
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_copy_of_a_stray_sent_here_by_its_grouper_gets_the_stray_s_line_with_no_new_batch():
+    """A stray (a member no driver re-admitted when its batch was taken up at the sweep) whose request reaches its
+    grouper (ingest's recall missed this dispatcher) and comes here as a copy: held here, it was dropped as a
+    duplicate and waited for the driver's next re-admission; before the strays, it was sent again, paid twice
+    (fails on the code before: a second batch). Now the copy's request is answered with the stray's line, and the
+    copy's claim let go. (The simulated provider stands in for one that knows the batch by an id.)"""
+    from actors import Ingest
+
+    class G(Recorder):
+        async def recall(self, uids):
+            return []
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100,
+                                                                     type("Made", (), {"id": "batch_7"})(), None))})
+        created = []
+        d.provider.submit_batch = lambda *a, **k: created.append(a)
+        reqs = [j.req for j in b.jobs]
+        ing = Ingest([G()], dispatchers=[d])
+        await ing.readmit(reqs[:2])
+        await ing.readmit(reqs[:2], force=True)
+        assert d.reattached == 1 and await d.holds([reqs[2].uid]) == [reqs[2].uid]  # the stray, still held
+        got = await _pulled(hub, clock, 2)
+        copy = b.jobs[2]._replace(hedges=1, claim="g2")  # its grouper's, under the claim it reserved anew
+        await d.run_many([BatchJob("b2", "batch_api", None, False, "r", "why", [copy])])
+        got += await _pulled(hub, clock, 1)
+        assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and {r.batch_id for r in got} == {"b1"}
+        await _done(d)
+        assert created == [] and d.groupers[0]._target.readmitted() == []
+        settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
+        r2 = next(r for r in got if r.id == "r2")  # (its stand-in's draw: a simulated line of no tokens, $0)
+        assert settled["c2"] == r2.cost_usd and settled["g2"] == 0.0 and set(settled) == {"c0", "c1", "c2", "g2"}
+    asyncio.run(go())
