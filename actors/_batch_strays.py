@@ -48,8 +48,8 @@ def stand_in(uid: str, provider: str, model: str, attempts: int, row: int, start
     names its line of the batch, and the provider prices that line by its usage, the model's and the mode's."""
     n, _, rest = uid.partition(":")
     tenant, rid = rest[:int(n)], rest[int(n) + 1:]
-    # (never sent: a media model's wants a prompt. Its params are unknown: an image is priced at the size its
-    # answer reports where the provider reads one, else at the model's default)
+    # (never sent: a media model's wants a prompt. Its params are unknown: an image is priced at the model's
+    # default size, and at the quality its answer reports where one does, OpenAI's)
     req = Request.model_validate({"id": rid, "tenant": tenant, "arrival_s": 0.0, "provider": provider,
                                   "model": model, "input_tokens": 0, "output_tokens": 0, "prompt": "-"})
     return CallJob(call_key(tenant, rid, model, attempts), req, start, attempts, row)
