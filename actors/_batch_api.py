@@ -373,6 +373,6 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                         self._counts.hedge_kept_members += o.ok
                     self._note_warm(j.req, o, start)
                     self._attempt(b, j, o.ok, o.cost, "batch_api", o)
-            self._strays_end(key, b, read)  # lines of members no driver re-admitted (``_batch_strays``)
+            self._strays_end(key, read)  # lines of members no driver re-admitted (``_batch_strays``)
             self._pump()
 

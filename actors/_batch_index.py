@@ -174,8 +174,8 @@ class BatchIndex(BatchStrays):
                 gone = [m for m in e[4] if m[0] not in reqs]
                 if gone:
                     log.warning("dispatcher %s: batch %s taken up with the %d of its %d members re-admitted; the "
-                                "others' lines are read and counted on their claims", self.name, key, len(reqs),
-                                len(e[4]))
+                                "others' lines it runs are counted on their claims and kept for their requests",
+                                self.name, key, len(reqs), len(e[4]))
                     e = (*e[:4], [m for m in e[4] if m[0] in reqs], *e[5:])
                     if e[3] is None:  # its create cut: looked for by its size, or made again, as a part of itself,
                         self._known.difference_update(m[0] for m in gone)  # it was not found, and made again

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 
-from actors._types import BatchJob, Job
+from actors._types import Job
 from engine.core.provider_api import CallJob, CallOutcome, call_key
 from engine.core.request import Request
 from engine.runtime.outcomes import verdict
@@ -100,10 +100,11 @@ class BatchStrays:
                 if s.read:
                     self._stray_answer(r.uid)
 
-    def _strays_end(self, key: str, b: BatchJob, outs: dict | None) -> None:
+    def _strays_end(self, key: str, outs: dict | None) -> None:
         """Batch ``key`` ended (``outs``: its lines; None when they could not be read, its members sent again):
-        each stray's claim settled at its line's cost, as a member's (a line not billed: 0). Unread, its claim
-        stays held (``reservation_ttl_s``) and it is no longer held here (sent again should it come back)."""
+        each stray's claim settled at its line's cost, as a member's (a line not billed: 0). Unread, a stray whose
+        request came goes again with its claim, as the members do; one whose request did not is no longer held
+        here (sent again should it come back), its claim held until ``reservation_ttl_s``."""
         strays = self.__dict__.get("_stray")
         mine = [u for u, s in strays.items() if s.key == key and not s.read] if strays else []
         if not mine:
@@ -122,7 +123,7 @@ class BatchStrays:
                     self._stray_answer(uid, s.claim)
                 continue
             o = s.out = outs.get(s.cj.key)
-            s.read, s.entry = True, (b, *s.entry[1:])
+            s.read = True
             usd = o.cost if o is not None and (o.ok or o.maybe_billed) else 0.0
             if o is not None and not o.ok and o.maybe_billed and o.cost:
                 self.possibly_billed += 1
