@@ -28,6 +28,7 @@ from engine.core.settings import Settings
 from .helpers import Recorder
 from .test_http_providers import (  # noqa: F401  (emu: the fixture)
     KEY,
+    ROUTE,
     Rig,
     batch_key,
     billed_by_custom_id,
@@ -471,9 +472,10 @@ def test_a_gemini_native_batch_re_attached_by_its_name_is_polled_read_by_key_and
         assert sorted(billed(e)) == sorted(cj.key for cj in cjobs)
 
 
-@pytest.mark.parametrize("late", ["after its line was read", "while the batch runs"])
+@pytest.mark.parametrize(("provider", "late"), [("openai", "after its line was read"), ("openai", "while the batch runs"),
+                                                ("anthropic", "after its line was read")])
 def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admission_gets_it_with_no_new_call(
-        emu, late):  # noqa: F811
+        emu, provider, late):  # noqa: F811
     """Over HTTP at the emulator: a batch of 4 found in the index, 3 re-admitted, taken up at the sweep's forced
     re-admission. The batch, followed by its id, runs the fourth's line too, billed: its claim, held until
     ``reservation_ttl_s``, then counted nothing (the ledger $0.000179 of $0.000244 billed, a review's run; fails on
@@ -485,16 +487,16 @@ def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admis
         async def recall(self, uids):
             return []
 
-    e, jobs = emu, jobs_of("openai", 4, claims=True)
+    e, jobs = emu, jobs_of(provider, 4, claims=True)
 
     async def go():
-        rig = Rig(e, "openai")
+        rig = Rig(e, provider)
         sealed(rig.d)
         d2 = None
         try:
             await rig.reserve(jobs)
             await rig.run("batch_api", jobs)
-            await rig.until(lambda: e.count(CREATE["openai"]) == 1, "the batch created")
+            await rig.until(lambda: e.count(CREATE[provider]) == 1, "the batch created")
 
             async def indexed():
                 return [v[3] is not None for v in (await index_of(rig.hub, rig.d)).values()] == [True]
@@ -502,7 +504,7 @@ def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admis
             for t in list(rig.d._tasks):
                 t.cancel()
             rig.hub.__dict__["_journal_spaces"].pop(rig.d._space)
-            d2 = lost(sealed(Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub,
+            d2 = lost(sealed(Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub,
                                         None, rig.budget, key=Secret(KEY))))
             reqs, g = [j.req for j in jobs], G()
             ing = Ingest([g], dispatchers=[d2])
@@ -523,7 +525,7 @@ def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admis
             assert r3.status == "ok" and r3.mode == "batch_api" and r3.batch_id == "b", r3
             assert r3.cost_usd == pytest.approx(billed_by_custom_id(e)[batch_key(jobs[3])].cost_usd, abs=1e-12)
             await _done(d2)
-            assert e.count(CREATE["openai"]) == 1 and e.count("chat.completions") == 0
+            assert e.count(CREATE[provider]) == 1 and e.count(ROUTE[provider]) == 0
             assert len(e.bill().items) == 4 and g.readmitted() == [] and rig.grouper.readmitted() == []
             assert sum(rig.budget.book.spend.values()) == pytest.approx(e.bill().total_usd, abs=1e-12)
         finally:
