@@ -15,7 +15,9 @@ re-admits them and has their requests, hands them over (``wanted``, ``adopt``, `
 batch's members are all back it is taken up as a journaled one is: followed by the provider's batch id
 (``Provider.reattach``), or, where its create was cut before the id was known, looked for under its key
 (``find_batch``) and, not found, created under it with the requests ingest handed over. Its members keep their
-attempts (their ``custom_id``) and settle their first claim, and its record is journaled again."""
+attempts (their ``custom_id``) and settle their first claim, and its record is journaled again. One taken up at
+the driver's sweep without some of its members (their driver gone) reads their lines too, each settled on its
+claim and kept for a late re-admission of its request (``actors._batch_strays``)."""
 
 from __future__ import annotations
 
