@@ -27,6 +27,7 @@ import pickle
 
 from actors._batch_strays import BatchStrays
 from actors._journal_seal import HUB_ASK_S
+from actors._sync_index import SYNC, SyncIndex
 from actors._types import Job
 from engine.core.request import Request
 
@@ -49,8 +50,9 @@ def entry(rec: tuple) -> bytes:
     return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members, sent_as, model))
 
 
-class BatchIndex(BatchStrays):
-    """Mixed into ``Dispatcher``: the index's writes, its read at a restart that lost records, and the adoption."""
+class BatchIndex(BatchStrays, SyncIndex):
+    """Mixed into ``Dispatcher``: the index's writes, its read at a restart that lost records, and the adoption (of
+    its sync calls too: ``SyncIndex``; of a batch's strays: ``BatchStrays``)."""
 
     def _index_space(self) -> str | None:
         seal = getattr(self.journal, "seal", None)  # only a Redis journal loses what the hub keeps
@@ -72,6 +74,8 @@ class BatchIndex(BatchStrays):
         self._index_put(list(self._open))
         if (space := self._index_space()) is not None and (waiting := self.__dict__.get("_adopting")):
             self.hub.send("journal_put_many", space, {k: pickle.dumps(e) for k, (e, _) in waiting.items()})
+        if space is not None:
+            self._sync_index_rewrite(space)
 
     def _index_drop(self, keys: list[str]) -> None:
         space = self._index_space()
@@ -96,9 +100,10 @@ class BatchIndex(BatchStrays):
                                 type(exc).__name__, exc)
             self._sealing = asyncio.ensure_future(release())  # (held: a task may be collected)
 
-    async def _index_take(self, records: dict) -> int:
+    async def _index_take(self, records: dict, bodies: dict) -> int:
         """After a loss (``lost_records``): hold the members of the batches the index has and the journal lost,
-        until ingest hands their requests over (``adopt``). Returns how many batches."""
+        and the requests of its lost sync calls (``bodies``: the sync records read, ``actors._sync_index``), until
+        ingest hands their requests over (``adopt``). Returns how many batches."""
         space = self._index_space()
         try:
             got = await asyncio.wait_for(self.hub.call("journal_items", space), HUB_ASK_S)
@@ -106,8 +111,11 @@ class BatchIndex(BatchStrays):
             log.error("dispatcher %s: could not read the hub's index of its batches (%s: %s): their members may "
                       "be sent again, paid twice", self.name, type(exc).__name__, exc)
             return 0
+        calls = {k: got.pop(k) for k in [k for k in got if k.startswith(SYNC)]}
         lost = {k: pickle.loads(v) for k, v in got.items() if k not in records and k not in self._open}
-        ended = await self._ended_at_hub([m[0] for e in lost.values() for m in e[4]])
+        ended = await self._ended_at_hub([m[0] for e in lost.values() for m in e[4]]
+                                         + [pickle.loads(v)[1][0] for v in calls.values()])
+        self._sync_take(calls, bodies, ended)
         waiting = self.__dict__.setdefault("_adopting", {})
         self._held_at = {}
         for key, (b, start, tokens, bid, members, *sent_as) in lost.items():
@@ -155,7 +163,7 @@ class BatchIndex(BatchStrays):
         """Of ``uids`` (re-admitted, held here), those whose request this dispatcher waits for (``adopt``)."""
         await self._ready()
         want = {m[0] for e, _ in self.__dict__.get("_adopting", {}).values() for m in e[4]}
-        want |= self._strays_wanted(uids)
+        want |= self._strays_wanted(uids) | self._sync_wanted()
         return [u for u in uids if u in want]
 
     async def adopt(self, requests: list[Request], force: bool = False) -> int:
@@ -185,8 +193,9 @@ class BatchIndex(BatchStrays):
                         continue
                 self._take_up(key, e, reqs, gone)
                 n += 1
-        if n:
-            self.reattached += n
+        calls = self._sync_adopt(by_uid)  # (its lost sync calls: made again as they were)
+        self.reattached += n
+        if n or calls:
             self._kick()
             await self._journal_tally()  # its count kept by now, as a recovery's is
         return n

@@ -9,6 +9,7 @@ import logging
 
 from actors._batch_api import _short
 from actors._shards import by_result_uid
+from actors._sync_index import SYNC
 from actors._types import send_sharded
 from actors.journal import delete_later
 from actors.metrics import DispatchCounts
@@ -190,10 +191,11 @@ class Outbox:
                 unjournal = []
             else:
                 unjournal, self._unjournal_held = unjournal + self._unjournal_held, []
+        # The hub's entries go with the records, the batches' and the sync calls' in one message (``_batch_index``)
+        self._index_drop([k if sp == self._space else SYNC + k for sp, k in unjournal
+                          if sp in (self._space, self._sync_journal.space)])
         for space in {sp for sp, _ in unjournal}:
             keys = [k for sp, k in unjournal if sp == space]
-            if space == self._space:  # the hub's entries go with the records (``_batch_index``)
-                self._index_drop(keys)
             writer = next((w for w in (self._sync_journal, self._jobs_journal) if w.space == space), None)
             if writer is not None:  # with that space's writes, so a late delete never takes a newer record
                 for k in keys:

@@ -182,7 +182,7 @@ class Recovery:
             return -1
         if await lost_records(self.journal, f"dispatcher {self.name}"):
             self.journal_lost += 1
-            await self._index_take(records)  # the batches the hub's index has: held, taken up once re-admitted
+            await self._index_take(records, bodies)  # the batches the hub's index has: held, taken up once re-admitted
         self._take_back_tally(tally)
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])

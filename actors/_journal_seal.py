@@ -17,8 +17,8 @@ holder wrote nothing, or the hub restarted since and the holder had nothing open
 Both are read after the records, so a loss while they are read is said too. What it cannot tell: whether what was
 lost was still open (records of work that had all ended read as a loss: an ERROR that says "may", nothing sent);
 and a snapshot taken after the holder's first record and before its later ones keeps the seal, the later records
-lost unseen. Said, the loss is made good where the hub's index of the holder's batches has them
-(``actors._batch_index``)."""
+lost unseen. Said, the loss is made good where the hub's index of the holder's batches and sync calls has them
+(``actors._batch_index``, ``actors._sync_index``)."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ async def lost_records(journal: Any, who: str) -> bool:
         log.warning("%s: could not tell whether its journal lost records (%s: %s)", who, type(exc).__name__, exc)
         return False
     log.error("%s: its journal's Redis lost the records it wrote (restarted without persistence, or back from an "
-              "older snapshot, before the journal's watch wrote them again): batches under way at the provider are "
-              "followed only where the hub's index has them (``actors._batch_index``); the members of any other are "
-              "sent again when re-admitted, paid twice", who)
+              "older snapshot, before the journal's watch wrote them again): batches and sync calls under way at the "
+              "provider are taken up only where the hub's index has them (``actors._batch_index``, "
+              "``actors._sync_index``); the requests of any other are sent again when re-admitted, paid twice", who)
     return True

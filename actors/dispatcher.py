@@ -102,7 +102,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._unjournal: list[tuple[str, str]] = []
         self._unjournal_held: list[tuple[str, str]] = []  # records of results the hub did not take (yet)
         self._journal_retries: set[asyncio.Task] = set()  # deletes of records tried again (the journal failed)
-        self._sync_journal = JournalWriter(self.journal, f"sync:{provider}")
+        self._sync_journal = JournalWriter(self.journal, f"sync:{provider}", self._sync_index_put)
         self._init_jobs()  # the jobs its sync calls poll (videos), journaled (``_dispatch_jobs``)
         # journal key -> (BatchJob, jobs, start, tokens, handle, body) of open batches; handle None while
         # being created (body: what the create sends, when it must be sent the same again)

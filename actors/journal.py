@@ -282,10 +282,11 @@ class JournalWriter:
     """Coalesces journal writes of one space: ``await put(k, v)`` returns once a write holding it is done; all
     puts made while one write is under way go in the next, so a burst of calls costs one round trip, not one
     each. Deletes are sent with the next write (or on their own, later): a stale record costs nothing but a
-    look when recovering."""
+    look when recovering. ``on_put``: told of each write's records before it is sent (the hub's index of a
+    dispatcher's sync calls, ``actors._sync_index``: one message per write, not per record)."""
 
-    def __init__(self, journal, space: str):
-        self.journal, self.space = journal, space
+    def __init__(self, journal, space: str, on_put: Callable[[dict], Any] | None = None):
+        self.journal, self.space, self.on_put = journal, space, on_put
         self._puts: dict[str, Any] = {}
         self._dels: list[str] = []
         self._done: asyncio.Future | None = None
@@ -335,6 +336,11 @@ class JournalWriter:
                     delete_later(self.journal, self.space, failed, self.retries, self._retrying)
             landed = True
             if puts:
+                try:
+                    if self.on_put is not None:
+                        self.on_put(puts)
+                except Exception as exc:  # (never the write's: its call waits for it)
+                    log.warning("journal %s: on_put failed (%s: %s)", self.space, type(exc).__name__, exc)
                 try:
                     await self.journal.put_many(self.space, puts)
                 except Exception as exc:  # the call goes on unjournaled: only a restart just now would lose it

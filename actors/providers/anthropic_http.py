@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer, count_at
@@ -158,6 +158,13 @@ class AnthropicProvider(HttpBase):
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         return self._pinned(self.body(job, self._warm_blocks(job)), str(self.client.base_url))
+
+    def sync_bodies(self, job: CallJob) -> Iterator[dict[str, Any]]:
+        """The bodies a sync call of ``job`` may have been sent with, by how many of its leading blocks were warm
+        then (its cache marks): a restart, which lost the body and the warmth, finds the one sent by its key
+        (``actors._sync_index``); rebuilt with no warmth, it went under a new key, billed again."""
+        for k in range(len(job.req.prefix_blocks) + 1):
+            yield self._pinned(self.body(job, k), str(self.client.base_url))
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk

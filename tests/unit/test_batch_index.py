@@ -572,3 +572,77 @@ def test_a_copy_of_a_stray_sent_here_by_its_grouper_gets_the_stray_s_line_with_n
         r2 = next(r for r in got if r.id == "r2")  # (its stand-in's draw: a simulated line of no tokens, $0)
         assert settled["c2"] == r2.cost_usd and settled["g2"] == 0.0 and set(settled) == {"c0", "c1", "c2", "g2"}
     asyncio.run(go())
+
+
+@pytest.mark.parametrize(("provider", "mode"), [("openai", "sync"), ("openai", "flex"), ("anthropic", "warm")])
+def test_a_lost_sync_call_is_made_again_under_its_key_not_sent_through_its_policy(emu, provider, mode):  # noqa: F811
+    """Over HTTP at the emulator (which honours keys): a sync call answered and billed at the provider, its answer
+    never heard (the process died), its body record lost with the journal's Redis. Only batches were indexed: the
+    restart held nothing, and the request, re-admitted, went through its policy again, which may put it in a batch,
+    paid twice (fails on the code before). Now the restart holds it, and ingest's hand-over makes it again as the
+    same call: the same Idempotency-Key (and tier), replayed unbilled, never back to a grouper, counted once.
+    ``warm``: an Anthropic call whose cache mark followed a prefix then warm, which the restart does not know: its
+    body is found again by its key (rebuilt cold, it went under a new key, billed again)."""
+    from engine.core.grouping import WarmNote
+    from engine.core.provider_api import idempotency_key
+
+    extra = {"input_tokens": 1500, "prefix_blocks": [11, 12, 13]} if mode == "warm" else {}
+    e, jobs = emu, jobs_of(provider, 1, claims=True, **extra)
+    route = {"openai": "chat.completions", "anthropic": "messages"}[provider]
+
+    async def go():
+        rig = Rig(e, provider)
+        sealed(rig.d)
+        await rig.reserve(jobs)
+        if mode == "warm":  # its first two blocks believed warm: a cache mark at the second
+            rig.d.provider._warm.see([WarmNote(provider, jobs[0].req.model, (11, 12), rig.clock.now() + 1e6)],
+                                     rig.clock.now())
+        sent, made, stop = [], asyncio.Event(), asyncio.Event()
+        spy = rig.d.provider.call
+
+        async def dies_in_the_call(cj):
+            await spy(cj)  # answered and billed at the provider
+            sent.append((idempotency_key(cj.key, cj.body), cj.body.get("service_tier")))
+            made.set()
+            await stop.wait()  # its answer never heard: the process died
+        rig.d.provider.call = dies_in_the_call
+        d2 = None
+        try:
+            await rig.run("sync" if mode == "warm" else mode, jobs)
+            await asyncio.wait_for(made.wait(), 10.0)  # (its body journaled before it: ``_run_sync``)
+            for t in list(rig.d._tasks):
+                t.cancel()
+            rig.hub.__dict__["_journal_spaces"].pop(rig.d._sync_journal.space)  # its record lost, the index kept
+            d2 = lost(sealed(Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub,
+                                        None, rig.budget, key=Secret(KEY))))
+            again, inner = [], d2.provider.call
+
+            async def seen(cj):
+                again.append((idempotency_key(cj.key, cj.body), cj.body.get("service_tier"), cj.attempt))
+                return await inner(cj)
+            d2.provider.call = seen
+            if mode == "warm":  # (the restart knows no warmth: the body it would build is not the one sent)
+                cold = d2.provider.sync_body(d2._call_job(jobs[0], 0.0))
+                assert idempotency_key(d2._call_job(jobs[0], 0.0).key, cold) != sent[0][0]
+            uids = [j.req.uid for j in jobs]
+            assert await d2.recall(uids) == uids  # held: the re-admission does not send it through its policy
+            await hand_over([as_peer(d2)], [j.req for j in jobs])
+            await rig.until(lambda: rig.results, "its result")
+            await _done(d2)
+            assert again == [(*sent[0], 0)] and sent[0][1] == ("flex" if mode == "flex" else None)
+            r = rig.results[jobs[0].req.id]
+            assert r.status == "ok" and r.mode == ("flex" if mode == "flex" else "sync")
+            assert rig.grouper.readmitted() == [] and e.count(route) == 2 and not e.counters().get(
+                (provider, CREATE[provider]))
+            items = [i for i in e.bill().items if i.idempotency_key is not None]
+            assert [i.idempotency_key for i in items] == [sent[0][0]]  # billed once, under the one key
+            assert d2.resumed_calls == 1 and d2.journal_lost == 1 and not d2.__dict__.get("_unsealed")
+            await _until_async(lambda: _has(rig.hub, d2, []))  # dropped with its record, once its result was pushed
+            await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(items[0].cost_usd, abs=1e-12)
+        finally:
+            stop.set()
+            if d2 is not None:
+                await d2.provider.close()
+            await rig.close()
+    asyncio.run(go())

@@ -1,0 +1,123 @@
+"""The result hub's index of a dispatcher's sync calls under way over HTTP, beside its batches'
+(``actors._batch_index``), for a restart whose Redis journal lost their body records.
+
+A sync call's body is journaled before its first try (``SyncCalls._run_sync``), so a restart makes it again under
+the same ``Idempotency-Key`` with the same body. A Redis restarted empty, the dispatcher dead before its watch wrote
+the records again, loses them: before this index the restart did not make the call again, and the driver's
+re-admission sent its request through its policy again; sent sync, it went under the same key (its attempt 0), but
+a policy may put it in a batch, which ran it again beside the cut call the provider had finished and billed: paid
+twice. Now each body record written has a small entry in the hub (no body, no request: the dispatch without its
+jobs, the job's fields without its request, the model it was sent to where rerouted, and the ``Idempotency-Key``
+sent), written with the record (one hub message per journal write, which coalesces the calls starting together) and
+dropped with it (in the flush's one drop message, with the batches' entries).
+
+A restart that reads a loss holds the requests of the entries its journal lacks, and when ingest hands them over
+(``wanted``/``adopt``) makes each call again as the same sync call: the same dispatch (a flex one at the flex tier),
+attempt and claim, and a body rebuilt from the re-admitted request; where that body's key is not the one sent (a
+body made of a state this process lost), the call goes under a new key, said at WARNING."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+
+from actors._types import Job
+from engine.core.provider_api import idempotency_key
+
+__all__ = ["SYNC", "SyncIndex", "sync_entry"]
+
+log = logging.getLogger("smartbatch.dispatcher")
+
+SYNC = "~sync:"  # a sync call's key in the index's space: SYNC + its call key (a batch's journal key never so)
+
+
+def sync_entry(key: str, rec: tuple) -> bytes:
+    """A sync body record (``Dispatcher._sync_calls``' value) as its index entry: no request, no body."""
+    b, j, cache_write, body = rec
+    sent_as = (j.req.provider, j.req.model) if j.asked is not None else None  # rerouted: re-admitted as first asked
+    ikey = None if body is None else idempotency_key(key, body)
+    return pickle.dumps((b._replace(jobs=[]), (j.req.uid, j.seq, j.fp, *j[3:]), cache_write, sent_as, ikey))
+
+
+class SyncIndex:
+    """Mixed into ``Dispatcher`` (through ``BatchIndex``): the sync calls' entries, and their resumption."""
+
+    _adopting_sync: dict[str, tuple] = {}  # (read only) call key -> entry of a lost call, until its request comes
+
+    def _sync_index_put(self, puts: dict) -> None:
+        """``JournalWriter``'s hook: body records about to be written; their entries, in one message."""
+        space = self._index_space()
+        if space is not None and puts:
+            self.hub.send("journal_put_many", space, {SYNC + k: sync_entry(k, rec) for k, rec in puts.items()})
+
+    def _sync_index_rewrite(self, space: str) -> None:
+        """The hub restarted without its index: the entries of the calls under way and of those still held."""
+        blobs = {SYNC + k: sync_entry(k, rec) for k, rec in self._sync_calls.items()}
+        blobs.update((SYNC + k, pickle.dumps(e)) for k, e in self._adopting_sync.items())
+        if blobs:
+            self.hub.send("journal_put_many", space, blobs)
+
+    def _sync_take(self, got: dict, bodies: dict, ended: set) -> int:
+        """After a loss: hold the requests of the calls the index has and the journal lost (``bodies``: the
+        records read), until ingest hands them over. Returns how many."""
+        held, gone = self.__dict__.setdefault("_adopting_sync", {}), []
+        for k, blob in got.items():
+            key = k[len(SYNC):]
+            if key in bodies or key in self._sync_calls:
+                continue
+            e = pickle.loads(blob)
+            uid = e[1][0]
+            if uid in ended or uid in self._known or uid in self._done:
+                gone.append(k)
+                continue
+            held[key] = e
+            self._known.add(uid)
+        if gone:
+            self._index_drop(gone)
+        if held:
+            self.__dict__.setdefault("_unsealed", set()).update(SYNC + k for k in held)
+            self.journal.seal_held = True
+            log.warning("dispatcher %s: %d sync call(s) under way found in the hub's index, their records lost: "
+                        "their requests are held, and made again as the same calls once re-admitted", self.name,
+                        len(held))
+        return len(held)
+
+    def _sync_wanted(self) -> set[str]:
+        return {e[1][0] for e in self._adopting_sync.values()}
+
+    def _sync_adopt(self, by_uid: dict) -> int:
+        """Of the held calls, each whose request ``by_uid`` has is made again: same dispatch, attempt and claim."""
+        n = 0
+        for key, e in list(self._adopting_sync.items()):
+            b, member, cache_write, sent_as, ikey = e
+            if (r := by_uid.get(member[0])) is None:
+                continue
+            del self._adopting_sync[key]
+            if sent_as is not None:
+                r = r.model_copy(update={"provider": sent_as[0], "model": sent_as[1]})
+            j = Job(member[1], r, member[2], *member[3:])
+            now = self.clock.now()
+            self.in_flight += 1
+            self._unanswered[r.uid] += 1  # the cut call may have been billed: its bound, if no retry is answered
+            self.sim.hold_sync(r.model, now, r.input_tokens + r.output_tokens)  # its slot, as a started call's
+            self._spawn(self._resume_adopted(key, b, j, cache_write, ikey, now), [j], b)
+            self.resumed_calls += 1
+            n += 1
+        return n
+
+    async def _resume_adopted(self, key: str, b, j: Job, cache_write: bool, ikey: str | None, now: float) -> None:
+        flex = self._as_call(b, j)[0] == "flex"
+        cj = self._call_job(j, now, cache_write)._replace(flex=flex)
+        body = self.provider.sync_body(cj)
+        if ikey is not None and body is not None and idempotency_key(key, body) != ikey:
+            # Made of a state this process lost (Anthropic's cache marks followed the warmth then): the one sent
+            made = getattr(self.provider, "sync_bodies", None)
+            body = next((x for x in made(cj) if idempotency_key(key, x) == ikey), None) if made else None
+        if body is None and ikey is not None:
+            body = self.provider.sync_body(cj)
+            log.warning("dispatcher %s: the body of lost call %s, made again from its re-admitted request, is not "
+                        "the one sent: it goes under a new Idempotency-Key, and may be billed twice", self.name, key)
+        self._sync_calls[key] = rec = (b, j, cache_write, body)
+        if await self._sync_journal.put(key, rec):  # (its entry with it): journaled again, the seal may come back
+            self._journaled_again([SYNC + key])
+        await self._run_sync(b, j, cache_write, now)
