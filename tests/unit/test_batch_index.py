@@ -472,6 +472,29 @@ def test_a_gemini_native_batch_re_attached_by_its_name_is_polled_read_by_key_and
         assert sorted(billed(e)) == sorted(cj.key for cj in cjobs)
 
 
+def test_the_hub_s_restart_keeps_the_entries_of_sync_calls_under_way_and_held():
+    """The rewire's ``rejournal`` after the hub lost its memory writes the sync calls' entries again: those of the
+    calls under way and those a restart holds for their requests (fails without it: a later restart found them
+    nowhere, and their requests went through their policy again)."""
+    from actors._sync_index import SYNC, sync_entry
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(2)._replace(mode="sync")
+        held, going = b.jobs
+        await hub.journal_put_many(d._index_space(), {SYNC + "k0": sync_entry("k0", (b, held, False, {"m": 0}))})
+        assert await d.recall([held.req.uid]) == [held.req.uid]  # held, waiting for its request
+        d._sync_calls["k1"] = (b._replace(jobs=[]), going, False, {"m": 1})  # (one under way over HTTP)
+        hub.__dict__.pop("_journal_spaces")  # the hub restarted: its memory gone
+        await d.rejournal()
+        await _until_async(lambda: _has(hub, d, [SYNC + "k0", SYNC + "k1"]))
+        assert (await index_of(hub, d))[SYNC + "k0"][1][0] == held.req.uid
+        d._sync_calls.clear()
+        await _done(d)
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize(("provider", "late"), [("openai", "after its line was read"), ("openai", "while the batch runs"),
                                                 ("anthropic", "after its line was read")])
 def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admission_gets_it_with_no_new_call(
