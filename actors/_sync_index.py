@@ -87,12 +87,12 @@ class SyncIndex:
 
     def _sync_adopt(self, by_uid: dict) -> int:
         """Of the held calls, each whose request ``by_uid`` has is made again: same dispatch, attempt and claim."""
-        n = 0
-        for key, e in list(self._adopting_sync.items()):
+        n, held = 0, self.__dict__.get("_adopting_sync", {})
+        for key, e in list(held.items()):
             b, member, cache_write, sent_as, ikey = e
             if (r := by_uid.get(member[0])) is None:
                 continue
-            del self._adopting_sync[key]
+            del held[key]
             if sent_as is not None:
                 r = r.model_copy(update={"provider": sent_as[0], "model": sent_as[1]})
             j = Job(member[1], r, member[2], *member[3:])
