@@ -13,8 +13,9 @@ dropped with it (in the flush's one drop message, with the batches' entries).
 
 A restart that reads a loss holds the requests of the entries its journal lacks, and when ingest hands them over
 (``wanted``/``adopt``) makes each call again as the same sync call: the same dispatch (a flex one at the flex tier),
-attempt and claim, and a body rebuilt from the re-admitted request; where that body's key is not the one sent (a
-body made of a state this process lost), the call goes under a new key, said at WARNING."""
+attempt and claim, and a body rebuilt from the re-admitted request (an Anthropic one with the cache marks of the
+warmth it was sent with, found by its key); where that body's key is still not the one sent (a body made of a state
+this process lost), the call goes under a new key, the cut call's upper bound charged, said at WARNING."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import logging
 import pickle
 
 from actors._types import Job
+from engine.core.budgets import Charge
+from engine.core.cost import reserve_bound
 from engine.core.provider_api import idempotency_key
 
 __all__ = ["SYNC", "SyncIndex", "sync_entry"]
@@ -115,9 +118,25 @@ class SyncIndex:
             body = next((x for x in made(cj) if idempotency_key(key, x) == ikey), None) if made else None
         if body is None and ikey is not None:
             body = self.provider.sync_body(cj)
-            log.warning("dispatcher %s: the body of lost call %s, made again from its re-admitted request, is not "
-                        "the one sent: it goes under a new Idempotency-Key, and may be billed twice", self.name, key)
+            self._lost_key(b, j, ikey)
         self._sync_calls[key] = rec = (b, j, cache_write, body)
         if await self._sync_journal.put(key, rec):  # (its entry with it): journaled again, the seal may come back
             self._journaled_again([SYNC + key])
         await self._run_sync(b, j, cache_write, now)
+
+    def _lost_key(self, b, j: Job, ikey: str) -> None:
+        """The body of a lost call, made again, is not the one sent (made of a state this process lost): under a new
+        key, the cut call's answer is not found again, and where it was billed the new call is billed beside it. Its
+        upper bound is charged (once per key sent) and counted as possibly billed, as a call that got no answer is:
+        the new call's answer under a provider that honours keys took it as answered, and the ledger stayed under
+        the bill."""
+        r = j.req
+        usd = self._flex_lost_bound(r) if b.mode == "flex" else reserve_bound(r, self.catalog, "sync", None)
+        self._unanswered[r.uid] -= 1  # (charged here: not again at its end, should every retry fail)
+        self.possibly_billed += 1
+        self.possibly_billed_usd += usd
+        if self.budget is not None:
+            self._to_budget("charge_many", [Charge(f"lost-body:{ikey}", r.tenant, r.provider, r.model, usd)])
+        log.warning("dispatcher %s: the body of lost call %s, made again from its re-admitted request, is not the one "
+                    "sent: it goes under a new Idempotency-Key, and the cut call's bound ($%.6f) is charged, possibly "
+                    "billed", self.name, ikey, usd)
