@@ -173,7 +173,11 @@ class AnthropicProvider(HttpBase):
         key = idempotency_key(job.key, body)
         try:
             api = self.client.messages
-            msg, replayed = await create_call(api.create, api.with_raw_response.create, body, key)
+            # Given per call: at a client whose timeout is the SDK's default (ours, 600 s), the SDK refuses a
+            # non-streaming call whose max_tokens (the model's maximum, where the request sets none) may take
+            # over 10 minutes, a ValueError before anything is sent (a new user's tour: every such call failed).
+            msg, replayed = await create_call(api.create, api.with_raw_response.create, body, key,
+                                              timeout=self.client.timeout)
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:
