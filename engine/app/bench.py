@@ -285,7 +285,7 @@ def _markdown(doc: dict) -> str:
                 "budget_duration") else "") for b in doc["budgets"]) + "."),
         *([source_line(doc), ""] if source_line(doc) else [""]),
         "| policy | cost USD | saving vs naive | capture of achievable | capture of online | deadlines met | "
-        "urgent met | latency p50 / p99 (urgent; normal; background) | exact/in-flight/near hits | failed | "
+        "urgent met | latency p50 / p99 s (urgent; normal; background) | exact/in-flight/near hits | failed | "
         "rejected | sim req/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]

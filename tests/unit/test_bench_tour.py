@@ -347,3 +347,14 @@ def test_an_id_used_again_under_another_tenant_is_refused_saying_ids_are_unique_
     across, again = (p[3] for p in tr.problems)
     assert "under tenant 'default' there: a trace's ids are unique across tenants too" in across
     assert "unique across tenants" not in again and "duplicate id 'a' (first on line 1)" in again
+
+
+# --- results.md gives the latency column's unit -------------------------------------------------------------------
+
+def test_results_md_names_the_unit_of_its_latency_column():
+    from engine.app.bench import _markdown
+
+    header = next(line for line in _markdown(_small_doc()).splitlines() if line.startswith("| policy"))
+    # Before: "latency p50 / p99 (urgent; normal; background)" over cells such as "2,562 / 4,760": seconds, unsaid
+    # (the plot says seconds; a new user's tour, stop 79).
+    assert "latency p50 / p99 s (urgent; normal; background)" in header, header
