@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from engine.core._catalog_errors import catalog_problem
 from engine.core._catalog_parts import (
     BatchApi,
     FlexTier,
@@ -378,20 +379,18 @@ def load_catalog(path: str | Path | None = None, overlay: str | Path | None = No
     YAML file merged on top, mapping by mapping: it adds or overrides providers, models and prices without
     copying the whole catalog (a new provider needs only its models and prices)."""
     raw, where = _read_yaml(path, "--catalog")
+    base = extra = None
     if overlay is not None:
         extra, owhere = _read_yaml(overlay, "--catalog-overlay")
         try:
-            raw, extra = respelt_catalog(raw), respelt_catalog(extra)
+            base, extra = respelt_catalog(raw), respelt_catalog(extra)
         except ValueError as exc:
             raise CatalogError(f"catalog {where} + overlay {owhere}: {exc}") from None
-        raw, where = _merge(raw, extra), f"{where} + overlay {owhere}"
+        raw, where = _merge(base, extra), f"{where} + overlay {owhere}"
     try:
         return Catalog.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(x) for x in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")  # a check of ours: its message is whole
-        raise CatalogError(f"catalog {where}: field '{loc}': {msg} ({exc.error_count()} error(s))") from exc
+        raise CatalogError(catalog_problem(exc, where, Catalog, base or raw, extra)) from exc
 
 
 @functools.cache
