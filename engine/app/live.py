@@ -277,7 +277,9 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
         job = CallJob(call_key(first.tenant, first.id, first.model), first, 0.0, 0, 0)
         body = prov.body(job)
         body = _clip(body)  # the shape, not kilobytes of a replayed prompt
-        route, base = prov.route(job), settings.providers.endpoints[name].base_url
+        # Where the real run's SDK sends it: OPENAI_BASE_URL / ANTHROPIC_BASE_URL too (read as "the SDK's default"
+        # until a new user's tour, pointed at the emulator by them).
+        route, base = prov.route(job), settings.providers.endpoints[name].address()
         if base and route.startswith("/v1beta/models/"):  # Veo: under the Gemini API's root, not the layer's path
             from actors.providers._veo import native_root
             base = native_root(base)

@@ -255,3 +255,16 @@ def test_a_key_given_in_place_of_its_variable_is_never_printed_by_the_start_or_t
                       env={"COLUMNS": "200"})
     assert r.exit_code == 0 and "api_key_env" in r.output, r.output
     assert "SECRET77" not in r.output, r.output
+
+
+def test_a_dry_run_names_the_address_an_sdk_variable_points_the_real_run_at(tmp_path, monkeypatch):
+    """`OPENAI_BASE_URL=http://127.0.0.1:8765/openai/v1 smartbatch run --dry-run --providers http` (the emulator, as
+    docs/providers.md points the SDKs at it) printed 'openai /v1/chat/completions at (the SDK's default)', where
+    the real run's calls go to that address (a new user's tour, stop 79)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-other")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-other")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/openai/v1")
+    monkeypatch.delenv("SMARTBATCH_PROVIDERS__ENDPOINTS", raising=False)
+    r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http"])
+    assert r.exit_code == 0, r.output
+    assert "openai /v1/chat/completions at http://127.0.0.1:9/openai/v1:" in " ".join(r.output.split()), r.output
