@@ -141,7 +141,7 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
             # ProvidersSettings. A credential before an "@" is not printed.
             shown = f"***@{url.rpartition('@')[2]}" if "@" in url else url
             raise ConfigError(f"--base-url '{name}={shown}': the URL must start with http:// or https://; write "
-                              f"--base-url {name}=http://{shown}")
+                              f"--base-url {name}=http://{shown.partition('://')[2] or shown}")  # not http://ftp://
         if name not in raw["endpoints"] and name in PRESETS:  # google: its preset, at this URL (the emulator's)
             raw["endpoints"][name] = {}
         if name not in raw["endpoints"]:

@@ -268,3 +268,12 @@ def test_a_dry_run_names_the_address_an_sdk_variable_points_the_real_run_at(tmp_
     r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http"])
     assert r.exit_code == 0, r.output
     assert "openai /v1/chat/completions at http://127.0.0.1:9/openai/v1:" in " ".join(r.output.split()), r.output
+
+
+@pytest.mark.parametrize(("url", "fix"), [("ftp://127.0.0.1:9/v1", "openai=http://127.0.0.1:9/v1"),
+                                          ("127.0.0.1:9/v1", "openai=http://127.0.0.1:9/v1")])
+def test_a_base_url_of_another_scheme_is_told_a_fix_that_is_a_url(tmp_path, url, fix):
+    """`--base-url openai=ftp://x` was told "write --base-url openai=http://ftp://x" (a new user's tour, stop 79)."""
+    r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http",
+                            "--base-url", f"openai={url}"])
+    assert r.exit_code == 2 and f"write --base-url {fix}" in " ".join(r.output.split()), r.output
