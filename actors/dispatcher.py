@@ -267,9 +267,9 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
             self._tasks.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 # A bug, not a provider's failure (those are outcomes): fail the members rather than lose them.
-                log.error("dispatcher %s: %r", self.name, t.exception())
-                for j in jobs:
-                    self._final(b, j, False, 0.0, b.mode, error=f"engine error: {type(t.exception()).__name__}")
+                log.error("dispatcher %s: %r", self.name, exc := t.exception())
+                for j in jobs:  # with its words: an SDK refusing a call before it is sent says there what to change
+                    self._final(b, j, False, 0.0, b.mode, error=f"engine error: {type(exc).__name__}: {exc}"[:500])
                 self._kick()
 
         task.add_done_callback(done)

@@ -50,3 +50,28 @@ def test_a_claude_call_without_a_cap_goes_at_the_default_client_timeout():
         out = asyncio.run(go())
     assert out.ok, out.error  # before: "engine error: ValueError" from the SDK, nothing sent
     assert out.usage.output_tokens > 0 and out.cost > 0
+
+
+def test_a_call_that_raises_fails_its_request_saying_why():
+    """A provider's call that raises (a bug, or an SDK refusing a call before it is sent, as above) fails its
+    request with the exception's words: the tour's result said only "engine error: ValueError", and why was in the
+    dispatcher's log alone."""
+    from tests.unit.test_http_providers import CAT, Rig, jobs_of
+
+    async def boom(job):
+        raise ValueError("Streaming is required for operations that may take longer than 10 minutes")
+
+    async def go(emu):
+        rig = Rig(emu, "anthropic")
+        try:
+            rig.d.provider.call = boom
+            (j,) = jobs_of("anthropic", 1)
+            await rig.run("sync", [j])
+            return await rig.until(lambda: rig.results.get(j.req.id), "the result")
+        finally:
+            await rig.close()
+
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        r = asyncio.run(go(emu))
+    assert r.status == "failed" and r.cost_usd == 0, r
+    assert "engine error: ValueError: Streaming is required" in r.error, r.error
