@@ -41,7 +41,7 @@ from engine.core.body_tokens import (
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError, RequestError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
-from engine.core.wire_checks import check_real, check_wire, layer_of
+from engine.core.wire_checks import check_line_url, check_real, check_wire, layer_of
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
            "Request", "Reuse", "in_catalog", "split_body", "tenant_problem", "validation_context"]
@@ -287,15 +287,11 @@ class Request(BaseModel):
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
         if (info.context or {}).get("live"):
             check_real(d["provider"], model, settings)
+        if line_url is not None:  # before the body's checks: a body of the url's API is judged by another's
+            check_line_url(line_url, _URL_KIND, model, spec.kind, d["provider"], settings)
         if body is not None:
             check_messages(body, "body", spec.kind)
             check_wire(body, spec, d["provider"], settings, catalog.provider(d["provider"]).compat)
-        if line_url is not None and _URL_KIND[line_url] != spec.kind:
-            # Sent as the model's kind and answered in the url's shape: paid for, and read as the wrong thing.
-            fits = [u for u, k in _URL_KIND.items() if k == spec.kind]
-            raise FieldProblem("url", f"url {line_url!r} is for {_URL_KIND[line_url]} models, and {model!r} "
-                               f"generates {spec.kind}: " + (f"use {' or '.join(fits)}" if fits else
-                                                            f"a batch file has no url for {spec.kind} models"))
         kind = d.setdefault("kind", spec.kind)
         if kind != spec.kind:
             raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")

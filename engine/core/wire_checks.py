@@ -23,7 +23,7 @@ from engine.core.catalog import Catalog, ModelSpec
 from engine.core.responses_input import as_messages, check_responses_body, translates
 from engine.core.settings import Settings
 
-__all__ = ["check_real", "check_wire", "layer_of"]
+__all__ = ["check_line_url", "check_real", "check_wire", "layer_of"]
 
 
 def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, settings: Settings,
@@ -79,3 +79,20 @@ def check_real(provider: str, model: str, settings: Settings) -> None:
     at a made-up cost, where ``settings.providers`` does not let it (``simulate_others``)."""
     if settings.providers.refuses(provider):
         raise FieldProblem("model", simulated_refusal(provider, model, settings.providers.endpoints))
+
+
+def check_line_url(url: str, kinds: dict[str, str], model: str, kind: str, provider: str, settings: Settings) -> None:
+    """Raise ``FieldProblem`` naming ``url`` for a batch line whose url does not fit its model: one of another kind
+    (``kinds``: each url's), or ``/v1/messages`` for a model not called through Anthropic's Messages API."""
+    if kinds[url] != kind:
+        # Sent as the model's kind and answered in the url's shape: paid for, and read as the wrong thing.
+        fits = [u for u, k in kinds.items() if k == kind]
+        raise FieldProblem("url", f"url {url!r} is for {kinds[url]} models, and {model!r} generates {kind}: "
+                           + (f"use {' or '.join(fits)}" if fits else f"a batch file has no url for {kind} models"))
+    endpoint = settings.providers.endpoints.get(provider)  # none (simulated alone): its name says its API
+    if url == "/v1/messages" and (provider if endpoint is None else endpoint.api) != "anthropic":
+        # Its Anthropic body went to another API, judged by its rules: a Messages line's required max_tokens was
+        # refused for an OpenAI reasoning model with "give max_completion_tokens" (a new user's tour, stop 79).
+        raise FieldProblem("url", f"url '/v1/messages' is Anthropic's Messages API, and {model!r} is not called "
+                           "through it: use /v1/chat/completions (or /v1/responses) with an OpenAI-format body, as "
+                           "the endpoint's /v1/messages refuses it, or name a Claude model")
