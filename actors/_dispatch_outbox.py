@@ -13,6 +13,7 @@ from actors._sync_index import SYNC
 from actors._types import send_sharded
 from actors.journal import delete_later
 from actors.metrics import DispatchCounts
+from actors.providers._wire import redact
 from engine.core.cost import mode_factor, reserve_bound
 from engine.core.grouping import WarmNote
 
@@ -28,6 +29,13 @@ def maybe_billed_error(error: str | None, maybe_usd: float) -> str | None:
         return error
     return (f"{error or 'failed'}; a call got no answer, so the provider may have billed it: its budget is charged "
             f"the call's upper bound, ${maybe_usd:.6f} (report: possibly_billed)")
+
+
+def engine_error(provider, exc: BaseException) -> str:
+    """A request's error for a call that raised in the engine: with the exception's words (an SDK refusing a call
+    before it is sent says there what to change), redacted as a provider's answer is, since they may quote a key."""
+    say = getattr(provider, "_redact", redact)  # an HTTP provider's also knows its own key
+    return say(f"engine error: {type(exc).__name__}: {exc}")[:500]
 
 
 class Outbox:

@@ -29,7 +29,7 @@ from actors._batch_index import BatchIndex
 from actors._cancel import CancelDispatches
 from actors._count_tokens import CountTokens
 from actors._dispatch_jobs import MadeJobs
-from actors._dispatch_outbox import Outbox, maybe_billed_error
+from actors._dispatch_outbox import Outbox, engine_error, maybe_billed_error
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._results_room import ResultsRoom
@@ -267,9 +267,9 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
             self._tasks.discard(t)
             if not t.cancelled() and t.exception() is not None:
                 # A bug, not a provider's failure (those are outcomes): fail the members rather than lose them.
-                log.error("dispatcher %s: %r", self.name, exc := t.exception())
-                for j in jobs:  # with its words: an SDK refusing a call before it is sent says there what to change
-                    self._final(b, j, False, 0.0, b.mode, error=f"engine error: {type(exc).__name__}: {exc}"[:500])
+                log.error("dispatcher %s: %s", self.name, said := engine_error(self.provider, t.exception()))
+                for j in jobs:
+                    self._final(b, j, False, 0.0, b.mode, error=said)
                 self._kick()
 
         task.add_done_callback(done)

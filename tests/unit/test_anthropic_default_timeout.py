@@ -52,6 +52,9 @@ def test_a_claude_call_without_a_cap_goes_at_the_default_client_timeout():
     assert out.usage.output_tokens > 0 and out.cost > 0
 
 
+KEY_SAID = "sk-ant-api03-" + "x" * 40
+
+
 def test_a_call_that_raises_fails_its_request_saying_why():
     """A provider's call that raises (a bug, or an SDK refusing a call before it is sent, as above) fails its
     request with the exception's words: the tour's result said only "engine error: ValueError", and why was in the
@@ -59,7 +62,8 @@ def test_a_call_that_raises_fails_its_request_saying_why():
     from tests.unit.test_http_providers import CAT, Rig, jobs_of
 
     async def boom(job):
-        raise ValueError("Streaming is required for operations that may take longer than 10 minutes")
+        raise ValueError("Streaming is required for operations that may take longer than 10 minutes "
+                         f"(sent with {KEY_SAID})")
 
     async def go(emu):
         rig = Rig(emu, "anthropic")
@@ -75,3 +79,4 @@ def test_a_call_that_raises_fails_its_request_saying_why():
         r = asyncio.run(go(emu))
     assert r.status == "failed" and r.cost_usd == 0, r
     assert "engine error: ValueError: Streaming is required" in r.error, r.error
+    assert KEY_SAID not in r.error and "[redacted]" in r.error  # its words may quote a key: never in a result
