@@ -26,6 +26,16 @@ class BatchMembers:
         return CallOutcome(False, self.clock.now(), reserve_bound(job.req, self.catalog, "batch_api", None),
                            retryable=False, real=True, maybe_billed=True, error=error, unnamed_ran=unnamed_ran)
 
+    @staticmethod
+    def _put(out: dict[str, CallOutcome], key: str, outcome: CallOutcome) -> None:
+        """``key``'s outcome from one of its results lines. A results file may name a member twice (a write made
+        again, a provider's fault): a member that ran (answered, or possibly billed) keeps that outcome. A later
+        line's refusal replaced it, and the billed member went back to be sent again and paid twice, its first
+        answer on no ledger (a helper's hunt)."""
+        had = out.get(key)
+        if had is None or not (had.ok or had.maybe_billed):
+            out[key] = outcome
+
     def _unread_members(self, handle: Any, unread: list[str | None], out: dict[str, CallOutcome]) -> None:
         """Members whose result line could not be read: they ran, so they may be billed, and sent again they
         would be paid twice. Each fails, its budget keeping its upper bound at the batch price. A line naming no
@@ -35,10 +45,10 @@ class BatchMembers:
         for cid in unread:
             job = handle.jobs.get(cid) if cid is not None else None
             if job is not None:
-                out[job.key] = self._possibly_billed(job, f"{self.name}: batch {handle.id} answered this request "
+                self._put(out, job.key, self._possibly_billed(job, f"{self.name}: batch {handle.id} answered this request "
                                                      "with a line that could not be read (not JSON, or not of the "
                                                      "shape documented); it ran and may be billed, so it is not "
-                                                     "sent again")
+                                                     "sent again"))
         unnamed = sum(1 for cid in unread if cid is None or cid not in handle.jobs)
         log.error("%s: batch %s: %d result line(s) could not be read%s", self.name, handle.id, len(unread),
                   f"; {unnamed} name no member of it" if unnamed else "")

@@ -25,7 +25,7 @@ from actors.providers._wire import (
     retry_after,
 )
 from engine.core.catalog import Catalog
-from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage
+from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
 from engine.core.errors import ProviderError
 from engine.core.latency import flex_timeout_s
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
@@ -343,6 +343,12 @@ class HttpBase(BatchMembers):
                            f"({self._redact(str(exc))[:200]})", real=True, maybe_billed=True)
 
     def _priced(self, job: CallJob, usage: Usage, mode: Mode) -> float:
+        # A text answer that counts no input (no usage: a proxy or a compatible server dropped it) ran and is billed
+        # all the same: priced at its count, 0, the budgets and the report missed it (a helper's hunt). It is
+        # counted as a budget reserves it: its prompt at the dearest input price, its output as estimated or told.
+        if not usage.input_tokens and self.catalog.model(job.req.provider, job.req.model).kind == "text":
+            log.warning("%s: an answer without its usage; counted at the request's estimate", self.name)
+            return reserve_bound(job.req, self.catalog, mode, max(job.req.output_tokens, usage.output_tokens))
         return price_usage(job.req, self.catalog, mode, input_tokens=usage.input_tokens,
                            output_tokens=usage.output_tokens, cache_read=usage.cache_read,
                            cache_write=usage.cache_write).total

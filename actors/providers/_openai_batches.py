@@ -171,12 +171,12 @@ class OpenAIBatches(HttpBase):
                 continue
             if code == 200:
                 try:
-                    out[job.key] = self._outcome(job, route, resp.get("body") or {}, resp.get("request_id"),
-                                                 "batch_api")
+                    self._put(out, job.key, self._outcome(job, route, resp.get("body") or {},
+                                                          resp.get("request_id"), "batch_api"))
                 except (AttributeError, KeyError, TypeError, ValueError):  # an answer of another shape: billed
                     self._unread_members(handle, [job.key], out)
             elif code is not None:
-                out[job.key] = self._member_error(code, resp.get("body"), line.get("error"))
+                self._put(out, job.key, self._member_error(code, resp.get("body"), line.get("error")))
             else:  # in the output file with no status: it ran, and neither its answer nor its refusal can be read
                 self._unread_members(handle, [job.key], out)
         for line in errors:

@@ -321,17 +321,16 @@ class AnthropicProvider(HttpBase):
                 continue
             if kind == "succeeded":
                 try:
-                    out[job.key] = self._outcome(job, res.get("message") or {}, handle.id, "batch_api")
+                    self._put(out, job.key, self._outcome(job, res.get("message") or {}, handle.id, "batch_api"))
                 except (AttributeError, KeyError, TypeError, ValueError):  # an answer of another shape: billed
                     self._unread_members(handle, [job.key], out)
             elif kind == "errored":
                 etype = error_of(res.get("error")).get("type")
                 etype = etype if isinstance(etype, str) and etype != "error" else "api_error"
                 said = error_message(res.get("error")) or ""
-                out[job.key] = CallOutcome(False, self.clock.now(), 0.0, retryable=etype != "invalid_request_error",
-                                           error=f"{self.name} batch member {etype} (HTTP "
-                                                 f"{_STATUS.get(etype, 500)}): {self._redact(said)}",
-                                           real=True)
+                self._put(out, job.key, CallOutcome(
+                    False, self.clock.now(), 0.0, retryable=etype != "invalid_request_error", real=True,
+                    error=f"{self.name} batch member {etype} (HTTP {_STATUS.get(etype, 500)}): {self._redact(said)}"))
             elif kind not in ("canceled", "expired"):  # no result it documents: it may have run and been billed
                 self._unread_members(handle, [job.key], out)
             # canceled / expired: never ran, not billed; absent, so it is sent again

@@ -1,0 +1,112 @@
+"""Money faults a hunt found uncovered, against the HTTP emulator through a ``Dispatcher`` (``Rig``): what the
+emulator billed is what the results say they cost and what the budget ledger spent, and no billed member is sent
+again. Each fault is injected where the provider's answer is read or written, the call itself run and billed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+
+from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
+    PROVIDERS,
+    Rig,
+    emu,
+    jobs_of,
+)
+
+
+async def _drained(rig: Rig) -> None:
+    """The dispatcher's tasks and its messages to the ledger have ended."""
+    async with asyncio.timeout(10.0):
+        while rig.d._tasks:
+            await asyncio.wait(list(rig.d._tasks))
+    await asyncio.gather(*rig.d.budget._tasks)
+
+
+def _without_usage(rig: Rig, usage: Any) -> None:
+    """Every answer the provider reads comes with ``usage`` in place of its own (None: none at all), as from a
+    proxy or an OpenAI-compatible server that drops it."""
+    inner = rig.d.provider._outcome
+
+    def outcome(job, *args):
+        args = [({k: v for k, v in a.items() if k != "usage"} | ({} if usage is None else {"usage": usage}))
+                if isinstance(a, dict) and "usage" in a else a for a in args]
+        return inner(job, *args)
+
+    rig.d.provider._outcome = outcome
+
+
+@PROVIDERS
+@pytest.mark.parametrize(("mode", "usage"), [("sync", None), ("batch_api", {
+    "prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, "output_tokens": 0})], ids=["sync-none", "batch-zeros"])
+def test_an_answer_without_its_usage_is_counted_not_free(emu, provider, mode, usage):  # noqa: F811
+    # The call ran and the provider billed it; read at its usage's count, the answer cost 0, and neither the
+    # budget nor the report saw the bill (billed $0.000487 for the four OpenAI sync calls, counted $0). It is
+    # counted as a budget reserves it (its prompt at the dearest input price), never below the bill.
+    jobs = jobs_of(provider, claims=True)
+
+    async def go():
+        rig = Rig(emu, provider)
+        _without_usage(rig, usage)
+        try:
+            await rig.reserve(jobs)
+            await rig.run(mode, jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            billed = sum(i.cost_usd for i in emu.bill().items)
+            counted = sum(r.cost_usd for r in rig.results.values())
+            assert len(rig.results) == len(jobs) and billed > 0
+            assert billed <= counted <= 1.25 * billed + 1e-12  # at most Anthropic's cache-write premium over it
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(counted, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def _refused_line(rec: dict) -> dict:
+    """A refusal of the member ``rec`` answers, as its provider writes one in a results file."""
+    if "result" in rec:  # a Message Batch's
+        return {"custom_id": rec["custom_id"], "result": {"type": "errored", "error": {
+            "type": "error", "error": {"type": "api_error", "message": "Internal server error"}}}}
+    return {"id": "batch_req_again", "custom_id": rec["custom_id"], "error": None, "response": {
+        "status_code": 500, "request_id": "req_again", "body": {"error": {"message": "server error"}}}}
+
+
+@PROVIDERS
+@pytest.mark.parametrize("order", ["answer_first", "refusal_first"])
+def test_a_member_named_twice_keeps_its_billed_answer_and_is_not_sent_again(emu, provider, order):  # noqa: F811
+    # The results name the first member twice: its answer (billed) and a refusal. Read line by line, the later
+    # line won: the answer was dropped for the refusal, the member went back to be sent again (paid twice) and
+    # the ledger missed its bill ($0.0000575 of $0.0002435 for OpenAI's four, $0.0006 of $0.002535 Anthropic's).
+    jobs = jobs_of(provider, claims=True)
+    inner, named = emu.faults.result_line, []
+
+    def result_line(cid: str | None, line: str) -> str:
+        line = inner(cid, line)
+        if named and named[0] != cid:
+            return line
+        named.append(cid)
+        twice = json.dumps(_refused_line(json.loads(line)))
+        return f"{line}\n{twice}" if order == "answer_first" else f"{twice}\n{line}"
+
+    emu.faults.result_line = result_line
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            assert named, "no results line was written twice"
+            assert rig.grouper.readmitted() == [] and all(r.status == "ok" for r in rig.results.values())
+            billed = sum(i.cost_usd for i in emu.bill().items)
+            assert len(emu.bill().items) == len(jobs) and billed > 0
+            assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(billed, abs=1e-12)
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(billed, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
