@@ -143,8 +143,10 @@ class OpenAIBatches(HttpBase):
         expected = getattr(counts, "completed", 0) or 0
         if total := getattr(counts, "total", 0) or 0:
             expected = min(expected, total - len(errors) - len(unread_errors))
-        if b.output_file_id:  # none (a batch cancelled or expired before any line was written): nothing to cut
-            whole_read(lines, unread, expected, f"{self.name}: file {b.output_file_id}")
+        # No output file and none completed: a batch cancelled or expired before any line was written. With some
+        # completed, the view of the batch is older than its file (``fetch`` reads it again): read again.
+        whole_read(lines, unread, expected, f"{self.name}: " + (f"file {b.output_file_id}" if b.output_file_id else
+                                                                 f"batch {b.id} (no output file named yet)"))
         return lines, unread, errors
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
@@ -153,6 +155,11 @@ class OpenAIBatches(HttpBase):
             await self.poll(handle)  # a poll: read it now (read as it was, or unread, every member went again)
             if handle.batch.status not in _ENDED:
                 raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.status}, not ended")
+        if not handle.batch.output_file_id and getattr(handle.batch.request_counts, "completed", 0):
+            # Ended with members completed, but no output file named: an older view of the batch (a replica behind
+            # its end), whose members were taken for never run, sent again and paid twice (a helper's hunt). A
+            # fresh read names it; while none does, the read fails and is made again (``_results``).
+            await self.poll(handle)
         b = handle.batch
         route = b.endpoint
         if b.status == "failed":  # refused whole (e.g. token_limit_exceeded): every member goes back to the policy

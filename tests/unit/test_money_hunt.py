@@ -110,3 +110,43 @@ def test_a_member_named_twice_keeps_its_billed_answer_and_is_not_sent_again(emu,
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("stale", [1, 2], ids=["poll", "poll-and-read"])
+def test_an_ended_batch_seen_before_its_output_file_is_named_is_read_again_not_sent_again(emu, stale,  # noqa: F811
+                                                                                           monkeypatch):
+    # OpenAI's retrieve answers an older view of the batch (a replica behind its end): "completed", its counts
+    # saying 4 completed, but no output_file_id yet. Read as a batch that wrote nothing, every billed member went
+    # back to be sent again (paid twice, $0.0002435 on no ledger, paid_twice 0). The batch is read again.
+    import actors._batch_api as batch_api
+
+    monkeypatch.setattr(batch_api, "RETRY_BASE_S", 0.02)
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        client = rig.d.provider.client
+        inner, seen = client.batches.retrieve, []
+
+        async def retrieve(bid, *args, **kw):
+            b = await inner(bid, *args, **kw)
+            if b.status == "completed" and len(seen) < stale:
+                seen.append(b.id)
+                return b.model_copy(update={"output_file_id": None})
+            return b
+
+        client.batches.retrieve = retrieve
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            assert len(seen) == stale, "no retrieve answered the older view"
+            assert rig.grouper.readmitted() == [] and all(r.status == "ok" for r in rig.results.values())
+            billed = sum(i.cost_usd for i in emu.bill().items)
+            assert len(emu.bill().items) == len(jobs) and billed > 0
+            assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(billed, abs=1e-12)
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(billed, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
