@@ -122,7 +122,9 @@ def _charged(req, resp: dict, calls: set, cat) -> float:
     several = isinstance(body, dict) and len(body.get("choices") or ()) > 1  # n calls, never all from the cache
     if isinstance(rid, str) and not several and (rid.startswith("smartbatch_reused_") or rid in calls):
         usd = 0.0  # answered from the cache, or by a call another kept line already counts
-    elif req.kind == "text" and isinstance(u, dict):
+    elif req.kind == "text" and isinstance(u, dict) and any(u.get(k) for k in _INPUT_COUNTS):
+        # (a usage that counts no input, zeros written for an answer that came without one, is none: it was
+        # charged $0, where its run counted it; a helper's hunt)
         chat = "prompt_tokens" in u  # chat completions; else Responses, or Anthropic's own
         read = ((u.get("prompt_tokens_details") if chat else u.get("input_tokens_details")) or {}).get(
             "cached_tokens") or u.get("cache_read_input_tokens") or 0
@@ -147,6 +149,9 @@ def _charged(req, resp: dict, calls: set, cat) -> float:
     if isinstance(rid, str):
         calls.add(rid)
     return usd
+
+
+_INPUT_COUNTS = ("prompt_tokens", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
 
 
 def _tier(req, body: dict, several: bool, cat) -> str:

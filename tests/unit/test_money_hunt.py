@@ -150,3 +150,28 @@ def test_an_ended_batch_seen_before_its_output_file_is_named_is_read_again_not_s
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("usage", [{"input_tokens": 0, "output_tokens": 0, "cache_read": 0, "cache_write": 0}, None],
+                         ids=["zeros", "none"])
+def test_a_kept_answer_that_counts_no_input_is_charged_at_its_list_price_on_a_resume(tmp_path, usage):
+    # ``smartbatch batch --resume`` charges each answer OUT kept to the budgets from the usage its line reports. A
+    # line whose answer counted nothing (a provider answer without usage, written in the chat shape with zeros)
+    # was charged $0, where the run that made it counted it (a line without usage: at its list price, as before).
+    from engine.app._batch_kept import kept_charges
+    from engine.core.batchfile import read_batch_file, write_results
+    from engine.core.catalog import default_catalog
+    from engine.core.cost import price_alone
+    from engine.core.result import Result
+
+    cat, p, out = default_catalog(), tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    p.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "gpt-5-mini", "messages": [{"role": "user", "content": "Name three rivers."}],
+        "max_completion_tokens": 50}}) + "\n")
+    bf = read_batch_file(p, window_s=86400.0, catalog=cat)
+    (ln,) = bf.lines
+    res = Result(id=ln.request.id, status="ok", output="Nile, Amazon, Yangtze.", cost_usd=0.001, mode="sync",
+                 provider=ln.request.provider, model=ln.request.model, usage=usage)
+    write_results(bf, [res], out)
+    (c,) = kept_charges([ln], {ln.no: json.loads(out.read_text().splitlines()[0])}, cat, out)
+    assert c.usd == pytest.approx(price_alone(ln.request, cat, "sync").total) and c.usd > 0
