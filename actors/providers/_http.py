@@ -6,15 +6,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import logging
-import re
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 from actors.providers._batch_members import BatchMembers
+from actors.providers._results_lines import jsonl_records, jsonl_stream, whole_read
 from actors.providers._wire import (
     billing_refusal,
     call_timeout,
@@ -92,64 +91,6 @@ async def create_call(create: Callable, raw_create: Callable, body: dict[str, An
     return answer, str(resp.headers.get("idempotent-replayed", "")).lower() == "true"
 
 
-_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
-
-
-def jsonl_records(text: str) -> tuple[list[dict], list[str | None]]:
-    """A batch's results file, each line read on its own: the lines that are JSON objects, and for each other
-    line the ``custom_id`` its text names (None where it names none). Read whole, one line cut short failed the
-    file, and every member, finished and billed, was sent again (a hunt). Lines end at "\\n" only:
-    ``str.splitlines`` also splits at U+2028, U+2029 and U+0085, which JSON leaves unescaped inside strings."""
-    records: list[dict] = []
-    unread: list[str | None] = []
-    for line in text.split("\n"):
-        _read_line(line, records, unread)
-    return records, unread
-
-
-def _read_line(line: str, records: list[dict], unread: list[str | None]) -> None:
-    if not line.strip():
-        return
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        rec = None
-    if isinstance(rec, dict):
-        records.append(rec)
-    else:
-        m = _CUSTOM_ID.search(line)
-        unread.append(m.group(1) if m else None)
-
-
-async def jsonl_stream(chunks: AsyncIterator[bytes]) -> tuple[list[dict], list[str | None]]:
-    """``jsonl_records`` of a results file read as it arrives, a line at a time: an image batch's output holds a
-    base64 image of 1-2 MB per line, and read whole, the file's text, its lines and their records were three
-    copies of every image at once (a batch of 1,000 images: gigabytes). Split at b"\\n" before decoding: that
-    byte never sits inside a UTF-8 character, and a line cut short at the end is read (and counted) as one."""
-    records: list[dict] = []
-    unread: list[str | None] = []
-    pieces: list[bytes] = []  # a line's so far, joined at its end (tail + chunk rescanned 2 MB lines: quadratic)
-    async for chunk in chunks:
-        *ends, rest = chunk.split(b"\n")
-        for end in ends:
-            _read_line(b"".join([*pieces, end]).decode("utf-8", errors="replace"), records, unread)
-            pieces.clear()
-        pieces += [rest] if rest else []
-    _read_line(b"".join(pieces).decode("utf-8", errors="replace"), records, unread)
-    return records, unread
-
-
-def whole_read(records: list[dict], unread: list[str | None], expected: int, what: str) -> None:
-    """Raise ``ProviderError`` when a results file read fewer lines than the batch says it answered
-    (``expected``, from its request counts): the read was cut short (a stream ended early, a proxy's cut), and
-    a member whose line was not read would be taken for one that never ran, sent again and paid twice (a fault
-    hunt: 3 of 6 finished members). Raised, the read is made again (``Dispatcher._fetch``)."""
-    got = len(records) + len(unread)
-    if got < expected:
-        raise ProviderError(f"{what}: {got} result line(s) read of the {expected} the batch answered; the read was "
-                            "cut short")
-
-
 @functools.cache
 def _named(fn: Callable) -> frozenset[str] | None:
     """The body fields ``fn`` names as arguments; None if it takes any (``**kwargs``: a wrapper, a test's spy)."""
@@ -188,10 +129,11 @@ class PollBackoff:
 class BatchHandle:
     """A submitted batch: its provider id, its members by key, its poll backoff and the last state read."""
 
-    __slots__ = ("backoff", "batch", "id", "jobs")
+    __slots__ = ("backoff", "batch", "cuts", "id", "jobs")
 
     def __init__(self, bid: str, jobs: Sequence[CallJob], backoff: PollBackoff):
         self.id, self.jobs, self.backoff, self.batch = bid, {j.key: j for j in jobs}, backoff, None
+        self.cuts = 0  # reads of its results whose last line was cut short (``whole_read``)
 
 
 class HttpBase(BatchMembers):

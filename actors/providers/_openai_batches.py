@@ -131,7 +131,8 @@ class OpenAIBatches(HttpBase):
             async with self.client.files.with_streaming_response.content(file_id) as resp:
                 return await jsonl_stream(paced(resp.iter_bytes(), resp.headers, self.settings, self.endpoint))
 
-    async def _results(self, b: Any) -> tuple[list[dict], list[str | None], list[dict]]:
+    async def _results(self, b: Any, handle: BatchHandle | None = None) -> tuple[list[dict], list[str | None],
+                                                                                 list[dict]]:
         """An ended batch's output lines (read, unread) and error lines. The output must hold a line per completed
         request, else the read was cut short and ``whole_read`` raises (read again: a finished member whose line was
         not read went again as never run, paid twice). Never more than the requests the error file leaves: an
@@ -146,7 +147,7 @@ class OpenAIBatches(HttpBase):
         # No output file and none completed: a batch cancelled or expired before any line was written. With some
         # completed, the view of the batch is older than its file (``fetch`` reads it again): read again.
         whole_read(lines, unread, expected, f"{self.name}: " + (f"file {b.output_file_id}" if b.output_file_id else
-                                                                 f"batch {b.id} (no output file named yet)"))
+                                                                 f"batch {b.id} (no output file named yet)"), handle)
         return lines, unread, errors
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
@@ -166,7 +167,7 @@ class OpenAIBatches(HttpBase):
             said = [f"{e.code}: {e.message}" for e in ((b.errors.data or []) if b.errors else [])][:3]
             log.warning("%s: batch %s failed: %s; its members did not run", self.name, handle.id,
                         self._redact("; ".join(said) or "no reason given"))
-        lines, unread, errors = await self._results(b)
+        lines, unread, errors = await self._results(b, handle)
         self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
         keyless = sum(self._member(handle, cid) is None for cid in unread)
         for line in lines:

@@ -309,7 +309,7 @@ class AnthropicProvider(HttpBase):
             lines, unread = await self._results(handle.id)
         # An ended batch has a line per request: fewer, and the read was cut short (read again, ``whole_read``).
         whole_read(lines, unread, _answered(getattr(handle.batch, "request_counts", None)),
-                   f"{self.name}: batch {handle.id}")
+                   f"{self.name}: batch {handle.id}", handle)
         self._unread_members(handle, unread, out)
         keyless = sum(self._member(handle, cid) is None for cid in unread)
         for item in lines:

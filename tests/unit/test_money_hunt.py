@@ -175,3 +175,40 @@ def test_a_kept_answer_that_counts_no_input_is_charged_at_its_list_price_on_a_re
     write_results(bf, [res], out)
     (c,) = kept_charges([ln], {ln.no: json.loads(out.read_text().splitlines()[0])}, cat, out)
     assert c.usd == pytest.approx(price_alone(ln.request, cat, "sync").total) and c.usd > 0
+
+
+RESULTS_ROUTE = {"openai": "files.content", "anthropic": "messages.batches.results"}
+
+
+@PROVIDERS
+@pytest.mark.parametrize("cuts", [1, 3], ids=["once", "every"])  # every: CUT_READS (2) reads again, then a third
+def test_a_results_read_cut_inside_its_last_line_is_read_again(emu, provider, cuts, monkeypatch):  # noqa: F811
+    # The read of a one-member batch's results ends inside its only line (the emulator's cut_body: half the body).
+    # That line counted toward the lines the batch answered, so the read passed as whole, and the member, billed,
+    # failed possibly billed though its answer was at the provider (results $0, the ledger at its bound). Read
+    # again, it is answered. Cut at every read, it fails possibly billed as before, never sent again nor waited on.
+    import actors._batch_api as batch_api
+
+    monkeypatch.setattr(batch_api, "RETRY_BASE_S", 0.02)
+    (job,) = jobs = jobs_of(provider, n=1, claims=True)
+    emu.faults.script(provider, RESULTS_ROUTE[provider], [{"cut_body": True}] * cuts)
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            (item,) = emu.bill().items
+            r = rig.results[job.req.id]
+            assert rig.grouper.readmitted() == []
+            if cuts == 3:
+                assert r.status == "failed" and "could not be read" in r.error
+                assert sum(rig.budget.book.spend.values()) >= item.cost_usd
+                return
+            assert r.status == "ok" and r.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(item.cost_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
