@@ -24,7 +24,7 @@ from engine.app.cli_common import (
     err_console,
     progress,
 )
-from engine.app.cli_report import print_plan, print_providers, print_seed_table, print_table
+from engine.app.cli_report import bill_words, print_plan, print_providers, print_seed_table, print_table
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings
 
@@ -360,13 +360,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results
     print_providers(doc)
     if bill is not None:
         http = {k for k, p in rep.get("providers", {}).items() if p.get("calls") == "http"}
-        engine_real = sum(p["cost_usd"] for k, p in rep["by_provider"].items() if k in http)
-        # A call with no answer (a flex call given up at its timeout) may be billed, in no result: its bound is kept.
-        maybe = [p for k, p in rep.get("providers", {}).items() if k in http and p.get("possibly_billed")]
-        kept = (f", with ${sum(p['possibly_billed_usd'] for p in maybe):.4f} more kept on budgets for "
-                f"{sum(p['possibly_billed'] for p in maybe)} call(s) with no answer that may have been billed" * bool(maybe))
-        console.print(f"real calls ({', '.join(sorted(http))}): the emulator billed ${bill.total_usd:.4f}; the "
-                      f"engine's results for them add up to ${engine_real:.4f}{kept}")
+        console.print(bill_words(rep, http, bill.total_usd))
     _flag_compression(doc, speedup)
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
 

@@ -160,6 +160,10 @@ def print_providers(doc: dict) -> None:
                           f"{p.get('batches_cancelled', 0)}, finished members kept from them: "
                           f"{p.get('members_saved_by_cancel', 0)}" + (f"; calls with no answer, maybe billed: {n} "
                           f"(${p['possibly_billed_usd']:.6f} kept on budgets)" if (n := p.get("possibly_billed")) else "")
+                          # Billed a second time and in no result (charged to the budgets): said nowhere, the bill
+                          # was above the results by it with no word why (a helper's hunt).
+                          + (f"; batch members a late batch finished after they went again, paid twice: {n} "
+                             f"(${p['paid_twice_usd']:.6f}, charged to budgets)" if (n := p.get("paid_twice")) else "")
                           + (f"; answers an earlier run paid for, replayed under their Idempotency-Key: {n:,} "
                              f"(${p['replayed_usd']:.6f} then, $0 here)" if (n := p.get("replayed")) else ""))
     if n := (hidden := rep.get("billed_behind_refusal") or {}).get("requests"):
@@ -171,3 +175,20 @@ def print_providers(doc: dict) -> None:
         how = "over HTTP" if r.get("real") else "simulated"
         console.print(Text(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, {how}, ${r['cost_usd']:.6f}): "
                            f"{r['output']}"))
+
+
+def bill_words(rep: dict, http: set[str], billed_usd: float) -> str:
+    """The demo's line: what the emulator billed for the calls made over HTTP beside what the engine counted of it,
+    its results' cost and, in no result, the members a late batch paid twice and the bounds of calls with no
+    answer (they may be billed)."""
+    provs = [p for k, p in (rep.get("providers") or {}).items() if k in http]
+    results = sum(p["cost_usd"] for k, p in rep["by_provider"].items() if k in http)
+    words = (f"real calls ({', '.join(sorted(http))}): the emulator billed ${billed_usd:.4f}; the engine's results for "
+             f"them add up to ${results:.4f}")
+    if twice := sum(p.get("paid_twice", 0) for p in provs):
+        words += (f", and ${sum(p['paid_twice_usd'] for p in provs if p.get('paid_twice')):.4f} more for {twice} "
+                  "batch member(s) a late batch finished after they went again (paid twice)")
+    if maybe := sum(p.get("possibly_billed", 0) for p in provs):
+        words += (f", with ${sum(p['possibly_billed_usd'] for p in provs if p.get('possibly_billed')):.4f} more kept "
+                  f"on budgets for {maybe} call(s) with no answer that may have been billed")
+    return words

@@ -212,3 +212,27 @@ def test_a_results_read_cut_inside_its_last_line_is_read_again(emu, provider, cu
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_the_report_says_what_a_late_batch_paid_twice_beside_the_bill(monkeypatch):
+    # A late batch's members that went again and that it finished anyway are on the provider's bill twice, in no
+    # result, and charged to the budgets (paid_twice_usd in the engine's report). The console said nothing of them:
+    # the demo's "the emulator billed $0.0004; the results add up to $0.0003" had a gap with no word why.
+    import io
+
+    from rich.console import Console
+
+    import engine.app.cli_report as cli_report
+
+    http = {"calls": "http", "batches_cancelled": 1, "members_saved_by_cancel": 1, "paid_twice": 2,
+            "paid_twice_usd": 0.000115, "possibly_billed": 1, "possibly_billed_usd": 0.0021}
+    rep = {"providers": {"openai": http, "anthropic": {"calls": "http"}}, "by_provider": {
+        "openai": {"cost_usd": 0.0003}, "anthropic": {"cost_usd": 0.0}}}
+    con = Console(width=400, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli_report, "console", con)
+    cli_report.print_providers({"engine_report": rep})
+    text = " ".join(con.export_text().split())
+    assert "paid twice: 2 ($0.000115, charged to budgets)" in text and text.count("paid twice") == 1
+    line = cli_report.bill_words(rep, {"openai", "anthropic"}, 0.000415)
+    assert "billed $0.0004; the engine's results for them add up to $0.0003, and $0.0001 more for 2 batch" in line
+    assert "$0.0021 more kept on budgets for 1 call(s) with no answer" in line
