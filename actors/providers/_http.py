@@ -3,6 +3,7 @@ an SDK error into an outcome (the engine retries; the SDK does not)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import inspect
@@ -73,22 +74,33 @@ class Unreadable(Exception):
 
 
 async def create_call(create: Callable, raw_create: Callable, body: dict[str, Any], key: str,
-                      timeout: Any = None) -> tuple[Any, bool]:
+                      timeout: Any = None, total_s: float | None = None) -> tuple[Any, bool]:
     """Make a sync call: ``body`` as ``create``'s arguments, sent by its raw-response twin under ``key``. Returns
     the answer and whether the provider replayed an earlier call's answer under that key (``Idempotent-Replayed``,
     as Stripe names it): a replay is not billed again, and was counted at its full price (a re-run, or
     ``--resume``, reported money the provider's bill never held; a helper's tour). Raises ``Unreadable`` for a
     success whose body is not JSON (cut short): a hunt saw it failed as an engine error and settled at $0.
-    ``timeout``: this call's, in place of the client's (a flex call's, ``call_timeout``)."""
+    ``timeout``: this call's, in place of the client's (a flex call's, ``call_timeout``). ``total_s``: the whole
+    call's bound (``HttpBase._call_bound``), past which it is ``Unreadable`` too: it was sent, and may be billed."""
     more = {} if timeout is None else {"timeout": timeout}
-    resp = await raw_create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key}, **more)
+
+    async def answered() -> tuple[Any, bool]:
+        resp = await raw_create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key}, **more)
+        try:
+            answer = resp.parse()  # the OpenAI SDK's parses at once, the Anthropic SDK's is awaited
+            if inspect.isawaitable(answer):
+                answer = await answer
+        except ValueError as exc:  # json.JSONDecodeError, or a shape the SDK's models refuse
+            raise Unreadable(f"{type(exc).__name__}: {exc}") from None
+        return answer, str(resp.headers.get("idempotent-replayed", "")).lower() == "true"
+
+    if total_s is None:
+        return await answered()
     try:
-        answer = resp.parse()  # the OpenAI SDK's parses at once, the Anthropic SDK's is awaited
-        if inspect.isawaitable(answer):
-            answer = await answer
-    except ValueError as exc:  # json.JSONDecodeError, or a shape the SDK's models refuse
-        raise Unreadable(f"{type(exc).__name__}: {exc}") from None
-    return answer, str(resp.headers.get("idempotent-replayed", "")).lower() == "true"
+        return await asyncio.wait_for(answered(), total_s)
+    except asyncio.TimeoutError:
+        raise Unreadable(f"no whole answer within {total_s:g} s, twice the call's timeout (a server sending it "
+                         "slowly)") from None
 
 
 @functools.cache
@@ -222,6 +234,13 @@ class HttpBase(BatchMembers):
     def _tiered(job: CallJob, body: dict[str, Any]) -> dict[str, Any]:
         """A flex call's body asks for the tier, unless the request's own body names one (then it goes so)."""
         return {**body, "service_tier": "flex"} if job.flex and body.get("service_tier") in (None, "auto") else body
+
+    def _call_bound(self, timeout: Any = None) -> float:
+        """A sync call's whole time, real seconds: the wait for its answer (``timeout``'s read, else the endpoint's
+        ``timeout_s``) and as long again for its body. The SDK's timeout bounds each read alone: a server that sent
+        the body a byte inside it held the call, its request and its claim for hours (a helper's hunt)."""
+        read = getattr(timeout, "read", None)
+        return 2 * (read if isinstance(read, (int, float)) else self.endpoint.timeout_s)
 
     def _flex_wait(self, job: CallJob) -> Any:
         """The timeout of a flex call: the real seconds it may run (``flex_timeout_s``: the tier's timeout, within

@@ -160,7 +160,7 @@ class VideoCalls:
             answered = asyncio.Event()
             self._creating[key] = (_made_as(body), answered)
             try:
-                resp, replayed = await create_call(self._create, self._raw_create, body, key)
+                resp, replayed = await create_call(self._create, self._raw_create, body, key, total_s=p._call_bound())
                 self._hold(resp.id)
             except sdk.APIError as exc:
                 out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)

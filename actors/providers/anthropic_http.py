@@ -177,7 +177,7 @@ class AnthropicProvider(HttpBase):
             # non-streaming call whose max_tokens (the model's maximum, where the request sets none) may take
             # over 10 minutes, a ValueError before anything is sent (a new user's tour: every such call failed).
             msg, replayed = await create_call(api.create, api.with_raw_response.create, body, key,
-                                              timeout=self.client.timeout)
+                                              timeout=self.client.timeout, total_s=self._call_bound())
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:

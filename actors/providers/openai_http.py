@@ -144,8 +144,9 @@ class OpenAIProvider(OpenAIBatches):
         api, verb = ((c.images, "generate") if route == "/v1/images/generations" else
                      (c.responses, "create") if route == "/v1/responses" else (c.chat.completions, "create"))
         try:
+            wait = self._flex_wait(job)
             resp, replayed = await create_call(getattr(api, verb), getattr(api.with_raw_response, verb), body, key,
-                                               self._flex_wait(job))
+                                               wait, self._call_bound(wait))
         except sdk.APIError as exc:
             return self._flex_error(job, exc, self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key))
         except TypeError as exc:  # a field of the wrong kind for this SDK (unknown ones go in extra_body)

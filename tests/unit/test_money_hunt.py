@@ -236,3 +236,32 @@ def test_the_report_says_what_a_late_batch_paid_twice_beside_the_bill(monkeypatc
     line = cli_report.bill_words(rep, {"openai", "anthropic"}, 0.000415)
     assert "billed $0.0004; the engine's results for them add up to $0.0003, and $0.0001 more for 2 batch" in line
     assert "$0.0021 more kept on budgets for 1 call(s) with no answer" in line
+
+
+@PROVIDERS
+def test_a_sync_answer_sent_a_byte_at_a_time_is_cut_at_twice_the_timeout_and_asked_again(emu, provider):  # noqa: F811
+    # The provider runs the call (billed) and sends its answer a byte every 0.3 s, inside the client's 0.5 s
+    # timeout between reads: the SDK's timeout bounds each read alone, so the call was held for the body's length
+    # times that (3.5 min for this answer; for hours at the default 600 s timeout), its request open. The call is
+    # cut at twice its timeout, possibly billed, and sent again under its key: the provider gives the answer it
+    # made again, billed once.
+    from tests.unit.test_http_providers import ROUTE
+
+    (job,) = jobs = jobs_of(provider, n=1, claims=True)
+    emu.faults.script(provider, ROUTE[provider], [{"trickle_s": 0.3}])
+
+    async def go():
+        rig = Rig(emu, provider, timeout_s=0.5)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("sync", jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            (item,) = emu.bill().items
+            r = rig.results[job.req.id]
+            assert r.status == "ok" and r.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            assert [o.maybe_billed for _, _, o in rig.calls] == [True, False]
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(item.cost_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())

@@ -214,7 +214,8 @@ def _video_calls(videos: _FakeVideos):
 
     provider = types.SimpleNamespace(
         client=types.SimpleNamespace(videos=videos, base_url="http://127.0.0.1/v1"), _sdk=openai, clock=clock,
-        spec=CAT.provider("openai"), catalog=CAT, name="openai", _error=error, _redact=str)
+        spec=CAT.provider("openai"), catalog=CAT, name="openai", _error=error, _redact=str,
+        _call_bound=lambda timeout=None: None)  # (the fake answers at once: no bound on a create)
     return VideoCalls(provider)
 
 
