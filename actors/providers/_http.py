@@ -8,7 +8,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -241,6 +241,18 @@ class HttpBase(BatchMembers):
         the body a byte inside it held the call, its request and its claim for hours (a helper's hunt)."""
         read = getattr(timeout, "read", None)
         return 2 * (read if isinstance(read, (int, float)) else self.endpoint.timeout_s)
+
+    async def _bounded(self, call: Awaitable[Any], what: str) -> Any:
+        """A batch's poll or cancel, its answer within ``_call_bound``: one that trickled (a byte inside the SDK's
+        per-read timeout) held the batch's follow-up past its hedge, for days at the default timeout (a helper's
+        hunt). Cut, it is a failed call (made again), which may have reached the provider (``maybe_done``)."""
+        bound = self._call_bound()
+        try:
+            return await asyncio.wait_for(call, bound)
+        except asyncio.TimeoutError:
+            err = ProviderError(f"{self.name}: {what}: no whole answer within {bound:g} s, twice the call's timeout")
+            err.maybe_done = True
+            raise err from None
 
     def _flex_wait(self, job: CallJob) -> Any:
         """The timeout of a flex call: the real seconds it may run (``flex_timeout_s``: the tier's timeout, within

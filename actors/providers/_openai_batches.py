@@ -111,7 +111,7 @@ class OpenAIBatches(HttpBase):
 
     async def poll(self, handle: BatchHandle) -> BatchState:
         with self._refused("batch poll"):
-            handle.batch = b = await self.client.batches.retrieve(handle.id)
+            handle.batch = b = await self._bounded(self.client.batches.retrieve(handle.id), "batch poll")
         if b.status in _ENDED:
             return BatchState("ended", 0.0)
         status = b.status if b.status in ("cancelling", "finalizing") else "running"
@@ -119,7 +119,7 @@ class OpenAIBatches(HttpBase):
 
     async def cancel(self, handle: BatchHandle) -> BatchState | None:
         with self._refused("batch cancel"):
-            handle.batch = b = await self.client.batches.cancel(handle.id)
+            handle.batch = b = await self._bounded(self.client.batches.cancel(handle.id), "batch cancel")
         return BatchState("ended", 0.0) if b.status in _ENDED else None
 
     async def _lines(self, file_id: str | None) -> tuple[list[dict], list[str | None]]:

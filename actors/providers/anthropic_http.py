@@ -288,14 +288,14 @@ class AnthropicProvider(HttpBase):
 
     async def poll(self, handle: BatchHandle) -> BatchState:
         with self._refused("batch poll"):
-            handle.batch = b = await self.client.messages.batches.retrieve(handle.id)
+            handle.batch = b = await self._bounded(self.client.messages.batches.retrieve(handle.id), "batch poll")
         if b.processing_status == "ended":
             return BatchState("ended", 0.0)
         return BatchState("cancelling" if b.processing_status == "canceling" else "running", handle.backoff.next())
 
     async def cancel(self, handle: BatchHandle) -> BatchState | None:
         with self._refused("batch cancel"):
-            handle.batch = b = await self.client.messages.batches.cancel(handle.id)
+            handle.batch = b = await self._bounded(self.client.messages.batches.cancel(handle.id), "batch cancel")
         # A batch that ended before the cancel is answered as it is: "ended".
         return BatchState("ended", 0.0) if b.processing_status == "ended" else None
 

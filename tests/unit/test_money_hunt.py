@@ -265,3 +265,29 @@ def test_a_sync_answer_sent_a_byte_at_a_time_is_cut_at_twice_the_timeout_and_ask
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_batch_poll_answered_a_byte_at_a_time_is_cut_and_made_again(emu, provider):  # noqa: F811
+    # The first poll of a batch is answered a byte every 0.3 s, inside the client's 0.5 s timeout between reads:
+    # the batch's follow-up waited on it for the answer's length times that (minutes here; days at the default
+    # timeout), its hedge and its members' deadlines passing unseen. The poll is cut at twice the timeout and made
+    # again, and the batch is read when it ends.
+    poll_route = {"openai": "batches.retrieve", "anthropic": "messages.batches.retrieve"}[provider]
+    jobs = jobs_of(provider, claims=True)
+    emu.faults.script(provider, poll_route, [{"trickle_s": 0.3}])
+
+    async def go():
+        rig = Rig(emu, provider, timeout_s=0.5)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            billed = sum(i.cost_usd for i in emu.bill().items)
+            assert len(emu.bill().items) == len(jobs) and all(r.status == "ok" for r in rig.results.values())
+            assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(billed, abs=1e-12)
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(billed, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
