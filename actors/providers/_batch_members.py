@@ -29,11 +29,11 @@ class BatchMembers:
     @staticmethod
     def _put(out: dict[str, CallOutcome], key: str, outcome: CallOutcome) -> None:
         """``key``'s outcome from one of its results lines. A results file may name a member twice (a write made
-        again, a provider's fault): a member that ran (answered, or possibly billed) keeps that outcome. A later
-        line's refusal replaced it, and the billed member went back to be sent again and paid twice, its first
-        answer on no ledger (a helper's hunt)."""
+        again, a provider's fault): a member that ran keeps its answer, and a refusal never replaces an answer or a
+        line that could not be read (possibly billed). A later line's refusal replaced it, and the billed member
+        went back to be sent again and paid twice, its first answer on no ledger (a helper's hunt)."""
         had = out.get(key)
-        if had is None or not (had.ok or had.maybe_billed):
+        if had is None or (outcome.ok and not had.ok) or not (had.ok or had.maybe_billed):
             out[key] = outcome
 
     def _unread_members(self, handle: Any, unread: list[str | None], out: dict[str, CallOutcome]) -> None:

@@ -76,9 +76,10 @@ def _refused_line(rec: dict) -> dict:
 
 
 @PROVIDERS
-@pytest.mark.parametrize("order", ["answer_first", "refusal_first"])
+@pytest.mark.parametrize("order", ["answer_first", "refusal_first", "cut_copy_first"])
 def test_a_member_named_twice_keeps_its_billed_answer_and_is_not_sent_again(emu, provider, order):  # noqa: F811
-    # The results name the first member twice: its answer (billed) and a refusal. Read line by line, the later
+    # The results name the first member twice: its answer (billed) and a refusal (or a cut copy of the answer, a
+    # line that cannot be read). Read line by line, the later
     # line won: the answer was dropped for the refusal, the member went back to be sent again (paid twice) and
     # the ledger missed its bill ($0.0000575 of $0.0002435 for OpenAI's four, $0.0006 of $0.002535 Anthropic's).
     jobs = jobs_of(provider, claims=True)
@@ -89,7 +90,8 @@ def test_a_member_named_twice_keeps_its_billed_answer_and_is_not_sent_again(emu,
         if named and named[0] != cid:
             return line
         named.append(cid)
-        twice = json.dumps(_refused_line(json.loads(line)))
+        # (a cut copy: a line that cannot be read, possibly billed, which the answer after it replaces)
+        twice = line[:len(line) // 2] if order == "cut_copy_first" else json.dumps(_refused_line(json.loads(line)))
         return f"{line}\n{twice}" if order == "answer_first" else f"{twice}\n{line}"
 
     emu.faults.result_line = result_line
