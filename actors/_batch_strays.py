@@ -51,7 +51,8 @@ def stand_in(uid: str, provider: str, model: str, attempts: int, row: int, start
     # (never sent: a media model's wants a prompt. Its params are unknown: an image is priced at the model's
     # default size, and at the quality its answer reports where one does, OpenAI's)
     req = Request.model_validate({"id": rid, "tenant": tenant, "arrival_s": 0.0, "provider": provider,
-                                  "model": model, "input_tokens": 0, "output_tokens": 0, "prompt": "-"})
+                                  "model": model, "input_tokens": 0, "output_tokens": 0, "prompt": "-"},
+                                 context={"kept": True})  # its tenant as journaled (``tenant_ends_problem``)
     return CallJob(call_key(tenant, rid, model, attempts), req, start, attempts, row)
 
 

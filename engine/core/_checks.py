@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any
 
+from engine.core._tenant_name import tenant_ends_problem
+
 if TYPE_CHECKING:
     from pydantic import TypeAdapter
 
@@ -384,7 +386,7 @@ def tenant_problem(tenant: str) -> str | None:
         _tenant_rule().validate_python(tenant)
     except ValidationError as exc:
         return exc.errors()[0]["msg"]
-    return None
+    return tenant_ends_problem(tenant) if tenant != tenant.strip() else None
 
 
 @functools.cache

@@ -28,6 +28,7 @@ from engine.core._checks import (
     tenant_problem,
 )
 from engine.core._media_checks import check_media, media_from_body
+from engine.core._tenant_name import tenant_ends_problem
 from engine.core._window import check_window
 from engine.core.body_tokens import (
     body_image_tokens,
@@ -201,6 +202,13 @@ class Request(BaseModel):
         bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
         if bad is not None:
             raise ValueError(f"id {v[:40]!r} holds the control character {bad!r}; use printable characters")
+        return v
+
+    @field_validator("tenant")
+    @classmethod
+    def _no_space_at_an_end(cls, v: str, info: ValidationInfo) -> str:  # (why: ``tenant_ends_problem``)
+        if v != v.strip() and not (info.context or {}).get("kept"):
+            raise ValueError(tenant_ends_problem(v))
         return v
 
     @field_validator("arrival_s", "deadline_s")
