@@ -16,6 +16,7 @@ from engine.app._driver_pull import FORGET_WAIT_S
 from engine.app._driver_reject import (
     OnInvalid,
     check_on_invalid,
+    count_refused,
     listed,
     reject_taken,
     validated,
@@ -74,6 +75,7 @@ class AsyncSubmit:
         reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
         with self._lock:
             reqs, at = reject_taken(reqs, at, self._futs, refused)
+            count_refused(self, refused)
         return with_rejected(await self._aqueue(reqs) if reqs else [], at, refused)
 
     async def as_completed(self, futures: Iterable[concurrent.futures.Future | Awaitable[Result]], *,

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from actors._ingest_holders import UNKNOWN_HOLDER
+from engine.app._driver_reject import with_refused
 from engine.app._future import ResultFuture
 from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
 from engine.core.errors import ConfigError, EngineStopped
@@ -164,12 +165,12 @@ class Pulling:
         of an engine this driver started: the report as the engine stood when it stopped."""
         if not self._running:
             if self._last_report is not None:
-                return copy.deepcopy(self._last_report)
+                return with_refused(copy.deepcopy(self._last_report), self)
             raise EngineStopped(f"engine {self.name!r} was stopped" + (
                 ", and its report could not be read then" if self._owner else
                 " for this driver: attach again with Engine.connect() for its report"))
         try:
-            return self._read_report(timeout_s=REPORT_WAIT_S)
+            return with_refused(self._read_report(timeout_s=REPORT_WAIT_S), self)
         except self._ray.exceptions.ActorDiedError as exc:  # a Ray error named nothing to do (a helper's hunt)
             raise EngineStopped(f"engine {self.name!r} failed: one of its actors died for good, so its report "
                                 f"cannot be read ({exc.__class__.__name__}); start a new engine") from exc

@@ -18,8 +18,8 @@ from engine.core.errors import ConfigError, RequestError
 from engine.core.request import Request
 from engine.core.result import ID_TAKEN, Result
 
-__all__ = ["INVALID", "OnInvalid", "check_ids", "check_on_invalid", "listed", "reject_taken", "rejected", "validated",
-           "with_rejected"]
+__all__ = ["INVALID", "OnInvalid", "check_ids", "check_on_invalid", "count_refused", "listed", "reject_taken", "rejected",
+           "validated", "with_refused", "with_rejected"]
 
 INVALID = "invalid_request"  # the ``error`` of a request ``on_invalid="reject"`` refused
 OnInvalid = Literal["raise", "reject"]
@@ -122,3 +122,27 @@ def with_rejected(futs: list, at: list[int], refused: dict[int, concurrent.futur
     for k, f in refused.items():
         out[k] = f
     return out
+
+
+def count_refused(owner: Any, refused: Mapping[int, concurrent.futures.Future]) -> None:
+    """Count the rejections ``refused`` in the driver ``owner``'s tally (``with_refused``). Call it holding the
+    driver's lock (submissions from several threads)."""
+    tally: dict[tuple[str, str], int] = owner.__dict__.setdefault("_refused", {})
+    for f in refused.values():
+        r = f.result()
+        tally[(r.tenant, r.error or INVALID)] = tally.get((r.tenant, r.error or INVALID), 0) + 1
+
+
+def with_refused(rep: dict, owner: Any) -> dict:
+    """``rep`` (an engine's report) with the rejections ``owner``'s ``submit_many(..., on_invalid="reject")``
+    made, by their ``error`` (``invalid_request``, ``id_taken``): resolved at the driver, they never reached the
+    engine, whose report said ``rejected: {}`` after 9 of them, though docs/budgets.md has it give every reason
+    (a walkthrough, stop 79). Counted as the engine counts its rejected results: in ``requests``, ``by_status``,
+    ``rejected`` and ``by_tenant`` (at $0). Those of this driver alone: another attached to the engine has its own."""
+    for (tenant, why), n in dict(owner.__dict__.get("_refused") or {}).items():
+        rep["requests"] = rep.get("requests", 0) + n
+        for part, key in (("by_status", "rejected"), ("rejected", why)):
+            rep.setdefault(part, {})[key] = rep.setdefault(part, {}).get(key, 0) + n
+        row = rep.setdefault("by_tenant", {}).setdefault(tenant, {"requests": 0, "cost_usd": 0.0})
+        row["requests"] += n
+    return rep

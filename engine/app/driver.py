@@ -29,6 +29,7 @@ from engine.app._driver_pull import Pulling
 from engine.app._driver_reject import (
     OnInvalid,
     check_on_invalid,
+    count_refused,
     listed,
     reject_taken,
     validated,
@@ -319,6 +320,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         with self._lock:
             if on_invalid == "reject":  # (``refused`` is only ever filled then)
                 reqs, at = reject_taken(reqs, at, self._futs, refused)
+                count_refused(self, refused)  # for report(), which the engine's results alone made
             futs, _ = self._admit(reqs)
         self._give_kept()
         self._flush()

@@ -82,6 +82,27 @@ def test_submit_many_can_reject_its_bad_requests_one_by_one_and_queue_the_others
         e.submit_many([], on_invalid="skip")
 
 
+def test_the_report_counts_the_requests_submit_many_rejected(monkeypatch):
+    # A walkthrough (stop 79): report()["rejected"] was {} after 9 such rejections, while docs/budgets.md has it
+    # give every reason. They never reach the engine (resolved here): the driver counts them in its report.
+    import asyncio
+
+    from actors._hub_stats import new_stats, stats_report
+
+    e = _bulk_engine(monkeypatch)
+    monkeypatch.setattr(e, "_read_report", lambda timeout_s=None: stats_report(new_stats(), {}), raising=False)
+    assert e.report()["rejected"] == {}
+    futs = e.submit_many(_mixed(), on_invalid="reject")
+    futs += asyncio.run(e.asubmit_futures([{"id": "b9", "tenant": "t2", "model": "nope", "prompt": "x"}],
+                                          on_invalid="reject"))
+    rep = e.report()
+    assert rep["rejected"] == {"invalid_request": 5} and rep["by_status"] == {"rejected": 5}, rep
+    assert rep["requests"] == 5 and rep["by_tenant"]["t2"] == {"requests": 1, "cost_usd": 0.0}
+    assert sum(1 for f in futs if f.done() and f.result().status == "rejected") == 5  # as the results say
+    e._running, e._last_report = False, stats_report(new_stats(), {})  # stopped: the report kept at the stop
+    assert e.report()["rejected"] == {"invalid_request": 5}
+
+
 def test_asubmit_many_can_reject_its_bad_requests_and_answer_the_others(monkeypatch):
     import asyncio
 
