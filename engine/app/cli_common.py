@@ -120,6 +120,30 @@ def _settings(catalog: Path | None, overlay: Path | None = None) -> tuple[Settin
     return settings, load_catalog(catalog or settings.catalog_path, overlay or settings.catalog_overlay)
 
 
+def _url_fix(url: str) -> str:
+    """The URL ``--base-url`` offers for ``url``, which does not start with ``http://`` or ``https://``. An http
+    scheme in capitals or misspelt keeps its ``s`` (``HTTPS://h`` was offered as ``http://h``: the key sent in clear
+    to a remote API); another scheme or none is replaced by https, or by http for a host of this machine or a
+    private network (a local server, the emulator); not ``http://ftp://h`` (stop 79)."""
+    import ipaddress
+    import re
+    from urllib.parse import urlsplit
+
+    if m := re.match(r"(?i)(https?)(?::/{0,2}|/{1,2})(?!/)", url):  # HTTPS://, https//, https:/, http:
+        return f"{m[1].lower()}://{url[m.end():]}"
+    scheme, sep, rest = url.partition("://")
+    rest = rest if sep else url
+    try:
+        host = urlsplit(f"//{rest}").hostname or ""
+    except ValueError:  # (a bracket left open): the safe scheme
+        host = "."
+    try:
+        local = not ipaddress.ip_address(host).is_global
+    except ValueError:  # a name: one with no dot is a machine of the network (docker compose's "vllm")
+        local = host == "localhost" or "." not in host or host.endswith((".local", ".internal", ".localhost"))
+    return f"{'http' if local else 'https'}://{rest}"
+
+
 def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None) -> Settings:
     """``--providers sim|http`` and ``--base-url NAME=URL`` on top of ``settings.providers``."""
     from engine.core._settings_providers import PRESETS
@@ -141,7 +165,7 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
             # ProvidersSettings. A credential before an "@" is not printed.
             shown = f"***@{url.rpartition('@')[2]}" if "@" in url else url
             raise ConfigError(f"--base-url '{name}={shown}': the URL must start with http:// or https://; write "
-                              f"--base-url {name}=http://{shown.partition('://')[2] or shown}")  # not http://ftp://
+                              f"--base-url {name}={_url_fix(shown)}")
         if name not in raw["endpoints"] and name in PRESETS:  # google: its preset, at this URL (the emulator's)
             raw["endpoints"][name] = {}
         if name not in raw["endpoints"]:

@@ -271,9 +271,15 @@ def test_a_dry_run_names_the_address_an_sdk_variable_points_the_real_run_at(tmp_
 
 
 @pytest.mark.parametrize(("url", "fix"), [("ftp://127.0.0.1:9/v1", "openai=http://127.0.0.1:9/v1"),
-                                          ("127.0.0.1:9/v1", "openai=http://127.0.0.1:9/v1")])
+                                          ("127.0.0.1:9/v1", "openai=http://127.0.0.1:9/v1"),
+                                          ("HTTPS://api.example.com/v1", "openai=https://api.example.com/v1"),
+                                          ("https//api.example.com/v1", "openai=https://api.example.com/v1"),
+                                          ("api.example.com/v1", "openai=https://api.example.com/v1"),
+                                          ("vllm:8000/v1", "openai=http://vllm:8000/v1")])
 def test_a_base_url_of_another_scheme_is_told_a_fix_that_is_a_url(tmp_path, url, fix):
-    """`--base-url openai=ftp://x` was told "write --base-url openai=http://ftp://x" (a new user's tour, stop 79)."""
+    """`--base-url openai=ftp://x` was told "write --base-url openai=http://ftp://x" (a new user's tour, stop 79);
+    and a review of it: `HTTPS://api.example.com/v1` was told `http://api.example.com/v1`, the key in clear to a
+    remote API, `https//h` `http://https//h`: a remote host's fix keeps or takes https."""
     r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http",
                             "--base-url", f"openai={url}"])
     assert r.exit_code == 2 and f"write --base-url {fix}" in " ".join(r.output.split()), r.output
