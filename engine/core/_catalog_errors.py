@@ -25,8 +25,8 @@ def catalog_problem(exc: ValidationError, where: str, root: type[BaseModel], bas
     hint = _new_name(loc, base, extra) if extra is not None else ""
     if not hint and first["type"] == "extra_forbidden":
         known = _fields(root, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else (f"; its fields: {', '.join(known)}" if known else "")
+        close = _closest(str(loc[-1]), known)
+        hint = f"; did you mean '{close}'?" if close else (f"; its fields: {', '.join(known)}" if known else "")
     dotted = ".".join(str(x) for x in loc)
     return f"catalog {where}: field '{dotted}': {msg}{hint} ({exc.error_count()} error(s))"
 
@@ -48,11 +48,19 @@ def _new_name(loc: tuple, base: Mapping, extra: Mapping) -> str:
 
 
 def _said(what: str, name: str, to: str, names: list[str]) -> str:
-    close = difflib.get_close_matches(name, names, n=1)
+    close = _closest(name, names)
     if not close:
         return ""
     return (f"; the overlay adds a new {what} '{name}'{to}, as the catalog has none of that name: did you mean "
-            f"'{close[0]}'? (a new {what} needs the fields named)")
+            f"'{close}'? (a new {what} needs the fields named)")
+
+
+def _closest(name: str, names: list[str]) -> str | None:
+    """The name of ``names`` that ``name`` may mean, letter case aside: a name as its brand writes it ("OpenAI",
+    "Anthropic", "GPT-5") is the likeliest slip, and difflib, which minds case, told it nothing (a review)."""
+    folded = {n.casefold(): n for n in names}
+    close = difflib.get_close_matches(name.casefold(), list(folded), n=1)
+    return folded[close[0]] if close else None
 
 
 def _fields(root: type[BaseModel], path: tuple) -> list[str]:

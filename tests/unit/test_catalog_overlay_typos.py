@@ -21,7 +21,13 @@ from engine.core.errors import CatalogError
      "providers.openai.models.gpt-5.input_per_mtk", "Extra inputs are not permitted; did you mean 'input_per_mtok'?"),
     ("providers:\n  openai:\n    batch_apii: {discount: 0.5}\n",
      "providers.openai.batch_apii", "Extra inputs are not permitted; did you mean 'batch_api'?"),
-], ids=["provider", "model", "model-field", "provider-field"])
+    # a review of stop 79: a name as its brand writes it was told nothing (difflib minds case)
+    ("providers:\n  OpenAI:\n    models:\n      gpt-5: {input_per_mtok: 1.0}\n",
+     "providers.OpenAI.models.gpt-5.kind", "a new provider 'OpenAI', as the catalog has none of that name: did you "
+                                           "mean 'openai'?"),
+    ("providers:\n  openai:\n    models:\n      GPT-5: {input_per_mtok: 1.0}\n",
+     "providers.openai.models.GPT-5.kind", "did you mean 'gpt-5'?"),
+], ids=["provider", "model", "model-field", "provider-field", "provider-case", "model-case"])
 def test_an_overlay_s_typo_is_told_the_name_it_may_mean(tmp_path, overlay, field, said):
     path = tmp_path / "overlay.yaml"
     path.write_text(overlay)
