@@ -35,7 +35,8 @@ def engine_error(provider, exc: BaseException) -> str:
     """A request's error for a call that raised in the engine: with the exception's words (an SDK refusing a call
     before it is sent says there what to change), redacted as a provider's answer is, since they may quote a key."""
     say = getattr(provider, "_redact", redact)  # an HTTP provider's also knows its own key
-    return say(f"engine error: {type(exc).__name__}: {exc}")[:500]
+    words = str(exc)  # none for many (a bare TimeoutError, an assert): its type alone, not "TimeoutError: "
+    return say(f"engine error: {type(exc).__name__}" + (f": {words}" if words else ""))[:500]
 
 
 class Outbox:

@@ -80,3 +80,11 @@ def test_a_call_that_raises_fails_its_request_saying_why():
     assert r.status == "failed" and r.cost_usd == 0, r
     assert "engine error: ValueError: Streaming is required" in r.error, r.error
     assert KEY_SAID not in r.error and "[redacted]" in r.error  # its words may quote a key: never in a result
+
+
+def test_an_exception_without_words_is_said_by_its_type_alone():
+    # A review of stop 79: "engine error: TimeoutError: " for a bare TimeoutError, a colon before nothing.
+    from actors._dispatch_outbox import engine_error
+
+    assert engine_error(None, TimeoutError()) == "engine error: TimeoutError"
+    assert engine_error(None, KeyError("model")) == "engine error: KeyError: 'model'"
