@@ -337,10 +337,11 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
             self._being_read = self._being_read | {key}
         # Held from the read of an image batch's results until every member is handed on (``_results_slot``).
         async with self._results_slot(jobs if handle is not None else [], hedge_at):
-            if handle is not None:
-                read, rounds = await self._fetch(handle, cjobs, hedge_at), 0
+            if handle is not None:  # its strays' lines too: its read's bound, and a give-up's failures (a review)
+                lines = self._with_strays(key, cjobs)
+                read, rounds = await self._fetch(handle, lines, hedge_at), 0
                 while read is None and self._cancelled and (rounds := rounds + 1) <= CANCELLED_READS:  # as above
-                    read = await self._sleep(POLL_RETRY_S) or await self._fetch(handle, cjobs, hedge_at)
+                    read = await self._sleep(POLL_RETRY_S) or await self._fetch(handle, lines, hedge_at)
                 if read is None:
                     # The members go again for their deadlines, and the batch is read until it answers: what it
                     # finished is then on the bill twice, so it is counted (paid_twice) and charged to the

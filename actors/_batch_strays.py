@@ -23,7 +23,7 @@ from collections import deque
 
 from actors._types import Job
 from engine.core.provider_api import CallJob, CallOutcome, call_key
-from engine.core.request import Request
+from engine.core.request import Request, validation_context
 from engine.runtime.outcomes import verdict
 
 __all__ = ["STRAYS_KEPT", "BatchStrays"]
@@ -43,7 +43,7 @@ class _Stray:
         self.read = False  # the batch ended (``out``: its line, None where none came back)
 
 
-def stand_in(uid: str, provider: str, model: str, attempts: int, row: int, start: float) -> CallJob:
+def stand_in(uid: str, provider: str, model: str, attempts: int, row: int, start: float, context: dict) -> CallJob:
     """The call job of a member known by its uid alone (``Request.uid``: ``<len>:<tenant>/<id>``): its call key
     names its line of the batch, and the provider prices that line by its usage, the model's and the mode's."""
     n, _, rest = uid.partition(":")
@@ -52,7 +52,7 @@ def stand_in(uid: str, provider: str, model: str, attempts: int, row: int, start
     # default size, and at the quality its answer reports where one does, OpenAI's)
     req = Request.model_validate({"id": rid, "tenant": tenant, "arrival_s": 0.0, "provider": provider,
                                   "model": model, "input_tokens": 0, "output_tokens": 0, "prompt": "-"},
-                                 context={"kept": True})  # its tenant as journaled (``tenant_ends_problem``)
+                                 context=context)  # (the engine's catalog: one it was given has models of its own)
     return CallJob(call_key(tenant, rid, model, attempts), req, start, attempts, row)
 
 
@@ -75,9 +75,10 @@ class BatchStrays:
             self._settle.extend((m[5], 0.0) for m in gone if m[5] is not None)
             return []
         model, strays, out = jobs[0].req.model, self._strays(), []
+        context = validation_context(self.catalog, self.settings)
         for m in gone:
             try:
-                cj = stand_in(m[0], self.name, model, m[3], m[1], start)
+                cj = stand_in(m[0], self.name, model, m[3], m[1], start, context)
             except Exception as exc:  # (a uid of another shape): as before, its line unread and uncounted
                 log.error("dispatcher %s: batch %s: member %s, not re-admitted, cannot be read from its entry (%s): "
                           "its line's cost is not counted", self.name, key, m[0], exc)
@@ -86,6 +87,15 @@ class BatchStrays:
             strays[m[0]] = _Stray(key, (*e[:4], [m], *e[5:]), cj, m[5])
             out.append(cj)
         return out
+
+    def _with_strays(self, key: str, cjobs: list[CallJob]) -> list[CallJob]:
+        """``cjobs`` of batch ``key`` and its strays', to read its results with (``cjobs`` itself where it has
+        none): a read given up on past ``batch_results_read_max_s`` fails them possibly billed, as the members
+        (``_unread_batch``), and a read's bound counts their lines. Left out (a review), they were read as lines
+        that never ran, their claims released at 0, and sent again should they come back: paid twice."""
+        strays = self.__dict__.get("_stray")
+        mine = [s.cj for s in strays.values() if s.key == key and not s.read] if strays else None
+        return cjobs + mine if mine else cjobs
 
     def _strays_wanted(self, uids: list[str]) -> set[str]:
         strays = self.__dict__.get("_stray") or {}
