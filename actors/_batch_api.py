@@ -349,7 +349,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                     await self._watch(b, key, jobs, start, handle)
                 else:  # read: nothing needs its input any more (its output stays for a resume: _batch_files)
                     self._files.discard(p, handle)
-                outs = read or {}
+                outs, read = self._strays_apart(key, read)  # (their lines apart: ``_batch_strays``)
                 again = self._queue_refused(key, b, jobs, handle, outs)
                 learn = learn and again is None
             self._release_dispatch(key, tokens, jobs[0].req.model)

@@ -97,6 +97,13 @@ class BatchStrays:
         mine = [s.cj for s in strays.values() if s.key == key and not s.read] if strays else None
         return cjobs + mine if mine else cjobs
 
+    def _strays_apart(self, key: str, read: dict | None) -> tuple[dict, dict | None]:
+        """Batch ``key``'s lines ``read`` (None: unread) as its members' and its strays' (``read`` itself where it
+        has none). Among its members' (a review), a batch every line of which ran was learned as cut short, its
+        lines outnumbering its members: its groupers told only that it ran longer than it did."""
+        mine = self._with_strays(key, []) if read else None
+        return (read or {}, read) if not mine else (read, {cj.key: read.pop(cj.key) for cj in mine if cj.key in read})
+
     def _strays_wanted(self, uids: list[str]) -> set[str]:
         strays = self.__dict__.get("_stray") or {}
         return {u for u in uids if u in strays}

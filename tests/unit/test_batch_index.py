@@ -661,3 +661,22 @@ def test_a_stray_of_a_model_the_engine_s_catalog_alone_has_is_read_and_held():
         settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
         assert set(settled) == {"c0", "c1", "c2"}, settled
     asyncio.run(go())
+
+
+def test_a_batch_with_strays_tells_its_groupers_the_turnaround_of_its_members_alone():
+    """A batch taken up with strays, every line of it run: its groupers learn how long it took, from its members'
+    lines. Its strays' lines were counted among them (fails on the code before: 3 lines for 2 members read as a
+    batch cut short, told censored, only that it ran longer than it did)."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        g = Recorder()
+        d = lost(sealed(Dispatcher("openai", CAT, settings, 0, clock, [g], hub, None, Recorder(), learners=True)))
+        b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        ing, _, reqs = await _stray_taken_up(d, b, 2)
+        got = await _pulled(hub, clock, 2)
+        assert all(r.status == "ok" for r in got)
+        await _done(d)
+        told = [t for m, args in g.calls if m == "observe_turnarounds" for t in args[0] if t.end is not None]
+        assert len(told) == 1 and not told[0].censored and told[0].end > told[0].start, told
+    asyncio.run(go())
