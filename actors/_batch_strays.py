@@ -154,6 +154,8 @@ class BatchStrays:
                 self._stray_drop(uid)  # nothing billed: sent anew should it come back
             else:
                 kept.append(uid)
+        if len(kept) > STRAYS_KEPT:  # those answered since leave their place first (kept, one held was let go)
+            kept = self.__dict__["_strays_kept"] = deque(u for u in kept if u in strays)
         while len(kept) > STRAYS_KEPT:
             self._stray_drop(kept.popleft())
         self._kick()

@@ -579,20 +579,31 @@ class _HoldsNone(Recorder):  # a grouper that holds none of them
         return []
 
 
-async def _stray_taken_up(d: Dispatcher, b: BatchJob, back: int) -> tuple:
-    """Batch ``b`` found in ``d``'s index (created, by the provider's id), taken up at the sweep's forced
-    re-admission of its first ``back`` members: the rest are strays. Returns ingest, the grouper and the requests."""
+async def _indexed(d: Dispatcher, b: BatchJob, key: str = "b1-x") -> None:
+    """Batch ``b`` in ``d``'s index, created (known by the provider's id), its record lost."""
+    await d.hub.call("journal_put_many", d._index_space(), {key: entry((b, b.jobs, 0.0, 100, type(
+        "Made", (), {"id": f"batch_{key}"})(), None))})
+
+
+async def _forced(d: Dispatcher, reqs: list[Request], back: int) -> tuple:
+    """The driver re-admits the first ``back`` of ``reqs`` (members of a held batch), then its sweep forces them:
+    the batch is taken up, the rest of its members strays. Returns ingest and its grouper."""
     from actors import Ingest
 
-    await d.hub.call("journal_put_many", d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100,
-                                                                          type("Made", (), {"id": "batch_7"})(),
-                                                                          None))})
-    reqs, g = [j.req for j in b.jobs], _HoldsNone()
+    g, n = _HoldsNone(), d.reattached
     ing = Ingest([g], dispatchers=[d])
     await ing.readmit(reqs[:back])
     await ing.readmit(reqs[:back], force=True)
-    assert d.reattached == 1
-    return ing, g, reqs
+    assert d.reattached == n + 1
+    return ing, g
+
+
+async def _stray_taken_up(d: Dispatcher, b: BatchJob, back: int) -> tuple:
+    """Batch ``b`` found in ``d``'s index, taken up at the sweep's forced re-admission of its first ``back``
+    members: the rest are strays. Returns ingest, the grouper and the requests."""
+    await _indexed(d, b)
+    reqs = [j.req for j in b.jobs]
+    return (*await _forced(d, reqs, back), reqs)
 
 
 def test_a_stray_of_a_batch_whose_results_outlasted_their_read_bound_stays_held_at_its_bound_not_sent_again():
@@ -679,4 +690,34 @@ def test_a_batch_with_strays_tells_its_groupers_the_turnaround_of_its_members_al
         await _done(d)
         told = [t for m, args in g.calls if m == "observe_turnarounds" for t in args[0] if t.end is not None]
         assert len(told) == 1 and not told[0].censored and told[0].end > told[0].start, told
+    asyncio.run(go())
+
+
+def test_a_stray_answered_leaves_its_place_among_those_kept(monkeypatch):
+    """Read strays whose requests have not come are kept, the newest ``STRAYS_KEPT``; one answered since kept its
+    place in that count, so an older one still held was let go while no more than the bound were held (fails on the
+    code before: of two held, with a bound of 2, the first let go, and sent again, paid twice, should it come back)."""
+    from actors import _batch_strays
+
+    monkeypatch.setattr(_batch_strays, "STRAYS_KEPT", 2)
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        jobs = [Job(10 + i, Request.model_validate({"id": f"s{i}", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                                     "prompt": "p", "input_tokens": 100, "output_tokens": 10}),
+                    f"fq{i}", claim=f"d{i}") for i in range(2)]
+        await _indexed(d, BatchJob("b2", "batch_api", None, False, "r", "why", jobs), "b2-x")  # found beside it
+        ing, _, reqs = await _stray_taken_up(d, b, 1)
+        await _pulled(hub, clock, 1)
+        await ing.readmit(reqs[2:])  # the second stray's driver is back: answered
+        await _pulled(hub, clock, 1)
+        more = [j.req for j in jobs]
+        await _forced(d, more, 1)
+        await _pulled(hub, clock, 1)
+        held = [reqs[1].uid, more[1].uid]
+        assert await d.holds(held) == held  # two held: the bound
+        await _done(d)
     asyncio.run(go())
