@@ -104,6 +104,14 @@ class BatchStrays:
         mine = self._with_strays(key, []) if read else None
         return (read or {}, read) if not mine else (read, {cj.key: read.pop(cj.key) for cj in mine if cj.key in read})
 
+    def _strays_cut(self) -> list[tuple[str, Job]]:
+        """The strays of batches the engine's stop cuts short (unread): their lines run as the members' do, so each
+        claim is settled at its bound too, its stand-in's (``_settle_cut_short``). Left out (a review), it was held
+        until ``reservation_ttl_s``, its spend then counted by no ledger."""
+        strays = self.__dict__.get("_stray")
+        return [("batch_api", Job(s.cj.row, s.cj.req, "", s.cj.attempt, claim=s.claim)) for s in strays.values()
+                if not s.read and s.key in self._open] if strays else []
+
     def _strays_wanted(self, uids: list[str]) -> set[str]:
         strays = self.__dict__.get("_stray") or {}
         return {u for u in uids if u in strays}
@@ -143,11 +151,12 @@ class BatchStrays:
             o = s.out = outs.get(s.cj.key)
             s.read = True
             usd = o.cost if o is not None and (o.ok or o.maybe_billed) else 0.0
-            if o is not None and not o.ok and o.maybe_billed and o.cost:
-                self.possibly_billed += 1
-                self.possibly_billed_usd += o.cost
-            if s.claim is not None and s.claim not in done:
-                self._settle.append((s.claim, usd))
+            if s.claim is None or s.claim not in done:  # (settled at its bound by the stop: counted there, once)
+                if o is not None and not o.ok and o.maybe_billed and o.cost:
+                    self.possibly_billed += 1
+                    self.possibly_billed_usd += o.cost
+                if s.claim is not None:
+                    self._settle.append((s.claim, usd))
             if s.req is not None:
                 self._stray_answer(uid)
             elif o is None or verdict(o.ok, s.cj.attempt + 1, self.max_att, o.retryable) == "retry":

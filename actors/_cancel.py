@@ -212,7 +212,7 @@ class CancelDispatches:
         controller before this returns (bounded), which the stop keeps alive until then
         (``actors._engine_stop.kill_engine``). Left to the actor's kill, its claim held its room until
         ``reservation_ttl_s`` (a Redis ledger) and was then released: spend billed and counted by no ledger."""
-        cut = [(rec[0].mode, j) for rec in self._open.values() for j in rec[1]]
+        cut = [(rec[0].mode, j) for rec in self._open.values() for j in rec[1]] + self._strays_cut()
         calling = self._calling or {}
         cut += [(rec[0].mode if key in calling else None, rec[1]) for key, rec in self._sync_calls.items()]
         # A simulated provider's call (journaled nowhere: a restart makes it anew): left out, its claim held its

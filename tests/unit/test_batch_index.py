@@ -721,3 +721,34 @@ def test_a_stray_answered_leaves_its_place_among_those_kept(monkeypatch):
         assert await d.holds(held) == held  # two held: the bound
         await _done(d)
     asyncio.run(go())
+
+
+def test_the_engine_s_stop_settles_a_stray_s_claim_at_its_bound_with_its_batch_s_members():
+    """The engine stops while a batch taken up with a stray runs: its members' claims are settled at their bounds
+    (``_settle_cut_short``: nobody will read what they cost), and the stray's, whose line runs in it too, was left
+    held until ``reservation_ttl_s``, its spend then counted by no ledger (fails on the code before: its claim never
+    settled). It is settled at its stand-in's bound, counted possibly billed, once."""
+    from engine.core.provider_api import BatchState
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+
+        async def running(handle):  # a batch still cancelling when the actor goes: never read here
+            return BatchState("running", 3600.0)
+
+        async def taken(handle):
+            return None
+        d.provider.poll, d.provider.cancel = running, taken
+        b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        await _stray_taken_up(d, b, 2)
+        try:
+            await d.stop_spending()
+        finally:
+            for t in list(d._tasks):
+                t.cancel()
+        settled = [x for m, args in d.budget._target.calls if m == "settle_many" for x in args[0]]
+        assert sorted(c for c, _ in settled) == ["c0", "c1", "c2"] and all(usd > 0 for _, usd in settled), settled
+        assert d.possibly_billed == 3
+    asyncio.run(go())
