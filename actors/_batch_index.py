@@ -25,7 +25,7 @@ import asyncio
 import logging
 import pickle
 
-from actors._batch_strays import BatchStrays
+from actors._batch_strays import BatchStrays, Strays
 from actors._journal_seal import HUB_ASK_S
 from actors._sync_index import SYNC, SyncIndex
 from actors._types import Job
@@ -40,12 +40,15 @@ INDEX = "batch-index:"  # the hub's memory-journal space of one holder of one Re
 
 def entry(rec: tuple) -> bytes:
     """A batch record (``Dispatcher._open``'s value) as its index entry: no request, no body."""
-    b, jobs, start, tokens, handle, _ = rec
+    b, jobs, start, tokens, handle, body = rec
     bid = None if handle is None else str(getattr(handle, "id", ""))  # ("": simulated, drawn again)
     members = tuple((j.req.uid, j.seq, j.fp, *j[3:]) for j in jobs)
     # What its members were sent as: one rerouted here (``asked``) is re-admitted as the driver sent it, to its first
     # model, which names another call key (custom_id): its line of the batch was missed and it was sent again
     sent_as = {j.req.uid: (j.req.provider, j.req.model) for j in jobs if j.asked is not None}
+    if isinstance(body, Strays):  # its strays, members again for a restart that loses its record (``_batch_strays``)
+        members += tuple(e[4][0] for e, _ in body.of)
+        sent_as.update((u, to) for e, _ in body.of if len(e) > 5 for u, to in e[5].items() if u == e[4][0][0])
     model = jobs[0].req.model if jobs else None  # (the route of a cancel made with no member, ``_cancel_held``)
     return pickle.dumps((b._replace(jobs=[]), start, tokens, bid, members, sent_as, model))
 
@@ -256,7 +259,7 @@ class BatchIndex(BatchStrays, SyncIndex):
         except Exception as exc:  # (a provider that cannot make one from an id): looked for under its key instead
             log.warning("dispatcher %s: could not re-attach to batch %s by its id (%s: %s); looked for under its "
                         "key", self.name, bid, type(exc).__name__, exc)
-        self._open[key] = (b, jobs, start, tokens, handle, None)
+        self._open[key] = (b, jobs, start, tokens, handle, None if handle is None else self._strays_of(key))
         stem = key.rpartition("#")[0]
         if not stem or stem not in self._parts_left:  # one dispatch holds its tokens once, for all its parts
             self._count_reattached(tokens, jobs)

@@ -20,17 +20,28 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from typing import NamedTuple
 
 from actors._types import Job
 from engine.core.provider_api import CallJob, CallOutcome, call_key
 from engine.core.request import Request, validation_context
 from engine.runtime.outcomes import verdict
 
-__all__ = ["STRAYS_KEPT", "BatchStrays"]
+__all__ = ["STRAYS_KEPT", "BatchStrays", "Strays"]
 
 log = logging.getLogger("smartbatch.dispatcher")
 
 STRAYS_KEPT = 4096  # read strays' outcomes kept for a late re-admission (its driver gone, most never come)
+
+
+class Strays(NamedTuple):
+    """The strays of a batch known by its provider's id, in its journal record (its ``body``, which such a batch
+    has no use for) and so in its index entry: (entry, call job) of each, this member alone in the entry. A restart
+    before the batch ends holds them again, from the record (``_strays_again``) or, that lost too, as members of the
+    entry. Named by neither (a review), they were no longer held after it: their lines counted nowhere, their
+    requests sent again should they come back, paid twice."""
+
+    of: tuple
 
 
 class _Stray:
@@ -111,6 +122,21 @@ class BatchStrays:
         strays = self.__dict__.get("_stray")
         return [("batch_api", Job(s.cj.row, s.cj.req, "", s.cj.attempt, claim=s.claim)) for s in strays.values()
                 if not s.read and s.key in self._open] if strays else []
+
+    def _strays_of(self, key: str) -> Strays | None:
+        """Batch ``key``'s strays, for its record (``Strays``)."""
+        strays = self.__dict__.get("_stray") or {}
+        mine = tuple((s.entry, s.cj) for s in strays.values() if s.key == key and not s.read)
+        return Strays(mine) if mine else None
+
+    def _strays_again(self, key: str, body) -> None:
+        """A restart re-attaches batch ``key`` from its record: its strays (``body``, where it is ``Strays``) are
+        held again, as at its take-up, but for one carried here already."""
+        for e, cj in body.of if isinstance(body, Strays) else ():
+            m = e[4][0]
+            if m[0] not in self._known and m[0] not in self._done:
+                self._strays()[m[0]] = _Stray(key, e, cj, m[5])
+                self._known.add(m[0])
 
     def _strays_wanted(self, uids: list[str]) -> set[str]:
         strays = self.__dict__.get("_stray") or {}

@@ -231,6 +231,7 @@ class Recovery:
             if key in self._open or not jobs:
                 continue
             self._open[key] = (b, jobs, start, tokens, handle, body)
+            self._strays_again(key, body)  # (members no driver re-admitted, run in it: ``_batch_strays``)
             stem = key.rpartition("#")[0]
             if stem:  # a part of a split dispatch: its last part releases its tokens
                 self._parts_left[stem] = self._parts_left.get(stem, 0) + 1

@@ -19,6 +19,7 @@ from actors._ingest_adopt import hand_over
 from actors._journal_seal import JournalSeal
 from actors._peer import as_peer
 from actors._types import BatchJob, Job
+from actors.providers.simulated import _Handle
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.provider_api import Secret
@@ -751,4 +752,63 @@ def test_the_engine_s_stop_settles_a_stray_s_claim_at_its_bound_with_its_batch_s
         settled = [x for m, args in d.budget._target.calls if m == "settle_many" for x in args[0]]
         assert sorted(c for c, _ in settled) == ["c0", "c1", "c2"] and all(usd > 0 for _, usd in settled), settled
         assert d.possibly_billed == 3
+    asyncio.run(go())
+
+
+class _Named(_Handle):  # a simulated batch known by an id, as a real provider's: its entry names it
+    __slots__ = ("id",)
+
+
+def _named(d: Dispatcher) -> Dispatcher:
+    inner = d.provider.reattach
+
+    def reattach(bid, jobs, hedge_at, model=None):
+        h, n = inner(bid, jobs, hedge_at, model), _Named.__new__(_Named)
+        n.jobs, n.out, n.cancelled, n.id = h.jobs, h.out, h.cancelled, bid
+        return n
+    d.provider.reattach = reattach
+    return d
+
+
+@pytest.mark.parametrize("journal", ["kept", "lost again"])
+def test_a_stray_is_still_held_and_counted_after_its_dispatcher_restarts_again_before_its_batch_ends(journal):
+    """The dispatcher restarts again while a batch taken up with a stray runs: from its journal (``kept``), or, its
+    Redis having lost the records again, from the hub's index (``lost again``). Its record and index entry named the
+    re-admitted members alone (fails on the code before: the stray no longer held, its claim never settled, and its
+    late re-admission sent to its grouper, its line, billed, paid twice). They name the stray too: it is held again,
+    its line counted on its claim when the batch ends, and its late re-admission answered with it, no new call."""
+    from actors import Ingest
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = _named(lost(sealed(sim_dispatcher(hub, clock, settings))))
+        b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        _, _, reqs = await _stray_taken_up(d, b, 2)
+
+        async def journaled_again() -> bool:  # its record, and its index entry written with it
+            return list(await hub.journal_items(d._space)) == ["b1-x"] and await _has(hub, d, ["b1-x"])
+        await _until_async(journaled_again)
+        assert len((await index_of(hub, d))["b1-x"][4]) == 3  # the stray's entry too
+        for t in list(d._tasks):
+            t.cancel()
+        if journal == "lost again":
+            hub.__dict__["_journal_spaces"].pop(d._space)
+        d2 = _named(sealed(sim_dispatcher(hub, clock, settings)))
+        d2 = lost(d2) if journal == "lost again" else d2
+        d2.reconstructed()
+        g = _HoldsNone()
+        ing = Ingest([g], dispatchers=[d2])
+        if journal == "lost again":  # its driver's sweep again: the members back, the stray not
+            await ing.readmit(reqs[:2])
+            await ing.readmit(reqs[:2], force=True)
+        assert await d2.holds([reqs[2].uid]) == [reqs[2].uid]
+        got = await _pulled(hub, clock, 2)
+        await ing.readmit(reqs[2:])
+        got += await _pulled(hub, clock, 1)
+        assert sorted(r.id for r in got) == ["r0", "r1", "r2"], got
+        await _done(d2)
+        assert d2.groupers[0]._target.readmitted() == [] and g.readmitted() == []
+        settled = {c: usd for m, args in d2.budget._target.calls if m == "settle_many" for c, usd in args[0]}
+        assert set(settled) == {"c0", "c1", "c2"}, settled
     asyncio.run(go())
