@@ -22,7 +22,9 @@ import logging
 from collections import deque
 from typing import NamedTuple
 
+from actors._shards import class_shard
 from actors._types import Job
+from engine.core.features import fingerprint
 from engine.core.provider_api import CallJob, CallOutcome, call_key
 from engine.core.request import Request, validation_context
 from engine.runtime.outcomes import verdict
@@ -142,15 +144,40 @@ class BatchStrays:
         strays = self.__dict__.get("_stray") or {}
         return {u for u in uids if u in strays}
 
-    def _strays_back(self, requests: list[Request]) -> None:
-        """Requests of strays re-admitted: answered with their line once the batch is read."""
+    def _strays_back(self, requests: list[Request], checked: bool = False) -> None:
+        """Requests of strays re-admitted: answered with their line once the batch is read. One of other content
+        (``_stray_of_other``) goes to its grouper instead, as a request no dispatch holds. ``checked``: their
+        content is the strays' (a copy's, ``_fresh``)."""
         strays = self.__dict__.get("_stray") or {}
+        share = self.settings.cache.share_across_tenants
         for r in requests:
             s = strays.get(r.uid)
-            if s is not None:
-                s.req = r
-                if s.read:
-                    self._stray_answer(r.uid)
+            if s is None:
+                continue
+            j = None if checked else Job(s.cj.row, r, fingerprint(r, share_across_tenants=share),
+                                         cache_shard=class_shard(r, len(self.caches)) if self.caches else 0)
+            if j is not None and self._stray_of_other(j):
+                self._readmit.append(j)
+                self._kick()
+                continue
+            s.req = r
+            if s.read:
+                self._stray_answer(r.uid)
+
+    def _stray_of_other(self, j: Job) -> bool:
+        """Whether ``j``, under a stray's id, is another request: of other content, the id free again at the hub
+        once the stray's driver was long gone (docs/service.md, "one id, one request"). The stray then lets the id
+        go (its line still read and settled on its claim, under a name no request has) and ``j`` is carried out
+        as any. Taken for the stray's (a review), it was answered with the other content's line."""
+        strays = self.__dict__.get("_stray")
+        s = strays.get(j.req.uid) if strays else None
+        if s is None or s.req is not None or s.entry[4][0][2] == j.fp:
+            return False
+        del strays[j.req.uid]
+        if not s.read:
+            strays["\0" + j.req.uid] = s
+        self._known.discard(j.req.uid)
+        return True
 
     def _strays_end(self, key: str, outs: dict | None) -> None:
         """Batch ``key`` ended (``outs``: its lines; None when they could not be read, its members sent again):
@@ -185,6 +212,8 @@ class BatchStrays:
                     self._settle.append((s.claim, usd))
             if s.req is not None:
                 self._stray_answer(uid)
+            elif uid[0] == "\0":  # its id taken by another request (``_stray_of_other``): nothing to keep
+                strays.pop(uid)
             elif o is None or verdict(o.ok, s.cj.attempt + 1, self.max_att, o.retryable) == "retry":
                 self._stray_drop(uid)  # nothing billed: sent anew should it come back
             else:

@@ -184,7 +184,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         out, here = [], set()
         for j in jobs:
             uid = j.req.uid
-            if uid not in known and uid not in done and uid not in here:
+            if (uid not in known or self._stray_of_other(j)) and uid not in done and uid not in here:
                 out.append(j)
                 here.add(uid)
                 continue

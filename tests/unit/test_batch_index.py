@@ -22,6 +22,7 @@ from actors._types import BatchJob, Job
 from actors.providers.simulated import _Handle
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
+from engine.core.features import fingerprint
 from engine.core.provider_api import Secret
 from engine.core.request import Request
 from engine.core.settings import Settings
@@ -80,8 +81,9 @@ def sim_dispatcher(hub: ResultHub, clock: ManualClock, settings: Settings) -> Di
 
 
 def sim_batch(n: int = 3) -> BatchJob:
-    jobs = [Job(i, Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "p",
-                                           "input_tokens": 100, "output_tokens": 10}), f"fp{i}") for i in range(n)]
+    reqs = [Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "p",
+                                    "input_tokens": 100, "output_tokens": 10}) for i in range(n)]
+    jobs = [Job(i, r, fingerprint(r)) for i, r in enumerate(reqs)]  # (as ingest's: a stray's re-admission checks it)
     return BatchJob("b1", "batch_api", None, False, "r", "why", jobs)
 
 
@@ -488,7 +490,7 @@ def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admis
         async def recall(self, uids):
             return []
 
-    e, jobs = emu, jobs_of(provider, 4, claims=True)
+    e, jobs = emu, [j._replace(fp=fingerprint(j.req)) for j in jobs_of(provider, 4, claims=True)]
 
     async def go():
         rig = Rig(e, provider)
@@ -661,7 +663,8 @@ def test_a_stray_of_a_model_the_engine_s_catalog_alone_has_is_read_and_held():
         d = lost(sealed(Dispatcher("openai", cat, settings, 0, clock, [Recorder()], hub, None, Recorder())))
         jobs = [Job(i, Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "house-mini", "prompt": "p",
                                                "input_tokens": 100, "output_tokens": 10}, context=validation_context(cat)),
-                    f"fp{i}", claim=f"c{i}") for i in range(3)]
+                    "", claim=f"c{i}") for i in range(3)]
+        jobs = [j._replace(fp=fingerprint(j.req)) for j in jobs]
         ing, g, reqs = await _stray_taken_up(d, BatchJob("b1", "batch_api", None, False, "r", "why", jobs), 2)
         assert await d.holds([reqs[2].uid]) == [reqs[2].uid]
         got = await _pulled(hub, clock, 2)
@@ -811,4 +814,37 @@ def test_a_stray_is_still_held_and_counted_after_its_dispatcher_restarts_again_b
         assert d2.groupers[0]._target.readmitted() == [] and g.readmitted() == []
         settled = {c: usd for m, args in d2.budget._target.calls if m == "settle_many" for c, usd in args[0]}
         assert set(settled) == {"c0", "c1", "c2"}, settled
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("way", ["dispatched here", "re-admitted"])
+def test_another_request_under_a_stray_s_id_is_carried_out_not_answered_with_the_stray_s_line(way):
+    """A stray holds its id for a late re-admission; its driver long gone, the id is free again at the hub
+    (docs/service.md: "one id, one request") and another request, of other content, may come under it: sent here
+    by its grouper (``dispatched here``) or handed over by ingest's re-admission (``re-admitted``). It was answered
+    with the stray's line (fails on the code before: the other content's result, and its own claim let go). The
+    stray now lets the id go, and the request is carried out as any: dispatched, or back to its grouper."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        ing, _, reqs = await _stray_taken_up(d, b, 2)
+        await _pulled(hub, clock, 2)  # the batch read: the stray's line kept for its request
+        other = Request.model_validate({"id": "r2", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "another",
+                                        "input_tokens": 120, "output_tokens": 12})
+        assert other.uid == reqs[2].uid
+        if way == "dispatched here":
+            job = Job(50, other, fingerprint(other), claim="n2")
+            await d.run_many([BatchJob("b9", "sync", None, False, "r", "why", [job])])
+            got = await _pulled(hub, clock, 1)
+            assert [(r.id, r.batch_id, r.mode) for r in got] == [("r2", "b9", "sync")], got
+            await _done(d)
+            settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
+            assert settled["n2"] > 0 and settled["n2"] == pytest.approx(got[0].cost_usd), settled
+        else:
+            await ing.readmit([other])
+            await _until(lambda: [j.req for j in d.groupers[0]._target.readmitted()] == [other])
+            await _done(d)
+            assert await hub.pull(0.001) == []  # not answered with the stray's line
     asyncio.run(go())
