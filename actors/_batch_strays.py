@@ -14,7 +14,11 @@ settled at that cost, as a member's is; with no line (cancelled, never run) or o
 for a simulated batch, which is drawn again without it). The line's outcome is kept: a late re-admission of the
 request is answered with it (``recall``/``holds`` say it is held, ingest hands its request over, ``adopt``), no new
 call; one that came back while the batch ran gets it when the batch ends. The hub cannot be sent it before: a
-``Result`` needs the request, and the entry has none."""
+``Result`` needs the request, and the entry has none. A review (stop 79) added: the strays are read with the
+batch (a give-up past ``batch_results_read_max_s`` fails them possibly billed, as the members), apart from its
+members' lines (its turnaround), settled at their bound by the engine's stop, named in its record and index entry
+(a restart before it ends holds them again, ``Strays``), and a request of other content under a stray's id (free
+again at the hub) is carried out, not answered with the stray's line (``_stray_of_other``)."""
 
 from __future__ import annotations
 
