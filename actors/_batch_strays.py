@@ -38,6 +38,7 @@ __all__ = ["STRAYS_KEPT", "BatchStrays", "Strays"]
 log = logging.getLogger("smartbatch.dispatcher")
 
 STRAYS_KEPT = 4096  # read strays' outcomes kept for a late re-admission (its driver gone, most never come)
+STRAYS_OUTPUT_MB = 64.0  # of their outputs, the newest kept (an image's is 1-6 MB of base64: ``_keep_done``'s rule)
 
 
 class Strays(NamedTuple):
@@ -226,6 +227,7 @@ class BatchStrays:
             kept = self.__dict__["_strays_kept"] = deque(u for u in kept if u in strays)
         while len(kept) > STRAYS_KEPT:
             self._stray_drop(kept.popleft())
+        self._strays_outputs(kept, strays)
         self._kick()
 
     def _stray_answer(self, uid: str, claim: str | None = None) -> None:
@@ -242,6 +244,25 @@ class BatchStrays:
                 j, o = j._replace(billed_usd=j.billed_usd + o.cost), o._replace(maybe_billed=False)
             self._attempt(s.entry[0], j, o.ok, o.cost, "batch_api", o)
         self._kick()
+
+    def _strays_outputs(self, kept: deque, strays: dict) -> None:
+        """The outputs the ``kept`` strays hold, the newest ``STRAYS_OUTPUT_MB``: past it, the oldest's goes, and
+        its request, should it come, is answered that it was made and billed but its output no longer kept, not
+        made again (as ``_keep_done`` does a finished request's). Bounded by their count alone (a review), an
+        image batch's strays held all their images, gigabytes, for requests that mostly never come."""
+        held = [(u, strays[u].out) for u in kept if u in strays and strays[u].out is not None]
+        size = sum(len(o.output or "") for _, o in held)
+        for u, o in held:
+            if size <= STRAYS_OUTPUT_MB * 2**20:
+                return
+            if o.output:
+                size -= len(o.output)
+                strays[u].out = o._replace(ok=False, output=None, raw=None, usage=None, tool_calls=None,
+                                           retryable=False, maybe_billed=False, error=(
+                    f"its line of a batch taken up after a restart was made and billed (${o.cost:.6f}, counted on "
+                    f"its budget), but its output ({len(o.output):,} characters) was no longer kept when its request "
+                    f"came back (a dispatcher keeps its newest {STRAYS_OUTPUT_MB:g} MB of those outputs); not made "
+                    "again, so not paid twice"))
 
     def _stray_drop(self, uid: str) -> None:
         if self._strays().pop(uid, None) is not None:

@@ -848,3 +848,40 @@ def test_another_request_under_a_stray_s_id_is_carried_out_not_answered_with_the
             await _done(d)
             assert await hub.pull(0.001) == []  # not answered with the stray's line
     asyncio.run(go())
+
+
+def test_the_outputs_of_strays_kept_for_their_requests_are_bounded_in_bytes(monkeypatch):
+    """Read strays whose requests have not come keep their lines' outcomes, up to 4096: an image's holds its
+    base64 (1-6 MB), so an image batch's strays held gigabytes here (fails on the code before: every output kept,
+    whatever the bound). Past ``STRAYS_OUTPUT_MB``, the oldest one's output goes: its request, should it come,
+    is answered that it was made and billed (its claim settled at its cost when read) but its output no longer
+    kept, and is not made again, as a finished request's whose output went (``_keep_done``)."""
+    from actors import _batch_strays
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(4)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+        big = {}
+
+        async def fetch(handle, inner=d.provider.fetch):  # each line an image's worth (here 3,000 characters)
+            out = await inner(handle)
+            for k, o in out.items():
+                big[k] = o = out[k] = o._replace(output="x" * 3000, cost=0.01)
+            return out
+        d.provider.fetch = fetch
+        monkeypatch.setattr(_batch_strays, "STRAYS_OUTPUT_MB", 7000 / 2**20, raising=False)
+        ing, _, reqs = await _stray_taken_up(d, b, 1)
+        await _pulled(hub, clock, 1)
+        held = sum(len(s.out.output or "") for s in d._stray.values() if s.out is not None)
+        assert held <= 7000, held  # two of the three strays' outputs, not three
+        await ing.readmit(reqs[1:])
+        got = {r.id: r for r in await _pulled(hub, clock, 3)}
+        assert got["r1"].status == "failed" and "no longer kept" in got["r1"].error and "$0.010000" in got["r1"].error
+        assert [got[i].output for i in ("r2", "r3")] == ["x" * 3000] * 2
+        await _done(d)
+        assert d.groupers[0]._target.readmitted() == []
+        settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
+        assert settled == {"c0": 0.01, "c1": 0.01, "c2": 0.01, "c3": 0.01}, settled
+    asyncio.run(go())
