@@ -181,6 +181,11 @@ class BatchStrays:
         del strays[j.req.uid]
         if not s.read:
             strays["\0" + j.req.uid] = s
+            rec = self._open.get(s.key)  # its record no longer names it: a restart would hold the id again
+            if rec is not None and isinstance(rec[5], Strays):
+                rest = tuple(x for x in rec[5].of if x[0][4][0][0] != j.req.uid)
+                self._open[s.key] = (*rec[:5], Strays(rest) if rest else None)
+                self._spawn(self._journal_put(s.key), [], rec[0])
         self._known.discard(j.req.uid)
         return True
 

@@ -817,7 +817,7 @@ def test_a_stray_is_still_held_and_counted_after_its_dispatcher_restarts_again_b
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("way", ["dispatched here", "re-admitted"])
+@pytest.mark.parametrize("way", ["dispatched here", "dispatched here while the batch runs", "re-admitted"])
 def test_another_request_under_a_stray_s_id_is_carried_out_not_answered_with_the_stray_s_line(way):
     """A stray holds its id for a late re-admission; its driver long gone, the id is free again at the hub
     (docs/service.md: "one id, one request") and another request, of other content, may come under it: sent here
@@ -830,18 +830,26 @@ def test_another_request_under_a_stray_s_id_is_carried_out_not_answered_with_the
         b = sim_batch(3)
         b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
         ing, _, reqs = await _stray_taken_up(d, b, 2)
-        await _pulled(hub, clock, 2)  # the batch read: the stray's line kept for its request
+        runs = way.endswith("runs")
+        if not runs:
+            await _pulled(hub, clock, 2)  # the batch read: the stray's line kept for its request
         other = Request.model_validate({"id": "r2", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "another",
                                         "input_tokens": 120, "output_tokens": 12})
         assert other.uid == reqs[2].uid
-        if way == "dispatched here":
+        if way.startswith("dispatched here"):
             job = Job(50, other, fingerprint(other), claim="n2")
             await d.run_many([BatchJob("b9", "sync", None, False, "r", "why", [job])])
-            got = await _pulled(hub, clock, 1)
+            if runs:  # its record no longer names the stray: a restart would hold the id again
+                async def rejournaled() -> bool:
+                    return (await d.journal.items(d._space))["b1-x"][5] is None
+                await _until_async(rejournaled)
+                assert len((await index_of(hub, d))["b1-x"][4]) == 2  # its index entry with it
+            got = [r for r in await _pulled(hub, clock, 1 + 2 * runs) if r.id == "r2"]
             assert [(r.id, r.batch_id, r.mode) for r in got] == [("r2", "b9", "sync")], got
             await _done(d)
             settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
             assert settled["n2"] > 0 and settled["n2"] == pytest.approx(got[0].cost_usd), settled
+            assert "c2" in settled and not d._stray  # the stray's line still counted on its claim
         else:
             await ing.readmit([other])
             await _until(lambda: [j.req for j in d.groupers[0]._target.readmitted()] == [other])
