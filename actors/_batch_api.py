@@ -336,7 +336,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         if handle is not None:  # ended: a stop has nothing of it to cancel while it is read (``_being_read``)
             self._being_read = self._being_read | {key}
         # Held from the read of an image batch's results until every member is handed on (``_results_slot``).
-        async with self._results_slot(jobs if handle is not None else [], hedge_at):
+        async with self._results_slot(self._weighed(key, jobs) if handle is not None else [], hedge_at):
             if handle is not None:  # its strays' lines too: its read's bound, and a give-up's failures (a review)
                 lines = self._with_strays(key, cjobs)
                 read, rounds = await self._fetch(handle, lines, hedge_at), 0

@@ -115,6 +115,13 @@ class BatchStrays:
         mine = [s.cj for s in strays.values() if s.key == key and not s.read] if strays else None
         return cjobs + mine if mine else cjobs
 
+    def _weighed(self, key: str, jobs: list[Job]) -> list[Job]:
+        """``jobs`` of batch ``key`` and its strays', whose lines its results hold too, for the image results room
+        (``_results_slot``; ``jobs`` itself where it has none): weighed by its members' alone (a review), a batch
+        of one member back and its strays read them all on a slot's room for one."""
+        mine = self._with_strays(key, [])
+        return jobs + [Job(cj.row, cj.req, "") for cj in mine] if mine else jobs
+
     def _strays_apart(self, key: str, read: dict | None) -> tuple[dict, dict | None]:
         """Batch ``key``'s lines ``read`` (None: unread) as its members' and its strays' (``read`` itself where it
         has none). Among its members' (a review), a batch every line of which ran was learned as cut short, its

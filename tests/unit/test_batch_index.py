@@ -893,3 +893,30 @@ def test_the_outputs_of_strays_kept_for_their_requests_are_bounded_in_bytes(monk
         settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
         assert settled == {"c0": 0.01, "c1": 0.01, "c2": 0.01, "c3": 0.01}, settled
     asyncio.run(go())
+
+
+def test_an_image_batch_s_strays_lines_are_weighed_for_the_results_room():
+    """Image results are read one batch's worth at a time (``_results_slot``, ``batch_results_max_mb``): a batch
+    taken up with strays reads their images too, but took room for its members' alone (fails on the code before:
+    1 line's bound taken for 3 lines read, the room's bound on this actor's memory overrun 3x)."""
+    from actors._batch_parts import line_bound
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        reqs = [Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-image-1", "prompt": "a cat"})
+                for i in range(3)]
+        b = BatchJob("b1", "batch_api", None, False, "r", "why",
+                     [Job(i, r, fingerprint(r), claim=f"c{i}") for i, r in enumerate(reqs)])
+        taken, take = [], d._image_reads.take
+
+        async def weighed(weight, wait_s):
+            taken.append(weight)
+            return await take(weight, wait_s)
+        d._image_reads.take = weighed
+        await _stray_taken_up(d, b, 1)
+        await _pulled(hub, clock, 1)
+        await _done(d)
+        stand_ins = [s.cj.req for s in d._stray.values()]  # (their lines' bounds: the prompt aside, the member's)
+        assert len(stand_ins) == 2 and taken == [sum(line_bound(CAT, "openai", r) for r in [reqs[0], *stand_ins])]
+    asyncio.run(go())
