@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from actors._shards import class_shard
 from actors._types import Job
+from engine.core.cost import reserve_bound
 from engine.core.features import fingerprint
 from engine.core.provider_api import CallJob, CallOutcome, call_key
 from engine.core.request import Request, validation_context
@@ -199,8 +200,9 @@ class BatchStrays:
     def _strays_end(self, key: str, outs: dict | None) -> None:
         """Batch ``key`` ended (``outs``: its lines; None when they could not be read, its members sent again):
         each stray's claim settled at its line's cost, as a member's (a line not billed: 0). Unread, a stray whose
-        request came goes again with its claim, as the members do; one whose request did not is no longer held
-        here (sent again should it come back), its claim held until ``reservation_ttl_s``."""
+        request came goes again with its claim, as the members do; one whose request did not fails possibly billed
+        at its bound, held, as the members of a read given up on (``_unread_batch``): before (a review), it was no
+        longer held, its claim left until ``reservation_ttl_s``, and its late request sent again, paid twice."""
         strays = self.__dict__.get("_stray")
         mine = [u for u, s in strays.items() if s.key == key and not s.read] if strays else []
         if not mine:
@@ -209,16 +211,17 @@ class BatchStrays:
         done = self._settled_at_stop or ()
         for uid in mine:
             s = strays[uid]
-            if outs is None:  # (its members go again: one whose request came goes with them, and its claim)
+            if outs is None and s.req is not None:  # (its members go again: it goes with them, and its claim)
                 log.error("dispatcher %s: batch %s, its results unread, ran the line of %s, which no driver had "
                           "re-admitted at its take-up: its cost is not counted", self.name, key, uid)
-                if s.req is None:
-                    self._stray_drop(uid)
-                else:
-                    s.read = True
-                    self._stray_answer(uid, s.claim)
+                s.read = True
+                self._stray_answer(uid, s.claim)
                 continue
-            o = s.out = outs.get(s.cj.key)
+            o = s.out = outs.get(s.cj.key) if outs is not None else CallOutcome(
+                False, self.clock.now(), reserve_bound(s.cj.req, self.catalog, "batch_api", None), retryable=False,
+                real=self.provider.real, maybe_billed=True, error=f"{self.name}: the results of batch {key} could "
+                "not be read (its re-admitted members were sent again); its line ran and may be billed, so it is not "
+                "sent again")
             s.read = True
             usd = o.cost if o is not None and (o.ok or o.maybe_billed) else 0.0
             if s.claim is None or s.claim not in done:  # (settled at its bound by the stop: counted there, once)

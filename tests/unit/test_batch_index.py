@@ -920,3 +920,36 @@ def test_an_image_batch_s_strays_lines_are_weighed_for_the_results_room():
         stand_ins = [s.cj.req for s in d._stray.values()]  # (their lines' bounds: the prompt aside, the member's)
         assert len(stand_ins) == 2 and taken == [sum(line_bound(CAT, "openai", r) for r in [reqs[0], *stand_ins])]
     asyncio.run(go())
+
+
+def test_a_stray_of_a_batch_whose_results_could_not_be_read_is_held_at_its_bound_not_sent_again():
+    """A batch whose results could not be read after every try (``_fetch``: its members go again for their
+    deadlines, and a watch reads it until it answers, counting what was paid twice): a stray whose request had not
+    come was no longer held, its claim left until ``reservation_ttl_s`` and its line counted by no ledger, and its
+    late re-admission sent again, paid twice (fails on the code before). It now fails possibly billed at its
+    bound, as the members of a read given up on do (``_unread_batch``): settled, held, and a late re-admission is
+    answered so, not sent again."""
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(3)
+        b = b._replace(jobs=[j._replace(claim=f"c{j.seq}") for j in b.jobs])
+
+        async def unreadable(handle, cjobs, hedge_at):  # every try failed: the members go again
+            return None
+        d._fetch = unreadable
+        ing, _, reqs = await _stray_taken_up(d, b, 2)
+        back = d.groupers[0]._target.readmitted
+        await _until(lambda: (clock.advance(3600.0), len(back()) == 2 and not d._open)[1])  # (the batch ends)
+        assert sorted(j.req.id for j in back()) == ["r0", "r1"]
+        assert await d.holds([reqs[2].uid]) == [reqs[2].uid]
+        await ing.readmit(reqs[2:])  # its driver back
+        got = await _pulled(hub, clock, 1)
+        assert [(r.id, r.status) for r in got] == [("r2", "failed")] and got[0].possibly_billed_usd > 0, got
+        for t in list(d._tasks):  # (the watch, reading the batch until it answers)
+            t.cancel()
+        await d.flush()
+        assert sorted(j.req.id for j in back()) == ["r0", "r1"]  # the stray not sent again
+        settled = {c: usd for m, args in d.budget._target.calls if m == "settle_many" for c, usd in args[0]}
+        assert settled == {"c2": pytest.approx(got[0].possibly_billed_usd)}, settled  # (the members' claims: theirs)
+    asyncio.run(go())
