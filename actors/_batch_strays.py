@@ -68,10 +68,11 @@ def stand_in(uid: str, provider: str, model: str, attempts: int, row: int, start
     n, _, rest = uid.partition(":")
     tenant, rid = rest[:int(n)], rest[int(n) + 1:]
     # (never sent: a media model's wants a prompt. Its params are unknown: an image is priced at the model's
-    # default size, and at the quality its answer reports where one does, OpenAI's)
+    # default size, and at the quality its answer reports where one does, OpenAI's. Checked against the engine's
+    # catalog, one it was given having models of its own; ``kept``: its tenant as journaled, ``tenant_ends_problem``)
     req = Request.model_validate({"id": rid, "tenant": tenant, "arrival_s": 0.0, "provider": provider,
                                   "model": model, "input_tokens": 0, "output_tokens": 0, "prompt": "-"},
-                                 context=context)  # (the engine's catalog: one it was given has models of its own)
+                                 context={**context, "kept": True})
     return CallJob(call_key(tenant, rid, model, attempts), req, start, attempts, row)
 
 

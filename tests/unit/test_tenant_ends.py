@@ -43,8 +43,9 @@ def test_a_member_journaled_under_such_a_tenant_before_the_upgrade_is_rebuilt_wi
     # A batch member known by its journaled uid alone (a stray): refused, its line went unread and uncounted.
     from actors._batch_strays import stand_in
     from engine.core.provider_api import call_key
+    from engine.core.request import validation_context
 
     uid = "5:acme /r1"
-    cj = stand_in(uid, "openai", "gpt-5.4-mini", 0, 3, 0.0)
+    cj = stand_in(uid, "openai", "gpt-5.4-mini", 0, 3, 0.0, validation_context())
     assert (cj.req.tenant, cj.req.id, cj.req.uid) == ("acme ", "r1", uid)
     assert cj.key == call_key("acme ", "r1", "gpt-5.4-mini", 0)
