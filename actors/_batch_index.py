@@ -145,6 +145,8 @@ class BatchIndex(BatchStrays, SyncIndex):
         review), the copy's was let go, and the member's cost was settled on a claim released already: ignored.
         A copy of a stray (``_batch_strays``; ingest's recall missed this dispatcher): its request is taken, answered
         with the stray's line, and its claim let go (the stray's own is settled at that line's cost)."""
+        if (copy := self._sync_copy(j)) is not None:  # a held sync call's: it takes its request (``_sync_index``)
+            return copy[0]
         if j.req.uid in (self.__dict__.get("_stray") or {}):  # (its content the stray's: ``_fresh``)
             self._strays_back([j.req], checked=True)
             return j.claim

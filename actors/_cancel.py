@@ -238,6 +238,7 @@ class CancelDispatches:
             self._settle.append((j.claim, usd))
             self.possibly_billed += 1
             self.possibly_billed_usd += usd
+        self._sync_held_at_stop(done)  # (sync calls a restart holds for their requests: ``_sync_index``)
         settle, self._settle = [*self._settle, *self._released_at_stop(self._readmit)], []
         if settle:  # now, not at the next flush: the actor is killed once this answers
             self._to_budget("settle_many", settle)

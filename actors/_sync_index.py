@@ -34,12 +34,13 @@ log = logging.getLogger("smartbatch.dispatcher")
 SYNC = "~sync:"  # a sync call's key in the index's space: SYNC + its call key (a batch's journal key never so)
 
 
-def sync_entry(key: str, rec: tuple) -> bytes:
-    """A sync body record (``Dispatcher._sync_calls``' value) as its index entry: no request, no body."""
+def sync_entry(key: str, rec: tuple, bound: float | None = None) -> bytes:
+    """A sync body record (``Dispatcher._sync_calls``' value) as its index entry: no request, no body. ``bound``:
+    what the call may bill, for the engine's stop to settle its claim at while it is held (``_sync_held_at_stop``)."""
     b, j, cache_write, body = rec
     sent_as = (j.req.provider, j.req.model) if j.asked is not None else None  # rerouted: re-admitted as first asked
     ikey = None if body is None else idempotency_key(key, body)
-    return pickle.dumps((b._replace(jobs=[]), (j.req.uid, j.seq, j.fp, *j[3:]), cache_write, sent_as, ikey))
+    return pickle.dumps((b._replace(jobs=[]), (j.req.uid, j.seq, j.fp, *j[3:]), cache_write, sent_as, ikey, bound))
 
 
 class SyncIndex:
@@ -51,11 +52,19 @@ class SyncIndex:
         """``JournalWriter``'s hook: body records about to be written; their entries, in one message."""
         space = self._index_space()
         if space is not None and puts:
-            self.hub.send("journal_put_many", space, {SYNC + k: sync_entry(k, rec) for k, rec in puts.items()})
+            self.hub.send("journal_put_many", space, {SYNC + k: self._sync_blob(k, rec) for k, rec in puts.items()})
+
+    def _sync_blob(self, key: str, rec: tuple) -> bytes:
+        b, j = rec[0], rec[1]  # (a bound only where a claim is to be settled at it: 2-3 us more)
+        return sync_entry(key, rec, None if j.claim is None else self._cut_bound(b, j.req))
+
+    def _cut_bound(self, b, r) -> float:
+        """What a call of ``r`` in ``b``'s mode that got no answer may have billed."""
+        return self._flex_lost_bound(r) if b.mode == "flex" else reserve_bound(r, self.catalog, "sync", None)
 
     def _sync_index_rewrite(self, space: str) -> None:
         """The hub restarted without its index: the entries of the calls under way and of those still held."""
-        blobs = {SYNC + k: sync_entry(k, rec) for k, rec in self._sync_calls.items()}
+        blobs = {SYNC + k: self._sync_blob(k, rec) for k, rec in self._sync_calls.items()}
         blobs.update((SYNC + k, pickle.dumps(e)) for k, e in self._adopting_sync.items())
         if blobs:
             self.hub.send("journal_put_many", space, blobs)
@@ -88,11 +97,39 @@ class SyncIndex:
     def _sync_wanted(self) -> set[str]:
         return {e[1][0] for e in self._adopting_sync.values()}
 
+    def _sync_copy(self, j: Job) -> tuple[str | None] | None:
+        """``j``, a copy of the request of a held call, sent here by its grouper (ingest's recall missed this
+        dispatcher: one that cannot answer holds nothing), dropped as a duplicate: it hands the call its request,
+        and its own claim is let go (the call's holds the cut call). Before (a review), the call waited for a
+        hand-over that never came: the request never answered, its claim held until ``reservation_ttl_s``.
+        Returns None if ``j`` is no such copy, else (the claim to let go,)."""
+        uid = j.req.uid
+        held = next((e[1][5] for e in self.__dict__.get("_adopting_sync", {}).values() if e[1][0] == uid), False)
+        if held is False:
+            return None
+        r = j.req if j.asked is None else j.req.model_copy(update={"provider": j.asked[0], "model": j.asked[1]})
+        self._sync_adopt({uid: r})
+        return (None if j.claim == held else j.claim,)
+
+    def _sync_held_at_stop(self, done: set) -> None:
+        """The engine stops while calls are held for their requests: the cut call may have been billed, and nobody
+        will make it again. Each claim is settled at the bound its entry keeps, counted possibly billed, as a call
+        under way is (``_settle_cut_short``; ``done``: the claims settled so). Before (a review), the stop knew
+        nothing of them: their claims held their room until ``reservation_ttl_s``, their spend counted nowhere."""
+        for e in self.__dict__.get("_adopting_sync", {}).values():
+            claim, usd = e[1][5], (e[5] if len(e) > 5 else None)
+            if claim is None or claim in done or usd is None:
+                continue
+            done.add(claim)
+            self._settle.append((claim, usd))
+            self.possibly_billed += 1
+            self.possibly_billed_usd += usd
+
     def _sync_adopt(self, by_uid: dict) -> int:
         """Of the held calls, each whose request ``by_uid`` has is made again: same dispatch, attempt and claim."""
         n, held = 0, self.__dict__.get("_adopting_sync", {})
         for key, e in list(held.items()):
-            b, member, cache_write, sent_as, ikey = e
+            b, member, cache_write, sent_as, ikey = e[:5]
             if (r := by_uid.get(member[0])) is None:
                 continue
             del held[key]
@@ -131,7 +168,7 @@ class SyncIndex:
         the new call's answer under a provider that honours keys took it as answered, and the ledger stayed under
         the bill."""
         r = j.req
-        usd = self._flex_lost_bound(r) if b.mode == "flex" else reserve_bound(r, self.catalog, "sync", None)
+        usd = self._cut_bound(b, r)
         self._unanswered[r.uid] -= 1  # (charged here: not again at its end, should every retry fail)
         self.possibly_billed += 1
         self.possibly_billed_usd += usd

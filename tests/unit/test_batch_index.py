@@ -1063,3 +1063,97 @@ def test_a_lost_sync_call_is_made_again_under_its_key_not_sent_through_its_polic
                 await d2.provider.close()
             await rig.close()
     asyncio.run(go())
+
+
+def test_the_engine_s_stop_settles_a_sync_call_still_held_for_its_request_at_its_bound():
+    """The engine stops before the driver's re-admission reached a restart that holds a lost sync call: the cut call
+    may have been billed, and the stop knew nothing of it: its claim held its room until ``reservation_ttl_s`` and was
+    then released, its spend counted by no ledger, nothing counted possibly billed (fails on the code before: the
+    claim never settled). The entry keeps the cut call's bound where it holds a claim (never the request): the stop
+    settles the claim at it, counted possibly billed, as a call under way is (``_settle_cut_short``)."""
+    from actors._sync_index import SYNC
+    from engine.core.cost import reserve_bound
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = sealed(sim_dispatcher(hub, clock, settings))
+        b = sim_batch(2)._replace(mode="sync")
+        held, rest = (j._replace(claim=f"c{j.seq}") for j in b.jobs)
+        d._sync_index_put({"k0": (b._replace(jobs=[]), held, False, {"m": 0}),
+                           "k1": (b._replace(jobs=[]), rest._replace(claim=None), False, {"m": 1})})
+        await _until_async(lambda: _has(hub, d, [SYNC + "k0", SYNC + "k1"]))
+        blob = (await hub.journal_items(d._index_space()))[SYNC + "k0"]
+        assert b"task" not in blob and b'"p"' not in blob  # (no request, no body)
+        d2 = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        assert await d2.recall([held.req.uid, rest.req.uid]) == [held.req.uid, rest.req.uid]  # held
+        await d2.stop_spending(clock)
+        settled = {c: usd for m, args in d2.budget._target.calls if m == "settle_many" for c, usd in args[0]}
+        bound = reserve_bound(held.req, CAT, "sync", None)
+        assert settled == {"c0": pytest.approx(bound)} and d2.possibly_billed == 1
+        assert d2.possibly_billed_usd == pytest.approx(bound)
+        await d2.stop_spending(clock)  # (settled once)
+        assert sum(len(args[0]) for m, args in d2.budget._target.calls if m == "settle_many") == 1
+        await _done(d2)
+    asyncio.run(go())
+
+
+async def _cut_and_lost(e, provider: str, jobs: list[Job]):
+    """A sync call of ``jobs`` answered and billed at the emulator, its answer never heard (the process died), its
+    body record lost with the journal's Redis, the hub's index entry kept; returns the rig, the restarted dispatcher
+    (told of the loss) and the ``Idempotency-Key`` sent."""
+    from engine.core.provider_api import idempotency_key
+
+    rig = Rig(e, provider)
+    sealed(rig.d)
+    await rig.reserve(jobs)
+    sent, made, stop = [], asyncio.Event(), asyncio.Event()
+    spy = rig.d.provider.call
+
+    async def dies_in_the_call(cj):
+        await spy(cj)
+        sent.append(idempotency_key(cj.key, cj.body))
+        made.set()
+        await stop.wait()
+    rig.d.provider.call = dies_in_the_call
+    await rig.run("sync", jobs)
+    await asyncio.wait_for(made.wait(), 10.0)
+    for t in list(rig.d._tasks):
+        t.cancel()
+    stop.set()
+    rig.hub.__dict__["_journal_spaces"].pop(rig.d._sync_journal.space)
+    d2 = lost(sealed(Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                                rig.budget, key=Secret(KEY))))
+    return rig, d2, sent[0]
+
+
+def test_a_copy_of_a_held_sync_call_sent_here_by_its_grouper_hands_the_call_its_request(emu):  # noqa: F811
+    """A lost sync call held for its request, whose request reaches its grouper (ingest's recall missed this
+    dispatcher: one that cannot answer holds nothing) and comes here as a copy: dropped as a duplicate, its claim let
+    go, while the held call waited for a hand-over that never comes: the request never answered, the held claim kept
+    until ``reservation_ttl_s`` (fails on the code before: no result). Now the copy hands the held call its request:
+    made again under its key, replayed unbilled, its claim settled at the bill, the copy's let go at 0."""
+    from engine.core.budgets import Claim
+
+    e, jobs = emu, jobs_of("openai", 1, claims=True)
+
+    async def go():
+        rig, d2, key = await _cut_and_lost(e, "openai", jobs)
+        try:
+            assert await d2.recall([jobs[0].req.uid]) == [jobs[0].req.uid]  # held
+            copy = jobs[0]._replace(claim="g0")  # its grouper's, reserved anew
+            r = copy.req
+            assert all(v.ok for v in await rig.budget.reserve_many([Claim("g0", r.tenant, r.provider, r.model,
+                                                                          r.priority, 1.0)]))
+            await d2.run_many([BatchJob("b2", "sync", None, False, "r", "why", [copy])])
+            await rig.until(lambda: rig.results, "its result", timeout_s=5.0)
+            await _done(d2)
+            assert rig.results[r.id].status == "ok" and e.count("chat.completions") == 2
+            items = [i for i in e.bill().items if i.idempotency_key is not None]
+            assert [i.idempotency_key for i in items] == [key]  # billed once, under the one key
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(items[0].cost_usd, abs=1e-12)
+            assert rig.grouper.readmitted() == []
+        finally:
+            await d2.provider.close()
+            await rig.close()
+    asyncio.run(go())
