@@ -203,6 +203,7 @@ class Outbox:
         # The hub's entries go with the records, the batches' and the sync calls' in one message (``_batch_index``)
         self._index_drop([k if sp == self._space else SYNC + k for sp, k in unjournal
                           if sp in (self._space, self._sync_journal.space)])
+        self._sync_forget(k for sp, k in unjournal if sp == self._sync_journal.space)
         for space in {sp for sp, _ in unjournal}:
             keys = [k for sp, k in unjournal if sp == space]
             writer = next((w for w in (self._sync_journal, self._jobs_journal) if w.space == space), None)

@@ -215,7 +215,7 @@ class SyncCalls:
             if rec is None or (rec[0].mode == "flex" and not flex):  # a flex body the tier did not serve
                 rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
                 await self._sync_journal.put(cj.key, rec)
-            cj = cj._replace(body=rec[3], made=self._made_hook(cj.key, slot))
+            cj = cj._replace(body=rec[3], made=self._made_hook(cj.key, slot), ikey=self._ikey_of(cj.key, rec[3]))
             # Withdrawn, or the engine cancelled, during the write (it may wait behind others), or before a restart
             # made the call again (the rewire tells the withdrawals first): not sent, as at the rate gate
             # (``_to_start``). Before, sent and billed (again, for a call made before the restart).

@@ -34,12 +34,14 @@ log = logging.getLogger("smartbatch.dispatcher")
 SYNC = "~sync:"  # a sync call's key in the index's space: SYNC + its call key (a batch's journal key never so)
 
 
-def sync_entry(key: str, rec: tuple, bound: float | None = None) -> bytes:
+def sync_entry(key: str, rec: tuple, bound: float | None = None, ikey: str | None = None) -> bytes:
     """A sync body record (``Dispatcher._sync_calls``' value) as its index entry: no request, no body. ``bound``:
-    what the call may bill, for the engine's stop to settle its claim at while it is held (``_sync_held_at_stop``)."""
+    what the call may bill, for the engine's stop to settle its claim at while it is held (``_sync_held_at_stop``);
+    ``ikey``: the body's ``Idempotency-Key``, where computed already."""
     b, j, cache_write, body = rec
     sent_as = (j.req.provider, j.req.model) if j.asked is not None else None  # rerouted: re-admitted as first asked
-    ikey = None if body is None else idempotency_key(key, body)
+    if ikey is None and body is not None:
+        ikey = idempotency_key(key, body)
     return pickle.dumps((b._replace(jobs=[]), (j.req.uid, j.seq, j.fp, *j[3:]), cache_write, sent_as, ikey, bound))
 
 
@@ -55,8 +57,23 @@ class SyncIndex:
             self.hub.send("journal_put_many", space, {SYNC + k: self._sync_blob(k, rec) for k, rec in puts.items()})
 
     def _sync_blob(self, key: str, rec: tuple) -> bytes:
-        b, j = rec[0], rec[1]  # (a bound only where a claim is to be settled at it: 2-3 us more)
-        return sync_entry(key, rec, None if j.claim is None else self._cut_bound(b, j.req))
+        b, j, body = rec[0], rec[1], rec[3]  # (a bound only where a claim is to be settled at it: 2-3 us more)
+        ikey = None
+        if body is not None:  # kept for the call (``CallJob.ikey``): the provider's digest of the body, made once
+            ikey = idempotency_key(key, body)
+            self.__dict__.setdefault("_ikeys", {})[key] = (body, ikey)
+        return sync_entry(key, rec, None if j.claim is None else self._cut_bound(b, j.req), ikey)
+
+    def _ikey_of(self, key: str, body) -> str | None:
+        """The ``Idempotency-Key`` of call ``key`` sending ``body``, where its entry's digest is of that very body."""
+        got = self.__dict__.get("_ikeys", {}).get(key)
+        return got[1] if got is not None and got[0] is body else None
+
+    def _sync_forget(self, keys) -> None:
+        """Calls whose records went: their keys' digests go too."""
+        if ikeys := self.__dict__.get("_ikeys"):
+            for k in keys:
+                ikeys.pop(k, None)
 
     def _cut_bound(self, b, r) -> float:
         """What a call of ``r`` in ``b``'s mode that got no answer may have billed."""

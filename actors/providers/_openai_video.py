@@ -32,7 +32,7 @@ from typing import Any
 from actors.providers._http import PollBackoff, Unreadable, create_call
 from engine.core.cost import price_alone
 from engine.core.latency import sync_latency_median
-from engine.core.provider_api import CallJob, CallOutcome, idempotency_key
+from engine.core.provider_api import CallJob, CallOutcome, sent_key
 from engine.core.video_sizes import resolution_of, size_of
 
 __all__ = ["GIVE_UP_S", "VideoCalls", "poll_to_end"]
@@ -144,7 +144,7 @@ class VideoCalls:
     async def call(self, job: CallJob) -> CallOutcome:
         p, sdk = self.p, self.p._sdk
         body = job.body if job.body is not None else self.body(job)
-        key = idempotency_key(job.key, body)
+        key = sent_key(job, body)
         t = self._tries.get(key)
         recovered = t is not None and t.covers
         if t is None:

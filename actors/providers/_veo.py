@@ -43,7 +43,7 @@ from actors.providers._http import _never_connected
 from actors.providers._openai_video import poll_to_end
 from engine.core._settings_env import ENV_PREFIX
 from engine.core.cost import price_alone
-from engine.core.provider_api import CallJob, CallOutcome, idempotency_key
+from engine.core.provider_api import CallJob, CallOutcome, sent_key
 
 __all__ = ["VeoCalls", "create_lost", "native_root"]
 
@@ -133,7 +133,7 @@ class VeoCalls:
     async def call(self, job: CallJob) -> CallOutcome:
         p, sdk = self.p, self.p._sdk
         body = job.body if job.body is not None else self.body(job)
-        key = idempotency_key(job.key, body)
+        key = sent_key(job, body)
         name = self._ops.get(key)
         if name is None:
             if key in self._lost and not self._remakes():  # the last process's create, cut before its answer

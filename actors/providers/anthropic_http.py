@@ -30,7 +30,7 @@ from engine.core._checks import cache_blocks
 from engine.core.cost import min_cacheable_tokens, shared_prefix_marks
 from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
-from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
+from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key, sent_key
 from engine.core.responses_input import as_messages
 from engine.core.tool_calls import answer_output
 
@@ -170,7 +170,7 @@ class AnthropicProvider(HttpBase):
         sdk = self._sdk
         # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.sync_body(job)
-        key = idempotency_key(job.key, body)
+        key = sent_key(job, body)
         try:
             api = self.client.messages
             # Given per call: at a client whose timeout is the SDK's default (ours, 600 s), the SDK refuses a

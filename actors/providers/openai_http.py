@@ -24,7 +24,7 @@ from actors.providers._openai_video import VideoCalls
 from actors.providers._veo import VeoCalls
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer, content_at, content_refusal
 from actors.providers._wire import message_parts
-from engine.core.provider_api import CallJob, CallOutcome, Usage, idempotency_key
+from engine.core.provider_api import CallJob, CallOutcome, Usage, sent_key
 from engine.core.responses_input import as_messages
 
 __all__ = ["OpenAIProvider"]
@@ -139,7 +139,7 @@ class OpenAIProvider(OpenAIBatches):
         # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.sync_body(job)
         job = job._replace(flex=job.flex and body.get("service_tier") == "flex")  # a body naming its own tier
-        key = idempotency_key(job.key, body)
+        key = sent_key(job, body)
         c = self.client
         api, verb = ((c.images, "generate") if route == "/v1/images/generations" else
                      (c.responses, "create") if route == "/v1/responses" else (c.chat.completions, "create"))

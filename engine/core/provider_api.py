@@ -23,7 +23,7 @@ from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 from engine.core.request import Request
 
 __all__ = ["BatchState", "CallJob", "CallOutcome", "Provider", "Secret", "Usage", "call_key", "idempotency_key",
-           "refusal_state"]
+           "refusal_state", "sent_key"]
 
 
 class Usage(NamedTuple):
@@ -59,6 +59,9 @@ class CallJob(NamedTuple):
     # At the provider's flex tier (OpenAI's ``service_tier: "flex"``): billed at flex prices when served there,
     # and refused at times (``CallOutcome.refused``), when the dispatcher sends it again at the standard tier.
     flex: bool = False
+    # ``idempotency_key(key, body)`` of ``body``, where the dispatcher computed it already (the hub's index of its
+    # sync calls keeps it, ``actors._sync_index``): the digest of a 10 KB body is 35-40 us, once per call is enough.
+    ikey: str | None = None
 
 
 class CallOutcome(NamedTuple):
@@ -152,6 +155,12 @@ def idempotency_key(key: str, body: Mapping[str, Any]) -> str:
     but one, so ``key.rsplit("-", 1)[0]`` still names the request."""
     raw = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "surrogatepass")
     return f"{key}_{hashlib.blake2b(raw, digest_size=8).hexdigest()}"
+
+
+def sent_key(job: CallJob, body: Mapping[str, Any]) -> str:
+    """The ``Idempotency-Key`` of ``job``'s call sending ``body``: the one the dispatcher computed with it
+    (``CallJob.ikey``) where ``body`` is the body it passed, else ``idempotency_key``."""
+    return job.ikey if job.ikey is not None and body is job.body else idempotency_key(job.key, body)
 
 
 class Secret:
