@@ -251,6 +251,10 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         except Exception as exc:  # the batch still runs; only a restart of this dispatcher would lose track of it
             log.warning("dispatcher %s: could not journal batch %s: %s", self.name, key, _short(exc))
             return
+        if key not in self._open:  # it ended while the write was out, its delete maybe run first: deleted again
+            self._unjournal.append((self._space, key))  # (left, a later restart re-attached to the ended batch)
+            self._kick()
+            return
         self._index_put([key], journaled=True)  # the hub's entry, for a restart after its Redis lost the record
 
     async def _follow_batch(self, key: str, b: BatchJob, jobs: list[Job], start: float, tokens: int, handle,
