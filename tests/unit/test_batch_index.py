@@ -495,6 +495,11 @@ def test_a_member_no_driver_re_admitted_has_its_line_counted_and_a_late_re_admis
     async def go():
         rig = Rig(e, provider)
         sealed(rig.d)
+        dead = asyncio.Event()
+
+        async def dies_before_it_reads(handle):  # (a loaded machine's first process read the batch, 4 results)
+            await dead.wait()
+        rig.d.provider.fetch = dies_before_it_reads
         d2 = None
         try:
             await rig.reserve(jobs)
