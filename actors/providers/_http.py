@@ -23,6 +23,7 @@ from actors.providers._wire import (
     quota_message,
     redact,
     retry_after,
+    within,
 )
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
@@ -97,7 +98,7 @@ async def create_call(create: Callable, raw_create: Callable, body: dict[str, An
     if total_s is None:
         return await answered()
     try:
-        return await asyncio.wait_for(answered(), total_s)
+        return await within(answered(), total_s)
     except asyncio.TimeoutError:
         raise Unreadable(f"no whole answer within {total_s:g} s, twice the call's timeout (a server sending it "
                          "slowly)") from None
@@ -248,7 +249,7 @@ class HttpBase(BatchMembers):
         hunt). Cut, it is a failed call (made again), which may have reached the provider (``maybe_done``)."""
         bound = self._call_bound()
         try:
-            return await asyncio.wait_for(call, bound)
+            return await within(call, bound)
         except asyncio.TimeoutError:
             err = ProviderError(f"{self.name}: {what}: no whole answer within {bound:g} s, twice the call's timeout")
             err.maybe_done = True
