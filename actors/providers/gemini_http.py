@@ -254,8 +254,8 @@ class GeminiProvider(OpenAIProvider):
             if job is None:  # an error billed nothing; anything else may be a member's answer, billed
                 keyless += not (isinstance(item, dict) and item.get("error") is not None)
                 continue
-            try:
-                out[job.key] = self._native_outcome(job, item)
+            try:  # named twice (a response written again): a refusal never replaces its billed answer
+                self._put(out, job.key, self._native_outcome(job, item))
             except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # ran, and may be billed
                 self._unread_members(handle, [job.key], out)
         self._unnamed(handle, out, named, keyless, "metadata.key")

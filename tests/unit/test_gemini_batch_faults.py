@@ -339,3 +339,44 @@ def test_the_key_quoted_in_a_native_routes_refusal_never_shows(emu, caplog):  # 
         said = asyncio.run(go())
     assert len(said) == 4 and all("[redacted]" in s for s in said), said
     assert not any(key in s for s in said) and not any(key in r.getMessage() for r in caplog.records)
+
+
+def test_a_native_member_named_twice_keeps_its_billed_answer_and_is_not_sent_again(emu):  # noqa: F811
+    """The ended batch's responses name the first member twice: its image (billed) and, after it, an error (a
+    response written again, Google's fault), as OpenAI's and Anthropic's results may (``BatchMembers._put``, a
+    review of moneyhunt). Read in order, the error replaced the answer: the billed member went back to be sent again,
+    paid twice, and its image's cost reached no ledger."""
+    jobs = jobs_of()
+
+    async def go():
+        rig = Rig(emu, "google")
+        native = rig.d.provider._native
+        inner, doubled = native.get, []
+
+        async def get(path: str, **kw: Any) -> Any:
+            got = await inner(path, **kw)
+            body = await streamed(got)
+            op = got if body is None else json.loads(body)
+            out = (op.get("metadata") or {}).get("output") if isinstance(op, dict) else None
+            if out is not None:
+                items = out["inlinedResponses"]["inlinedResponses"]
+                key = items[0]["metadata"]["key"]
+                items.insert(1, {"metadata": {"key": key}, "error": {"code": 13, "message": "Internal error"}})
+                doubled.append(key)
+            return op if body is None else Replay(json.dumps(op).encode())
+
+        native.get = get
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs, timeout_s=20.0)
+            assert doubled, "no ended batch's responses were read"
+            assert rig.grouper.readmitted() == [] and rig.calls == [] and rig.d.paid_twice == 0
+            got = billed(emu)
+            assert set(got) == {batch_key(j) for j in jobs}
+            for j in jobs:
+                assert_native_member(rig.results[j.req.id], j, got[batch_key(j)])
+            await rig.settled_to(emu.bill().total_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
