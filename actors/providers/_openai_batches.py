@@ -159,8 +159,16 @@ class OpenAIBatches(HttpBase):
         if not handle.batch.output_file_id and getattr(handle.batch.request_counts, "completed", 0):
             # Ended with members completed, but no output file named: an older view of the batch (a replica behind
             # its end), whose members were taken for never run, sent again and paid twice (a helper's hunt). A
-            # fresh read names it; while none does, the read fails and is made again (``_results``).
+            # fresh read names it; while none does, the read fails and is made again. A fresh view further behind
+            # (in progress, or its counts not yet written: none completed) was read as a batch that finished nothing,
+            # every billed member sent again (a review): the view before it said members completed, and is kept
+            # for the next try (which read the staler one alike).
+            seen = handle.batch
             await self.poll(handle)
+            if handle.batch.status not in _ENDED or not handle.batch.output_file_id:
+                last, handle.batch = handle.batch.status, seen
+                raise ProviderError(f"{self.name}: batch {handle.id} ended with members completed, and no view of "
+                                    f"it names its output file yet (the last: {last}); read again")
         b = handle.batch
         route = b.endpoint
         if b.status == "failed":  # refused whole (e.g. token_limit_exceeded): every member goes back to the policy
