@@ -93,7 +93,8 @@ def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
     kept (``BatchLine.kept``), priced from the usage its answer reports at the sync price, its input at the
     dearer of what it reports and all but its reads written to a prompt cache (the file does not say which mode
     answered it, nor always what it wrote: never less than it cost), at the flex price where its body says the flex
-    tier served it (``_tier``); one with no usage, at its list price. A line
+    tier served it (``_tier``); a text one with no usage, or one that counts no input, as its run counted it (at
+    its reserve bound, ``HttpBase._priced``); any other with none, at its list price. A line
     the cache answered (its request id says so) and a line that shares its request id with a line before it (a
     copy answered by that call) cost 0. A line of n choices is priced from the n calls' usage its answer adds up
     (choice 0's among them, at its call's, when the cache answered it: more than it cost, never less)."""
@@ -114,7 +115,7 @@ def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
 def _charged(req, resp: dict, calls: set, cat) -> float:
     """What one kept answer (``resp``: its request id and body) cost; ``calls``: the request ids counted before."""
     from engine.core._gemini import gemini_output_tokens
-    from engine.core.cost import price_alone, price_usage
+    from engine.core.cost import price_alone, price_usage, reserve_bound
 
     body = resp.get("body")
     u = body.get("usage") if isinstance(body, dict) else None
@@ -138,6 +139,16 @@ def _charged(req, resp: dict, calls: set, cat) -> float:
         # rewritten as a chat completion): every unread input token priced as a write bounds it (a review).
         usd = max(price_usage(req, cat, _tier(req, body, several, cat), input_tokens=inp, output_tokens=out_t, cache_read=r,
                               cache_write=w).total for r, w in ((read, write), (read, inp - read)))
+    elif req.kind == "text":
+        # No usage, or one that counts no input (zeros written for an answer that came without one, or its output
+        # told alone): its run counted it as a budget reserves it (``HttpBase._priced``), and so is it here. At its
+        # list price (the request's estimates) an uncapped answer of 3,000 tokens told, estimated at 256, was
+        # charged a twelfth of what its run counted and its provider billed (a review of moneyhunt).
+        told = (gemini_output_tokens(u) if "prompt_tokens" in u and cat.provider(req.provider).compat == "gemini"
+                else u.get("completion_tokens") or u.get("output_tokens") or 0) if isinstance(u, dict) else 0
+        told = told if isinstance(told, int) and not isinstance(told, bool) else 0
+        usd = reserve_bound(req, cat, _tier(req, body, several, cat), max(req.output_tokens, told)) * (
+            len(body["choices"]) if several else 1)
     elif req.kind == "image" and req.params.get("quality") in (None, "auto"):
         # The quality the provider picked, as its answer says (``_as_made``), else the dearest: at the default,
         # two kept "high" images were counted at a quarter of their bill, past a hard limit (a hunt).

@@ -154,29 +154,36 @@ def test_an_ended_batch_seen_before_its_output_file_is_named_is_read_again_not_s
     asyncio.run(go())
 
 
-@pytest.mark.parametrize("usage", [{"input_tokens": 0, "output_tokens": 0, "cache_read": 0, "cache_write": 0}, None],
-                         ids=["zeros", "none"])
-def test_a_kept_answer_that_counts_no_input_is_charged_at_its_list_price_on_a_resume(tmp_path, usage):
+@pytest.mark.parametrize(("usage", "cap"), [
+    ({"input_tokens": 0, "output_tokens": 0, "cache_read": 0, "cache_write": 0}, 50), (None, 50),
+    ({"input_tokens": 0, "output_tokens": 3000, "cache_read": 0, "cache_write": 0}, None)],
+    ids=["zeros", "none", "output-told-uncapped"])
+def test_a_kept_answer_that_counts_no_input_is_charged_on_a_resume_as_its_run_counted_it(tmp_path, usage, cap):
     # ``smartbatch batch --resume`` charges each answer OUT kept to the budgets from the usage its line reports. A
-    # line whose answer counted nothing (a provider answer without usage, written in the chat shape with zeros)
-    # was charged $0, where the run that made it counted it (a line without usage: at its list price, as before).
+    # line whose answer counted no input (a provider answer without usage, written in the chat shape with zeros, or
+    # one that told its output alone, as Ollama's does of a cached prompt) was charged $0, then at its list price:
+    # the request's estimates, where its run had counted it as a budget reserves it (``HttpBase._priced``). An
+    # uncapped answer of 3,000 tokens told, estimated at 256, was charged $0.000528 of the $0.00621 its run counted
+    # (a review of moneyhunt). It is charged what its run counted.
     from engine.app._batch_kept import kept_charges
     from engine.core.batchfile import read_batch_file, write_results
     from engine.core.catalog import default_catalog
-    from engine.core.cost import price_alone
+    from engine.core.cost import reserve_bound
     from engine.core.result import Result
 
     cat, p, out = default_catalog(), tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     p.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
-        "model": "gpt-5-mini", "messages": [{"role": "user", "content": "Name three rivers."}],
-        "max_completion_tokens": 50}}) + "\n")
+        "model": "gpt-5-mini", "messages": [{"role": "user", "content": "Name three rivers."}]} | (
+            {} if cap is None else {"max_completion_tokens": cap})}) + "\n")
     bf = read_batch_file(p, window_s=86400.0, catalog=cat)
     (ln,) = bf.lines
     res = Result(id=ln.request.id, status="ok", output="Nile, Amazon, Yangtze.", cost_usd=0.001, mode="sync",
                  provider=ln.request.provider, model=ln.request.model, usage=usage)
     write_results(bf, [res], out)
     (c,) = kept_charges([ln], {ln.no: json.loads(out.read_text().splitlines()[0])}, cat, out)
-    assert c.usd == pytest.approx(price_alone(ln.request, cat, "sync").total) and c.usd > 0
+    told = (usage or {}).get("output_tokens", 0)
+    assert c.usd == pytest.approx(reserve_bound(ln.request, cat, "sync", max(ln.request.output_tokens, told)))
+    assert c.usd > 0
 
 
 RESULTS_ROUTE = {"openai": "files.content", "anthropic": "messages.batches.results"}
