@@ -74,6 +74,11 @@ class Unreadable(Exception):
     """The provider answered a call (and so may have billed it), and its answer could not be read."""
 
 
+class _Outlasted(Unreadable):
+    """A call's answer not whole within its bound (``HttpBase._call_bound``): a flex call's, given up as at its
+    timeout (``HttpBase._flex_error``)."""
+
+
 async def create_call(create: Callable, raw_create: Callable, body: dict[str, Any], key: str,
                       timeout: Any = None, total_s: float | None = None) -> tuple[Any, bool]:
     """Make a sync call: ``body`` as ``create``'s arguments, sent by its raw-response twin under ``key``. Returns
@@ -100,7 +105,7 @@ async def create_call(create: Callable, raw_create: Callable, body: dict[str, An
     try:
         return await within(answered(), total_s)
     except asyncio.TimeoutError:
-        raise Unreadable(f"no whole answer within {total_s:g} s, twice the call's timeout (a server sending it "
+        raise _Outlasted(f"no whole answer within {total_s:g} s, twice the call's timeout (a server sending it "
                          "slowly)") from None
 
 
@@ -266,11 +271,12 @@ class HttpBase(BatchMembers):
 
     def _flex_error(self, job: CallJob, exc: BaseException, out: CallOutcome) -> CallOutcome:
         """A flex call's failure that the tier explains, as a refusal (sent standard at once, no try spent): a 429
-        that is no billing refusal (OpenAI's "Resource Unavailable", billed nothing), or its timeout (it may
-        have run and been billed: ``maybe_billed`` stays)."""
+        that is no billing refusal (OpenAI's "Resource Unavailable", billed nothing), or its timeout, or its
+        answer not whole within its bound (``_Outlasted``; a failed try before, made again at flex past its room:
+        a review). Either may have run and been billed: ``maybe_billed`` stays."""
         if not job.flex or out.quota:
             return out
-        if isinstance(exc, self._sdk.APITimeoutError):
+        if isinstance(exc, (self._sdk.APITimeoutError, _Outlasted)):
             return out._replace(refused=True, error=f"{self.name}: the flex call timed out (the tier's timeout_s, "
                                 "or the room its deadline leaves a standard call after it); sent standard")
         if out.rate_limited:

@@ -153,7 +153,7 @@ class OpenAIProvider(OpenAIBatches):
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)
         except Unreadable as exc:
-            return self._unreadable(exc)
+            return self._flex_error(job, exc, self._unreadable(exc))
         try:
             out = self._outcome(job, route, resp.model_dump(mode="json", exclude_none=True),
                                 getattr(resp, "_request_id", None), "sync")

@@ -265,6 +265,31 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
     asyncio.run(go())
 
 
+def test_a_flex_call_answered_a_byte_at_a_time_is_given_up_at_its_bound_and_sent_standard_at_once(emu):  # noqa: F811
+    """The flex call runs (billed) and its answer comes a byte every 0.3 s, inside its 0.5 s timeout between reads:
+    cut at its whole bound (``HttpBase._call_bound``), it is a flex call that got no answer, as one that timed out:
+    its bound at flex prices stays, and it goes standard at once, no try spent. Before (a review of moneyhunt), the
+    cut was a failed try, waited out and made again as flex until no room was left, then sent standard: a try of
+    the request's few spent, the standard call later than its deadline's room allows, ``flex_timed_out`` 0."""
+    emu.faults.script("openai", "chat.completions", [{"trickle_s": 0.3}])
+
+    async def go():
+        rig = Rig(emu)
+        r = timing_out(rig)
+        try:
+            res = await flex_result(rig, r)
+            (back,) = rig.grouper.readmitted()
+            assert back.attempts == 0 and back.claim is None
+            assert res.status == "ok" and res.mode == "sync", res.error
+            assert _tiers(rig) == ["flex", None] and rig.calls[0][2].maybe_billed
+            stats = await rig.d.stats()
+            assert stats["flex_timed_out"] == 1 and stats["possibly_billed"] == 1
+            assert stats["possibly_billed_usd"] == pytest.approx(flex_bound(r, rig), abs=1e-6)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_a_flex_call_that_times_out_at_a_server_not_yet_seen_serving_flex_keeps_its_standard_bound(emu):  # noqa: F811
     """At a server named ``flex_tier: true`` not yet seen serving the tier (``flex_served`` unset), a flex call
     given up at its timeout may have been served, and billed, standard (the server may ignore the field): its bound
