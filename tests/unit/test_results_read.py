@@ -150,7 +150,8 @@ def test_an_openai_results_read_is_whole_when_its_lines_are_all_the_batch_has(em
         finally:
             await p.close()
     if not whole:
-        with pytest.raises(ProviderError, match="the read was cut short"):
+        # (no output file named: the fetch reads the batch again first, and fails while no view names it)
+        with pytest.raises(ProviderError, match="the read was cut short|no view of it names its output file"):
             asyncio.run(go())
         return
     out = asyncio.run(go())
