@@ -34,6 +34,7 @@ slot: a restarted dispatcher gives it back (``resume``), and the call made again
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -147,10 +148,16 @@ class VeoCalls:
                                 "lost": self._lost.get(key, 0)})
             try:
                 # The SDK's raw-response header (what its with_raw_response sets): its headers, then its body
-                resp = await self.client.post(f"v1beta/models/{job.req.model}:predictLongRunning", body=body,
-                                              cast_to=object, options=self._headers(**{
-                                                  "Idempotency-Key": key, "X-Stainless-Raw-Response": "true"}))
+                # Bounded as a whole, as any sync call's create (``HttpBase._call_bound``): an answer sent a byte
+                # inside the client's timeout held the create for hours (a review); cut, its answer was lost.
+                resp = await asyncio.wait_for(self.client.post(
+                    f"v1beta/models/{job.req.model}:predictLongRunning", body=body, cast_to=object,
+                    options=self._headers(**{"Idempotency-Key": key, "X-Stainless-Raw-Response": "true"})),
+                    bound := p._call_bound())
                 name = resp.parse()["name"]
+            except asyncio.TimeoutError:
+                return self._lost_create(key, p._unreadable(TimeoutError(
+                    f"no whole answer within {bound:g} s, twice the call's timeout (a server sending it slowly)")))
             except sdk.APIError as exc:  # refused (nothing made), or lost on the way (possibly billed)
                 out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
                 if create_lost(exc, sdk):
