@@ -345,3 +345,34 @@ def test_a_fresh_read_of_a_stale_ended_batch_that_is_staler_still_is_not_read_as
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_sync_answer_cut_at_its_bound_where_keys_are_not_honoured_is_paid_twice_and_counted_so(provider):
+    # As OpenAI and Anthropic document no Idempotency-Key (``honours_idempotency_key: false``, the default): the
+    # call cut at twice its timeout ran and is billed, and its retry is a second call, billed again. The bound is
+    # worth it (the call was held for hours), and the ledger holds the cut call's bound beside the answer's cost,
+    # never under the bill (a review of moneyhunt; as a timed-out call's, docs/budgets.md).
+    from engine.emulator import Emulator
+    from tests.unit.test_http_providers import CAT, ROUTE, SPEED
+
+    (job,) = jobs = jobs_of(provider, n=1, claims=True)
+
+    async def go(emu):
+        rig = Rig(emu, provider, timeout_s=0.5, endpoint={"honours_idempotency_key": False})
+        try:
+            await rig.reserve(jobs)
+            await rig.run("sync", jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            first, second = emu.bill().items  # the cut call ran and is billed, and so is its retry
+            r = rig.results[job.req.id]
+            assert r.status == "ok" and r.cost_usd == pytest.approx(second.cost_usd, abs=1e-12)
+            assert [o.maybe_billed for _, _, o in rig.calls] == [True, False] and rig.d.possibly_billed == 1
+            assert sum(rig.budget.book.spend.values()) >= first.cost_usd + second.cost_usd
+        finally:
+            await rig.close()
+
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:  # noqa: F811
+        emu.faults.script(provider, ROUTE[provider], [{"trickle_s": 0.3}])
+        asyncio.run(go(emu))
