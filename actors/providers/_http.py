@@ -327,7 +327,10 @@ class HttpBase(BatchMembers):
         # all the same: priced at its count, 0, the budgets and the report missed it (a helper's hunt). It is
         # counted as a budget reserves it: its prompt at the dearest input price, its output as estimated or told.
         if not usage.input_tokens and self.catalog.model(job.req.provider, job.req.model).kind == "text":
-            log.warning("%s: an answer without its usage; counted at the request's estimate", self.name)
+            if f"usage:{job.req.model}" not in self._tiers_told:  # once a model: a server may never send it
+                self._tiers_told.add(f"usage:{job.req.model}")
+                log.warning("%s: an answer of %s without its usage; counted (as each such answer) at its upper "
+                            "bound, as a budget reserves it", self.name, job.req.model)
             return reserve_bound(job.req, self.catalog, mode, max(job.req.output_tokens, usage.output_tokens))
         return price_usage(job.req, self.catalog, mode, input_tokens=usage.input_tokens,
                            output_tokens=usage.output_tokens, cache_read=usage.cache_read,

@@ -42,7 +42,7 @@ def _without_usage(rig: Rig, usage: Any) -> None:
 @PROVIDERS
 @pytest.mark.parametrize(("mode", "usage"), [("sync", None), ("batch_api", {
     "prompt_tokens": 0, "completion_tokens": 0, "input_tokens": 0, "output_tokens": 0})], ids=["sync-none", "batch-zeros"])
-def test_an_answer_without_its_usage_is_counted_not_free(emu, provider, mode, usage):  # noqa: F811
+def test_an_answer_without_its_usage_is_counted_not_free(emu, provider, mode, usage, caplog):  # noqa: F811
     # The call ran and the provider billed it; read at its usage's count, the answer cost 0, and neither the
     # budget nor the report saw the bill (billed $0.000487 for the four OpenAI sync calls, counted $0). It is
     # counted as a budget reserves it (its prompt at the dearest input price), never below the bill.
@@ -61,6 +61,9 @@ def test_an_answer_without_its_usage_is_counted_not_free(emu, provider, mode, us
             assert len(rig.results) == len(jobs) and billed > 0
             assert billed <= counted <= 1.25 * billed + 1e-12  # at most Anthropic's cache-write premium over it
             assert sum(rig.budget.book.spend.values()) == pytest.approx(counted, abs=1e-12)
+            # Said once per model, not per answer: a server that never sends usage logged every call of a run
+            said = [r for r in caplog.records if "without its usage" in r.getMessage()]
+            assert len(said) == 1, [r.getMessage() for r in said]
         finally:
             await rig.close()
     asyncio.run(go())
