@@ -42,6 +42,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from actors.providers._http import _never_connected
 from actors.providers._openai_video import poll_to_end
+from actors.providers._wire import within
 from engine.core._settings_env import ENV_PREFIX
 from engine.core.cost import price_alone
 from engine.core.provider_api import CallJob, CallOutcome, sent_key
@@ -150,7 +151,7 @@ class VeoCalls:
                 # The SDK's raw-response header (what its with_raw_response sets): its headers, then its body
                 # Bounded as a whole, as any sync call's create (``HttpBase._call_bound``): an answer sent a byte
                 # inside the client's timeout held the create for hours (a review); cut, its answer was lost.
-                resp = await asyncio.wait_for(self.client.post(
+                resp = await within(self.client.post(
                     f"v1beta/models/{job.req.model}:predictLongRunning", body=body, cast_to=object,
                     options=self._headers(**{"Idempotency-Key": key, "X-Stainless-Raw-Response": "true"})),
                     bound := p._call_bound())
