@@ -266,7 +266,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         outs: dict = {}
         read = None  # its lines, once read
         again = None  # refused whole for a full queue: the parts it goes again in (``_queue_refused``)
-        was_cancelled = False
+        was_cancelled = hedged = False  # hedged: cancelled at its hedge time, not withdrawn nor by the engine's cancel
         told = learn = self._learners and handle is not None and submitted(start, hedge_at)
         if handle is not None:
             allowance = self.catalog.provider(self.name).batch_api.cancel_s
@@ -299,7 +299,8 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                     if not was_cancelled:
                         self.batches_cancelled += 1
                         early = hedge_at is None or now < hedge_at  # withdrawn, or the engine's cancel: no hedge
-                        self._counts.hedged_batches += not early
+                        hedged = not early
+                        self._counts.hedged_batches += hedged
                         learn = learn and not early  # it ran until now, not its hedge: learned, it read as that long
                         was_cancelled = True
                     if said is not None and said.status == "ended":  # read, never sent again (polls failing past
@@ -375,7 +376,8 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                 else:
                     if was_cancelled:
                         self.members_saved_by_cancel += o.ok
-                        self._counts.hedge_kept_members += o.ok
+                        # The hedge panel's members: a withdrawn batch's counted there beside no hedged batch
+                        self._counts.hedge_kept_members += o.ok if hedged else 0
                     self._note_warm(j.req, o, start)
                     self._attempt(b, j, o.ok, o.cost, "batch_api", o)
             self._strays_end(key, read)  # lines of members no driver re-admitted (``_batch_strays``)

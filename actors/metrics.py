@@ -186,8 +186,8 @@ class EngineMetrics:
                                         ["provider", "model"], registry=r)
         self.hedged_batches = Counter("smartbatch_hedge_cancelled_batches", "Provider batches cancelled at "
                                       "their hedge time", ["provider"], registry=r)
-        self.hedge_kept = Counter("smartbatch_hedge_kept_members", "Finished members of cancelled batches, "
-                                  "used (billed once, never sent again)", ["provider"], registry=r)
+        self.hedge_kept = Counter("smartbatch_hedge_kept_members", "Finished members of batches cancelled at "
+                                  "their hedge time, used (billed once, never sent again)", ["provider"], registry=r)
         self.paid_twice = Counter("smartbatch_paid_twice_members", "Members a too-slow cancel still finished "
                                   "after they were sent again", ["provider"], registry=r)
         self.paid_twice_usd = Counter("smartbatch_paid_twice_usd", "What those members cost a second time, USD",

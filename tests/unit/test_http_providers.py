@@ -213,6 +213,16 @@ def priced(r: Result, req_: Request, mode: str) -> float:
                        cache_read=u["cache_read"], cache_write=u["cache_write"]).total
 
 
+async def hedge_figures(rig: Rig) -> tuple[float, float]:
+    """The hub's hedge metrics (batches cancelled at their hedge, members they kept), once the dispatcher's
+    counts have reached it."""
+    await rig.d.flush()
+    await asyncio.gather(*rig.d.hub._tasks)
+    v, labels = rig.hub.metrics.registry.get_sample_value, {"provider": rig.name}
+    return (v("smartbatch_hedge_cancelled_batches_total", labels) or 0,
+            v("smartbatch_hedge_kept_members_total", labels) or 0)
+
+
 def billed_by_custom_id(emu: Emulator) -> dict[str, Any]:
     items = [i for i in emu.bill().items if i.custom_id is not None]
     ids = [i.custom_id for i in items]
@@ -549,6 +559,7 @@ def test_a_batch_cancelled_at_its_hedge_keeps_finished_members_and_never_sends_t
             finished = assert_split_by_the_bill(rig, emu, jobs, provider)
             assert jobs[0].req.id in finished and jobs[3].req.id not in finished
             assert rig.d.batches_cancelled == 1 and rig.d.members_saved_by_cancel == len(finished)
+            assert await hedge_figures(rig) == (1, len(finished))
             assert rig.d.paid_twice == 0
             unfinished = [j for j in jobs if j.req.id not in finished]
             await rig.until(lambda: set(rig.budget.book.claims) == {j.claim for j in unfinished},

@@ -27,7 +27,9 @@ from tests.unit.test_http_providers import (
     Rig,
     assert_split_by_the_bill,
     batch_key,
+    billed_by_custom_id,
     emu,  # noqa: F401  (a fixture)
+    hedge_figures,
     jobs_of,
     quarter,  # noqa: F401  (a fixture)
     req,
@@ -99,12 +101,18 @@ def test_a_provider_batch_whose_members_are_all_withdrawn_is_cancelled_and_keeps
             await rig.run("batch_api", others, bid="others")
             await rig.until(lambda: sum(rec[4] is not None for rec in rig.d._open.values()) == 2,
                             "the batches' creates, answered")
+            # (once a member has finished: the cancel keeps it, which the hedge metrics must not count)
+            await rig.until(lambda: batch_key(jobs[0]) in billed_by_custom_id(emu), "member 0 to finish")
             assert await rig.d.withdraw([j.req.uid for j in jobs] + [others[0].req.uid]) == 1
             await rig.until(lambda: emu.count("batches.cancel", status=200) == 1, "the withdrawn batch's cancel")
             await rig.resolved(jobs + others, timeout_s=30.0)
             finished = assert_split_by_the_bill(rig, emu, jobs + others, "openai")
             assert len(finished) < N + 2 and rig.d.paid_twice == 0
             assert all(j.req.id in finished for j in others)  # both ran: the batch had work not withdrawn
+            # A withdrawal is no hedge: the hedge metrics (a Grafana panel) count neither the batch nor what it
+            # kept. Before, its kept members were counted beside 0 hedged batches (a user's tour: 181 and 0).
+            assert rig.d.members_saved_by_cancel == len(finished) - len(others) >= 1
+            assert await hedge_figures(rig) == (0, 0)
             # The withdrawn batch's start, told when it was made, is closed with nothing learned (end = start):
             # left open, it read as a batch still running, slower and slower (a review); the other ran to its end.
             told = [t for name, args in rig.grouper.calls if name == "observe_turnarounds" for t in args[0]]
