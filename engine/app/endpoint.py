@@ -118,6 +118,7 @@ CLIENT_TIMEOUT_SHARE = 0.9  # of the client's read timeout, the deadline when no
 # retry a 429, a 5xx and a 409 on their own unless the answer says not to, and each retry is a new request.
 _NO_RETRY = {"x-should-retry": "false"}
 STOPPING_RETRY_S = 30  # what a 503 of a stopping engine asks: the next engine (a restart) takes calls again
+LEDGER_RETRY_S = 5  # ... and of a budget ledger that did not answer: a Redis restarting or failing over
 
 
 def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0,
@@ -369,6 +370,13 @@ def _failure(res: Result) -> ApiError:
         return ApiError(503, f"request {res.id!r} ended unanswered: the engine is stopping; send it again once it "
                              "is back", type="server_error", code="engine_stopped",
                         headers={"Retry-After": str(STOPPING_RETRY_S)})
+    if res.status == "rejected" and res.error == "budget_unavailable":
+        # Nothing was reserved nor billed, and the next try may find the ledger's Redis back: a 429
+        # insufficient_quota with x-should-retry false read as "out of money, stop" (a user's tour: a 3 s Redis
+        # restart failed every call of the window, a tenant with no budget among them, and no SDK retried).
+        return ApiError(503, f"request {res.id!r} {res.status}: {why_not(res)}; billed nothing: send it again",
+                        type="server_error", code="budget_unavailable",
+                        headers={"Retry-After": str(LEDGER_RETRY_S)})
     if res.reason == ID_TAKEN:
         # Another driver of a shared engine took the id with other content: the caller's id is at fault, as when
         # this endpoint's own earlier request holds it (a 400 naming the header there; here a 502 server error

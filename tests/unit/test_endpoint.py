@@ -69,6 +69,9 @@ class FakeEngine:
         if req.id.endswith("broke"):
             return Result(id=req.id, tenant=req.tenant, status="rejected", error="budget_exhausted",
                           reason="budget global has $0.000371 left")
+        if req.id.endswith("ledgerdown"):  # the budget ledger's Redis did not answer until the deadline
+            return Result(id=req.id, tenant=req.tenant, status="rejected", error="budget_unavailable",
+                          reason="the budget ledger did not answer: Redis at redis://127.0.0.1:1/0 is unavailable")
         if req.id.endswith("taken"):  # another driver of a shared engine holds the id with other content
             return Result(id=req.id, tenant=req.tenant, status="failed", reason=ID_TAKEN,
                           error=f"field 'id': tenant {req.tenant!r} already submitted id {req.id!r} with other "
@@ -450,6 +453,19 @@ def test_a_budget_refusal_tells_the_client_which_budget_and_what_is_left(served)
     with pytest.raises(openai.RateLimitError) as exc:
         chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-broke"})
     assert "budget_exhausted: budget global has $0.000371 left" in exc.value.message
+
+
+def test_a_call_the_budget_ledger_left_unanswered_is_a_503_the_sdk_retries_not_a_final_quota_429(served):
+    """A Redis restart left the ledger unanswering until the call's deadline: nothing was reserved or billed, and
+    the next try may pass. It was a 429 ``insufficient_quota`` with ``x-should-retry: false``, which no SDK
+    retried and an application reads as a spent quota (a user's tour, every call of a 3 s Redis restart)."""
+    _, client = served
+    with pytest.raises(openai.InternalServerError) as exc:
+        chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-ledgerdown"})
+    assert exc.value.status_code == 503 and exc.value.code == "budget_unavailable"
+    assert "budget ledger did not answer" in exc.value.message and "billed nothing" in exc.value.message
+    assert "x-should-retry" not in exc.value.response.headers
+    assert int(exc.value.response.headers["retry-after"]) > 0
 
 
 def test_images_come_back_in_openais_shape(served):
