@@ -213,7 +213,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         if n == 1:
             res: Result = await engine_call(engine.asubmit(d), param_of)
             if res.status not in ("ok", "reused"):
-                raise _failure(res)
+                raise _failure(res, engine.gone)
             done = response_body(url, req, res, int(time.time()))
             if res.status == "ok" and url == RESPONSES_URL:  # its id is the tenant's (a copy's is its source's)
                 store.responses.learn(req.tenant, [done])
@@ -222,7 +222,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         results: list[Result] = await engine_call(engine.asubmit_many(fan_out(d, n)), param_of)
         failed = next((r for r in results if r.status not in ("ok", "reused")), None)
         if failed is not None:  # the others are billed all the same; the same request id again gets them back
-            exc = _failure(failed)
+            exc = _failure(failed, engine.gone)
             if billed := sum(r.status == "ok" for r in results):
                 # A stop's 503 invited the SDK's retry, a new request that paid for the billed choices again.
                 exc.headers = {**(exc.headers or {}), **_NO_RETRY}
@@ -363,10 +363,12 @@ def _client_waits(headers) -> float | None:
     return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
-def _failure(res: Result) -> ApiError:
-    if cut_by_cancel(res):
+def _failure(res: Result, gone: str | None = None) -> ApiError:
+    """The error answering ``res``, a result that is no answer; ``gone``: why the engine went away, if it did."""
+    if cut_by_cancel(res) or (gone is not None and res.status == "failed" and res.error == gone):
         # The engine is stopping (``serve`` cancels its work while it drains): the call may go again, to the next
-        # engine. A final 502 made the SDKs give up on calls a restart would answer (a review).
+        # engine. A final 502 made the SDKs give up on calls a restart would answer (a review). A stop with
+        # nothing under way cancels nothing, and fails what waits with ``gone``: that was a final 502 too.
         return ApiError(503, f"request {res.id!r} ended unanswered: the engine is stopping; send it again once it "
                              "is back", type="server_error", code="engine_stopped",
                         headers={"Retry-After": str(STOPPING_RETRY_S)})

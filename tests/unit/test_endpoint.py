@@ -72,6 +72,8 @@ class FakeEngine:
         if req.id.endswith("ledgerdown"):  # the budget ledger's Redis did not answer until the deadline
             return Result(id=req.id, tenant=req.tenant, status="rejected", error="budget_unavailable",
                           reason="the budget ledger did not answer: Redis at redis://127.0.0.1:1/0 is unavailable")
+        if req.id.endswith("gone"):  # held when the engine stopped elsewhere (``smartbatch stop``, nothing sent)
+            return Result(id=req.id, tenant=req.tenant, status="failed", error=self.gone)
         if req.id.endswith("taken"):  # another driver of a shared engine holds the id with other content
             return Result(id=req.id, tenant=req.tenant, status="failed", reason=ID_TAKEN,
                           error=f"field 'id': tenant {req.tenant!r} already submitted id {req.id!r} with other "
@@ -453,6 +455,20 @@ def test_a_budget_refusal_tells_the_client_which_budget_and_what_is_left(served)
     with pytest.raises(openai.RateLimitError) as exc:
         chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-broke"})
     assert "budget_exhausted: budget global has $0.000371 left" in exc.value.message
+
+
+def test_a_call_an_engine_stop_with_nothing_under_way_ended_is_the_503_of_a_drains_cancel_not_a_final_502():
+    """``smartbatch stop --name`` found nothing under way (the calls waited in a group for a batch), so it
+    cancelled nothing and the endpoint's open calls failed with "engine ... was stopped": a final 502 with
+    ``x-should-retry: false`` (a user's tour: 9 of 20 calls), where the same calls beside one call under way were
+    ended by the drain's cancel and answered a 503 the SDKs retry, to the next engine."""
+    with fake_endpoint() as (eng, client):
+        eng.gone = "engine 'fake' was stopped"
+        with pytest.raises(openai.InternalServerError) as exc:
+            chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-gone"})
+    assert exc.value.status_code == 503 and exc.value.code == "engine_stopped"
+    assert "x-should-retry" not in exc.value.response.headers
+    assert int(exc.value.response.headers["retry-after"]) > 0
 
 
 def test_a_call_the_budget_ledger_left_unanswered_is_a_503_the_sdk_retries_not_a_final_quota_429(served):
