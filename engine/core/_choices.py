@@ -82,17 +82,14 @@ def merged_body(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total = sum(int(u.get("total_tokens") or 0) or int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0))
                 for u in used)
     head["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": total}
-    details = [u["prompt_tokens_details"] for u in used if isinstance(u.get("prompt_tokens_details"), dict)]
-    if details:
-        head["usage"]["prompt_tokens_details"] = {
-            key: sum(int(d.get(key) or 0) for d in details) for key in ("cached_tokens", "cache_write_tokens")
-            if any(key in d for d in details)}
     # Each key any choice's details have, summed (OpenAI always sends them: ``None`` failed the reader of
-    # usage.completion_tokens_details.reasoning_tokens on a call of n choices, a helper's tour).
-    done = [u["completion_tokens_details"] for u in used if isinstance(u.get("completion_tokens_details"), dict)]
-    if done:
-        head["usage"]["completion_tokens_details"] = {
-            key: sum(int(d.get(key) or 0) for d in done) for key in dict.fromkeys(k for d in done for k in d)}
+    # usage.completion_tokens_details.reasoning_tokens on a call of n choices, a helper's tour; the prompt's kept
+    # two keys alone, and audio_tokens, 0 in each choice's body, read None: a user's tour).
+    for part in ("prompt_tokens_details", "completion_tokens_details"):
+        done = [u[part] for u in used if isinstance(u.get(part), dict)]
+        if done:
+            head["usage"][part] = {key: sum(int(d.get(key) or 0) for d in done)
+                                   for key in dict.fromkeys(k for d in done for k in d)}
     return head
 
 

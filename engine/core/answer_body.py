@@ -87,10 +87,13 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
                                                  **({"tool_calls": as_chat_calls(calls)} if calls else {})},
                          "finish_reason": finish}],
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
-                      "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},
-                      # OpenAI always sends it: usage.completion_tokens_details.reasoning_tokens was an
-                      # AttributeError on None for a Claude model's answer or a copy (a helper's tour)
-                      "completion_tokens_details": {"reasoning_tokens": 0}}}
+                      "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write, "audio_tokens": 0},
+                      # OpenAI always sends it, every key: usage.completion_tokens_details.reasoning_tokens was an
+                      # AttributeError on None for a Claude model's answer or a copy (a helper's tour), and a copy
+                      # of an OpenAI answer read None where the answer it copied said 0 (a user's tour)
+                      "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                    "accepted_prediction_tokens": 0,
+                                                    "rejected_prediction_tokens": 0}}}
 
 
 def _message(req: Request, res: Result, rid: str, text: str | None, calls: list[dict], finish: str) -> dict:

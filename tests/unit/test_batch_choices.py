@@ -95,8 +95,10 @@ def test_the_output_line_has_n_choices_and_a_failed_choice_fails_its_line_keepin
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert [c["message"]["content"] for c in body["choices"]] == ["answer of a", "answer of a/n1", "answer of a/n2"]
     assert body["usage"] == {"prompt_tokens": 21, "completion_tokens": 9, "total_tokens": 30,  # each input billed
-                             "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                             "completion_tokens_details": {"reasoning_tokens": 0}}
+                             "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "audio_tokens": 0},
+                             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                           "accepted_prediction_tokens": 0,
+                                                           "rejected_prediction_tokens": 0}}
     assert o["custom_id"] == "a" and o["response"]["request_id"] == "req_a"
     # x's choice 2 failed: the line fails, as the endpoint's call does; choices 0 and 1 were billed all the same,
     # and ride in the error line, so nothing paid for is lost.

@@ -196,8 +196,10 @@ def test_a_simulated_or_reused_result_gets_a_chat_completion_body(tmp_path):
     body = response_body("/v1/chat/completions", x, sim)
     assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == sim.output
     assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12,
-                             "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                             "completion_tokens_details": {"reasoning_tokens": 0}}
+                             "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "audio_tokens": 0},
+                             "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                           "accepted_prediction_tokens": 0,
+                                                           "rejected_prediction_tokens": 0}}
     reused = Result(id="y", status="reused", output=sim.output, mode="reuse", hit="exact", provider=y.provider,
                     model=y.model)
     write_results(bf, [sim, reused], tmp_path / "o.jsonl")
