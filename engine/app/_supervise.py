@@ -367,8 +367,8 @@ class Supervised:
         self._layout_missing += 1
         if self._layout_missing < DEAD_AFTER:  # read again before ending: a stop is final
             return False
-        if self._running and self._gone is None:
-            self._end(f"engine {self._h['engine']!r} was stopped")
+        if self._running and self._gone is None:  # (the endpoint reads "was stopped" as a stop, not a failure:
+            self._end(f"engine {self._h['engine']!r} was stopped")  # ``_endpoint_failure.STOPPED``)
         return True
 
     @property

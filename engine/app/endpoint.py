@@ -66,7 +66,7 @@ from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
 from engine.app._endpoint_claude import for_messages_api, in_callers_words
 from engine.app._endpoint_count import count_router
-from engine.app._endpoint_job import cut_by_cancel
+from engine.app._endpoint_failure import NO_RETRY, failure
 from engine.app._endpoint_keys import EndpointKeys
 from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
 from engine.app._endpoint_models import anthropic_caller, models_router
@@ -91,16 +91,15 @@ from engine.app._endpoint_wire import (
     engine_call,
     json_body,
     new_id,
-    refused,
     smartbatch_fields,
 )
 from engine.core._callers import callers_field
 from engine.core.answer_body import MESSAGES_URL, response_body
-from engine.core.batchfile import list_price_usd, provider_status
+from engine.core.batchfile import list_price_usd
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError
 from engine.core.request import Request
-from engine.core.result import ID_TAKEN, Result, why_not
+from engine.core.result import Result
 
 __all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_HIT", "HEADER_DEADLINE_MET", "HEADER_MODE", "HEADER_PRIORITY",
            "HEADER_REQUEST_ID", "HEADER_SAVING", "HEADER_TENANT", "MAX_FILE_BYTES", "AsyncEngine", "make_app"]
@@ -108,17 +107,8 @@ __all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_HIT", "HEADER_DEADLINE_MET"
 CHAT_URL = "/v1/chat/completions"
 RESPONSES_URL = "/v1/responses"
 IMAGES_URL = "/v1/images/generations"
-# The status of a result that is not an answer -> (HTTP status, error type, code).
-_FAILURES = {"failed": (502, "api_error", "request_failed"),
-             "rejected": (429, "insufficient_quota", "request_rejected"),
-             "expired": (504, "api_error", "deadline_expired")}
 CLIENT_TIMEOUT = "X-Stainless-Read-Timeout"
 CLIENT_TIMEOUT_SHARE = 0.9  # of the client's read timeout, the deadline when none is given: the answer must be back
-# A failed result is final: the engine already retried it as far as its deadline allows. The official SDKs
-# retry a 429, a 5xx and a 409 on their own unless the answer says not to, and each retry is a new request.
-_NO_RETRY = {"x-should-retry": "false"}
-STOPPING_RETRY_S = 30  # what a 503 of a stopping engine asks: the next engine (a restart) takes calls again
-LEDGER_RETRY_S = 5  # ... and of a budget ledger that did not answer: a Redis restarting or failing over
 
 
 def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0,
@@ -191,15 +181,15 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         if rid is not None:
-            return await _generation({"id": rid, **fields, "body": body}, url, n, came)
+            return await _generation({"id": rid, **fields, "body": body}, url, n, came, own_id=True)
         tenant = fields.get("tenant", "default")
         key = retries.key(tenant, url, {**fields, "body": body, "n": n})
         d = {"id": tries.request_id(tenant, key, http.headers, lambda: new_id("req_")), **fields, "body": body}
         with try_outcome(tries, key, d["id"], ApiError):
             return await _generation(d, url, n, came)
 
-    async def _generation(d: dict[str, Any], url: str, n: int,
-                          came: dict[str, str] | None) -> tuple[dict, dict[str, str]]:
+    async def _generation(d: dict[str, Any], url: str, n: int, came: dict[str, str] | None,
+                          own_id: bool = False) -> tuple[dict, dict[str, str]]:
         body = d["body"]
         param_of = _param_in(body, came)
         req = validator.request(d, param_of)
@@ -213,7 +203,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         if n == 1:
             res: Result = await engine_call(engine.asubmit(d), param_of)
             if res.status not in ("ok", "reused"):
-                raise _failure(res, engine.gone)
+                raise failure(res, engine.gone, own_id)
             done = response_body(url, req, res, int(time.time()))
             if res.status == "ok" and url == RESPONSES_URL:  # its id is the tenant's (a copy's is its source's)
                 store.responses.learn(req.tenant, [done])
@@ -222,10 +212,10 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         results: list[Result] = await engine_call(engine.asubmit_many(fan_out(d, n)), param_of)
         failed = next((r for r in results if r.status not in ("ok", "reused")), None)
         if failed is not None:  # the others are billed all the same; the same request id again gets them back
-            exc = _failure(failed, engine.gone)
+            exc = failure(failed, engine.gone, own_id)
             if billed := sum(r.status == "ok" for r in results):
                 # A stop's 503 invited the SDK's retry, a new request that paid for the billed choices again.
-                exc.headers = {**(exc.headers or {}), **_NO_RETRY}
+                exc.headers = {**(exc.headers or {}), **NO_RETRY}
                 exc.message += f" ({billed} of the {n} choices were answered and billed: sent again, they are again)"
             raise exc
         now, reqs = int(time.time()), [req.model_copy(update={"id": r.id}) for r in results]
@@ -361,33 +351,6 @@ def _client_waits(headers) -> float | None:
     except ValueError:
         return None
     return seconds if math.isfinite(seconds) and seconds > 0 else None
-
-
-def _failure(res: Result, gone: str | None = None) -> ApiError:
-    """The error answering ``res``, a result that is no answer; ``gone``: why the engine went away, if it did."""
-    if cut_by_cancel(res) or (gone is not None and res.status == "failed" and res.error == gone):
-        # The engine is stopping (``serve`` cancels its work while it drains): the call may go again, to the next
-        # engine. A final 502 made the SDKs give up on calls a restart would answer (a review). A stop with
-        # nothing under way cancels nothing, and fails what waits with ``gone``: that was a final 502 too.
-        return ApiError(503, f"request {res.id!r} ended unanswered: the engine is stopping; send it again once it "
-                             "is back", type="server_error", code="engine_stopped",
-                        headers={"Retry-After": str(STOPPING_RETRY_S)})
-    if res.status == "rejected" and res.error == "budget_unavailable":
-        # Nothing was reserved nor billed, and the next try may find the ledger's Redis back: a 429
-        # insufficient_quota with x-should-retry false read as "out of money, stop" (a user's tour: a 3 s Redis
-        # restart failed every call of the window, a tenant with no budget among them, and no SDK retried).
-        return ApiError(503, f"request {res.id!r} {res.status}: {why_not(res)}; billed nothing: send it again",
-                        type="server_error", code="budget_unavailable",
-                        headers={"Retry-After": str(LEDGER_RETRY_S)})
-    if res.reason == ID_TAKEN:
-        # Another driver of a shared engine took the id with other content: the caller's id is at fault, as when
-        # this endpoint's own earlier request holds it (a 400 naming the header there; here a 502 server error
-        # told the client nothing of what to change: a helper's hunt).
-        return refused("id", f"request {res.id!r}: {why_not(res)}", lambda field: None, code=ID_TAKEN)
-    status, kind, code = _FAILURES.get(res.status, _FAILURES["failed"])
-    message = why_not(res)
-    status = provider_status(res) or status  # the provider's own answer, passed through
-    return ApiError(status, f"request {res.id!r} {res.status}: {message}", type=kind, code=code, headers=_NO_RETRY)
 
 
 def _smartbatch_headers(req: Request, res: Result, catalog: Catalog) -> dict[str, str]:

@@ -46,6 +46,7 @@ class FakeEngine:
         self._reqs: dict[tuple[str, str], Request] = {}
         self._held: list[tuple[concurrent.futures.Future, Result]] = []
         self.gone: str | None = None  # why the engine went away (``stop_under``)
+        self.ledger_down = False  # every request: the budget ledger did not answer until its deadline
         self.withdrawn: list[str] = []  # ids ``cancel_requests`` was given
 
     def _request(self, d: dict) -> Request:
@@ -69,7 +70,7 @@ class FakeEngine:
         if req.id.endswith("broke"):
             return Result(id=req.id, tenant=req.tenant, status="rejected", error="budget_exhausted",
                           reason="budget global has $0.000371 left")
-        if req.id.endswith("ledgerdown"):  # the budget ledger's Redis did not answer until the deadline
+        if req.id.endswith("ledgerdown") or self.ledger_down:  # the budget ledger's Redis did not answer until the deadline
             return Result(id=req.id, tenant=req.tenant, status="rejected", error="budget_unavailable",
                           reason="the budget ledger did not answer: Redis at redis://127.0.0.1:1/0 is unavailable")
         if req.id.endswith("gone"):  # held when the engine stopped elsewhere (``smartbatch stop``, nothing sent)
@@ -471,17 +472,46 @@ def test_a_call_an_engine_stop_with_nothing_under_way_ended_is_the_503_of_a_drai
     assert int(exc.value.response.headers["retry-after"]) > 0
 
 
+def test_a_call_an_engine_failure_ended_is_a_final_502_not_the_retryable_503_of_a_stop():
+    """A driver's ``gone`` is also an engine lost (its result hub died and did not come back), whose calls under
+    way at the providers may have been made and billed: the SDK's retry of a 503, a new request, paid for them
+    again. Read as a stop with nothing under way, it was that 503 (a review, revend)."""
+    with fake_endpoint() as (eng, client):
+        eng.gone = "engine failure: the result hub (hub) died (RayActorError) and did not come back"
+        with pytest.raises(openai.InternalServerError) as exc:
+            chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-gone"})
+    assert exc.value.status_code == 502 and exc.value.code == "request_failed"
+    assert exc.value.response.headers["x-should-retry"] == "false" and "result hub" in exc.value.message
+
+
 def test_a_call_the_budget_ledger_left_unanswered_is_a_503_the_sdk_retries_not_a_final_quota_429(served):
     """A Redis restart left the ledger unanswering until the call's deadline: nothing was reserved or billed, and
     the next try may pass. It was a 429 ``insufficient_quota`` with ``x-should-retry: false``, which no SDK
     retried and an application reads as a spent quota (a user's tour, every call of a 3 s Redis restart)."""
-    _, client = served
-    with pytest.raises(openai.InternalServerError) as exc:
-        chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-ledgerdown"})
+    with fake_endpoint() as (eng, client):
+        eng.ledger_down = True
+        with pytest.raises(openai.InternalServerError) as exc:
+            chat(client)  # the SDK's own try: its retry is a new request (``_endpoint_retries``)
     assert exc.value.status_code == 503 and exc.value.code == "budget_unavailable"
     assert "budget ledger did not answer" in exc.value.message and "billed nothing" in exc.value.message
     assert "x-should-retry" not in exc.value.response.headers
     assert int(exc.value.response.headers["retry-after"]) > 0
+
+
+def test_a_call_of_the_callers_id_the_ledger_left_unanswered_says_send_it_under_a_new_id_not_retry_it():
+    """The engine keeps a request's result under its id (the driver answers a repeated id from its future, for
+    its retention, an hour by default), so the SDK's retries, which send the same X-Smartbatch-Request-Id, and the
+    caller's own "send it again" were each this 503 again at once. It now says to use a new id, and no SDK
+    retries it (a review, revend)."""
+    with fake_endpoint() as (eng, client):
+        for _ in range(2):  # the same id again is the same answer, never a second call of it
+            with pytest.raises(openai.InternalServerError) as exc:
+                chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-ledgerdown"})
+            assert exc.value.status_code == 503 and exc.value.code == "budget_unavailable"
+            assert exc.value.response.headers["x-should-retry"] == "false"
+            assert f"under a new {endpoint.HEADER_REQUEST_ID}" in exc.value.message
+        eng.ledger_down = False
+        assert chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-later"}).parse().choices[0].message.content
 
 
 def test_images_come_back_in_openais_shape(served):
