@@ -33,7 +33,9 @@ def failure(res: Result, gone: str | None = None, caller_id: bool = False) -> Ap
     """The error answering ``res``, a result that is no answer; ``gone``: why the engine went away, if it did;
     ``caller_id``: the caller named the request (``X-Smartbatch-Request-Id``), so a retry is that request again."""
     stopped = gone is not None and gone.endswith(STOPPED) and res.status == "failed" and res.error == gone
-    if cut_by_cancel(res) or stopped:
+    # A call the drain's cancel ended while it waited for its next try, after a try that got no answer, may have
+    # been billed (its error says so): the SDK's retry of a 503 paid it again (a review, revend).
+    if (cut_by_cancel(res) or stopped) and not res.possibly_billed_usd:
         # The engine is stopping (``serve`` cancels its work while it drains): the call may go again, to the next
         # engine. A final 502 made the SDKs give up on calls a restart would answer (a review). A stop with
         # nothing under way cancels nothing, and fails what waits with ``gone``: that was a final 502 too. An

@@ -81,6 +81,10 @@ class FakeEngine:
                                 "content (another driver of this engine?)")
         if req.id.endswith("late"):
             return Result(id=req.id, tenant=req.tenant, status="expired", error="deadline passed before a result")
+        if req.id.endswith("stopping-maybebilled"):  # ... as it waited for a next try, a try unanswered before it
+            return Result(id=req.id, tenant=req.tenant, status="failed", possibly_billed_usd=0.0004,
+                          error=f"{ENGINE_CANCELLED}; a call got no answer, so the provider may have billed it: "
+                                "its budget is charged the call's upper bound, $0.000400 (report: possibly_billed)")
         if req.id.endswith("stopping"):  # the engine's cancel, as a ``serve`` stop drains
             return Result(id=req.id, tenant=req.tenant, status="failed", error=ENGINE_CANCELLED)
         if req.kind == "image":
@@ -470,6 +474,17 @@ def test_a_call_an_engine_stop_with_nothing_under_way_ended_is_the_503_of_a_drai
     assert exc.value.status_code == 503 and exc.value.code == "engine_stopped"
     assert "x-should-retry" not in exc.value.response.headers
     assert int(exc.value.response.headers["retry-after"]) > 0
+
+
+def test_a_call_the_drains_cancel_ended_after_a_try_that_may_have_been_billed_is_final_not_a_retryable_503():
+    """The drain's cancel ends a call waiting for its next try at once, unsent; but a try before it that got no
+    answer may have been billed (its budget charged the bound, ``possibly_billed``). Its 503 had the SDK send it
+    again as a new request, which paid for it again (a review, revend)."""
+    with fake_endpoint() as (_, client):
+        with pytest.raises(openai.InternalServerError) as exc:
+            chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-stopping-maybebilled"})
+    assert exc.value.status_code == 502 and exc.value.response.headers["x-should-retry"] == "false"
+    assert "may have billed it" in exc.value.message
 
 
 def test_a_call_an_engine_failure_ended_is_a_final_502_not_the_retryable_503_of_a_stop():
