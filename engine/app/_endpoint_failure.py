@@ -32,18 +32,22 @@ STOPPED = "was stopped"
 def failure(res: Result, gone: str | None = None, caller_id: bool = False) -> ApiError:
     """The error answering ``res``, a result that is no answer; ``gone``: why the engine went away, if it did;
     ``caller_id``: the caller named the request (``X-Smartbatch-Request-Id``), so a retry is that request again."""
-    stopped = gone is not None and gone.endswith(STOPPED) and res.status == "failed" and res.error == gone
     # A call the drain's cancel ended while it waited for its next try, after a try that got no answer, may have
     # been billed (its error says so): the SDK's retry of a 503 paid it again (a review, revend).
-    if (cut_by_cancel(res) or stopped) and not res.possibly_billed_usd:
+    if cut_by_cancel(res) and not res.possibly_billed_usd:
         # The engine is stopping (``serve`` cancels its work while it drains): the call may go again, to the next
-        # engine. A final 502 made the SDKs give up on calls a restart would answer (a review). A stop with
-        # nothing under way cancels nothing, and fails what waits with ``gone``: that was a final 502 too. An
-        # engine lost (``gone`` says "engine failure") is not a stop: its calls under way may be billed, and the
-        # SDK's retry, a new request, paid them again (a review, revend).
+        # engine. A final 502 made the SDKs give up on calls a restart would answer (a review).
         return ApiError(503, f"request {res.id!r} ended unanswered: the engine is stopping; send it again once it "
                              "is back", type="server_error", code="engine_stopped",
                         headers={"Retry-After": str(STOPPING_RETRY_S)})
+    if gone is not None and gone.endswith(STOPPED) and res.status == "failed" and res.error == gone:
+        # The engine was stopped without the drain's word on this call: it may have waited unsent (a stop with
+        # nothing under way) or been cut under way at a provider, billed (``--drain-s 0``, a drain cut short),
+        # and the driver cannot tell which. Final: the SDK's retry is a new request, which would pay a billed one
+        # again (stop 79 answered a 503 here for a while; a review found that retry).
+        return ApiError(502, f"request {res.id!r} failed: {gone}; it may have been cut under way at the provider "
+                             "and billed: send it again (under a new id) only if paying twice is acceptable",
+                        type="api_error", code="engine_stopped", headers=NO_RETRY)
     if res.status == "rejected" and res.error == "budget_unavailable":
         # Nothing was reserved nor billed, and the next try may find the ledger's Redis back: a 429
         # insufficient_quota with x-should-retry false read as "out of money, stop" (a user's tour: a 3 s Redis

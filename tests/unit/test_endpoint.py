@@ -462,18 +462,18 @@ def test_a_budget_refusal_tells_the_client_which_budget_and_what_is_left(served)
     assert "budget_exhausted: budget global has $0.000371 left" in exc.value.message
 
 
-def test_a_call_an_engine_stop_with_nothing_under_way_ended_is_the_503_of_a_drains_cancel_not_a_final_502():
-    """``smartbatch stop --name`` found nothing under way (the calls waited in a group for a batch), so it
-    cancelled nothing and the endpoint's open calls failed with "engine ... was stopped": a final 502 with
-    ``x-should-retry: false`` (a user's tour: 9 of 20 calls), where the same calls beside one call under way were
-    ended by the drain's cancel and answered a 503 the SDKs retry, to the next engine."""
+def test_a_call_an_engine_stop_ended_without_the_drains_word_is_final_and_says_it_may_have_been_billed():
+    """``smartbatch stop --name`` fails the endpoint's open calls with "engine ... was stopped" whether they waited
+    unsent (nothing under way) or were cut under way at a provider, billed (``--drain-s 0``): the driver cannot
+    tell which. A retryable 503 (as for a while in stop 79) had the SDK send it again as a new request, paying a
+    billed one twice; it is final and says so."""
     with fake_endpoint() as (eng, client):
         eng.gone = "engine 'fake' was stopped"
         with pytest.raises(openai.InternalServerError) as exc:
             chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-gone"})
-    assert exc.value.status_code == 503 and exc.value.code == "engine_stopped"
-    assert "x-should-retry" not in exc.value.response.headers
-    assert int(exc.value.response.headers["retry-after"]) > 0
+    assert exc.value.status_code == 502 and exc.value.code == "engine_stopped"
+    assert exc.value.response.headers["x-should-retry"] == "false" and "retry-after" not in exc.value.response.headers
+    assert "was stopped" in exc.value.message and "may have been cut under way" in exc.value.message
 
 
 def test_a_call_the_drains_cancel_ended_after_a_try_that_may_have_been_billed_is_final_not_a_retryable_503():
