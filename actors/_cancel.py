@@ -14,6 +14,7 @@ import math
 from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._shards import by_result_uid
 from actors._types import Job
+from actors.providers._wire import within
 from engine.core.cost import reserve_bound
 from engine.core.errors import CatalogError
 from engine.core.result import CANCELLED, ENGINE_CANCELLED, Result
@@ -305,8 +306,8 @@ class CancelDispatches:
         if self._cancelled:
             await asyncio.sleep(delay)
             return
-        try:
-            await asyncio.wait_for(self._woken().wait(), delay)
+        try:  # (within: wait_for swallowed a death's cancel that came with the wake, and the follow-up polled on)
+            await within(self._woken().wait(), delay)
         except asyncio.TimeoutError:
             pass
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 
 from actors._batch_parts import file_parts, line_bound, read_bound_s, results_parts
+from actors.providers._wire import within
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import CallJob, CallOutcome
 
@@ -90,7 +91,8 @@ class ResultsReads:
 
     async def _read_results(self, handle, cjobs: list[CallJob]) -> dict:
         """One try at reading an ended batch's results, given up (``asyncio.TimeoutError``) past ``_read_bound_s``."""
-        return dict(await asyncio.wait_for(self.provider.fetch(handle), self._read_bound_s(cjobs)))
+        # (within: wait_for swallowed a death's or a stop's cancel that came as the read ended: the follow-up went on)
+        return dict(await within(self.provider.fetch(handle), self._read_bound_s(cjobs)))
 
     def _unread_batch(self, handle, cjobs: list[CallJob], at: float) -> dict[str, CallOutcome]:
         """Every member of a batch whose results could not be read by ``batch_results_read_max_s``: failed and

@@ -28,3 +28,35 @@ def test_an_answer_in_time_is_returned_and_one_past_the_bound_is_a_timeout():
         with pytest.raises(TimeoutError):
             await within(never, 0.01)
     asyncio.run(go())
+
+
+def test_a_follow_up_cancelled_as_the_engine_cancel_wakes_it_ends_there_and_polls_nothing_more():
+    # A batch's follow-up sleeps between polls on the dispatcher's wake event (``_sleep``). A stop's cancel sets
+    # it, and a death (or the stop's own end) cancels the follow-up in the same loop turn: with wait_for the
+    # wake's answer was returned, the cancel swallowed, and the follow-up went on to its next poll, cancel or
+    # read of its batch after it was ended.
+    from actors._cancel import CancelDispatches
+
+    class Clock:
+        def real_delay(self, engine_s: float) -> float:
+            return engine_s
+
+    class Dispatcher(CancelDispatches):
+        clock = Clock()
+
+    async def go():
+        d, went_on = Dispatcher(), []
+
+        async def follow_up() -> None:
+            await d._sleep(60.0)
+            went_on.append("its next poll")
+
+        task = asyncio.create_task(follow_up())
+        await asyncio.sleep(0)  # (one turn of the loop: the follow-up now sleeps on the wake event)
+        d._woken().set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert went_on == []
+    asyncio.run(go())
+
