@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer
+from actors.providers._wire import within
 from engine.app._driver_owners import body_of
 from engine.app._driver_pull import FORGET_WAIT_S
 from engine.app._driver_reject import (
@@ -109,8 +110,8 @@ class AsyncSubmit:
         for k in range(len(todo)):
             if arrived.empty():
                 left = None if deadline is None else max(deadline - loop.time(), 0.0)
-                try:
-                    f = await asyncio.wait_for(arrived.get(), left)
+                try:  # (within: wait_for swallowed the caller's cancel that came with a result, and it ran on)
+                    f = await within(arrived.get(), left)
                 except asyncio.TimeoutError:
                     raise asyncio.TimeoutError(f"{len(todo) - k} of {len(todo)} results were not ready within "
                                                f"timeout={timeout} s") from None
@@ -205,7 +206,7 @@ class AsyncSubmit:
             raise ProviderError(f"provider {provider!r} has no dispatcher in this engine (its catalog has "
                                 f"{sorted(self._h['dispatchers'])}); ask with a model of one of them")
         try:
-            return await asyncio.wait_for(_as_future(call(dispatcher)), wait_s)
+            return await within(_as_future(call(dispatcher)), wait_s)  # (a cancel passed on, as above)
         except asyncio.TimeoutError:
             raise ProviderError(f"the dispatcher of {provider!r} did not answer {what} within {wait_s:g} "
                                 "s (busy, or restarting); send it again") from None

@@ -25,6 +25,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from actors.providers._wire import within
 from engine.core.request import Request
 from engine.core.response_owners import ResponseOwners, refs_of
 
@@ -67,8 +68,9 @@ class SharedOwners:
             return True
         self.owner_asks += 1
         try:
-            answers = await asyncio.wait_for(asyncio.gather(*(_awaited(h.owners_of.remote(refs))
-                                                              for h in self._h["hubs"])), OWNERS_WAIT_S)
+            # (within: wait_for swallowed a cancel that came with the answers, and the cancelled submission queued on)
+            answers = await within(asyncio.gather(*(_awaited(h.owners_of.remote(refs)) for h in self._h["hubs"])),
+                                   OWNERS_WAIT_S)
         except Exception as exc:  # noqa: BLE001 (as _ask_owners)
             return self._not_asked(exc)
         return self._took(refs, answers)

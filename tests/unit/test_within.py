@@ -60,3 +60,61 @@ def test_a_follow_up_cancelled_as_the_engine_cancel_wakes_it_ends_there_and_poll
         assert went_on == []
     asyncio.run(go())
 
+
+def test_a_loop_over_as_completed_cancelled_as_a_result_arrives_ends_and_does_not_wait_on_for_the_rest():
+    # A driver's task reading ``engine.as_completed(futures, timeout=...)``, cancelled (its app stopping, a
+    # request handler whose client left) in the loop turn that woke its wait for the next result: wait_for (an
+    # inner task, given a timeout) swallowed the cancel, and the task took that result and waited on for the rest,
+    # its own stop waiting on with it. (The endpoint's collectors give no timeout: wait_for awaits in the task.)
+    import concurrent.futures
+
+    from engine.app._driver_async import AsyncSubmit
+
+    async def go():
+        lines = [concurrent.futures.Future() for _ in range(2)]
+        taken: list = []
+
+        async def collect() -> None:
+            async for res in AsyncSubmit.as_completed(None, lines, timeout=3600.0):  # (wait_for's inner task)
+                taken.append(res)
+
+        collector = asyncio.create_task(collect())
+        await asyncio.sleep(0)  # (the collector now waits for its first line)
+        lines[0].set_result("line 1")  # its arrival is put in the collector's queue in the next turn...
+        await asyncio.sleep(0)  # ...which wakes the collector's wait; the stop's cancel comes in that turn
+        collector.cancel()
+        try:
+            done, _ = await asyncio.wait([collector], timeout=5.0)  # (a safety net: it ends in a turn or two)
+            assert collector in done and collector.cancelled(), f"the collector ran on, having taken {taken}"
+        finally:
+            lines[1].set_result("line 2")  # (a collector that ran on ends here)
+            await asyncio.gather(collector, return_exceptions=True)
+    asyncio.run(go())
+
+
+def test_a_submission_cancelled_as_the_hubs_say_whose_ids_are_is_cancelled_not_queued_on():
+    # ``asubmit`` first asks the hub shards whose response ids its body names (``know_owners``), then queues. A
+    # cancel (the caller's client left, its app stopping) in the turn the answer came was swallowed by wait_for:
+    # ``know_owners`` answered True and the cancelled submission went on to queue its requests, billed, unread.
+    from engine.app._driver_owners import SharedOwners
+    from engine.core.response_owners import ResponseOwners
+
+    async def go():
+        answer = asyncio.get_running_loop().create_future()
+
+        class Shard:
+            class owners_of:
+                @staticmethod
+                def remote(refs):
+                    return answer
+
+        engine = SharedOwners()
+        engine.responses, engine._h = ResponseOwners(), {"hubs": [Shard()]}
+        asking = asyncio.create_task(engine.know_owners([{"previous_response_id": "resp_1"}]))
+        await asyncio.sleep(0)  # (the ask is out)
+        answer.set_result(([], True))
+        await asyncio.sleep(0)  # (the shard's answer is taken: the gather of the shards' answers ends next turn)
+        asking.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asking
+    asyncio.run(go())
