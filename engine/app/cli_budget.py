@@ -9,6 +9,7 @@ from typing import Any
 
 import typer
 
+from engine.app._words import dollars
 from engine.app.cli_common import app, console
 
 __all__ = ["budget_app", "budget_line"]
@@ -24,7 +25,7 @@ _ADDRESS = typer.Option("auto", help="the Ray cluster it runs on (what `smartbat
 
 
 def _usd(x: float | None) -> str:
-    return "-" if x is None else f"${x:.6f}"
+    return "-" if x is None else dollars(x)
 
 
 def budget_line(r: dict[str, Any]) -> str:
@@ -50,6 +51,7 @@ def _check_flags(fields: dict[str, Any]) -> None:
     from pydantic import TypeAdapter, ValidationError
 
     from engine.app.cli_common import _check_tenant
+    from engine.core._budget_check import limit_problem
     from engine.core.budgets import BudgetSpec, parse_duration
     from engine.core.errors import ConfigError
 
@@ -63,6 +65,8 @@ def _check_flags(fields: dict[str, Any]) -> None:
         raise ConfigError(f"--duration {duration!r}: {why}") from None
     for field in ("max_budget", "soft_budget"):
         if fields.get(field) is not None:
+            if (why := limit_problem(fields[field])) is not None:  # inf was taken: "limit $inf"
+                raise ConfigError(f"{_FLAGS[field]} {fields[field]:g}: {why}")
             info = BudgetSpec.model_fields[field]
             try:
                 TypeAdapter(Annotated[info.annotation, info]).validate_python(fields[field])

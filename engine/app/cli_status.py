@@ -11,7 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from engine.app._words import counted
+from engine.app._words import counted, dollars
 from engine.app.cli_common import _fail, app, console
 from engine.core.budgets import window_bounds, window_label
 from engine.core.errors import SmartbatchError
@@ -19,14 +19,14 @@ from engine.core.errors import SmartbatchError
 __all__ = ["print_status"]
 
 def _usd(x: float | None) -> str:
-    return "-" if x is None else f"{x:.6f}"
+    return "-" if x is None else dollars(x)
 
 
 def _rows(title: str, rows: dict[str, dict], key: str) -> Table:
     t = Table(title=title, title_justify="left")
     t.add_column(key)
     t.add_column("requests", justify="right")
-    t.add_column("spend $", justify="right")
+    t.add_column("spend", justify="right")
     for k, v in sorted(rows.items(), key=lambda kv: -kv[1]["cost_usd"]):
         t.add_row(k, f"{v['requests']:,}", _usd(v["cost_usd"]))
     return t
@@ -37,8 +37,9 @@ def print_status(name: str, rep: dict[str, Any], now: float | None = None) -> No
     engine's clock, which the windows of a time-compressed engine run on."""
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(rep.get("by_status", {}).items()))
     console.print(f"engine {name!r}: {counted(rep['requests'], 'request')} answered ({counts or 'none yet'})")
-    console.print(f"spend ${rep['spend_usd']:.6f} (USD, billed to the providers), list price "
-                  f"${rep['list_price_usd']:.6f}, saving ${rep['saving_usd']:.6f} ({100 * rep['saving_frac']:.1f} %)")
+    console.print(f"spend {dollars(rep['spend_usd'])} (USD, billed to the providers), list price "
+                  f"{dollars(rep['list_price_usd'])}, saving {dollars(rep['saving_usd'])} "
+                  f"({100 * rep['saving_frac']:.1f} %)")
     for title, key, rows in (("spend by model", "provider/model", rep.get("by_model")),
                              ("spend by tenant", "tenant", rep.get("by_tenant"))):
         if rows:

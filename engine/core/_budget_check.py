@@ -4,6 +4,7 @@ budget set on a running engine (``Engine.set_budget``), and the rule of such a c
 
 from __future__ import annotations
 
+import math
 import shlex
 from collections.abc import Iterable, Mapping
 from difflib import get_close_matches
@@ -16,9 +17,25 @@ from engine.core.budgets import BudgetSettings, BudgetSpec, parse_duration
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError, ConfigError
 
-__all__ = ["budget_of", "changed_specs", "check_budgets"]
+__all__ = ["MAX_LIMIT_USD", "budget_of", "changed_specs", "check_budgets", "limit_problem"]
 
 LIVE_FIX = "fix the name in the budget you set"
+# The largest limit taken where one is given (``Engine.set_budget``, ``smartbatch budget set``): a limit past any
+# account's spend holds nothing, and one of inf or 1e308 was taken and shown as "limit $inf" or a 300-digit figure
+# (a user's walkthrough). A budget that should hold nothing is removed. Not checked where a stored budget is read
+# (the ledger's Redis, a journal, ``BudgetSpec`` itself): one kept before this check loads as it was.
+MAX_LIMIT_USD = 1e9
+
+
+def limit_problem(value: Any) -> str | None:
+    """Why a limit of ``value`` USD given as input is refused (not finite, or above ``MAX_LIMIT_USD``), with the
+    fix; None for any other value (a negative one or a word is ``BudgetSpec``'s to refuse)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if math.isfinite(value) and value <= MAX_LIMIT_USD:
+        return None
+    return (f"give a finite number of USD per window, at most {MAX_LIMIT_USD:,.0f}; for no limit, remove the budget "
+            "(Engine.remove_budget, `smartbatch budget remove NAME`)")
 
 
 def check_budgets(catalog: Catalog, budgets: BudgetSettings, *, where: str = "setting budgets.specs.{k}",
@@ -56,6 +73,9 @@ def budget_of(fields: BudgetSpec | Mapping[str, Any], current: Iterable[BudgetSp
         near = get_close_matches(str(unknown[0]), list(BudgetSpec.model_fields), 1, 0.6)
         raise ConfigError(f"budget.{unknown[0]}: not a budget field" + (f"; did you mean {near[0]}?" if near else "")
                           + f" (a budget's fields: {', '.join(BudgetSpec.model_fields)}; docs/budgets.md)")
+    for field in ("max_budget", "soft_budget"):  # as given: a running budget's stored value is not judged again
+        if (why := limit_problem(given.get(field))) is not None:
+            raise ConfigError(f"budget.{field} = {given[field]!r}: {why}")
     who = {k: given.get(k) for k in ("tenant", "provider", "model", "budget_duration")}
     try:
         parse_duration(who["budget_duration"])

@@ -240,11 +240,11 @@ def test_smartbatch_budget_sets_lists_and_removes_a_served_engines_budgets(monke
     r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", "--tenant", "acme", "--duration", "1d",
                                  "--max", "2.5", "--soft", "2"])
     assert r.exit_code == 0, r.output
-    assert "changed (limit was $1.000000, soft -): budget tenant=acme/1d: limit $2.500000, soft $2.000000" in r.output
+    assert "changed (limit was $1.00, soft -): budget tenant=acme/1d: limit $2.50, soft $2.00" in r.output
     r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", "--model", "gpt-5.4-mnii", "--max", "1"])
     assert r.exit_code == 2 and "--model 'gpt-5.4-mnii'" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["budget", "list", "--name", "prod"])
-    assert r.exit_code == 0 and "budget tenant=acme/1d: limit $2.500000" in r.output
+    assert r.exit_code == 0 and "budget tenant=acme/1d: limit $2.50" in r.output
     r = CliRunner().invoke(app, ["budget", "remove", "tenant=acme/1d", "--name", "prod"])
     assert r.exit_code == 0 and r.output.startswith("removed budget tenant=acme/1d")
     assert "has no budget" in CliRunner().invoke(app, ["budget", "list", "--name", "prod"]).output
@@ -299,7 +299,7 @@ def test_budget_set_takes_a_model_given_with_its_provider_as_status_writes_it(mo
     monkeypatch.setattr(driver_mod.Engine, "connect", classmethod(lambda cls, name, **k: eng))
     try:
         r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", "--model", "openai/gpt-5-mini", "--max", "3"])
-        assert r.exit_code == 0 and "added budget provider=openai,model=gpt-5-mini: limit $3.000000" in r.output, \
+        assert r.exit_code == 0 and "added budget provider=openai,model=gpt-5-mini: limit $3.00" in r.output, \
             r.output
         for bad in (["--model", "openai/claude-haiku-4-5"], ["--provider", "anthropic", "--model", "openai/gpt-5-mini"]):
             r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", *bad, "--max", "3"])

@@ -219,8 +219,8 @@ def test_smartbatch_status_shows_a_served_engines_spend_per_model_and_tenant_and
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
     assert seen == [("prod", {"address": "auto", "flag": "--address"})] and _Attached.stopped  # a session, ended
-    assert "spend $0.012300 (USD" in out and "openai/gpt-5.4-mini" in out and "acme" in out
-    assert "tenant=acme/1h" in out and "0.300000" in out and "0.004000" in out and "0.283700" in out
+    assert "spend $0.0123 (USD" in out and "openai/gpt-5.4-mini" in out and "acme" in out
+    assert "tenant=acme/1h" in out and "$0.30" in out and "$0.004" in out and "$0.2837" in out
     assert "(passed)" in out and "t=3,600s" in out and "t=7,200s" in out and "now t=4,000s" in out
     assert "rejected by the budgets: budget_exhausted 1" in out
     r = CliRunner().invoke(app, ["status", "--name", "prod", "--json"])
