@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,15 @@ CHOICES_KEY = "smartbatch_choices"  # an error line's answered choices (a line o
 # or got none): ``smartbatch batch --resume`` keeps such a line back instead of paying for it again.
 BILLED_KEY = "smartbatch_possibly_billed_usd"
 _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
+# A report's dollars, to 1e-10 USD: the decimals of the endpoint's X-Smartbatch-Cost-Usd, well under the cheapest
+# token the catalog prices (a few 1e-9 USD), so a line's figure is its cost. Unrounded, a sum of prices read
+# "cost_usd": 0.0011542500000000001 (a user's walkthrough). The totals are the sums of the rounded lines, rounded:
+# a reader adding up the lines finds the total, and it is off the unrounded sum by at most 5e-11 a line.
+_USD_PLACES = 10
+
+
+def _usd(x: float) -> float:
+    return round(x, _USD_PLACES) + 0.0  # (+ 0.0: a -0.0 reads 0)
 
 
 def _req_id(tenant: str, custom_id: str) -> str:  # deterministic: a rerun of the file names its lines alike
@@ -191,7 +201,7 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
     ``list_price_usd`` and ``saving_usd`` count the answered lines (succeeded or reused); ``cost_usd`` is every
     line's cost, so ``saving_usd = list_price_usd - cost_usd``; ``late`` the lines answered after the window.
     A line of n choices: its choices sent in this run, each a request (its cost, its list price); ``modes``
-    counts requests, each choice's mode."""
+    counts requests, each choice's mode. Dollars to 1e-10 USD, a total the sum of its rounded lines (``_USD_PLACES``)."""
     by_id = {r.id: r for r in results}
     rows = []
     for ln in bf.lines:
@@ -209,8 +219,11 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
                      "hit": res.hit, "provider": ln.request.provider, "model": ln.request.model,
                      "cost_usd": res.cost_usd, "list_price_usd": listed, "saving_usd": listed - res.cost_usd,
                      "deadline_met": res.deadline_met})
-    cost = sum(r["cost_usd"] for r in rows)
-    listed = sum(r["list_price_usd"] for r in rows)
+    for r in rows:
+        r["cost_usd"], r["list_price_usd"] = _usd(r["cost_usd"]), _usd(r["list_price_usd"])
+        r["saving_usd"] = _usd(r["list_price_usd"] - r["cost_usd"])
+    cost = _usd(math.fsum(r["cost_usd"] for r in rows))
+    listed = _usd(math.fsum(r["list_price_usd"] for r in rows))
     modes = [m for r in rows for m in r.get("modes", [r["mode"]]) if m]
     return {"input": bf.source, "window_s": window_s, "policy": policy,
             "totals": {"lines": len(rows),
@@ -221,7 +234,7 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
                        # Answered after the window: in the output all the same (paid for), and counted here.
                        # (a failed or refused line carries deadline_met False too: not a late answer)
                        "late": sum(r["deadline_met"] is False and r["status"] in ANSWERED for r in rows),
-                       "cost_usd": cost, "list_price_usd": listed, "saving_usd": listed - cost},
+                       "cost_usd": cost, "list_price_usd": listed, "saving_usd": _usd(listed - cost)},
             "lines": rows}
 
 

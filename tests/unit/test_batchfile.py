@@ -240,6 +240,25 @@ def test_report_sums_the_lines_costs_against_list_prices(batch):
     assert doc["totals"]["late"] == 1 and {r["custom_id"]: r["deadline_met"] for r in doc["lines"]}["a"] is False
 
 
+def test_the_reports_dollars_are_rounded_to_1e_10_and_its_totals_are_the_sums_of_its_lines(batch):
+    """A walkthrough: `smartbatch batch --report` wrote "cost_usd": 0.0011542500000000001, a float sum's noise. Each
+    figure is rounded to 1e-10 USD (the endpoint's cost header's decimals) and a total is the sum of its lines."""
+    import re
+
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    noisy = [r.model_copy(update={"cost_usd": 0.0011542500000000001}) if r.id == "a" else r for r in results_for(bf)]
+    doc = report(bf, noisy, CAT, window_s=3600.0, policy="smart")
+    text = json.dumps(doc)
+    assert '"cost_usd": 0.00115425,' in text
+    figures = [float(f) for f in re.findall(r'"(?:cost|list_price|saving)_usd": ([-0-9.e]+)', text)]
+    assert len(figures) == 3 * 4 and all(f == round(f, 10) for f in figures), figures  # 3 lines and the totals
+    tot, lines = doc["totals"], doc["lines"]
+    for key in ("cost_usd", "list_price_usd", "saving_usd"):
+        assert tot[key] == round(sum(r[key] for r in lines), 10)
+    assert tot["cost_usd"] == pytest.approx(0.0011542500000000001, abs=1e-10)
+    assert tot["saving_usd"] == round(tot["list_price_usd"] - tot["cost_usd"], 10)
+
+
 def test_ctrl_c_during_batch_keeps_finished_lines_and_answers_the_rest(tmp_path, monkeypatch):
     """Ctrl-C while a batch file runs used to write nothing at all: the lines already answered (and paid for)
     were lost, and a rerun paid for them again. Now the finished lines are in the output file, the others in
