@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 
 from engine.app._endpoint_claude import wire_of
 from engine.app._endpoint_wire import ApiError
+from engine.core._api_fields import anthropic_role_problem
 from engine.core.catalog import Catalog
 from engine.core.settings import Settings
 
@@ -40,12 +41,15 @@ def error_type(status: int) -> str:
 
 
 class AnthropicError(ApiError):
-    """An error answered in Anthropic's shape, at the same status and with the same headers as the chat route's."""
+    """An error answered in Anthropic's shape, at the same status and with the same headers as the chat route's
+    (the call's id where Anthropic's SDK reads it)."""
+
+    id_header = "request-id"
 
     def response(self) -> JSONResponse:
         kind = error_type(self.status)
         return JSONResponse({"type": "error", "error": {"type": kind, "message": self.message}},
-                            status_code=self.status, headers=self.headers)
+                            status_code=self.status, headers=self.answer_headers())
 
 
 def in_anthropic_shape(exc: ApiError) -> AnthropicError:
@@ -95,6 +99,13 @@ def messages_body(body: dict[str, Any], headers: Any, catalog: Catalog,
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages is required: a non-empty list such as [{\"role\": \"user\", \"content\": "
                             "\"...\"}]", param="messages")
+    for k, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        # Here, where the body is Anthropic's: the engine's own check, for a body of either API, named OpenAI's
+        # roles (system, developer, tool, function), which this route does not take (a user's walkthrough). A
+        # system message mid-conversation is the engine's to judge, per model.
+        if role not in ("user", "assistant", "system") and isinstance(m, dict):
+            raise ApiError(400, anthropic_role_problem(role, f"messages[{k}].role"), param=f"messages[{k}].role")
     return {k: v for k, v in body.items() if k != "stream"}, bool(stream)
 
 

@@ -79,6 +79,10 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
     runs_on = False  # part of the call it refuses was let in and runs on (``engine_call``, ``try_outcome``)
+    # Where the SDK reads a call's id, an error's too (OpenAI's ``e.request_id``): the request's id where it had one
+    # (``X-Smartbatch-Request-Id`` among the headers), else one of the answer's own. Without it, e.request_id was
+    # None on every error, where an answer carried its id (a user's walkthrough).
+    id_header = "x-request-id"
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str = "invalid_request_error", headers: dict[str, str] | None = None):
@@ -91,7 +95,13 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+                                       "code": self.code}}, status_code=self.status, headers=self.answer_headers())
+
+    def answer_headers(self) -> dict[str, str]:
+        """The error answer's headers: its own, and the call's id where the SDK reads it (``id_header``)."""
+        headers = dict(self.headers or {})
+        headers.setdefault(self.id_header, headers.get(HEADER_REQUEST_ID) or new_id("req_"))
+        return headers
 
 
 def new_id(prefix: str) -> str:

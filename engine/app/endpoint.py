@@ -181,11 +181,12 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         if rid is not None:
-            return await _generation({"id": rid, **fields, "body": body}, url, n, came, own_id=True)
+            with _carrying_id(rid):
+                return await _generation({"id": rid, **fields, "body": body}, url, n, came, own_id=True)
         tenant = fields.get("tenant", "default")
         key = retries.key(tenant, url, {**fields, "body": body, "n": n})
         d = {"id": tries.request_id(tenant, key, http.headers, lambda: new_id("req_")), **fields, "body": body}
-        with try_outcome(tries, key, d["id"], ApiError):
+        with try_outcome(tries, key, d["id"], ApiError), _carrying_id(d["id"]):
             return await _generation(d, url, n, came)
 
     async def _generation(d: dict[str, Any], url: str, n: int, came: dict[str, str] | None,
@@ -262,7 +263,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             done, headers = await answer(http, body, MESSAGES_URL)  # whole before a byte, as on the chat route
         except ApiError as exc:
             raise in_anthropic_shape(exc) from None
-        headers["request-id"] = headers[HEADER_REQUEST_ID]  # where the Anthropic SDK reads a call's id
+        headers["request-id"] = headers.pop("x-request-id")  # where the Anthropic SDK reads a call's id
         if not stream:
             return JSONResponse(done, headers=headers)
         return StreamingResponse(message_events(done), media_type="text/event-stream", headers=headers)
@@ -357,4 +358,16 @@ def _smartbatch_headers(req: Request, res: Result, catalog: Catalog) -> dict[str
     saving = list_price_usd(req, res, catalog) - res.cost_usd
     return {HEADER_MODE: res.mode or "none", HEADER_COST: f"{res.cost_usd:.10f}",
             HEADER_SAVING: f"{saving:.10f}", HEADER_HIT: res.hit or "none", HEADER_REQUEST_ID: req.id,
-            HEADER_DEADLINE_MET: "false" if res.deadline_met is False else "true"}
+            HEADER_DEADLINE_MET: "false" if res.deadline_met is False else "true",
+            "x-request-id": req.id}  # where the OpenAI SDK reads a call's id (``_request_id``), as an error's
+
+
+@contextlib.contextmanager
+def _carrying_id(request_id: str):
+    """An error of the generation ``request_id`` answers with that id (``ApiError.id_header``), as its answer would
+    have: the SDKs' ``e.request_id`` was None (a user's walkthrough)."""
+    try:
+        yield
+    except ApiError as exc:
+        exc.headers = {HEADER_REQUEST_ID: request_id, **(exc.headers or {})}
+        raise

@@ -14,7 +14,8 @@ from engine.core._sdk_fields import sdk_fields
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["ANTHROPIC_BLOCKS", "MAX_CACHE_MARKS", "MIN_THINKING_BUDGET", "anthropic_block", "check_api_body"]
+__all__ = ["ANTHROPIC_BLOCKS", "MAX_CACHE_MARKS", "MIN_THINKING_BUDGET", "anthropic_block", "anthropic_role_problem",
+           "check_api_body"]
 
 # OpenAI fields that Anthropic's Messages API does not take ("Extra inputs are not permitted"): each with its
 # fix. Sent, they reached the provider as extra body keys and the call was refused after the request was
@@ -143,10 +144,8 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
         if role == "system":
             _check_system_message(messages, k, spec, where)
         elif role not in _ANTHROPIC_ROLES:
-            fix = ("give a tool's output as a tool_result block in a user message" if role in ("tool", "function")
-                   else "give it as the top-level system field" if role == "developer" else "use user or assistant")
-            raise FieldProblem(f"{where}.messages[{k}].role", f"{where}.messages[{k}].role {str(role)[:40]!r} is not "
-                               f"one of Anthropic's ({', '.join(_ANTHROPIC_ROLES)}); {fix}")
+            field = f"{where}.messages[{k}].role"
+            raise FieldProblem(field, anthropic_role_problem(role, field))
         extra = sorted(key for key in m if key not in ("role", "content"))
         if extra:  # OpenAI's participant ``name`` above all: the provider's "Extra inputs are not permitted"
             fix = "name the speaker in the content" if extra[0] == "name" else "leave it out"
@@ -205,6 +204,15 @@ def _check_thinking_budget(body: dict, where: str) -> None:
         raise FieldProblem(field, f"{field} {budget} is not less than max_tokens {cap}, and Anthropic takes a "
                            "thinking budget only below the cap (the thinking is part of the output): raise "
                            f"{where}.max_tokens above it, or lower the budget")
+
+
+def anthropic_role_problem(role: object, field: str) -> str:
+    """What to say of ``role``, no role of an Anthropic message (but system, ``_check_system_message``'s), at
+    ``field``: Anthropic's roles and the fix (an OpenAI role: where its content goes in Anthropic's shape)."""
+    fix = ("give a tool's output as a tool_result block in a user message" if role in ("tool", "function")
+           else "give it as the top-level system field" if role == "developer" else "use user or assistant")
+    said = "is missing" if role is None else f"{str(role)[:40]!r} is not one of Anthropic's"
+    return f"{field} {said} ({', '.join(_ANTHROPIC_ROLES)}); {fix}"
 
 
 def _check_system_message(messages: Sequence, k: int, spec: ModelSpec, where: str) -> None:

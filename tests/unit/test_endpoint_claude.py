@@ -605,3 +605,19 @@ def test_a_refusal_of_a_translated_responses_body_names_the_callers_input_item(c
     came: dict[str, str] = {}
     as_messages({"instructions": "Be brief.", "input": "Hi"}, "openai", "chat", came)
     assert came == {"messages.0.content": "instructions", "messages.1": "input", "messages.1.content": "input"}
+
+
+def test_an_openai_sdk_reads_the_request_id_of_an_answer_and_of_an_error(claude):
+    """A walkthrough: the OpenAI SDK's ``e.request_id`` (``x-request-id``) was None on every error, and an answer's
+    ``_request_id`` too (only X-Smartbatch-Request-Id carried it). A request's error carries its own id."""
+    _, client, _ = claude
+    done = client.chat.completions.create(model=MODEL, max_completion_tokens=20, messages=[
+        {"role": "user", "content": "Name a river."}], extra_headers={endpoint.HEADER_REQUEST_ID: "rid-ok"})
+    assert done._request_id == "rid-ok"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, max_completion_tokens=20, messages=[
+            {"role": "robot", "content": "x"}], extra_headers={endpoint.HEADER_REQUEST_ID: "rid-bad"})
+    assert exc.value.request_id == "rid-bad" and "messages[0].role" in exc.value.message
+    with pytest.raises(openai.NotFoundError) as exc:  # refused before any request: an id of its own
+        client.chat.completions.create(model="claude-nope-9", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.request_id and exc.value.request_id.startswith("req_")

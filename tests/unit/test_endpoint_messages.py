@@ -222,3 +222,34 @@ def test_a_refused_header_is_named_once():
     said = in_anthropic_shape(exc).message
     assert exc.param == endpoint.HEADER_REQUEST_ID and said.startswith(f"{exc.param}: ")
     assert said.count(exc.param) == 1 and said.endswith("with other content"), said
+
+
+@pytest.mark.parametrize(("role", "fix"), [("robot", "use user or assistant"),
+                                           ("tool", "give a tool's output as a tool_result block in a user message"),
+                                           ("developer", "give it as the top-level system field")])
+def test_a_bad_role_is_named_with_anthropics_roles_not_openais(messages, role, fix):
+    """A walkthrough: role "robot" on /v1/messages was told "one of system, developer, user, assistant, tool,
+    function", OpenAI's roles, most of which this route refuses."""
+    _, client, _ = messages
+    with pytest.raises(anthropic.BadRequestError) as exc:
+        client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "x"},
+                                                                     {"role": role, "content": "y"}])
+    said = exc.value.body["error"]["message"]
+    assert said == f"messages[1].role {role!r} is not one of Anthropic's (user, assistant); {fix}", said
+
+
+def test_an_error_answer_carries_the_request_id_where_the_sdk_reads_it_as_an_answer_does(messages):
+    """A walkthrough: the SDK's ``e.request_id`` was None on every error (the answers carried ``request-id``). A
+    refusal of the engine's carries the request's own id; one before the request was made, an id of its own."""
+    _, client, _ = messages
+    with pytest.raises(anthropic.RateLimitError) as exc:
+        client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "x"}],
+                               extra_headers={endpoint.HEADER_TENANT: BROKE, endpoint.HEADER_REQUEST_ID: "m-broke"})
+    assert exc.value.request_id == "m-broke" == exc.value.response.headers[endpoint.HEADER_REQUEST_ID]
+    with pytest.raises(anthropic.BadRequestError) as exc:
+        client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "x"}],
+                               extra_body={"temperature": 1.5})
+    assert exc.value.request_id and exc.value.request_id.startswith("req_")
+    with pytest.raises(anthropic.BadRequestError) as exc:  # refused before any request: an id all the same
+        client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "robot", "content": "x"}])
+    assert exc.value.request_id and exc.value.request_id.startswith("req_")
