@@ -47,7 +47,7 @@ from engine.core.errors import ConfigError, TraceError
 from engine.core.files import write_atomic
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
-from engine.core.settings import MAX_DEADLINE_S, Settings
+from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
 from engine.core.trace import Trace, _problems_of, _what_it_is, decode_lines, read_lines
 
 __all__ = ["BILLED_KEY", "CHOICES_KEY", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
@@ -257,8 +257,13 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
                       catalog: Catalog | None = None, settings: Settings | None = None,
                       skip_invalid: bool = False) -> Trace:
     """An OpenAI Batch input file as a trace: every line arrives at 0 with the window as its deadline. Any bad
-    line raises one ``TraceError`` naming every one (file, line, field, fix), unless ``skip_invalid``."""
-    bf = read_batch_file(path, window_s=window_s, tenant=tenant, catalog=catalog, settings=settings)
+    line raises one ``TraceError`` naming every one (file, line, field, fix), unless ``skip_invalid``. A line is
+    judged as a run at the providers judges it (``providers.mode`` http), whatever the mode of ``settings``: the
+    file is written for the providers, and in a simulated run a field OpenAI refuses (``body.temprature``) was
+    taken here that ``smartbatch batch`` refuses (a user's walkthrough)."""
+    given = settings or default_settings()
+    real = given.model_copy(update={"providers": given.providers.model_copy(update={"mode": "http"})})
+    bf = read_batch_file(path, window_s=window_s, tenant=tenant, catalog=catalog, settings=real)
     shape = None if bf.lines else not_a_batch_file(path)
     if shape is not None:
         raise TraceError([shape], hint="")

@@ -96,6 +96,31 @@ def test_builder_refuses_bad_lines_naming_file_line_field_or_skips_them(batch):
     assert [r.id for r in tr.requests] == ["a", "b"] and tr.skipped == 1
 
 
+def test_trace_from_openai_batch_refuses_a_misspelt_body_field_as_batch_does_naming_line_field_and_fix(tmp_path):
+    """A walkthrough: `trace from-openai-batch` took `body.temprature` (in a simulated run's settings, the default)
+    that `smartbatch batch` refuses at OpenAI (`--providers http`). A line is judged as the providers judge it."""
+    from engine.app.cli_batch import _strict
+    from engine.app.cli_common import _providers, _settings
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "t.jsonl"
+    typo = json.loads(line("typo"))
+    typo["body"]["temprature"] = 0.2
+    src.write_text("\n".join([line("a"), json.dumps(typo)]) + "\n")
+    said = ("body.temprature is not a field of OpenAI's /v1/chat/completions, which refuses any field it does not "
+            "know")
+    r = runner.invoke(app, ["trace", "from-openai-batch", str(src), "--out", str(out)])
+    text = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"{src}:2: field 'body.temprature': {said}" in text, r.output
+    assert "check its spelling, or leave it out" in text and not out.exists()
+    settings, cat = _settings(None)  # what `smartbatch batch --providers http` reads the same line as
+    bf = read_batch_file(src, window_s=3600.0, catalog=cat, settings=_strict(_providers(settings, "http", None)),
+                         live=True)
+    assert [(ln.no, ln.problem[0]) for ln in bf.invalid] == [(2, "body.temprature")]
+    assert bf.invalid[0].problem[1].startswith(said)
+    r = runner.invoke(app, ["trace", "from-openai-batch", str(src), "--out", str(out), "--skip-invalid"])
+    assert r.exit_code == 0 and [q.id for q in load_trace(out, catalog=CAT).requests] == ["a"], r.output
+
+
 def test_trace_from_openai_batch_command_writes_a_trace_bench_can_load(batch, tmp_path):
     out = tmp_path / "t.jsonl"
     r = runner.invoke(app, ["trace", "from-openai-batch", str(batch), "--out", str(out), "--window", "2h",
