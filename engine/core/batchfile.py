@@ -47,7 +47,7 @@ from engine.core.errors import ConfigError, TraceError
 from engine.core.files import write_atomic
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
-from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
+from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, _what_it_is, decode_lines, read_lines
 
 __all__ = ["BILLED_KEY", "CHOICES_KEY", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
@@ -125,13 +125,13 @@ class BatchFile:
 
 
 def read_batch_file(path: str | Path, *, window_s: float, tenant: str = "default", catalog: Catalog | None = None,
-                    settings: Settings | None = None, live: bool = False) -> BatchFile:
+                    settings: Settings | None = None, live: bool = False, api_fields: bool = False) -> BatchFile:
     """Read and validate an OpenAI Batch input file (see the module docstring); raises ``TraceError`` only when
-    the file cannot be read. ``live``: its lines go to an engine (``validation_context``)."""
+    the file cannot be read. ``live``, ``api_fields``: as ``validation_context``'s."""
     problems: list[Problem] = []
     not_utf8: dict[int, str] = {}
     return _parse(read_lines(path, problems, not_utf8), problems, str(Path(path)), window_s, tenant, catalog,
-                  settings, not_utf8, live)
+                  settings, not_utf8, live, api_fields)
 
 
 def not_a_batch_file(path: str | Path) -> Problem | None:
@@ -175,10 +175,10 @@ def parse_batch_file(data: bytes, *, source: str, window_s: float, tenant: str =
 
 def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: str, window_s: float, tenant: str,
            catalog: Catalog | None, settings: Settings | None, not_utf8: Mapping[int, str],
-           live: bool = False) -> BatchFile:
+           live: bool = False, api_fields: bool = False) -> BatchFile:
     """A line that is not UTF-8 (``not_utf8``: its problem by line number) is answered by its custom_id, an error
     line of its own, when the custom_id reads whole; else it is a problem of the file, as a line without one."""
-    ctx = validation_context(catalog or default_catalog(), settings, live=live)
+    ctx = validation_context(catalog or default_catalog(), settings, live=live, api_fields=api_fields)
     lines: list[BatchLine] = []
     seen: dict[str, int] = {}
     for no, text in numbered:
@@ -257,13 +257,14 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
                       catalog: Catalog | None = None, settings: Settings | None = None,
                       skip_invalid: bool = False) -> Trace:
     """An OpenAI Batch input file as a trace: every line arrives at 0 with the window as its deadline. Any bad
-    line raises one ``TraceError`` naming every one (file, line, field, fix), unless ``skip_invalid``. A line is
-    judged as a run at the providers judges it (``providers.mode`` http), whatever the mode of ``settings``: the
-    file is written for the providers, and in a simulated run a field OpenAI refuses (``body.temprature``) was
-    taken here that ``smartbatch batch`` refuses (a user's walkthrough)."""
-    given = settings or default_settings()
-    real = given.model_copy(update={"providers": given.providers.model_copy(update={"mode": "http"})})
-    bf = read_batch_file(path, window_s=window_s, tenant=tenant, catalog=catalog, settings=real)
+    line raises one ``TraceError`` naming every one (file, line, field, fix), unless ``skip_invalid``. A body field
+    the provider's server does not know is refused whatever the mode of ``settings`` (``api_fields``): the file is
+    written for the providers, and in a simulated run ``body.temprature`` was taken here that ``smartbatch batch``
+    refuses (a user's walkthrough). Not the rest of an HTTP run's checks (the engine's route to the model): judged
+    as one, a /v1/responses line with ``reasoning`` for a model the catalog calls through chat completions was
+    refused, which OpenAI and a simulated run take (a review)."""
+    bf = read_batch_file(path, window_s=window_s, tenant=tenant, catalog=catalog, settings=settings,
+                         api_fields=True)
     shape = None if bf.lines else not_a_batch_file(path)
     if shape is not None:
         raise TraceError([shape], hint="")

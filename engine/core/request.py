@@ -127,11 +127,11 @@ def _check_names(d: dict) -> None:
                                "fields go in 'body'; see docs/traces.md)")
 
 
-def validation_context(catalog: Catalog | None = None, settings: Settings | None = None, *,
-                       live: bool = False) -> dict[str, Any]:
-    """The context ``Request.model_validate(d, context=...)`` reads to fill defaults and check the model.
-    ``live``: for an engine's way in, which also refuses a provider it would simulate (``check_real``)."""
-    return {"catalog": catalog or default_catalog(), "settings": settings or default_settings(), "live": live}
+def validation_context(catalog: Catalog | None = None, settings: Settings | None = None, *, live: bool = False,
+                       api_fields: bool = False) -> dict[str, Any]:
+    """The context ``Request.model_validate(d, context=...)`` reads. ``live``: an engine's way in, which also
+    refuses a provider it would simulate (``check_real``); ``api_fields``: ``check_wire``'s, even when simulated."""
+    return {"catalog": catalog or default_catalog(), "settings": settings or default_settings(), "live": live, "api_fields": api_fields}
 
 
 def _ctx(info: ValidationInfo) -> tuple[Catalog, Settings]:
@@ -190,8 +190,8 @@ class Request(BaseModel):
                                    "Request.model_validate(fields, context=validation_context(catalog))") from None
             raise err from None
 
-    # Pydantic calls a model's own __init__ from model_validate too, dropping its context (the catalog, the
-    # settings): marked as the base's, it runs for Request(**kw) alone.
+    # Pydantic calls a model's own __init__ from model_validate too, dropping its context (catalog, settings):
+    # marked as the base's, it runs for Request(**kw) alone.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     @field_validator("id")
@@ -293,13 +293,13 @@ class Request(BaseModel):
                 return d
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
-        if (info.context or {}).get("live"):
+        if (ctx := info.context or {}).get("live"):
             check_real(d["provider"], model, settings)
         if line_url is not None:  # before the body's checks: a body of the url's API is judged by another's
             check_line_url(line_url, _URL_KIND, model, spec.kind, d["provider"], settings)
         if body is not None:
             check_messages(body, "body", spec.kind)
-            check_wire(body, spec, d["provider"], settings, catalog.provider(d["provider"]).compat)
+            check_wire(body, spec, d["provider"], settings, catalog.provider(d["provider"]).compat, ctx.get("api_fields", False))
         kind = d.setdefault("kind", spec.kind)
         if kind != spec.kind:
             raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")

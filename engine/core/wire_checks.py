@@ -27,9 +27,11 @@ __all__ = ["check_line_url", "check_real", "check_wire", "layer_of"]
 
 
 def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, settings: Settings,
-               compat: str | None = None) -> None:
+               compat: str | None = None, api_fields: bool = False) -> None:
     """Raise ``FieldProblem`` for what the provider's API would refuse, or bill at prices the catalog lacks
-    (``compat``: the provider's ``ProviderSpec.compat``, how its OpenAI-compatible layer differs from OpenAI's)."""
+    (``compat``: the provider's ``ProviderSpec.compat``, how its OpenAI-compatible layer differs from OpenAI's).
+    ``api_fields``: a field the provider's server does not know is refused in a simulated run too (a batch file
+    made into a trace is written for the providers), without the checks of the engine's own route to it."""
     endpoint = settings.providers.endpoints.get(provider)
     if body is None or endpoint is None:
         return
@@ -59,7 +61,10 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
         check_route(body, "body", endpoint.api, spec.api)
     # A field OpenAI's route does not take, where a real call goes to a server that refuses one (OpenAI's own API,
     # the emulator): last, so a body of the other OpenAI route is named as such by the checks above.
-    if (settings.providers.mode == "http" and endpoint.api == "openai" and compat is None
+    # (``api_fields`` in a simulated run: not a Responses body that cannot go as messages, which an HTTP run
+    # refuses above, and whose fields are the Responses API's, not those of the model's route.)
+    strict = settings.providers.mode == "http" or (api_fields and not (responses and wire is body))
+    if (strict and endpoint.api == "openai" and compat is None
             and endpoint.refuses_unknown_fields()):
         try:
             check_openai_fields(wire, "body", spec)

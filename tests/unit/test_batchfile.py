@@ -121,6 +121,23 @@ def test_trace_from_openai_batch_refuses_a_misspelt_body_field_as_batch_does_nam
     assert r.exit_code == 0 and [q.id for q in load_trace(out, catalog=CAT).requests] == ["a"], r.output
 
 
+def test_trace_from_openai_batch_keeps_the_lines_openai_takes_that_the_engine_calls_otherwise(tmp_path):
+    """A review of stop 79: judged as an HTTP run wholesale, a /v1/responses line for a model the catalog calls
+    through chat completions (``reasoning``, ``truncation``: fields OpenAI takes there) was refused, where a
+    simulated run takes it and so did the builder before; only a field OpenAI does not know is refused."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "t.jsonl"
+    body = {"model": "gpt-5-mini", "input": "Name three rivers.", "max_output_tokens": 50,
+            "reasoning": {"effort": "low"}, "truncation": "auto"}
+    typo = json.loads(line("typo"))
+    typo["body"]["temprature"] = 0.2
+    src.write_text("\n".join([json.dumps({"custom_id": "r", "method": "POST", "url": "/v1/responses",
+                                          "body": body}), line("a"), json.dumps(typo)]) + "\n")
+    r = runner.invoke(app, ["trace", "from-openai-batch", str(src), "--out", str(out), "--skip-invalid"])
+    assert r.exit_code == 0, r.output
+    assert [q.id for q in load_trace(out, catalog=CAT).requests] == ["r", "a"]
+    assert "body.temprature" in " ".join(r.output.split()) and "body.reasoning" not in r.output
+
+
 def test_trace_from_openai_batch_command_writes_a_trace_bench_can_load(batch, tmp_path):
     out = tmp_path / "t.jsonl"
     r = runner.invoke(app, ["trace", "from-openai-batch", str(batch), "--out", str(out), "--window", "2h",
