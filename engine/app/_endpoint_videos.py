@@ -122,7 +122,7 @@ class VideoRoutes:
                                     "or size differ); give each video an id of its own", param=HEADER_REQUEST_ID,
                                code=ID_TAKEN)
             if job.admitted is None or await asyncio.shield(job.admitted):
-                return JSONResponse(job.view(), headers={HEADER_REQUEST_ID: job.req.id})
+                return JSONResponse(job.view(), headers=_id_headers(job))
         job = VideoJob(vid, req.model_copy(update={"id": key or vid}), int(self._now()), retry_key=retry_key)
         job.admitted = asyncio.get_running_loop().create_future()
         self.jobs[vid] = job  # before the engine has it: a create again meanwhile waits for this one
@@ -133,7 +133,7 @@ class VideoRoutes:
         task.add_done_callback(self._detached.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error reaches the waiting client
         await asyncio.shield(task)
-        return JSONResponse(job.view(queued=True), headers={HEADER_REQUEST_ID: job.req.id})
+        return JSONResponse(job.view(queued=True), headers=_id_headers(job))
 
     def _checked(self, http: HttpRequest, body: dict[str, Any]) -> Request:
         """The create as the engine's request, or a 400 naming the field and the fix."""
@@ -236,7 +236,7 @@ class VideoRoutes:
                 return self.headers_of(job.req, res)
             except CatalogError:  # its model left the catalog since it was made: no list price to say a saving by
                 pass
-        return {HEADER_REQUEST_ID: job.req.id}
+        return _id_headers(job)
 
     async def retrieve(self, http: HttpRequest, video_id: str) -> JSONResponse:
         job = self._job(video_id, http)
@@ -354,3 +354,9 @@ async def _fields(http: HttpRequest) -> dict[str, Any]:
                             "optionally 'model', 'seconds' and 'size'")
     async with http.form(max_files=1, max_fields=len(_FIELDS) + 4) as form:
         return {k: ("<file>" if isinstance(v, UploadFile) else v) for k, v in form.items()}
+
+
+def _id_headers(job: VideoJob) -> dict[str, str]:
+    """The video's request id, also where the OpenAI SDK reads a call's id (``_request_id``), as a finished one's
+    headers (``_smartbatch_headers``) and every other route's answers say it: it was None on a create (a review)."""
+    return {HEADER_REQUEST_ID: job.req.id, "x-request-id": job.req.id}

@@ -151,6 +151,8 @@ def test_a_video_is_created_polled_downloaded_and_billed_once_at_the_catalogs_pr
     assert (made.object, made.status, made.model, made.seconds, made.size) == ("video", "queued", "sora-2", "8",
                                                                                "1280x720")
     assert client.videos.retrieve(made.id).status == "in_progress" and creates(emu) == 0
+    # Where the SDK reads a call's id (``_request_id``), as the other routes' answers say it (a review: None here).
+    assert made._request_id == client.videos.retrieve(made.id)._request_id == "heron-1"
     eng.release()
     done = until_ended(client, made.id)
     assert done.status == "completed" and done.progress == 100 and done.error is None
@@ -170,6 +172,7 @@ def test_a_video_is_created_polled_downloaded_and_billed_once_at_the_catalogs_pr
     again = client.videos.create(model="sora-2", prompt="A heron lands on a post", seconds="8", size="1280x720",
                                  extra_headers={HEADER_REQUEST_ID: "heron-1"})
     assert (again.id, again.status) == (made.id, "completed") and creates(emu) == 1 and eng.submitted == ["heron-1"]
+    assert again._request_id == client.videos.retrieve(made.id)._request_id == "heron-1"
     assert [v.id for v in client.videos.list()] == [made.id]
     assert client.videos.delete(made.id).deleted
     with pytest.raises(openai.NotFoundError):
