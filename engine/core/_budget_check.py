@@ -29,7 +29,13 @@ MAX_LIMIT_USD = 1e9
 
 def limit_problem(value: Any) -> str | None:
     """Why a limit of ``value`` USD given as input is refused (not finite, or above ``MAX_LIMIT_USD``), with the
-    fix; None for any other value (a negative one or a word is ``BudgetSpec``'s to refuse)."""
+    fix; None for any other value (a negative one or a word is ``BudgetSpec``'s to refuse). A number as text is
+    judged as the number ``BudgetSpec`` reads it as: "inf" and "1e12" were taken (a review)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if math.isfinite(value) and value <= MAX_LIMIT_USD:

@@ -88,6 +88,11 @@ def test_a_driver_is_refused_a_limit_that_is_not_finite_but_a_stored_one_still_l
                 eng.set_budget(tenant="acme", budget_duration="1d", **{field: value})
         with pytest.raises(ConfigError, match=r"^budget\.max_budget = inf: "):
             eng.set_budget(BudgetSpec(tenant="beta", max_budget=math.inf))
+        # A number as text (a JSON form's, an environment's) is read as that number, and judged so: a review
+        # found "inf" and "1e12" taken, a limit of $inf as before the check.
+        for field, value in (("max_budget", "inf"), ("max_budget", "1e12"), ("soft_budget", "Infinity")):
+            with pytest.raises(ConfigError, match=rf"^budget\.{field} = {value!r}: give a finite number of USD"):
+                eng.set_budget(tenant="acme", budget_duration="1d", **{field: value})
         assert eng.budgets()[0]["max_budget"] == 1.0 and len(eng.budgets()) == 1
         assert eng.set_budget(tenant="acme", budget_duration="1d", max_budget=1e9)["max_budget"] == 1e9  # the bound
     finally:
