@@ -323,10 +323,15 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         # The Anthropic SDK's Files API (beta) shares OpenAI's paths: served by the OpenAI route, an upload was
         # kept as a batch input no message can name, and its answers were not in the shape the SDK reads.
         path = http.url.path
-        if (path == "/v1/files" or path.startswith("/v1/files/")) and anthropic_caller(http):
+        anthropic = anthropic_caller(http)
+        if (path == "/v1/files" or path.startswith("/v1/files/")) and anthropic:
             return AnthropicError(404, "Anthropic's Files API (beta) is not served by this endpoint: put the "
                                        "document or image in the message itself (a base64 or URL source)").response()
-        return await call_next(http)
+        answer = await call_next(http)
+        # A route that makes no request (models, files, batches) answers with an id of its own where the SDK reads
+        # one, as the others do: its `_request_id` was None (a review).
+        answer.headers.setdefault("request-id" if anthropic else "x-request-id", new_id("req_"))
+        return answer
 
 
 def _param_in(body: dict, came: dict[str, str] | None = None) -> Callable[[str], str | None]:

@@ -621,3 +621,6 @@ def test_an_openai_sdk_reads_the_request_id_of_an_answer_and_of_an_error(claude)
     with pytest.raises(openai.NotFoundError) as exc:  # refused before any request: an id of its own
         client.chat.completions.create(model="claude-nope-9", messages=[{"role": "user", "content": "x"}])
     assert exc.value.request_id and exc.value.request_id.startswith("req_")
+    # The routes that make no request (models, files, batches) answer with an id of their own (a review: None).
+    seen = client.models.retrieve(MODEL)._request_id
+    assert seen and seen.startswith("req_") and client.models.retrieve(MODEL)._request_id != seen
