@@ -124,11 +124,16 @@ class Admitting:
                 self._room.wait(left)
                 _check_waited(gave_up, mine)
                 if not self._running or self._gone is not None:
-                    raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
-                if self._h.get("cancelled"):  # (its cancel freed the room waited for: the rest went in after it)
-                    raise EngineStopped(f"this engine was cancelled (Engine.cancel) while this call waited for room: "
-                                        f"{len(mine):,} of its requests were let in before, ended by the cancel, "
-                                        "and no more; start a new engine")
+                    stopped = EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
+                elif self._h.get("cancelled"):  # (its cancel freed the room waited for: the rest went in after it)
+                    stopped = EngineStopped(f"this engine was cancelled (Engine.cancel) while this call waited for "
+                                            f"room: {len(mine):,} of its requests were let in before, ended by the "
+                                            "cancel, and no more; start a new engine")
+                else:
+                    stopped = None
+                if stopped is not None:  # the parts let in were sent: the endpoint's answer is final (billed?)
+                    stopped.admitted = len(mine)
+                    raise stopped
                 for uid in inbox:
                     # Of the rest: a future of this call's own, never queued, so never claimed (open is not enough:
                     # a part's, refused for its id, is freed before its result is set, and another submit may queue

@@ -228,6 +228,11 @@ async def engine_call(call: Any, param_of: Callable[[str], str | None]) -> Any:
         full.runs_on = exc.admitted > 0  # part of the call was let in and runs on: its retry takes it (try_outcome)
         raise full from None
     except EngineStopped as exc:
+        if exc.admitted:  # parts of a call of n choices were let in and sent before the stop: a retry pays them again
+            raise ApiError(502, f"{exc} ({exc.admitted} of the call's requests were let in and sent before it, and "
+                                "may have been billed: send it again, under a new id, only if paying twice is "
+                                "acceptable)", type="api_error", code="engine_stopped",
+                           headers={"x-should-retry": "false"}) from None
         raise ApiError(503, str(exc), type="server_error", code="engine_stopped") from None
 
 

@@ -105,7 +105,11 @@ class ProviderError(SmartbatchError):
 
 
 class EngineStopped(SmartbatchError):
-    """``submit`` on an engine that was stopped (start a new one with ``Engine.start``)."""
+    """``submit`` on an engine that was stopped (start a new one with ``Engine.start``). ``admitted``: how many of
+    the call's requests were let in before the stop, by parts of a call larger than the room (sent: they may be
+    billed); none for a call refused whole."""
+
+    admitted = 0
 
 
 class Overloaded(SmartbatchError):

@@ -517,3 +517,40 @@ def test_a_replay_whose_first_look_takes_arrivals_of_several_instants_finds_room
     e.clock.advance(1.0)  # the replay's first look: the engine took its start's time to come up
     futs = e.replay(trace)
     assert [f.request_id for f in futs] == ["a", "b", "c"] and e._pending == 3
+
+
+def test_a_call_let_in_by_parts_when_the_engine_stops_is_a_final_502_at_the_endpoint_not_a_retry():
+    """A review of 3d53eb4: a call of n choices let in by parts, waiting for room for the next when the engine
+    stopped, was refused with ``EngineStopped``, which the endpoint answers with the retryable 503 of a call never
+    sent; but its parts let in were sent, and may have been billed, and the SDK's retry (a new request) paid them
+    again. The refusal says how many were let in, and the endpoint's answer is then final."""
+    from engine.app._endpoint_wire import ApiError, engine_call
+
+    eng = Admit(max_pending=2)
+    reqs = [req(f"r{k}") for k in range(5)]
+
+    def submit_many():
+        with eng._lock:
+            return eng._admit(reqs)[0]
+
+    def stop() -> None:
+        eng._gone = "engine 't' was stopped"
+
+    got, _ = _by_parts(eng, submit_many, at_wait=stop)
+    assert isinstance(got, EngineStopped) and got.admitted == 2, got
+
+    async def refused():
+        raise got
+
+    with pytest.raises(ApiError) as answered:
+        asyncio.run(engine_call(refused(), lambda field: field))
+    assert answered.value.status == 502 and answered.value.headers == {"x-should-retry": "false"}
+    assert "2 of the call's requests were let in" in answered.value.message, answered.value.message
+    # Nothing let in: a stop is the retryable 503 it was (the call was never sent).
+    with pytest.raises(ApiError) as answered:
+        asyncio.run(engine_call(refused_now(), lambda field: field))
+    assert answered.value.status == 503 and answered.value.code == "engine_stopped"
+
+
+async def refused_now():
+    raise EngineStopped("engine 't' was stopped")
