@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 __all__ = ["REPORT_EVERY_S", "CacheReports"]
@@ -17,6 +18,8 @@ class CacheReports:
     _next_report: float = 0.0
     _reported_up: bool | None = None
     _trailing: asyncio.Task | None = None
+    _probing: asyncio.Task | None = None
+    _closed = False  # no probe after ``close``: a report still due then would start one
 
     def cache_stats(self) -> dict:
         s = dict(self.stats)
@@ -41,6 +44,7 @@ class CacheReports:
         held back is sent when its time comes: the last of a burst was never sent, and the metrics kept what
         they had half a second before it ended (a hunt: 9 memory entries where the cache held 12)."""
         up = None if self.redis is None else self.redis.up
+        self._probe_while_down()
         t = time.monotonic()
         if t < self._next_report and up == self._reported_up:
             if self._trailing is None or self._trailing.done():
@@ -59,3 +63,27 @@ class CacheReports:
     async def _report_at(self, delay: float) -> None:
         await asyncio.sleep(delay)
         await self._report()
+
+    def _probe_while_down(self) -> None:
+        if self._closed or self.redis is None or self.redis.up:
+            return
+        if self._probing is None or self._probing.done():
+            self._probing = asyncio.get_running_loop().create_task(self._probe_until_up())
+
+    async def _probe_until_up(self) -> None:
+        """While Redis is down, one PING per retry interval, and the news when it answers. Tried only at the next
+        lookup or write, an idle cache's ``smartbatch_cache_redis_up`` stayed 0 for minutes after Redis was back
+        (an operator's alert fired falsely), and the log's "retrying every 5 s" was untrue (a walkthrough)."""
+        redis = self.redis
+        while not redis.up:
+            await redis.sleep(redis.retry_in())
+            await redis.probe()
+        self._warm_when_up()
+        await self._report()
+
+    async def _stop_probing(self) -> None:
+        self._closed = True
+        if self._probing is not None and not self._probing.done():
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing

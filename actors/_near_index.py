@@ -241,6 +241,7 @@ class NearIndex:
             # of a cache restarted while Redis was away never came, and for that incarnation's life no near
             # duplicate of a result stored before it was found: each was generated again (a helper's hunt).
             self._warmed, self._warm_later = False, True
+            self._probe_while_down()  # an idle cache warms once Redis answers a PING, not at its first lookup
             return 0
         # Each keeps the life its Redis key has left, not a new TTL: its time and ``done_s`` are another
         # incarnation's clock, and a restart must not extend what it stored (a row served a day past its TTL).

@@ -385,6 +385,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         return out
 
     async def close(self) -> None:
+        await self._stop_probing()
         if self.redis is not None:
             await self.redis.close()
 

@@ -11,13 +11,14 @@ A stored value is a versioned JSON document that names its own fingerprint. Anyt
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import tempfile
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
@@ -180,11 +181,13 @@ class RedisLayer:
     """Batched reads and writes of entries in Redis, namespaced ``{prefix}:v1:{scope}:{fp}``, each with a TTL.
 
     Every failure (refused, timed out, reset) marks the layer down for ``retry_s`` (on ``now``) and is
-    counted; while down, reads miss at once and writes wait in a buffer bounded by count and by bytes."""
+    counted; while down, reads miss at once and writes wait in a buffer bounded by count and by bytes, and
+    ``probe`` (driven by the cache, waiting with ``sleep``) asks Redis once per ``retry_s`` whether it is back."""
 
     def __init__(self, url: str, *, prefix: str = "smartbatch", timeout_s: float = 0.25, retry_s: float = 5.0,
                  now: Callable[[], float] = time.monotonic, buffer_max: int = 10_000,
-                 buffer_max_bytes: int | None = None, cluster: bool = False):
+                 buffer_max_bytes: int | None = None, cluster: bool = False,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
         from actors._redis_cluster import async_client
 
         self.url = url
@@ -192,6 +195,7 @@ class RedisLayer:
         self.prefix = prefix
         self.retry_s = retry_s
         self._now = now
+        self.sleep = sleep  # waits ``now``'s seconds: a test injects one that moves its manual clock
         # No client-side retries: a retry would multiply a slow Redis's latency into every lookup. This
         # layer's own down/retry cycle is the policy.
         self.client = async_client(url, cluster=cluster, timeout_s=timeout_s, retries=False)
@@ -222,10 +226,27 @@ class RedisLayer:
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
         if self.up:
-            log.warning("Redis at %s unreachable (%s: %s): serving from memory, retrying every %.0f s",
+            log.warning("Redis at %s unreachable (%s: %s): serving from memory, retrying every %g s",
                         self.url, type(exc).__name__, exc, self.retry_s)
         self.up = False
         self._retry_at = self._now() + self.retry_s
+
+    def retry_in(self) -> float:
+        """Seconds on ``now`` until a down layer may be tried again (0 when up or due)."""
+        return 0.0 if self.up else max(self._retry_at - self._now(), 0.0)
+
+    async def probe(self) -> None:
+        """One PING when down and due: an idle cache learns Redis is back (the gauge, the replay, a late warm)
+        without waiting for a miss to try it. A failed PING waits another interval; not counted in ``errors``,
+        which count operations that failed, and the layer is already down."""
+        if self.up or not self._usable():
+            return
+        try:
+            await self.client.ping()
+        except Exception:
+            self._retry_at = self._now() + self.retry_s
+            return
+        await self._recovered()
 
     async def _recovered(self) -> None:
         if self.up:

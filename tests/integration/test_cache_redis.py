@@ -222,6 +222,58 @@ def test_redis_slow_down_and_back(own_redis, tmp_path, caplog):
     assert any("unreachable" in m for m in caplog.messages) and any("is back" in m for m in caplog.messages)
 
 
+def test_an_idle_cache_sees_redis_come_back_with_no_lookup_and_stops_asking_at_close(own_redis, tmp_path):
+    """While Redis is down the cache PINGs it once per retry interval on its own, so the gauge goes back to 1
+    when Redis answers, with no lookup or write: tried only at the next operation, an idle cache's
+    smartbatch_cache_redis_up stayed 0 for minutes after Redis was back, and an operator's alert on it fired."""
+    cs = Caches(own_redis.url, tmp_path)
+    clock = ManualClock(0.0)  # the layer's retry timer, moved by the probe's waits below
+    waits: asyncio.Queue = asyncio.Queue()  # each wait of the probe, as it starts
+    ticks: asyncio.Queue = asyncio.Queue()  # one retry interval passes when the test puts one
+
+    async def sleep(s):
+        waits.put_nowait(s)
+        await ticks.get()
+        clock.advance(s)
+
+    async def go():
+        back = asyncio.Event()
+
+        class Hub(ResultHub):
+            async def observe_cache(self, delta, now, shard=0):
+                await super().observe_cache(delta, now, shard)
+                if now.get("redis_up") == 1:
+                    back.set()
+
+        hub = Hub()
+        layer = RedisLayer(own_redis.url, prefix=cs.prefix, timeout_s=1.0, retry_s=5.0, now=clock.now, sleep=sleep)
+        cache = ResultCache(REUSE, hub, cs.clock, settings=Settings(cache=cs.cfg), redis=layer)
+        gauge = lambda: hub.metrics.registry.get_sample_value("smartbatch_cache_redis_up")  # noqa: E731
+        own_redis.stop()
+        assert await cache.lookup([job(0, "A heron in reeds")]) == [0]
+        assert not layer.up and layer.errors == 1
+        assert await asyncio.wait_for(waits.get(), 10) == 5.0  # the probe waits out the retry interval
+        assert gauge() == 0.0
+        ticks.put_nowait(1)  # still away: the PING fails, and the probe waits another interval
+        assert await asyncio.wait_for(waits.get(), 10) == 5.0
+        assert not layer.up and layer.errors == 1  # a failed PING is no failed operation
+        own_redis.start()
+        ticks.put_nowait(1)
+        await asyncio.wait_for(back.wait(), 10)  # no lookup, no write: the probe found Redis back
+        assert layer.up and layer.reconnects == 1 and gauge() == 1.0
+        assert cache.cache_stats()["miss"] == 1  # the only operation is the one that found Redis away
+        # Down again and closed while the probe waits: it is stopped, not left asking a Redis nobody reads.
+        own_redis.stop()
+        assert await cache.lookup([job(1, "A fox in snow")]) == [0]
+        await asyncio.wait_for(waits.get(), 10)
+        await cache.close()
+        assert cache._probing.cancelled()
+        probe = cache._probing
+        await cache._report()  # a report still due after the close starts none
+        assert cache._probing is probe
+    run(go())
+
+
 def test_a_result_read_from_redis_stays_in_memory_only_as_long_as_its_key_has_left(redis_server, tmp_path):
     """A hit read from Redis is kept in memory for the next: it took a whole TTL from the read, so a result
     stored 50 minutes before, with a 1 h TTL, was served from memory for another hour after Redis let it go

@@ -202,3 +202,43 @@ def test_a_redis_that_refuses_writes_still_serves_what_it_holds(own_redis, tmp_p
                                                                                           "img://r0")
     assert cache.redis.up and cache.redis.refused_writes == 1
     assert cache.cache_stats()["redis_dropped_writes"] == 1 and cache.cache_stats()["redis_errors"] == 0
+
+
+def test_an_idle_cache_restarted_while_redis_is_down_warms_once_a_ping_finds_redis_back(own_redis, tmp_path):
+    """The warm tried again once Redis answers (above) waited for a lookup to reach Redis: an idle cache PINGs
+    it once per retry interval from the failed warm on, and warms at the first answer, with no lookup."""
+    prefix = f"sbhunt{next(_prefixes)}"
+    clock = ManualClock(0.0)  # the layer's retry timer, moved by the probe's waits below
+    waits: asyncio.Queue = asyncio.Queue()  # each wait of the probe, as it starts
+    ticks: asyncio.Queue = asyncio.Queue()  # one retry interval passes when the test puts one
+
+    async def sleep(s):
+        waits.put_nowait(s)
+        await ticks.get()
+        clock.advance(s)
+
+    def layer():
+        return RedisLayer(own_redis.url, prefix=prefix, timeout_s=5.0, retry_s=5.0, now=clock.now, sleep=sleep)
+
+    async def go():
+        hub, cache = new_cache(own_redis.url, tmp_path, layer())
+        src = job(0, "Draw a red car parked on a wet street at night")
+        assert await cache.lookup([src]) == [0]
+        await cache.complete([ok(src)])
+        await cache.close()
+        own_redis.client().save()  # a Redis with persistence: its restart keeps the entry
+        own_redis.stop()
+        hub, fresh = new_cache(own_redis.url, tmp_path, layer())  # restarted while Redis is down
+        assert await fresh.warm_from_redis() == 0
+        assert await asyncio.wait_for(waits.get(), 10) == 5.0  # the probe, started by the failed warm
+        own_redis.start()
+        ticks.put_nowait(1)
+        await asyncio.wait_for(fresh._probing, 10)  # the PING answered: Redis up, the warm started
+        assert fresh.redis.up and fresh._warming is not None
+        await asyncio.wait_for(fresh._warming, 10)
+        assert fresh.cache_stats()["miss"] == 0  # no lookup came
+        misses = await fresh.lookup([job(2, "draw a red car parked on a wet street at night.")])
+        await fresh.close()
+        return misses
+
+    assert asyncio.run(go()) == [], "a near duplicate of a result in Redis was generated again: never warmed"
