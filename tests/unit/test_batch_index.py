@@ -316,6 +316,11 @@ def test_a_lost_record_s_batch_is_followed_at_the_provider_and_nothing_is_billed
     async def go():
         rig = Rig(e, provider)
         sealed(rig.d)
+        dead = asyncio.Event()
+
+        async def dies_before_it_reads(handle):  # (its batch ends 1 s after the create: a loaded machine's first
+            await dead.wait()  # process, slow to die, read it, and the restart found nothing to take up)
+        rig.d.provider.fetch = dies_before_it_reads
         if cut == "create cut":
             real, stop = rig.d.provider.submit_batch, asyncio.Event()
 
