@@ -250,6 +250,14 @@ def test_the_report_says_what_a_late_batch_paid_twice_beside_the_bill(monkeypatc
     assert "$0.0021 more kept on budgets for 1 call(s) with no answer" in line
 
 
+def _cut_then_answered(rig: Rig) -> bool:
+    """The rig's first call was cut (possibly billed) and its last answered. A call between them may have been cut
+    too: the answer made again comes within the same 0.5 s timeout, which a loaded machine's stall can outlast (a
+    cut like any other, possibly billed, made again under its key)."""
+    billed = [o.maybe_billed for _, _, o in rig.calls]
+    return len(billed) >= 2 and all(billed[:-1]) and not billed[-1] and rig.calls[-1][2].ok
+
+
 @PROVIDERS
 def test_a_sync_answer_sent_a_byte_at_a_time_is_cut_at_twice_the_timeout_and_asked_again(emu, provider):  # noqa: F811
     # The provider runs the call (billed) and sends its answer a byte every 0.3 s, inside the client's 0.5 s
@@ -272,7 +280,7 @@ def test_a_sync_answer_sent_a_byte_at_a_time_is_cut_at_twice_the_timeout_and_ask
             (item,) = emu.bill().items
             r = rig.results[job.req.id]
             assert r.status == "ok" and r.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
-            assert [o.maybe_billed for _, _, o in rig.calls] == [True, False]
+            assert _cut_then_answered(rig)
             assert sum(rig.budget.book.spend.values()) == pytest.approx(item.cost_usd, abs=1e-12)
         finally:
             await rig.close()
@@ -368,11 +376,12 @@ def test_a_sync_answer_cut_at_its_bound_where_keys_are_not_honoured_is_paid_twic
             await rig.run("sync", jobs)
             await rig.resolved(jobs)
             await _drained(rig)
-            first, second = emu.bill().items  # the cut call ran and is billed, and so is its retry
+            items = emu.bill().items  # the cut call ran and is billed, and so is its retry (each a call)
             r = rig.results[job.req.id]
-            assert r.status == "ok" and r.cost_usd == pytest.approx(second.cost_usd, abs=1e-12)
-            assert [o.maybe_billed for _, _, o in rig.calls] == [True, False] and rig.d.possibly_billed == 1
-            assert sum(rig.budget.book.spend.values()) >= first.cost_usd + second.cost_usd
+            assert r.status == "ok" and r.cost_usd == pytest.approx(items[-1].cost_usd, abs=1e-12)
+            assert _cut_then_answered(rig) and len(items) == len(rig.calls) >= 2
+            assert rig.d.possibly_billed == len(rig.calls) - 1
+            assert sum(rig.budget.book.spend.values()) >= sum(i.cost_usd for i in items)
         finally:
             await rig.close()
 
