@@ -45,10 +45,26 @@ def flex_req(rid: str = "flex-0", model: str = "gpt-5-mini", **kw: Any) -> Reque
 
 def timing_out(rig: Rig) -> Request:
     """A flex request whose deadline leaves its flex call 500 engine s (0.5 real s at the rig's speed) before the
-    standard call's room: the emulator's hold (``HOLD_S``) outlasts the call's timeout."""
+    standard call's room: the emulator's hold (``HOLD_S``) outlasts the call's timeout. The rig's clock stands
+    still until the flex call has taken its timeout, so that room is the call's however long the reserve and the
+    dispatch took: a loaded machine's 0.6 s there (the clock running) left the call none, and it went standard
+    without a flex call."""
     r = flex_req(deadline_s=1.0)
     room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
-    return r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+    clock, provider = rig.clock, rig.d.provider
+    held = clock.now()
+    clock.now = lambda: held  # (an instance attribute shadows the method until the call's timeout is taken)
+    wait = provider._flex_wait
+
+    def timed(job):
+        try:
+            return wait(job)
+        finally:
+            if "now" in vars(clock):  # the clock runs on from where it stood
+                del clock.now
+                clock.offset += held - clock.now()
+    provider._flex_wait = timed
+    return r.model_copy(update={"deadline_s": held + room + 500.0})
 
 
 def flex_bound(r: Request, rig: Rig) -> float:
