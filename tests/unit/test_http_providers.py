@@ -923,11 +923,11 @@ def test_a_timed_out_call_is_retried_with_the_same_idempotency_key_and_billed_on
             await rig.run("sync", [j])
             r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
             assert r.status == "ok", r
-            (_, _, o1), (_, _, o2) = rig.calls
-            assert not o1.ok and "timed out" in o1.error and o2.ok
-            (j1, _, _), _ = rig.calls
+            # (a try after the held one may time out too: its 0.25 s is within a loaded machine's stall)
+            (j1, _, _), *_, (_, _, last) = rig.calls
+            assert all(not o.ok and "timed out" in o.error for _, _, o in rig.calls[:-1]) and last.ok
             key = idempotency_key(call_key(j.req.tenant, j.req.id, j.req.model, 0), j1.body)
-            assert [h["Idempotency-Key"] for h in sent] == [key] * 2  # one body fixed at the first try: one key
+            assert [h["Idempotency-Key"] for h in sent] == [key] * len(rig.calls)  # one body at the first try
             assert len(emu.bill().items) == 1 and r.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
         finally:
             await rig.close()
