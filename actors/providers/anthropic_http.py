@@ -15,12 +15,12 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer, count_at
+from actors.providers._anthropic_stream import stream_bound, streamed_call
 from actors.providers._http import (
     BatchHandle,
     HttpBase,
     PollBackoff,
     Unreadable,
-    create_call,
     jsonl_records,
     whole_read,
 )
@@ -172,12 +172,10 @@ class AnthropicProvider(HttpBase):
         body = job.body if job.body is not None else self.sync_body(job)
         key = sent_key(job, body)
         try:
-            api = self.client.messages
-            # Given per call: at a client whose timeout is the SDK's default (ours, 600 s), the SDK refuses a
-            # non-streaming call whose max_tokens (the model's maximum, where the request sets none) may take
-            # over 10 minutes, a ValueError before anything is sent (a new user's tour: every such call failed).
-            msg, replayed = await create_call(api.create, api.with_raw_response.create, body, key,
-                                              timeout=self.client.timeout, total_s=self._call_bound())
+            # Streamed (``_anthropic_stream``): a long answer keeps its events coming, where a whole one sent
+            # nothing until done and was cut at timeout_s after it was billed, then paid again.
+            msg, rid, replayed = await streamed_call(self.client.messages, sdk, body, key, self.endpoint.timeout_s,
+                                                     stream_bound(body, self.endpoint.timeout_s))
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:
@@ -186,8 +184,7 @@ class AnthropicProvider(HttpBase):
         except Unreadable as exc:
             return self._unreadable(exc)
         try:
-            out = self._outcome(job, msg.model_dump(mode="json", exclude_none=True),
-                                getattr(msg, "_request_id", None), "sync")
+            out = self._outcome(job, msg, rid, "sync")
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an answer of another shape
             return self._unreadable(exc)
         return out._replace(replayed=True) if replayed else out

@@ -1,4 +1,4 @@
-"""Anthropic wire format: messages and Message Batches.
+"""Anthropic wire format: messages (whole, or streamed: ``_anthropic_stream``) and Message Batches.
 
 Bodies follow the official SDK's types (anthropic/types), so ``Anthropic(base_url=...)`` parses them unchanged.
 """
@@ -10,6 +10,7 @@ import re
 from typing import Any
 
 from engine.core._api_fields import MIN_THINKING_BUDGET
+from engine.emulator._anthropic_stream import stream_reply
 from engine.emulator._anthropic_tools import check_tool_turns, check_tools, forced, tool_input
 from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule, newest_first
 from engine.emulator._core import Core, TextCall
@@ -27,10 +28,11 @@ _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 def message_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
                    ) -> tuple[TextCall, dict[str, Any]]:
-    """One message: the call (priced, cache updated) and the response body. Bills nothing."""
+    """One message: the call (priced, cache updated) and the response body. Bills nothing. ``body`` without
+    ``stream: true``: a sync call's is taken out by ``_messages``; a Message Batch's request cannot stream."""
     if body.get("stream"):
-        raise ApiError(400, "stream=true is not supported by the emulator; send stream=false (or omit it)",
-                       param="stream")
+        raise ApiError(400, "stream=true is not supported in a Message Batch's params; send stream=false (or omit "
+                       "it)", param="stream")
     check_fields("messages", body, "anthropic")  # the SDK's MessageCreateParams (``_fields``)
     meta = body.get("metadata")
     if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
@@ -140,9 +142,15 @@ def _system_messages(messages: list, mid: bool) -> None:
 
 
 def _messages(ctx: Ctx) -> Reply:
-    core = ctx.core
-    call, out = message_result(core, ctx.provider, ctx.json(), "sync")
-    core.wait(core.text_latency_s(core.catalog.provider(ctx.provider), call.model, call))
+    core, body = ctx.core, ctx.json()
+    stream = body.get("stream")
+    if stream not in (None, True, False):
+        raise ApiError(400, f"stream: Input should be a valid boolean, got {stream!r}", param="stream")
+    call, out = message_result(core, ctx.provider, {k: v for k, v in body.items() if k != "stream"}, "sync")
+    latency = core.text_latency_s(core.catalog.provider(ctx.provider), call.model, call)
+    if stream:
+        return stream_reply(core, ctx, call, out, latency)
+    core.wait(latency)
     # Only once the answer is ready.
     core.bill_text(call, "sync", ctx.route, ctx.request_id, idempotency_key=ctx.headers.get("idempotency-key"))
     return json_reply("anthropic", 200, out, ctx.request_id)

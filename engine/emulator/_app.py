@@ -142,6 +142,8 @@ class App:
     def _fault(self, fault: FaultSpec, ctx: Ctx, r: Route) -> Reply:
         if fault.cut_body:  # run (and billed, and kept under its key), its answer cut short on the way
             reply = self._answer(r, ctx)
+            if reply.parts:  # a stream broken midway: its connection closed after half its events
+                return reply._replace(cut_at=len(reply.body) // 2)
             return reply._replace(body=reply.body[:len(reply.body) // 2])
         if fault.cut_connection:  # run (and billed, and kept under its key), the connection closed unanswered
             self._answer(r, ctx)
@@ -191,7 +193,9 @@ class App:
                     err = ApiError(409, "Idempotency-Key was already used with a different request body; use a "
                                    "new key for a new request", code="idempotency_key_reused")
                     return error_reply(ctx.family, err, ctx.request_id)
-                return pending.reply._replace(headers={**pending.reply.headers, "idempotent-replayed": "true"})
+                # A stream's replay is sent at once: its answer was made (and billed) by the first call.
+                return pending.reply._replace(headers={**pending.reply.headers, "idempotent-replayed": "true"},
+                                              parts=((len(pending.reply.body), 0.0),) if pending.reply.parts else ())
         reply = self._run(r, ctx)
         with self._lock:
             if 200 <= reply.status < 300 and not reply.drop:

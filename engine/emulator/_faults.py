@@ -24,9 +24,10 @@ class FaultSpec(BaseModel):
     """One scripted answer. ``status``: answer that error (429 carries ``retry-after``). ``timeout_s``: hold the
     connection that many *real* seconds first (to trip a client timeout); alone, the connection is then closed
     without an answer, so a client that waits longer sees a dropped connection, never a free result.
-    ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON). ``cut_connection``:
-    the call runs and is billed, then the connection is closed with no answer (a client sees the server disconnect
-    after it sent the request: httpx's ``RemoteProtocolError``). ``trickle_s``: the call is answered as usual, its
+    ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON; a stream's
+    connection is closed halfway through its events). ``cut_connection``: the call runs and is billed, then the
+    connection is closed with no answer (a client sees the server disconnect after it sent the request: httpx's
+    ``RemoteProtocolError``). ``trickle_s``: the call is answered as usual, its
     body sent a byte every ``trickle_s`` real seconds (a server alive but slow: a byte inside a client's timeout
     between chunks keeps its read going for the body's length times that, a results file's for hours). ``code`` and
     ``type``: the error body's ``error.code`` and ``error.type`` in place of the status's own, e.g. OpenAI's

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from engine.emulator._app import App
+from engine.emulator._wire import Reply
 
 __all__ = ["EmulatorServer"]
 
@@ -47,6 +49,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(reply.status)
         for k, v in reply.headers.items():
             self.send_header(k, v)
+        if reply.parts:
+            self._stream(reply)
+            return
         self.send_header("content-length", str(len(reply.body)))
         self.end_headers()
         if not reply.trickle_s:
@@ -61,6 +66,37 @@ class _Handler(BaseHTTPRequestHandler):
             if stopping.wait(reply.trickle_s):
                 break
         self.close_connection = True
+
+    def _stream(self, reply: Reply) -> None:
+        """A stream's parts, chunked, each at its time (a trickle's a byte at a time); a stream cut short
+        (``cut_at``, or the emulator stopping) ends without its last chunk, its connection closed: the client
+        reads a body broken midway, as when a provider's connection drops."""
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        body, stopping, start = reply.body, self.server.app.core.stopping, time.monotonic()
+        end = len(body) if reply.cut_at is None else reply.cut_at
+        parts = ([(i + 1, i * reply.trickle_s) for i in range(end)] if reply.trickle_s
+                 else [(min(e, end), at) for k, (e, at) in enumerate(reply.parts)
+                       if k + 1 == len(reply.parts) or reply.parts[k + 1][1] != at])  # one write for those due together
+        sent = 0
+        for upto, at in parts:
+            if upto <= sent:
+                continue
+            if stopping.wait(max(at - (time.monotonic() - start), 0.0)):
+                break
+            try:
+                self.wfile.write(b"%x\r\n%s\r\n" % (upto - sent, body[sent:upto]))
+                self.wfile.flush()
+            except OSError:  # the client gave the read up
+                break
+            sent = upto
+        if sent < len(body):
+            self.close_connection = True
+            return
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
 
     def do_GET(self) -> None:
         self._dispatch("GET")

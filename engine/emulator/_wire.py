@@ -26,13 +26,17 @@ Family = Literal["openai", "anthropic", "google"]  # google: the Gemini API's ow
 
 class Reply(NamedTuple):
     """One HTTP answer. ``drop``: close the connection without answering (a fault, or the emulator stopping).
-    ``trickle_s``: send the body a byte every that many real seconds (``FaultSpec.trickle_s``)."""
+    ``trickle_s``: send the body a byte every that many real seconds (``FaultSpec.trickle_s``). ``parts``: a
+    stream's (server-sent events), sent chunked, each part as (the body's offset it ends at, real seconds after
+    the answer began that it is sent). ``cut_at``: a stream broken there, its connection closed (a fault)."""
 
     status: int
     headers: dict[str, str]
     body: bytes
     drop: bool = False
     trickle_s: float = 0.0
+    parts: tuple[tuple[int, float], ...] = ()
+    cut_at: int | None = None
 
 
 class ApiError(SmartbatchError):

@@ -1,0 +1,193 @@
+"""A sync Claude call streams (``messages.stream``, the ``anthropic`` SDK's advice for long answers): a whole answer
+sends nothing until it is done, so one that took longer than ``timeout_s`` to write was cut after it was billed,
+counted possibly billed and sent again (docs/providers.md). Streamed, ``timeout_s`` is a wait between events; the
+whole call keeps a bound (``stream_bound``), and a stream cut after it began is possibly billed, made again under
+its key. The emulator answers ``stream: true`` as Anthropic does, billed as the whole answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import anthropic
+import pytest
+
+import actors.providers._anthropic_stream as anthropic_stream
+from engine.core.catalog import Catalog
+from engine.emulator import Emulator
+from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
+    CAT,
+    KEY,
+    SPEED,
+    Rig,
+    direct,
+    emu,
+    job_of,
+    jobs_of,
+    req,
+)
+from tests.unit.test_money_hunt import _drained
+
+TIMEOUT_S = 0.5  # real seconds: the client's wait for an answer (whole), or between events (streamed)
+SLOW = 10.0  # the emulator's speed-up where an answer's time counts: 1,000 tokens take 1.58 s real
+
+
+def _steady() -> Catalog:
+    """The test catalog with Anthropic's latency a point (no lognormal spread): 0.8 s and 0.015 s a token."""
+    p = CAT.providers["anthropic"]
+    providers = {**CAT.providers, "anthropic": p.model_copy(update={
+        "sync_latency": p.sync_latency.model_copy(update={"sigma": 0.0})})}
+    return Catalog.model_validate({"schema_version": CAT.schema_version,
+                                   "providers": {k: v.model_dump() for k, v in providers.items()}})
+
+
+@pytest.fixture
+def slow() -> Iterator[Emulator]:
+    with Emulator(_steady(), latency_scale=1.0, speedup=SLOW) as e:
+        yield e
+
+
+def _long() -> Any:
+    """A request whose answer (1,000 tokens) takes 15.8 emulator s to write, 1.58 s real: over three times the
+    client's timeout, its deltas (100) ~16 ms apart."""
+    return req(0, "anthropic", output_tokens=1000, max_output_tokens=1000)
+
+
+def test_an_answer_longer_than_the_timeout_whose_events_keep_coming_is_read_whole_and_billed_once(slow):
+    async def go():
+        p = direct(slow, "anthropic", timeout_s=TIMEOUT_S, clock=None)
+        try:
+            start = time.monotonic()
+            out = await p.call(job_of(_long()))
+            return out, time.monotonic() - start
+        finally:
+            await p.close()
+
+    out, took = asyncio.run(go())
+    # Before: "timed out after 0.5 s", possibly billed (the emulator billed it), and made again by the dispatcher.
+    assert out.ok and not out.replayed, out.error
+    assert took > 2 * TIMEOUT_S  # it did outlast the timeout (and a whole answer's bound of twice it)
+    (item,) = slow.bill().items
+    assert out.usage.output_tokens == item.usage["output_tokens"] == 1000
+    assert out.cost == pytest.approx(item.cost_usd, abs=1e-12) and out.provider_request_id == item.request_id
+
+
+def test_a_stream_cut_midway_is_possibly_billed_and_made_again_under_its_key_billed_once(emu):  # noqa: F811
+    (job,) = jobs = jobs_of("anthropic", n=1, claims=True)
+    emu.faults.script("anthropic", "messages", [{"cut_body": True}])  # billed, its stream broken after half
+
+    async def go():
+        rig = Rig(emu, "anthropic", timeout_s=TIMEOUT_S)
+        api, keys = rig.d.provider.client.messages, []
+        inner = api.stream
+
+        def spy(**kw: Any) -> Any:
+            keys.append(kw["extra_headers"]["Idempotency-Key"])
+            return inner(**kw)
+
+        api.stream = spy
+        try:
+            await rig.reserve(jobs)
+            await rig.run("sync", jobs)
+            await rig.resolved(jobs)
+            await _drained(rig)
+            (item,) = emu.bill().items  # the cut stream's call, billed once: its retry was given its answer again
+            r = rig.results[job.req.id]
+            assert r.status == "ok" and r.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            (_, _, cut), *_, (_, _, last) = rig.calls
+            assert not cut.ok and cut.maybe_billed and cut.retryable, cut  # never counted free
+            assert last.ok and last.replayed
+            assert len(keys) == len(rig.calls) >= 2 and len(set(keys)) == 1  # before: no stream at all
+            assert item.idempotency_key == keys[0]
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(item.cost_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_stream_past_its_whole_bound_is_cut_and_counted_possibly_billed(slow, monkeypatch):
+    # Its events keep coming, but (a floor of 10,000 tokens/s) its bound is twice its timeout, 1 s, before its
+    # 1.58 s: cut after message_start, which the provider billed.
+    monkeypatch.setattr(anthropic_stream, "FLOOR_TOKENS_S", 10_000.0)
+
+    async def go():
+        p = direct(slow, "anthropic", timeout_s=TIMEOUT_S)
+        try:
+            return await p.call(job_of(_long()))
+        finally:
+            await p.close()
+
+    out = asyncio.run(go())
+    assert not out.ok and out.maybe_billed and out.retryable and out.real, out
+    assert "no whole answer within 1 s" in out.error
+    assert len(slow.bill().items) == 1  # billed: the dispatcher settles it at its bound if no retry is answered
+
+
+def test_the_bound_is_the_caps_tokens_at_the_floor_rate_past_the_first_events_wait():
+    assert anthropic_stream.stream_bound({"max_tokens": 64_000}, 600.0) == 600.0 + 6_400.0
+    assert anthropic_stream.stream_bound({"max_tokens": 100}, 600.0) == 1_200.0  # a whole answer's, at least
+    assert anthropic_stream.stream_bound({}, 30.0) == 60.0
+
+
+def _twins() -> tuple[Emulator, Emulator]:
+    return (Emulator(CAT, latency_scale=0.0, speedup=SPEED), Emulator(CAT, latency_scale=0.0, speedup=SPEED))
+
+
+def _sans_ids(msg: dict) -> dict:
+    """A Message without the ids the emulator draws anew for each answer (its own, its tool calls')."""
+    return {**msg, "id": None, "content": [{k: v for k, v in c.items() if k != "id"} for c in msg["content"]]}
+
+
+TOOLS = [{"name": "lookup", "description": "Look a word up.",
+          "input_schema": {"type": "object", "properties": {"word": {"type": "string"}}, "required": ["word"]}}]
+
+
+@pytest.mark.parametrize("body", [None, {"messages": [{"role": "user", "content": "Define 'stream'."}],
+                                         "tools": TOOLS, "tool_choice": {"type": "any"}}])
+def test_a_streamed_answer_is_the_whole_answer_in_content_usage_and_cost(body):
+    """The engine's streamed call and the SDK's whole ``create`` of the same body, each at one of two emulators
+    of one seed: the same Message (id, content, usage, stop reason), read into the same outcome (output, tool
+    calls, usage, cost), the same bill."""
+    r = req(0, "anthropic", output_tokens=300, **({} if body is None else {"body": body}))
+    a, b = _twins()
+    with a, b:
+        async def go():
+            p = direct(a, "anthropic")
+            try:
+                sent = p.sync_body(job_of(r))
+                client = anthropic.AsyncAnthropic(base_url=b.anthropic_base_url("anthropic"), api_key=KEY,
+                                                  max_retries=0)
+                whole = await client.messages.create(**sent, timeout=30.0)
+                async with client.messages.stream(**sent, timeout=30.0) as s:  # the SDK's own reader
+                    read = (await s.get_final_message()).model_dump(mode="json", exclude_none=True)
+                await client.close()
+                out = await p.call(job_of(r))
+                # What the whole answer was read into before (``AnthropicProvider.call``)
+                before = p._outcome(job_of(r), whole.model_dump(mode="json", exclude_none=True),
+                                    whole._request_id, "sync")
+                return out, before, read
+            finally:
+                await p.close()
+
+        out, before, read = asyncio.run(go())
+        (streamed_item,), (whole_item, again) = a.bill().items, b.bill().items
+    assert out.ok and out._replace(at=0.0) == before._replace(at=0.0), (out, before)
+    assert _sans_ids(read) == _sans_ids(out.raw)
+    assert out.finish == ("tool_calls" if body else "stop") and bool(out.tool_calls) == bool(body)
+    assert out.cost == pytest.approx(streamed_item.cost_usd, abs=1e-12) and streamed_item.cost_usd > 0
+    assert (streamed_item.usage, streamed_item.cost_usd) == (whole_item.usage, whole_item.cost_usd) == (
+        again.usage, again.cost_usd)
+
+
+def test_the_emulator_streams_anthropic_s_events_in_order():
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as e:
+        client = anthropic.Anthropic(base_url=e.anthropic_base_url("anthropic"), api_key=KEY, max_retries=0)
+        stream = client.messages.create(model="claude-haiku-4-5", max_tokens=50, stream=True, timeout=30.0,
+                                        messages=[{"role": "user", "content": "Hi [[emulator:output_tokens=30]]"}])
+        events = [ev.type for ev in stream]
+        (item,) = e.bill().items
+    assert stream.response.headers["content-type"] == "text/event-stream" and item.usage["output_tokens"] == 30
+    assert events == ["message_start", "content_block_start", *["content_block_delta"] * 3, "content_block_stop",
+                      "message_delta", "message_stop"]  # (and a ping after message_start, which the SDK drops)
