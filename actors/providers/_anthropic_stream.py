@@ -53,7 +53,9 @@ async def streamed_call(api: Any, sdk: Any, body: dict[str, Any], key: str, gap_
 
     async def read() -> tuple[dict[str, Any], str | None, bool]:
         nonlocal began
-        kwargs = sdk_kwargs(api.stream, {k: v for k, v in body.items() if k != "stream"})
+        # The fields ``create`` names, as a whole answer's call sent them: the rest go as they are in extra_body
+        # (``stream`` names one more, ``output_format``, which it takes for a type to parse by, not a field).
+        kwargs = sdk_kwargs(api.create, {k: v for k, v in body.items() if k != "stream"})
         async with api.stream(**kwargs, extra_headers={"Idempotency-Key": key}) as stream:
             began = True
             events, done = stream.__aiter__(), False
