@@ -5,9 +5,8 @@ with its usual loop. It was a 400: an application whose code streams (chat UIs, 
 
 The engine hands over whole answers (a batch API has no streams; a sync Claude call streams from the provider,
 but is read whole, its usage with it, before anything uses it), so the answer comes in one content chunk, then
-one with its ``finish_reason``. Nothing is sent
-before the answer is in: a refusal or a failure is still an error with its status, as OpenAI answers one found
-before its stream starts."""
+one with its ``finish_reason``. Nothing is sent before the answer is in: a refusal or a failure is still an error
+with its status, as OpenAI answers one found before its stream starts."""
 
 from __future__ import annotations
 
