@@ -86,7 +86,13 @@ async def streamed_call(api: Any, sdk: Any, body: dict[str, Any], key: str, gap_
         # A stream that began, then dropped, timed out between reads or said an error (an ``overloaded_error``
         # midway): it ran, and may be billed, whatever the SDK calls it.
         raise Broken(f"the stream broke: {type(exc).__name__}: {error_text(exc)}") from None
-    except (AssertionError, RuntimeError, ValueError) as exc:  # events of another shape or order than documented
-        if not began:
+    except Broken:
+        raise
+    except Exception as exc:
+        if not began:  # the SDK refusing the body before it went (a TypeError: ``AnthropicProvider.call``'s 400)
             raise
+        # Events of another shape or order than documented, whatever the SDK's reader raises at them (a delta's
+        # index past its blocks: IndexError; a null partial_json: TypeError; a message_start without usage:
+        # AttributeError): the call ran and may be billed. Named one by one, the rest were counted free, as a
+        # bad body (TypeError) or an engine error settled at $0 (a review).
         raise Broken(f"the stream could not be read: {type(exc).__name__}: {exc}") from None

@@ -243,3 +243,34 @@ def test_a_stream_that_ends_early_or_says_an_error_midway_is_broken_not_an_answe
         return
     with pytest.raises(anthropic_stream.Broken, match="message_stop" if how == "no message_stop" else "Overloaded"):
         asyncio.run(go())
+
+
+_DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":%s}\n\n'
+
+
+@pytest.mark.parametrize("how", ["a delta past its blocks", "a null partial_json", "a message_start without usage"])
+def test_a_stream_of_another_shape_after_it_began_is_possibly_billed_never_counted_free(emu, how):  # noqa: F811
+    """A review: the reader named AssertionError, RuntimeError and ValueError alone. What else the SDK's
+    accumulator raises at such events escaped: a TypeError read as the body's own fault (not retried, billed
+    nothing), an IndexError or AttributeError out of ``call`` (the dispatcher's engine error, settled at $0)."""
+    events = _events()
+    tool = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,"content_block":'
+            b'{"type":"tool_use","id":"toolu_1","name":"lookup","input":{}}}\n\n')
+    cut = {"a delta past its blocks": [*events[:2], _DELTA % (3, b'{"type":"text_delta","text":"x"}')],
+           "a null partial_json": [*events[:2], tool, _DELTA % (0, b'{"type":"input_json_delta","partial_json":null}')],
+           "a message_start without usage": [b'event: message_start\ndata: {"type":"message_start","message":'
+                                             b'{"id":"msg_1","type":"message","role":"assistant","content":[]}}\n\n']}
+    served = [*cut[how], *events[-2:]]  # then message_delta and message_stop, as if whole
+
+    async def go():
+        p = direct(emu, "anthropic")
+        await p.client.close()
+        p.client = _served(served)
+        try:
+            return await p.call(job_of(req(0, "anthropic")))
+        finally:
+            await p.close()
+
+    out = asyncio.run(go())  # before: raised (IndexError, AttributeError), or "bad request body" (TypeError)
+    assert not out.ok and out.maybe_billed and out.retryable and out.real, out
+    assert "could not be read" in out.error
