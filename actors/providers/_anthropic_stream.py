@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from actors.providers._http import Unreadable, sdk_kwargs
+from actors.providers._http import Unreadable, create_call, sdk_kwargs
 from actors.providers._wire import error_text, within
 
-__all__ = ["FLOOR_TOKENS_S", "Broken", "stream_bound", "streamed_call"]
+__all__ = ["FLOOR_TOKENS_S", "Broken", "stream_bound", "streamed_call", "whole_call"]
 
 # The slowest output rate a stream is waited for, tokens a second: a tenth of the slowest Claude model's (the
 # catalog's 0.015 s a token, ~67/s). Past it the call is cut (possibly billed, made again under its key): a bound
@@ -96,3 +96,15 @@ async def streamed_call(api: Any, sdk: Any, body: dict[str, Any], key: str, gap_
         # AttributeError): the call ran and may be billed. Named one by one, the rest were counted free, as a
         # bad body (TypeError) or an engine error settled at $0 (a review).
         raise Broken(f"the stream could not be read: {type(exc).__name__}: {exc}") from None
+
+
+async def whole_call(api: Any, body: dict[str, Any], key: str, timeout: Any,
+                     total_s: float) -> tuple[dict[str, Any], str | None, bool]:
+    """``body`` sent whole (``create``, no ``stream``) under ``key``, read as ``streamed_call`` reads a stream: the
+    answer to a key first used by a whole call (an engine before stop 80, whose call is made again after the
+    upgrade), which a provider that keeps keys replays only to the body it was first sent, ``stream`` and all.
+    ``timeout``: the client's, given per call (the SDK refuses a whole call at its default one whose
+    ``max_tokens`` may take over 10 minutes); ``total_s``: the whole call's bound (``HttpBase._call_bound``)."""
+    msg, replayed = await create_call(api.create, api.with_raw_response.create, body, key, timeout=timeout,
+                                      total_s=total_s)
+    return msg.model_dump(mode="json", exclude_none=True), getattr(msg, "_request_id", None), replayed

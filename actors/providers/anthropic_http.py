@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer, count_at
-from actors.providers._anthropic_stream import stream_bound, streamed_call
+from actors.providers._anthropic_stream import stream_bound, streamed_call, whole_call
 from actors.providers._http import (
     BatchHandle,
     HttpBase,
@@ -174,8 +174,17 @@ class AnthropicProvider(HttpBase):
         try:
             # Streamed (``_anthropic_stream``): a long answer keeps its events coming, where a whole one sent
             # nothing until done and was cut at timeout_s after it was billed, then paid again.
-            msg, rid, replayed = await streamed_call(self.client.messages, sdk, body, key, self.endpoint.timeout_s,
-                                                     stream_bound(body, self.endpoint.timeout_s))
+            try:
+                msg, rid, replayed = await streamed_call(self.client.messages, sdk, body, key,
+                                                         self.endpoint.timeout_s, stream_bound(body, self.endpoint.timeout_s))
+            except sdk.APIStatusError as exc:
+                if not self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key).key_reused:
+                    raise
+                # The key was first sent whole (before stop 80), and a provider that keeps keys refuses it with
+                # ``stream`` (another body): asked whole, it replays the answer it billed. Failed at the 409, it
+                # was paid and lost (a review). A key truly used with another body is refused again, unbilled.
+                msg, rid, replayed = await whole_call(self.client.messages, body, key, self.client.timeout,
+                                                      self._call_bound())
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:

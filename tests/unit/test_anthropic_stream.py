@@ -274,3 +274,31 @@ def test_a_stream_of_another_shape_after_it_began_is_possibly_billed_never_count
     out = asyncio.run(go())  # before: raised (IndexError, AttributeError), or "bad request body" (TypeError)
     assert not out.ok and out.maybe_billed and out.retryable and out.real, out
     assert "could not be read" in out.error
+
+
+def test_a_key_first_sent_whole_before_the_upgrade_is_answered_by_its_replay_billed_once(emu):  # noqa: F811
+    """A call made whole by an engine before stop 80 (billed), made again after the upgrade (a restart's journal)
+    under the same key: the emulator, which keeps keys, refuses the streamed body (``stream: true``, another body)
+    with its 409. Before (a review): failed at once as a key reused, paid and lost; now asked whole, replayed."""
+    from engine.core.provider_api import sent_key
+
+    job = job_of(req(0, "anthropic"))
+
+    async def go():
+        p = direct(emu, "anthropic")
+        try:
+            body = p.sync_body(job)
+            client = anthropic.AsyncAnthropic(base_url=emu.anthropic_base_url("anthropic"), api_key=KEY,
+                                              max_retries=0)
+            first = await client.messages.create(**body, extra_headers={"Idempotency-Key": sent_key(job, body)},
+                                                 timeout=30.0)  # as create_call sent it before stop 80
+            await client.close()
+            return first, await p.call(job)
+        finally:
+            await p.close()
+
+    first, out = asyncio.run(go())
+    assert out.ok and out.replayed and not out.key_reused, out.error
+    (item,) = emu.bill().items
+    assert out.provider_request_id == item.request_id == first._request_id
+    assert out.cost == pytest.approx(item.cost_usd, abs=1e-12) and out.output == first.content[0].text
