@@ -18,6 +18,7 @@ cut on the way is.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from actors.providers._http import Unreadable, create_call, sdk_kwargs
@@ -58,6 +59,13 @@ async def streamed_call(api: Any, sdk: Any, body: dict[str, Any], key: str, gap_
         kwargs = sdk_kwargs(api.create, {k: v for k, v in body.items() if k != "stream"})
         async with api.stream(**kwargs, extra_headers={"Idempotency-Key": key}) as stream:
             began = True
+            replayed = str(stream.response.headers.get("idempotent-replayed", "")).lower() == "true"
+            if "json" in stream.response.headers.get("content-type", ""):
+                # A whole Message, not events: a server that does not stream (a proxy that drops ``stream``), or
+                # one that replays under the key the whole answer a call before stop 80 was given. Read as events
+                # (none), it was a stream ended early, possibly billed and made again, each time (a review).
+                whole = sdk.types.Message.construct(**json.loads(await stream.response.aread()))
+                return whole.model_dump(mode="json", exclude_none=True), stream.request_id, replayed
             events, done = stream.__aiter__(), False
             while not done:
                 try:
@@ -72,7 +80,6 @@ async def streamed_call(api: Any, sdk: Any, body: dict[str, Any], key: str, gap_
             if not done:
                 raise Broken("the stream ended before message_stop")
             msg = stream.current_message_snapshot
-            replayed = str(stream.response.headers.get("idempotent-replayed", "")).lower() == "true"
             return msg.model_dump(mode="json", exclude_none=True), stream.request_id, replayed
 
     try:

@@ -302,3 +302,31 @@ def test_a_key_first_sent_whole_before_the_upgrade_is_answered_by_its_replay_bil
     (item,) = emu.bill().items
     assert out.provider_request_id == item.request_id == first._request_id
     assert out.cost == pytest.approx(item.cost_usd, abs=1e-12) and out.output == first.content[0].text
+
+
+def test_a_whole_message_answered_to_a_stream_is_read_as_the_whole_answer():
+    """A server that answers ``stream: true`` with a whole Message (a proxy that drops ``stream``; a provider
+    replaying under the key a call made whole before stop 80): read as events, there were none, and the call
+    was a stream ended early, possibly billed and made again each time (a review)."""
+    import httpx2
+
+    whole = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+             "content": [{"type": "text", "text": "Hi there"}], "stop_reason": "end_turn", "stop_sequence": None,
+             "usage": {"input_tokens": 9, "output_tokens": 3}}
+
+    def answer(request: Any) -> Any:
+        return httpx2.Response(200, json=whole, headers={"request-id": "req_x", "idempotent-replayed": "true"})
+
+    body = {"model": "claude-haiku-4-5", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def go():
+        client = anthropic.AsyncAnthropic(api_key=KEY, base_url="http://127.0.0.1:9", max_retries=0,
+                                          http_client=anthropic.DefaultAsyncHttpxClient(
+                                              transport=httpx2.MockTransport(answer)))
+        try:
+            return await anthropic_stream.streamed_call(client.messages, anthropic, body, "k", 5.0, 10.0)
+        finally:
+            await client.close()
+
+    msg, rid, replayed = asyncio.run(go())  # before: Broken, "the stream ended before message_stop"
+    assert msg == {k: v for k, v in whole.items() if v is not None} and (rid, replayed) == ("req_x", True)
