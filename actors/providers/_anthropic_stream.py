@@ -112,6 +112,7 @@ async def whole_call(api: Any, body: dict[str, Any], key: str, timeout: Any,
     upgrade), which a provider that keeps keys replays only to the body it was first sent, ``stream`` and all.
     ``timeout``: the client's, given per call (the SDK refuses a whole call at its default one whose
     ``max_tokens`` may take over 10 minutes); ``total_s``: the whole call's bound (``HttpBase._call_bound``)."""
-    msg, replayed = await create_call(api.create, api.with_raw_response.create, body, key, timeout=timeout,
+    whole = {k: v for k, v in body.items() if k != "stream"}  # a stream's body, as streamed_call sends it
+    msg, replayed = await create_call(api.create, api.with_raw_response.create, whole, key, timeout=timeout,
                                       total_s=total_s)
     return msg.model_dump(mode="json", exclude_none=True), getattr(msg, "_request_id", None), replayed
