@@ -80,6 +80,8 @@ async def streamed_call(api: Any, sdk: Any, body: dict[str, Any], key: str, gap_
             if not done:
                 raise Broken("the stream ended before message_stop")
             msg = stream.current_message_snapshot
+            if msg.stop_reason is None:  # its output tokens are message_start's (1), not the answer's: priced low
+                raise Broken("the stream came to message_stop without its message_delta (stop reason, output tokens)")
             return msg.model_dump(mode="json", exclude_none=True), stream.request_id, replayed
 
     try:

@@ -216,7 +216,7 @@ def _events() -> list[bytes]:
                            "stop_sequence": None, "usage": usage})[0]
 
 
-@pytest.mark.parametrize("how", ["whole", "no message_stop", "an error event"])
+@pytest.mark.parametrize("how", ["whole", "no message_stop", "an error event", "no message_delta"])
 def test_a_stream_that_ends_early_or_says_an_error_midway_is_broken_not_an_answer(how):
     # The SDK's own reader takes a stream that ends before message_stop for a whole one (its Message is the part
     # read: a cut answer taken as whole, billed and never made again), and an error event midway for the call's
@@ -224,6 +224,8 @@ def test_a_stream_that_ends_early_or_says_an_error_midway_is_broken_not_an_answe
     events = _events()
     if how == "no message_stop":
         events = events[:-2]
+    elif how == "no message_delta":  # a review: read as whole, its output the 1 token of message_start, priced so
+        events = [*events[:-2], events[-1]]
     elif how == "an error event":
         events = [*events[:3], b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
                   b'"message":"Overloaded"}}\n\n']
@@ -241,7 +243,8 @@ def test_a_stream_that_ends_early_or_says_an_error_midway_is_broken_not_an_answe
         assert msg["content"] == [{"type": "text", "text": "Hi there"}] and msg["usage"]["output_tokens"] == 3
         assert (rid, replayed) == ("req_x", False)
         return
-    with pytest.raises(anthropic_stream.Broken, match="message_stop" if how == "no message_stop" else "Overloaded"):
+    said = {"no message_stop": "before message_stop", "no message_delta": "without its message_delta"}
+    with pytest.raises(anthropic_stream.Broken, match=said.get(how, "Overloaded")):
         asyncio.run(go())
 
 
