@@ -15,6 +15,7 @@ import anthropic
 import pytest
 
 import actors.providers._anthropic_stream as anthropic_stream
+import actors.providers.anthropic_http as anthropic_http
 from engine.core.catalog import Catalog
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
@@ -110,12 +111,13 @@ def test_a_stream_cut_midway_is_possibly_billed_and_made_again_under_its_key_bil
 
 
 def test_a_stream_past_its_whole_bound_is_cut_and_counted_possibly_billed(slow, monkeypatch):
-    # Its events keep coming, but (a floor of 10,000 tokens/s) its bound is twice its timeout, 1 s, before its
-    # 1.58 s: cut after message_start, which the provider billed.
-    monkeypatch.setattr(anthropic_stream, "FLOOR_TOKENS_S", 10_000.0)
+    # Its events keep coming (~16 ms apart, a wait of 1 s allowed between them), but its bound is 0.8 s, before its
+    # 1.58 s: cut after message_start (0.08 s), which the provider billed. Twice the timeout (the floor's bound)
+    # with a 0.5 s wait was cut by the wait in place of the bound once, on a machine at load 16 (a review).
+    monkeypatch.setattr(anthropic_http, "stream_bound", lambda body, timeout_s: 0.8)
 
     async def go():
-        p = direct(slow, "anthropic", timeout_s=TIMEOUT_S)
+        p = direct(slow, "anthropic", timeout_s=1.0)
         try:
             return await p.call(job_of(_long()))
         finally:
@@ -123,7 +125,7 @@ def test_a_stream_past_its_whole_bound_is_cut_and_counted_possibly_billed(slow, 
 
     out = asyncio.run(go())
     assert not out.ok and out.maybe_billed and out.retryable and out.real, out
-    assert "no whole answer within 1 s" in out.error
+    assert "no whole answer within 0.8 s" in out.error
     assert len(slow.bill().items) == 1  # billed: the dispatcher settles it at its bound if no retry is answered
 
 
