@@ -26,6 +26,7 @@ __all__ = ["kill_engine"]
 
 log = logging.getLogger("smartbatch.engine")
 DEATH_WAIT_S = 2.0  # how long a stop waits for its killed actors to be dead before it cleans Ray's store again
+DEATH_POLL_S = 0.02  # how often it reads the GCS for one whose ping was answered (its kill not landed yet)
 STOP_CALL_S = CANCEL_CALL_S + 5.0 + SPEND_WAIT_S  # how long the stop waits for its dispatchers' cancels (real s)
 RESTART_AT_STOP_S = 10.0  # and, past that, for Ray to restart a dispatcher that died in its cancel (2 s seen)
 JOURNAL_COPY_S = 2.0  # how long it waits for the hub's copy of its journal (``_journal_copy``)
@@ -99,8 +100,10 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
                 log.error("engine %s: the stop's %s failed (%s: %s)", engine, what, type(exc).__name__,
                           str(exc)[:200])
     finally:  # (a Ctrl-C too: it left before the second clean, and the ledger's copy stayed in Ray's store)
-        n = (_kill(rest) if n is None else n) + _kill(ledger) + _kill(list(last.values()))
-        _clean_once_dead(engine, [*rest, *ledger])
+        try:  # one call: a second Ctrl-C in the controller's kill skipped the dispatchers' (``_kill``)
+            n = (n or 0) + _kill([*(rest if n is None else ()), *ledger, *last.values()])
+        finally:
+            _clean_once_dead(engine, [*rest, *ledger, *last.values()])
     return n
 
 
@@ -127,21 +130,58 @@ def _clean_once_dead(engine: str, killed: list) -> None:
     """Remove what ``engine`` published again once ``killed`` are dead (a kill lands later): the budget
     controller's copy of its ledger, written after the first clean, outlived the engine in Ray's store."""
     try:
-        if killed:
-            ray.wait([h.ping.remote() for h in killed], num_returns=len(killed), timeout=DEATH_WAIT_S)
-    except Exception:  # Ray is going down: nothing is left to clean
-        pass
-    unpublish_clock(engine)
+        _wait_dead(engine, killed)
+    finally:  # (a Ctrl-C in the wait: cleaned all the same)
+        unpublish_clock(engine)
+
+
+def _wait_dead(engine: str, killed: list) -> None:
+    """Wait up to ``DEATH_WAIT_S`` for Ray's GCS to say each of ``killed`` is dead. A ping answered is no death:
+    ``ray.kill`` sends the kill to the GCS and returns, and a ping sent after it can be answered by the actor
+    before the kill lands (1 of 75 pings on a quiet machine; the dispatchers, killed last, were not waited for at
+    all). One still alive at the bound (a kill Ray refused, taken for "already gone") is killed again and named."""
+    if not killed:
+        return
+    end = time.monotonic() + DEATH_WAIT_S
+    try:  # the pings fail as the deaths land: no poll where the kills are quick
+        ray.wait([h.ping.remote() for h in killed], num_returns=len(killed), timeout=DEATH_WAIT_S)
+        left = [h for h in killed if _alive(h)]
+        while left and time.monotonic() < end:
+            time.sleep(DEATH_POLL_S)  # (the GCS publishes a death to Ray's own subscribers alone)
+            left = [h for h in left if _alive(h)]
+    except Exception:  # Ray is going down: nothing is left to wait for
+        return
+    if left:
+        _kill(left)
+        log.warning("engine %s: %d actor(s) still alive %.0f s after the stop killed them, killed again: %s",
+                    engine, len(left), DEATH_WAIT_S, ", ".join(_actor_id(h) for h in left))
+
+
+def _alive(h) -> bool:
+    """Whether Ray's GCS has actor ``h`` in any state but dead (False for a stand-in of a unit test, or no Ray)."""
+    actor_id = getattr(h, "_actor_id", None)
+    if actor_id is None or not ray.is_initialized():
+        return False
+    from ray._private import state
+
+    return state.actors(actor_id=actor_id.hex()).get("State", "DEAD") != "DEAD"
 
 
 def _kill(handles: list) -> int:
-    n = 0
+    """Kill each of ``handles``; how many kills Ray took. A Ctrl-C in one (its kill asked: Ray's call ends before
+    Python raises it) is raised once every other is asked: it left the handles after it running (a second Ctrl-C
+    in the budget controller's kill, the dispatchers never killed: their batches under way ran on, billed)."""
+    n, interrupted = 0, None
     for h in handles:
         try:
             ray.kill(h, no_restart=True)
             n += 1
         except Exception:  # already gone: nothing to stop
             pass
+        except BaseException as exc:
+            interrupted = interrupted or exc
+    if interrupted is not None:
+        raise interrupted
     return n
 
 

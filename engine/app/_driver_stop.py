@@ -112,31 +112,34 @@ class Stopping:
             self._drop_unsent(unsent)
         self._wake.set()
         me = threading.current_thread()  # a result's callback may call stop() in the thread that delivers it
-        for t in (self._flusher, self._puller, self._checker):
-            if t is not me:
-                t.join(timeout_s)
         from engine.runtime.collector import driver_gc
 
         running: Any = type(self)._running_engines
         try:
-            self._flush()
-            self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
-            clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
-            if unsent:  # in the user's log as the others are (``_fail_open``)
-                log.warning("%d request(s) not sent yet were never sent: the engine stopped (billed nothing)",
-                            len(unsent))
-            self._fail_ids(sorted(unsent), NEVER_SENT)
-            self._fail_open(self._stop_error())
-            with self._room:
-                self._room.notify_all()  # a submit waiting for room learns the engine stopped
-            from actors.remote import kill_engine
-
-            if self._owner:
-                try:
+            try:
+                for t in (self._flusher, self._puller, self._checker):
+                    if t is not me:
+                        t.join(timeout_s)
+                self._flush()
+                self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread stopped
+                clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
+                if unsent:  # in the user's log as the others are (``_fail_open``)
+                    log.warning("%d request(s) not sent yet were never sent: the engine stopped (billed nothing)",
+                                len(unsent))
+                self._fail_ids(sorted(unsent), NEVER_SENT)
+                self._fail_open(self._stop_error())
+                with self._room:
+                    self._room.notify_all()  # a submit waiting for room learns the engine stopped
+                if self._owner:
                     self._keep_last_report()  # report() after stop() answers with it
-                finally:  # a Ctrl-C while it is read: the actors go all the same (they ran on, a batch billed)
+            finally:  # a Ctrl-C anywhere above (the joins, the flush, failing the futures, the report's read):
+                # the actors go all the same. They ran on, a batch under way billed, and the next stop() returned.
+                if self._owner:
+                    from actors.remote import kill_engine
+
                     kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
                                 self._h.get("budget"), self._keep_ledger, wait_s=self._stop_wait_s())
+            if self._owner:
                 if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
                     self._kept.finish(clean, self._h.get("journal", self.name))
             else:  # the ids only this driver held are forgotten after its retention window, as it would have

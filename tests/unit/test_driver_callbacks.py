@@ -396,3 +396,32 @@ def test_a_done_callback_may_look_at_another_result_without_waiting(monkeypatch)
     assert isinstance(got["exception"], concurrent.futures.TimeoutError), got
     assert got["drain"] == 1, got  # b, open when a's callback ran
     assert b.done() and b.result(0).status == "ok"
+
+
+@pytest.mark.parametrize("at", ["joining the threads", "the last flush", "failing the open futures"])
+def test_a_ctrl_c_anywhere_in_the_stop_before_its_kill_still_kills_the_actors(monkeypatch, at):
+    """Only a Ctrl-C in the report's read reached the stop's kill (its ``finally``): one in the joins of the
+    driver's threads (up to ``timeout_s`` each), the last flush or the failing of the open futures left every actor
+    running, and the next ``stop()`` returned at once (a provider batch under way ran on, billed and never read)."""
+    import actors.remote
+
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    killed = []
+    monkeypatch.setattr(actors.remote, "kill_engine", lambda engine, *a, **kw: killed.append(engine))
+    e.submit(req(1))
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    if at == "joining the threads":
+        e._flusher = e._puller = e._checker = type("Thread", (), {"join": ctrl_c})()
+    elif at == "the last flush":
+        monkeypatch.setattr(e, "_flush", ctrl_c)
+    else:
+        monkeypatch.setattr(e, "_fail_open", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        e.stop()
+    assert killed == ["fake"]
+    e.stop()  # stopped already: returns at once
+    assert killed == ["fake"] and not e._running

@@ -167,7 +167,7 @@ def test_a_taken_over_stop_finishes_the_dead_one_s_work_and_keeps_its_ledger_onc
     monkeypatch.setattr(ledger_stop, "keep_named", lambda ray_, engine, layout: done.append(("keep ledger",)))
     assert ledger_stop.take_over_dead(ray, "e") is True
     keep = [] if kept_before else [("keep ledger",)]
-    assert done == [("kill", "ingest"), ("cancel", "dispatcher-openai"), *keep, ("kill", "budget"), ("kill", "d1"),
+    assert done == [("kill", "ingest"), ("cancel", "dispatcher-openai"), *keep, ("kill", "budget", "d1"),
                     ("clean",)]
 
 
