@@ -115,6 +115,7 @@ class Stopping:
         from engine.runtime.collector import driver_gc
 
         running: Any = type(self)._running_engines
+        failed = False
         try:
             try:
                 for t in (self._flusher, self._puller, self._checker):
@@ -126,19 +127,20 @@ class Stopping:
                 if unsent:  # in the user's log as the others are (``_fail_open``)
                     log.warning("%d request(s) not sent yet were never sent: the engine stopped (billed nothing)",
                                 len(unsent))
-                self._fail_ids(sorted(unsent), NEVER_SENT)
-                self._fail_open(self._stop_error())
-                with self._room:
-                    self._room.notify_all()  # a submit waiting for room learns the engine stopped
+                failed = self._fail_all(unsent)
                 if self._owner:
                     self._keep_last_report()  # report() after stop() answers with it
             finally:  # a Ctrl-C anywhere above (the joins, the flush, failing the futures, the report's read):
                 # the actors go all the same. They ran on, a batch under way billed, and the next stop() returned.
-                if self._owner:
-                    from actors.remote import kill_engine
+                try:  # and what is open fails: the next stop() returns at once, so nothing else resolves it (a
+                    if not failed:  # thread on its result() hung for good, the process with it at its exit)
+                        self._fail_all(unsent)
+                finally:
+                    if self._owner:
+                        from actors.remote import kill_engine
 
-                    kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
-                                self._h.get("budget"), self._keep_ledger, wait_s=self._stop_wait_s())
+                        kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
+                                    self._h.get("budget"), self._keep_ledger, wait_s=self._stop_wait_s())
             if self._owner:
                 if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
                     self._kept.finish(clean, self._h.get("journal", self.name))
@@ -156,6 +158,14 @@ class Stopping:
                 self._ray.shutdown()
             else:  # another engine still runs on this Ray: it shuts Ray down when it stops
                 heir._started_ray = True
+
+    def _fail_all(self, unsent: set) -> bool:
+        """Fail what is open as the engine stops: what this driver never sent says so (``NEVER_SENT``)."""
+        self._fail_ids(sorted(unsent), NEVER_SENT)
+        self._fail_open(self._stop_error())
+        with self._room:
+            self._room.notify_all()  # a submit waiting for room learns the engine stopped
+        return True
 
     def __enter__(self) -> Engine:
         return self  # type: ignore[return-value]

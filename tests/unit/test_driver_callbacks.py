@@ -425,3 +425,30 @@ def test_a_ctrl_c_anywhere_in_the_stop_before_its_kill_still_kills_the_actors(mo
     assert killed == ["fake"]
     e.stop()  # stopped already: returns at once
     assert killed == ["fake"] and not e._running
+
+
+@pytest.mark.parametrize("at", ["joining the threads", "the last flush"])
+def test_a_ctrl_c_in_the_stop_before_its_futures_fail_still_resolves_every_open_one(monkeypatch, at):
+    """A Ctrl-C in the stop's joins or its last flush left before the open futures were failed: the actors were
+    killed (its ``finally``), and the next ``stop()`` returned at once, so nothing ever resolved them. A thread
+    waiting on one (``result()`` with no timeout) hung for good, and so did the process at its exit (Python joins
+    its threads), the user's Ctrl-C answered by a hang."""
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    sent, unsent = e.submit(req(1)), None
+    e._flush()
+    unsent = e.submit(req(2))  # buffered: never sent
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    if at == "joining the threads":
+        e._flusher = e._puller = e._checker = type("Thread", (), {"join": ctrl_c})()
+    else:
+        monkeypatch.setattr(e, "_flush", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        e.stop()
+    e.stop()  # stopped already: returns at once
+    assert sent.done() and unsent.done(), (sent.done(), unsent.done())
+    assert sent.result(0).status == unsent.result(0).status == "failed"
+    assert "never sent" in unsent.result(0).error and "engine stopped" in sent.result(0).error
