@@ -4,6 +4,7 @@ settle what the stop cut short), the budget controller after them (``actors.remo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -27,6 +28,7 @@ __all__ = ["kill_engine"]
 log = logging.getLogger("smartbatch.engine")
 DEATH_WAIT_S = 2.0  # how long a stop waits for its killed actors to be dead before it cleans Ray's store again
 DEATH_POLL_S = 0.02  # how often it reads the GCS for one whose ping was answered (its kill not landed yet)
+GCS_ANSWER_S = 0.5  # and past that bound, how long its last reads get (about 1 ms an actor on a quiet machine)
 STOP_CALL_S = CANCEL_CALL_S + 5.0 + SPEND_WAIT_S  # how long the stop waits for its dispatchers' cancels (real s)
 RESTART_AT_STOP_S = 10.0  # and, past that, for Ray to restart a dispatcher that died in its cancel (2 s seen)
 JOURNAL_COPY_S = 2.0  # how long it waits for the hub's copy of its journal (``_journal_copy``)
@@ -139,22 +141,46 @@ def _wait_dead(engine: str, killed: list) -> None:
     """Wait up to ``DEATH_WAIT_S`` for Ray's GCS to say each of ``killed`` is dead. A ping answered is no death:
     ``ray.kill`` sends the kill to the GCS and returns, and a ping sent after it can be answered by the actor
     before the kill lands (1 of 75 pings on a quiet machine; the dispatchers, killed last, were not waited for at
-    all). One still alive at the bound (a kill Ray refused, taken for "already gone") is killed again and named."""
+    all). One still alive at the bound (a kill Ray refused, taken for "already gone") is killed again and named.
+    The GCS's reads run beside the stop (``_dead_by``): one waits for a stalled GCS with no bound of its own."""
     if not killed:
         return
     end = time.monotonic() + DEATH_WAIT_S
     try:  # the pings fail as the deaths land: no poll where the kills are quick
         ray.wait([h.ping.remote() for h in killed], num_returns=len(killed), timeout=DEATH_WAIT_S)
-        left = [h for h in killed if _alive(h)]
-        while left and time.monotonic() < end:
-            time.sleep(DEATH_POLL_S)  # (the GCS publishes a death to Ray's own subscribers alone)
-            left = [h for h in left if _alive(h)]
     except Exception:  # Ray is going down: nothing is left to wait for
         return
-    if left:
+    left = _dead_by(killed, end)
+    if left is None:
+        log.warning("engine %s: Ray's GCS did not answer within %.0f s: the deaths of the %d actor(s) the stop killed "
+                    "are unconfirmed", engine, DEATH_WAIT_S, len(killed))
+    elif left:
         _kill(left)
         log.warning("engine %s: %d actor(s) still alive %.0f s after the stop killed them, killed again: %s",
                     engine, len(left), DEATH_WAIT_S, ", ".join(_actor_id(h) for h in left))
+
+
+def _dead_by(killed: list, end: float) -> list | None:
+    """Those of ``killed`` Ray's GCS has not said dead by ``end`` (monotonic); None if it did not answer by then.
+    Read in a thread of its own, waited for until ``end``: a read of the actor table waits for a stalled GCS
+    with no bound (Ray 2.60, the GCS stopped: 75 s, as long as the stall, where ``ray.kill`` returned at once), and
+    in it the stop hung past ``DEATH_WAIT_S``, deaf to a Ctrl-C (a review of stop 80)."""
+    box: dict = {}
+
+    def read() -> None:
+        try:
+            left = [h for h in killed if _alive(h)]
+            while left and time.monotonic() < end:
+                time.sleep(DEATH_POLL_S)  # (the GCS publishes a death to Ray's own subscribers alone)
+                left = [h for h in left if _alive(h)]
+            box["left"] = left
+        except Exception:  # Ray is going down (or a client's, which cannot read it): nothing is left to wait for
+            box["left"] = []
+
+    reader = threading.Thread(target=read, name="smartbatch-stop-deaths", daemon=True)
+    reader.start()
+    reader.join(max(0.0, end - time.monotonic()) + GCS_ANSWER_S)  # (a Ctrl-C leaves the join at once)
+    return box.get("left")
 
 
 def _alive(h) -> bool:

@@ -334,3 +334,41 @@ def test_the_stop_returns_once_ray_says_every_actor_it_killed_is_dead(monkeypatc
     assert gcs.asked.count("d2") == 2 and "d2" in gcs.killed, gcs.asked  # asked again once the bound passed
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "1 actor(s) still alive" in said and "d2" in said and "d1" not in said, said
+
+
+def test_a_gcs_that_does_not_answer_holds_the_stop_no_longer_than_its_death_wait(monkeypatch, caplog):
+    """Ray's GCS stalled (loaded, or its head restarting): ``ray.kill`` still returns at once (0.2 ms, it queues
+    the kill), but a read of the actor table (``ray._private.state.actors``) waits for the GCS with no bound of
+    its own (Ray 2.60, the GCS stopped by SIGSTOP: the read returned 75 s later, as the GCS went on). The stop,
+    bounded at ``DEATH_WAIT_S`` when it waited on pings, hung in its first read as long as the GCS did, deaf to a
+    Ctrl-C. Now the reads run beside it and the stop goes on at the bound, saying the deaths are unconfirmed."""
+    import logging
+    import threading
+
+    from ray._private import state
+
+    gcs = _Gcs({})
+    _faked_gcs(monkeypatch, gcs)
+    stalled = threading.Event()
+
+    def stalled_read(actor_id: str) -> dict:
+        stalled.wait(60.0)  # (released as the test ends: a safety net)
+        return gcs.actors(actor_id)
+
+    monkeypatch.setattr(state, "actors", stalled_read)
+    monkeypatch.setattr(engine_stop, "DEATH_WAIT_S", 0.2)
+    grouper, budget, d1 = (_Actor(x) for x in ("grouper", "budget", "d1"))
+    done = threading.Event()
+    stopper = threading.Thread(target=lambda: (engine_stop.kill_engine("e", [grouper, d1, budget], [d1], budget,
+                                                                       claim={}), done.set()), daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
+            stopper.start()
+            returned = done.wait(10.0)  # the bound 0.2 s; 10 s for a loaded machine
+    finally:
+        stalled.set()
+        stopper.join(10.0)
+    assert returned, "the stop waited for a GCS that did not answer, past its death wait"
+    assert gcs.asked == ["grouper", "budget", "d1"]
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "did not answer" in said, said
