@@ -108,9 +108,7 @@ class Stopping:
             # lane) is never sent. Flushed here, it was sent as the actors went, and billed behind a result that
             # said it failed (a helper's hunt: 20 buffered, 20 billed at the emulator, 12 answered "failed"). A
             # driver of a shared engine sends it (below): it runs on there for any driver to get.
-            unsent = ({r.uid for r in self._buffer} | self._lane_uids()) if self._owner else set()
-            self._drop_unsent(unsent)
-        self._wake.set()
+            unsent, interrupted = self._take_unsent()
         me = threading.current_thread()  # a result's callback may call stop() in the thread that delivers it
         from engine.runtime.collector import driver_gc
 
@@ -118,6 +116,7 @@ class Stopping:
         failed = False
         try:
             try:
+                self._wake.set()
                 for t in (self._flusher, self._puller, self._checker):
                     if t is not me:
                         t.join(timeout_s)
@@ -158,6 +157,24 @@ class Stopping:
                 self._ray.shutdown()
             else:  # another engine still runs on this Ray: it shuts Ray down when it stops
                 heir._started_ray = True
+        if interrupted is not None:
+            raise interrupted
+
+    def _take_unsent(self) -> tuple[set, KeyboardInterrupt | None]:
+        """Under the lock: take what this driver has not sent out of the buffer and the lanes (``_drop_unsent``),
+        its ids, and the Ctrl-C that landed meanwhile, to raise once the stop has run. Taken again after it: a pass
+        over every request waiting, and a Ctrl-C there left the engine turned off, every actor running and every
+        future open, the next ``stop()`` returning at once (a review of stop 80)."""
+        unsent: set = set()
+        interrupted = None
+        while self._owner:
+            try:
+                unsent |= {r.uid for r in self._buffer} | self._lane_uids()
+                self._drop_unsent(unsent)
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+        return unsent, interrupted
 
     def _fail_all(self, unsent: set) -> bool:
         """Fail what is open as the engine stops: what this driver never sent says so (``NEVER_SENT``)."""

@@ -13,7 +13,7 @@ import pytest
 
 from engine.core.errors import ConfigError, Overloaded, RequestError
 from engine.core.result import Result
-from tests.unit.test_driver_lanes import _engine, req
+from tests.unit.test_driver_lanes import _engine, _sent, req
 
 
 class _Hub:
@@ -452,3 +452,43 @@ def test_a_ctrl_c_in_the_stop_before_its_futures_fail_still_resolves_every_open_
     assert sent.done() and unsent.done(), (sent.done(), unsent.done())
     assert sent.result(0).status == unsent.result(0).status == "failed"
     assert "never sent" in unsent.result(0).error and "engine stopped" in sent.result(0).error
+
+
+@pytest.mark.parametrize("at", ["taking what was not sent", "waking the threads"])
+def test_a_ctrl_c_as_the_stop_turns_the_engine_off_still_kills_the_actors_and_fails_what_is_open(monkeypatch, at):
+    """The stop's first steps, before its ``try``: taking what was not sent out of the buffer and the lanes (a
+    pass over every request waiting, under the engine's lock) and waking the driver's threads. A Ctrl-C there left
+    the engine turned off (``_running`` False, submits refused) with every actor running and every future open;
+    the next ``stop()`` returned at once. Now what was not sent is taken again, the stop runs through, and the
+    Ctrl-C is raised at its end."""
+    import actors.remote
+
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    killed = []
+    monkeypatch.setattr(actors.remote, "kill_engine", lambda engine, *a, **kw: killed.append(engine))
+    sent = e.submit(req(1))
+    e._flush()
+    unsent = e.submit(req(2))  # buffered: never sent
+    if at == "taking what was not sent":
+        lane_uids, calls = e._lane_uids, []
+
+        def ctrl_c_once():
+            calls.append(1)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            return lane_uids()
+
+        monkeypatch.setattr(e, "_lane_uids", ctrl_c_once)
+    else:
+        def ctrl_c():
+            raise KeyboardInterrupt
+
+        e._wake = type("Event", (), {"set": staticmethod(ctrl_c)})()
+    with pytest.raises(KeyboardInterrupt):
+        e.stop()
+    e.stop()  # stopped already: returns at once
+    assert killed == ["fake"] and not e._running
+    assert (sent.result(0).status, unsent.result(0).status) == ("failed", "failed")
+    assert "never sent" in unsent.result(0).error and "engine stopped" in sent.result(0).error
+    assert e._buffer == [] and _sent(e) == ["r1"]  # r2 never sent: the flush after the stop sends nothing
