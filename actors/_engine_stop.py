@@ -194,9 +194,9 @@ def _alive(h) -> bool:
 
 
 def _kill(handles: list) -> int:
-    """Kill each of ``handles``; how many kills Ray took. A Ctrl-C in one (its kill asked: Ray's call ends before
-    Python raises it) is raised once every other is asked: it left the handles after it running (a second Ctrl-C
-    in the budget controller's kill, the dispatchers never killed: their batches under way ran on, billed)."""
+    """Kill each of ``handles``; how many kills Ray took. A Ctrl-C in one (its kill asked again: it may land before
+    Ray's call) is raised once every other is asked: it left the handles after it running (a second Ctrl-C in the
+    budget controller's kill, the dispatchers never killed: their batches under way ran on, billed)."""
     n, interrupted = 0, None
     for h in handles:
         try:
@@ -206,6 +206,10 @@ def _kill(handles: list) -> int:
             pass
         except BaseException as exc:
             interrupted = interrupted or exc
+            try:  # asked again: one that lands in ray.kill's Python before Ray's call left it unasked (a second
+                ray.kill(h, no_restart=True)  # kill of a dead actor is nothing; a review of stop 80)
+            except BaseException:  # gone, or a Ctrl-C more: the death wait asks once more at its bound
+                pass
     if interrupted is not None:
         raise interrupted
     return n

@@ -313,7 +313,7 @@ def test_a_second_ctrl_c_among_the_stop_s_last_kills_still_kills_every_actor(mon
     grouper, budget, d1, d2 = (_Actor(x) for x in ("grouper", "budget", "d1", "d2"))
     with pytest.raises(KeyboardInterrupt):
         engine_stop.kill_engine("e", [grouper, d1, d2, budget], [d1, d2], budget, claim={})
-    assert gcs.asked == ["grouper", "budget", "d1", "d2"]
+    assert gcs.asked == ["grouper", "budget", "budget", "d1", "d2"]  # (the cut one asked again: it may not have been)
 
 
 def test_the_stop_returns_once_ray_says_every_actor_it_killed_is_dead(monkeypatch, caplog):
@@ -372,3 +372,29 @@ def test_a_gcs_that_does_not_answer_holds_the_stop_no_longer_than_its_death_wait
     assert gcs.asked == ["grouper", "budget", "d1"]
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "did not answer" in said, said
+
+
+def test_a_ctrl_c_before_a_kill_reached_ray_still_kills_that_actor(monkeypatch):
+    """``ray.kill`` runs Python before Ray's own call (its connection's check, the handle's type): a Ctrl-C there
+    raises with that actor's kill never asked. The stop went on to the others and left that one to the death
+    wait's second kill, at its 2 s bound; a Ctrl-C more in that wait (the user pressing again) and the budget
+    controller ran on for good. Now the kill it cut is asked again at once."""
+    gcs = _Gcs({})
+    _faked_gcs(monkeypatch, gcs)
+    kill, cut = gcs.kill, []
+
+    def ctrl_c_before_the_controller_s_kill(h, no_restart: bool = True) -> None:
+        if h == "budget" and not cut:
+            cut.append(h)
+            raise KeyboardInterrupt  # (before Ray's call: not asked)
+        kill(h, no_restart)
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_stop.ray, "kill", ctrl_c_before_the_controller_s_kill)
+    monkeypatch.setattr(engine_stop.ray, "wait", ctrl_c)  # and one more in the death wait
+    grouper, budget, d1 = (_Actor(x) for x in ("grouper", "budget", "d1"))
+    with pytest.raises(KeyboardInterrupt):
+        engine_stop.kill_engine("e", [grouper, d1, budget], [d1], budget, claim={})
+    assert sorted(gcs.killed) == ["budget", "d1", "grouper"], gcs.asked
