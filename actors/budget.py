@@ -147,11 +147,12 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
     async def close(self) -> None:
         """Close the ledger's Redis connections (what the outbox holds then is the engine stop's: ``leave``)."""
         self._closed = True
-        if self._flusher is not None:
-            self._flusher.cancel()
         client = getattr(self.book, "client", None)
         if client is not None:
             self.book.stop_watch()
+        # Ended before the client closes: one woken after it opened a connection nothing closed (stop 80).
+        await self._loops_ended(self._flusher, getattr(self.book, "_watcher", None))
+        if client is not None:
             await client.aclose()
 
     def _describe(self, exc: BaseException) -> str:
@@ -347,7 +348,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
             if self._journaling is None or self._journaling.done():
                 self._journaling = asyncio.get_running_loop().create_task(self._journal_soon())
         self._dirty = True
-        if self.hub is not None and (self._reported is None or self._reported.done()):
+        if self.hub is not None and not self._closed and (self._reported is None or self._reported.done()):
             self._reported = asyncio.get_running_loop().create_task(self._report_soon())
 
     async def report(self) -> dict:

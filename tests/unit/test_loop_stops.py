@@ -81,3 +81,46 @@ def test_a_delete_tried_again_ends_with_its_journal_also_when_its_cancel_comes_b
         done, _ = await asyncio.wait([task], timeout=5.0)
         assert task in done and not calls, "a closed journal's retry still called Redis"
     asyncio.run(go())
+
+
+class _Hub:
+    """The hub as the controller's gauges use it: told, never answering."""
+
+    def observe_budget(self, *_args) -> None:
+        pass
+
+
+def test_a_budget_controller_s_close_ends_its_gauges_report_before_its_ledger_s_client_closes():
+    """The gauges' report reads the ledger every ``METRICS_EVERY_S`` while it moves (on a ``ManualClock`` its
+    window timer fires at once, so for good). ``close`` left it running: woken after the client's close, it
+    opened a connection on it that nothing closed, collected later as an ``unclosed Connection`` ResourceWarning
+    that failed an unrelated test of the worker (a CI run, stop 80). Now nothing of the controller runs on."""
+    from engine.core.budgets import BudgetSpec
+    from engine.core.clock import ManualClock
+
+    async def go():
+        b = BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),),
+                           redis_url="redis://127.0.0.1:1")
+        ctl = BudgetController(b, _Hub(), ManualClock(100.0))
+        read, closed, after = asyncio.Event(), [], []
+
+        async def report(now):  # never reaches the URL: the call is replaced
+            (after if closed else []).append(now)
+            read.set()
+            return []
+        ctl.book.report = report
+        aclose = ctl.book.client.aclose
+
+        async def closing():
+            closed.append(1)
+            await aclose()
+        ctl.book.client.aclose = closing
+        ctl._changed(journal=False)  # the ledger moved: the gauges are sent
+        await asyncio.wait_for(read.wait(), 5.0)
+        await ctl.close()
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+        assert not left, f"still running after close: {left}"
+        ctl._changed(journal=False)  # a call finishing after the close starts no report
+        assert ctl._reported is None or ctl._reported.done()
+        assert not after
+    asyncio.run(go())
