@@ -26,6 +26,22 @@ def _claims(*ids, usd):
     return [Claim(i, "acme", "openai", "gpt-5-mini", "urgent", usd) for i in ids]
 
 
+class _Closing(list):
+    """Budget controllers closed at the end of an ``async with``, a failed assertion's too: one left open kept a
+    connection to its Redis that, collected during a later test of the worker, failed that test (stop 80)."""
+
+    def __call__(self, ctl: BudgetController) -> BudgetController:
+        self.append(ctl)
+        return ctl
+
+    async def __aenter__(self) -> "_Closing":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for ctl in self:
+            await ctl.close()
+
+
 def _crash_and_restart(srv) -> None:
     srv.crash()
     srv.start()  # back from its last snapshot (RDB)
@@ -47,8 +63,8 @@ async def _four_under_way_then_lost(b, srv, lose):
     snapshot and returns the verdicts of four new $2 claims; all settle at cost, then a $1 claim is asked.
     Returns (the new claims granted, their verdicts, the last verdict, the report)."""
     ctl = BudgetController(b, None, ManualClock(100.0))
-    await ctl.check_ledger()
     try:
+        await ctl.check_ledger()
         assert (await ctl.reserve_many(_claims("s0", usd=1.0)))[0].ok
         await ctl.settle_many([("s0", 1.0)])
         srv.client().save()  # Redis's periodic snapshot happens to run now
@@ -114,7 +130,6 @@ def test_a_call_that_passed_the_watch_before_lost_writes_were_found_waits_until_
 
     async def go():
         ctl = BudgetController(b, None, ManualClock(100.0))
-        await ctl.check_ledger()
         book, entered, resume = ctl.book, asyncio.Event(), asyncio.Event()
         settle_items = book._settle_items
 
@@ -124,6 +139,7 @@ def test_a_call_that_passed_the_watch_before_lost_writes_were_found_waits_until_
                 await resume.wait()
             return await settle_items(items, check)
         try:
+            await ctl.check_ledger()
             assert all(v.ok for v in await ctl.reserve_many(_claims("a", "b", usd=2.0)))
             own_redis.client().save()
             await ctl.settle_many([("a", 6.0)])
@@ -287,7 +303,6 @@ def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, mo
 
     async def go():
         ctl = BudgetController(b, None, ManualClock(100.0))
-        await ctl.check_ledger()
         entered, resume = asyncio.Event(), asyncio.Event()
         reopen = type(ctl.book)._reopen
 
@@ -297,6 +312,7 @@ def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, mo
             return await reopen(self, rids)
         monkeypatch.setattr(type(ctl.book), "_reopen", held)
         try:
+            await ctl.check_ledger()
             assert all(v.ok for v in await ctl.reserve_many(_claims(*(f"a{k}" for k in range(4)), usd=2.0)))
             _crash_and_restart(own_redis)
             first = asyncio.ensure_future(_until_answered(ctl, b, _claims("n0", usd=3.0)))
@@ -329,7 +345,7 @@ def test_what_waits_for_a_paused_redis_outlives_a_restart_of_the_budget_controll
     from engine.core.budgets import Charge
 
     b = _budgets(own_redis.url).model_copy(update={"redis_timeout_s": 0.3})
-    hub = ResultHub()
+    hub, keep = ResultHub(), _Closing()
     charge = Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)
 
     def ledger() -> tuple[float, float]:
@@ -350,42 +366,43 @@ def test_what_waits_for_a_paused_redis_outlives_a_restart_of_the_budget_controll
         await ctl.close()
 
     async def restarted():
-        ctl = BudgetController(b, hub, ManualClock(100.0))
+        ctl = keep(BudgetController(b, hub, ManualClock(100.0)))
         ctl.reconstructed()  # Ray restarted it: its first call reads the journal back
         return ctl
 
     async def go():
-        first = BudgetController(b, hub, ManualClock(100.0))
-        await first.check_ledger()
-        assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", "a2", usd=2.0)))
-        assert await hub.journal_items("budget-outbox") == {}  # Redis up: nothing journaled
-        os.kill(own_redis.proc.pid, signal.SIGSTOP)
-        try:
-            await first.settle_many([("a0", 1.5)])
-            await first.settle_many([("a1", 2.0)])
-            await first.charge_many([charge])
-            assert (await first.report())["ledger"]["unsettled"] == 3
-            kept = await hub.journal_items("budget-outbox")  # there before each call was answered
-            await stop(first)  # the actor dies (its flusher with it) while Redis is away
-            second = await restarted()
-            rep = await second.report()
-            assert rep["ledger"]["unsettled"] == 3 and rep["charged_usd"] == 0.5
-        finally:
-            os.kill(own_redis.proc.pid, signal.SIGCONT)
-        await flushed(second)
-        assert ledger() == (4.0, 2.0)  # a2 still open
-        assert await hub.journal_items("budget-outbox") == {}  # taken by Redis: cleared
-        await stop(second)
+        async with keep:
+            first = keep(BudgetController(b, hub, ManualClock(100.0)))
+            await first.check_ledger()
+            assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", "a2", usd=2.0)))
+            assert await hub.journal_items("budget-outbox") == {}  # Redis up: nothing journaled
+            os.kill(own_redis.proc.pid, signal.SIGSTOP)
+            try:
+                await first.settle_many([("a0", 1.5)])
+                await first.settle_many([("a1", 2.0)])
+                await first.charge_many([charge])
+                assert (await first.report())["ledger"]["unsettled"] == 3
+                kept = await hub.journal_items("budget-outbox")  # there before each call was answered
+                await stop(first)  # the actor dies (its flusher with it) while Redis is away
+                second = await restarted()
+                rep = await second.report()
+                assert rep["ledger"]["unsettled"] == 3 and rep["charged_usd"] == 0.5
+            finally:
+                os.kill(own_redis.proc.pid, signal.SIGCONT)
+            await flushed(second)
+            assert ledger() == (4.0, 2.0)  # a2 still open
+            assert await hub.journal_items("budget-outbox") == {}  # taken by Redis: cleared
+            await stop(second)
 
-        # A record Redis took whose delete was lost: sent again by the next restart, it counts nothing more.
-        await hub.journal_put_many("budget-outbox", kept)
-        third = await restarted()
-        assert (await third.report())["ledger"]["unsettled"] == 3
-        await flushed(third)
-        assert ledger() == (4.0, 2.0) and await hub.journal_items("budget-outbox") == {}
-        await third.settle_many([("a2", 1.0)])
-        assert ledger() == (5.0, 0.0) and await hub.journal_items("budget-outbox") == {}
-        await stop(third)
+            # A record Redis took whose delete was lost: sent again by the next restart, it counts nothing more.
+            await hub.journal_put_many("budget-outbox", kept)
+            third = await restarted()
+            assert (await third.report())["ledger"]["unsettled"] == 3
+            await flushed(third)
+            assert ledger() == (4.0, 2.0) and await hub.journal_items("budget-outbox") == {}
+            await third.settle_many([("a2", 1.0)])
+            assert ledger() == (5.0, 0.0) and await hub.journal_items("budget-outbox") == {}
+            await stop(third)
     asyncio.run(go())
 
 
@@ -406,7 +423,7 @@ def test_what_waits_for_a_paused_redis_outlives_the_hub_and_the_budget_controlle
 
     b = _budgets(own_redis.url).model_copy(update={"redis_timeout_s": 0.3})
     engine = f"sbtest-{secrets.token_hex(4)}"
-    kv = KvJournal(engine, f"{engine}@run")
+    kv, keep = KvJournal(engine, f"{engine}@run"), _Closing()
     charge = Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)
 
     def ledger() -> tuple[float, float]:
@@ -420,49 +437,50 @@ def test_what_waits_for_a_paused_redis_outlives_the_hub_and_the_budget_controlle
         await ctl.close()
 
     async def restarted():  # both restarted by Ray: a new hub, its journal empty, and a new controller
-        ctl = BudgetController(b, ResultHub(), ManualClock(100.0), kv_journal=KvJournal(engine, kv.run))
+        ctl = keep(BudgetController(b, ResultHub(), ManualClock(100.0), kv_journal=KvJournal(engine, kv.run)))
         ctl.reconstructed()
         await ctl.rejournal()  # the driver's rewire after the hub's restart: nothing to write again, nothing lost
         return ctl
 
     async def go():
-        hub = ResultHub()
-        first = BudgetController(b, hub, ManualClock(100.0), kv_journal=kv)
-        await first.check_ledger()
-        assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", "a2", usd=2.0)))
-        os.kill(own_redis.proc.pid, signal.SIGSTOP)
-        try:
-            await first.settle_many([("a0", 1.5)])
-            await first.settle_many([("a1", 2.0)])
-            await first.charge_many([charge])
-            kept = await kv.items("budget-outbox")  # there before each call was answered
-            assert len(kept) == 3 and await hub.journal_items("budget-outbox") == {}
-            assert (await first.report())["ledger"]["unjournaled"] == 0
-            await stop(first)
-            # A controller with no journal at all (none in the engine) counts what it would lose, never silent.
-            lone = BudgetController(b, None, ManualClock(100.0))
-            await lone.settle_many([("a2", 0.0)])
-            assert (await lone.report())["ledger"]["unjournaled"] == 1
-            await stop(lone)
-            second = await restarted()
-            rep = await second.report()
-            assert rep["ledger"]["unsettled"] == 3 and rep["charged_usd"] == 0.5
-        finally:
-            os.kill(own_redis.proc.pid, signal.SIGCONT)
-        await asyncio.wait_for(second._flusher, timeout=10)
-        assert ledger() == (4.0, 2.0)  # a2 still open; before: (0.0, 6.0)
-        assert await kv.items("budget-outbox") == {}  # taken by Redis: cleared
-        await stop(second)
+        async with keep:
+            hub = ResultHub()
+            first = keep(BudgetController(b, hub, ManualClock(100.0), kv_journal=kv))
+            await first.check_ledger()
+            assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", "a2", usd=2.0)))
+            os.kill(own_redis.proc.pid, signal.SIGSTOP)
+            try:
+                await first.settle_many([("a0", 1.5)])
+                await first.settle_many([("a1", 2.0)])
+                await first.charge_many([charge])
+                kept = await kv.items("budget-outbox")  # there before each call was answered
+                assert len(kept) == 3 and await hub.journal_items("budget-outbox") == {}
+                assert (await first.report())["ledger"]["unjournaled"] == 0
+                await stop(first)
+                # A controller with no journal at all (none in the engine) counts what it would lose, never silent.
+                lone = keep(BudgetController(b, None, ManualClock(100.0)))
+                await lone.settle_many([("a2", 0.0)])
+                assert (await lone.report())["ledger"]["unjournaled"] == 1
+                await stop(lone)
+                second = await restarted()
+                rep = await second.report()
+                assert rep["ledger"]["unsettled"] == 3 and rep["charged_usd"] == 0.5
+            finally:
+                os.kill(own_redis.proc.pid, signal.SIGCONT)
+            await asyncio.wait_for(second._flusher, timeout=10)
+            assert ledger() == (4.0, 2.0)  # a2 still open; before: (0.0, 6.0)
+            assert await kv.items("budget-outbox") == {}  # taken by Redis: cleared
+            await stop(second)
 
-        # Both die again, the records' deletes lost: sent again, they count nothing more.
-        await kv.put_many("budget-outbox", kept)
-        third = await restarted()
-        assert (await third.report())["ledger"]["unsettled"] == 3
-        await asyncio.wait_for(third._flusher, timeout=10)
-        assert ledger() == (4.0, 2.0) and await kv.items("budget-outbox") == {}
-        await third.settle_many([("a2", 1.0)])
-        assert ledger() == (5.0, 0.0)
-        await stop(third)
+            # Both die again, the records' deletes lost: sent again, they count nothing more.
+            await kv.put_many("budget-outbox", kept)
+            third = await restarted()
+            assert (await third.report())["ledger"]["unsettled"] == 3
+            await asyncio.wait_for(third._flusher, timeout=10)
+            assert ledger() == (4.0, 2.0) and await kv.items("budget-outbox") == {}
+            await third.settle_many([("a2", 1.0)])
+            assert ledger() == (5.0, 0.0)
+            await stop(third)
     try:
         asyncio.run(go())
     finally:
@@ -593,20 +611,21 @@ def test_a_settlement_journaled_for_a_redis_that_comes_back_empty_still_counts_i
     hub = ResultHub()
 
     async def go():
-        first = BudgetController(b, hub, ManualClock(100.0))
-        await first.check_ledger()
-        assert (await first.reserve_many(_claims("a0", usd=2.0)))[0].ok
-        own_redis.stop()
-        await first.settle_many([("a0", 1.5)])  # refused at once: nothing listens
-        await first.close()
-        second = BudgetController(b, hub, ManualClock(100.0))
-        second.reconstructed()
-        assert await second.recover()
-        own_redis.start()  # empty: the claim's record is gone
-        await asyncio.wait_for(second._flusher, timeout=10)
-        rep = await second.report()
-        await second.close()
-        return rep
+        async with _Closing() as keep:
+            first = keep(BudgetController(b, hub, ManualClock(100.0)))
+            await first.check_ledger()
+            assert (await first.reserve_many(_claims("a0", usd=2.0)))[0].ok
+            own_redis.stop()
+            await first.settle_many([("a0", 1.5)])  # refused at once: nothing listens
+            await first.close()
+            second = keep(BudgetController(b, hub, ManualClock(100.0)))
+            second.reconstructed()
+            assert await second.recover()
+            own_redis.start()  # empty: the claim's record is gone
+            await asyncio.wait_for(second._flusher, timeout=10)
+            rep = await second.report()
+            await second.close()
+            return rep
     rep = asyncio.run(go())
     (row,) = rep["budgets"]
     assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(1.5), 0) and rep["ledger"]["lost_records"] == 1

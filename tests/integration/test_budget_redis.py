@@ -3,6 +3,7 @@ and the Lua ledger decides as the in-process reference does."""
 
 import asyncio
 import calendar
+import contextlib
 import itertools
 import random
 
@@ -11,17 +12,18 @@ import pytest
 from actors.budget_redis import RedisBudgetBook
 from engine.core.budgets import BudgetSpec, Charge, Claim
 from engine.core.ledger import BudgetBook
+from tests.integration._redis_clients import redis_books
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))
 _prefix = itertools.count()
 
 
-def book_pair(url, specs):
-    import redis.asyncio as aioredis
-
+@contextlib.asynccontextmanager
+async def book_pair(url, specs):
+    """Two engines' books of one ledger, each on a client of its own, closed on every way out."""
     prefix = f"sbtest-budget{next(_prefix)}"
-    clients = [aioredis.Redis.from_url(url) for _ in range(2)]
-    return clients, [RedisBudgetBook(c, specs, prefix=prefix) for c in clients]
+    async with redis_books(url) as (_, new_a), redis_books(url) as (_, new_b):
+        yield new_a(specs, prefix=prefix), new_b(specs, prefix=prefix)
 
 
 def test_two_engines_on_one_redis_never_pass_a_shared_budget(redis_server):
@@ -43,20 +45,18 @@ def test_two_engines_on_one_redis_never_pass_a_shared_budget(redis_server):
         return got["a"], got["b"]
 
     async def go():
-        clients, (a, b) = book_pair(redis_server.url, [spec])
-        got_a, got_b = await engines(a, b, 150)
-        reserved = sum(c.amount for c in got_a + got_b)
-        spent, held = await a.window(spec, T0)
-        assert got_a and got_b  # both engines got work through
-        assert reserved <= spec.max_budget + 1e-9 and held == pytest.approx(reserved)
-        assert reserved > 0.95 * spec.max_budget  # and the budget was used, not refused wholesale
-        # Settle every claim at most its reservation, from both sides at once: spend stays within the limit.
-        settle = [(c.rid, c.amount * rng.random()) for c in got_a + got_b]
-        await asyncio.gather(a.settle_many(settle[::2]), b.settle_many(settle[1::2]))
-        spent, held = await b.window(spec, T0)
-        assert held == pytest.approx(0.0, abs=1e-9) and spent <= spec.max_budget
-        for c in clients:
-            await c.aclose()
+        async with book_pair(redis_server.url, [spec]) as (a, b):
+            got_a, got_b = await engines(a, b, 150)
+            reserved = sum(c.amount for c in got_a + got_b)
+            spent, held = await a.window(spec, T0)
+            assert got_a and got_b  # both engines got work through
+            assert reserved <= spec.max_budget + 1e-9 and held == pytest.approx(reserved)
+            assert reserved > 0.95 * spec.max_budget  # and the budget was used, not refused wholesale
+            # Settle every claim at most its reservation, from both sides at once: spend stays within the limit.
+            settle = [(c.rid, c.amount * rng.random()) for c in got_a + got_b]
+            await asyncio.gather(a.settle_many(settle[::2]), b.settle_many(settle[1::2]))
+            spent, held = await b.window(spec, T0)
+            assert held == pytest.approx(0.0, abs=1e-9) and spent <= spec.max_budget
     asyncio.run(go())
 
 
@@ -67,37 +67,35 @@ def test_the_lua_ledger_decides_as_the_reference_does(redis_server):
     ref = BudgetBook(specs)
 
     async def go():
-        clients, (book, _) = book_pair(redis_server.url, specs)
-        open_ids = []
-        # Crosses an hourly window. In order: the reference ledger lets a window go once time has passed it.
-        times = sorted(T0 + rng.uniform(0, 7200) for _ in range(300))
-        for k, t in enumerate(times):
-            c = Claim(f"c{k}", rng.choice(["acme", "globex"]), "openai", rng.choice(["gpt-5", "gpt-5-mini"]),
-                      rng.choice(["urgent", "normal", "background"]), round(rng.uniform(0, 1.2), 3))
-            (want,), (got,) = ref.reserve_many([c], t), await book.reserve_many([c], t)
-            assert got.ok == want.ok and (got.ok or got.reason == want.reason), (k, got, want)
-            if want.reason == "budget_exhausted":  # what the priority may reach, for the reason it gives
-                assert got.allowed_usd == pytest.approx(want.allowed_usd) and got.priority == want.priority, k
-            if want.reason == "deferred":  # its priority's whole share, for a reason that says no reset passes it
-                assert got.share_usd == pytest.approx(want.share_usd) and got.paced == want.paced, k
-            if got.ok:
-                open_ids.append(c.rid)
-            if open_ids and rng.random() < 0.4:
-                rid = open_ids.pop(rng.randrange(len(open_ids)))
-                actual = round(rng.uniform(0, 1), 3)
-                ref.settle_many([(rid, actual)])
-                await book.settle_many([(rid, actual)])
-            if rng.random() < 0.1:  # spend no claim covered (paid twice): counted past the limit, once per id
-                ch = Charge(f"x{rng.randrange(20)}", c.tenant, c.provider, c.model, round(rng.uniform(0, 2), 3))
-                ref.charge_many([ch], t)
-                await book.charge_many([ch], t)
-            rows = await book.report(t)
-            for got, want in zip(rows, ref.report(t), strict=True):
-                assert got["spent_usd"] == pytest.approx(want["spent_usd"], abs=1e-6), (k, got, want)
-        assert ref.charged and ref.overrun_usd() > 0  # the charges did pass a limit, as the bill did
-        assert await book.spend_report() == ref.spend_report()
-        for c in clients:
-            await c.aclose()
+        async with book_pair(redis_server.url, specs) as (book, _):
+            open_ids = []
+            # Crosses an hourly window. In order: the reference ledger lets a window go once time has passed it.
+            times = sorted(T0 + rng.uniform(0, 7200) for _ in range(300))
+            for k, t in enumerate(times):
+                c = Claim(f"c{k}", rng.choice(["acme", "globex"]), "openai", rng.choice(["gpt-5", "gpt-5-mini"]),
+                          rng.choice(["urgent", "normal", "background"]), round(rng.uniform(0, 1.2), 3))
+                (want,), (got,) = ref.reserve_many([c], t), await book.reserve_many([c], t)
+                assert got.ok == want.ok and (got.ok or got.reason == want.reason), (k, got, want)
+                if want.reason == "budget_exhausted":  # what the priority may reach, for the reason it gives
+                    assert got.allowed_usd == pytest.approx(want.allowed_usd) and got.priority == want.priority, k
+                if want.reason == "deferred":  # its priority's whole share, for a reason that says no reset passes it
+                    assert got.share_usd == pytest.approx(want.share_usd) and got.paced == want.paced, k
+                if got.ok:
+                    open_ids.append(c.rid)
+                if open_ids and rng.random() < 0.4:
+                    rid = open_ids.pop(rng.randrange(len(open_ids)))
+                    actual = round(rng.uniform(0, 1), 3)
+                    ref.settle_many([(rid, actual)])
+                    await book.settle_many([(rid, actual)])
+                if rng.random() < 0.1:  # spend no claim covered (paid twice): counted past the limit, once per id
+                    ch = Charge(f"x{rng.randrange(20)}", c.tenant, c.provider, c.model, round(rng.uniform(0, 2), 3))
+                    ref.charge_many([ch], t)
+                    await book.charge_many([ch], t)
+                rows = await book.report(t)
+                for got, want in zip(rows, ref.report(t), strict=True):
+                    assert got["spent_usd"] == pytest.approx(want["spent_usd"], abs=1e-6), (k, got, want)
+            assert ref.charged and ref.overrun_usd() > 0  # the charges did pass a limit, as the bill did
+            assert await book.spend_report() == ref.spend_report()
     asyncio.run(go())
 
 
@@ -161,58 +159,54 @@ def _aged(r, prefix, rid, by_s):
 def test_expired_reservations_are_released_and_a_late_settlement_still_counts(redis_server):
     """A claim left open past ``reservation_ttl_s`` (its engine crashed) is released by the next script; if its
     settlement comes after all, the spend counts and nothing is released twice."""
-    import redis.asyncio as aioredis
 
     spec = BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")
     prefix = f"sbtest-budget{next(_prefix)}"
     r = redis_server.client()
 
     async def go():
-        client = aioredis.Redis.from_url(redis_server.url)
-        book = RedisBudgetBook(client, [spec], prefix=prefix, reservation_ttl_s=600)
-        vs = await book.reserve_many([Claim("lost", "acme", "openai", "gpt-5", "urgent", 4.0),
-                                      Claim("late", "acme", "openai", "gpt-5", "urgent", 3.0),
-                                      Claim("live", "acme", "openai", "gpt-5", "urgent", 2.0)], T0)
-        assert all(v.ok for v in vs)
-        assert await book.window(spec, T0) == (0.0, 9.0)
-        exp = r.zscore(f"{prefix}:exp", "live") - float(r.time()[0])
-        assert 590 < exp <= 601 and r.ttl(f"{prefix}:c:live") == -1  # no expiry of its own until swept
-        assert not (await book.reserve_many([Claim("x", "acme", "openai", "gpt-5", "urgent", 2.0)], T0))[0].ok
-        _aged(r, prefix, "lost", 601)
-        _aged(r, prefix, "late", 601)
-        assert await book.sweep() == 2
-        assert await book.window(spec, T0) == (0.0, 2.0)  # only the live claim still holds room
-        assert 0 < r.ttl(f"{prefix}:c:late") <= 86400  # swept: a day for a late settlement to count
-        assert await book.sweep() == 0  # released once
-        await book.settle_many([("late", 2.5), ("live", 1.0)])  # one settles after its expiry, one before
-        assert await book.window(spec, T0) == (3.5, 0.0)
-        assert await book.spend_report() == [{"tenant": "acme", "provider": "openai", "model": "gpt-5",
-                                              "spent_usd": 3.5}]
-        await book.settle_many([("late", 2.5), ("lost", 0.0)])  # repeats and unknown claims change nothing
-        assert await book.window(spec, T0) == (3.5, 0.0)
-        assert r.zcard(f"{prefix}:exp") == 0 and not r.keys(f"{prefix}:c:*")
-        await client.aclose()
+        async with redis_books(redis_server.url) as (client, new_book):
+            book = new_book([spec], prefix=prefix, reservation_ttl_s=600)
+            vs = await book.reserve_many([Claim("lost", "acme", "openai", "gpt-5", "urgent", 4.0),
+                                          Claim("late", "acme", "openai", "gpt-5", "urgent", 3.0),
+                                          Claim("live", "acme", "openai", "gpt-5", "urgent", 2.0)], T0)
+            assert all(v.ok for v in vs)
+            assert await book.window(spec, T0) == (0.0, 9.0)
+            exp = r.zscore(f"{prefix}:exp", "live") - float(r.time()[0])
+            assert 590 < exp <= 601 and r.ttl(f"{prefix}:c:live") == -1  # no expiry of its own until swept
+            assert not (await book.reserve_many([Claim("x", "acme", "openai", "gpt-5", "urgent", 2.0)], T0))[0].ok
+            _aged(r, prefix, "lost", 601)
+            _aged(r, prefix, "late", 601)
+            assert await book.sweep() == 2
+            assert await book.window(spec, T0) == (0.0, 2.0)  # only the live claim still holds room
+            assert 0 < r.ttl(f"{prefix}:c:late") <= 86400  # swept: a day for a late settlement to count
+            assert await book.sweep() == 0  # released once
+            await book.settle_many([("late", 2.5), ("live", 1.0)])  # one settles after its expiry, one before
+            assert await book.window(spec, T0) == (3.5, 0.0)
+            assert await book.spend_report() == [{"tenant": "acme", "provider": "openai", "model": "gpt-5",
+                                                  "spent_usd": 3.5}]
+            await book.settle_many([("late", 2.5), ("lost", 0.0)])  # repeats and unknown claims change nothing
+            assert await book.window(spec, T0) == (3.5, 0.0)
+            assert r.zcard(f"{prefix}:exp") == 0 and not r.keys(f"{prefix}:c:*")
     asyncio.run(go())
 
 
 def test_expiry_is_swept_by_every_reservation_and_settlement(redis_server):
-    import redis.asyncio as aioredis
 
     spec = BudgetSpec(max_budget=5.0)
     prefix = f"sbtest-budget{next(_prefix)}"
     r = redis_server.client()
 
     async def go():
-        client = aioredis.Redis.from_url(redis_server.url)
-        book = RedisBudgetBook(client, [spec], prefix=prefix, reservation_ttl_s=60)
-        assert (await book.reserve_many([Claim("a", "t", "openai", "gpt-5", "urgent", 5.0)], T0))[0].ok
-        _aged(r, prefix, "a", 61)
-        # The sweep runs first in the same script, so the expired room goes to this claim.
-        assert (await book.reserve_many([Claim("b", "t", "openai", "gpt-5", "urgent", 5.0)], T0))[0].ok
-        _aged(r, prefix, "b", 61)
-        await book.settle_many([("unknown", 0.0)])  # any settlement sweeps too
-        assert await book.window(spec, T0) == (0.0, 0.0)
-        await client.aclose()
+        async with redis_books(redis_server.url) as (client, new_book):
+            book = new_book([spec], prefix=prefix, reservation_ttl_s=60)
+            assert (await book.reserve_many([Claim("a", "t", "openai", "gpt-5", "urgent", 5.0)], T0))[0].ok
+            _aged(r, prefix, "a", 61)
+            # The sweep runs first in the same script, so the expired room goes to this claim.
+            assert (await book.reserve_many([Claim("b", "t", "openai", "gpt-5", "urgent", 5.0)], T0))[0].ok
+            _aged(r, prefix, "b", 61)
+            await book.settle_many([("unknown", 0.0)])  # any settlement sweeps too
+            assert await book.window(spec, T0) == (0.0, 0.0)
     asyncio.run(go())
 
 
@@ -303,16 +297,14 @@ def test_a_separator_in_a_tenant_name_cannot_poison_the_shared_ledger(redis_serv
     tenants = ["acme", "acme\x1fopenai", "acme%1Fopenai", "a%25b", "%", "\x1f"]
 
     async def go():
-        clients, (a, b) = book_pair(redis_server.url, [spec])
-        claims = [Claim(f"c{k}", t, "openai", "gpt-5", "urgent", 1.0) for k, t in enumerate(tenants)]
-        assert all(v.ok for v in await a.reserve_many(claims, T0))
-        await b.settle_many([(c.rid, 1.0 + k) for k, c in enumerate(claims)])
-        rows = await b.spend_report()
-        assert sorted((r["tenant"], r["spent_usd"]) for r in rows) == sorted(
-            (t, 1.0 + k) for k, t in enumerate(tenants))
-        assert {(r["provider"], r["model"]) for r in rows} == {("openai", "gpt-5")}
-        for c in clients:
-            await c.aclose()
+        async with book_pair(redis_server.url, [spec]) as (a, b):
+            claims = [Claim(f"c{k}", t, "openai", "gpt-5", "urgent", 1.0) for k, t in enumerate(tenants)]
+            assert all(v.ok for v in await a.reserve_many(claims, T0))
+            await b.settle_many([(c.rid, 1.0 + k) for k, c in enumerate(claims)])
+            rows = await b.spend_report()
+            assert sorted((r["tenant"], r["spent_usd"]) for r in rows) == sorted(
+                (t, 1.0 + k) for k, t in enumerate(tenants))
+            assert {(r["provider"], r["model"]) for r in rows} == {("openai", "gpt-5")}
     asyncio.run(go())
 
 
@@ -320,33 +312,31 @@ def test_a_window_key_expires_a_day_after_its_window_and_a_later_settlement_touc
     """Windows of 30 s for months must not leave a key each: every window key has a TTL (its window's rest plus
     a day). A settlement that comes after its window's key expired counts its spend per tenant, recreates no
     window and charges nothing to the window open then."""
-    import redis.asyncio as aioredis
 
     spec = BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="30s")
     prefix = f"sbtest-budget{next(_prefix)}"
     r = redis_server.client()
 
     async def go():
-        client = aioredis.Redis.from_url(redis_server.url)
-        book = RedisBudgetBook(client, [spec], prefix=prefix)
-        assert (await book.reserve_many([Claim("late", "acme", "openai", "gpt-5", "urgent", 3.0)], T0))[0].ok
-        for k in range(1, 50):
-            t = T0 + 30.0 * k
-            assert (await book.reserve_many([Claim(f"c{k}", "acme", "openai", "gpt-5", "urgent", 1.0)], t))[0].ok
-            await book.settle_many([(f"c{k}", 0.5)])
-        await book.charge_many([Charge("twice", "acme", "openai", "gpt-5", 0.25)], t)
-        keys = r.keys(f"{prefix}:w:*")
-        assert len(keys) == 50
-        assert all(0 < r.ttl(k) <= 30 + 86400 for k in keys), sorted(r.ttl(k) for k in keys)
-        old = f"{prefix}:w:{spec.key(T0)}"
-        r.delete(old)  # what its expiry does, a day after the window ended
-        await book.settle_many([("late", 2.0)])
-        assert not r.exists(old)
-        assert await book.window(spec, t) == (0.75, 0.0)
-        assert await book.spend_report() == [{"tenant": "acme", "provider": "openai", "model": "gpt-5",
-                                              "spent_usd": 0.5 * 49 + 0.25 + 2.0}]
-        assert not r.keys(f"{prefix}:c:*")
-        await client.aclose()
+        async with redis_books(redis_server.url) as (client, new_book):
+            book = new_book([spec], prefix=prefix)
+            assert (await book.reserve_many([Claim("late", "acme", "openai", "gpt-5", "urgent", 3.0)], T0))[0].ok
+            for k in range(1, 50):
+                t = T0 + 30.0 * k
+                assert (await book.reserve_many([Claim(f"c{k}", "acme", "openai", "gpt-5", "urgent", 1.0)], t))[0].ok
+                await book.settle_many([(f"c{k}", 0.5)])
+            await book.charge_many([Charge("twice", "acme", "openai", "gpt-5", 0.25)], t)
+            keys = r.keys(f"{prefix}:w:*")
+            assert len(keys) == 50
+            assert all(0 < r.ttl(k) <= 30 + 86400 for k in keys), sorted(r.ttl(k) for k in keys)
+            old = f"{prefix}:w:{spec.key(T0)}"
+            r.delete(old)  # what its expiry does, a day after the window ended
+            await book.settle_many([("late", 2.0)])
+            assert not r.exists(old)
+            assert await book.window(spec, t) == (0.75, 0.0)
+            assert await book.spend_report() == [{"tenant": "acme", "provider": "openai", "model": "gpt-5",
+                                                  "spent_usd": 0.5 * 49 + 0.25 + 2.0}]
+            assert not r.keys(f"{prefix}:c:*")
     asyncio.run(go())
 
 
@@ -354,20 +344,18 @@ def test_an_expired_claim_is_released_however_long_after_its_expiry_the_next_scr
     """An engine holding a reservation stops for good, and no ledger script runs for days (a long weekend). The
     claim's record stays until a sweep releases it: it outlived its expiry by a day, and then the sweep found
     nothing to release, and its reservation held the budget's room for good."""
-    import redis.asyncio as aioredis
 
     spec = BudgetSpec(tenant="acme", max_budget=10.0)  # one window for ever (a project's budget)
     prefix = f"sbtest-budget{next(_prefix)}"
     r = redis_server.client()
 
     async def go():
-        client = aioredis.Redis.from_url(redis_server.url)
-        book = RedisBudgetBook(client, [spec], prefix=prefix, reservation_ttl_s=600)
-        assert (await book.reserve_many([Claim("lost", "acme", "openai", "gpt-5", "urgent", 4.0)], T0))[0].ok
-        assert r.ttl(f"{prefix}:c:lost") == -1  # it waits for its sweep, whenever that comes
-        _aged(r, prefix, "lost", 600 + 3 * 86400)  # three days past its expiry
-        assert await book.sweep() == 1 and await book.window(spec, T0) == (0.0, 0.0)
-        await client.aclose()
+        async with redis_books(redis_server.url) as (client, new_book):
+            book = new_book([spec], prefix=prefix, reservation_ttl_s=600)
+            assert (await book.reserve_many([Claim("lost", "acme", "openai", "gpt-5", "urgent", 4.0)], T0))[0].ok
+            assert r.ttl(f"{prefix}:c:lost") == -1  # it waits for its sweep, whenever that comes
+            _aged(r, prefix, "lost", 600 + 3 * 86400)  # three days past its expiry
+            assert await book.sweep() == 1 and await book.window(spec, T0) == (0.0, 0.0)
     asyncio.run(go())
 
 
@@ -375,22 +363,20 @@ def test_the_spend_of_a_tenant_no_budget_covers_is_counted_as_the_in_process_led
     """With budgets set, every request is claimed (the grouper reserves once any budget exists), covered or not.
     A claim no budget covered left no record, so its settlement found no tenant and the Redis ledger's spend
     per tenant left it out: short of the bill, where the in-process ledger counts it."""
-    import redis.asyncio as aioredis
 
     specs = [BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")]
     reference = BudgetBook(specs)
 
     async def go():
-        client = aioredis.Redis.from_url(redis_server.url)
-        book = RedisBudgetBook(client, specs, prefix=f"sbtest-budget{next(_prefix)}")
-        claims = [Claim("g1", "globex", "openai", "gpt-5", "normal", 1.0),
-                  Claim("a1", "acme", "openai", "gpt-5", "normal", 1.0)]
-        assert all(v.ok for v in reference.reserve_many(claims, T0))
-        assert all(v.ok for v in await book.reserve_many(claims, T0))
-        reference.settle_many([("g1", 0.5), ("a1", 0.25)])
-        await book.settle_many([("g1", 0.5), ("a1", 0.25)])
-        got = await book.spend_report()
-        await client.aclose()
+        async with redis_books(redis_server.url) as (client, new_book):
+            book = new_book(specs, prefix=f"sbtest-budget{next(_prefix)}")
+            claims = [Claim("g1", "globex", "openai", "gpt-5", "normal", 1.0),
+                      Claim("a1", "acme", "openai", "gpt-5", "normal", 1.0)]
+            assert all(v.ok for v in reference.reserve_many(claims, T0))
+            assert all(v.ok for v in await book.reserve_many(claims, T0))
+            reference.settle_many([("g1", 0.5), ("a1", 0.25)])
+            await book.settle_many([("g1", 0.5), ("a1", 0.25)])
+            got = await book.spend_report()
         return got
 
     got = asyncio.run(go())

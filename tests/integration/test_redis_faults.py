@@ -16,6 +16,7 @@ import pytest
 from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
 from engine.core.errors import ConfigError
 from tests.integration._catalogs import OPENAI_ONLY
+from tests.integration._redis_clients import redis_books
 
 _prefix = itertools.count()
 SPEEDUP = 100.0
@@ -41,16 +42,13 @@ def budgets(url, limit=None, **kw):
 
 def ledger(srv, b: BudgetSettings) -> tuple[float, float]:
     """(spent, reserved) of the one budget's window, after releasing what expired."""
-    import redis.asyncio as aioredis
 
-    from actors.budget_redis import RedisBudgetBook
 
     async def read():
-        client = aioredis.Redis.from_url(srv.url)
-        book = RedisBudgetBook(client, list(b.specs), prefix=b.redis_prefix, reservation_ttl_s=b.reservation_ttl_s)
-        await book.sweep()
-        out = await book.window(b.specs[0], 0.0)
-        await client.aclose()
+        async with redis_books(srv.url) as (client, new_book):
+            book = new_book(list(b.specs), prefix=b.redis_prefix, reservation_ttl_s=b.reservation_ttl_s)
+            await book.sweep()
+            out = await book.window(b.specs[0], 0.0)
         return out
     return asyncio.run(read())
 
@@ -384,37 +382,34 @@ def test_spend_settled_after_a_restart_that_lost_the_claims_is_counted_once(own_
     settlement finds the book's sequence gone (``BOOK_SEQ``): the three claims are reserved again first and settled
     through their records, where before each was counted as a lost record; $6 counted once either way (a book that
     did not grant them, a controller restarted, still counts them from its copy: ``test_budget_faults_hunt.py``)."""
-    import redis.asyncio as aioredis
     from redis.exceptions import ConnectionError as RedisConnectionError
 
-    from actors.budget_redis import RedisBudgetBook
 
     spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
 
     async def go():
-        client = aioredis.Redis.from_url(own_redis.url)
-        book = RedisBudgetBook(client, [spec], prefix=f"sbtest-lost{next(_prefix)}")
-        claims = [Claim(f"a{k}", "acme", "openai", "gpt-4o-mini", "urgent", 2.0) for k in range(3)]
-        assert all(v.ok for v in await book.reserve_many(claims, 0.0))
-        own_redis.stop()
-        own_redis.start()  # no persistence: the ledger is empty
-        with contextlib.suppress(RedisConnectionError):
-            await client.ping()  # the connection the restart cut fails once, then a new one is made
-        real = book._settle
+        async with redis_books(own_redis.url) as (client, new_book):
+            book = new_book([spec], prefix=f"sbtest-lost{next(_prefix)}")
+            claims = [Claim(f"a{k}", "acme", "openai", "gpt-4o-mini", "urgent", 2.0) for k in range(3)]
+            assert all(v.ok for v in await book.reserve_many(claims, 0.0))
+            own_redis.stop()
+            own_redis.start()  # no persistence: the ledger is empty
+            with contextlib.suppress(RedisConnectionError):
+                await client.ping()  # the connection the restart cut fails once, then a new one is made
+            real = book._settle
 
-        async def reply_lost(*a, **kw):  # Redis runs it; its answer never comes back
-            await real(*a, **kw)
-            raise RedisConnectionError("reply lost")
-        book._settle = reply_lost
-        with pytest.raises(RedisConnectionError):
-            await book.settle_many([(c.rid, 2.0) for c in claims[:1]])
-        book._settle = real
-        lost = await book.settle_many([(c.rid, 2.0) for c in claims])  # the first again (a replay), two more
-        spent, reserved = await book.window(spec, 0.0)
-        spend = await book.spend_report()
-        later = await book.reserve_many([Claim(f"b{k}", "acme", "openai", "gpt-4o-mini", "urgent", 2.0)
-                                         for k in range(5)], 0.0)
-        await client.aclose()
+            async def reply_lost(*a, **kw):  # Redis runs it; its answer never comes back
+                await real(*a, **kw)
+                raise RedisConnectionError("reply lost")
+            book._settle = reply_lost
+            with pytest.raises(RedisConnectionError):
+                await book.settle_many([(c.rid, 2.0) for c in claims[:1]])
+            book._settle = real
+            lost = await book.settle_many([(c.rid, 2.0) for c in claims])  # the first again (a replay), two more
+            spent, reserved = await book.window(spec, 0.0)
+            spend = await book.spend_report()
+            later = await book.reserve_many([Claim(f"b{k}", "acme", "openai", "gpt-4o-mini", "urgent", 2.0)
+                                             for k in range(5)], 0.0)
         return lost, spent, reserved, spend, [v.ok for v in later], book.reopened
     lost, spent, reserved, spend, later, reopened = asyncio.run(go())
     assert (lost, reopened) == (0, 3) and spent == pytest.approx(6.0) and reserved == 0.0
