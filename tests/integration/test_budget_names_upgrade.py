@@ -73,7 +73,8 @@ def test_a_claim_kept_on_disk_by_the_version_before_settles_on_the_budgets_windo
         async with redis_books(redis_server.url) as (c, new_book):
             book = new_book([life], prefix="sbtest-upgrade74-copy")
             assert await book.window(life, T0) == (0.0, 0.0)  # looked for under the old name already: nothing there
-            book.restore_copy("old-2", ("alice@example.com\x1fopenai\x1fgpt-5", [("tenant=alice@example.com@0", 0)], 0.3))
+            kept = ("alice@example.com\x1fopenai\x1fgpt-5", [("tenant=alice@example.com@0", 0)], 0.3)
+            book.restore_copy("old-2", kept)
             assert await book.settle_many([("old-2", 0.2)]) == 1  # its record gone: counted from the copy
             assert await book.window(life, T0) == pytest.approx((0.2, 0.0))
     asyncio.run(go())
@@ -107,7 +108,8 @@ def test_the_upgrade_reads_each_open_claim_once_for_all_the_budgets_a_call_moves
                 [Claim(f"new-{i}", f"u{i}@example.com", "openai", "gpt-5", "urgent", 0.1) for i in range(n)], T0)
             used = await reads(c) - before
             assert all(v.ok for v in verdicts)
-            # Each claim's record read once, each window a few times (checked, moved, reserved in): not budgets x claims.
+            # Each claim's record read once, each window a few times (checked, moved, reserved in): not budgets x
+            # claims.
             assert used <= claims + 10 * n
             assert await book.window(specs[1], T0) == pytest.approx((1.0, 0.5 + 0.1))
             assert await c.hget(f"{p}:c:old-1", "tenant='u1@example.com'@0") == b"0.2"

@@ -75,11 +75,13 @@ def test_without_budgets_an_unreachable_ledger_redis_does_not_stop_the_start(own
 
     async def go():
         ctl = BudgetController(BudgetSettings(redis_url=own_redis.url))
-        await ctl.check_ledger()  # nothing to enforce: no error
-        with pytest.raises(ConfigError, match="budgets.redis_url"):
-            await BudgetController(budgets(own_redis.url)).check_ledger()
-        assert (await ctl.report())["ledger"]["up"] is False  # the report says so, and does not fail
-        await ctl.close()
+        try:
+            await ctl.check_ledger()  # nothing to enforce: no error
+            with pytest.raises(ConfigError, match="budgets.redis_url"):
+                await BudgetController(budgets(own_redis.url)).check_ledger()
+            assert (await ctl.report())["ledger"]["up"] is False  # the report says so, and does not fail
+        finally:
+            await ctl.close()
     asyncio.run(go())
 
 
@@ -137,9 +139,11 @@ def test_a_ledger_redis_with_room_and_noeviction_passes_the_start_check(own_redi
 
     async def go():
         ctl = BudgetController(budgets(own_redis.url))
-        await ctl.check_ledger()
-        v = await ctl.reserve_many([Claim("c1", "acme", "openai", "gpt-4o-mini", "normal", 1.0)])
-        await ctl.close()
+        try:
+            await ctl.check_ledger()
+            v = await ctl.reserve_many([Claim("c1", "acme", "openai", "gpt-4o-mini", "normal", 1.0)])
+        finally:
+            await ctl.close()
         return v
     assert [x.ok for x in asyncio.run(go())] == [True]
 
@@ -152,8 +156,10 @@ def test_a_ledger_redis_that_keeps_nothing_on_disk_is_said_at_start(own_redis, c
     async def start() -> list[str]:
         caplog.clear()
         ctl = BudgetController(budgets(own_redis.url))
-        await ctl.check_ledger()
-        await ctl.close()
+        try:
+            await ctl.check_ledger()
+        finally:
+            await ctl.close()
         return [r.getMessage() for r in caplog.records if "keeps nothing on disk" in r.getMessage()]
 
     with caplog.at_level("WARNING", logger="smartbatch.budget"):
@@ -174,31 +180,34 @@ def test_the_budget_controller_answers_at_once_while_redis_is_paused_and_settles
 
     async def go():
         ctl = BudgetController(b)
-        await ctl.check_ledger()
-        c = [Claim(f"c{k}", "acme", "openai", "gpt-4o-mini", "normal", 1.0) for k in range(4)]
-        assert all(v.ok for v in await ctl.reserve_many(c[:2]))
-        with paused(own_redis):
-            t0 = time.monotonic()
-            v = await ctl.reserve_many(c[2:], [c[0].rid])  # a hedge's release and two claims: the release
-            # times out, so the claims are not sent at all
-            assert time.monotonic() - t0 < 2 * b.redis_timeout_s + 0.5
-            assert [x.reason for x in v] == ["budget_unavailable"] * 2 and "Redis at redis://127.0.0.1" in v[0].why()
-            t0 = time.monotonic()
-            await ctl.settle_many([(c[1].rid, 0.7)])
-            await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])  # kept, as settlements
-            assert await ctl.reserve_many(c[2:3]) == v[:1]  # down: answered without asking Redis
-            assert time.monotonic() - t0 < b.redis_timeout_s  # one ask of the paused Redis takes that long
-            rep = await ctl.report()
-            assert rep["ledger"]["up"] is False and rep["ledger"]["unsettled"] == 3  # 2 settlements, 1 charge
-        # Back: the outbox flushes by itself (no other call needed); its task ends when it is empty.
-        await asyncio.wait_for(ctl._flusher, timeout=5)
-        assert ctl._outbox == ctl._charges == [] and ledger_now(own_redis, b) == (0.9, 0.0)
-        await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])  # again: counted once
-        assert ledger_now(own_redis, b) == (0.9, 0.0) and (await ctl.report())["charged_usd"] == 0.2
-        assert (await ctl.reserve_many(c[3:]))[0].ok
-        assert (await ctl.report())["ledger"]["up"] is True
-        assert ctl.refusals["budget_unavailable"] == 3
-        await ctl.close()
+        try:
+            await ctl.check_ledger()
+            c = [Claim(f"c{k}", "acme", "openai", "gpt-4o-mini", "normal", 1.0) for k in range(4)]
+            assert all(v.ok for v in await ctl.reserve_many(c[:2]))
+            with paused(own_redis):
+                t0 = time.monotonic()
+                v = await ctl.reserve_many(c[2:], [c[0].rid])  # a hedge's release and two claims: the release
+                # times out, so the claims are not sent at all
+                assert time.monotonic() - t0 < 2 * b.redis_timeout_s + 0.5
+                assert [x.reason for x in v] == ["budget_unavailable"] * 2
+                assert "Redis at redis://127.0.0.1" in v[0].why()
+                t0 = time.monotonic()
+                await ctl.settle_many([(c[1].rid, 0.7)])
+                await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])  # kept, as settlements
+                assert await ctl.reserve_many(c[2:3]) == v[:1]  # down: answered without asking Redis
+                assert time.monotonic() - t0 < b.redis_timeout_s  # one ask of the paused Redis takes that long
+                rep = await ctl.report()
+                assert rep["ledger"]["up"] is False and rep["ledger"]["unsettled"] == 3  # 2 settlements, 1 charge
+            # Back: the outbox flushes by itself (no other call needed); its task ends when it is empty.
+            await asyncio.wait_for(ctl._flusher, timeout=5)
+            assert ctl._outbox == ctl._charges == [] and ledger_now(own_redis, b) == (0.9, 0.0)
+            await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])  # again: counted once
+            assert ledger_now(own_redis, b) == (0.9, 0.0) and (await ctl.report())["charged_usd"] == 0.2
+            assert (await ctl.reserve_many(c[3:]))[0].ok
+            assert (await ctl.report())["ledger"]["up"] is True
+            assert ctl.refusals["budget_unavailable"] == 3
+        finally:
+            await ctl.close()
 
     def ledger_now(srv, b):
         r = srv.client()
@@ -215,13 +224,17 @@ def test_the_reservations_of_an_engine_that_crashed_expire_after_the_ttl(own_red
 
     async def crash():
         ctl = BudgetController(b)
-        assert all(v.ok for v in await ctl.reserve_many(claims))
-        await ctl.close()  # gone without settling: the engine crashed
+        try:
+            assert all(v.ok for v in await ctl.reserve_many(claims))
+        finally:
+            await ctl.close()  # gone without settling: the engine crashed
 
     async def survivor():
         ctl = BudgetController(b)
-        v = await ctl.reserve_many([Claim("after", "acme", "openai", "gpt-4o-mini", "urgent", 10.0)])
-        await ctl.close()
+        try:
+            v = await ctl.reserve_many([Claim("after", "acme", "openai", "gpt-4o-mini", "urgent", 10.0)])
+        finally:
+            await ctl.close()
         return v[0].ok
 
     t0 = time.monotonic()
@@ -361,16 +374,18 @@ def test_a_charge_kept_while_redis_is_away_counts_in_the_window_it_was_made_in(o
     async def go():
         clock = ManualClock(100.0)
         ctl = BudgetController(b, None, clock)
-        await ctl.check_ledger()
-        with paused(own_redis):
-            await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])
-            assert ctl._charges  # kept
-            clock.advance(3600.0)  # the hour ends while Redis is away
-        await asyncio.wait_for(ctl._flusher, timeout=5)
-        r = own_redis.client()
-        spent = [float(r.hget(f"{b.redis_prefix}:w:{b.specs[0].key(t)}", "spent") or 0) for t in (100.0, 3700.0)]
-        assert spent == [0.2, 0.0], spent
-        await ctl.close()
+        try:
+            await ctl.check_ledger()
+            with paused(own_redis):
+                await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])
+                assert ctl._charges  # kept
+                clock.advance(3600.0)  # the hour ends while Redis is away
+            await asyncio.wait_for(ctl._flusher, timeout=5)
+            r = own_redis.client()
+            spent = [float(r.hget(f"{b.redis_prefix}:w:{b.specs[0].key(t)}", "spent") or 0) for t in (100.0, 3700.0)]
+            assert spent == [0.2, 0.0], spent
+        finally:
+            await ctl.close()
     asyncio.run(go())
 
 
@@ -430,17 +445,19 @@ def test_spend_of_claims_a_restart_lost_is_counted_once_through_the_controllers_
 
     async def go():
         ctl = BudgetController(b)
-        await ctl.check_ledger()
-        assert all(v.ok for v in await ctl.reserve_many([Claim(f"a{k}", "acme", "openai", "gpt-4o-mini", "urgent",
-                                                               2.0) for k in range(3)]))
-        own_redis.stop()
-        own_redis.start()  # no persistence: the claims and the spend so far are gone
-        await ctl.settle_many([(f"a{k}", 2.0) for k in range(3)])  # the work finished: $6 spent
-        if ctl._flusher is not None:  # the outbox's replay, once Redis answers again (bounded)
-            await asyncio.wait_for(asyncio.shield(ctl._flusher), 10)
-        led = (await ctl.report())["ledger"]
-        out = len(ctl._outbox), led["lost_records"], led["reopened_after_restart"]
-        await ctl.close()
+        try:
+            await ctl.check_ledger()
+            assert all(v.ok for v in await ctl.reserve_many([Claim(f"a{k}", "acme", "openai", "gpt-4o-mini", "urgent",
+                                                                   2.0) for k in range(3)]))
+            own_redis.stop()
+            own_redis.start()  # no persistence: the claims and the spend so far are gone
+            await ctl.settle_many([(f"a{k}", 2.0) for k in range(3)])  # the work finished: $6 spent
+            if ctl._flusher is not None:  # the outbox's replay, once Redis answers again (bounded)
+                await asyncio.wait_for(asyncio.shield(ctl._flusher), 10)
+            led = (await ctl.report())["ledger"]
+            out = len(ctl._outbox), led["lost_records"], led["reopened_after_restart"]
+        finally:
+            await ctl.close()
         return out
     left, lost, reopened = asyncio.run(go())
     spent, reserved = ledger(own_redis, b)
