@@ -74,14 +74,15 @@ class LateDraws(Draws):
     """The simulator's draws with every batch-API batch submitted ``lag_s`` after it was decided: its turnaround
     that of the slot it then lands in, and it ends ``lag_s`` later. What a live dispatcher's lag does to a batch
     and to all that hangs on its end (the prompt prefixes it warms, the requests that follow it, its hedge): a
-    trace whose decisions do not move under it has none within ``lag_s`` of a batch's end."""
+    trace whose decisions do not move under it has none within ``lag_s`` of a batch's end. A negative ``lag_s``
+    ends every batch that much sooner, in the slot it was sent in: a hedge that late, against the batch's end."""
 
     def __init__(self, n_requests: int, max_attempts: int, seed: int, slot_s: float, lag_s: float):
         super().__init__(n_requests, max_attempts, seed, slot_s)
         self.lag_s = lag_s
 
     def turnaround(self, provider, ba, t, world=None) -> float:
-        return self.lag_s + super().turnaround(provider, ba, t + self.lag_s, world)
+        return self.lag_s + super().turnaround(provider, ba, t + max(self.lag_s, 0.0), world)
 
 
 def sim_differences(sim, other) -> list:

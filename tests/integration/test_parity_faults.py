@@ -8,6 +8,15 @@ those do not reach: every request gets the simulator's mode, and the requests en
 up to the engine's own lag (a median over the trace). What the provider billed is what the results say, once
 per request, and every future resolves.
 
+Which side of its hedge a batch ends on is compared exactly, so no batch of the trace ends near its hedge (the
+premise, checked in the simulator): the simulator decides alike with every batch ending the live engine's lag
+later or sooner, that lag bounded by ``LAG_S`` of real time at ``SPEEDUP``. The emulator and the simulator draw
+one turnaround per provider for the whole run (``SLOT_S``): with minute slots, a batch sent a second before a
+slot's end was created live in the next slot, whose draw ended it minutes apart from the simulator's, once the
+engine lagged 60 ms of real time (stop 79: 5 requests took the other side of a hedge with two busy loops beside
+the test, 11 with every batch 2 engine seconds late in the simulator). With the draw of ``DRAW_SEED``, OpenAI's
+batches end nearly 5 minutes before their hedges' cancels are through, Anthropic's 13 minutes after.
+
 Found by this test: the simulator cancelled a hedged batch at once, whatever the catalog's ``cancel_s``, where
 a provider called over HTTP takes that long to cancel (the emulator exactly that long, real ones up to 10
 minutes), finishing members meanwhile: every hedged member was back, and sent sync, ``cancel_s`` earlier in the
@@ -30,13 +39,25 @@ from engine.core.cost import MODES
 from engine.core.provider_api import call_key
 from engine.core.settings import Settings, SimSettings
 from engine.emulator import Emulator
+from engine.sim.simulator import simulate
+from policies import load_policy
 from tests.integration._catalogs import only
-from tests.integration._parity import PARITY_POLICY, closest_call, parity_catalog, wave_trace
+from tests.integration._parity import (
+    PARITY_POLICY,
+    LateDraws,
+    closest_call,
+    parity_catalog,
+    sim_differences,
+    wave_trace,
+)
 
 SPEEDUP = 20.0
 CANCEL_S = 60.0  # engine seconds the emulator takes to cancel a batch
 FAULTS = {"rate_429": 0.1, "rate_5xx": 0.1, "retry_after_s": 5.0}
 WORLD = 2.0  # batches twice as slow as the catalog says: most are hedged
+SLOT_S = 3600.0  # one batch turnaround drawn per provider for the run, the emulator's as the simulator's
+DRAW_SEED = 1  # that draw: OpenAI's batches end well before their hedges, Anthropic's well after
+LAG_S = 3.0  # real seconds a live batch's create or cancel may come after the simulator's (2.2 s seen, loaded)
 
 
 def trace():
@@ -56,23 +77,35 @@ def catalog():
 def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_simulator_says_billed_once(
         ray_session):
     reqs, cat = trace(), catalog()
-    base = Settings(sim=SimSettings(turnaround_scale=WORLD, day_origin_s=0.0))
+    base = Settings(sim=SimSettings(turnaround_scale=WORLD, day_origin_s=0.0, batch_slot_s=SLOT_S))
     with Emulator(cat, speedup=SPEEDUP, seed=3, cancel_s=CANCEL_S, honour_keys=False) as emu:
         settings = point_at_emulator(base, emu)
         # The emulator fails no batch member, and its sync faults are not the simulator's draws: the simulator
         # fails nothing (``as_emulated``), so only timing separates the runs' retries.
-        sim, _ = planned(reqs, policy="smart", params=PARITY_POLICY, catalog=cat, settings=settings,
-                         seed=0, speedup=SPEEDUP)
+        sim, plan = planned(reqs, policy="smart", params=PARITY_POLICY, catalog=cat, settings=settings,
+                            seed=DRAW_SEED, speedup=SPEEDUP)
+        assert sum(b.outcome == "hedged" for b in sim.batches) >= 5  # the premise: hedges, and batches kept
+        assert any(b.mode == "batch_api" and b.outcome == "sent" for b in sim.batches)
+        # ... and none of them near its hedge. Live, a batch ends up to the lag later (its create's), its hedge's
+        # cancel is through up to the lag later, and the emulator cancels in the hedge's allowance less than the
+        # simulator plans (``with_hedge_lag``): against its hedge, a live batch ends from lag - allowance sooner
+        # to allowance + lag later than the simulator's. Every decision must stand at both ends.
+        lag, allowance = LAG_S * SPEEDUP, settings.hedge_lag_s * SPEEDUP
+        for shift in (allowance + lag, allowance - lag):
+            late = LateDraws(len(reqs), settings.sim.max_attempts, DRAW_SEED, SLOT_S, shift)
+            moved = simulate(reqs, load_policy("smart", plan, PARITY_POLICY), catalog=plan, settings=settings,
+                             draws=late)
+            assert sim_differences(sim, moved) == [], shift
         with Engine.start(settings, catalog=cat, policy_params=PARITY_POLICY, speedup=SPEEDUP,
                           metrics_port=None) as eng:
-            follow_engine(emu, settings, 0)(eng)
+            follow_engine(emu, settings, DRAW_SEED)(eng)
             emu.faults.configure(FAULTS)
             live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
             rep = eng.report()
         bill = emu.bill()
         faulted = sum(c.status in (429, 500, 529) for c in emu.calls)
 
-    assert faulted > 10 and sum(b.outcome == "hedged" for b in sim.batches) >= 5  # the premise: faults, hedges
+    assert faulted > 10  # the premise: faults
     assert sum(rep["providers"][p]["batches_cancelled"] for p in ("openai", "anthropic")) >= 5
     # A sync call fails 4 times in a row once in 625 here: that request fails, saying so, billed nothing.
     bad = {r.id for r in live.values() if r.status not in ("ok", "reused")}
