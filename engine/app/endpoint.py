@@ -67,6 +67,7 @@ from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, m
 from engine.app._endpoint_claude import for_messages_api, in_callers_words
 from engine.app._endpoint_count import count_router
 from engine.app._endpoint_failure import NO_RETRY, failure
+from engine.app._endpoint_internal import internal_error
 from engine.app._endpoint_keys import EndpointKeys
 from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
 from engine.app._endpoint_models import anthropic_caller, models_router
@@ -181,12 +182,12 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         if rid is not None:
-            with _carrying_id(rid):
+            with _carrying_id(rid, url):
                 return await _generation({"id": rid, **fields, "body": body}, url, n, came, own_id=True)
         tenant = fields.get("tenant", "default")
         key = retries.key(tenant, url, {**fields, "body": body, "n": n})
         d = {"id": tries.request_id(tenant, key, http.headers, lambda: new_id("req_")), **fields, "body": body}
-        with try_outcome(tries, key, d["id"], ApiError), _carrying_id(d["id"]):
+        with try_outcome(tries, key, d["id"], ApiError), _carrying_id(d["id"], url):
             return await _generation(d, url, n, came)
 
     async def _generation(d: dict[str, Any], url: str, n: int, came: dict[str, str] | None,
@@ -327,7 +328,11 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         if (path == "/v1/files" or path.startswith("/v1/files/")) and anthropic:
             return AnthropicError(404, "Anthropic's Files API (beta) is not served by this endpoint: put the "
                                        "document or image in the message itself (a base64 or URL source)").response()
-        answer = await call_next(http)
+        try:
+            answer = await call_next(http)
+        except Exception as exc:  # a bug's: Starlette's plain-text 500 had no id (``_endpoint_internal``)
+            shape = AnthropicError if anthropic else ApiError
+            return internal_error(exc, new_id("req_"), f"{http.method} {path}", shape).response()
         # A route that makes no request (models, files, batches) answers with an id of its own where the SDK reads
         # one, as the others do: its `_request_id` was None (a review).
         answer.headers.setdefault("request-id" if anthropic else "x-request-id", new_id("req_"))
@@ -368,11 +373,16 @@ def _smartbatch_headers(req: Request, res: Result, catalog: Catalog) -> dict[str
 
 
 @contextlib.contextmanager
-def _carrying_id(request_id: str):
+def _carrying_id(request_id: str, url: str):
     """An error of the generation ``request_id`` answers with that id (``ApiError.id_header``), as its answer would
-    have: the SDKs' ``e.request_id`` was None (a user's walkthrough)."""
+    have: the SDKs' ``e.request_id`` was None (a user's walkthrough); a bug's too, as a 500 logged under it."""
     try:
         yield
     except ApiError as exc:
         exc.headers = {HEADER_REQUEST_ID: request_id, **(exc.headers or {})}
         raise
+    except Exception as exc:
+        error = internal_error(exc, request_id, f"POST {url}")
+        error.headers = {HEADER_REQUEST_ID: request_id, **(error.headers or {})}
+        error.runs_on = True  # no refusal: the work may run on, billed, and the SDK's retry must take it (try_outcome)
+        raise error from exc
