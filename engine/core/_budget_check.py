@@ -22,15 +22,18 @@ __all__ = ["MAX_LIMIT_USD", "budget_of", "changed_specs", "check_budgets", "limi
 LIVE_FIX = "fix the name in the budget you set"
 # The largest limit taken where one is given (``Engine.set_budget``, ``smartbatch budget set``): a limit past any
 # account's spend holds nothing, and one of inf or 1e308 was taken and shown as "limit $inf" or a 300-digit figure
-# (a user's walkthrough). A budget that should hold nothing is removed. Not checked where a stored budget is read
-# (the ledger's Redis, a journal, ``BudgetSpec`` itself): one kept before this check loads as it was.
+# (a user's walkthrough). A budget that should hold nothing is removed. Checked at input, the start's settings
+# too (``check_budgets``); not where a stored budget is read (the ledger's Redis, a journal, ``BudgetSpec``
+# itself): one kept before this check loads as it was.
 MAX_LIMIT_USD = 1e9
+LIVE_NO_LIMIT = "remove the budget (Engine.remove_budget, `smartbatch budget remove NAME`)"
 
 
-def limit_problem(value: Any) -> str | None:
+def limit_problem(value: Any, no_limit: str = LIVE_NO_LIMIT) -> str | None:
     """Why a limit of ``value`` USD given as input is refused (not finite, or above ``MAX_LIMIT_USD``), with the
-    fix; None for any other value (a negative one or a word is ``BudgetSpec``'s to refuse). A number as text is
-    judged as the number ``BudgetSpec`` reads it as: "inf" and "1e12" were taken (a review)."""
+    fix (``no_limit``: how to say no limit there); None for any other value (a negative one or a word is
+    ``BudgetSpec``'s to refuse). A number as text is judged as the number ``BudgetSpec`` reads it as: "inf" and
+    "1e12" were taken (a review)."""
     if isinstance(value, str):
         try:
             value = float(value)
@@ -40,17 +43,20 @@ def limit_problem(value: Any) -> str | None:
         return None
     if math.isfinite(value) and value <= MAX_LIMIT_USD:
         return None
-    return (f"give a finite number of USD per window, at most {MAX_LIMIT_USD:,.0f}; for no limit, remove the budget "
-            "(Engine.remove_budget, `smartbatch budget remove NAME`)")
+    return f"give a finite number of USD per window, at most {MAX_LIMIT_USD:,.0f}; for no limit, {no_limit}"
 
 
 def check_budgets(catalog: Catalog, budgets: BudgetSettings, *, where: str = "setting budgets.specs.{k}",
-                  fix: str = "fix the name in SMARTBATCH_BUDGETS__SPECS", flags: Mapping[str, str] | None = None) -> None:
+                  fix: str = "fix the name in SMARTBATCH_BUDGETS__SPECS", flags: Mapping[str, str] | None = None,
+                  limits: bool = True) -> None:
     """Raise ``ConfigError`` naming the spec's field and the fix when a budget names a provider or a model that
-    ``catalog`` lacks (a tenant is the caller's word: any name goes). ``where``: how the message names the spec
-    (``{k}``, its index); ``fix``: where to fix it; ``flags``: the command-line flag of each field, named instead
-    of the spec's field (``smartbatch budget set --model``)."""
+    ``catalog`` lacks (a tenant is the caller's word: any name goes), or, with ``limits``, has a limit that is no
+    limit (``limit_problem``). ``where``: how the message names the spec (``{k}``, its index); ``fix``: where to
+    fix a name; ``flags``: the command-line flag of each field, named instead of the spec's field (``smartbatch
+    budget set --model``); ``limits=False``: a live change's, whose limit kept from a stored budget is not judged."""
     for k, s in enumerate(budgets.specs):
+        if limits:
+            _check_limits(s, where.format(k=k))
         field = "model" if s.model is not None else "provider"
         try:
             if s.provider is not None and s.model is not None:
@@ -111,8 +117,19 @@ def budget_of(fields: BudgetSpec | Mapping[str, Any], current: Iterable[BudgetSp
                               f"{merged['max_budget']}, kept from the running budget: give a soft limit at most it "
                               "(soft_budget, --soft) or a higher limit too (max_budget, --max)") from None
         raise _config_error(exc, name) from None
-    check_budgets(catalog, BudgetSettings(specs=(spec,)), where="budget", fix=LIVE_FIX)
+    check_budgets(catalog, BudgetSettings(specs=(spec,)), where="budget", fix=LIVE_FIX, limits=False)
     return spec
+
+
+def _check_limits(s: BudgetSpec, where: str) -> None:
+    """A start's budget (its settings, ``check_budgets``) is input as a live change is: a limit of inf or 1e12 was
+    taken at start (shown as "limit $inf") where ``set_budget`` and ``budget set`` refused it (a stop's notes).
+    Refused rather than taken with a warning: the fix is one edit, said here, and nothing has started to lose."""
+    keep_alert = "; to keep its soft alert alone, give max_budget 1e9" if s.soft_budget is not None else ""
+    no_limit = f"leave budget {s.name} out of SMARTBATCH_BUDGETS__SPECS (the settings' budgets.specs){keep_alert}"
+    for field in ("max_budget", "soft_budget"):
+        if (why := limit_problem(getattr(s, field), no_limit)) is not None:
+            raise ConfigError(f"{where}.{field} = {getattr(s, field)!r}: {why}")
 
 
 def _valid(fields: Mapping[str, Any]) -> bool:

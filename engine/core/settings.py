@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from engine.core._budget_check import limit_problem
 from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain, masked_url
 from engine.core._settings_providers import ProviderEndpoint, ProvidersSettings
 from engine.core.budgets import BudgetSettings, BudgetSpec
@@ -342,6 +343,9 @@ def with_budget(settings: Settings, total_usd: float | None = None,
                       *((f"the budget of tenant {t!r} (--tenant-budget)", u) for t, u in (tenants or {}).items())):
         if usd is not None and (isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 <= usd < math.inf):
             raise ConfigError(f"{what} must be a number of US dollars >= 0, got {usd!r}")
+        # Past the bound the start refuses it (``check_budgets``), which named the settings for a flag's budget.
+        if usd is not None and (why := limit_problem(usd, "leave it out")) is not None:
+            raise ConfigError(f"{what} = {usd!r}: {why}")
     specs = list(settings.budgets.specs)
     horizon = horizon_s if duration is None and horizon_s and horizon_s > 0 else None
     added = []
