@@ -35,6 +35,7 @@ from engine.app.cli_common import (
     progress,
 )
 from engine.app.provider_setup import speedup_problem
+from engine.core._budget_check import check_budget_limits
 from engine.core.errors import ConfigError, SmartbatchError
 
 
@@ -94,6 +95,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             # Here, not at the engine's start: `prepare` first takes back an earlier run's journal, cancelling
             # its batches under way at the provider, for a run refused (a review of stop 75).
             raise ConfigError(problem)
+        check_budget_limits(settings.budgets)  # as early, for the same reason (``_budget_check``)
         bf = read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat, settings=settings, live=True)
         shape = None if bf.lines else not_a_batch_file(input_file)
         if shape is not None:

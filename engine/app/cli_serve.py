@@ -21,6 +21,7 @@ from engine.app._serve_claim import NameClaim, port_holder, served_address, wait
 from engine.app._start_args import check_name
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
 from engine.app.provider_setup import is_variable_name, speedup_problem
+from engine.core._budget_check import check_budget_limits
 from engine.core.errors import ConfigError, SmartbatchError
 
 # How long a stop waits for the engine's endpoint and actors to go before it gives up on them (they are then
@@ -113,6 +114,10 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
         settings = _providers(settings, providers, base_url)
         if (problem := speedup_problem(cat, settings, speedup)) is not None:  # before a Ray, or a killed one's rescue
             _fail(ConfigError(problem))
+        try:  # as early, for the same reason: a limit that is no limit came after both (``_budget_check``)
+            check_budget_limits(settings.budgets)
+        except ConfigError as exc:
+            _fail(exc)
         settings = prepare_endpoint(state, settings, cat, speedup=speedup, address=address)  # (a killed one's)
         init_ray(address or "local", "--address")
         # Ray Serve logs its own start and stop at INFO on this terminal, one line of which ("New http_options ...

@@ -42,6 +42,7 @@ from engine.app._future import ResultFuture
 from engine.app._start_args import check_start_args
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
+from engine.core._budget_check import check_budget_limits
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, RequestError
@@ -170,6 +171,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         settings = settings.model_copy(update={"providers": settings.providers.decided()})
         if budget_usd is not None:  # before any Ray starts: a bad amount left an embedded Ray running
             settings = with_budget(settings, budget_usd)
+        # Before a killed run's take-back (which cancels its provider batches) and a Ray: a limit that is no limit
+        # was refused only by the actors' start, after both, for a start that was never to run (``_budget_check``).
+        check_budget_limits(settings.budgets)
         catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)
         catalog, keys = http_setup(catalog, settings, speedup=speedup)  # the catalog it plans with
         num_groupers = max(num_groupers, num_shards)

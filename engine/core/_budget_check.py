@@ -17,7 +17,7 @@ from engine.core.budgets import BudgetSettings, BudgetSpec, parse_duration
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError, ConfigError
 
-__all__ = ["MAX_LIMIT_USD", "budget_of", "changed_specs", "check_budgets", "limit_problem"]
+__all__ = ["MAX_LIMIT_USD", "budget_of", "changed_specs", "check_budget_limits", "check_budgets", "limit_problem"]
 
 LIVE_FIX = "fix the name in the budget you set"
 # The largest limit taken where one is given (``Engine.set_budget``, ``smartbatch budget set``): a limit past any
@@ -54,9 +54,9 @@ def check_budgets(catalog: Catalog, budgets: BudgetSettings, *, where: str = "se
     limit (``limit_problem``). ``where``: how the message names the spec (``{k}``, its index); ``fix``: where to
     fix a name; ``flags``: the command-line flag of each field, named instead of the spec's field (``smartbatch
     budget set --model``); ``limits=False``: a live change's, whose limit kept from a stored budget is not judged."""
+    if limits:
+        check_budget_limits(budgets, where)
     for k, s in enumerate(budgets.specs):
-        if limits:
-            _check_limits(s, where.format(k=k))
         field = "model" if s.model is not None else "provider"
         try:
             if s.provider is not None and s.model is not None:
@@ -121,11 +121,23 @@ def budget_of(fields: BudgetSpec | Mapping[str, Any], current: Iterable[BudgetSp
     return spec
 
 
+def check_budget_limits(budgets: BudgetSettings, where: str = "setting budgets.specs.{k}") -> None:
+    """``check_budgets``' check of the limits alone, which needs no catalog: a start runs it before anything with a
+    cost, as its first step. Run where the catalog is read, it came after a killed run's journal was taken back
+    (its provider batches under way cancelled, up to minutes of waiting) and a Ray started, for a start refused
+    (a review of stop 80)."""
+    for k, s in enumerate(budgets.specs):
+        _check_limits(s, where.format(k=k))
+
+
 def _check_limits(s: BudgetSpec, where: str) -> None:
     """A start's budget (its settings, ``check_budgets``) is input as a live change is: a limit of inf or 1e12 was
     taken at start (shown as "limit $inf") where ``set_budget`` and ``budget set`` refused it (a stop's notes).
     Refused rather than taken with a warning: the fix is one edit, said here, and nothing has started to lose."""
-    keep_alert = "; to keep its soft alert alone, give max_budget 1e9" if s.soft_budget is not None else ""
+    # (only for a soft limit that 1e9 can keep: past it, max_budget 1e9 was refused in turn as below the soft one)
+    soft = s.soft_budget
+    keep_alert = ("; to keep its soft alert alone, give max_budget 1e9" if soft is not None and math.isfinite(soft)
+                  and soft <= MAX_LIMIT_USD else "")
     no_limit = f"leave budget {s.name} out of SMARTBATCH_BUDGETS__SPECS (the settings' budgets.specs){keep_alert}"
     for field in ("max_budget", "soft_budget"):
         if (why := limit_problem(getattr(s, field), no_limit)) is not None:

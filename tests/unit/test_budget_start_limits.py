@@ -80,3 +80,45 @@ def test_a_nan_limit_is_refused_at_every_way_in_so_no_budget_that_passes_everyth
     assert not (0.5 > nan.max_budget)  # what a NaN limit does to the check of a claim: it never holds
     with pytest.raises(ConfigError, match=r"^setting budgets\.specs\.0\.max_budget = nan: give a finite number"):
         check_budgets(CAT, BudgetSettings.model_construct(specs=(nan,)))
+
+
+def test_a_start_refuses_such_a_budget_before_a_killed_runs_take_back_and_before_any_ray(monkeypatch, tmp_path):
+    """Refused only by the actors' start, the budget came after ``Engine.start`` took back what a killed run left on
+    journal.dir (cancelling its provider batches under way, waiting up to minutes for them) and started a Ray;
+    `batch` after `prepare` (the same take-back) and `serve` after a killed endpoint's rescue: each for a start
+    refused (a review of stop 80). Now the first check of each, as the speed-up's is."""
+    import tempfile
+
+    from typer.testing import CliRunner
+
+    import engine.app.cli_batch as cli_batch
+    import engine.app.cli_serve as cli_serve
+    import engine.app.driver as driver
+    from engine.app.cli import app
+
+    settings = from_env(monkeypatch, max_budget=math.inf)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # serve's name claims
+    first = "a killed run's journal was taken back (its provider batches cancelled) before the refusal"
+    monkeypatch.setattr(driver, "take_back", lambda *a, **k: pytest.fail(first))
+    monkeypatch.setattr(driver, "init_ray", lambda *a, **k: pytest.fail("a Ray was started for a refused start"))
+    monkeypatch.setattr(cli_batch, "prepare", lambda *a, **k: pytest.fail(first))
+    monkeypatch.setattr(cli_serve, "prepare_endpoint", lambda *a, **k: pytest.fail(first))
+    monkeypatch.setattr(cli_serve, "init_ray", lambda *a, **k: pytest.fail("a Ray was started for a refused serve"))
+    said = r"setting budgets\.specs\.0\.max_budget = inf: give a finite number of USD per window"
+    with pytest.raises(ConfigError, match="^" + said):
+        driver.Engine.start(settings)
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}}) + "\n")
+    for args in (["batch", str(src), "--out", str(tmp_path / "o.jsonl")], ["serve"]):
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "300"})
+        assert r.exit_code == 2 and "max_budget = inf: give a finite number" in r.output, (args, r.output)
+
+
+def test_the_soft_alert_fix_is_told_only_where_max_budget_1e9_keeps_that_soft_limit(monkeypatch):
+    """``max_budget inf`` with ``soft_budget 2e9``: told to give max_budget 1e9 to keep the alert, which was then
+    refused in turn, its soft limit above it (a review of stop 80)."""
+    for soft, told in ((100, True), (1e9, True), (2e9, False)):
+        with pytest.raises(ConfigError) as exc:
+            check_budgets(CAT, from_env(monkeypatch, max_budget=math.inf, soft_budget=soft).budgets)
+        assert ("give max_budget 1e9" in str(exc.value)) is told, (soft, str(exc.value))
