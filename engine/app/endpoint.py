@@ -182,11 +182,13 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         if rid is not None:
+            http.state.generation_id = rid  # a bug after the answer is built is under it too (the middleware)
             with _carrying_id(rid, url):
                 return await _generation({"id": rid, **fields, "body": body}, url, n, came, own_id=True)
         tenant = fields.get("tenant", "default")
         key = retries.key(tenant, url, {**fields, "body": body, "n": n})
         d = {"id": tries.request_id(tenant, key, http.headers, lambda: new_id("req_")), **fields, "body": body}
+        http.state.generation_id = d["id"]
         with try_outcome(tries, key, d["id"], ApiError), _carrying_id(d["id"], url):
             return await _generation(d, url, n, came)
 
@@ -331,8 +333,13 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         try:
             answer = await call_next(http)
         except Exception as exc:  # a bug's: Starlette's plain-text 500 had no id (``_endpoint_internal``)
-            shape = AnthropicError if anthropic else ApiError
-            return internal_error(exc, new_id("req_"), f"{http.method} {path}", shape).response()
+            # A generation's bug past its answer (rendering it) is under the id its request took and was billed
+            # under, as one within it is (``_carrying_id``): a fresh id named no line of that request (a review).
+            rid = getattr(http.state, "generation_id", None)
+            error = internal_error(exc, rid or new_id("req_"), f"{http.method} {path}",
+                                   AnthropicError if anthropic else ApiError)
+            error.headers = {**({HEADER_REQUEST_ID: rid} if rid else {}), **(error.headers or {})}
+            return error.response()
         # A route that makes no request (models, files, batches) answers with an id of its own where the SDK reads
         # one, as the others do: its `_request_id` was None (a review).
         answer.headers.setdefault("request-id" if anthropic else "x-request-id", new_id("req_"))

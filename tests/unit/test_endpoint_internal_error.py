@@ -97,3 +97,31 @@ def test_a_bug_on_the_messages_route_is_a_500_in_anthropics_shape_with_its_reque
     assert body["type"] == "error" and body["error"]["type"] == "api_error" and rid in body["error"]["message"]
     assert KEY not in exc.value.response.text
     assert [r.exc_info[0] for r in logged(caplog, rid)] == [RuntimeError]
+
+
+class _UnrenderedAnswer(endpoint.JSONResponse):
+    """The answer of a generation that cannot be written out: a bug past ``answer`` (a NaN, which JSON refuses)."""
+
+    def render(self, content) -> bytes:
+        if isinstance(content, dict) and content.get("object") == "chat.completion":
+            raise ValueError(f"Out of range float values are not JSON compliant (it quoted {KEY})")
+        return super().render(content)
+
+
+def test_a_bug_past_a_generations_answer_is_a_500_under_the_id_its_request_took_and_was_billed_under(monkeypatch,
+                                                                                                   caplog):
+    """The middleware answered it under a fresh id: no line of the log named the request the engine made (and
+    billed), and the SDK's ``e.request_id`` was not the one its retry took (a review of stop 80)."""
+    monkeypatch.setattr(endpoint, "JSONResponse", _UnrenderedAnswer)
+    eng = FakeEngine()
+    with serving(make_app(eng, catalog=CAT)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=1, timeout=10) as client:
+        with pytest.raises(openai.InternalServerError) as exc:
+            chat(client, content="Name three seas.")
+        assert len(eng.submitted) == 2 and set(eng.submitted) == {exc.value.request_id}  # the retry took the try
+        assert exc.value.code == INTERNAL_CODE and KEY not in exc.value.response.text
+        assert exc.value.response.headers[endpoint.HEADER_REQUEST_ID] == exc.value.request_id
+        assert [r.exc_info[0] for r in logged(caplog, exc.value.request_id)] == [ValueError, ValueError]
+        with pytest.raises(openai.InternalServerError) as own:
+            chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-unrendered"})
+        assert own.value.request_id == "q-unrendered"
