@@ -14,7 +14,7 @@ import math
 from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._shards import by_result_uid
 from actors._types import Job
-from actors.providers._wire import within
+from engine.core._within import within
 from engine.core.cost import reserve_bound
 from engine.core.errors import CatalogError
 from engine.core.result import CANCELLED, ENGINE_CANCELLED, Result

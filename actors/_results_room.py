@@ -12,7 +12,7 @@ import contextlib
 import logging
 
 from actors._batch_parts import file_parts, line_bound, read_bound_s, results_parts
-from actors.providers._wire import within
+from engine.core._within import within
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import CallJob, CallOutcome
 

@@ -22,7 +22,8 @@ import json
 from typing import Any
 
 from actors.providers._http import Unreadable, create_call, sdk_kwargs
-from actors.providers._wire import error_text, within
+from actors.providers._wire import error_text
+from engine.core._within import within
 
 __all__ = ["FLOOR_TOKENS_S", "Broken", "stream_bound", "streamed_call", "whole_call"]
 

@@ -23,8 +23,8 @@ from actors.providers._wire import (
     quota_message,
     redact,
     retry_after,
-    within,
 )
+from engine.core._within import within
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
 from engine.core.errors import ProviderError

@@ -42,8 +42,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from actors.providers._http import _never_connected
 from actors.providers._openai_video import poll_to_end
-from actors.providers._wire import within
 from engine.core._settings_env import ENV_PREFIX
+from engine.core._within import within
 from engine.core.cost import price_alone
 from engine.core.provider_api import CallJob, CallOutcome, sent_key
 

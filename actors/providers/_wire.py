@@ -16,14 +16,13 @@ import base64
 import hashlib
 import math
 import re
-import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from engine.core.request import Request, split_body
 
 __all__ = ["billing_refusal", "call_timeout", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
-           "redact", "retry_after", "tokens", "within"]
+           "redact", "retry_after", "tokens"]
 
 # OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
 _KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
@@ -36,17 +35,6 @@ def quota_message(name: str, status: int, said: str, msg: str) -> str:
     return (f"{name} HTTP {status} {said}: {msg[:300]} -- the provider account is out of credit or past its spend "
             "limit: add credit or raise the limit in the provider's billing settings (check the plan), then submit "
             "again; not retried, and billed nothing")
-
-
-async def within(aw: Any, seconds: float) -> Any:
-    """``aw``'s result, or ``TimeoutError`` past ``seconds``. Not ``asyncio.wait_for`` (before Python 3.12): a
-    cancel that comes as ``aw`` ends is swallowed there, its result returned and the cancelled task running on
-    (a dispatcher's follow-up cancelled at a death or a stop read its batch to the end: a flaky test showed it,
-    once polls were bounded); ``asyncio.timeout`` (3.11) passes the cancel on."""
-    if sys.version_info < (3, 11):
-        return await asyncio.wait_for(aw, seconds)
-    async with asyncio.timeout(seconds):
-        return await aw
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer
-from actors.providers._wire import within
 from engine.app._driver_owners import body_of
 from engine.app._driver_pull import FORGET_WAIT_S
 from engine.app._driver_reject import (
@@ -23,6 +22,7 @@ from engine.app._driver_reject import (
     validated,
     with_rejected,
 )
+from engine.core._within import within
 from engine.core.errors import EngineStopped, ProviderError
 from engine.core.request import Request
 from engine.core.result import Result

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from actors.providers._wire import within
+from engine.core._within import within
 from engine.core.request import Request
 from engine.core.response_owners import ResponseOwners, refs_of
 

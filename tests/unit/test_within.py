@@ -4,7 +4,7 @@ import asyncio
 
 import pytest
 
-from actors.providers._wire import within
+from engine.core._within import within
 
 
 def test_a_cancel_that_comes_as_the_awaited_call_ends_is_not_swallowed():
