@@ -6,7 +6,9 @@ too) and no line of the endpoint's log said which call it was (a stop's notes)."
 from __future__ import annotations
 
 import logging
+import traceback
 
+from actors.providers._wire import redact
 from engine.app._endpoint_wire import ApiError
 
 __all__ = ["INTERNAL_CODE", "internal_error"]
@@ -21,8 +23,16 @@ def internal_error(exc: BaseException, request_id: str, where: str, shape: type[
     Its message names the exception's type alone: its words may quote a key, a prompt or a path, and a message
     goes to the caller, often into its logs; the operator reads them in the endpoint's log."""
     kind = type(exc).__name__
-    log.error("%s failed on an unexpected %s, answered as a 500 under request id %s", where, kind, request_id,
-              exc_info=exc)
+    # The traceback as text, redacted: its last line is the exception's words, which may quote a key, and keys
+    # never go to a log; ``where`` holds the caller's path, whose %0a would start a line of the caller's writing.
+    trace = redact("".join(traceback.format_exception(exc)))
+    log.error("%s failed on an unexpected %s, answered as a 500 under request id %s\n%s", _one_line(where), kind,
+              _one_line(request_id), trace, extra={"error_type": kind})
     return shape(500, f"the endpoint failed on an unexpected error ({kind}), a fault of its own, not of the "
                       f"request; its log has it under request id {request_id}", type="server_error",
                  code=INTERNAL_CODE, headers={shape.id_header: request_id})
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its line breaks and other control characters written out (``\\n``): a log line holds it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

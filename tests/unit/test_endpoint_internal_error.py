@@ -43,7 +43,11 @@ def buggy():
 
 
 def logged(caplog, rid: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "smartbatch.endpoint" and rid in r.getMessage() and r.exc_info]
+    """The endpoint's log lines of a bug under ``rid``: each with its traceback, and never the key its words quote."""
+    found = [r for r in caplog.records if r.name == "smartbatch.endpoint" and rid in r.getMessage()
+             and getattr(r, "error_type", None)]
+    assert all("Traceback" in r.getMessage() and KEY not in r.getMessage() and not r.exc_info for r in found)
+    return found
 
 
 def test_a_generations_bug_is_a_500_in_openais_shape_under_its_request_id_and_logged_there(buggy, caplog):
@@ -57,7 +61,7 @@ def test_a_generations_bug_is_a_500_in_openais_shape_under_its_request_id_and_lo
         assert (body["type"], body["code"]) == ("server_error", INTERNAL_CODE) == (exc.value.type, exc.value.code)
         assert "RuntimeError" in body["message"] and rid in body["message"]
         assert KEY not in exc.value.response.text
-        assert [r.exc_info[0] for r in logged(caplog, rid)] == [RuntimeError]  # the operator finds it by the id
+        assert [r.error_type for r in logged(caplog, rid)] == ["RuntimeError"]  # the operator finds it by the id
         with pytest.raises(openai.InternalServerError) as own:  # the caller's own id, as its answer would carry
             chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-bug"})
         assert own.value.request_id == "q-bug"
@@ -83,7 +87,7 @@ def test_a_bug_in_a_route_without_a_request_is_a_500_with_an_id_of_its_own(buggy
     rid = exc.value.request_id
     assert rid and rid.startswith("req_") and exc.value.code == INTERNAL_CODE and "KeyError" in exc.value.message
     assert KEY not in exc.value.response.text
-    assert [r.exc_info[0] for r in logged(caplog, rid)] == [KeyError]
+    assert [r.error_type for r in logged(caplog, rid)] == ["KeyError"]
 
 
 def test_a_bug_on_the_messages_route_is_a_500_in_anthropics_shape_with_its_request_id(buggy, caplog):
@@ -96,7 +100,7 @@ def test_a_bug_on_the_messages_route_is_a_500_in_anthropics_shape_with_its_reque
     body = exc.value.response.json()
     assert body["type"] == "error" and body["error"]["type"] == "api_error" and rid in body["error"]["message"]
     assert KEY not in exc.value.response.text
-    assert [r.exc_info[0] for r in logged(caplog, rid)] == [RuntimeError]
+    assert [r.error_type for r in logged(caplog, rid)] == ["RuntimeError"]
 
 
 class _UnrenderedAnswer(endpoint.JSONResponse):
@@ -121,7 +125,22 @@ def test_a_bug_past_a_generations_answer_is_a_500_under_the_id_its_request_took_
         assert len(eng.submitted) == 2 and set(eng.submitted) == {exc.value.request_id}  # the retry took the try
         assert exc.value.code == INTERNAL_CODE and KEY not in exc.value.response.text
         assert exc.value.response.headers[endpoint.HEADER_REQUEST_ID] == exc.value.request_id
-        assert [r.exc_info[0] for r in logged(caplog, exc.value.request_id)] == [ValueError, ValueError]
+        assert [r.error_type for r in logged(caplog, exc.value.request_id)] == ["ValueError", "ValueError"]
         with pytest.raises(openai.InternalServerError) as own:
             chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-unrendered"})
         assert own.value.request_id == "q-unrendered"
+
+
+def test_a_bugs_log_line_keeps_the_callers_path_on_its_line_and_no_key(caplog):
+    """The path is the caller's writing: a ``%0a`` in it, decoded, started a log line of the caller's making; the
+    traceback's last line is the exception's words, which quoted the key into the operator's log (a review)."""
+    from engine.app._endpoint_internal import internal_error
+
+    with caplog.at_level(logging.ERROR, logger="smartbatch.endpoint"):
+        err = internal_error(KeyError(KEY), "req_1", "GET /v1/boom\nERROR forged line")
+    (rec,) = [r for r in caplog.records if r.name == "smartbatch.endpoint"]
+    first, *rest = rec.getMessage().strip().split("\n")
+    assert "GET /v1/boom\\nERROR forged line" in first and "req_1" in first
+    assert not any("forged" in line for line in rest)
+    assert KEY not in caplog.text and "[redacted]" in rec.getMessage() and "KeyError" in rest[-1]
+    assert err.status == 500 and KEY not in str(err.message)
