@@ -12,12 +12,13 @@ from actors._batch_watch import _UNKNOWN, CANCEL_RETRY_S, POLL_RETRY_S, BatchWat
 from actors._queue_full import QueueFull
 from actors._results_room import ResultsReads
 from actors._types import BatchJob, Job
+from engine.core._logkeys import get_logger
 from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, refusal_state
 from engine.runtime.providers import Event
 from engine.runtime.turnaround import Turnaround, batch_turnaround, submitted
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 FIND_TRIES = 5  # lookups of a lost create's batch a real second or more apart; then every POLL_RETRY_S engine s
 SUBMIT_TRIES = 3  # creates of a batch whose answer was lost, each after a lookup that did not find it

@@ -6,14 +6,14 @@ given up on (OpenAI deletes a batch's files 30 days after their creation)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from actors.providers._wire import redact
+from engine.core._logkeys import get_logger
 
 __all__ = ["DISCARD_TRIES", "FileCleanup"]
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 DISCARD_TRIES = 3  # deletes of one batch's files, RETRY_S real seconds apart, doubling
 RETRY_S = 0.5

@@ -9,15 +9,15 @@ dispatcher counts the batches it re-attaches to on the gate, as the process that
 
 from __future__ import annotations
 
-import logging
 import math
 
 from actors._cancel import _WITHDRAWN, _WITHDRAWN_AFTER_TRY
 from actors._types import Job
+from engine.core._logkeys import get_logger
 
 __all__ = ["BatchGate"]
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 
 class BatchGate:

@@ -22,18 +22,18 @@ claim and kept for a late re-admission of its request (``actors._batch_strays``)
 from __future__ import annotations
 
 import asyncio
-import logging
 import pickle
 
 from actors._batch_strays import BatchStrays, Strays
 from actors._journal_seal import HUB_ASK_S
 from actors._sync_index import SYNC, SyncIndex
 from actors._types import Job
+from engine.core._logkeys import get_logger
 from engine.core.request import Request
 
 __all__ = ["INDEX", "BatchIndex", "entry"]
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 INDEX = "batch-index:"  # the hub's memory-journal space of one holder of one Redis journal: INDEX + base + holder
 

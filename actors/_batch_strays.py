@@ -22,12 +22,12 @@ again at the hub) is carried out, not answered with the stray's line (``_stray_o
 
 from __future__ import annotations
 
-import logging
 from collections import deque
 from typing import NamedTuple
 
 from actors._shards import class_shard
 from actors._types import Job
+from engine.core._logkeys import get_logger
 from engine.core.cost import reserve_bound
 from engine.core.features import fingerprint
 from engine.core.provider_api import CallJob, CallOutcome, call_key
@@ -36,7 +36,7 @@ from engine.runtime.outcomes import verdict
 
 __all__ = ["STRAYS_KEPT", "BatchStrays", "Strays"]
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 STRAYS_KEPT = 4096  # read strays' outcomes kept for a late re-admission (its driver gone, most never come)
 STRAYS_OUTPUT_MB = 64.0  # of their outputs, the newest kept (an image's is 1-6 MB of base64: ``_keep_done``'s rule)

@@ -5,16 +5,16 @@ both use."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from actors._types import BatchJob, Job
 from actors.providers._wire import redact
+from engine.core._logkeys import get_logger
 from engine.core.budgets import Charge
 from engine.core.provider_api import CallJob, CallOutcome
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 __all__ = ["CANCEL_RETRY_S", "POLL_RETRY_S", "WATCH_S", "BatchWatch", "known_ran"]
 

@@ -3,16 +3,16 @@ enforced stops the engine's start with a ``ConfigError`` naming ``budgets.redis_
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 from actors._redis_cluster import cluster_mode, config_get, mode_mismatch
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 
 __all__ = ["check_redis_ledger"]
 
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 
 async def check_redis_ledger(book: Any, url: str, names: str, errors: tuple[type[BaseException], ...],

@@ -20,10 +20,10 @@ one's ledger over the successor's copies in Ray's store that had not landed yet 
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from actors._incarnations import began, drop_earlier, earlier, next_epoch, own_key
 from actors.journal import read_patiently
+from engine.core._logkeys import get_logger
 from engine.core.budgets import BudgetSpec
 
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
@@ -34,7 +34,7 @@ KV_RETRY_S = 1.0  # a copy Ray's store refused is written again this long after 
 # Copies start at most this often: under steady load the ledger changes all the time, and back-to-back copies would
 # pickle the whole snapshot again per write and keep the head node's store busy; the loss window grows by this much.
 KV_EVERY_S = 0.25
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 
 class LedgerJournal:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import logging
 import os
 import pickle
 import re
@@ -33,10 +32,11 @@ from typing import Any, BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 from actors._stop_claim import note_kept
+from engine.core._logkeys import get_logger
 
 __all__ = ["KeptClaims", "keep_left", "kept_dir", "leave_call_s", "take_back_kept"]
 
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 _SUFFIX = ".outbox"
 _TAKING = ".taking-"  # <kept file>.taking-<host>-<pid>-<token>: taken by an engine, locked while it runs
 TAKE_CALL_S = 60.0  # bound on the controller's take-back at start (it journals, and sends if Redis answers)

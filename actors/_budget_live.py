@@ -23,13 +23,13 @@ key), and which a grouper takes whatever its number."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import secrets
 import time
 from typing import NamedTuple
 
 from actors._budget_specs import SPECS_TTL_S, Kept, SpecStore
 from engine.core._budget_check import changed_specs
+from engine.core._logkeys import get_logger
 from engine.core.budgets import BudgetSpec
 from engine.core.errors import ConfigError
 
@@ -38,7 +38,7 @@ __all__ = ["SPECS_CHECK_S", "SPECS_TTL_S", "LiveBudgets", "SpecState"]
 # Real seconds between two checks of a Redis ledger's version for changes made on other engines: the groupers
 # ask once a second (``BUDGET_ASK_S``), so a change reaches another engine's groupers within about two.
 SPECS_CHECK_S = 1.0
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 
 class SpecState(NamedTuple):

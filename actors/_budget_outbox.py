@@ -27,10 +27,10 @@ a delete sent beside its put could land first.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from actors.journal import HubJournal, read_patiently
+from engine.core._logkeys import get_logger
 from engine.core.budgets import Charge
 
 __all__ = ["OUTBOX_SPACE", "OutboxJournal"]
@@ -38,7 +38,7 @@ __all__ = ["OUTBOX_SPACE", "OutboxJournal"]
 OUTBOX_SPACE = "budget-outbox"
 _SEP = "\x1f"
 PUT_TIMEOUT_S = 10.0  # a write that takes longer is given up (logged): the item stays in the outbox in memory
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 
 def _settlement_key(rid: str, usd: float) -> str:

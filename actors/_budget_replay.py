@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import secrets
 import time
@@ -20,10 +19,11 @@ from collections import Counter, OrderedDict
 from actors._budget_scripts import BOOK_SEQ
 from actors._journal_watch import refuses_info
 from actors._redis_cluster import server_info, serving_node, slot_left
+from engine.core._logkeys import get_logger
 
 __all__ = ["REPLAY_KEEP_MAX", "REPLAY_KEEP_S", "SERVER_CHECK_S", "ScriptRefused", "ServerWatch"]
 
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 # What this book settled or charged lately, kept to be sent again should Redis come back from an older state (a
 # crash restored from a snapshot: its claims settled since are open again, their spend gone). Snapshots are taken

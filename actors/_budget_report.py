@@ -5,15 +5,15 @@ WARNING once per window for a budget past its soft limit."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Iterable
 
+from engine.core._logkeys import get_logger
 from engine.core.budgets import BudgetSpec, window_bounds, window_label
 
 __all__ = ["METRICS_EVERY_S", "BudgetReports", "next_window_end"]
 
 METRICS_EVERY_S = 0.5
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 
 def next_window_end(specs: Iterable[BudgetSpec], now: float) -> float | None:

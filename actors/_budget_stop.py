@@ -11,15 +11,15 @@ Redis answers. Sending one again is safe: a settlement leaves a marker, a charge
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
 from actors._budget_outbox import _charge_key, _settlement_key
+from engine.core._logkeys import get_logger
 
 __all__ = ["OutboxAtStop"]
 
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 
 class OutboxAtStop:

@@ -8,12 +8,12 @@ member, whose answers nobody read, and ``--resume`` sent those lines again (a he
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 
 from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._shards import by_result_uid
 from actors._types import Job
+from engine.core._logkeys import get_logger
 from engine.core._within import within
 from engine.core.cost import reserve_bound
 from engine.core.errors import CatalogError
@@ -22,7 +22,7 @@ from engine.runtime.scheduler import GroupFailed
 
 __all__ = ["CancelDispatches", "CancelGroups"]
 
-log = logging.getLogger("smartbatch.cancel")
+log = get_logger("smartbatch.cancel")
 
 _WHY = ENGINE_CANCELLED
 # "Before it ran at the provider": a member of a provider batch cancelled for its withdrawal was sent, in the

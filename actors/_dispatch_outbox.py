@@ -5,7 +5,6 @@ A mixin of ``Dispatcher``: it uses the dispatcher's state."""
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from actors._batch_api import _short
 from actors._shards import by_result_uid
@@ -14,10 +13,11 @@ from actors._types import send_sharded
 from actors.journal import delete_later
 from actors.metrics import DispatchCounts
 from actors.providers._wire import redact
+from engine.core._logkeys import get_logger
 from engine.core.cost import mode_factor, reserve_bound
 from engine.core.grouping import WarmNote
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 FLUSH_S = 0.005
 SPEND_WAIT_S = 2.0  # at most this long ``spend_told`` waits for the budget controller (real seconds)

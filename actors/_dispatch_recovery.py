@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import time
 from collections import OrderedDict
 
@@ -15,9 +14,10 @@ from actors._incarnations import began, drop_earlier, earlier, next_epoch, own_k
 from actors._journal_seal import lost_records
 from actors._shards import uid_shard
 from actors.journal import read_patiently
+from engine.core._logkeys import get_logger
 from engine.core.result import Result
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 # What the report counts per dispatcher (``Dispatcher.stats``), journaled so a restart does not zero it: a report
 # read after a restart said 0 paid twice where the bill had members paid twice (a hunt). And the unanswered calls

@@ -3,7 +3,6 @@ settle what the stop cut short), the budget controller after them (``actors.remo
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -22,10 +21,11 @@ from actors._peer import (
     unpublish_layout,
 )
 from actors._stop_claim import describe, kept_already, release_stop, take_stop
+from engine.core._logkeys import get_logger
 
 __all__ = ["kill_engine"]
 
-log = logging.getLogger("smartbatch.engine")
+log = get_logger("smartbatch.engine")
 DEATH_WAIT_S = 2.0  # how long a stop waits for its killed actors to be dead before it cleans Ray's store again
 DEATH_POLL_S = 0.02  # how often it reads the GCS for one whose ping was answered (its kill not landed yet)
 GCS_ANSWER_S = 0.5  # and past that bound, how long its last reads get (about 1 ms an actor on a quiet machine)

@@ -17,7 +17,6 @@ no fsync, which would cost each journaled call a disk flush).
 from __future__ import annotations
 
 import fcntl
-import logging
 import math
 import os
 import pickle
@@ -28,9 +27,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
 
+from engine.core._logkeys import get_logger
+
 __all__ = ["ARCHIVE", "FileJournal", "engine_dirs", "locked_out", "read_spaces"]
 
-log = logging.getLogger("smartbatch.journal")
+log = get_logger("smartbatch.journal")
 
 _FRAME = struct.Struct("<Q")  # the length of the pickle that follows
 _SUFFIX = ".log"

@@ -12,11 +12,11 @@ is told apart by the budget actor's incarnation as well as by its change number.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from actors._dispatch_outbox import SPEND_WAIT_S
+from engine.core._logkeys import get_logger
 
-log = logging.getLogger("smartbatch.grouper")
+log = get_logger("smartbatch.grouper")
 
 __all__ = ["BUDGET_ASK_S", "BudgetFollow"]
 

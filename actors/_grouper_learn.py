@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
+from engine.core._logkeys import get_logger
 from engine.runtime.turnaround import Turnaround
 
 __all__ = ["Learning"]
 
-log = logging.getLogger("smartbatch.grouper")
+log = get_logger("smartbatch.grouper")
 RELEARN_WAIT_S = 30.0  # real seconds a restarted grouper waits for each dispatcher's turnaround messages
 
 

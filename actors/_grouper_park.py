@@ -5,16 +5,16 @@ dispatch's members, and the waits of those a budget holds back, under the kernel
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from actors._peer import RESTART_POLL_S, restarting
 from actors._types import BatchJob, Job
+from engine.core._logkeys import get_logger
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.result import Result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.waiting import STEP_S, Held, held_too_long, tiers
 
-log = logging.getLogger("smartbatch.grouper")
+log = get_logger("smartbatch.grouper")
 LOST_CHECK_S = 60.0  # how long a re-admitted job waits for its dispatcher to say whether it holds it
 DISPATCHED_KEPT = 65_536  # claims of dispatched requests a grouper remembers (``Grouper._dispatched``)
 

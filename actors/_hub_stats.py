@@ -3,14 +3,13 @@ added up across hub shards (``merge_reports``)."""
 
 from __future__ import annotations
 
-import logging
-
 from actors.metrics import rejected_reason
+from engine.core._logkeys import get_logger
 from engine.core.result import Result
 
 __all__ = ["billed_behind", "merge_reports", "new_stats", "stats_report", "sum_figures", "tally"]
 
-log = logging.getLogger("smartbatch.hub")
+log = get_logger("smartbatch.hub")
 
 
 def new_stats() -> dict:

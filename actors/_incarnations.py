@@ -22,14 +22,15 @@ are what a restart reads); a late write after that re-creates its key, ranked be
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
+from engine.core._logkeys import get_logger
+
 __all__ = ["began", "drop_earlier", "earlier", "next_epoch", "own_key"]
 
-log = logging.getLogger("smartbatch.journal")
+log = get_logger("smartbatch.journal")
 DROP_TIMEOUT_S = 10.0  # a removal of older snapshots that takes longer is given up (they rank below: harmless)
 
 

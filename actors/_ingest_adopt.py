@@ -4,13 +4,13 @@ of batches whose journal records its Redis lost and waits for their requests (``
 from __future__ import annotations
 
 import asyncio
-import logging
 
+from engine.core._logkeys import get_logger
 from engine.core.request import Request
 
 __all__ = ["hand_over", "recall_from"]
 
-log = logging.getLogger("smartbatch.ingest")
+log = get_logger("smartbatch.ingest")
 
 
 async def recall_from(peers: list, uids: list[str], caches: list = (), detach: bool = False,

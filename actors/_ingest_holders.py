@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
+
+from engine.core._logkeys import get_logger
 
 __all__ = ["DROPPED_FORGET_S", "DROPS_CHECK_S", "REBORN_GRACE_S", "UNKNOWN_HOLDER", "Holders"]
 
-log = logging.getLogger("smartbatch.ingest")
+log = get_logger("smartbatch.ingest")
 
 # A driver killed without ``stop()`` never forgets its ids nor leaves: the hub drops it once it has not pulled for
 # ``hub.CLIENT_IDLE_S``; ingest asks the hub at most every DROPS_CHECK_S (real seconds, on a submit) and forgets

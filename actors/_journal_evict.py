@@ -3,13 +3,12 @@ Cluster, read on the node that serves the journal's slot."""
 
 from __future__ import annotations
 
-import logging
-
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 
 __all__ = ["check_keeps_records"]
 
-log = logging.getLogger("smartbatch.journal")
+log = get_logger("smartbatch.journal")
 
 
 def check_keeps_records(settings, journal: str | None = None):

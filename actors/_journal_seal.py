@@ -23,15 +23,15 @@ lost unseen. Said, the loss is made good where the hub's index of the holder's b
 from __future__ import annotations
 
 import asyncio
-import logging
 import pickle
 from typing import Any
 
 from actors._peer import Peer, as_peer
+from engine.core._logkeys import get_logger
 
 __all__ = ["SEAL", "JournalSeal", "lost_records"]
 
-log = logging.getLogger("smartbatch.journal")
+log = get_logger("smartbatch.journal")
 
 SEAL = "~seal"  # the journal's space holding one field per holder that wrote records (beside the records' spaces)
 _WITNESS_SPACE = "journal-seals"  # the hub's memory journal space: one key per Redis journal and holder

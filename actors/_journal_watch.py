@@ -7,14 +7,14 @@ of the holder then sent their members again, paid twice (a helper's hunt)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from actors._journal_seal import SEAL
 from actors._redis_cluster import server_info
+from engine.core._logkeys import get_logger
 
 __all__ = ["SERVER_CHECK_S", "RecordsWatch", "refuses_info"]
 
-log = logging.getLogger("smartbatch.journal")
+log = get_logger("smartbatch.journal")
 
 SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds a journal's records (``run_id``)
 

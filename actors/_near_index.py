@@ -5,7 +5,6 @@ A mixin of ``ResultCache``: it uses the cache's state."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 import sys
 from collections import deque
@@ -17,13 +16,14 @@ import numpy as np
 from actors._shards import key_shard
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, decode
+from engine.core._logkeys import get_logger
 from engine.core.features import NEAR_DIM, near_text, near_vectors_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_between, guard_reason, traits
 from engine.runtime.reuse import Top, class_threshold
 
 Item = Job
-log = logging.getLogger("smartbatch.cache")
+log = get_logger("smartbatch.cache")
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
 LEADS = Result(id="", status="failed")  # marker: generated, and a source for the asks after it
 # Characters of prompt featurised between two yields of the event loop: about 0.05 s of work (15-22 us per 100

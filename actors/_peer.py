@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import logging
 import pickle
 import secrets
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from actors._wire import pack_args
+from engine.core._logkeys import get_logger
 
 __all__ = ["Named", "Peer", "Warm", "as_peer", "ping_through_restart", "restarting", "warm_all"]
 
-log = logging.getLogger("smartbatch.peer")
+log = get_logger("smartbatch.peer")
 
 
 class Named(NamedTuple):

@@ -14,12 +14,11 @@ hours, their members reaching their hedges and going sync at the full price (a r
 
 from __future__ import annotations
 
-import logging
-
 from actors._batch_parts import cut
 from actors._types import BatchJob, Job
+from engine.core._logkeys import get_logger
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 __all__ = ["QueueFull", "token_parts"]
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 
 from actors._batch_parts import file_parts, line_bound, read_bound_s, results_parts
+from engine.core._logkeys import get_logger
 from engine.core._within import within
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import CallJob, CallOutcome
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 __all__ = ["ResultsReads", "ResultsRoom"]
 

@@ -17,7 +17,6 @@ start that finds the stopper's job dead takes the stop over, once: the first to 
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import secrets
@@ -27,10 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from engine.core._logkeys import get_logger
+
 __all__ = ["WAIT_POLL_S", "describe", "drop_marks", "kept_already", "note_kept", "read_stop", "release_stop",
            "stopper_gone", "take_stop"]
 
-log = logging.getLogger("smartbatch.engine")
+log = get_logger("smartbatch.engine")
 _NS = "smartbatch"  # (``actors._peer``'s namespace of what an engine publishes)
 WAIT_POLL_S = 0.2  # how often a stop waiting for another reads its mark: no event says it went
 

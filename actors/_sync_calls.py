@@ -20,15 +20,14 @@ gets the call standard, billed standard (``_as_call``).
 
 from __future__ import annotations
 
-import logging
-
 from actors._dispatch_jobs import CallSlot
 from actors._types import BatchJob, Job
 from actors.metrics import retry_reason
+from engine.core._logkeys import get_logger
 from engine.core.latency import flex_timeout_s, sync_latency_median
 from engine.runtime.outcomes import call_mode, throttled_verdict, throttled_wait, verdict
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 __all__ = ["QUOTA_PROBE_S", "QuotaStop", "SyncCalls"]
 

@@ -19,17 +19,17 @@ this process lost), the call goes under a new key, the cut call's upper bound ch
 
 from __future__ import annotations
 
-import logging
 import pickle
 
 from actors._types import Job
+from engine.core._logkeys import get_logger
 from engine.core.budgets import Charge
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import idempotency_key
 
 __all__ = ["SYNC", "SyncIndex", "sync_entry"]
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 SYNC = "~sync:"  # a sync call's key in the index's space: SYNC + its call key (a batch's journal key never so)
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import secrets
 import time
@@ -37,6 +36,7 @@ from actors._budget_report import BudgetReports
 from actors._budget_stop import OutboxAtStop
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
+from engine.core._logkeys import get_logger
 from engine.core.budgets import LEDGER, BudgetSettings, BudgetSpec, Charge, Claim, Verdict, usd
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
@@ -44,7 +44,7 @@ from engine.core.settings import JournalSettings
 
 __all__ = ["BudgetController"]
 
-log = logging.getLogger("smartbatch.budget")
+log = get_logger("smartbatch.budget")
 
 
 class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, BudgetReports, Warm):

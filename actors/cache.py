@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 from collections import deque
 from collections.abc import Hashable
 
@@ -31,6 +30,7 @@ from actors._recall import Delivered
 from actors._shards import Shards, by_result_uid
 from actors._types import send_sharded
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
+from engine.core._logkeys import get_logger
 from engine.core.catalog import default_catalog
 from engine.core.features import NEAR_DIM, near_class, near_text, near_vectors_texts
 from engine.core.grouping import ReuseSettings
@@ -42,7 +42,7 @@ from engine.runtime.reuse import ReuseIndex
 
 __all__ = ["ResultCache", "tenant_scope"]
 
-log = logging.getLogger("smartbatch.cache")
+log = get_logger("smartbatch.cache")
 
 SHARED = "\x00shared"  # no tenant's name (they hold no control character): "_shared" was one (a helper's hunt)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import tempfile
 import time
 from collections import OrderedDict, deque
@@ -22,6 +21,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from engine.core._logkeys import get_logger
 from engine.core.files import write_atomic
 from engine.core.result import Result
 from engine.core.tool_calls import calls_bytes
@@ -35,7 +35,7 @@ __all__ = ["SCHEMA", "BlobStore", "CorruptValue", "Entry", "LocalBlobStore", "Me
 # ended; an entry of 2 lost both, and served a tool call's answer as an empty text.
 SCHEMA = 3
 _APP = "smartbatch.cache"
-log = logging.getLogger("smartbatch.cache")
+log = get_logger("smartbatch.cache")
 
 
 class CorruptValue(ValueError):

@@ -18,7 +18,6 @@ a video's bytes (``_video_content``)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import Counter, OrderedDict, deque
 
@@ -40,6 +39,7 @@ from actors._video_content import VideoContent
 from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
+from engine.core._logkeys import get_logger
 from engine.core.catalog import Catalog
 from engine.core.draws import Draws, TurnaroundWorld, engine_day_origin
 from engine.core.provider_api import CallJob, CallOutcome, Secret, call_key
@@ -50,7 +50,7 @@ from engine.runtime.outcomes import failed_result, list_price, ok_result, verdic
 from engine.runtime.providers import Event, SimProvider, Work
 from engine.runtime.reservation import goes_back
 
-log = logging.getLogger("smartbatch.dispatcher")
+log = get_logger("smartbatch.dispatcher")
 
 __all__ = ["Dispatcher"]
 

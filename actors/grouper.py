@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import secrets
 from collections import OrderedDict
 
@@ -25,6 +24,7 @@ from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid
 from actors._types import OWN_ROWS, BatchJob, Held, Job
+from engine.core._logkeys import get_logger
 from engine.core.catalog import Catalog
 from engine.core.draws import engine_day_origin
 from engine.core.features import compat_key
@@ -37,7 +37,7 @@ from engine.runtime.waiting import BudgetWaits, sync_lead
 
 __all__ = ["Grouper"]
 
-log = logging.getLogger("smartbatch.grouper")
+log = get_logger("smartbatch.grouper")
 
 ENDED_KEEP = 65_536  # results of requests ended here, for copies re-admitted after a restart
 

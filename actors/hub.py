@@ -8,7 +8,6 @@ claim). A hub that nobody claims from hands every result to its one puller."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -19,12 +18,13 @@ from actors._peer import Warm
 from actors.journal import MemoryJournalStore
 from actors.logship import LogBook, ship_logs
 from actors.metrics import EngineMetrics
+from engine.core._logkeys import get_logger
 from engine.core.response_owners import ResponseOwners
 from engine.core.result import Result
 
 __all__ = ["ResultHub", "merge_reports", "sum_figures"]
 
-log = logging.getLogger("smartbatch.hub")
+log = get_logger("smartbatch.hub")
 
 # Results kept after delivery so that an ObjectRef asked for just as its result was pulled still resolves;
 # the window between the driver's check and the hub's answer is milliseconds, far below this many results.

@@ -8,7 +8,6 @@ Redis the driver's memory is that record (a non-detached engine dies with its dr
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 
 from actors._ingest_adopt import hand_over, recall_from
@@ -17,13 +16,14 @@ from actors._peer import Warm, as_peer
 from actors._shards import Shards, by_job_class, by_result_uid, class_shard, uid_shard
 from actors._types import OWN_ROWS, Held, Job, send_sharded
 from actors.journal import redis_journal
+from engine.core._logkeys import get_logger
 from engine.core.features import fingerprint
 from engine.core.request import Request
 from engine.core.result import ID_TAKEN, Result
 
 __all__ = ["Ingest"]
 
-log = logging.getLogger("smartbatch.ingest")
+log = get_logger("smartbatch.ingest")
 
 ACCEPTED = "accepted"  # the journal space of accepted requests
 JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)

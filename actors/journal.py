@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -28,12 +27,13 @@ from typing import Any, TypeVar
 from actors._journal_seal import JournalSeal
 from actors._journal_watch import RecordsWatch
 from actors._peer import Peer, as_peer
+from engine.core._logkeys import get_logger
 from engine.core.resilience import retry_delay
 
 __all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "delete_later",
            "make_journal", "read_patiently", "redis_journal"]
 
-log = logging.getLogger("smartbatch.journal")
+log = get_logger("smartbatch.journal")
 
 DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: about 50 s, then an error is logged
 DELETE_BASE_S, DELETE_MAX_S = 0.2, 60.0  # real seconds between a failed delete's tries: doubling, then every minute

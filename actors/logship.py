@@ -15,6 +15,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from engine.core._logkeys import get_logger
+
 __all__ = ["LogBook", "LogRecordT", "ship_logs"]
 
 LogRecordT = tuple[float, str, int, str, str]  # (created, logger name, level, actor, message)
@@ -66,7 +68,7 @@ def ship_logs(level: str, actor: str, sink: Callable[[list[LogRecordT]], None]) 
     """In this (actor) process: records of ``smartbatch.*`` at ``level`` and above go to ``sink``. Calling it
     again replaces the previous handler (a restarted actor is set up again)."""
     global _installed
-    logger = logging.getLogger("smartbatch")
+    logger = get_logger("smartbatch")
     lvl = logging.getLevelName(level.upper())
     logger.setLevel(lvl)
     if _installed is not None:

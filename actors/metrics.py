@@ -3,12 +3,12 @@ served on one port from there."""
 
 from __future__ import annotations
 
-import logging
 import re
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from engine.core._logkeys import get_logger
 from engine.core.result import Result
 
 __all__ = ["OTHER_TENANT", "DispatchCounts", "EngineMetrics", "TenantLabels", "rejected_reason", "retry_reason"]
@@ -22,7 +22,7 @@ _TENANT_CHARS = 256  # as long as a request's tenant may be (engine.core.request
 # character garbles whoever reads the page raw. Requests refuse both; a result is not checked again.
 _UNWRITABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 
-log = logging.getLogger("smartbatch.metrics")
+log = get_logger("smartbatch.metrics")
 
 
 def retry_reason(retry_after_s: float | None, error: str | None) -> str:

@@ -10,7 +10,6 @@ so a provider's traffic can leave from chosen machines.
 from __future__ import annotations
 
 import functools
-import logging
 import secrets
 import threading
 import time
@@ -31,6 +30,7 @@ from actors.dispatcher import Dispatcher
 from actors.grouper import Grouper
 from actors.hub import ResultHub
 from actors.ingest import Ingest
+from engine.core._logkeys import get_logger
 from engine.core.errors import SmartbatchError
 from engine.runtime.collector import tune_actor
 
@@ -42,7 +42,7 @@ __all__ = ["NAMESPACE", "actor_name", "attach_actors", "cancel_work", "check_clu
 # re-admits its unfinished requests. Calls in flight at the death fail rather than run twice.
 _OPTS = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1, "max_task_retries": 0}
 NAMESPACE = "smartbatch"
-log = logging.getLogger("smartbatch.engine")
+log = get_logger("smartbatch.engine")
 
 
 @functools.cache

@@ -5,16 +5,16 @@ response named no member: then it may be the one that ran (billed), and sent aga
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 from typing import Any
 
+from engine.core._logkeys import get_logger
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import CallJob, CallOutcome
 
 __all__ = ["BatchMembers"]
 
-log = logging.getLogger("smartbatch.providers")
+log = get_logger("smartbatch.providers")
 
 
 class BatchMembers:

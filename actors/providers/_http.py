@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +23,7 @@ from actors.providers._wire import (
     redact,
     retry_after,
 )
+from engine.core._logkeys import get_logger
 from engine.core._within import within
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
@@ -35,7 +35,7 @@ from engine.core.settings import ProviderEndpoint, Settings
 __all__ = ["BatchHandle", "HttpBase", "PollBackoff", "Unreadable", "create_call", "jsonl_records", "jsonl_stream",
            "sdk_kwargs", "whole_read"]
 
-log = logging.getLogger("smartbatch.providers")
+log = get_logger("smartbatch.providers")
 
 # A 4xx other than these means the request itself is wrong: sending it again cannot help.
 _RETRYABLE_4XX = {408, 409, 429}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,12 +20,13 @@ from actors.providers._http import (
     whole_read,
 )
 from actors.providers._wire import error_message, error_of, paced
+from engine.core._logkeys import get_logger
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome
 
 __all__ = ["FIND_SCAN", "OpenAIBatches"]
 
-log = logging.getLogger("smartbatch.providers")
+log = get_logger("smartbatch.providers")
 
 _ENDED = {"completed", "failed", "expired", "cancelled"}
 _REF = "smartbatch_ref"  # the batch's metadata key naming it, so a restarted dispatcher finds a create it cut

@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 from actors.providers._http import PollBackoff, Unreadable, create_call
+from engine.core._logkeys import get_logger
 from engine.core.cost import price_alone
 from engine.core.latency import sync_latency_median
 from engine.core.provider_api import CallJob, CallOutcome, sent_key
@@ -37,7 +37,7 @@ from engine.core.video_sizes import resolution_of, size_of
 
 __all__ = ["GIVE_UP_S", "VideoCalls", "poll_to_end"]
 
-log = logging.getLogger("smartbatch.providers")
+log = get_logger("smartbatch.providers")
 
 GIVE_UP_S = 10.0  # polls stop after this many times the model's expected latency (engine s), at least 600 s
 POLL_MIN_S, POLL_MAX_S = 2.0, 20.0  # engine seconds between polls of one video, growing by half

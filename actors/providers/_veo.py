@@ -35,13 +35,13 @@ slot: a restarted dispatcher gives it back (``resume``), and the call made again
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from actors.providers._http import _never_connected
 from actors.providers._openai_video import poll_to_end
+from engine.core._logkeys import get_logger
 from engine.core._settings_env import ENV_PREFIX
 from engine.core._within import within
 from engine.core.cost import price_alone
@@ -49,7 +49,7 @@ from engine.core.provider_api import CallJob, CallOutcome, sent_key
 
 __all__ = ["VeoCalls", "create_lost", "native_root"]
 
-log = logging.getLogger("smartbatch.providers")
+log = get_logger("smartbatch.providers")
 
 # google.rpc codes of a failed operation no new try can help: INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION
 _FINAL_CODES = frozenset({3, 7, 9})

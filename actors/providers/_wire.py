@@ -16,16 +16,15 @@ import base64
 import hashlib
 import math
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from engine.core._logkeys import redact  # one rule for keys, the loggers' filter's too
 from engine.core.request import Request, split_body
 
 __all__ = ["billing_refusal", "call_timeout", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
            "redact", "retry_after", "tokens"]
 
-# OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
-_KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
           "kestrel", "lumen", "meadow", "nimbus", "onyx", "prairie", "quartz", "river", "saffron", "tundra")
 
@@ -35,15 +34,6 @@ def quota_message(name: str, status: int, said: str, msg: str) -> str:
     return (f"{name} HTTP {status} {said}: {msg[:300]} -- the provider account is out of credit or past its spend "
             "limit: add credit or raise the limit in the provider's billing settings (check the plan), then submit "
             "again; not retried, and billed nothing")
-
-
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every given secret and anything shaped like a provider key replaced: errors from a
-    provider may quote the key that was sent."""
-    for s in secrets:
-        if s:
-            text = text.replace(s, "[redacted]")
-    return _KEYLIKE.sub("[redacted]", text)
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")

@@ -17,7 +17,6 @@ The key goes in ``x-goog-api-key`` (as Veo's calls send it), never in a URL or a
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,12 +26,13 @@ from actors.providers._openai_batches import FIND_SCAN
 from actors.providers._veo import native_root
 from actors.providers.openai_http import OpenAIProvider
 from engine.core._gemini import GEMINI_ASPECTS
+from engine.core._logkeys import get_logger
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
 
 __all__ = ["GeminiProvider", "NativeHandle"]
 
-log = logging.getLogger("smartbatch.providers")
+log = get_logger("smartbatch.providers")
 
 _ENDED = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"})
 _FINAL_CODES = frozenset({3, 7, 9})  # google.rpc INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION

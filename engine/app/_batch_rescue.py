@@ -15,7 +15,6 @@ answered is polled to its end and answers its request (``engine.app._video_rescu
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import shutil
 import threading
@@ -30,12 +29,13 @@ from engine.app._batch_ended import ProviderUnread, brief, ended
 from engine.app._batch_record import named
 from engine.app._rescue_settle import settle_claims
 from engine.app._video_rescue import fail_lost, made_videos, read_video
+from engine.core._logkeys import get_logger
 from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, call_key
 from engine.core.result import Result
 from engine.runtime.outcomes import failed_result, ok_result
 
-log = logging.getLogger("smartbatch.rescue")
+log = get_logger("smartbatch.rescue")
 
 __all__ = ["ANSWERS", "Rescued", "charges", "finish", "journal_dir", "kept_answers", "pending", "prepare", "rescue",
            "sweep", "watch_answers"]

@@ -23,13 +23,13 @@ Mixed into ``Engine``; uses its ``_lock``, ``_buffer``, ``_next_row``, ``_micro_
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from typing import Any
 
+from engine.core._logkeys import get_logger
 from engine.core.request import Request
 
-log = logging.getLogger("smartbatch")
+log = get_logger("smartbatch")
 
 MAX_OUT = 2  # calls out per ingest shard: one in its lookup while the next is admitted
 URGENT_EXTRA = 2  # more calls out when an urgent request waits (a stream of them still leaves in batches)

@@ -20,18 +20,18 @@ it did alone; the endpoint answers a 503 for a request it would refuse only for 
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from engine.core._logkeys import get_logger
 from engine.core._within import within
 from engine.core.request import Request
 from engine.core.response_owners import ResponseOwners, refs_of
 
 __all__ = ["OWNERS_WAIT_S", "SharedOwners", "body_of"]
 
-log = logging.getLogger("smartbatch")
+log = get_logger("smartbatch")
 
 OWNERS_WAIT_S = 5.0  # real seconds a submission waits for the hub shards' answer about ids it does not know
 

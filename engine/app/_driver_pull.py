@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
-import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -15,6 +14,7 @@ from actors._ingest_holders import UNKNOWN_HOLDER
 from engine.app._driver_reject import with_refused
 from engine.app._future import ResultFuture
 from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError, EngineStopped
 from engine.core.request import Request
 from engine.core.result import Result
@@ -28,7 +28,7 @@ FORGET_WAIT_S = 10.0  # at most this long a request under an id being forgotten 
 CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls and forgets finished requests
 LAST_REPORT_S = 5.0  # at most this long a stop waits for the report it keeps
 REPORT_WAIT_S = 60.0  # at most this long (real seconds) ``report()`` waits for actors Ray restarts
-log = logging.getLogger("smartbatch.driver")
+log = get_logger("smartbatch.driver")
 
 
 class Pulling:

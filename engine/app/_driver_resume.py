@@ -20,13 +20,13 @@ import concurrent.futures
 import fcntl
 import hashlib
 import json
-import logging
 import os
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 from engine.core.files import locked
 from engine.core.request import Request
@@ -34,7 +34,7 @@ from engine.core.result import Result
 
 __all__ = ["DRIVER_ANSWERS", "KeptAnswers", "content_digest", "take_back"]
 
-log = logging.getLogger("smartbatch.driver")
+log = get_logger("smartbatch.driver")
 
 DRIVER_ANSWERS = "driver-answers"  # one JSON line an answer: {"digest": ..., "result": ...}
 KEPT_REASON = "answered by an earlier run of this job (journal.dir), not sent again"

@@ -9,18 +9,18 @@ driver: its ``stop()`` ends only its own session.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 
 __all__ = ["MAX_PENDING", "SharedEngine", "check_answers", "check_not_stopping", "init_ray", "stale_engine"]
 
 MAX_PENDING = 100_000  # the engine's default max_pending (Engine.start, Engine.connect)
 
-log = logging.getLogger("smartbatch")
+log = get_logger("smartbatch")
 
 
 def check_answers(address: str, flag: str = "address", timeout_s: float = 3.0) -> None:

@@ -6,11 +6,11 @@ report "could not be read then" while the first stop was still keeping it (a hel
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = ["NEVER_SENT", "Stopping"]
 
-log = logging.getLogger("smartbatch")
+log = get_logger("smartbatch")
 
 STOP_LOCK_WAIT_S = 10.0  # real seconds stop() waits for the engine's lock before it takes it for its own thread's
 _NOT_HOLDING = frozenset({"stop", "_first_stop", "_lock_for_stop", "__exit__", "shutdown"})  # call stop(), hold no lock

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -55,6 +54,7 @@ from engine.app._endpoint_wire import (
     tenant_of,
     window_text,
 )
+from engine.core._logkeys import get_logger
 from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import parse_batch_file, report, result_rows
 from engine.core.catalog import Catalog
@@ -68,7 +68,7 @@ CANCEL_WAIT_S = 600.0  # real seconds a cancelling batch waits for its running l
 # its enqueued-token limit: lines riding a 24-hour window hold the engine's max_pending places (100,000) for hours,
 # and chat calls, which share them, waited 60 s for room and got a 429 (a review).
 MAX_OPEN_LINES = 50_000
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 # A batch's endpoint: OpenAI's line urls (Anthropic's Messages lines come through ``/v1/messages/batches``).
 _OPENAI_URLS = [u for u in BATCH_LINE_URLS if u != MESSAGES_URL]
 

@@ -5,15 +5,15 @@ too) and no line of the endpoint's log said which call it was (a stop's notes)."
 
 from __future__ import annotations
 
-import logging
 import traceback
 
 from actors.providers._wire import redact
 from engine.app._endpoint_wire import ApiError
+from engine.core._logkeys import get_logger
 
 __all__ = ["INTERNAL_CODE", "internal_error"]
 
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 INTERNAL_CODE = "internal_error"
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.app._endpoint_retries import retry_key_of
+from engine.core._logkeys import get_logger
 from engine.core.batchfile import BatchFile
 from engine.core.request import Request
 from engine.core.result import ANSWERED, ENGINE_CANCELLED, Result
@@ -29,7 +29,7 @@ def cut_by_cancel(res: Result) -> bool:
     asked of the engine again at the next start."""
     return res.status == "failed" and (res.error or "").startswith(ENGINE_CANCELLED)  # (+ "; ... possibly billed")
 
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 
 OPEN = ("validating", "in_progress")
 

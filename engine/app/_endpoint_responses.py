@@ -20,20 +20,20 @@ forgets first what it would have forgotten first had it run on.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from engine.app._endpoint_wire import RETRY_AFTER_S, ApiError
+from engine.core._logkeys import get_logger
 from engine.core.batchfile import BatchFile
 from engine.core.files import write_atomic
 from engine.core.response_owners import ResponseOwners, refs_of
 
 __all__ = ["OwnedResponses"]
 
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 
 LOG_NAME = "responses.jsonl"
 

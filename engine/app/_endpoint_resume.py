@@ -5,11 +5,11 @@ result for, under the same request ids."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 
 from engine.app._endpoint_job import CANCELLED_LINE, BatchJob, for_endpoint
 from engine.app._endpoint_wire import ApiError
+from engine.core._logkeys import get_logger
 from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import BatchFile, parse_batch_file
 from engine.core.budgets import Charge
@@ -17,7 +17,7 @@ from engine.core.result import Result
 
 __all__ = ["TakeBack"]
 
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 
 
 class TakeBack:

@@ -38,7 +38,6 @@ import contextlib
 import hashlib
 import hmac
 import json
-import logging
 import math
 import os
 import queue
@@ -50,11 +49,12 @@ from typing import Any
 
 from engine.app._endpoint_retries import ANSWERED_KEEP_S, SdkRetries, retry_count
 from engine.app._endpoint_retry_secret import SECRET_FILE, state_secret
+from engine.core._logkeys import get_logger
 from engine.core.files import write_atomic
 
 __all__ = ["KeptTries", "RetryLog", "replay"]
 
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 
 TRIED, ANSWERED, REFUSED = "try", "answered", "refused"
 UNDER = "under"  # a try still under way as its window's file is emptied, written again in the next (logrev)

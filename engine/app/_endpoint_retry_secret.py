@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import logging
 import os
 import stat
 import tempfile
 from pathlib import Path
 
+from engine.core._logkeys import get_logger
+
 __all__ = ["SECRET_BYTES", "SECRET_FILE", "state_secret"]
 
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 
 SECRET_FILE = "retries.secret"
 SECRET_BYTES = 32

@@ -34,20 +34,20 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from engine.app._endpoint_wire import ApiError, StoredFile
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 from engine.core.files import write_atomic
 from engine.core.result import Result
 
 __all__ = ["EndpointState"]
 
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 
 
 class EndpointState:

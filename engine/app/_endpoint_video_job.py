@@ -15,7 +15,6 @@ endpoint starts again from what the provider's next poll reads.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,13 +22,14 @@ from typing import Any
 
 from engine.app._endpoint_retries import retry_key_of
 from engine.app._endpoint_wire import ApiError, AsyncEngine, Validator
+from engine.core._logkeys import get_logger
 from engine.core.request import Request
 from engine.core.result import ANSWERED, ID_TAKEN, Result, why_not
 
 __all__ = ["PROGRESS_EVERY_S", "VideoJob", "VideoProgress", "param_of"]
 
 PROGRESS_EVERY_S = 1.0  # real seconds: how often at most one provider's open videos are asked about
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 
 # The error code of a video that failed, by its result's status (ASSUMPTION: OpenAI's reference names no codes).
 _FAILED_CODE = {"failed": "video_generation_failed", "rejected": "request_rejected", "expired": "deadline_expired"}

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +51,7 @@ from engine.app._endpoint_wire import (
     smartbatch_fields,
     tenant_of,
 )
+from engine.core._logkeys import get_logger
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError, EngineStopped, ProviderError
 from engine.core.request import Request
@@ -64,7 +64,7 @@ VIDEOS_URL = "/v1/videos"
 _FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 DEFAULTS = {"model": "sora-2", "seconds": "4", "size": "720x1280"}  # OpenAI's, when the create leaves them out
 VARIANTS = ("video", "thumbnail", "spritesheet")
-log = logging.getLogger("smartbatch.endpoint")
+log = get_logger("smartbatch.endpoint")
 IDEMPOTENCY_KEY = "Idempotency-Key"
 DELETED_KEPT = 1000  # deleted videos whose place in the list an ``after`` may still name (a page's worth, and more)
 class VideoRoutes:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
-import logging
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 from engine.core.request import Request
 
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ResultFuture"]
 
-log = logging.getLogger("smartbatch")
+log = get_logger("smartbatch")
 
 
 class ResultFuture(concurrent.futures.Future):

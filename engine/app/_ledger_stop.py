@@ -9,13 +9,14 @@ the spend of those settlements and charges counted by no ledger (a hard budget p
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
+from engine.core._logkeys import get_logger
+
 __all__ = ["keep_ledger", "keep_named", "ledger_home", "outlive_stop", "stop_claimed", "stop_left_s"]
 
-log = logging.getLogger("smartbatch.driver")
+log = get_logger("smartbatch.driver")
 
 
 def ledger_home(settings) -> str | None:

@@ -16,15 +16,16 @@ recovery above takes over (as Ray Serve replaces a replica that fails its health
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from engine.core._logkeys import get_logger
+
 __all__ = ["Supervised", "port_of"]
 
-log = logging.getLogger("smartbatch")
+log = get_logger("smartbatch")
 
 HEALTH_EVERY_S = 1.0  # how often the driver checks every engine actor
 HEALTH_TIMEOUT_S = 2.0  # a busy (or restarting) actor may answer late; only repeated errors count as dead
@@ -212,8 +213,8 @@ class Supervised:
                                                  timeout=HEALTH_TIMEOUT_S)
         except Exception:  # the hub is busy or restarting: the lines wait for the next check
             return
-        for created, name, level, actor, msg in lines:
-            logging.getLogger(name).log(level, "[%s.%s] %s", self._h["engine"], actor, msg)
+        for created, name, level, actor, msg in lines:  # a ``smartbatch`` logger's (``ship_logs``): masked there
+            get_logger(name).log(level, "[%s.%s] %s", self._h["engine"], actor, msg)  # and here
 
     def _sweep(self) -> None:
         """Re-admit requests open well past their deadline: if a fault lost one on a path no recovery saw,

@@ -10,7 +10,6 @@ once for urgent requests) because one actor call per request caps an engine near
 from __future__ import annotations
 
 import collections
-import logging
 import secrets
 import threading
 import time
@@ -43,6 +42,7 @@ from engine.app._start_args import check_start_args
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core._budget_check import check_budget_limits
+from engine.core._logkeys import get_logger
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, RequestError
@@ -54,7 +54,7 @@ from engine.runtime.collector import driver_gc
 
 __all__ = ["Engine", "ResultFuture"]
 
-log = logging.getLogger("smartbatch")
+log = get_logger("smartbatch")
 
 
 class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, SharedEngine, SharedOwners, Stopping,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import collections
 import datetime
-import logging
 import os
 import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from engine.core._settings_env import masked_url
+from engine.core._logkeys import get_logger, masked_url
 from engine.core._settings_providers import add_endpoint, keep_defaults, loopback, simulated_refusal
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError
@@ -21,7 +20,7 @@ from engine.core.settings import Settings
 __all__ = ["check_simulated", "http_setup", "is_variable_name", "key_problems", "retiring", "speedup_problem",
            "with_hedge_lag"]
 
-log = logging.getLogger("smartbatch.providers")
+log = get_logger("smartbatch.providers")
 
 _VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an environment variable's name (OpenAI's and Anthropic's keys hold a -)
 RETIRING_DAYS = 30  # a model that shuts down within this many days is named at every start that calls it

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 import types
 import typing
 from collections.abc import Collection
@@ -116,11 +115,3 @@ def _how_to_add(loc: list[str]) -> str:
             inside = f" (in its {path})" if path else ""
             return f"add {loc[-1]!r} to the JSON of {var}{inside}"
     return f"set {ENV_PREFIX}{'__'.join(loc).upper()}"
-
-
-def masked_url(url: str) -> str:
-    """``url`` with any password replaced by ***, for messages and logs (a user name alone too: a key is often
-    passed as one, ``https://sk-...@host``)."""
-    # Up to the last "@" before the path: a password may hold an "@" itself.
-    return re.sub(r"//([^/]*)@", lambda m: "//" + (m.group(1).split(":", 1)[0] + ":***" if ":" in m.group(1)
-                                                  else "***") + "@", url)

@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.core._gemini import GEMINI_OPENAI_URL
-from engine.core._settings_env import env_names, masked_url
+from engine.core._logkeys import masked_url
+from engine.core._settings_env import env_names
 from engine.core.errors import ConfigError
 
 # Where an endpoint without a base_url goes: the variable its SDK reads, else the provider's own API.

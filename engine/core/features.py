@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import logging
 import re
 import unicodedata
 import zlib
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.core import embedding as _embedding
+from engine.core._logkeys import get_logger
 from engine.core.body_tokens import sends_prompt
 from engine.core.request import Request, split_body
 
@@ -53,7 +53,7 @@ _EMB_WEIGHT = 0.8  # share of the embedding in a near cosine; chosen on the tune
 # lists of visual attributes, where one swapped word ("sunset" / "sunrise", "cyberpunk" / "steampunk") that no
 # guard knows still scores up to 0.91, so they ask for more (docs/cache.md).
 _EMBEDDING_MIN = {"text": 0.925, "image": 0.95, "video": 0.95}
-_log = logging.getLogger("smartbatch.features")
+_log = get_logger("smartbatch.features")
 # Parameters that change the shape of the work: jobs that differ in them cannot run in one GPU batch.
 MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "steps", "fps", "quality", "sampler")
 _WORD = re.compile(r"\w+", re.UNICODE)

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from engine.core._budget_check import limit_problem
-from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain, masked_url
+from engine.core._logkeys import masked_url
+from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain
 from engine.core._settings_providers import ProviderEndpoint, ProvidersSettings
 from engine.core.budgets import BudgetSettings, BudgetSpec
 from engine.core.errors import ConfigError
@@ -289,8 +290,10 @@ def check_redis_url(url: str | None, setting: str) -> str | None:
     try:
         parts = urlsplit(url)
         port = parts.port  # raises on a port that is not a number in 0..65535
-    except ValueError as exc:
-        raise ConfigError(f"setting {setting} = {shown!r} is not a Redis URL ({exc}); {fix}") from None
+    except ValueError:  # its words quote what it took for the port or host: a piece of a password, maybe
+        raise ConfigError(f"setting {setting} = {shown!r} is not a Redis URL (its port is not a number in 0..65535, "
+                          "or its host part cannot be read; a password's /, ? and # are written %2F, %3F and %23); "
+                          f"{fix}") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         why = f"scheme {parts.scheme!r} is not redis, rediss or unix" if parts.scheme else "it has no scheme"
         raise ConfigError(f"setting {setting} = {shown!r} is not a Redis URL: {why}; {fix}")

@@ -14,10 +14,10 @@ batch turnaround the runtime learned (``engine.runtime.turnaround``) instead of 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Container, Hashable, Iterable
 from typing import NamedTuple
 
+from engine.core._logkeys import get_logger
 from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import mode_allowed
 from engine.core.errors import PolicyError
@@ -36,7 +36,7 @@ from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
 
 __all__ = ["Dispatch", "GroupFailed", "GroupTable", "Pulled", "Wake"]
 
-log = logging.getLogger("smartbatch.scheduler")
+log = get_logger("smartbatch.scheduler")
 
 
 class Dispatch(NamedTuple):

@@ -1,0 +1,91 @@
+"""Keys never go to a log: ``redact`` masks a provider's key in a text, and every ``smartbatch.*`` logger (made
+with ``get_logger``) carries ``KeyFilter``, which masks the formatted line and the traceback of each record it emits.
+
+Why a filter as well as redacting at the source: a log line that quotes an exception (``%s`` of it, ``exc_info``,
+``log.exception``) prints words the project did not write, and an SDK's or Ray's may quote a key (a provider's
+answer echoing it, a URL with ``?key=`` or a password, a request's headers); each line redacted by hand is one a
+new line can forget (the endpoint's 500 line did, stop 80). The filter sits on each project logger, not on the
+``smartbatch`` parent alone: a logger's filters see only the records logged on it, never its children's, and
+the handlers (pytest's, Ray's, an operator's) are not the project's to filter.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import traceback
+from collections.abc import Iterable
+
+__all__ = ["KEYLIKE", "KeyFilter", "get_logger", "masked_url", "redact", "scrub"]
+
+# OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
+KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
+# A key in a URL's query (Google's ``?key=``) or in a header or setting quoted as ``name: value``/``name=value``.
+_NAMED = re.compile(r"(?i)((?:[?&](?:key|api[_-]?key|access_token|token|password)=)|(?:\b(?:authorization|"
+                    r"x-api-key|x-goog-api-key|api[_-]?key|password)['\"]?\s*[:=]\s*['\"]?(?:bearer\s+)?))"
+                    r"[^\s&'\",}#]+")
+_BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s'\",}]+")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every given secret and anything shaped like a provider key replaced: errors from a
+    provider may quote the key that was sent."""
+    for s in secrets:
+        if s:
+            text = text.replace(s, "[redacted]")
+    return KEYLIKE.sub("[redacted]", text)
+
+
+def masked_url(url: str) -> str:
+    """``url`` with any password replaced by ***, for messages and logs (a user name alone too: a key is often
+    passed as one, ``https://sk-...@host``)."""
+    start = url.find("//") + 2
+    first = url.find("@", start)
+    if start < 2 or first < 0 or url[start:start + 1] == "/":  # no user part (``unix:///path``)
+        return url
+    # Up to the last "@" before the query: a password may hold an "@" itself, or, unescaped, a "/", "?" or "#"
+    # that URL parsing takes for the path's, query's or fragment's start (a "/" ended this mask, and the rest of
+    # the password was shown); an "@" in the query is not the user part's.
+    ends = [k for k in (url.find("?", first), url.find("#", first)) if k >= 0]
+    last = url.rfind("@", start, min(ends, default=len(url)))
+    user = url[start:last]
+    return url[:start] + (user.split(":", 1)[0] + ":***" if ":" in user else "***") + url[last:]
+
+
+def scrub(text: str) -> str:
+    """``text`` for a log: ``redact``'s, and also what stands where a secret goes whatever its shape (a URL's
+    password, a ``key=`` in a query, an ``Authorization`` or ``x-api-key`` header's value)."""
+    text = _URL.sub(lambda m: masked_url(m.group(0)), text)
+    text = _BEARER.sub(r"\1[redacted]", _NAMED.sub(r"\1[redacted]", text))
+    return redact(text)
+
+
+class KeyFilter(logging.Filter):
+    """Masks (``scrub``) each record's line, its traceback and its stack in place, so every handler of every
+    logger above sees the masked text. The traceback is formatted here and ``exc_info`` dropped: a handler would
+    otherwise format the exception again from the object, its words unmasked."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        line = record.getMessage()
+        clean = scrub(line)
+        if clean != line:  # else the record keeps its msg and args (structured handlers read them)
+            record.msg, record.args = clean, ()
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = record.exc_text or "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
+        record.exc_info = None
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        return True
+
+
+def get_logger(name: str) -> logging.Logger:
+    """The project's logger ``name`` (``smartbatch`` or below it), with ``KeyFilter`` on it once."""
+    if name != "smartbatch" and not name.startswith("smartbatch."):
+        raise ValueError(f"logger {name!r}: the project's loggers are named smartbatch or smartbatch.<part>")
+    log = logging.getLogger(name)
+    if not any(isinstance(f, KeyFilter) for f in log.filters):
+        log.addFilter(KeyFilter())
+    return log

@@ -1,0 +1,109 @@
+"""Keys never go to a log (``engine.core._logkeys``): every ``smartbatch.*`` logger masks what a line quotes of
+an exception (``%s`` of it, ``exc_info``, ``log.exception``), an SDK's or Ray's words that may hold a provider's
+key, a URL's ``?key=`` or password, a header's value. Before (stop 80), the endpoint's 500 line was redacted by
+hand and no other line was: a done-callback's exit logged its traceback, key and all."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import pathlib
+import threading
+
+import pytest
+
+from engine.app._future import ResultFuture
+from engine.core._logkeys import KeyFilter, get_logger, scrub
+from engine.core.errors import ConfigError
+from engine.core.request import Request
+from engine.core.settings import check_redis_url, masked_url
+
+KEY = "sk-proj-" + "Q" * 40
+GEMINI = "AIza" + "G" * 35
+TENANT = "tenant-key-7f3a9c"  # no provider's shape: masked for where it stands
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_a_done_callbacks_exit_is_logged_without_the_key(caplog):
+    """``ResultFuture``'s guard logs a callback's ``SystemExit`` with its traceback (``exc_info``): a script's
+    ``sys.exit(f"failed: {err}")`` of an SDK error quotes what the provider echoed, the key too."""
+    fut = ResultFuture(Request(id="r1", provider="openai", model="gpt-4o-mini", prompt="hi",
+                                 arrival_s=0.0), None)
+
+    def quits(_f) -> None:
+        raise SystemExit(f"failed: Error code: 401 - {{'error': {{'message': 'Incorrect API key provided: {KEY}'}}}}")
+
+    fut.add_done_callback(quits)
+    t = threading.Thread(target=fut.set_result, args=(None,))
+    with caplog.at_level(logging.ERROR, logger="smartbatch"):
+        t.start()
+        t.join(10)
+    assert not t.is_alive()
+    assert "SystemExit" in caplog.text and "Traceback" in caplog.text  # the traceback is kept, masked
+    assert KEY not in caplog.text and "[redacted]" in caplog.text
+
+
+@pytest.mark.parametrize("how", ["args", "exc_info", "exception", "stack"])
+def test_every_project_logger_masks_what_it_quotes(caplog, how):
+    """Each way a line may quote an exception, on a child logger (a filter on ``smartbatch`` alone would not see
+    it): the key, a Gemini URL's ``?key=``, a Redis password and a tenant's bearer are all masked."""
+    log = get_logger("smartbatch.test_log_keys")
+    words = (f"{KEY} https://generativelanguage.googleapis.com/v1beta/models/g:generateContent?key=hunter{TENANT} "
+             f"redis://:pa/ss{TENANT}@host:6379/0 Authorization: Bearer {TENANT} {GEMINI}")
+    with caplog.at_level(logging.DEBUG, logger="smartbatch"):
+        try:
+            raise RuntimeError(words)
+        except RuntimeError as exc:
+            if how == "args":
+                log.warning("dispatcher %s did not answer: %s", "openai", exc)
+            elif how == "exc_info":
+                log.error("failed", exc_info=exc)
+            elif how == "exception":
+                log.exception("failed")
+            else:
+                log.warning("failed: %s", words, stack_info=True)
+    assert caplog.records and all(r.exc_info is None for r in caplog.records)
+    for secret in (KEY, GEMINI, TENANT, "hunter", "pa/ss"):
+        assert secret not in caplog.text, secret
+    assert "host:6379" in caplog.text and "[redacted]" in caplog.text  # masked, not dropped
+
+
+def test_a_line_with_nothing_to_mask_keeps_its_args(caplog):
+    """Structured handlers read ``msg`` and ``args``: they are rewritten only when something is masked."""
+    with caplog.at_level(logging.INFO, logger="smartbatch"):
+        get_logger("smartbatch.test_log_keys").info("batch %s: %d lines", "b1", 3)
+    (r,) = caplog.records
+    assert (r.msg, r.args, r.getMessage()) == ("batch %s: %d lines", ("b1", 3), "batch b1: 3 lines")
+    assert scrub("a key of the cache, key=value in a sentence") == "a key of the cache, key=value in a sentence"
+
+
+def test_every_project_logger_is_made_with_the_filter():
+    """No module makes a ``smartbatch`` logger with ``logging.getLogger``: one so made would have no filter
+    (a logger's filters see only its own records, and the handlers are not the project's)."""
+    bare = []
+    for path in sorted([*ROOT.glob("actors/**/*.py"), *ROOT.glob("engine/**/*.py")]):
+        if path.name == "_logkeys.py":  # where ``get_logger`` makes them
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "getLogger"
+                    and not (node.args and isinstance(node.args[0], ast.Constant)
+                             and not str(node.args[0].value).startswith("smartbatch"))):
+                bare.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert bare == []
+    assert any(isinstance(f, KeyFilter) for f in get_logger("smartbatch.dispatcher").filters)
+    with pytest.raises(ValueError, match="smartbatch.<part>"):
+        get_logger("ray.serve")
+
+
+@pytest.mark.parametrize("url", ["redis://:abc/def{s}@host:6379/0", "redis://:abc#def{s}@host:6379/0",
+                                 "rediss://user:abc?d{s}@host:6380/0"])
+def test_a_redis_password_with_a_reserved_character_is_never_shown(url):
+    """``check_redis_url``'s ``ConfigError`` (printed, logged) quoted what URL parsing took for the port, a piece of
+    a password holding ``/``, ``#`` or ``?`` unescaped, and ``masked_url`` showed all of one holding ``/``."""
+    url = url.format(s=TENANT)
+    assert "abc" not in masked_url(url) and TENANT not in masked_url(url)
+    with pytest.raises(ConfigError, match="budgets.redis_url") as got:
+        check_redis_url(url, "budgets.redis_url")
+    said = str(got.value)
+    assert "abc" not in said and TENANT not in said, said
+    assert "%2F" in said  # the fix: how to write such a character
