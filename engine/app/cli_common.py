@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from engine.core._logkeys import scrub
 from engine.core.catalog import load_catalog
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings, load_settings
@@ -106,8 +107,9 @@ def _main(ctx: typer.Context,
 
 def _print_error(message: str) -> None:
     # Text, not markup: messages quote user input and lists such as ['512x512'] that rich would eat. A lone
-    # surrogate (from a file name or a bad line) is escaped, so printing the error cannot fail in turn.
-    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    # surrogate (from a file name or a bad line) is escaped, so printing the error cannot fail in turn. Masked as a
+    # log line is (``scrub``): a bug's words may quote a key, and a terminal's lines often go to a CI's logs.
+    safe = scrub(message).encode("utf-8", "backslashreplace").decode("utf-8")
     err_console.print(Text.assemble(("error: ", "bold red"), safe))
 
 

@@ -107,3 +107,20 @@ def test_a_redis_password_with_a_reserved_character_is_never_shown(url):
     said = str(got.value)
     assert "abc" not in said and TENANT not in said, said
     assert "%2F" in said  # the fix: how to write such a character
+
+
+def test_the_clis_word_on_a_bug_never_prints_a_key(monkeypatch, tmp_path):
+    """A bug's exception ends a command with its first line (``cli_common._Group``), printed where a CI keeps its
+    logs: its words may quote a key, as the endpoint's 500 line did."""
+    from typer.testing import CliRunner
+
+    import engine.core.trace
+    from engine.app.cli import app
+
+    def buggy(*_a, **_k):
+        raise RuntimeError(f"Error code: 401 - Incorrect API key provided: {KEY}, sent to ?key={TENANT}")
+
+    monkeypatch.setattr(engine.core.trace, "write_trace", buggy)
+    r = CliRunner().invoke(app, ["trace", "synth", "--n", "5", "--seed", "1", "--out", str(tmp_path / "t.jsonl")])
+    assert r.exit_code == 1 and "unexpected, so a bug" in r.output, r.output
+    assert KEY not in r.output and TENANT not in r.output and "[redacted]" in r.output, r.output
