@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from actors._batch_parts import read_bound_s
+from engine.core._logkeys import scrub
 
 __all__ = ["GIVE_UP_FACTOR", "POLL_TRIES", "ProviderUnread", "brief", "ended", "retried"]
 
@@ -23,7 +24,9 @@ class ProviderUnread(Exception):
 
 
 def brief(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
+    """``exc`` in a line of the rescue's words (printed, raised in a ``ConfigError``), masked (``scrub``): the
+    providers' errors are redacted where they are made, and this keeps a key out of any other's."""
+    return scrub(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 async def retried(call, speed: float):

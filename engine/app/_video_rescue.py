@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from engine.app._batch_ended import brief
 from engine.core.clock import ScaledClock
 from engine.core.cost import reserve_bound
 from engine.core.errors import CatalogError
@@ -127,7 +128,7 @@ async def read_video(provider: Callable, space: str, key: str, call: tuple, rec:
     try:
         out = await poll(cj, rec)
     except Exception as exc:
-        return VideoUnread(f"{name} video {rec.get('job')}: {type(exc).__name__}: {str(exc)[:200]}")
+        return VideoUnread(f"{name} video {rec.get('job')}: {brief(exc)}")
     got.videos += 1
     if not out.ok:
         if out.maybe_billed:  # gone, or not ended at the poll limit: billed if it completes, and asked again

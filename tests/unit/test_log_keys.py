@@ -124,3 +124,13 @@ def test_the_clis_word_on_a_bug_never_prints_a_key(monkeypatch, tmp_path):
     r = CliRunner().invoke(app, ["trace", "synth", "--n", "5", "--seed", "1", "--out", str(tmp_path / "t.jsonl")])
     assert r.exit_code == 1 and "unexpected, so a bug" in r.output, r.output
     assert KEY not in r.output and TENANT not in r.output and "[redacted]" in r.output, r.output
+
+
+def test_the_rescues_word_on_a_batch_or_video_it_could_not_read_holds_no_key():
+    """``brief``, the line a rescue (``batch --resume``, ``serve --state-dir``) prints or raises for a provider batch
+    or video of the earlier run it could not read, quoted the exception's words whole."""
+    from engine.app._batch_ended import brief
+
+    said = brief(RuntimeError(f"GET https://generativelanguage.googleapis.com/v1beta/operations/x?key={GEMINI} "
+                              f"said 401: Incorrect API key provided: {KEY}"))
+    assert said.startswith("RuntimeError: GET https://") and KEY not in said and GEMINI not in said, said
