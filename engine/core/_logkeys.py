@@ -18,13 +18,19 @@ from collections.abc import Iterable
 
 __all__ = ["KEYLIKE", "KeyFilter", "get_logger", "masked_url", "redact", "scrub"]
 
-# OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
-KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
+# OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more), each where a word begins: an "sk-"
+# inside a word is no key's (a tenant "risk-management", a custom_id "task-000042" were masked, rvkeylogs80).
+KEYLIKE = re.compile(r"(?<![A-Za-z0-9])(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
-# A key in a URL's query (Google's ``?key=``) or in a header or setting quoted as ``name: value``/``name=value``.
-_NAMED = re.compile(r"(?i)((?:[?&](?:key|api[_-]?key|access_token|token|password)=)|(?:\b(?:authorization|"
+# A key in a URL's query (Google's ``?key=``) or in a header or setting quoted as ``name: value``/``name=value``; a
+# name may end a longer one (``OPENAI_API_KEY=``, ``x_api_key=``: a shell's or a setting's echo, shown whole before).
+_NAMED = re.compile(r"(?i)((?:[?&](?:key|api[_-]?key|access_token|token|password)=)|(?:(?<![A-Za-z0-9])(?:authorization|"
                     r"x-api-key|x-goog-api-key|api[_-]?key|password)['\"]?\s*[:=]\s*['\"]?(?:bearer\s+)?))"
                     r"[^\s&'\",}#]+")
+# A web URL's authority that is a host (a name, or IPv6 in brackets) and a port: with no "@" in it, a later "@" is
+# the path's or the query's (a Vertex model's version ``claude-...@20241022``, an e-mail in a query).
+_HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9.\-_~%]+)(?::\d*)?")
+_WEB = ("http://", "https://", "ws://", "wss://")
 _BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s'\",}]+")
 
 
@@ -43,6 +49,9 @@ def masked_url(url: str) -> str:
     start = url.find("//") + 2
     first = url.find("@", start)
     if start < 2 or first < 0 or url[start:start + 1] == "/":  # no user part (``unix:///path``)
+        return url
+    auth_end = min((k for k in (url.find(c, start) for c in "/?#") if k >= 0), default=len(url))
+    if first > auth_end and url.lower().startswith(_WEB) and _HOST_PORT.fullmatch(url, start, auth_end):
         return url
     # Up to the last "@" before the query: a password may hold an "@" itself, or, unescaped, a "/", "?" or "#"
     # that URL parsing takes for the path's, query's or fragment's start (a "/" ended this mask, and the rest of

@@ -134,3 +134,34 @@ def test_the_rescues_word_on_a_batch_or_video_it_could_not_read_holds_no_key():
     said = brief(RuntimeError(f"GET https://generativelanguage.googleapis.com/v1beta/operations/x?key={GEMINI} "
                               f"said 401: Incorrect API key provided: {KEY}"))
     assert said.startswith("RuntimeError: GET https://") and KEY not in said and GEMINI not in said, said
+
+
+def test_a_word_with_sk_inside_is_no_key(caplog):
+    """``sk-`` inside a word is not a key's start: a review (rvkeylogs80) found a tenant ``risk-management`` logged
+    as ``ri[redacted]`` and a custom_id ``task-000042`` as ``ta[redacted]``, in every log line and the CLI's."""
+    words = "tenant risk-management-team, request task-000042, disk-usage-monitor1"
+    with caplog.at_level(logging.INFO, logger="smartbatch"):
+        get_logger("smartbatch.test_log_keys").info("refused: %s", words)
+    assert caplog.records[-1].getMessage() == f"refused: {words}"
+    assert scrub(f"{words} ({KEY}) key={KEY}") == f"{words} ([redacted]) key=[redacted]"
+
+
+@pytest.mark.parametrize("url", ["https://us-east5-aiplatform.googleapis.com/v1/projects/p/locations/us-east5/"
+                                 "publishers/anthropic/models/claude-3-5-sonnet-v2@20241022:rawPredict",
+                                 "https://example.com/v1/files?owner=ops@example.com", "https://[::1]:8080/m@v"])
+def test_an_at_in_a_web_urls_path_or_query_is_no_password(url):
+    """A web URL whose authority is a host names no user: its "@" is the path's or the query's. Before (a review,
+    rvkeylogs80), ``masked_url`` took all up to it for a password, and a log line showed ``https://***@20241022``,
+    its host and path gone; a Redis URL's password with an unescaped "/" is still masked whole."""
+    assert masked_url(url) == url and scrub(f"POST {url} said 404") == f"POST {url} said 404"
+    assert masked_url("redis://:pa/ss@host:6379/0") == "redis://:***@host:6379/0"
+    assert masked_url("https://u:pa/ss@host/v1") == "https://u:***@host/v1"
+
+
+def test_a_key_set_in_a_variable_of_a_longer_name_is_masked():
+    """``OPENAI_API_KEY=...`` (a shell's or a setting's echo, a child's environment in a traceback) was shown whole:
+    the name must begin a word for ``\\b`` and ``_API_KEY`` does not (a review, rvkeylogs80)."""
+    for line in (f"OPENAI_API_KEY={TENANT}", f"SMARTBATCH_PROVIDERS__OPENAI__API_KEY={TENANT}",
+                 f"{{'x_api_key': '{TENANT}'}}"):
+        assert TENANT not in scrub(line) and "[redacted]" in scrub(line), scrub(line)
+    assert scrub("max_tokens=5 input_tokens=3 api_keys: 2") == "max_tokens=5 input_tokens=3 api_keys: 2"
