@@ -76,7 +76,12 @@ class KeyFilter(logging.Filter):
     otherwise format the exception again from the object, its words unmasked."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        line = record.getMessage()
+        try:
+            line = record.getMessage()
+        except Exception as exc:  # a bad format (``"%d"`` of None): a filter's raise reaches the caller, where
+            # logging's own rule (in the handler) is to report and go on, and that report prints the args unmasked
+            line = f"(a log line that could not be formatted: {exc}) {record.msg!r} % {record.args!r}"
+            record.msg, record.args = line, ()
         clean = scrub(line)
         if clean != line:  # else the record keeps its msg and args (structured handlers read them)
             record.msg, record.args = clean, ()

@@ -165,3 +165,14 @@ def test_a_key_set_in_a_variable_of_a_longer_name_is_masked():
                  f"{{'x_api_key': '{TENANT}'}}"):
         assert TENANT not in scrub(line) and "[redacted]" in scrub(line), scrub(line)
     assert scrub("max_tokens=5 input_tokens=3 api_keys: 2") == "max_tokens=5 input_tokens=3 api_keys: 2"
+
+
+def test_a_line_with_a_bad_format_is_logged_masked_and_the_caller_goes_on(caplog):
+    """A filter runs in the caller's ``log.warning``: its ``getMessage`` raised the line's ``TypeError`` there (a
+    review, rvkeylogs80: ``log.warning("%d lines", None)`` in an ``except`` became the caller's own error), where
+    logging reports a bad format in the handler and goes on; that report printed the args, a key among them."""
+    with caplog.at_level(logging.INFO, logger="smartbatch"):
+        get_logger("smartbatch.test_log_keys").warning("%d lines for %s", None, KEY)
+    (r,) = caplog.records
+    assert "could not be formatted" in r.getMessage() and "%d lines" in r.getMessage(), r.getMessage()
+    assert KEY not in r.getMessage() and "[redacted]" in r.getMessage()
