@@ -26,7 +26,9 @@ class ProviderUnread(Exception):
 def brief(exc: BaseException) -> str:
     """``exc`` in a line of the rescue's words (printed, raised in a ``ConfigError``), masked (``scrub``): the
     providers' errors are redacted where they are made, and this keeps a key out of any other's."""
-    return scrub(f"{type(exc).__name__}: {str(exc)[:200]}")
+    # Masked whole, then cut: a key or a URL cut at the 200th character has lost the shape the mask knows (a Google
+    # key's 35, a password's "@"), and its first characters were shown (a review, rvkeylogs80)
+    return f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
 
 
 async def retried(call, speed: float):

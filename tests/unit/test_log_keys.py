@@ -176,3 +176,15 @@ def test_a_line_with_a_bad_format_is_logged_masked_and_the_caller_goes_on(caplog
     (r,) = caplog.records
     assert "could not be formatted" in r.getMessage() and "%d lines" in r.getMessage(), r.getMessage()
     assert KEY not in r.getMessage() and "[redacted]" in r.getMessage()
+
+
+@pytest.mark.parametrize("secret", [GEMINI, f"redis://:{TENANT}@host:6379/0"])
+def test_the_rescues_word_masks_a_secret_its_cut_at_200_characters_ends(secret):
+    """``brief`` cut the exception's words at 200 characters and masked what was left: a Google key cut short was
+    no longer the shape ``redact`` knows, nor a Redis URL cut before its "@" a password's, and their first
+    characters were printed (a review, rvkeylogs80: 25 of a Gemini key's 39)."""
+    from engine.app._batch_ended import brief
+
+    said = brief(RuntimeError("x" * 180 + f" {secret}"))
+    assert GEMINI[:12] not in said and TENANT[:8] not in said, said
+    assert said.startswith("RuntimeError: xxx") and len(said) <= len("RuntimeError: ") + 200
