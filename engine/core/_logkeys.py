@@ -24,9 +24,9 @@ KEYLIKE = re.compile(r"(?<![A-Za-z0-9])(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIz
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 # A key in a URL's query (Google's ``?key=``) or in a header or setting quoted as ``name: value``/``name=value``; a
 # name may end a longer one (``OPENAI_API_KEY=``, ``x_api_key=``: a shell's or a setting's echo, shown whole before).
-_NAMED = re.compile(r"(?i)((?:[?&](?:key|api[_-]?key|access_token|token|password)=)|(?:(?<![A-Za-z0-9])(?:authorization|"
-                    r"x-api-key|x-goog-api-key|api[_-]?key|password)['\"]?\s*[:=]\s*['\"]?(?:bearer\s+)?))"
-                    r"[^\s&'\",}#]+")
+_NAMED = re.compile(r"(?i)((?:[?&](?:key|api[_-]?key|access_token|token|password)=)|(?:(?<![A-Za-z0-9])"
+                    r"(?:authorization|x-api-key|x-goog-api-key|api[_-]?key|password)['\"]?\s*[:=]\s*['\"]?"
+                    r"(?:(?:bearer|basic|token|digest)\s+)?))[^\s&'\",}#]+")  # a header's scheme, then its secret
 # A web URL's authority that is a host (a name, or IPv6 in brackets) and a port: with no "@" in it, a later "@" is
 # the path's or the query's (a Vertex model's version ``claude-...@20241022``, an e-mail in a query).
 _HOST_PORT = re.compile(r"(?:\[[0-9A-Fa-f:.]*\]|[A-Za-z0-9.\-_~%]+)(?::\d*)?")

@@ -188,3 +188,11 @@ def test_the_rescues_word_masks_a_secret_its_cut_at_200_characters_ends(secret):
     said = brief(RuntimeError("x" * 180 + f" {secret}"))
     assert GEMINI[:12] not in said and TENANT[:8] not in said, said
     assert said.startswith("RuntimeError: xxx") and len(said) <= len("RuntimeError: ") + 200
+
+
+@pytest.mark.parametrize("scheme", ["Basic", "Token"])
+def test_an_authorization_header_of_another_scheme_is_masked(scheme):
+    """``Authorization: Basic <base64 of user:password>`` (a proxy's, a self-hosted endpoint's) kept its value: the
+    mask took the scheme's word for it (a review, rvkeylogs80)."""
+    said = scrub(f"headers: {{'Authorization': '{scheme} {TENANT}'}}, Proxy-Authorization: {scheme} {TENANT}")
+    assert TENANT not in said and said.count(f"{scheme} [redacted]") == 2, said
