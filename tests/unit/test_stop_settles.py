@@ -280,6 +280,19 @@ class _Actor(str):
     ping = type("Ping", (), {"remote": staticmethod(lambda: None)})
 
 
+class _VirtualTime:
+    """``time`` as the death wait reads it, virtual: a poll's sleep moves it on at once, the test's thread none."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def _faked_gcs(monkeypatch, gcs: _Gcs) -> None:
     from ray._private import state
 
@@ -326,7 +339,13 @@ def test_the_stop_returns_once_ray_says_every_actor_it_killed_is_dead(monkeypatc
 
     gcs = _Gcs({"budget": 2, "d1": 3}, refused=frozenset({"d2"}))
     _faked_gcs(monkeypatch, gcs)
+    # The death wait's clock, virtual: in real seconds, a reader that a loaded machine stalled past the 0.3 s
+    # bound found the budget controller and d1 alive (each GCS read made 0.1 s late: a flake hunt, stop 80), or
+    # was left by its join after GCS_ANSWER_S. Now its polls fit the bound 15 times whatever the machine's speed,
+    # and the join waits for the reader (30 s: a safety net).
+    monkeypatch.setattr(engine_stop, "time", _VirtualTime())
     monkeypatch.setattr(engine_stop, "DEATH_WAIT_S", 0.3)
+    monkeypatch.setattr(engine_stop, "GCS_ANSWER_S", 30.0)
     grouper, budget, d1, d2 = (_Actor(x) for x in ("grouper", "budget", "d1", "d2"))
     with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
         engine_stop.kill_engine("e", [grouper, d1, d2, budget], [d1, d2], budget, claim={})
