@@ -7,8 +7,6 @@ its key. The emulator answers ``stream: true`` as Anthropic does, billed as the 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -16,7 +14,6 @@ import pytest
 
 import actors.providers._anthropic_stream as anthropic_stream
 import actors.providers.anthropic_http as anthropic_http
-from engine.core.catalog import Catalog
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     CAT,
@@ -31,50 +28,98 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
 )
 from tests.unit.test_money_hunt import _drained
 
-TIMEOUT_S = 0.5  # real seconds: the client's wait for an answer (whole), or between events (streamed)
-SLOW = 10.0  # the emulator's speed-up where an answer's time counts: 1,000 tokens take 1.58 s real
+
+class _VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when nothing is ready: it jumps to its next timer. A wait between
+    events, a whole call's bound and the gaps of a served stream are its seconds, so which timer fires first is
+    the test's numbers, never the machine's speed: in real seconds, a loaded machine's stall of 1 s (a run at
+    idle priority beside busy cores) crossed a wait between events 16 ms apart. No thread may be waited for in it
+    (its clock would jump past the wait): the client's platform is read before (``_paced``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now, select = 0.0, self._selector.select
+
+        def jump(timeout: float | None = None) -> list:
+            ready = select(0 if timeout is not None else None)
+            if not ready and timeout:
+                self._now += timeout
+            return ready
+
+        self._selector.select = jump  # type: ignore[method-assign]
+
+    def time(self) -> float:
+        return self._now
 
 
-def _steady() -> Catalog:
-    """The test catalog with Anthropic's latency a point (no lognormal spread): 0.8 s and 0.015 s a token."""
-    p = CAT.providers["anthropic"]
-    providers = {**CAT.providers, "anthropic": p.model_copy(update={
-        "sync_latency": p.sync_latency.model_copy(update={"sigma": 0.0})})}
-    return Catalog.model_validate({"schema_version": CAT.schema_version,
-                                   "providers": {k: v.model_dump() for k, v in providers.items()}})
+def _in_virtual_time(go: Any) -> Any:
+    with asyncio.Runner(loop_factory=_VirtualLoop) as runner:
+        return runner.run(go())
 
 
-@pytest.fixture
-def slow() -> Iterator[Emulator]:
-    with Emulator(_steady(), latency_scale=1.0, speedup=SLOW) as e:
-        yield e
+def _paced(every_s: float, events: list[bytes]) -> anthropic.AsyncAnthropic:
+    """A client whose every call is answered 200 with ``events``, one each ``every_s`` of its loop's clock."""
+    import httpx2
+    from anthropic._base_client import get_platform
+
+    def answer(request: Any) -> Any:
+        async def body():
+            for event in events:
+                await asyncio.sleep(every_s)
+                yield event
+
+        return httpx2.Response(200, headers={"content-type": "text/event-stream", "request-id": "req_x"},
+                               content=body())
+
+    client = anthropic.AsyncAnthropic(api_key=KEY, base_url="http://127.0.0.1:9", max_retries=0,
+                                      http_client=anthropic.DefaultAsyncHttpxClient(
+                                          transport=httpx2.MockTransport(answer)))
+    client._platform = get_platform()  # (read in a worker thread at the first call otherwise)
+    return client
 
 
-def _long() -> Any:
-    """A request whose answer (1,000 tokens) takes 15.8 emulator s to write, 1.58 s real: over three times the
-    client's timeout, its deltas (100) ~16 ms apart."""
-    return req(0, "anthropic", output_tokens=1000, max_output_tokens=1000)
+def _long_events() -> tuple[dict, list[bytes]]:
+    """A 1,000-token answer (25 deltas) as a whole Message and as its stream's 31 events."""
+    from engine.emulator._anthropic_stream import message_events
+
+    usage = {"input_tokens": 9, "output_tokens": 1000, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-haiku-4-5",
+           "content": [{"type": "text", "text": "word" * 250}], "stop_reason": "end_turn", "stop_sequence": None,
+           "usage": usage}
+    return msg, message_events(msg)[0]
 
 
-def test_an_answer_longer_than_the_timeout_whose_events_keep_coming_is_read_whole_and_billed_once(slow):
-    timeout_s = 1.0  # its events come ~16 ms apart: a loaded machine's stall stays far inside it
+def _served_call(e: Emulator, every_s: float, timeout_s: float) -> tuple[Any, Any, float]:
+    """One sync call of a 1,000-token request through the Anthropic provider, its answer served an event every
+    ``every_s`` (virtual s): (the outcome, the whole Message's own outcome, the call's virtual seconds)."""
+    msg, events = _long_events()
+    job = job_of(req(0, "anthropic", output_tokens=1000, max_output_tokens=1000))
 
     async def go():
-        p = direct(slow, "anthropic", timeout_s=timeout_s)
+        p = direct(e, "anthropic", timeout_s=timeout_s)
+        await p.client.close()
+        p.client = _paced(every_s, events)
+        loop = asyncio.get_running_loop()
         try:
-            start = time.monotonic()
-            out = await p.call(job_of(_long()))
-            return out, time.monotonic() - start
+            start = loop.time()
+            out = await p.call(job)
+            whole = {k: v for k, v in msg.items() if v is not None}  # (as a whole answer is read: no nulls)
+            return out, p._outcome(job, whole, "req_x", "sync"), loop.time() - start
         finally:
             await p.close()
 
-    out, took = asyncio.run(go())
-    # Before: "timed out after 1 s", possibly billed (the emulator billed it), and made again by the dispatcher.
+    return _in_virtual_time(go)
+
+
+def test_an_answer_longer_than_the_timeout_whose_events_keep_coming_is_read_whole(emu):  # noqa: F811
+    # 31 events 0.1 s apart: 3.1 s, three times the 1 s wait, none of its gaps near it. At the emulator in real
+    # seconds (events 16 ms apart), a process stalled 1.5 s mid-stream was cut by that wait: "no event of the
+    # stream within 1 s" (a flake hunt, stop 80).
+    out, whole, took = _served_call(emu, 0.1, timeout_s=1.0)
+    # Before: "timed out after 1 s", possibly billed, and made again by the dispatcher.
     assert out.ok and not out.replayed, out.error
-    assert took > timeout_s  # it did outlast the timeout
-    (item,) = slow.bill().items
-    assert out.usage.output_tokens == item.usage["output_tokens"] == 1000
-    assert out.cost == pytest.approx(item.cost_usd, abs=1e-12) and out.provider_request_id == item.request_id
+    assert took > 3.0  # it did outlast the timeout
+    assert out.usage.output_tokens == 1000 and out._replace(at=0.0) == whole._replace(at=0.0)
 
 
 def test_a_stream_cut_midway_is_possibly_billed_and_made_again_under_its_key_billed_once(emu):  # noqa: F811
@@ -82,7 +127,7 @@ def test_a_stream_cut_midway_is_possibly_billed_and_made_again_under_its_key_bil
     emu.faults.script("anthropic", "messages", [{"cut_body": True}])  # billed, its stream broken after half
 
     async def go():
-        rig = Rig(emu, "anthropic", timeout_s=TIMEOUT_S)
+        rig = Rig(emu, "anthropic")  # its cut is its connection closed: a 0.5 s wait between events only risked a stall
         api, keys = rig.d.provider.client.messages, []
         inner = api.stream
 
@@ -110,23 +155,15 @@ def test_a_stream_cut_midway_is_possibly_billed_and_made_again_under_its_key_bil
     asyncio.run(go())
 
 
-def test_a_stream_past_its_whole_bound_is_cut_and_counted_possibly_billed(slow, monkeypatch):
-    # Its events keep coming (~16 ms apart, a wait of 1 s allowed between them), but its bound is 0.8 s, before its
-    # 1.58 s: cut after message_start (0.08 s), which the provider billed. Twice the timeout (the floor's bound)
-    # with a 0.5 s wait was cut by the wait in place of the bound once, on a machine at load 16 (a review).
+def test_a_stream_past_its_whole_bound_is_cut_and_counted_possibly_billed(emu, monkeypatch):  # noqa: F811
+    # Its events keep coming (0.1 s apart, a wait of 1 s allowed between them), but its bound is 0.8 s, before
+    # its 3.1 s: cut by the bound, not the wait, at 0.8 s of the loop's clock. In real seconds at the emulator, a
+    # process stalled 1.2 s from 0.05 s in was cut before the emulator's prefill (0.08 s) had billed it, and the
+    # bill the test read was empty (a flake hunt, stop 80).
     monkeypatch.setattr(anthropic_http, "stream_bound", lambda body, timeout_s: 0.8)
-
-    async def go():
-        p = direct(slow, "anthropic", timeout_s=1.0)
-        try:
-            return await p.call(job_of(_long()))
-        finally:
-            await p.close()
-
-    out = asyncio.run(go())
+    out, _, took = _served_call(emu, 0.1, timeout_s=1.0)
     assert not out.ok and out.maybe_billed and out.retryable and out.real, out
-    assert "no whole answer within 0.8 s" in out.error
-    assert len(slow.bill().items) == 1  # billed: the dispatcher settles it at its bound if no retry is answered
+    assert "no whole answer within 0.8 s" in out.error and took == pytest.approx(0.8)
 
 
 def test_the_bound_is_the_caps_tokens_at_the_floor_rate_past_the_first_events_wait():
