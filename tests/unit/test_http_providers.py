@@ -399,11 +399,17 @@ def test_batch_round_trip_resolves_every_member_billed_once_at_the_batch_price(e
 @pytest.mark.parametrize("mode", ["sync", "batch_api"])
 @pytest.mark.parametrize("kind", [None, "any"])
 def test_a_claude_call_with_tools_bills_anthropic_s_tool_use_prompt_cached_with_the_tools_and_reserved_for(emu, mode,
-                                                                                                            kind):
+                                                                                                            kind, request):
     """Anthropic bills a call that carries tools a system prompt of its own (346 tokens, 313 when tool_choice
     forces a call) ahead of the tools; the emulator billed none of it. Through the Anthropic provider, each call is
     billed it, the engine's bill is the emulator's, a breakpoint after the tools caches it with them (the second
     call reads what the first wrote), and the estimate and a reservation of the request's own output bound it."""
+    if mode == "sync":
+        # The second call reads what the first wrote within the cache's 5 minutes, emulator seconds: 0.3 s real at
+        # the fixture's 1,000x, which a loaded machine outlasted between the two calls (both wrote: a flake hunt,
+        # stop 80). Here an emulator at real speed: 5 minutes. (A batch's members are meant to outlast it, below.)
+        emu = Emulator(CAT, latency_scale=0.0, speedup=1.0).start()
+        request.addfinalizer(emu.stop)
     tool = {"name": "lookup", "description": "Looks a city up in the atlas. " * 170,
             "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
             "cache_control": {"type": "ephemeral"}}
