@@ -68,7 +68,11 @@ def test_a_request_whose_calls_all_timed_out_keeps_its_upper_bound_on_its_budget
                 await rig.reserve([j])
                 await rig.run("sync", [j])
                 r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
-                assert r.status == "failed" and r.cost_usd == 0.0 and "timed out" in r.error, r
+                # Cut by the client's 0.1 s timeout, or by the call's bound (twice it) where the connection and
+                # the send took 0.1 s (a run at idle priority beside two busy loops, a flake hunt, stop 80): each
+                # is a call abandoned unanswered, the same to the budget.
+                cut = ("timed out", "no whole answer within")
+                assert r.status == "failed" and r.cost_usd == 0.0 and any(c in r.error for c in cut), r
                 assert "may have billed" in r.error and "possibly_billed" in r.error
                 assert all(not o.ok and o.maybe_billed for _, _, o in rig.calls) and len(rig.calls) >= 2
                 bound = await kept_bound(rig, j)
