@@ -120,6 +120,11 @@ def journal_delete_fails_once(rig, space: str, hold_retry: bool = False) -> list
     return failed
 
 
+# A rig's wait for its results, real s: a safety net, not a premise. At 10 s, a module's first Claude calls, in a
+# run at idle priority beside two busy loops (7-8 min a run), had not resolved (a flake hunt, stop 80: 2 of 7 runs).
+UNTIL_S = 60.0
+
+
 class Rig:
     """One dispatcher over HTTP at the emulator, with a hub, a budget ledger and a recording grouper."""
 
@@ -159,7 +164,7 @@ class Rig:
     async def run(self, mode: str, jobs: list[Job], hedge_at: float | None = None, bid: str = "b") -> None:
         await self.d.run_many([BatchJob(bid, mode, hedge_at, False, "test", "test", jobs)])
 
-    async def until(self, probe: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
+    async def until(self, probe: Callable[[], Any], what: str, timeout_s: float = UNTIL_S) -> Any:
         """Pull results into ``self.results`` until ``probe()`` is truthy; fail after ``timeout_s`` (a bound)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -173,7 +178,7 @@ class Rig:
                 raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: results {self.results}, "
                                      f"grouper {self.grouper.readmitted()}")
 
-    async def resolved(self, jobs: list[Job], timeout_s: float = 10.0) -> None:
+    async def resolved(self, jobs: list[Job], timeout_s: float = UNTIL_S) -> None:
         """Wait until every job has a result or went back to the grouper (whichever way it ends)."""
         def done() -> bool:
             back = {j.req.id for j in self.grouper.readmitted()}
