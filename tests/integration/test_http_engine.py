@@ -223,8 +223,8 @@ def test_a_stop_cancels_the_provider_batches_under_way_rather_than_leave_them_bi
             while not emu.count("batches.create", "openai", 200):  # polling the provider, as its client does
                 assert time.monotonic() < end, f"no batch reached the emulator: {emu.counters()}"
                 time.sleep(0.05)
-        client = openai.OpenAI(base_url=emu.base_url("openai"), api_key=KEY, max_retries=0)
-        (batch,) = client.batches.list().data
+        with openai.OpenAI(base_url=emu.base_url("openai"), api_key=KEY, max_retries=0) as client:
+            (batch,) = client.batches.list().data
         assert batch.status in ("cancelling", "cancelled"), batch.status
         assert emu.count("batches.cancel", "openai", 200) == 1
         assert all(f.result(timeout=5).status == "failed" for f in futs)

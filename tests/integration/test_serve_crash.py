@@ -158,8 +158,8 @@ def test_a_serve_killed_while_its_provider_batch_runs_pays_no_line_twice_after_i
              for k in range(N)]
     data = "\n".join(json.dumps(x) for x in lines).encode()
     assert OPENAI_ONLY.providers.keys() == {"openai"}
-    with Emulator(OPENAI_ONLY, speedup=SPEEDUP, seed=83, cancel_s=100.0) as emu:
-        provider = openai.OpenAI(base_url=emu.base_url("openai"), api_key="emu-key", max_retries=0)
+    with Emulator(OPENAI_ONLY, speedup=SPEEDUP, seed=83, cancel_s=100.0) as emu, \
+            openai.OpenAI(base_url=emu.base_url("openai"), api_key="emu-key", max_retries=0) as provider:
         first = _Serve(name, state, emu, tmp_path)
         try:
             url = first.endpoint()

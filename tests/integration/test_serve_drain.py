@@ -56,9 +56,9 @@ def test_a_serve_stop_keeps_what_its_cancelled_batches_finished_and_the_restart_
     # Members finish one by one over the provider batch's turnaround (seed 83: 637 emulator seconds, 6.4 s at
     # 100x), and go on finishing through the cancel's 100; the next batch takes 120, and the script's 454 (its
     # cancel must reach the emulator within 4.3 s of its first member's end, not to find every member finished).
-    with Emulator(CAT, speedup=SPEEDUP, seed=83, cancel_s=100.0) as emu:
+    with Emulator(CAT, speedup=SPEEDUP, seed=83, cancel_s=100.0) as emu, \
+            openai.OpenAI(base_url=emu.base_url("openai"), api_key="test-key", max_retries=0) as provider:
         settings = point_at_emulator(Settings(), emu, providers=("openai",))
-        provider = openai.OpenAI(base_url=emu.base_url("openai"), api_key="test-key", max_retries=0)
         eng = Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None,
                            policy_params=params)
         try:
