@@ -4,6 +4,7 @@ under the unquoted name still counts, and a claim it left open releases and sett
 
 import asyncio
 import calendar
+import time
 
 import pytest
 
@@ -11,6 +12,13 @@ from engine.core.budgets import BudgetSpec, Claim
 from tests.integration._redis_clients import redis_books
 
 T0 = float(calendar.timegm((2026, 12, 6, 10, 30, 0)))
+
+
+def _open_until() -> float:
+    """An open claim's expiry score: a day past now. Redis's own clock (``TIME``) judges expiry, not the books'
+    ``T0``: at ``T0`` + a day the claims these tests hold open expired mid-test, and three tests failed from
+    2026-12-07 10:30 UTC on (a rehearsal of stop 80)."""
+    return time.time() + 86_400
 
 
 def test_a_budget_quoted_since_stop_74_keeps_the_spend_redis_holds_under_its_old_name(redis_server):
@@ -32,7 +40,7 @@ def test_a_budget_quoted_since_stop_74_keeps_the_spend_redis_holds_under_its_old
             await c.hset(f"{p}:w:tenant=bob@0", mapping={"spent": 0.6})
             await c.hset(f"{p}:c:old-1", mapping={"_who": "alice@example.com\x1fopenai\x1fgpt-5",
                                                   "tenant=alice@example.com@0": 0.3})
-            await c.zadd(f"{p}:exp", {"old-1": T0 + 86400})
+            await c.zadd(f"{p}:exp", {"old-1": _open_until()})
             book = new_book([life, day, plain], prefix=p)
             assert await book.window(life, T0) == pytest.approx((0.5, 0.3))  # the old window, under the new name
             (v,) = await book.reserve_many([Claim("new-1", "alice@example.com", "openai", "gpt-5", "urgent", 0.4)], T0)
@@ -101,7 +109,7 @@ def test_the_upgrade_reads_each_open_claim_once_for_all_the_budgets_a_call_moves
                 i = j % n
                 await c.hset(f"{p}:c:old-{j}", mapping={"_who": f"u{i}@example.com\x1fopenai\x1fgpt-5",
                                                          f"tenant=u{i}@example.com@0": 0.2})
-                await c.zadd(f"{p}:exp", {f"old-{j}": T0 + 86400})
+                await c.zadd(f"{p}:exp", {f"old-{j}": _open_until()})
             book = new_book(specs, prefix=p)
             before = await reads(c)
             verdicts = await book.reserve_many(
@@ -132,7 +140,7 @@ def test_a_key_of_another_type_among_the_open_claims_neither_stops_the_upgrade_n
             await c.hset(f"{p}:c:old-1", mapping={"_who": "alice@example.com\x1fopenai\x1fgpt-5",
                                                   "tenant=alice@example.com@0": 0.3})
             await c.set(f"{p}:c:not-a-claim", "x")
-            await c.zadd(f"{p}:exp", {"not-a-claim": T0 + 86400, "old-1": T0 + 86400})
+            await c.zadd(f"{p}:exp", {"not-a-claim": _open_until(), "old-1": _open_until()})
             for rid in ("new-1", "new-2"):  # the second as a call after a failed one would
                 book = new_book([life], prefix=p)
                 (v,) = await book.reserve_many([Claim(rid, "alice@example.com", "openai", "gpt-5", "urgent", 0.1)], T0)
