@@ -339,6 +339,13 @@ def test_an_engine_whose_ledger_master_is_killed_mid_run_counts_every_result_onc
             futs[0].result(timeout=120)
             cl.signal(master, signal.SIGKILL)
             cl.wait_master(replica, dead=master)
+            # A few more once the replica is master: the ledger's next write after the failover is what reads
+            # another run_id and sends the last settlements again. On a loaded machine the whole first wave had
+            # settled before the kill, no call came after it, and nothing was sent again (a rehearsal of stop 81).
+            # (Prompts of their own: the cache would answer a first-wave prompt, no claim made.)
+            futs += eng.replay([r.model_copy(update={"id": f"late-{r.id}", "arrival_s": 0.0,
+                                                     "prompt": f"After the failover, {r.prompt.lower()}"})
+                                for r in _workload(6)])
             results = [f.result(timeout=120) for f in futs]
             rep = eng.report()
     finally:
