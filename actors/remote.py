@@ -47,9 +47,14 @@ log = get_logger("smartbatch.engine")
 
 @functools.cache
 def _actor(cls):
-    """``ray.remote`` of ``cls`` with the collector set for the engine in its process (``engine.runtime.
-    collector``); the class itself stays plain (unit tests construct it in pytest's process, left alone).
-    One per class, so shards and later engines reuse the class Ray has already exported."""
+    """``ray.remote`` of ``_in_actor(cls)``. One per class, so shards and later engines reuse the class Ray has
+    already exported."""
+    return ray.remote(_in_actor(cls))
+
+
+def _in_actor(cls):
+    """``cls`` with its process set for the engine at each start (the collector, ``engine.runtime.collector``);
+    the class itself stays plain (unit tests construct it in pytest's process, left alone)."""
     def __init__(self, *args, **kwargs):
         tune_actor()
         cls.__init__(self, *args, **kwargs)
@@ -68,7 +73,7 @@ def _actor(cls):
             return pack(await cls.pull(self, *args, **kwargs))
 
         body["pull"] = pull
-    return ray.remote(type(cls.__name__, (cls,), body))
+    return type(cls.__name__, (cls,), body)
 
 
 def actor_name(engine: str, kind: str) -> str:
