@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from engine.core._logkeys import scrub
+from engine.core._logkeys import mask_library_logs, scrub
 from engine.core.catalog import load_catalog
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings, load_settings
@@ -42,6 +42,7 @@ class _Group(typer.core.TyperGroup):
     """Every error ends the command with one ``error:`` message, never a traceback, unless ``--debug``."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        mask_library_logs(everything=True)  # a command's process is the engine's, its terminal a CI's log
         try:
             return super().invoke(ctx)
         except _EXITS:

@@ -42,7 +42,7 @@ from engine.app._start_args import check_start_args
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core._budget_check import check_budget_limits
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, mask_library_logs
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, RequestError
@@ -69,6 +69,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
                  micro_batch: int, flush_ms: float, max_pending: int = 100_000, overload: str = "block",
                  submit_timeout_s: float = 60.0, retention_s: float = 3600.0, owner: bool = True, attached: bool = False,
                  kept=None):
+        # First: Ray's and the SDKs' lines in this process (a failed call's exception, a request's URL) may quote
+        # a key, and the user's own loggers are left as they are.
+        mask_library_logs()
         import ray
 
         self._ray = ray

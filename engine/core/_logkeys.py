@@ -7,6 +7,10 @@ answer echoing it, a URL with ``?key=`` or a password, a request's headers); eac
 new line can forget (the endpoint's 500 line did, stop 80). The filter sits on each project logger, not on the
 ``smartbatch`` parent alone: a logger's filters see only the records logged on it, never its children's, and
 the handlers (pytest's, Ray's, an operator's) are not the project's to filter.
+
+Other libraries' lines in the engine's processes are masked by ``mask_library_logs``, at the record's making (see
+there): Ray's "Unhandled error" of a failed call, asyncio's "Task exception was never retrieved", httpx's "HTTP
+Request: POST <url>" (a base URL's credentials) quote what the project never wrote, from loggers it does not own.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import re
 import traceback
 from collections.abc import Iterable
 
-__all__ = ["KEYLIKE", "KeyFilter", "get_logger", "masked_url", "redact", "scrub"]
+__all__ = ["KEYLIKE", "LIBRARIES", "KeyFilter", "get_logger", "mask_library_logs", "masked_url", "redact", "scrub"]
 
 # OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more), each where a word begins: an "sk-"
 # inside a word is no key's (a tenant "risk-management", a custom_id "task-000042" were masked, rvkeylogs80).
@@ -103,3 +107,49 @@ def get_logger(name: str) -> logging.Logger:
     if not any(isinstance(f, KeyFilter) for f in log.filters):
         log.addFilter(KeyFilter())
     return log
+
+
+# The libraries whose loggers log in the engine's processes, by their loggers' first name: the SDKs and their HTTP
+# stack (URLs, a request's options), Redis, the endpoint's server, Ray (a failed call's exception) and asyncio (a
+# task's). A driver's own loggers, and others', are the user's.
+LIBRARIES = frozenset({"aiohttp", "anthropic", "asyncio", "fastapi", "google", "grpc", "httpcore", "httpcore2",
+                       "httpx", "httpx2", "openai", "ray", "redis", "requests", "starlette", "urllib3", "uvicorn"})
+
+
+class _Masking:
+    """A log record factory that masks (``KeyFilter``) each record of the loggers it covers as it is made.
+
+    At the making, not a filter: a logger's filter sees only its own records (``httpcore2.http11``'s, not
+    ``httpcore2``'s), a handler's only what reaches it, and a handler added later (an SDK's ``basicConfig`` when
+    ``ANTHROPIC_LOG`` is set, uvicorn's, Ray Serve's) has none, while every record, whatever its logger and
+    handler, is made by the factory, once the logger's level lets it be (a line below it costs nothing). The
+    project's own records are its loggers' filters' already."""
+
+    def __init__(self, inner, everything: bool) -> None:
+        self.inner, self.everything = inner, everything
+
+    def __repr__(self) -> str:
+        return f"_Masking(everything={self.everything}, inner={self.inner!r})"
+
+    def __call__(self, *args, **kwargs) -> logging.LogRecord:
+        record = self.inner(*args, **kwargs)
+        name = record.name
+        if name != "smartbatch" and not name.startswith("smartbatch.") and (
+                self.everything or name.partition(".")[0] in LIBRARIES):
+            _MASK.filter(record)
+        return record
+
+
+_MASK = KeyFilter()  # stateless: one serves every record
+
+
+def mask_library_logs(everything: bool = False) -> None:
+    """In this process, mask the records of the loggers in ``LIBRARIES`` (``everything``: of every logger, in a
+    process that is the engine's alone: an actor's, the CLI's) before any handler sees them. Once per process: a
+    second call widens the first's, never wraps the factory again (Ray re-runs an actor's ``__init__`` on a
+    restart)."""
+    current = logging.getLogRecordFactory()
+    if isinstance(current, _Masking):
+        current.everything = current.everything or everything
+        return
+    logging.setLogRecordFactory(_Masking(current, everything))

@@ -1,0 +1,140 @@
+"""Keys never go to a log, other libraries' lines included (``engine.core._logkeys.mask_library_logs``).
+
+The project's loggers mask what they quote (``test_log_keys.py``); these are the lines of loggers it does not own,
+in its processes. Each was printed whole before (stop 81): an actor's, into its Ray worker's ``.err`` file (a
+scratch run on a local Ray, every line below found there with its key), a driver's or a command's, on its
+terminal. With ``ANTHROPIC_LOG=info`` (or ``debug``) set, as the SDK documents, every actor that imports it sets
+httpx's logger to INFO and adds a root handler, and httpx logs each request's URL whole, a base URL's
+credentials too (``https://user:sk-...@proxy/v1``, which the settings take).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+KEY = "sk-proj-" + "L" * 40
+GEMINI = "AIza" + "H" * 35
+USERS = "a line of the user's own, which quotes " + KEY  # a driver's process is the user's: left whole
+
+
+@pytest.fixture(autouse=True)
+def _factory():
+    """Each test starts from, and leaves, this process's record factory as it was."""
+    before = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(logging.LogRecord)
+    yield
+    logging.setLogRecordFactory(before)
+
+
+def _sdk_request_line() -> None:
+    """The OpenAI SDK's call, as an actor makes it, to a base URL with credentials: httpx2 logs it at INFO."""
+    import httpx2
+    import openai
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, json={"object": "list", "data": []})
+
+    with httpx2.Client(transport=httpx2.MockTransport(answer)) as http:
+        client = openai.OpenAI(api_key=KEY, base_url=f"http://proxy:{KEY}@emulator.invalid/v1", http_client=http)
+        client.models.list()
+
+
+def _ray_unhandled_error() -> None:
+    """Ray's word on a call whose failure nobody read (``ray.get`` never called on it): the exception's words."""
+    from ray._private.worker import _unhandled_error_handler
+
+    _unhandled_error_handler(RuntimeError(f"Error code: 401 - Incorrect API key provided: {KEY}"))
+
+
+def _asyncio_orphan() -> None:
+    """asyncio's "Task exception was never retrieved", with its traceback, of a task whose exception quotes a key."""
+    loop = asyncio.new_event_loop()
+    try:
+        try:
+            raise RuntimeError(f"GET https://generativelanguage.googleapis.com/v1beta/files/f?key={GEMINI}: 403")
+        except RuntimeError as exc:
+            loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": exc})
+    finally:
+        loop.close()
+
+
+def _another_librarys_warning() -> None:
+    logging.getLogger("somelib.client").warning("retrying with Authorization: Bearer %s", KEY)
+
+
+LINES = {"httpx's request line": _sdk_request_line, "Ray's unhandled error": _ray_unhandled_error,
+         "asyncio's orphan task": _asyncio_orphan, "another library's line": _another_librarys_warning}
+
+
+class _Plain:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+@pytest.mark.parametrize("line", list(LINES))
+def test_an_actors_process_masks_every_librarys_line(caplog, monkeypatch, line):
+    """An engine actor's process is the engine's alone: from its start, every logger's line is masked."""
+    import actors.remote
+
+    monkeypatch.setattr(actors.remote, "tune_actor", lambda freeze=False: None)  # (pytest's collector, untouched)
+    assert actors.remote._in_actor(_Plain)(3).n == 3
+    with caplog.at_level(logging.INFO):
+        LINES[line]()
+    assert caplog.records, "the library logged nothing"
+    assert KEY not in caplog.text and GEMINI not in caplog.text, caplog.text
+    assert ("[redacted]" in caplog.text or "proxy:***@" in caplog.text)  # masked, not dropped
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_an_actor_started_again_masks_once(monkeypatch):
+    """Ray runs ``__init__`` again at each restart: the factory is set once, not wrapped again each time."""
+    import actors.remote
+
+    monkeypatch.setattr(actors.remote, "tune_actor", lambda freeze=False: None)
+    actors.remote._in_actor(_Plain)(1)
+    first = logging.getLogRecordFactory()
+    actors.remote._in_actor(_Plain)(2)
+    assert logging.getLogRecordFactory() is first and first is not logging.LogRecord
+
+
+def test_a_driver_masks_ray_and_the_sdks_lines_and_leaves_the_users_own(caplog, monkeypatch):
+    """A driver's process (``Engine.start``, ``Engine.connect``, the endpoint's replica) is the user's: the lines
+    of Ray and the libraries the engine calls are masked from its first step, the user's own loggers' left whole.
+    (Ray's first call is stubbed to end the constructor there: what came before it is what is checked.)"""
+    import ray
+
+    from engine.app.driver import Engine
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_a, **_k):
+        raise Stop
+
+    monkeypatch.setattr(ray, "get", stop)
+    with pytest.raises(Stop):
+        Engine(handles={"hubs": []}, clock=None, settings=None, catalog=None, started_ray=False, micro_batch=1,
+               flush_ms=1.0)
+    with caplog.at_level(logging.INFO):
+        _ray_unhandled_error()
+        _sdk_request_line()
+        logging.getLogger("myapp").warning(USERS)
+    assert KEY not in caplog.text.replace(USERS, ""), caplog.text
+    assert USERS in caplog.text
+
+
+def test_a_command_masks_every_librarys_line(caplog, tmp_path):
+    """A ``smartbatch`` command's process is the engine's: its lines go to a terminal a CI keeps."""
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    r = CliRunner().invoke(app, ["trace", "synth", "--n", "3", "--seed", "1", "--out", str(tmp_path / "t.jsonl")])
+    assert r.exit_code == 0, r.output
+    with caplog.at_level(logging.INFO):
+        for line in LINES.values():
+            line()
+    assert KEY not in caplog.text and GEMINI not in caplog.text, caplog.text
