@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, masked_url
 from engine.core.files import write_atomic
 from engine.core.result import Result
 from engine.core.tool_calls import calls_bytes
@@ -214,7 +214,8 @@ class RedisLayer:
         self._refusing = False
 
     def __repr__(self) -> str:
-        return (f"RedisLayer({self.url!r}, up={self.up}, errors={self.errors}, reconnects={self.reconnects}, "
+        # Masked: Ray quotes an actor's repr in the error of each of its failed calls (the cache's holds this).
+        return (f"RedisLayer({masked_url(self.url)!r}, up={self.up}, errors={self.errors}, reconnects={self.reconnects}, "
                 f"pending_writes={len(self._pending)}, refused_writes={self.refused_writes})")
 
     def key(self, scope: str, fp: str) -> str:

@@ -23,7 +23,7 @@ from actors.providers._wire import (
     redact,
     retry_after,
 )
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, masked_url
 from engine.core._within import within
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
@@ -191,7 +191,9 @@ class HttpBase(BatchMembers):
         return contextlib.nullcontext()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name}, base_url={self.endpoint.base_url!r})"
+        # Masked: Ray quotes an actor's repr (the dispatcher's holds this) in the error of each of its failed calls.
+        url = self.endpoint.base_url
+        return f"{type(self).__name__}({self.name}, base_url={url if url is None else masked_url(url)!r})"
 
     def _redact(self, text: str) -> str:
         return redact(text, [self._key.get()])

@@ -138,3 +138,22 @@ def test_a_command_masks_every_librarys_line(caplog, tmp_path):
         for line in LINES.values():
             line()
     assert KEY not in caplog.text and GEMINI not in caplog.text, caplog.text
+
+
+def test_ray_s_word_on_a_failed_call_quotes_no_password_of_the_actors_repr():
+    """Ray's error for a failed actor call (what the caller gets, logs, or puts in a result) carries the actor's
+    ``repr``: the cache's showed its Redis URL whole, password too (``repr=ResultCache(..., RedisLayer('redis://
+    :pw@host:6379/0', ...))``, seen in a scratch run on a local Ray), and an HTTP provider's (in the dispatcher's)
+    its base URL, credentials too."""
+    from actors.cache_layers import RedisLayer
+    from actors.providers.openai_http import OpenAIProvider
+    from engine.core.catalog import default_catalog
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import Secret
+    from engine.core.settings import ProviderEndpoint, Settings
+
+    layer = RedisLayer(f"redis://:{KEY}@127.0.0.1:6379/0")
+    ep = ProviderEndpoint(api="openai", base_url=f"http://proxy:{KEY}@127.0.0.1:9/v1", api_key_env="UNUSED_KEY")
+    provider = OpenAIProvider("openai", default_catalog(), Settings(), ep, Secret(KEY), ManualClock(0.0))
+    for shown in (repr(layer), repr(provider)):
+        assert KEY not in shown and "***@127.0.0.1" in shown, shown
