@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, mask_library_logs
 from engine.core.errors import ConfigError
 
 __all__ = ["MAX_PENDING", "SharedEngine", "check_answers", "check_not_stopping", "init_ray", "stale_engine"]
@@ -194,6 +194,7 @@ class SharedEngine:
         from actors._peer import running_engines
         from actors.remote import attach_actors
 
+        mask_library_logs()  # first: Ray's lines of the attach may quote a key (``Engine.__init__``)
         started = _attach(name, address, flag)
         got = attach_actors(name)
         if got is None or got[0]["clock"] is None:
@@ -239,6 +240,7 @@ class SharedEngine:
         from actors.remote import attach_actors, cancel_work, settle
         from engine.app._ledger_stop import stop_claimed, stop_wait_s
 
+        mask_library_logs()  # first, as ``connect``'s
         started = _attach(name, address, flag)
         try:
             layout, under_way = read_layout(name), read_stop(name)

@@ -69,8 +69,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
                  micro_batch: int, flush_ms: float, max_pending: int = 100_000, overload: str = "block",
                  submit_timeout_s: float = 60.0, retention_s: float = 3600.0, owner: bool = True, attached: bool = False,
                  kept=None):
-        # First: Ray's and the SDKs' lines in this process (a failed call's exception, a request's URL) may quote
-        # a key, and the user's own loggers are left as they are.
+        # Again (``start`` and ``connect`` did first) for an Engine built directly; a second call changes nothing.
         mask_library_logs()
         import ray
 
@@ -160,6 +159,10 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         requests by id, ingest and the cache by compatibility class; docs/benchmarks.md, "Scale-out"); groupers
         default to as many. Each hub shard serves the metrics of its results (``metrics_urls``; a fixed
         ``metrics_port`` P puts shard k on P + k)."""
+        # First: Ray's and the SDKs' lines in this process (a failed call's exception, a request's URL) may quote
+        # a key, from the take-back's provider calls and Ray's start on, before the Engine is built (rvlogs81);
+        # the user's own loggers are left as they are.
+        mask_library_logs()
         import ray
 
         from actors.remote import check_cluster_modes, start_actors

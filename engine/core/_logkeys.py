@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 __all__ = ["KEYLIKE", "LIBRARIES", "KeyFilter", "get_logger", "mask_library_logs", "masked_url", "redact", "scrub"]
 
@@ -88,7 +88,7 @@ class KeyFilter(logging.Filter):
             record.msg, record.args = line, ()
         clean = scrub(line)
         if clean != line:  # else the record keeps its msg and args (structured handlers read them)
-            record.msg, record.args = clean, ()
+            record.msg, record.args = _within_args(record, clean) or (clean, ())
         if record.exc_info and record.exc_info[0] is not None:
             record.exc_text = record.exc_text or "".join(traceback.format_exception(*record.exc_info)).rstrip("\n")
         record.exc_info = None
@@ -97,6 +97,34 @@ class KeyFilter(logging.Filter):
         if record.stack_info:
             record.stack_info = scrub(record.stack_info)
         return True
+
+
+def _within_args(record: logging.LogRecord, clean: str) -> tuple[object, object] | None:
+    """``record``'s msg and args each masked, the args' shape kept, if they make ``clean`` (the line masked whole)
+    exactly; else None. A formatter may read the args themselves: uvicorn's access lines are formatted from their
+    five (``AccessFormatter``), and one masked into ``msg`` with ``args=()`` was a "--- Logging error ---"
+    traceback in the request line's place (rvlogs81); a secret that a format's text and an argument share, or
+    an argument formatted other than by ``%s``, is masked whole as before."""
+    def arg(a):
+        if isinstance(a, (int, float)):  # (a status, a count: nothing to mask, and a %d keeps its number)
+            return a
+        text = a if isinstance(a, str) else str(a)
+        masked = scrub(text)
+        return a if masked == text else masked
+
+    try:
+        args = record.args
+        if isinstance(args, Mapping):
+            args = {k: arg(v) for k, v in args.items()}
+        elif isinstance(args, tuple):
+            args = tuple(arg(a) for a in args)
+        else:
+            return None
+        msg = scrub(record.msg) if isinstance(record.msg, str) else record.msg
+        line = str(msg) % args if args else str(msg)
+    except Exception:  # an argument's str raised, or the masked format no longer fits them
+        return None
+    return (msg, args) if line == clean else None
 
 
 def get_logger(name: str) -> logging.Logger:

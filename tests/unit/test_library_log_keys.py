@@ -157,3 +157,86 @@ def test_ray_s_word_on_a_failed_call_quotes_no_password_of_the_actors_repr():
     provider = OpenAIProvider("openai", default_catalog(), Settings(), ep, Secret(KEY), ManualClock(0.0))
     for shown in (repr(layer), repr(provider)):
         assert KEY not in shown and "***@127.0.0.1" in shown, shown
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*_a, **_k):
+    raise _Stop
+
+
+def test_a_drivers_start_masks_the_libraries_lines_before_its_first_call(caplog, monkeypatch):
+    """``Engine.start`` reads what an engine killed on ``journal.dir`` left before Ray starts (``take_back``: the
+    SDKs' calls that read and cancel its batches, httpx's request line of each), then starts Ray and the actors,
+    all before its ``Engine`` is built: those lines were printed whole (rvlogs81). Ray's start is stubbed to end
+    the start there."""
+    import engine.app.driver as driver
+    from engine.core.settings import Settings
+
+    def take_back(*_a, **_k):
+        _sdk_request_line()
+
+    monkeypatch.setattr(driver, "take_back", take_back)
+    monkeypatch.setattr(driver, "init_ray", _stop)
+    with caplog.at_level(logging.INFO), pytest.raises(_Stop):
+        driver.Engine.start(Settings())
+    assert caplog.records, "the SDK logged nothing"
+    assert KEY not in caplog.text and "proxy:***@" in caplog.text, caplog.text
+
+
+@pytest.mark.parametrize("call", ["connect", "stop_named"])
+def test_a_drivers_connect_or_named_stop_masks_rays_lines_from_its_first_call(caplog, monkeypatch, call):
+    """``Engine.connect`` attaches to Ray and reads the engine's actors before its ``Engine`` is built, and
+    ``Engine.stop_named`` builds none: Ray's lines there (an unread failed call's) were printed whole
+    (rvlogs81)."""
+    import engine.app._driver_shared as shared
+    from engine.app.driver import Engine
+
+    def attach(*_a, **_k):
+        _ray_unhandled_error()
+        raise _Stop
+
+    monkeypatch.setattr(shared, "_attach", attach)
+    with caplog.at_level(logging.INFO), pytest.raises(_Stop):
+        getattr(Engine, call)("sb-x")
+    assert caplog.records and KEY not in caplog.text, caplog.text
+
+
+def test_a_masked_line_keeps_its_arguments_for_a_formatter_that_reads_them(capsys):
+    """uvicorn's access lines are formatted from their five ``args`` (``AccessFormatter``): a line masked into
+    ``msg`` with ``args=()`` was a "--- Logging error ---" traceback on stderr, the request's line lost, for each
+    request whose query held ``?key=``, ``?api_key=``, ``?token=`` (rvlogs81). The secret, held in one argument,
+    is masked there, the arguments kept."""
+    from uvicorn.logging import AccessFormatter
+
+    from engine.core._logkeys import mask_library_logs
+
+    mask_library_logs()
+    handler = logging.StreamHandler()  # sys.stderr, as capsys has it now
+    handler.setFormatter(AccessFormatter("%(client_addr)s - %(request_line)s %(status_code)s", use_colors=False))
+    access = logging.getLogger("uvicorn.access")
+    access.addHandler(handler)
+    try:
+        access.warning('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", f"/v1/models?key={GEMINI}", "1.1", 200)
+    finally:
+        access.removeHandler(handler)
+    err = capsys.readouterr().err
+    assert err == '127.0.0.1:5000 - GET /v1/models?key=[redacted] HTTP/1.1 200 OK\n', err
+
+
+@pytest.mark.parametrize("msg, args, kept", [
+    ("GET %s %d", (f"/v1/models?key={GEMINI}", 200), True),  # the secret within one argument: masked there
+    ("%(path)s", ({"path": f"http://u:{KEY}@host/v1"},), True),  # a mapping's
+    ("Authorization: Bearer %s", ("plainsecret42",), False),  # the format and the argument make it: masked whole
+    ("error: %r", (RuntimeError(KEY),), False),  # an argument shown by its repr
+])
+def test_a_masked_line_keeps_its_arguments_only_where_they_make_the_same_line(msg, args, kept):
+    from engine.core._logkeys import KeyFilter, scrub
+
+    record = logging.LogRecord("somelib", logging.INFO, __file__, 1, msg, args, None)
+    clean = scrub(record.getMessage())
+    KeyFilter().filter(record)
+    assert record.getMessage() == clean and KEY not in clean and GEMINI not in clean
+    assert (record.args != ()) is kept and (record.msg == msg) is kept, (record.msg, record.args)
