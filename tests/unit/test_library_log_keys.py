@@ -216,12 +216,17 @@ def test_a_masked_line_keeps_its_arguments_for_a_formatter_that_reads_them(capsy
     mask_library_logs()
     handler = logging.StreamHandler()  # sys.stderr, as capsys has it now
     handler.setFormatter(AccessFormatter("%(client_addr)s - %(request_line)s %(status_code)s", use_colors=False))
-    access = logging.getLogger("uvicorn.access")
+    access = logging.getLogger("uvicorn.access")  # (as an earlier uvicorn in this process may have left it)
+    was = access.level, access.disabled
     access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.disabled = False
     try:
         access.warning('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", f"/v1/models?key={GEMINI}", "1.1", 200)
     finally:
         access.removeHandler(handler)
+        access.setLevel(was[0])
+        access.disabled = was[1]
     err = capsys.readouterr().err
     assert err == '127.0.0.1:5000 - GET /v1/models?key=[redacted] HTTP/1.1 200 OK\n', err
 
