@@ -25,6 +25,7 @@ import asyncio
 import pickle
 
 from actors._batch_strays import BatchStrays, Strays
+from actors._dispatch_jobs import JOB
 from actors._journal_seal import HUB_ASK_S
 from actors._sync_index import SYNC, SyncIndex
 from actors._types import Job
@@ -103,10 +104,11 @@ class BatchIndex(BatchStrays, SyncIndex):
                                 type(exc).__name__, exc)
             self._sealing = asyncio.ensure_future(release())  # (held: a task may be collected)
 
-    async def _index_take(self, records: dict, bodies: dict) -> int:
+    async def _index_take(self, records: dict, bodies: dict, jobs: dict | None = None) -> int:
         """After a loss (``lost_records``): hold the members of the batches the index has and the journal lost,
         and the requests of its lost sync calls (``bodies``: the sync records read, ``actors._sync_index``), until
-        ingest hands their requests over (``adopt``). Returns how many batches."""
+        ingest hands their requests over (``adopt``); the lost job records (videos) go among those read (``jobs``,
+        ``_jobs_lost``). Returns how many batches."""
         space = self._index_space()
         try:
             got = await asyncio.wait_for(self.hub.call("journal_items", space), HUB_ASK_S)
@@ -115,6 +117,9 @@ class BatchIndex(BatchStrays, SyncIndex):
                       "be sent again, paid twice", self.name, type(exc).__name__, exc)
             return 0
         calls = {k: got.pop(k) for k in [k for k in got if k.startswith(SYNC)]}
+        made = {k: got.pop(k) for k in [k for k in got if k.startswith(JOB)]}
+        if jobs is not None:
+            self._jobs_lost(made, jobs)
         lost = {k: pickle.loads(v) for k, v in got.items() if k not in records and k not in self._open}
         ended = await self._ended_at_hub([m[0] for e in lost.values() for m in e[4]]
                                          + [pickle.loads(v)[1][0] for v in calls.values()])

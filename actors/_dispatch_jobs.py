@@ -21,22 +21,34 @@ another request made and was answered with (the last process held its id in memo
 answered with one video). A restart merges every incarnation's list (each holds what its incarnation read), and the
 older keys go once its own list landed: in one key (until stop 73), a dead incarnation's write landing after its
 successor's replaced the successor's list, and a restart before its next video ended forgot the jobs it had added.
-At a stop the jobs still under way are said (``open_jobs``): they complete and are billed at the provider."""
+At a stop the jobs still under way are said (``open_jobs``): they complete and are billed at the provider.
+
+On a Redis journal each job record (not the ended lists) has an entry in the result hub's index beside its call's
+body (``actors._sync_index``), written with it (one hub message per write: two a video, its intent and its job) and
+dropped with it: a Redis restarted empty, the dispatcher dead before its watch wrote the records again, lost them,
+and the restart made the call again as one with no job journaled: at an endpoint that honours no key (Veo, OpenAI's
+Videos API) a second video, both billed. The restart now takes the lost records from the index (``_jobs_lost``)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import pickle
 from collections.abc import Awaitable, Callable
 
 from actors._incarnations import earlier, own_key
 from actors.journal import JournalWriter
 
-__all__ = ["ENDED", "ENDED_KEEP", "CallSlot", "MadeJobs"]
+__all__ = ["ENDED", "ENDED_KEEP", "JOB", "CallSlot", "MadeJobs"]
 
 ENDED = "ended"  # the stem of the keys of the lists of ended calls' jobs (no call key starts so: they start with
 # the tenant)
 ENDED_KEEP = 2000  # as many as the OpenAI video look-up holds (``_openai_video.HELD_KEEP``): older are past its look
+JOB = "~job:"  # a job record's key in the hub's index space: JOB + its call's key (``actors._sync_index``)
+
+
+def _ended_list(key: str) -> bool:
+    return key == ENDED or key.startswith(ENDED + "@")
 
 
 class CallSlot:
@@ -58,12 +70,43 @@ class CallSlot:
 
 
 class MadeJobs:
-    """Needs the dispatcher's ``name``, ``journal``, ``clock``, ``_pump`` and ``_unjournal``."""
+    """Needs the dispatcher's ``name``, ``journal``, ``clock``, ``_pump``, ``_unjournal``, ``hub``, ``_unanswered``,
+    ``_kept`` and ``_index_space``."""
 
     def _init_jobs(self) -> None:
-        self._jobs_journal = JournalWriter(self.journal, f"jobs:{self.name}")
+        self._jobs_journal = JournalWriter(self.journal, f"jobs:{self.name}", self._jobs_index_put)
         self._jobs: dict[str, dict] = {}  # call key -> the record of the job its call polls, until it ends
         self._ended: dict[str, str] = {}  # job -> its api, of calls that ended (the ENDED_KEEP newest)
+
+    def _jobs_index_put(self, puts: dict) -> None:
+        """``JournalWriter``'s hook: job records about to be written; their entries (the records themselves, a few
+        hundred bytes: no request, no body), in one message."""
+        space = self._index_space()
+        blobs = {JOB + k: pickle.dumps(rec) for k, rec in puts.items() if not _ended_list(k)}
+        if space is not None and blobs:
+            self.hub.send("journal_put_many", space, blobs)
+
+    def _jobs_lost(self, got: dict, records: dict) -> None:
+        """After a loss: the job records of the hub's index (``got``, its JOB entries) the journal lost, put among
+        those read (``records``), to be taken up with their calls (``_resume_jobs``) and journaled again."""
+        for k, blob in got.items():
+            if (key := k[len(JOB):]) not in records:
+                records[key] = pickle.loads(blob)
+                self.__dict__.setdefault("_jobs_unjournaled", set()).add(key)
+
+    def _count_cut(self, uid: str, rec: dict) -> None:
+        """A call made again after a restart, whose last try's end died with the last process (``rec``: its job
+        record, or {}). One whose job (a video) was made was answered: made again it polls that job, one bound until a
+        try polls it (``_kept``). One whose create's intent only is known was not (counted unanswered). A refused
+        create's record says no create was under way: none unanswered but its ``lost`` ones, which the journaled
+        tally holds already once flushed (at least that many, not one more on top of them)."""
+        if rec.get("refused"):
+            if (lost := rec.get("lost") or 0) > self._unanswered[uid]:
+                self._unanswered[uid] = lost
+        elif rec.get("job") is None:
+            self._unanswered[uid] += 1
+        else:  # ended unsent (the stop's cancel came first), it was settled at 0 (a review)
+            self._kept.add(uid)
 
     def _made_hook(self, key: str, slot: CallSlot) -> Callable[[dict], Awaitable[None]]:
         return functools.partial(self._job_made, key, slot)
@@ -113,14 +156,21 @@ class MadeJobs:
         if lists:  # held: a task may be collected
             self._ended_merge = asyncio.ensure_future(self._ended_merged(list(lists)))
         back = [{"api": api, "job": job, "ended": True} for job, api in self._ended.items()]
+        held, lost = self.__dict__.get("_adopting_sync", {}), self.__dict__.pop("_jobs_unjournaled", set())
         for key, rec in records.items():
-            if key in resumed:
+            if key in resumed or key in held:  # (held: a call whose body record was lost, made once re-admitted)
                 self._jobs[key] = rec
                 back.append(rec)
+                if key in lost:  # from the hub's index: journaled again, for a later restart to read
+                    self._jobs_journal.put_soon(key, rec)
             elif key not in self._jobs:
                 self._unjournal.append((self._jobs_journal.space, key))
         if back:
             self.provider.resume_jobs(back)
+
+    def _jobs_index_rewrite(self) -> dict[str, bytes]:
+        """The hub restarted without its index: the entries of the jobs under way (and of held calls)."""
+        return {JOB + k: pickle.dumps(rec) for k, rec in self._jobs.items()}
 
     @property
     def _jobs_records(self) -> dict:

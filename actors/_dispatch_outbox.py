@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from actors._batch_api import _short
+from actors._dispatch_jobs import JOB
 from actors._shards import by_result_uid
 from actors._sync_index import SYNC
 from actors._types import send_sharded
@@ -200,9 +201,9 @@ class Outbox:
                 unjournal = []
             else:
                 unjournal, self._unjournal_held = unjournal + self._unjournal_held, []
-        # The hub's entries go with the records, the batches' and the sync calls' in one message (``_batch_index``)
-        self._index_drop([k if sp == self._space else SYNC + k for sp, k in unjournal
-                          if sp in (self._space, self._sync_journal.space)])
+        # The hub's entries go with the records, the batches', sync calls' and jobs' in one message (``_batch_index``)
+        marks = {self._space: "", self._sync_journal.space: SYNC, self._jobs_journal.space: JOB}
+        self._index_drop([marks[sp] + k for sp, k in unjournal if sp in marks])
         self._sync_forget(k for sp, k in unjournal if sp == self._sync_journal.space)
         for space in {sp for sp, _ in unjournal}:
             keys = [k for sp, k in unjournal if sp == space]

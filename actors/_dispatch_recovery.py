@@ -182,7 +182,7 @@ class Recovery:
             return -1
         if await lost_records(self.journal, f"dispatcher {self.name}"):
             self.journal_lost += 1
-            await self._index_take(records, bodies)  # the batches the hub's index has: held, taken up once re-admitted
+            await self._index_take(records, bodies, jobs)  # what the hub's index has: held, taken up once re-admitted
         self._take_back_tally(tally)
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])
@@ -200,18 +200,9 @@ class Recovery:
             self._known.add(j.req.uid)
             # Whether that call was answered died with the last process: its retries settle at their real cost
             # if one is answered, and at the call's upper bound if all fail (``_maybe_billed``), not at 0. A call
-            # whose job (a video) is journaled was answered: made again, it polls that job (``_resume_jobs``); one
-            # whose create's intent only is journaled was not, and looks for the video it may have made (Veo's fails).
-            # A refused create's record says no create was under way (none unanswered but its ``lost`` ones, which
-            # the journaled tally holds already once flushed: at least that many, not one more on top of them).
-            job_rec = jobs.get(key, {})
-            if job_rec.get("refused"):
-                if (lost := job_rec.get("lost") or 0) > self._unanswered[j.req.uid]:
-                    self._unanswered[j.req.uid] = lost
-            elif job_rec.get("job") is None:
-                self._unanswered[j.req.uid] += 1
-            else:  # its job (a video) under way, billed when it ends: one bound until a try polls it again. Ended
-                self._kept.add(j.req.uid)  # unsent (the stop's cancel came first), it was settled at 0 (a review)
+            # whose job (a video) is journaled polls that job (``_resume_jobs``); one whose create's intent only is
+            # journaled looks for the video it may have made (Veo's fails).
+            self._count_cut(j.req.uid, jobs.get(key, {}))
             resumed.add(key)
             self.in_flight += 1
             # Its gate slot, as the gate's start takes one: its end (or a video's made-hook) frees it, not another's.

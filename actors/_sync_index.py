@@ -83,6 +83,7 @@ class SyncIndex:
         """The hub restarted without its index: the entries of the calls under way and of those still held."""
         blobs = {SYNC + k: self._sync_blob(k, rec) for k, rec in self._sync_calls.items()}
         blobs.update((SYNC + k, pickle.dumps(e)) for k, e in self._adopting_sync.items())
+        blobs.update(self._jobs_index_rewrite())  # (their jobs: ``actors._dispatch_jobs``)
         if blobs:
             self.hub.send("journal_put_many", space, blobs)
 
@@ -155,7 +156,8 @@ class SyncIndex:
             j = Job(member[1], r, member[2], *member[3:])
             now = self.clock.now()
             self.in_flight += 1
-            self._unanswered[r.uid] += 1  # the cut call may have been billed: its bound, if no retry is answered
+            # The cut call may have been billed: its bound, if no retry is answered; or its job (a video), polled
+            self._count_cut(r.uid, self._jobs.get(key, {}))
             self.sim.hold_sync(r.model, now, r.input_tokens + r.output_tokens)  # its slot, as a started call's
             self._spawn(self._resume_adopted(key, b, j, cache_write, ikey, now), [j], b)
             self.resumed_calls += 1
