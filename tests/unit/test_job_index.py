@@ -17,11 +17,11 @@ import pytest
 from actors._dispatch_jobs import JOB
 from actors._ingest_adopt import hand_over
 from actors._peer import as_peer
+from actors._sync_index import SYNC
 from actors._types import Job
 from actors.dispatcher import Dispatcher
 from engine.core.cost import reserve_bound
 from engine.emulator import Emulator
-from actors._sync_index import SYNC
 from tests.unit.test_batch_index import _done, _has, _until_async, index_of, lost, sealed
 from tests.unit.test_http_providers import CAT, SPEED, Rig
 from tests.unit.test_video_durable import MADE, _creates, answer_never_comes, on_first_poll
