@@ -81,9 +81,9 @@ class MadeJobs:
     def _jobs_index_put(self, puts: dict) -> None:
         """``JournalWriter``'s hook: job records about to be written; their entries (the records themselves, a few
         hundred bytes: no request, no body), in one message."""
-        space = self._index_space()
-        blobs = {JOB + k: pickle.dumps(rec) for k, rec in puts.items() if not _ended_list(k)}
-        if space is not None and blobs:
+        if (space := self._index_space()) is None:  # (the hub's memory or files: it loses nothing the hub keeps)
+            return
+        if blobs := {JOB + k: pickle.dumps(rec) for k, rec in puts.items() if not _ended_list(k)}:
             self.hub.send("journal_put_many", space, blobs)
 
     def _jobs_lost(self, got: dict, records: dict) -> None:
@@ -105,7 +105,7 @@ class MadeJobs:
                 self._unanswered[uid] = lost
         elif rec.get("job") is None:
             self._unanswered[uid] += 1
-        else:  # ended unsent (the stop's cancel came first), it was settled at 0 (a review)
+        else:  # (billed when it ends; ended unsent, the stop's cancel first, it was settled at 0 before a review)
             self._kept.add(uid)
 
     def _made_hook(self, key: str, slot: CallSlot) -> Callable[[dict], Awaitable[None]]:

@@ -29,25 +29,28 @@ from tests.unit.test_video_durable import MADE, _creates, answer_never_comes, on
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
 
 
-def _lost_and_restarted(rig: Rig, provider: str) -> Dispatcher:
-    """The rig's dispatcher dies, its journal's body and job records lost (the hub's index kept), and a new one
-    is built on the same hub, told of the loss, as Ray restarts it."""
+def _lost_and_restarted(rig: Rig, provider: str, body_too: bool = True) -> Dispatcher:
+    """The rig's dispatcher dies, its journal's job record lost (``body_too``: and its call's body record), the
+    hub's index kept, and a new one is built on the same hub, told of the loss, as Ray restarts it."""
     for t in list(rig.d._tasks):
         t.cancel()
     for h in list(rig.d._timers):
         h.cancel()
     spaces = rig.hub.__dict__["_journal_spaces"]
-    for space in (rig.d._sync_journal.space, rig.d._jobs_journal.space):
+    for space in (rig.d._sync_journal.space, rig.d._jobs_journal.space)[not body_too:]:
         spaces.pop(space, None)
     return lost(sealed(Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
                                   rig.budget, key=rig.d._key)))
 
 
+@pytest.mark.parametrize("lost", ["body and job", "job alone"])
 @pytest.mark.parametrize("provider", ["openai", "google"])
-def test_a_video_whose_records_were_lost_is_polled_by_its_job_not_made_again(provider):
+def test_a_video_whose_records_were_lost_is_polled_by_its_job_not_made_again(provider, lost):
     """The dispatcher dies while it polls a video, its records lost: the restart holds the call, and once ingest
     hands its request over polls the video its last process made: one create, one video billed, the ledger at the
-    bill (fails on the code before: a second create, two videos billed, the ledger one's)."""
+    bill (fails on the code before: a second create, two videos billed, the second's price and the cut call's bound
+    counted). ``job alone``: the body record kept (written again after the loss, before the job's), the call made
+    again from it at the restart polls its job too."""
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
         async def go():
             rig = Rig(emu, provider)
@@ -59,7 +62,7 @@ def test_a_video_whose_records_were_lost_is_polled_by_its_job_not_made_again(pro
             await rig.run("sync", [job])
             await asyncio.wait_for(polled.wait(), 10.0)
             await asyncio.gather(*[t for t in (rig.d._jobs_journal._task,) if t])  # (its job's record written)
-            again = _lost_and_restarted(rig, provider)
+            again = _lost_and_restarted(rig, provider, body_too=lost == "body and job")
             try:
                 assert await again.recall([r.uid]) == [r.uid]  # held: the re-admission does not send it again
                 await asyncio.gather(*[t for t in (again._jobs_journal._task,) if t])
