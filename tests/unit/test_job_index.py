@@ -66,7 +66,7 @@ def test_a_video_whose_records_were_lost_is_polled_by_its_job_not_made_again(pro
             try:
                 assert await again.recall([r.uid]) == [r.uid]  # held: the re-admission does not send it again
                 await asyncio.gather(*[t for t in (again._jobs_journal._task,) if t])
-                (key,) = await rig.hub.journal_items(again._jobs_journal.space)  # journaled again, for a later restart
+                again_kept = await rig.hub.journal_items(again._jobs_journal.space)  # (asserted below)
                 await hand_over([as_peer(again)], [r])
                 res = await rig.until(lambda: rig.results.get(r.id), "the video")
                 await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
@@ -76,6 +76,7 @@ def test_a_video_whose_records_were_lost_is_polled_by_its_job_not_made_again(pro
                 assert res.status == "ok" and res.cost_usd == pytest.approx(items[0].cost_usd, abs=1e-12)
                 assert sum(rig.budget.book.spend.values()) == pytest.approx(items[0].cost_usd, abs=1e-12)
                 assert again.possibly_billed == 0 and again.resumed_calls == 1 and again.journal_lost == 1
+                assert len(again_kept) == 1  # its job's record journaled again at the take, for a later restart
                 await _done(again)
                 await _until_async(lambda: _has(rig.hub, again, []))  # its entries dropped with its records
             finally:
