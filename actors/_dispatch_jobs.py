@@ -98,15 +98,18 @@ class MadeJobs:
         """A call made again after a restart, whose last try's end died with the last process (``rec``: its job
         record, or {}). One whose job (a video) was made was answered: made again it polls that job, one bound until a
         try polls it (``_kept``). One whose create's intent only is known was not (counted unanswered). A refused
-        create's record says no create was under way: none unanswered but its ``lost`` ones, which the journaled
-        tally holds already once flushed (at least that many, not one more on top of them)."""
-        if rec.get("refused"):
-            if (lost := rec.get("lost") or 0) > self._unanswered[uid]:
-                self._unanswered[uid] = lost
-        elif rec.get("job") is None:
+        create's record says no create was under way: none unanswered but its ``lost`` ones. Whatever the record,
+        its ``lost`` (the call's creates that got no answer, each of which may have made a video; an OpenAI intent
+        counts its own) is a floor, not added to the journaled tally, which holds them already once flushed. A journal
+        that lost the record lost the tally with it: taken from the hub's index, the call polled its job and the
+        lost creates were counted nowhere (a review: a create cut, its video not found, the retry's video polled
+        after the loss, $1.60 billed, $0.80 in the ledger, nothing possibly billed)."""
+        if rec.get("job") is not None:  # (billed when it ends; ended unsent, the stop's cancel first, settled at 0
+            self._kept.add(uid)  # before a review)
+        elif not rec.get("refused"):
             self._unanswered[uid] += 1
-        else:  # (billed when it ends; ended unsent, the stop's cancel first, it was settled at 0 before a review)
-            self._kept.add(uid)
+        if (lost := rec.get("lost") or 0) > self._unanswered.get(uid, 0):
+            self._unanswered[uid] = lost
 
     def _made_hook(self, key: str, slot: CallSlot) -> Callable[[dict], Awaitable[None]]:
         return functools.partial(self._job_made, key, slot)

@@ -6,12 +6,14 @@ its answer is looked for (OpenAI) or failed as a lost create (Veo), as with the 
 Before, only the body records were indexed: the restart made the call again as one with no job journaled, at an
 endpoint that does not honour keys (Google's Veo, OpenAI's Videos API) a second video, the first billed when it
 completes and counted by no ledger. The journal here is the hub's memory; a journal that loses records is stood in
-for by giving it a seal (``tests/unit/test_batch_index.py``) and by wiping the records' spaces."""
+for by giving it a seal (``tests/unit/test_batch_index.py``) and by wiping the records' spaces and the tally's."""
 
 from __future__ import annotations
 
 import asyncio
 
+import httpx2
+import openai
 import pytest
 
 from actors._dispatch_jobs import JOB
@@ -30,14 +32,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:Deprec
 
 
 def _lost_and_restarted(rig: Rig, provider: str, body_too: bool = True) -> Dispatcher:
-    """The rig's dispatcher dies, its journal's job record lost (``body_too``: and its call's body record), the
+    """The rig's dispatcher dies, its journal's job record lost (``body_too``: and its call's body record) with
+    its tally (a Redis restarted empty loses every space: kept, the tally counted what the index does not hold), the
     hub's index kept, and a new one is built on the same hub, told of the loss, as Ray restarts it."""
     for t in list(rig.d._tasks):
         t.cancel()
     for h in list(rig.d._timers):
         h.cancel()
     spaces = rig.hub.__dict__["_journal_spaces"]
-    for space in (rig.d._sync_journal.space, rig.d._jobs_journal.space)[not body_too:]:
+    for space in (rig.d._sync_journal.space, rig.d._jobs_journal.space, rig.d._tally_space)[not body_too:]:
         spaces.pop(space, None)
     return lost(sealed(Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
                                   rig.budget, key=rig.d._key)))
@@ -118,6 +121,57 @@ def test_a_video_create_cut_whose_records_were_lost_is_looked_for_or_failed_not_
                     assert spend == pytest.approx(reserve_bound(r, rig.catalog, "sync", None), abs=1e-12)
                 else:
                     assert res.status == "ok" and spend == pytest.approx(items[0].cost_usd, abs=1e-12)
+                await _done(again)
+            finally:
+                await again.provider.close()
+                await rig.close()
+        asyncio.run(go())
+
+
+def test_a_video_found_by_its_job_after_the_loss_keeps_the_bound_of_its_call_s_lost_create():
+    """A review's: OpenAI's first create is cut after it made its video (billed), the retry's listing fails so that
+    video is not found, and the retry makes a second (its record: ``lost`` 1, not ``covers``); the dispatcher dies
+    while it polls, and the journal's Redis lost every space, the tally that counted the cut create too. The call
+    taken from the hub's index polls its video, and the cut create stays counted possibly billed, its bound in the
+    ledger (fails on the code before: $1.60 billed, $0.80 in the ledger, nothing possibly billed)."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        emu.faults.configure({"script": [{"provider": "openai", "route": "videos", "specs": [{"cut_body": True}]}]})
+
+        async def go():
+            rig = Rig(emu, "openai")
+            sealed(rig.d)
+            videos, lists = rig.d.provider.client.videos, []
+            real_list = videos.list
+
+            def listing(*a, **kw):  # the first create's snapshot read; the retry's look-up fails
+                lists.append(1)
+                if len(lists) > 1:
+                    raise openai.APIConnectionError(request=httpx2.Request("GET", "http://127.0.0.1/v1/videos"))
+                return real_list(*a, **kw)
+            videos.list = listing
+            r = MADE["openai"]()
+            job = Job(0, r, f"fp-{r.id}", claim="c0")
+            await rig.reserve([job])
+            polled = on_first_poll(rig, True)
+            await rig.run("sync", [job])
+            await asyncio.wait_for(polled.wait(), 10.0)
+            await asyncio.gather(*[t for t in (rig.d._jobs_journal._task,) if t])
+            (made,) = rig.d._jobs.values()
+            assert made["lost"] == 1 and not made["covers"] and rig.d._unanswered[r.uid] == 1
+            again = _lost_and_restarted(rig, "openai")
+            try:
+                assert await again.recall([r.uid]) == [r.uid]
+                await hand_over([as_peer(again)], [r])
+                res = await rig.until(lambda: rig.results.get(r.id), "the video")
+                await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+                emu._core.clock.offset += 100_000
+                items = emu.bill().items
+                assert _creates(emu, "openai") == len(items) == 2 and res.status == "ok", items
+                bound = reserve_bound(r, rig.catalog, "sync", None)
+                spend = sum(rig.budget.book.spend.values())
+                assert spend == pytest.approx(res.cost_usd + bound, abs=1e-12), (spend, [i.cost_usd for i in items])
+                assert spend >= sum(i.cost_usd for i in items) - 1e-12
+                assert again.possibly_billed == 1 and again.possibly_billed_usd == pytest.approx(bound, abs=1e-12)
                 await _done(again)
             finally:
                 await again.provider.close()
