@@ -21,6 +21,7 @@ from actors._peer import (
     unpublish_layout,
 )
 from actors._stop_claim import describe, kept_already, release_stop, take_stop
+from actors._stop_left import Left, cancel_left
 from engine.core._logkeys import get_logger
 
 __all__ = ["kill_engine"]
@@ -36,7 +37,8 @@ JOURNAL_COPY_S = 2.0  # how long it waits for the hub's copy of its journal (``_
 
 def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping | Iterable | None = None,
                 budget=None, at_ledger: Callable[[], None] | None = None, *, claim: dict | None = None,
-                wait_s: float = 0.0, waiting: Callable[[dict], None] | None = None) -> int:
+                wait_s: float = 0.0, waiting: Callable[[dict], None] | None = None,
+                on_left: Callable[[str, Left], None] | None = None) -> int:
     """Stop every actor of engine ``engine`` (the given handles, else those its layout names) and remove what it
     published. Returns how many actors were stopped. Its dispatchers (``dispatchers``, else those of the layout)
     go last: once the others are gone (so no driver takes what they publish for an answer), they cancel the
@@ -48,7 +50,8 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
     their room until ``reservation_ttl_s``. ``dispatchers`` by provider (a mapping) names them in the log. One
     whose process dies in its cancel, or just before, is asked again once Ray has restarted it
     (``_stop_restarted``), with the engine's clock and a copy of the hub's journal, read here before the stop
-    removes them.
+    removes them; one not back in time has its batches cancelled by this process (``actors._stop_left``), and
+    ``on_left(name, Left)`` is told what that did.
 
     One stop at a time (``actors._stop_claim``): ``claim``, this process's mark of the stop (``take_stop``), else
     taken here; while another stop holds it, ``waiting`` is told and the stop waits up to ``wait_s`` for it, then
@@ -93,7 +96,8 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         # ``serve`` that sees it gone waits for the stop's end (the claim's mark) before it stops its Ray.
         unpublish_layout(engine)
         n = _kill(rest)
-        for step, what in ((lambda: _cancel_batches(engine, last, clock, copy), "cancel"),
+        left = _left_of(engine, claim.get("layout"), copy, budget, on_left)
+        for step, what in ((lambda: _cancel_batches(engine, last, clock, copy, left), "cancel"),
                            (at_ledger, "keeping of its ledger")):
             try:  # each on its own: a failed cancel skipped the ledger's keeping (kept in no file, a review)
                 if step is not None:
@@ -245,7 +249,30 @@ def _journal_copy(engine: str):
     return ref if ready else None
 
 
-def _cancel_batches(engine: str, dispatchers: dict, clock=None, copy=None) -> None:
+def _left_of(engine: str, layout: dict | None, copy, budget,
+             on_left: Callable[[str, Left], None] | None) -> Callable[[str], Left]:
+    """What the stop does for a dispatcher Ray did not bring back in time (``actors._stop_left``): its claims
+    settled with ``budget``, which the stop keeps alive until the dispatchers are done."""
+    def settle(items: list) -> bool:
+        if budget is None:
+            return False
+        ref = budget.settle_many.remote(items)
+        ready, _ = ray.wait([ref], timeout=SPEND_WAIT_S)
+        if ready:
+            ray.get(ready[0])
+        return bool(ready)
+
+    def left(name: str) -> Left:
+        out = cancel_left(engine, name, layout, copy, settle, (layout or {}).get("journal"))
+        if on_left is not None:
+            on_left(name, out)
+        return out
+
+    return left
+
+
+def _cancel_batches(engine: str, dispatchers: dict, clock=None, copy=None,
+                    left: Callable[[str], Left] | None = None) -> None:
     """Have ``dispatchers`` (by name) cancel their provider batches under way, and say what that left running.
     One whose process died in its cancel, or just before (Ray restarts it), is asked again (``_stop_restarted``):
     taken for one another stop had killed, its batches ran on at the provider, billed, counted by no ledger."""
@@ -262,7 +289,7 @@ def _cancel_batches(engine: str, dispatchers: dict, clock=None, copy=None) -> No
             log.warning("engine %s: %s could not cancel its batches at the stop (%s)", engine, refs[ref],
                         type(exc).__name__)
     if died:
-        answers += _stop_restarted(engine, {name: dispatchers[name] for name in died}, args)
+        answers += _stop_restarted(engine, {name: dispatchers[name] for name in died}, args, left)
     cancelled = missed = 0
     for open_, left in (a[:2] for a in answers):  # (its videos under way it logs itself)
         cancelled, missed = cancelled + open_ - left, missed + left
@@ -275,12 +302,15 @@ def _cancel_batches(engine: str, dispatchers: dict, clock=None, copy=None) -> No
                     "not answering): they may run on, billed", engine, missed, len(refs) - len(ready))
 
 
-def _stop_restarted(engine: str, dispatchers: dict, args: tuple) -> list[tuple]:
+def _stop_restarted(engine: str, dispatchers: dict, args: tuple,
+                    left: Callable[[str], Left] | None = None) -> list[tuple]:
     """Ask ``dispatchers``, whose answer to the stop was their death, to stop spending again, until each answers
     or ``RESTART_AT_STOP_S`` + ``STOP_CALL_S`` pass: one Ray restarts (``max_restarts``) takes the call once it is
     back, reads its journal and cancels what it names (``Recovery._recover_at_stop``); one that is dead for good
-    (another driver's stop killed it: nothing left to cancel) says so to a ping. Their answers; each left
-    unreached is logged at ERROR, by name."""
+    (another driver's stop killed it: nothing left to cancel) says so to a ping. Their answers; for each left
+    unreached, ``left(name)`` cancels its batches from this process and names those it could not (without it,
+    the dispatcher is named at ERROR). A restart is a new process that imports the package and the provider's
+    SDK (about 2 s of CPU): on a loaded machine it took 37 s and more, past this bound (stop 81)."""
     give_up = time.monotonic() + RESTART_AT_STOP_S + STOP_CALL_S
     asked = {d.stop_spending.remote(*args): name for name, d in dispatchers.items()}
     answers, unreached = [], []
@@ -305,6 +335,9 @@ def _stop_restarted(engine: str, dispatchers: dict, args: tuple) -> list[tuple]:
         time.sleep(RESTART_POLL_S)  # restarting: Ray holds the call until it is back (a second, seen)
         asked[dispatchers[name].stop_spending.remote(*args)] = name
     for name in [*asked.values(), *unreached]:
+        if left is not None:  # (it says what it did, each batch by its id)
+            left(name)
+            continue
         log.error("engine %s: %s died in the stop's cancel and was not back within %.0f s: its provider batches "
                   "under way may run on at the provider, billed and counted by no ledger, and its claims hold "
                   "their room until reservation_ttl_s", engine, name, RESTART_AT_STOP_S + STOP_CALL_S)

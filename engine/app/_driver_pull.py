@@ -225,19 +225,31 @@ class Pulling:
         rep = self._last_report
         if rep is None:
             return
-        try:
-            end = time.monotonic() + LAST_REPORT_S
-            (budget,) = _through_restarts(self._ray, lambda: [self._h["budget"].report.remote()], end)
-            stats = _through_restarts(self._ray, lambda: [d.stats.remote() for d in self._h["dispatchers"].values()],
-                                      end)
-        except Exception as exc:  # the report before the cancel stays
-            log.warning("engine %s: the report's budget could not be read after the stop's settlements (%s)",
-                        self.name, type(exc).__name__)
-        else:
-            rep["budget"] = {**budget, "rejected": rep.get("budget", {}).get("rejected", {})}
-            rep["providers"] = {x["provider"]: {k: v for k, v in x.items() if k != "provider"} for x in stats}
+        end = time.monotonic() + LAST_REPORT_S
+        # Each on its own: a dispatcher that died in the stop and was not back left the budget unread too, its
+        # row still showing the claims the stop had settled since (``actors._stop_left``).
+        for part, ask in (("budget", lambda: [self._h["budget"].report.remote()]),
+                          ("providers", lambda: [d.stats.remote() for d in self._h["dispatchers"].values()])):
+            try:
+                got = _through_restarts(self._ray, ask, end)
+            except Exception as exc:  # the report before the cancel stays
+                log.warning("engine %s: the report's %s could not be read after the stop's settlements (%s)",
+                            self.name, part, type(exc).__name__)
+            else:
+                rep[part] = {**got[0], "rejected": rep.get("budget", {}).get("rejected", {})} if part == "budget" \
+                    else {x["provider"]: {k: v for k, v in x.items() if k != "provider"} for x in got}
+        for name, left in self.__dict__.get("_left_at_stop", {}).items():  # what the stop did for those not back
+            said = rep.setdefault("providers", {}).setdefault(name.removeprefix("dispatcher-"), {})
+            said["possibly_billed"] = said.get("possibly_billed", 0) + len(left.settled)
+            said["possibly_billed_usd"] = said.get("possibly_billed_usd", 0.0) + sum(u for _, u in left.settled)
+            said["left_at_stop"] = {"cancelled": left.cancelled, "not_cancelled": [b for b, _ in left.not_cancelled],
+                                    "unread": left.unread}
         if left is not None:
             rep.setdefault("budget", {}).setdefault("ledger", {})["left_at_stop"] = left
+
+    def _note_left(self, name: str, left: Any) -> None:
+        """The stop cancelled the batches of dispatcher ``name`` itself (``actors._stop_left``): for the report."""
+        self.__dict__.setdefault("_left_at_stop", {})[name] = left
 
     def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
         """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the

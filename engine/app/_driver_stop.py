@@ -139,7 +139,8 @@ class Stopping:
                         from actors.remote import kill_engine
 
                         kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
-                                    self._h.get("budget"), self._keep_ledger, wait_s=self._stop_wait_s())
+                                    self._h.get("budget"), self._keep_ledger, wait_s=self._stop_wait_s(),
+                                    on_left=self._note_left)
             if self._owner:
                 if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
                     self._kept.finish(clean, self._h.get("journal", self.name))

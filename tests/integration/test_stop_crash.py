@@ -6,7 +6,8 @@ to cancel. The new incarnation was never rewired (the stop had killed the hub, w
 unpublished the engine clock), so the batch ran on at the provider, billed, its spend counted by no ledger and its
 members' claims held until ``reservation_ttl_s``. Now the stop asks it again once Ray has it back, with the clock
 and a copy of the hub's journal taken before the hub went: it re-attaches to the batch and cancels it, and settles
-its members at their bound."""
+its members at their bound. One Ray does not bring back within the stop's bound (load: stop 80's rehearsal) has
+its batch cancelled and settled by the stop itself (``actors._stop_left``)."""
 
 from __future__ import annotations
 
@@ -90,5 +91,8 @@ def test_a_dispatcher_that_dies_in_the_stops_cancel_is_asked_again_and_cancels_i
         said = rep["providers"]["openai"]
         assert (said["possibly_billed"], said["possibly_billed_usd"]) == (1, pytest.approx(bound, abs=1e-6)), said
         from actors._engine_stop import RESTART_AT_STOP_S, STOP_CALL_S
+        from actors._stop_left import LEFT_CANCEL_S
 
-        assert took < 2 * STOP_CALL_S + RESTART_AT_STOP_S, f"the stop took {took:.1f} s"
+        # (Ray may not bring it back in time on a loaded machine: the stop then cancels the batch itself, within
+        # its own bound, ``actors._stop_left``; every assertion above holds either way.)
+        assert took < 2 * STOP_CALL_S + RESTART_AT_STOP_S + LEFT_CANCEL_S + 5.0, f"the stop took {took:.1f} s"

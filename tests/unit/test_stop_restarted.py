@@ -245,3 +245,111 @@ def test_a_video_under_way_when_a_dispatcher_dies_in_the_stop_is_settled_at_its_
             finally:
                 await _close(rig, again)
         asyncio.run(go())
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["its key here", "no key here"])
+def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itself(keyed, slow_cancel_emu,
+                                                                                 monkeypatch, caplog):
+    """Ray did not bring it back within the stop's bound (a restart is a new process importing the package and
+    the SDK: 37 s and more at load 12 on 2 cores, stop 81). The stop named the dispatcher at ERROR and left its
+    batch to run on, billed, its claims held until ``reservation_ttl_s``. Now the stopping process reads the batch
+    from the journal's copy, cancels it by its id with its own key, and settles its members at their bounds; with
+    no key in its environment (a stop by name from another shell) it names the batch it could not cancel."""
+    import ray
+
+    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
+    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    monkeypatch.setattr(engine_stop.ray, "wait", lambda refs, num_returns=1, timeout=None: (
+        list(refs)[:num_returns], list(refs)[num_returns:]))
+
+    def get(ref, timeout=None):
+        if isinstance(ref, BaseException):
+            raise ref
+        return ref
+
+    monkeypatch.setattr(engine_stop.ray, "get", get)
+    for name in ("unpublish_layout", "_clean_once_dead"):
+        monkeypatch.setattr(engine_stop, name, lambda *a: None)
+    monkeypatch.setattr(engine_stop, "_kill", lambda hs: len(hs))
+    settled: list = []
+
+    class Budget:  # the controller, kept alive by the stop until the dispatchers are done
+        settle_many = SimpleNamespace(remote=lambda items: settled.extend(items) or True)
+        ping = SimpleNamespace(remote=lambda: None)
+
+    async def go():
+        rig = Rig(slow_cancel_emu, "openai")
+        try:
+            jobs = jobs_of("openai", claims=True)
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=FAR)
+            await rig.until(lambda: [r for r in rig.d._open.values() if r[4] is not None], "the batch created")
+            copy = await rig.hub.journal_copy()
+            test_stop_settles._stop_tasks(rig)  # its process dies, and Ray does not bring it back in time
+            monkeypatch.setattr(engine_stop, "_journal_copy", lambda engine: copy)
+            env = rig.settings.providers.endpoints["openai"].api_key_env
+            monkeypatch.setenv(env, KEY) if keyed else monkeypatch.delenv(env, raising=False)
+            (bid,) = [r[4].id for r in rig.d._open.values()]
+            d = _Fails(ray.exceptions.ActorUnavailableError("restarting", None))
+            told: list = []
+            layout = {"settings": rig.settings, "catalog": rig.catalog, "kinds": []}
+            with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
+                await asyncio.to_thread(engine_stop.kill_engine, "prod", [d, Budget], {"openai": d}, Budget,
+                                        claim={"layout": layout}, on_left=lambda n, left: told.append((n, left)))
+            return jobs, bid, told
+        finally:
+            await rig.close()
+
+    jobs, bid, told = asyncio.run(go())
+    assert slow_cancel_emu.count("batches.cancel", "openai", 200) == int(keyed), slow_cancel_emu.counters()
+    bounds = {j.claim: reserve_bound(j.req, default_catalog(), "batch_api") for j in jobs}
+    assert dict(settled) == pytest.approx(bounds, abs=1e-12)
+    ((name, left),) = told
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    said = " ".join(r.getMessage() for r in caplog.records)
+    if keyed:
+        assert (name, left.cancelled, left.not_cancelled) == ("dispatcher-openai", [bid], [])
+        assert bid in said and "cancelled its provider batch(es) itself" in said and not errors, said
+    else:  # said precisely: which batch runs on, and why
+        assert (left.cancelled, [b for b, _ in left.not_cancelled]) == ([], [bid])
+        assert bid in errors and "NOT cancelled" in errors and "no key" in errors, errors
+
+
+def test_the_kept_report_reads_the_budget_again_when_a_dispatcher_is_not_back_and_says_what_the_stop_did(
+        monkeypatch):
+    """The report kept at the stop reads the budget and the dispatchers' stats again once the stop has settled
+    what it cut short. Read as one, a dispatcher not back from its restart (its stats not answered) left the budget
+    as it was before the stop's settlements: the claims the stop had settled still shown reserved."""
+    import ray
+
+    from actors._stop_left import Left
+    from engine.app import _ledger_stop
+    from engine.app._driver_pull import Pulling
+
+    monkeypatch.setattr(_ledger_stop, "keep_ledger", lambda *a: None)
+    after = {"budgets": [{"spent_usd": 0.02, "reserved_usd": 0.0}]}
+
+    class Ray:
+        exceptions = ray.exceptions
+
+        @staticmethod
+        def get(refs, timeout=None):
+            if err := [r for r in refs if isinstance(r, BaseException)]:
+                raise err[0]
+            return refs
+
+    class Eng:
+        _ray, name, settings, _ledger_dir = Ray, "prod", None, None
+        _h = {"budget": SimpleNamespace(report=SimpleNamespace(remote=lambda: after)),
+              "dispatchers": {"openai": _Fails(ray.exceptions.GetTimeoutError("not back"))}}
+        _last_report = {"budget": {"budgets": [{"spent_usd": 0.0, "reserved_usd": 0.02}], "rejected": {}},
+                        "providers": {"openai": {"possibly_billed": 0, "possibly_billed_usd": 0.0}}}
+
+    eng = Eng()
+    Pulling._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01), ("c1", 0.01)]))
+    Pulling._keep_ledger(eng)
+    rep = eng._last_report
+    assert rep["budget"]["budgets"] == after["budgets"], rep["budget"]
+    said = rep["providers"]["openai"]
+    assert (said["possibly_billed"], said["possibly_billed_usd"]) == (2, pytest.approx(0.02)), said
+    assert said["left_at_stop"] == {"cancelled": ["batch_1"], "not_cancelled": [], "unread": None}, said
