@@ -96,12 +96,15 @@ async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: s
         left.calls.append(j.req.id)
         if j.claim is not None:
             left.settled.append((j.claim, _bound(j.req, catalog, b.mode)))
-    open_: list[tuple[str, Any, list]] = []
+    # A batch whose members went again (a hedge, ``_batch_watch``) still runs, billed: cancelled too; its
+    # members' claims went with their sync calls (above), as the dispatcher's recovery reads it.
+    watches = await _records(settings, provider, copy, journal, f"batches:{provider}:watch")
+    open_: list[tuple[str, Any]] = [(key, rec[1]) for key, rec in watches.items()]
     for key, rec in records.items():
         b, jobs, handle = rec[0], rec[1], rec[4]
-        if not isinstance(b, BatchJob) or not jobs:
+        if not isinstance(b, BatchJob) or not jobs or key in watches:
             continue
-        open_.append((key, handle, jobs))
+        open_.append((key, handle))
         for j in jobs:
             if j.claim is not None:
                 left.settled.append((j.claim, _bound(j.req, catalog, b.mode)))
@@ -123,7 +126,7 @@ async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: s
             except Exception as exc:
                 left.not_cancelled.append((bid, f"the cancel failed: {type(exc).__name__}: {str(exc)[:120]}"))
 
-        await asyncio.gather(*(one(key, handle) for key, handle, _ in open_))
+        await asyncio.gather(*(one(key, handle) for key, handle in open_))
     finally:
         if not isinstance(client, str):
             await client.close()

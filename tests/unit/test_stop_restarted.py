@@ -247,14 +247,19 @@ def test_a_video_under_way_when_a_dispatcher_dies_in_the_stop_is_settled_at_its_
         asyncio.run(go())
 
 
-@pytest.mark.parametrize("keyed", [True, False], ids=["its key here", "no key here"])
-def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itself(keyed, slow_cancel_emu,
+@pytest.mark.parametrize(("keyed", "watched"), [(True, False), (False, False), (True, True)],
+                         ids=["its key here", "no key here", "its members sent again"])
+def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itself(keyed, watched, slow_cancel_emu,
                                                                                  monkeypatch, caplog):
     """Ray did not bring it back within the stop's bound (a restart is a new process importing the package and
     the SDK: 37 s and more at load 12 on 2 cores, stop 81). The stop named the dispatcher at ERROR and left its
     batch to run on, billed, its claims held until ``reservation_ttl_s``. Now the stopping process reads the batch
     from the journal's copy, cancels it by its id with its own key, and settles its members at their bounds; with
-    no key in its environment (a stop by name from another shell) it names the batch it could not cancel."""
+    no key in its environment (a stop by name from another shell) it names the batch it could not cancel. A batch
+    whose members went again (a hedge: ``batches:<p>:watch``) still runs, billed: cancelled too, its members'
+    claims left to their sync calls."""
+    import pickle
+
     import ray
 
     monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
@@ -286,6 +291,9 @@ def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itsel
             await rig.until(lambda: [r for r in rig.d._open.values() if r[4] is not None], "the batch created")
             copy = await rig.hub.journal_copy()
             test_stop_settles._stop_tasks(rig)  # its process dies, and Ray does not bring it back in time
+            if watched:  # as ``BatchWatch._watch`` journals it (the batch's own record kept beside it)
+                copy["batches:openai:watch"] = {k: pickle.dumps((r[0]._replace(jobs=[]), r[4], r[1], r[2], False))
+                                                for k, r in rig.d._open.items()}
             monkeypatch.setattr(engine_stop, "_journal_copy", lambda engine: copy)
             env = rig.settings.providers.endpoints["openai"].api_key_env
             monkeypatch.setenv(env, KEY) if keyed else monkeypatch.delenv(env, raising=False)
@@ -302,7 +310,7 @@ def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itsel
 
     jobs, bid, told = asyncio.run(go())
     assert slow_cancel_emu.count("batches.cancel", "openai", 200) == int(keyed), slow_cancel_emu.counters()
-    bounds = {j.claim: reserve_bound(j.req, default_catalog(), "batch_api") for j in jobs}
+    bounds = {} if watched else {j.claim: reserve_bound(j.req, default_catalog(), "batch_api") for j in jobs}
     assert dict(settled) == pytest.approx(bounds, abs=1e-12)
     ((name, left),) = told
     errors = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
