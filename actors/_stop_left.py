@@ -16,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, scrub
 
 __all__ = ["Left", "cancel_left"]
 
 log = get_logger("smartbatch.engine")
-LEFT_CANCEL_S = 15.0  # real seconds for the stop's own cancels (each call bounded by its provider's timeouts too)
+LEFT_CANCEL_S = 15.0  # real seconds for the stop's own run, its cancels' bound (each bounded by its provider's too)
+LEFT_CUT_S = LEFT_CANCEL_S + 5.0  # its thread is not waited for longer (a loop blocked, a journal read hung)
 
 
 @dataclass
@@ -46,8 +48,8 @@ def cancel_left(engine: str, name: str, layout: dict | None, copy: Any, settle: 
     open batches its journal names, settle their members' claims (``settle(items) -> taken``), and log it, each
     batch by its id. ``layout``: the engine's (its settings and catalog); ``copy``: the hub journal's copy (a
     dict by space, or a Ray reference to one); ``journal``: the journal's name (files and Redis). Bounded by
-    ``LEFT_CANCEL_S``; never raises."""
-    box: dict[str, Left] = {}
+    ``LEFT_CANCEL_S`` (its cancels), cut at ``LEFT_CUT_S``; never raises."""
+    box: dict[str, Any] = {}
     provider = name.removeprefix("dispatcher-")
 
     def run() -> None:
@@ -55,19 +57,33 @@ def cancel_left(engine: str, name: str, layout: dict | None, copy: Any, settle: 
             box["left"] = Left(unread="its provider is not known to this stop")
             return
         try:
-            box["left"] = asyncio.run(_cancel_left(provider, layout, copy, journal))
-        except Exception as exc:  # said below, with what is known
-            box["left"] = Left(unread=f"{type(exc).__name__}: {str(exc)[:200]}")
+            box["left"] = asyncio.run(_cancel_left(provider, layout, copy, journal, box))
+        except Exception as exc:  # said below, with what is known (its words may quote a URL: scrubbed)
+            box["left"] = Left(unread=scrub(f"{type(exc).__name__}: {str(exc)[:200]}"))
 
     # In a thread of its own: the caller may run an event loop (an endpoint's stop), and a hung provider is cut
     # at the bound rather than holding the stop.
     worker = threading.Thread(target=run, name="smartbatch-stop-left", daemon=True)
     worker.start()
-    worker.join(LEFT_CANCEL_S + 5.0)
-    left = box.get("left") or Left(unread=f"not done within {LEFT_CANCEL_S + 5.0:.0f} s")
+    worker.join(LEFT_CUT_S)
+    left = box.get("left") or _cut(box)
     taken = bool(left.settled) and _settled(settle, left.settled)
     _say(engine, name, left, taken)
     return left
+
+
+def _cut(box: dict) -> Left:
+    """What a cut run had done: once it had read the journal, its claims are settled all the same and each batch
+    whose cancel had no answer yet is named. Taken for a journal it could not read, they held their room until
+    ``reservation_ttl_s`` and the log said nothing was known, its cancels maybe sent (a review of stop 81)."""
+    read = box.get("read")
+    if read is None:
+        return Left(unread=f"not read within {LEFT_CUT_S:.0f} s")
+    got, open_ = read
+    done = {*got.cancelled, *(b for b, _ in got.not_cancelled)}
+    why = f"its cancel not answered within {LEFT_CUT_S:.0f} s"
+    return Left(list(got.cancelled), [*got.not_cancelled, *((k, why) for k in open_ if k not in done)],
+                list(got.settled), list(got.calls))
 
 
 def _settled(settle: Callable[[list], bool], items: list) -> bool:
@@ -77,12 +93,18 @@ def _settled(settle: Callable[[list], bool], items: list) -> bool:
         return False
 
 
-async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: str | None) -> Left:
+async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: str | None, box: dict) -> Left:
     from actors._types import BatchJob
+
+    deadline = time.monotonic() + LEFT_CANCEL_S
 
     if not layout or "settings" not in layout or "catalog" not in layout:
         return Left(unread="the engine's layout (its settings and catalog) is gone")
     settings, catalog = layout["settings"], layout["catalog"]
+    if layout.get("journal_in_memory") and not settings.journal.in_memory:
+        # The engine's start kept it in the hub's memory (the cache's Redis may evict): the driver's settings,
+        # published, still named that Redis, where the stop found nothing under way (a review of stop 81).
+        settings = settings.model_copy(update={"journal": settings.journal.model_copy(update={"in_memory": True})})
     if copy is not None and not isinstance(copy, dict):  # a reference this process holds: read once
         import ray
 
@@ -108,6 +130,8 @@ async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: s
         for j in jobs:
             if j.claim is not None:
                 left.settled.append((j.claim, _bound(j.req, catalog, b.mode)))
+    # (what a cut reads: each batch by its id, or its journal key while it was being created)
+    box["read"] = (left, [getattr(h, "id", None) or k for k, h in open_])
     if not open_:
         return left
     client = _client(provider, settings, catalog)
@@ -121,10 +145,11 @@ async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: s
                 left.not_cancelled.append((bid, client))
                 return
             try:
-                await asyncio.wait_for(client.cancel(handle), LEFT_CANCEL_S)
+                # (the bound is the run's: a slow read left the cancels their 15 s, and the cut came first)
+                await asyncio.wait_for(client.cancel(handle), max(1.0, deadline - time.monotonic()))
                 left.cancelled.append(bid)
             except Exception as exc:
-                left.not_cancelled.append((bid, f"the cancel failed: {type(exc).__name__}: {str(exc)[:120]}"))
+                left.not_cancelled.append((bid, scrub(f"the cancel failed: {type(exc).__name__}: {str(exc)[:120]}")))
 
         await asyncio.gather(*(one(key, handle) for key, handle in open_))
     finally:

@@ -194,8 +194,11 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     kept = take_back_kept(ray, budget, settings)  # what engines stopped on this ledger while its Redis was away left
     publish_clock(engine, clock, base)
     # (its journal's name too: what its driver's clean stop removes under journal.dir, ``_driver_resume``; the
-    # kept files taken back, held until the stop has kept what their items left unsent, ``_keep_ledger``)
-    return {**_handles(engine, named, clock, base, settings.log_level), "journal": journal, "kept": kept}
+    # kept files taken back, held until the stop has kept what their items left unsent, ``_keep_ledger``; and
+    # whether the journal went to the hub's memory from a cache's Redis that may evict, which the driver's
+    # settings do not say: the stop reads it there, ``actors._stop_left``)
+    return {**_handles(engine, named, clock, base, settings.log_level), "journal": journal, "kept": kept,
+            "journal_in_memory": settings.journal.in_memory}
 
 
 def _shards(named: dict, base: str) -> list:

@@ -374,4 +374,5 @@ class SharedEngine:
         publish_layout(self._h["engine"], {"ledger_dir": self._ledger_dir,
             "kinds": list(self._h["named"]), "settings": self.settings, "catalog": self.catalog, "policy": policy,
             "detached": detached, "metrics_url": self.metrics_url, "metrics_port": self.metrics_port,
-            "metrics_urls": self.metrics_urls, "journal": self._h.get("journal")})  # (read by ``_stop_left``)
+            "metrics_urls": self.metrics_urls, "journal": self._h.get("journal"),  # (these two: ``_stop_left``)
+            "journal_in_memory": self._h.get("journal_in_memory", False)})

@@ -1,0 +1,88 @@
+"""The bounds of the stop's own cancel for dispatchers Ray did not bring back in time (``actors._stop_left``,
+``actors._engine_stop._left_at_once``): a review of stop 81. No Ray, no provider: the journal's records and the
+provider's client are stand-ins."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+
+import actors._engine_stop as engine_stop
+from actors import _stop_left
+from actors._types import BatchJob, Job
+from engine.core.catalog import default_catalog
+from engine.core.cost import reserve_bound
+from engine.core.settings import Settings
+
+from . import test_stop_restarted
+from .test_http_providers import req
+from .test_stop_restarted import _Fails
+
+fake_ray = test_stop_restarted.fake_ray  # (a fixture: Ray's wait and get over ``_Fails`` handles)
+
+
+def test_dispatchers_not_back_in_time_have_their_batches_cancelled_at_once_not_one_after_another(fake_ray,
+                                                                                             monkeypatch):
+    """Each dispatcher's own cancel is bounded (``LEFT_CUT_S``, 20 s); run one after another, two dispatchers not
+    back (a node's workers killed together) held the stop twice that, three three times. Here each waits for the
+    other to have begun: one after another, the first never saw the second begin."""
+    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
+    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    both = threading.Barrier(2, timeout=5.0)  # (a bound for the code before, never reached after)
+    done: list[str] = []
+
+    def left(name: str):
+        both.wait()
+        done.append(name)
+
+    names = ("dispatcher-openai", "dispatcher-anthropic")
+    restarting = {n: _Fails(fake_ray.exceptions.ActorUnavailableError("restarting", None)) for n in names}
+    assert engine_stop._stop_restarted("prod", restarting, (None, None), left) == []
+    assert sorted(done) == sorted(names)
+
+
+def test_a_stops_own_cancel_cut_at_its_bound_still_settles_the_claims_it_read_and_names_the_batch(monkeypatch,
+                                                                                                 caplog):
+    """The run is cut at ``LEFT_CUT_S`` (its loop held by a call, or its journal read so slow that the cancels'
+    own 15 s ran past the cut). The claims it had read, and the batch whose cancel it had sent, were dropped with
+    it: the stop said its journal "could not be read", the claims held their room until ``reservation_ttl_s``."""
+    import logging
+
+    monkeypatch.setattr(_stop_left, "LEFT_CANCEL_S", 0.1)
+    monkeypatch.setattr(_stop_left, "LEFT_CUT_S", 0.3, raising=False)
+    catalog = default_catalog()
+    jobs = [Job(k, req(k), f"fp-{k}", claim=f"c{k}") for k in range(2)]
+    batch = (BatchJob("b", "batch_api", None, False, "test", "test", jobs), jobs, 0.0, 0,
+             SimpleNamespace(id="batch_held"), None)
+
+    async def records(settings, provider, copy, journal, space):
+        return {"k": batch} if space == f"batches:{provider}" else {}
+
+    release, sent = threading.Event(), threading.Event()
+
+    class Client:  # its cancel holds the run's loop (an SDK's blocking call) until the test ends
+        async def cancel(self, handle):
+            sent.set()
+            release.wait()
+
+        async def close(self):
+            pass
+
+    monkeypatch.setattr(_stop_left, "_records", records)
+    monkeypatch.setattr(_stop_left, "_client", lambda *a: Client())
+    settled: list = []
+    layout = {"settings": Settings(), "catalog": catalog}
+    try:
+        with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
+            left = _stop_left.cancel_left("prod", "dispatcher-openai", layout, {}, lambda items: settled.extend(items)
+                                          or True, "prod@0")
+    finally:
+        release.set()
+    assert sent.is_set()
+    bounds = {j.claim: reserve_bound(j.req, catalog, "batch_api") for j in jobs}
+    assert dict(settled) == pytest.approx(bounds, abs=1e-12), left
+    assert (left.unread, left.cancelled, [b for b, _ in left.not_cancelled]) == (None, [], ["batch_held"]), left
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert "batch_held" in errors and "could not be" not in errors, errors
