@@ -238,12 +238,14 @@ class Pulling:
             else:
                 rep[part] = {**got[0], "rejected": rep.get("budget", {}).get("rejected", {})} if part == "budget" \
                     else {x["provider"]: {k: v for k, v in x.items() if k != "provider"} for x in got}
-        for name, left in self.__dict__.get("_left_at_stop", {}).items():  # what the stop did for those not back
+        # What the stop did for those not back (``did``: ``left`` is the ledger's, kept below; reused, the
+        # ledger's row held the last dispatcher's instead, a review of stop 81).
+        for name, did in self.__dict__.get("_left_at_stop", {}).items():
             said = rep.setdefault("providers", {}).setdefault(name.removeprefix("dispatcher-"), {})
-            said["possibly_billed"] = said.get("possibly_billed", 0) + len(left.settled)
-            said["possibly_billed_usd"] = said.get("possibly_billed_usd", 0.0) + sum(u for _, u in left.settled)
-            said["left_at_stop"] = {"cancelled": left.cancelled, "not_cancelled": [b for b, _ in left.not_cancelled],
-                                    "unread": left.unread}
+            said["possibly_billed"] = said.get("possibly_billed", 0) + len(did.settled)
+            said["possibly_billed_usd"] = said.get("possibly_billed_usd", 0.0) + sum(u for _, u in did.settled)
+            said["left_at_stop"] = {"cancelled": did.cancelled, "not_cancelled": [b for b, _ in did.not_cancelled],
+                                    "unread": did.unread}
         if left is not None:
             rep.setdefault("budget", {}).setdefault("ledger", {})["left_at_stop"] = left
 

@@ -86,3 +86,33 @@ def test_a_stops_own_cancel_cut_at_its_bound_still_settles_the_claims_it_read_an
     assert (left.unread, left.cancelled, [b for b, _ in left.not_cancelled]) == (None, [], ["batch_held"]), left
     errors = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     assert "batch_held" in errors and "could not be" not in errors, errors
+
+
+@pytest.mark.parametrize("kept", [None, {"settlements": 1, "charges": 0, "unsettled_usd": 1.5, "kept_in": "f"}],
+                         ids=["nothing waited for Redis", "the ledger kept in a file"])
+def test_the_kept_report_keeps_the_ledgers_leftovers_beside_what_the_stop_did_for_a_dispatcher_not_back(
+        kept, monkeypatch):
+    """``report()["budget"]["ledger"]["left_at_stop"]`` says what the ledger's Redis had not taken at the stop and
+    the file it is kept in. The loop over the dispatchers not back reused its name: it held the last dispatcher's
+    ``Left`` instead (no JSON, the file's name gone), even where the ledger had nothing left."""
+    import ray
+
+    from actors._stop_left import Left
+    from engine.app import _driver_pull, _ledger_stop
+    from engine.app._driver_pull import Pulling
+
+    monkeypatch.setattr(_ledger_stop, "keep_ledger", lambda *a: kept)
+    monkeypatch.setattr(_driver_pull, "_through_restarts", lambda _ray, ask, end: ask())
+
+    class Eng:
+        _ray, name, settings, _ledger_dir = ray, "prod", None, None
+        _h = {"budget": SimpleNamespace(report=SimpleNamespace(remote=lambda: {"budgets": []})),
+              "dispatchers": {"openai": SimpleNamespace(stats=SimpleNamespace(remote=lambda: {"provider": "openai"}))}}
+        _last_report = {"budget": {"budgets": [], "rejected": {}}, "providers": {}}
+
+    eng = Eng()
+    Pulling._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01)]))
+    Pulling._keep_ledger(eng)
+    rep = eng._last_report
+    assert rep["budget"].get("ledger", {}).get("left_at_stop") == kept, rep["budget"]
+    assert rep["providers"]["openai"]["left_at_stop"]["cancelled"] == ["batch_1"], rep["providers"]
