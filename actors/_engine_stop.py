@@ -21,7 +21,7 @@ from actors._peer import (
     unpublish_layout,
 )
 from actors._stop_claim import describe, kept_already, release_stop, take_stop
-from actors._stop_left import Left, cancel_left
+from actors._stop_left import Left, cancel_left, cancels_here
 from engine.core._logkeys import get_logger
 
 __all__ = ["kill_engine"]
@@ -96,7 +96,7 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         # ``serve`` that sees it gone waits for the stop's end (the claim's mark) before it stops its Ray.
         unpublish_layout(engine)
         n = _kill(rest)
-        left = _left_of(engine, claim.get("layout"), copy, budget, on_left)
+        left = _left_of(engine, claim.get("layout"), copy, budget, on_left, last)
         for step, what in ((lambda: _cancel_batches(engine, last, clock, copy, left), "cancel"),
                            (at_ledger, "keeping of its ledger")):
             try:  # each on its own: a failed cancel skipped the ledger's keeping (kept in no file, a review)
@@ -249,10 +249,14 @@ def _journal_copy(engine: str):
     return ref if ready else None
 
 
-def _left_of(engine: str, layout: dict | None, copy, budget,
-             on_left: Callable[[str, Left], None] | None) -> Callable[[str], Left]:
+def _left_of(engine: str, layout: dict | None, copy, budget, on_left: Callable[[str, Left], None] | None,
+             dispatchers: dict | None = None) -> Callable[[str], Left]:
     """What the stop does for a dispatcher Ray did not bring back in time (``actors._stop_left``): its claims
-    settled with ``budget``, which the stop keeps alive until the dispatchers are done."""
+    settled with ``budget``, which the stop keeps alive until the dispatchers are done. One whose batches this
+    process can cancel goes for good first (``dispatchers``, by name): brought back meanwhile, it took the stop's
+    call Ray held for it, cancelled and settled the same batches again, and the kept report counted them
+    ``possibly_billed`` twice (its stats and ``left_at_stop``; a review of stop 81). Without the key here it is
+    left to come back until the stop's end: it cancels with its own."""
     def settle(items: list) -> bool:
         if budget is None:
             return False
@@ -263,6 +267,9 @@ def _left_of(engine: str, layout: dict | None, copy, budget,
         return bool(ready)
 
     def left(name: str) -> Left:
+        d = (dispatchers or {}).get(name)
+        if d is not None and cancels_here(name.removeprefix("dispatcher-"), layout):
+            _kill([d])
         out = cancel_left(engine, name, layout, copy, settle, (layout or {}).get("journal"))
         if on_left is not None:
             on_left(name, out)

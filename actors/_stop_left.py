@@ -23,7 +23,7 @@ from typing import Any
 
 from engine.core._logkeys import get_logger, scrub
 
-__all__ = ["Left", "cancel_left"]
+__all__ = ["Left", "cancel_left", "cancels_here"]
 
 log = get_logger("smartbatch.engine")
 LEFT_CANCEL_S = 15.0  # real seconds for the stop's own run, its cancels' bound (each bounded by its provider's too)
@@ -185,6 +185,18 @@ def _bound(req, catalog, mode: str) -> float:
         return reserve_bound(req, catalog, mode, None)
     except (ValueError, CatalogError):  # a mode its model no longer offers (as ``_settle_cut_short``)
         return reserve_bound(req, catalog, "sync", None)
+
+
+def cancels_here(provider: str, layout: dict | None) -> bool:
+    """Whether this process can cancel ``provider``'s batches at the provider itself (an HTTP one, its key in
+    this environment), or has none to cancel (a simulated one)."""
+    try:
+        settings, catalog = layout["settings"], layout["catalog"]
+        if provider not in settings.providers.http_providers(catalog.providers):
+            return True
+        return bool(os.environ.get(settings.providers.endpoints[provider].api_key_env))
+    except Exception:  # no layout, an unknown provider: nothing this process could cancel
+        return False
 
 
 def _client(provider: str, settings, catalog) -> Any:

@@ -226,18 +226,21 @@ class Pulling:
         if rep is None:
             return
         end = time.monotonic() + LAST_REPORT_S
-        # Each on its own: a dispatcher that died in the stop and was not back left the budget unread too, its
-        # row still showing the claims the stop had settled since (``actors._stop_left``).
-        for part, ask in (("budget", lambda: [self._h["budget"].report.remote()]),
-                          ("providers", lambda: [d.stats.remote() for d in self._h["dispatchers"].values()])):
+        # Each on its own: a dispatcher that died in the stop and was not back left the budget unread (the claims
+        # the stop settled since still reserved) and every provider's row as it was before its cancel (a review).
+        asks = [("budget", lambda: [self._h["budget"].report.remote()])]
+        asks += [(f"provider {p}", lambda d=d: [d.stats.remote()]) for p, d in self._h["dispatchers"].items()]
+        for part, ask in asks:
             try:
-                got = _through_restarts(self._ray, ask, end)
+                (got,) = _through_restarts(self._ray, ask, end)
             except Exception as exc:  # the report before the cancel stays
                 log.warning("engine %s: the report's %s could not be read after the stop's settlements (%s)",
                             self.name, part, type(exc).__name__)
             else:
-                rep[part] = {**got[0], "rejected": rep.get("budget", {}).get("rejected", {})} if part == "budget" \
-                    else {x["provider"]: {k: v for k, v in x.items() if k != "provider"} for x in got}
+                if part == "budget":
+                    rep["budget"] = {**got, "rejected": rep.get("budget", {}).get("rejected", {})}
+                else:
+                    rep.setdefault("providers", {})[got["provider"]] = {k: v for k, v in got.items() if k != "provider"}
         # What the stop did for those not back (``did``: ``left`` is the ledger's, kept below; reused, the
         # ledger's row held the last dispatcher's instead, a review of stop 81).
         for name, did in self.__dict__.get("_left_at_stop", {}).items():

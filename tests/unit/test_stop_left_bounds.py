@@ -88,6 +88,14 @@ def test_a_stops_own_cancel_cut_at_its_bound_still_settles_the_claims_it_read_an
     assert "batch_held" in errors and "could not be" not in errors, errors
 
 
+def _got(_ray, ask, end):
+    """``_through_restarts`` over stand-in calls: each answer, or the error Ray would raise for it."""
+    got = ask()
+    if err := [r for r in got if isinstance(r, BaseException)]:
+        raise err[0]
+    return got
+
+
 @pytest.mark.parametrize("kept", [None, {"settlements": 1, "charges": 0, "unsettled_usd": 1.5, "kept_in": "f"}],
                          ids=["nothing waited for Redis", "the ledger kept in a file"])
 def test_the_kept_report_keeps_the_ledgers_leftovers_beside_what_the_stop_did_for_a_dispatcher_not_back(
@@ -102,7 +110,7 @@ def test_the_kept_report_keeps_the_ledgers_leftovers_beside_what_the_stop_did_fo
     from engine.app._driver_pull import Pulling
 
     monkeypatch.setattr(_ledger_stop, "keep_ledger", lambda *a: kept)
-    monkeypatch.setattr(_driver_pull, "_through_restarts", lambda _ray, ask, end: ask())
+    monkeypatch.setattr(_driver_pull, "_through_restarts", _got)
 
     class Eng:
         _ray, name, settings, _ledger_dir = ray, "prod", None, None
@@ -116,3 +124,61 @@ def test_the_kept_report_keeps_the_ledgers_leftovers_beside_what_the_stop_did_fo
     rep = eng._last_report
     assert rep["budget"].get("ledger", {}).get("left_at_stop") == kept, rep["budget"]
     assert rep["providers"]["openai"]["left_at_stop"]["cancelled"] == ["batch_1"], rep["providers"]
+
+
+def test_the_kept_report_reads_each_providers_row_again_though_one_dispatcher_is_not_back(monkeypatch):
+    """The stop's kept report reads the dispatchers' stats again once they cancelled: read as one, a dispatcher not
+    back (or killed for good by the stop, ``actors._engine_stop._left_of``) left every provider's row as it was
+    before the cancel, so what the others settled at the stop (``possibly_billed``) was missing from it."""
+    import ray
+
+    from engine.app import _driver_pull, _ledger_stop
+    from engine.app._driver_pull import Pulling
+
+    monkeypatch.setattr(_ledger_stop, "keep_ledger", lambda *a: None)
+    monkeypatch.setattr(_driver_pull, "_through_restarts", _got)
+    after = {"provider": "anthropic", "possibly_billed": 3, "possibly_billed_usd": 0.3}
+
+    class Eng:
+        _ray, name, settings, _ledger_dir = ray, "prod", None, None
+        _h = {"budget": SimpleNamespace(report=SimpleNamespace(remote=lambda: {"budgets": []})),
+              "dispatchers": {"openai": SimpleNamespace(stats=SimpleNamespace(remote=lambda: ray.exceptions.
+                                                                               ActorDiedError())),
+                              "anthropic": SimpleNamespace(stats=SimpleNamespace(remote=lambda: after))}}
+        _last_report = {"budget": {"budgets": [], "rejected": {}},
+                        "providers": {p: {"possibly_billed": 0, "possibly_billed_usd": 0.0}
+                                      for p in ("openai", "anthropic")}}
+
+    eng = Eng()
+    Pulling._keep_ledger(eng)
+    rows = eng._last_report["providers"]
+    assert rows["anthropic"] == {"possibly_billed": 3, "possibly_billed_usd": 0.3}, rows
+    assert rows["openai"] == {"possibly_billed": 0, "possibly_billed_usd": 0.0}, rows
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["its key here", "no key here"])
+def test_a_dispatcher_whose_batches_the_stop_cancels_itself_goes_for_good_first(keyed, fake_ray, monkeypatch):
+    """The stop's call Ray held for a restarting dispatcher is still queued when the stop gives up on it: brought
+    back during the stop's own cancel, or the kept report's read of its stats (up to 5 s more), it took that call,
+    cancelled the batch again and settled its claims again, and the report counted them ``possibly_billed`` twice.
+    Killed for good first where this process can cancel; left to come back (it cancels with its own key) where
+    it cannot, killed at the stop's end as before."""
+    from engine.core.catalog import default_catalog
+
+    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
+    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    for name in ("unpublish_layout", "_clean_once_dead"):
+        monkeypatch.setattr(engine_stop, name, lambda *a: None)
+    monkeypatch.setattr(engine_stop, "resolve_clock", lambda ref: (None,))
+    monkeypatch.setattr(engine_stop, "_journal_copy", lambda engine: None)
+    settings = Settings().model_copy(update={"providers": Settings().providers.model_copy(update={"mode": "http"})})
+    env = settings.providers.endpoints["openai"].api_key_env
+    monkeypatch.setenv(env, "sk-here-000000") if keyed else monkeypatch.delenv(env, raising=False)
+    steps: list = []
+    monkeypatch.setattr(engine_stop, "_kill", lambda hs: steps.append(("kill", *hs)) or len(hs))
+    monkeypatch.setattr(engine_stop, "cancel_left", lambda *a: steps.append(("cancel", a[1])) or _stop_left.Left())
+    d = _Fails(fake_ray.exceptions.ActorUnavailableError("restarting", None))
+    layout = {"settings": settings, "catalog": default_catalog(), "kinds": []}
+    engine_stop.kill_engine("prod", [d], {"openai": d}, None, claim={"layout": layout})
+    at = steps.index(("cancel", "dispatcher-openai"))
+    assert any(s[0] == "kill" and d in s[1:] for s in steps[:at]) == keyed, steps
