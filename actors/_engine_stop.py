@@ -21,7 +21,7 @@ from actors._peer import (
     unpublish_layout,
 )
 from actors._stop_claim import describe, kept_already, release_stop, take_stop
-from actors._stop_left import Left, cancel_left, cancels_here
+from actors._stop_left import Left, cancel_left
 from engine.core._logkeys import get_logger
 
 __all__ = ["kill_engine"]
@@ -252,11 +252,8 @@ def _journal_copy(engine: str):
 def _left_of(engine: str, layout: dict | None, copy, budget, on_left: Callable[[str, Left], None] | None,
              dispatchers: dict | None = None) -> Callable[[str], Left]:
     """What the stop does for a dispatcher Ray did not bring back in time (``actors._stop_left``): its claims
-    settled with ``budget``, which the stop keeps alive until the dispatchers are done. One whose batches this
-    process can cancel goes for good first (``dispatchers``, by name): brought back meanwhile, it took the stop's
-    call Ray held for it, cancelled and settled the same batches again, and the kept report counted them
-    ``possibly_billed`` twice (its stats and ``left_at_stop``; a review of stop 81). Without the key here it is
-    left to come back until the stop's end: it cancels with its own."""
+    settled with ``budget``, which the stop keeps alive until the dispatchers are done; each (``dispatchers``, by
+    name) killed for good once that has read what it will cancel (``cancel_left``'s ``going``)."""
     def settle(items: list) -> bool:
         if budget is None:
             return False
@@ -268,9 +265,8 @@ def _left_of(engine: str, layout: dict | None, copy, budget, on_left: Callable[[
 
     def left(name: str) -> Left:
         d = (dispatchers or {}).get(name)
-        if d is not None and cancels_here(name.removeprefix("dispatcher-"), layout):
-            _kill([d])
-        out = cancel_left(engine, name, layout, copy, settle, (layout or {}).get("journal"))
+        out = cancel_left(engine, name, layout, copy, settle, (layout or {}).get("journal"),
+                          None if d is None else lambda: _kill([d]))
         if on_left is not None:
             on_left(name, out)
         return out

@@ -23,10 +23,11 @@ from typing import Any
 
 from engine.core._logkeys import get_logger, scrub
 
-__all__ = ["Left", "cancel_left", "cancels_here"]
+__all__ = ["Left", "cancel_left"]
 
 log = get_logger("smartbatch.engine")
 LEFT_CANCEL_S = 15.0  # real seconds for the stop's own run, its cancels' bound (each bounded by its provider's too)
+SIMULATED = "a simulated provider (nothing runs anywhere)"  # (``_client``'s: nothing to cancel)
 LEFT_CUT_S = LEFT_CANCEL_S + 5.0  # its thread is not waited for longer (a loop blocked, a journal read hung)
 
 
@@ -43,12 +44,16 @@ class Left:
 
 
 def cancel_left(engine: str, name: str, layout: dict | None, copy: Any, settle: Callable[[list], bool],
-                journal: str | None = None) -> Left:
+                journal: str | None = None, going: Callable[[], Any] | None = None) -> Left:
     """For dispatcher ``name`` (``dispatcher-<provider>``) of ``engine``, not back from its restart: cancel the
     open batches its journal names, settle their members' claims (``settle(items) -> taken``), and log it, each
     batch by its id. ``layout``: the engine's (its settings and catalog); ``copy``: the hub journal's copy (a
     dict by space, or a Ray reference to one); ``journal``: the journal's name (files and Redis). Bounded by
-    ``LEFT_CANCEL_S`` (its cancels), cut at ``LEFT_CUT_S``; never raises."""
+    ``LEFT_CANCEL_S`` (its cancels), cut at ``LEFT_CUT_S``; never raises. ``going()`` (the dispatcher's kill for
+    good) is called once its journal is read, where this process can cancel what it names: the stop's call Ray
+    held for it was still queued, and brought back meanwhile it cancelled and settled the same work again, the
+    kept report counting its claims twice (a review of stop 81). Without the key here it is left to come back
+    until the stop's end: it cancels with its own."""
     box: dict[str, Any] = {}
     provider = name.removeprefix("dispatcher-")
 
@@ -57,7 +62,7 @@ def cancel_left(engine: str, name: str, layout: dict | None, copy: Any, settle: 
             box["left"] = Left(unread="its provider is not known to this stop")
             return
         try:
-            box["left"] = asyncio.run(_cancel_left(provider, layout, copy, journal, box))
+            box["left"] = asyncio.run(_cancel_left(provider, layout, copy, journal, box, going))
         except Exception as exc:  # said below, with what is known (its words may quote a URL: scrubbed)
             box["left"] = Left(unread=scrub(f"{type(exc).__name__}: {str(exc)[:200]}"))
 
@@ -93,7 +98,8 @@ def _settled(settle: Callable[[list], bool], items: list) -> bool:
         return False
 
 
-async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: str | None, box: dict) -> Left:
+async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: str | None, box: dict,
+                       going: Callable[[], Any] | None) -> Left:
     from actors._types import BatchJob
 
     deadline = time.monotonic() + LEFT_CANCEL_S
@@ -132,9 +138,11 @@ async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: s
                 left.settled.append((j.claim, _bound(j.req, catalog, b.mode)))
     # (what a cut reads: each batch by its id, or its journal key while it was being created)
     box["read"] = (left, [getattr(h, "id", None) or k for k, h in open_])
+    client = _client(provider, settings, catalog) if open_ else None
+    if going is not None and (not isinstance(client, str) or client is SIMULATED):
+        await asyncio.to_thread(going)
     if not open_:
         return left
-    client = _client(provider, settings, catalog)
     try:
         async def one(key: str, handle: Any) -> None:
             bid = getattr(handle, "id", None)
@@ -153,7 +161,7 @@ async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: s
 
         await asyncio.gather(*(one(key, handle) for key, handle in open_))
     finally:
-        if not isinstance(client, str):
+        if client is not None and not isinstance(client, str):
             await client.close()
     return left
 
@@ -171,6 +179,10 @@ async def _records(settings, provider: str, copy: Any, journal: str | None, spac
     if journal is None:
         raise LookupError("the engine's journal name is not known to this stop")
     j = make_journal(settings, journal, None)
+    where = getattr(j, "dir", None)  # (a ``FileJournal``'s, made at its first write)
+    if settings.journal.dir is not None and where is not None and not where.is_dir():
+        # Read as empty, it said "nothing under way" (a stop from another machine: journal.dir is the node's).
+        raise LookupError(f"no journal directory {where} on this machine (another node's, or nothing journaled)")
     try:
         return await j.items(space)
     finally:
@@ -187,18 +199,6 @@ def _bound(req, catalog, mode: str) -> float:
         return reserve_bound(req, catalog, "sync", None)
 
 
-def cancels_here(provider: str, layout: dict | None) -> bool:
-    """Whether this process can cancel ``provider``'s batches at the provider itself (an HTTP one, its key in
-    this environment), or has none to cancel (a simulated one)."""
-    try:
-        settings, catalog = layout["settings"], layout["catalog"]
-        if provider not in settings.providers.http_providers(catalog.providers):
-            return True
-        return bool(os.environ.get(settings.providers.endpoints[provider].api_key_env))
-    except Exception:  # no layout, an unknown provider: nothing this process could cancel
-        return False
-
-
 def _client(provider: str, settings, catalog) -> Any:
     """The provider over HTTP with this process's key, or why there is none (a str)."""
     from actors.providers import make_provider
@@ -206,7 +206,7 @@ def _client(provider: str, settings, catalog) -> Any:
     from engine.core.provider_api import Secret
 
     if provider not in settings.providers.http_providers(catalog.providers):
-        return "a simulated provider (nothing runs anywhere)"
+        return SIMULATED
     ep = settings.providers.endpoints[provider]
     key = os.environ.get(ep.api_key_env)
     if not key:

@@ -161,24 +161,55 @@ def test_a_dispatcher_whose_batches_the_stop_cancels_itself_goes_for_good_first(
     """The stop's call Ray held for a restarting dispatcher is still queued when the stop gives up on it: brought
     back during the stop's own cancel, or the kept report's read of its stats (up to 5 s more), it took that call,
     cancelled the batch again and settled its claims again, and the report counted them ``possibly_billed`` twice.
-    Killed for good first where this process can cancel; left to come back (it cancels with its own key) where
-    it cannot, killed at the stop's end as before."""
-    from engine.core.catalog import default_catalog
-
+    Killed for good once the stop has read what it will cancel, before its cancel; left to come back (it cancels
+    with its own key) where this process has no key, killed at the stop's end as before."""
     monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
     monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
     for name in ("unpublish_layout", "_clean_once_dead"):
         monkeypatch.setattr(engine_stop, name, lambda *a: None)
     monkeypatch.setattr(engine_stop, "resolve_clock", lambda ref: (None,))
     monkeypatch.setattr(engine_stop, "_journal_copy", lambda engine: None)
-    settings = Settings().model_copy(update={"providers": Settings().providers.model_copy(update={"mode": "http"})})
-    env = settings.providers.endpoints["openai"].api_key_env
-    monkeypatch.setenv(env, "sk-here-000000") if keyed else monkeypatch.delenv(env, raising=False)
     steps: list = []
+    jobs = [Job(0, req(0), "fp-0", claim="c0")]
+    batch = (BatchJob("b", "batch_api", None, False, "test", "test", jobs), jobs, 0.0, 0,
+             SimpleNamespace(id="batch_1"), None)
+
+    async def records(settings, provider, copy, journal, space):
+        steps.append(("read", space))
+        return {"k": batch} if space == f"batches:{provider}" else {}
+
+    class Client:
+        async def cancel(self, handle):
+            steps.append(("cancel", handle.id))
+
+        async def close(self):
+            pass
+
+    monkeypatch.setattr(_stop_left, "_records", records)
+    monkeypatch.setattr(_stop_left, "_client", lambda *a: Client() if keyed else "no key in this process")
     monkeypatch.setattr(engine_stop, "_kill", lambda hs: steps.append(("kill", *hs)) or len(hs))
-    monkeypatch.setattr(engine_stop, "cancel_left", lambda *a: steps.append(("cancel", a[1])) or _stop_left.Left())
     d = _Fails(fake_ray.exceptions.ActorUnavailableError("restarting", None))
-    layout = {"settings": settings, "catalog": default_catalog(), "kinds": []}
+    layout = {"settings": Settings(), "catalog": default_catalog(), "kinds": []}
     engine_stop.kill_engine("prod", [d], {"openai": d}, None, claim={"layout": layout})
-    at = steps.index(("cancel", "dispatcher-openai"))
-    assert any(s[0] == "kill" and d in s[1:] for s in steps[:at]) == keyed, steps
+    kills = [k for k, s in enumerate(steps) if s[0] == "kill" and d in s[1:]]
+    last_read = max(k for k, s in enumerate(steps) if s[0] == "read")
+    if keyed:
+        assert last_read < kills[0] < steps.index(("cancel", "batch_1")), steps
+    else:
+        assert kills == [len(steps) - 1], steps  # (the stop's end)
+
+
+def test_a_journal_directory_not_on_the_stopping_machine_is_said_unread_not_empty(tmp_path, caplog):
+    """``journal.dir`` is the node's: a stop from another machine (``stop --name --address``), or a dispatcher on
+    another node, finds no directory there. Read as empty, the stop said "nothing under way" at WARNING while the
+    batch ran on, billed, its claims held."""
+    import logging
+
+    from engine.core.settings import JournalSettings
+
+    layout = {"settings": Settings(journal=JournalSettings(dir=tmp_path / "journal")), "catalog": default_catalog()}
+    with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
+        left = _stop_left.cancel_left("prod", "dispatcher-openai", layout, None, lambda items: True, "prod@1")
+    assert left.unread is not None and "no journal directory" in left.unread, left
+    errors = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert "no journal directory" in errors and "may run on" in errors, errors
