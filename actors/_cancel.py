@@ -12,6 +12,7 @@ import math
 
 from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._shards import by_result_uid
+from actors._stop_cut import never_sent
 from actors._types import Job
 from engine.core._logkeys import get_logger
 from engine.core._within import within
@@ -42,15 +43,37 @@ def _remember(memo: dict[str, None], uids: list[str]) -> None:
 
 
 class CancelGroups:
-    """The grouper's side: needs its ``pending``, ``table``, ``waits``, ``_timers``, ``_park_timer``, ``_ended``,
-    ``_reserving``, ``hubs``, ``_resolve`` and ``_failed``."""
+    """The grouper's side: needs its ``pending``, ``table``, ``waits``, ``_timers``, ``_tasks``, ``_park_timer``,
+    ``_ended``, ``_reserving``, ``hubs``, ``_resolve`` and ``_failed``."""
 
     _cancelled = False
+    _reborn = False  # restarted by Ray: what it holds may be copies of requests sent before (``cut_at_stop``)
+    _copies = False  # took a re-admitted copy (``Grouper.add``): its original may have been sent meanwhile
+
+    def reconstructed(self) -> None:
+        self._reborn = True
 
     async def cancel(self) -> int:
         """Nothing held here is sent: every request waiting (in a group, or held by a budget) ends failed
         (``cancelled``), billed nothing, and so does every request that comes later (back from a cancelled
         batch, a follower of a request that ended so). Returns how many ended now."""
+        jobs = self._cancel_held()
+        await self._resolve([(j, self._failed(j, _WHY)) for j in jobs])
+        return len(jobs)
+
+    async def cut_at_stop(self) -> list[str]:
+        """The engine stops: what is held here ends as at ``cancel``; the ids of those never sent anywhere are
+        returned before their results go out (``actors._stop_cut``: none where a copy may have been sent)."""
+        jobs = self._cancel_held()
+        task = asyncio.get_running_loop().create_task(self._resolve([(j, self._failed(j, _WHY)) for j in jobs]))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self._reborn or self._copies:
+            return []
+        return [j.req.uid for j in jobs if never_sent(j)]
+
+    def _cancel_held(self) -> list[Job]:
+        """Turn the grouper off (no await: nothing it holds is sent after this) and take out what it holds."""
         self._cancelled = True
         for handle in self._timers:
             handle.cancel()
@@ -59,8 +82,7 @@ class CancelGroups:
             self.table.drop(g)
         jobs = [*self.pending.values(), *self._take_parked()]
         self.pending.clear()
-        await self._resolve([(j, self._failed(j, _WHY)) for j in jobs])
-        return len(jobs)
+        return jobs
 
     _withdrawn: dict[str, None] | None = None
 

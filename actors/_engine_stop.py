@@ -22,6 +22,7 @@ from actors._peer import (
 )
 from actors._stop_claim import describe, kept_already, release_stop, take_stop
 from actors._stop_left import Left, cancel_left
+from actors._stop_cut import cut_unsent
 from engine.core._logkeys import get_logger
 
 __all__ = ["kill_engine"]
@@ -91,6 +92,9 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         # What a dispatcher Ray restarts in the stop needs, read before the stop removes it (``_stop_restarted``).
         clock = resolve_clock(ClockRef(engine))[0]
         copy = _journal_copy(engine) if last else None
+        # Before the layout goes: what the groupers held, never sent, named for the drivers that see it gone, so
+        # they can tell it from what the stop cuts under way, possibly billed (``actors._stop_cut``).
+        _cut_unsent(engine, claim.get("layout"))
         # First: drivers attached to it see it gone rather than a half-stopped engine. Its journals in Ray's store
         # stay until the controller is dead (``_clean_once_dead``): one that dies in the stop reads them back. A
         # ``serve`` that sees it gone waits for the stop's end (the claim's mark) before it stops its Ray.
@@ -111,6 +115,26 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         finally:
             _clean_once_dead(engine, [*rest, *ledger, *last.values()])
     return n
+
+
+def _cut_unsent(engine: str, layout: dict | None) -> None:
+    """Have the groupers of ``engine`` (by the kinds ``layout`` names, else the published one's) end what they hold
+    and publish what was never sent (``cut_unsent``). Any failure names nothing: those stay "may have been
+    billed"."""
+    from actors.remote import NAMESPACE, actor_name  # (it imports this module)
+
+    try:
+        kinds = (layout or read_layout(engine) or {}).get("kinds", [])
+        groupers = []
+        for kind in kinds:
+            if kind.startswith("grouper-"):
+                try:
+                    groupers.append(ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE))
+                except ValueError:  # already gone
+                    pass
+        cut_unsent(engine, groupers)
+    except Exception as exc:  # no Ray answering: nothing known for sure
+        log.warning("engine %s: the stop could not say what it cut unsent (%s)", engine, type(exc).__name__)
 
 
 def _by_layout(engine: str, layout: dict) -> tuple[list, dict, object]:

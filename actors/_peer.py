@@ -305,6 +305,9 @@ def publish_layout(engine: str, layout: dict) -> None:
     catalog and metrics address."""
     from ray.experimental import internal_kv
 
+    from actors._stop_cut import drop_cut
+
+    drop_cut(engine)  # an earlier stop's list of what it cut unsent names ids this engine's requests may reuse
     internal_kv._internal_kv_put(f"{engine}:layout", pickle.dumps(layout), overwrite=True, namespace=_CLOCK_NS)
 
 

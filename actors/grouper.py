@@ -140,6 +140,7 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
 
     async def add(self, jobs: list[Job]) -> None:
         self._arm_budget_ask()  # a grouper Ray restarted whose rewire has not come asks all the same
+        self._copies = self._copies or any(j.seq >= OWN_ROWS for j in jobs)  # (``cut_at_stop``)
         if self._cancelled:
             await self._refuse_cancelled(jobs)
             return

@@ -16,7 +16,7 @@ from engine.core.errors import ConfigError
 if TYPE_CHECKING:
     from engine.app.driver import Engine
 
-__all__ = ["NEVER_SENT", "Stopping"]
+__all__ = ["NEVER_SENT", "Stopping", "ended_by_stop", "unsent_at_stop"]
 
 log = get_logger("smartbatch")
 
@@ -26,6 +26,19 @@ _NOT_HOLDING = frozenset({"stop", "_first_stop", "_lock_for_stop", "__exit__", "
 # What a request of a stopped engine that this driver had not sent yet ends with.
 NEVER_SENT = ("cancelled: the engine stopped before this request was sent (drain() first waits for it); it was never "
               "sent, and is billed nothing")
+
+
+def unsent_at_stop(gone: str) -> str:
+    """What a request ends with that a stop of the engine elsewhere (``gone``: "engine 'prod' was stopped") cut
+    before it was sent: held by this driver, or named by the stop (``actors._stop_cut``)."""
+    return f"{gone} before this request was sent: it never reached a provider, and is billed nothing"
+
+
+def ended_by_stop(res: object, gone: str | None) -> bool:
+    """Whether result ``res`` is no answer but the failure the engine's going away (``gone``) gave it, sent or not."""
+    error = getattr(res, "error", None)
+    return (gone is not None and getattr(res, "status", None) == "failed" and error is not None
+            and error in (gone, unsent_at_stop(gone)))
 
 
 class Stopping:
@@ -123,6 +136,7 @@ class Stopping:
                 self._flush()
                 self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread stopped
                 clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
+                unsent |= self._cut_in_groupers()
                 if unsent:  # in the user's log as the others are (``_fail_open``)
                     log.warning("%d request(s) not sent yet were never sent: the engine stopped (billed nothing)",
                                 len(unsent))
@@ -160,6 +174,34 @@ class Stopping:
                 heir._started_ray = True
         if interrupted is not None:
             raise interrupted
+
+    def _end_stopped(self, why: str) -> None:
+        """The engine was stopped elsewhere (``smartbatch stop --name``, another driver's ``shutdown``): what it cut
+        before it was sent says so (``unsent_at_stop``), what this driver had not handed over yet too; the rest
+        fails with ``why``, as it may have been cut under way at a provider, billed."""
+        from actors._stop_cut import read_cut
+
+        cut = read_cut(self.name)  # published before the layout went (``actors._engine_stop``)
+        with self._lock:  # read and dropped at once: the flush thread sends nothing of it after this
+            mine = {r.uid for r in self._buffer} | self._lane_uids()
+            self._drop_unsent(mine)
+        self._gone = why
+        self._fail_ids(sorted(mine | cut), unsent_at_stop(why))
+        self._fail_open(why)
+
+    def _cut_in_groupers(self) -> set:
+        """For an engine this driver stops: what its groupers held, never sent (``actors._stop_cut``, named for
+        the other drivers too), so its futures say so (``NEVER_SENT``) rather than that they may have run."""
+        groupers = self._h.get("groupers") if self._owner and self._gone is None else None
+        if not groupers:
+            return set()
+        from actors._stop_cut import cut_unsent
+
+        try:
+            return set(cut_unsent(self.name, groupers))
+        except Exception as exc:  # (Ray going down) nothing known for sure: they may have run
+            log.warning("engine %r: the stop could not ask what it cut unsent (%s)", self.name, type(exc).__name__)
+            return set()
 
     def _take_unsent(self) -> tuple[set, KeyboardInterrupt | None]:
         """Under the lock: take what this driver has not sent out of the buffer and the lanes (``_drop_unsent``),

@@ -32,6 +32,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 
+from engine.app._driver_stop import ended_by_stop
 from engine.app._endpoint_batch_once import OnceCreated
 from engine.app._endpoint_files import MAX_FILE_BYTES, FileRoutes
 from engine.app._endpoint_job import CANCELLED_LINE as _CANCELLED
@@ -265,7 +266,7 @@ class FilesAndBatches(TakeBack, OnceCreated, FileRoutes, MessageBatchRoutes):
         cut = 0  # lines the engine's cancel ended unanswered
         try:
             async for res in self.engine.as_completed(job.futures.values()):
-                if res.status == "failed" and res.error is not None and res.error == self.engine.gone:
+                if ended_by_stop(res, self.engine.gone):
                     # Failed by the engine's stop, not answered: the batch stays open for the next endpoint (it
                     # ended "completed", every line the stop caught an error line, its input gone).
                     self._take_done(job)
@@ -293,7 +294,7 @@ class FilesAndBatches(TakeBack, OnceCreated, FileRoutes, MessageBatchRoutes):
         for cid, fut in job.futures.items():
             if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
                 res = fut.result()
-                if (res.status != "failed" or res.error != self.engine.gone) and not cut_by_cancel(res) and \
+                if not ended_by_stop(res, self.engine.gone) and not cut_by_cancel(res) and \
                         job.take(res) and self.state is not None:
                     self.state.add_result(job.id, job.results[cid])
 

@@ -8,6 +8,7 @@ Anything that may have reached a provider is final."""
 
 from __future__ import annotations
 
+from engine.app._driver_stop import NEVER_SENT, unsent_at_stop
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_wire import HEADER_REQUEST_ID, ApiError, refused
 from engine.core.batchfile import provider_status
@@ -40,11 +41,17 @@ def failure(res: Result, gone: str | None = None, caller_id: bool = False) -> Ap
         return ApiError(503, f"request {res.id!r} ended unanswered: the engine is stopping; send it again once it "
                              "is back", type="server_error", code="engine_stopped",
                         headers={"Retry-After": str(STOPPING_RETRY_S)})
+    if res.status == "failed" and not res.possibly_billed_usd and (
+            res.error == NEVER_SENT or (gone is not None and gone.endswith(STOPPED) and res.error == unsent_at_stop(gone))):
+        # A stop cut it before it was sent, as the driver (its own buffer) or the stop's groupers know for sure
+        # (``actors._stop_cut``): the next engine may take it. It was the final 502 below (a task of stop 81).
+        return ApiError(503, f"request {res.id!r} ended unsent: {res.error}; send it again once the engine is back",
+                        type="server_error", code="engine_stopped", headers={"Retry-After": str(STOPPING_RETRY_S)})
     if gone is not None and gone.endswith(STOPPED) and res.status == "failed" and res.error == gone:
-        # The engine was stopped without the drain's word on this call: it may have waited unsent (a stop with
-        # nothing under way) or been cut under way at a provider, billed (``--drain-s 0``, a drain cut short),
-        # and the driver cannot tell which. Final: the SDK's retry is a new request, which would pay a billed one
-        # again (stop 79 answered a 503 here for a while; a review found that retry).
+        # The engine was stopped without the drain's word on this call, nor the stop's that it was never sent: it
+        # may have been cut under way at a provider, billed (``--drain-s 0``, a drain cut short). Final: the SDK's
+        # retry is a new request, which would pay a billed one again (stop 79 answered a 503 here for a while; a
+        # review found that retry).
         return ApiError(502, f"request {res.id!r} failed: {gone}; it may have been cut under way at the provider "
                              "and billed: send it again (under a new id) only if paying twice is acceptable",
                         type="api_error", code="engine_stopped", headers=NO_RETRY)

@@ -35,6 +35,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from engine.app._driver_stop import ended_by_stop
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries, try_outcome
 from engine.app._endpoint_state import EndpointState
@@ -207,8 +208,7 @@ class VideoRoutes:
     async def _collect(self, job: VideoJob, futs: list) -> None:
         try:
             async for res in self.engine.as_completed(futs):
-                if self.state is not None and (cut_by_cancel(res) or (res.status == "failed" and res.error
-                                                                      and res.error == self.engine.gone)):
+                if self.state is not None and (cut_by_cancel(res) or ended_by_stop(res, self.engine.gone)):
                     # Ended by the engine's stop, not answered: asked again at the next start (kept open on disk)
                     log.warning("endpoint: video %s stays open for the next start: %s", job.id, res.error)
                     return

@@ -369,7 +369,7 @@ class Supervised:
         if self._layout_missing < DEAD_AFTER:  # read again before ending: a stop is final
             return False
         if self._running and self._gone is None:  # (the endpoint reads "was stopped" as a stop, not a failure:
-            self._end(f"engine {self._h['engine']!r} was stopped")  # ``_endpoint_failure.STOPPED``)
+            self._end_stopped(f"engine {self._h['engine']!r} was stopped")  # ``_endpoint_failure.STOPPED``)
         return True
 
     @property

@@ -222,7 +222,7 @@ def test_a_line_asked_again_gets_what_is_left_of_the_window_in_the_engines_secon
     assert eng.seen["batch_s/b-slow"]["deadline_s"] == 600.0
 
 
-@pytest.mark.parametrize("cut", ["stop", "cancel"])
+@pytest.mark.parametrize("cut", ["stop", "stop-unsent", "cancel"])
 def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answers_it(tmp_path, cut):
     """``smartbatch stop`` fails what the engine holds open; the endpoint took those failures as answers, so the
     batch ended "completed" with every caught line an error and its input gone: nothing left to take back. A
@@ -241,6 +241,12 @@ def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answe
         with said("stays open") as seen:  # the endpoint took the failure the stop (or the cancel) gave
             if cut == "stop":
                 eng.stop_under("engine 'prod' was stopped")
+            elif cut == "stop-unsent":  # the stop named it cut before it was sent (``actors._stop_cut``)
+                from engine.app._driver_stop import unsent_at_stop
+
+                eng.gone = "engine 'prod' was stopped"
+                fut, res = eng._held.pop()
+                fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=unsent_at_stop(eng.gone)))
             else:
                 fut, res = eng._held.pop()
                 fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=ENGINE_CANCELLED))

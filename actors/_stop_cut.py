@@ -1,0 +1,81 @@
+"""What an engine's stop cut unsent: the requests its groupers held, waiting in a group for a batch or held back by
+a budget, that no provider ever saw. The stop asks the groupers first (``cut_at_stop``: they send nothing more from
+then on) and publishes their ids in Ray's store under the engine's name before it removes the layout, so a driver
+that sees its engine gone (``serve``'s, at a ``smartbatch stop --name``) can tell them from the calls it cut under
+way at a provider, possibly billed. Before, it could not: every call a stop ended was a final 502 "may have been
+billed" at the endpoint, the ones that only waited too (a user's tour, stop 79: 9 of 20).
+
+Only what is known for sure is named: a request the grouper held that was never tried, hedged, rerouted or taken
+back from a batch (``never_sent``), by a grouper Ray never restarted that never took a re-admitted copy (the
+original of such a copy may have been sent). The rest stays "may have been billed"."""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+
+from actors._types import OWN_ROWS, Job
+from engine.core._logkeys import get_logger
+
+__all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "never_sent", "read_cut"]
+
+log = get_logger("smartbatch.engine")
+
+CUT_WAIT_S = 2.0  # real seconds the stop waits for its groupers' lists (one not answering names nothing)
+_NS = "smartbatch"  # (``actors._peer``'s namespace of what an engine publishes)
+
+
+def _key(engine: str) -> str:
+    return f"{engine}:cut"
+
+
+def never_sent(job: Job) -> bool:
+    """Whether ``job`` was never sent to any provider in any form: its first dispatch, not a re-admitted copy (its
+    original may have been sent), never tried, hedged back from a batch, rerouted or sent flex, and no earlier call
+    of it possibly billed."""
+    return (job.seq < OWN_ROWS and job.attempts == 0 and job.hedges == 0 and job.standard is None
+            and job.asked is None and not job.billed_usd)
+
+
+def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S) -> frozenset[str]:
+    """Have ``groupers`` (actor handles) end what they hold, unsent, and publish the ids they name as never sent
+    (``read_cut``). Those that do not answer within ``wait_s`` name nothing: their requests stay "may have been
+    billed". Returns the ids they named."""
+    import ray
+    from ray.experimental import internal_kv
+
+    refs = [g.cut_at_stop.remote() for g in groupers]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s) if refs else ([], [])
+    cut: set[str] = set()
+    for ref in ready:
+        try:
+            cut.update(ray.get(ref))
+        except Exception as exc:  # (a grouper dying in the stop: its requests stay "may have been billed")
+            log.warning("engine %s: a grouper did not say what the stop cut unsent (%s)", engine, type(exc).__name__)
+    if len(ready) < len(refs):
+        log.warning("engine %s: %d grouper(s) did not say within %.0f s what the stop cut unsent: their requests are "
+                    "told they may have been billed", engine, len(refs) - len(ready), wait_s)
+    # With what this engine's stop named already (its driver's, before ``kill_engine``'s): the next start of the
+    # name drops the list, so it holds this engine's ids alone.
+    internal_kv._internal_kv_put(_key(engine), pickle.dumps(frozenset(cut) | read_cut(engine)), overwrite=True,
+                                 namespace=_NS)
+    return frozenset(cut)
+
+
+def read_cut(engine: str) -> frozenset[str]:
+    """The ids the last stop of ``engine`` published as cut unsent (empty: none, or no Ray answering). Kept after
+    the stop, for a driver that sees it late; the next start of the name drops it (``drop_cut``)."""
+    try:
+        from ray.experimental import internal_kv
+
+        raw = internal_kv._internal_kv_get(_key(engine), namespace=_NS)
+    except Exception:  # no Ray answering: nothing known for sure
+        return frozenset()
+    return pickle.loads(raw) if raw else frozenset()
+
+
+def drop_cut(engine: str) -> None:
+    """Forget what an earlier stop of ``engine`` cut (a new engine of the name starts: its ids may be reused)."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_del(_key(engine), namespace=_NS)

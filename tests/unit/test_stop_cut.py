@@ -1,0 +1,161 @@
+"""A stop of the engine elsewhere (``smartbatch stop --name``, another driver's ``shutdown``, drain 0) tells its
+drivers what it cut before it was sent (``actors/_stop_cut.py``): the groupers name what they held, never sent,
+before the layout goes, and a driver that sees its engine gone fails those (and what it had not handed over yet)
+saying so, which the endpoint answers with a retryable 503; the rest, possibly cut under way at a provider, stays
+the final 502. Before (a task of stop 81), every such call was the 502 "may have been billed", the ones that only
+waited in a group too. The grouper, the driver and the stop are plain code here; no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+import pytest
+
+from actors import Grouper, ResultHub
+from actors._types import OWN_ROWS, Job
+from engine.app._endpoint_failure import failure
+from engine.core.clock import ManualClock
+from engine.core.result import Result
+from policies import load_policy
+from tests.unit.helpers import Recorder
+from tests.unit.test_actors import ledger
+from tests.unit.test_actors import req as plain_req
+from tests.unit.test_driver_lanes import MAX_OUT, _engine, req
+from tests.unit.test_http_providers import CAT
+
+
+def _grouper() -> tuple[Grouper, Recorder, ResultHub]:
+    disp, hub = Recorder(), ResultHub()
+    g = Grouper(load_policy("fixed", CAT, {"max_batch_size": 10, "batch_wait_timeout_s": 1000}), CAT,
+                ManualClock(0.0), {"openai": disp}, ledger(100.0), hub)
+    return g, disp, hub
+
+
+def test_a_grouper_names_what_it_held_never_sent_at_the_stop_and_not_what_came_back_from_a_batch():
+    async def go():
+        g, disp, hub = _grouper()
+        fresh = [Job(0, plain_req(0), "a"), Job(1, plain_req(1), "b")]
+        back = [Job(2, plain_req(2), "c", hedges=1), Job(3, plain_req(3), "d", attempts=1),  # back from a batch
+                Job(4, plain_req(4), "e", billed_usd=0.01)]  # a call of it on another model may be billed
+        await g.add(fresh + back)
+        assert (await g.stats())["pending"] == 5  # gathering for a batch
+        named = await g.cut_at_stop()
+        assert sorted(named) == sorted(j.req.uid for j in fresh)
+        got = {r.id: r for r in await hub.pull(1.0)}  # each ends cancelled all the same, billed nothing
+        assert sorted(got) == ["r0", "r1", "r2", "r3", "r4"] and all(r.status == "failed" for r in got.values())
+        await g.add([Job(5, plain_req(5), "f")])  # after the stop's word: never sent either
+        assert "run_many" not in {name for name, _ in disp.calls}, disp.calls
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("how", ["a re-admitted copy", "restarted by Ray"])
+def test_a_grouper_that_may_hold_a_copy_of_a_request_sent_before_names_nothing(how):
+    """A re-admitted copy's original may have been sent and billed; a grouper Ray restarted may hold a late
+    original whose copy was: what it holds stays "may have been billed"."""
+    async def go():
+        g, _, _ = _grouper()
+        if how == "restarted by Ray":
+            g.reconstructed()
+        await g.add([Job(0, plain_req(0), "a")])
+        if how == "a re-admitted copy":
+            await g.add([Job(OWN_ROWS + 1, plain_req(1), "b")])
+        assert (await g.stats())["pending"] >= 1
+        assert await g.cut_at_stop() == []
+    asyncio.run(go())
+
+
+def _stopped_elsewhere(monkeypatch, e, cut: set[str]) -> str:
+    """The engine's layout gone and its stop's list ``cut`` in Ray's store, as ``kill_engine`` leaves them: the
+    driver's health check ends it. Returns its ``gone``."""
+    from ray.experimental import internal_kv
+
+    import actors._peer
+    from engine.app import _supervise
+
+    monkeypatch.setattr(actors._peer, "read_layout", lambda engine: None)
+    store = {"fake:cut": pickle.dumps(frozenset(cut))}
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, namespace=None: store.get(key))
+    e._layout_seen, e._layout_missing = True, 0
+    for _ in range(_supervise.DEAD_AFTER):
+        e._engine_stopped()
+    assert e.gone == "engine 'fake' was stopped"
+    return e.gone
+
+
+def test_a_driver_of_an_engine_stopped_elsewhere_tells_what_the_stop_cut_unsent_and_the_endpoint_answers_503(monkeypatch):
+    e = _engine(monkeypatch, owner=False)
+    out = []
+    for k in range(MAX_OUT):  # handed to the engine
+        out.append(e.submit(req(k)))
+        e._flush()
+    waiting = e.submit(req(10))
+    e._flush()  # waiting in a lane: never handed over
+    buffered = e.submit(req(20))  # in the buffer: never handed over
+    gone = _stopped_elsewhere(monkeypatch, e, {req(0).uid, "7:default/someone-elses"})
+    unsent, rest = [out[0], waiting, buffered], out[1:]
+    for f in unsent:
+        res = f.result(0)
+        assert res.status == "failed" and "before this request was sent" in res.error, res.error
+        err = failure(res, gone)
+        assert err.status == 503 and err.code == "engine_stopped" and int(err.headers["Retry-After"]) > 0
+        assert "x-should-retry" not in err.headers
+    for f in rest:  # handed over and not named: may have been cut under way at a provider, billed
+        res = f.result(0)
+        assert res.error == gone
+        err = failure(res, gone)
+        assert err.status == 502 and err.headers["x-should-retry"] == "false" and "may have been cut" in str(err)
+    assert "r10" not in {r.id for name, args, _ in e.log if name == "submit" for r in args[0]}  # nor sent after
+
+
+def test_a_possibly_billed_request_the_stop_names_stays_final():
+    """Named unsent by a stop, yet an earlier call of it may be billed (its result says so): final, as at the
+    drain's cancel."""
+    from engine.app._driver_stop import unsent_at_stop
+
+    gone = "engine 'fake' was stopped"
+    res = Result(id="q", status="failed", error=unsent_at_stop(gone), possibly_billed_usd=0.001)
+    assert failure(res, gone).status == 502
+
+
+def test_the_stop_asks_the_groupers_before_it_takes_the_layout_away(monkeypatch):
+    """A driver that sees the layout gone reads the stop's list at once: published after, it was not there."""
+    from actors import _engine_stop as engine_stop
+
+    done: list = []
+    monkeypatch.setattr(engine_stop, "resolve_clock", lambda ref: (None, None))
+    monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: None)
+    monkeypatch.setattr(engine_stop, "unpublish_layout", lambda engine: done.append("layout gone"))
+    monkeypatch.setattr(engine_stop, "cut_unsent", lambda engine, gs: done.append(("cut", engine, gs)))
+    monkeypatch.setattr(engine_stop.ray, "get_actor", lambda name, namespace=None: f"<{name}>")
+    monkeypatch.setattr(engine_stop, "_kill", lambda hs: len(hs))
+    monkeypatch.setattr(engine_stop, "_cancel_batches", lambda *a: done.append("cancel"))
+    monkeypatch.setattr(engine_stop, "_wait_dead", lambda engine, killed: None)
+    claim = {"layout": {"kinds": ["ingest", "grouper-0", "grouper-1", "dispatcher-openai", "budget"]}}
+    engine_stop.kill_engine("e", ["ingest", "g0", "g1"], {}, None, claim=claim)
+    assert done == [("cut", "e", ["<e.grouper-0>", "<e.grouper-1>"]), "layout gone", "cancel"]
+
+
+def test_a_driver_that_stops_its_engine_tells_what_its_groupers_held_unsent_and_the_endpoint_answers_503(monkeypatch):
+    """``shutdown()`` (or ``stop()`` of an engine this driver started), drain 0: the driver's own futures of what
+    the groupers held said "engine stopped before the request finished", as if it might have run (a 502)."""
+    import actors._stop_cut
+    from engine.app._driver_stop import NEVER_SENT
+
+    e = _engine(monkeypatch, owner=True)
+    e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
+    e._h["groupers"] = ["g0"]
+    asked: list = []
+    monkeypatch.setattr(actors._stop_cut, "cut_unsent",
+                        lambda engine, groupers: asked.append((engine, groupers)) or frozenset({req(1).uid}))
+    out = []
+    for k in range(MAX_OUT):  # handed to the engine: r1 waits in a group, the others may be under way
+        out.append(e.submit(req(k)))
+        e._flush()
+    e.stop(timeout_s=0.5)
+    held = out[1].result(0)
+    assert held.error == NEVER_SENT and failure(held, e.gone).status == 503
+    assert asked == [("fake", ["g0"])]
+    for f in out[:1] + out[2:]:
+        res = f.result(0)
+        assert res.error == e._stop_error() and failure(res, e.gone).status == 502
