@@ -214,9 +214,10 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             return done, _smartbatch_headers(req, res, catalog)
         # One submission, in choice order: choice 0 reaches the cache first, so it never follows a later choice.
         results: list[Result] = await engine_call(engine.asubmit_many(fan_out(d, n)), param_of)
-        failed = next((r for r in results if r.status not in ("ok", "reused")), None)
-        if failed is not None:  # the others are billed all the same; the same request id again gets them back
-            exc = failure(failed, engine.gone, own_id)
+        failed = [failure(r, engine.gone, own_id) for r in results if r.status not in ("ok", "reused")]
+        if failed:  # the others are billed all the same; the same request id again gets them back
+            # A final answer first: a choice a stop cut unsent (a 503) beside one it cut under way was retried whole.
+            exc = next((e for e in failed if "Retry-After" not in (e.headers or {})), failed[0])
             if billed := sum(r.status == "ok" for r in results):
                 # A stop's 503 invited the SDK's retry, a new request that paid for the billed choices again.
                 exc.headers = {**(exc.headers or {}), **NO_RETRY}

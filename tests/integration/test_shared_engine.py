@@ -79,8 +79,9 @@ eng = Engine.connect(name, address=address)
 fut = eng.submit({"id": "waits", "model": "gpt-4o-mini", "output_tokens": 16000, "deadline_s": 86400,
                   "prompt": "Compose a detailed history of the Hanseatic League, city by city."})
 until = time.monotonic() + 60
-while sum(s["pending"] for s in (stats := ray.get([g.stats.remote() for g in eng._h["groupers"]]))) < want:
-    assert time.monotonic() < until, f"the requests never waited in a group: {stats} {fut.done() and fut.result()}"
+while sum(s["pending"] for s in ray.get([g.stats.remote() for g in eng._h["groupers"]])) < want:
+    assert time.monotonic() < until, ("the requests never waited in a group: "
+                                      f"{ray.get([g.stats.remote() for g in eng._h['groupers']])} {fut.done()}")
     time.sleep(0.05)  # (the grouper's own count: no event says a request joined a group)
 print("grouped", flush=True)
 res = fut.result(timeout=120)

@@ -97,6 +97,36 @@ def test_a_choice_cut_by_the_engines_stop_after_another_was_billed_is_not_retrie
         assert exc.value.status_code == 503 and "x-should-retry" not in exc.value.response.headers
 
 
+class StoppedEngine(FakeEngine):
+    """Stopped elsewhere (``smartbatch stop --name``): choice 0 waited in a group, named unsent by the stop;
+    choice 1 was under way at a provider (``actors._stop_cut``)."""
+
+    gone_why = "engine 'fake' was stopped"
+
+    def _result(self, req):
+        from engine.app._driver_stop import unsent_at_stop
+
+        self.gone = self.gone_why
+        error = self.gone if req.id.endswith("/n1") else unsent_at_stop(self.gone)
+        return Result(id=req.id, tenant=req.tenant, status="failed", error=error)
+
+
+def test_choices_a_stop_cut_unsent_and_under_way_are_a_final_502_not_the_retryable_503_of_the_unsent_one():
+    """The first failed choice gave the call's answer: the 503 of choice 0, never sent, had the SDK retry the
+    whole call, choice 1 (cut under way, maybe billed) with it (stop 81)."""
+    with serving(make_app(StoppedEngine(), catalog=CAT)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(model="gpt-5-mini", messages=ASK, n=2,
+                                           extra_headers={endpoint.HEADER_REQUEST_ID: "m1"})
+        assert exc.value.status_code == 502 and exc.value.response.headers.get("x-should-retry") == "false"
+        assert "may have been cut under way" in exc.value.message
+        with pytest.raises(openai.APIStatusError) as exc:  # one choice alone, named unsent: the SDK may retry it
+            client.chat.completions.create(model="gpt-5-mini", messages=ASK,
+                                           extra_headers={endpoint.HEADER_REQUEST_ID: "m2"})
+        assert exc.value.status_code == 503 and "retry-after" in exc.value.response.headers
+
+
 def test_over_the_real_cache_choice_0_may_be_reused_and_the_others_are_always_generated(tmp_path):
     eng = CachedEngine(tmp_path)
     with serving(make_app(eng, catalog=CAT)) as url, \
