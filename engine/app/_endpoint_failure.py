@@ -3,7 +3,8 @@ code, and whether the SDKs may send the call again.
 
 A retry of the SDKs is a new request (``_endpoint_retries``: a try the endpoint answered with an error is
 forgotten), so a retryable answer (a 503 or a 429 without ``x-should-retry: false``) is right only where the call
-was neither sent nor billed: an engine's cancel that ended it waiting, or a budget ledger that never answered.
+was neither sent nor billed: an engine's cancel that ended it waiting, a stop that names it cut unsent
+(``actors._stop_cut``), or a budget ledger that never answered.
 Anything that may have reached a provider is final."""
 
 from __future__ import annotations
