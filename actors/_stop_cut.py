@@ -32,9 +32,11 @@ def _key(engine: str) -> str:
 def never_sent(job: Job) -> bool:
     """Whether ``job`` was never sent to any provider in any form: its first dispatch, not a re-admitted copy (its
     original may have been sent), never tried, hedged back from a batch, rerouted or sent flex, and no earlier call
-    of it possibly billed."""
+    of it possibly billed. A claim marks a flex call gone standard too (``SyncCalls._back_standard``: its grouper
+    clears ``standard`` as it takes it, and a budget may then hold it here): a request held here otherwise has
+    none, its reservation made as it leaves."""
     return (job.seq < OWN_ROWS and job.attempts == 0 and job.hedges == 0 and job.standard is None
-            and job.asked is None and not job.billed_usd)
+            and job.asked is None and not job.billed_usd and job.claim is None)
 
 
 def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S) -> frozenset[str]:

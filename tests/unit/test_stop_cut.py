@@ -37,14 +37,15 @@ def test_a_grouper_names_what_it_held_never_sent_at_the_stop_and_not_what_came_b
         g, disp, hub = _grouper()
         fresh = [Job(0, plain_req(0), "a"), Job(1, plain_req(1), "b")]
         back = [Job(2, plain_req(2), "c", hedges=1), Job(3, plain_req(3), "d", attempts=1),  # back from a batch
-                Job(4, plain_req(4), "e", billed_usd=0.01)]  # a call of it on another model may be billed
+                Job(4, plain_req(4), "e", billed_usd=0.01),  # a call of it on another model may be billed
+                Job(5, plain_req(5), "f", claim="c5")]  # a flex call refused, back for the standard price
         await g.add(fresh + back)
-        assert (await g.stats())["pending"] == 5  # gathering for a batch
+        assert (await g.stats())["pending"] == 6  # gathering for a batch
         named = await g.cut_at_stop()
         assert sorted(named) == sorted(j.req.uid for j in fresh)
         got = {r.id: r for r in await hub.pull(1.0)}  # each ends cancelled all the same, billed nothing
-        assert sorted(got) == ["r0", "r1", "r2", "r3", "r4"] and all(r.status == "failed" for r in got.values())
-        await g.add([Job(5, plain_req(5), "f")])  # after the stop's word: never sent either
+        assert sorted(got) == [f"r{k}" for k in range(6)] and all(r.status == "failed" for r in got.values())
+        await g.add([Job(6, plain_req(6), "g")])  # after the stop's word: never sent either
         assert "run_many" not in {name for name, _ in disp.calls}, disp.calls
     asyncio.run(go())
 
