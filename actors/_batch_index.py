@@ -250,7 +250,9 @@ class BatchIndex(BatchStrays, SyncIndex):
                   "never re-admitted, is not looked for: those re-admitted go again; if it was made, what it finishes "
                   "is paid twice, uncounted", self.name, key)
         self._known.difference_update(reqs)
-        self._readmit.extend(self._jobs_of(e, reqs))
+        # Marked as hedged: sent once (its batch may run), never a request the engine's stop may name unsent
+        # (``actors._stop_cut.never_sent``), whose retry paid it again.
+        self._readmit.extend(j._replace(hedges=j.hedges + 1) for j in self._jobs_of(e, reqs))
         self._index_drop([key])
         self._kick()
 

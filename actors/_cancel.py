@@ -12,7 +12,7 @@ import math
 
 from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._shards import by_result_uid
-from actors._stop_cut import never_sent
+from actors._stop_cut import end_at_stop
 from actors._types import Job
 from engine.core._logkeys import get_logger
 from engine.core._within import within
@@ -49,6 +49,7 @@ class CancelGroups:
     _cancelled = False
     _reborn = False  # restarted by Ray: what it holds may be copies of requests sent before (``cut_at_stop``)
     _copies = False  # took a re-admitted copy (``Grouper.add``): its original may have been sent meanwhile
+    _cut = False  # ended by the engine's stop (``cut_at_stop``), not by a cancel
 
     def reconstructed(self) -> None:
         self._reborn = True
@@ -62,15 +63,10 @@ class CancelGroups:
         return len(jobs)
 
     async def cut_at_stop(self) -> list[str]:
-        """The engine stops: what is held here ends as at ``cancel``; the ids of those never sent anywhere are
-        returned before their results go out (``actors._stop_cut``: none where a copy may have been sent)."""
-        jobs = self._cancel_held()
-        task = asyncio.get_running_loop().create_task(self._resolve([(j, self._failed(j, _WHY)) for j in jobs]))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if self._reborn or self._copies:
-            return []
-        return [j.req.uid for j in jobs if never_sent(j)]
+        """The engine stops: nothing held here is sent; the ids of those never sent anywhere are returned before
+        their results go out, and only theirs do (``actors._stop_cut.end_at_stop``)."""
+        self._cut = True
+        return end_at_stop(self, self._cancel_held(), _WHY)
 
     def _cancel_held(self) -> list[Job]:
         """Turn the grouper off (no await: nothing it holds is sent after this) and take out what it holds."""
@@ -159,7 +155,9 @@ class CancelGroups:
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         fresh = {j.req.uid: j for j in jobs if not any(j.req.uid in held for held in
                                                        (ended, self.pending, self._reserving, self.waits))}
-        if fresh:
+        if fresh and self._cut:  # after the stop's word: as what it held (``end_at_stop``)
+            end_at_stop(self, list(fresh.values()), _WHY)
+        elif fresh:
             await self._resolve([(j, self._failed(j, _WHY)) for j in fresh.values()])
 
 

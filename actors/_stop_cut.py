@@ -11,13 +11,14 @@ original of such a copy may have been sent). The rest stays "may have been bille
 
 from __future__ import annotations
 
+import asyncio
 import pickle
 from collections.abc import Iterable
 
 from actors._types import OWN_ROWS, Job
 from engine.core._logkeys import get_logger
 
-__all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "never_sent", "read_cut"]
+__all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "end_at_stop", "never_sent", "read_cut"]
 
 log = get_logger("smartbatch.engine")
 
@@ -37,6 +38,25 @@ def never_sent(job: Job) -> bool:
     none, its reservation made as it leaves."""
     return (job.seq < OWN_ROWS and job.attempts == 0 and job.hedges == 0 and job.standard is None
             and job.asked is None and not job.billed_usd and job.claim is None)
+
+
+def end_at_stop(grouper, jobs: list[Job], why: str) -> list[str]:
+    """The grouper's side of the stop (``Grouper.cut_at_stop``): of ``jobs``, taken out of ``grouper`` and sent
+    nowhere now, those known never sent end ``why`` (a cancel's "billed nothing", a retryable 503 at the endpoint),
+    their results sent out after this returns their ids. The others get no result from here: their drivers fail
+    them as the engine goes, "may have been billed" (the final 502); ended "cancelled" here, a driver that pulled
+    that first answered them a retryable 503 (a review: a re-admitted copy whose original may have been billed).
+    Their claims go at 0 all the same (a hedged member's, a flex call's refused: nothing of them ran)."""
+    sure = not (grouper._reborn or grouper._copies)
+    named = [j for j in jobs if sure and never_sent(j)]
+    rest = [(j.claim, 0.0) for j in jobs if j.claim is not None and not (sure and never_sent(j))]
+    if rest:
+        grouper.budget.deliver("settle_many", rest)
+    if named:
+        task = asyncio.get_running_loop().create_task(grouper._resolve([(j, grouper._failed(j, why)) for j in named]))
+        grouper._tasks.add(task)
+        task.add_done_callback(grouper._tasks.discard)
+    return [j.req.uid for j in named]
 
 
 def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S) -> frozenset[str]:

@@ -1252,3 +1252,32 @@ def test_a_batch_taken_up_that_ends_while_its_record_is_written_again_leaves_no_
         await _done(d)
         assert await d.journal.items(d._space) == {} and await _has(hub, d, [])
     asyncio.run(go())
+
+
+def test_the_members_of_a_batch_whose_create_was_cut_go_to_their_grouper_as_possibly_sent():
+    """A held batch whose create was cut before its id was known (it may have been made at the provider) is let go:
+    its members re-admitted go to their grouper again. With no budget they carry no claim, and went as requests
+    never sent, their first dispatch: an engine's stop that found them waiting there named them cut unsent, a
+    retryable 503 whose retry paid them again (fails on the code before, ``actors._stop_cut``). They go as at a
+    hedge, as its log says."""
+    from actors import Ingest
+    from actors._stop_cut import never_sent
+
+    class G(Recorder):  # a grouper that holds none of them
+        async def recall(self, uids):
+            return []
+
+    async def go():
+        hub, clock, settings = ResultHub(), ManualClock(0.0), Settings()
+        d = lost(sealed(sim_dispatcher(hub, clock, settings)))
+        b = sim_batch(3)  # no claims: an engine with no budget
+        await hub.journal_put_many(d._index_space(), {"b1-x": entry((b, b.jobs, 0.0, 100, None, None))})
+        reqs, g = [j.req for j in b.jobs], G()
+        ing = Ingest([g], dispatchers=[d])
+        await ing.readmit(reqs[:2], force=True)
+        back = d.groupers[0]._target.readmitted
+        await _until(lambda: len(back()) == 2)  # (sent with the next flush)
+        assert sorted(j.req.id for j in back()) == ["r0", "r1"]
+        assert not any(never_sent(j) for j in back()), back()
+        await _done(d)
+    asyncio.run(go())
