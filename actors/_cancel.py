@@ -63,8 +63,7 @@ class CancelGroups:
         return len(jobs)
 
     async def cut_at_stop(self) -> list[str]:
-        """The engine stops: nothing held here is sent; the ids of those never sent anywhere are returned before
-        their results go out, and only theirs do (``actors._stop_cut.end_at_stop``)."""
+        """The engine stops: nothing held here is sent; the ids of those never sent (``_stop_cut.end_at_stop``)."""
         self._cut = True
         return end_at_stop(self, self._cancel_held(), _WHY)
 
@@ -136,6 +135,9 @@ class CancelGroups:
         """A dispatch whose reservation was under way when the cancel came: its members (and any the ledger
         had the grouper hold back) end cancelled, their claims settled at 0, and the budget's refusals stand."""
         jobs = [*(j for b in batches for j in b.jobs), *self._take_parked()]
+        if self._cut:  # after the stop's word: as what it held, the claims just made let go (``end_at_stop``)
+            end_at_stop(self, jobs, _WHY, reserved=True)
+            jobs = []
         await self._resolve([*refused, *((j, self._failed(j, _WHY)) for j in jobs)])
 
     def _take_parked(self) -> list[Job]:

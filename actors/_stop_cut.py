@@ -40,13 +40,18 @@ def never_sent(job: Job) -> bool:
             and job.asked is None and not job.billed_usd and job.claim is None)
 
 
-def end_at_stop(grouper, jobs: list[Job], why: str) -> list[str]:
+def end_at_stop(grouper, jobs: list[Job], why: str, reserved: bool = False) -> list[str]:
     """The grouper's side of the stop (``Grouper.cut_at_stop``): of ``jobs``, taken out of ``grouper`` and sent
     nowhere now, those known never sent end ``why`` (a cancel's "billed nothing", a retryable 503 at the endpoint),
     their results sent out after this returns their ids. The others get no result from here: their drivers fail
     them as the engine goes, "may have been billed" (the final 502); ended "cancelled" here, a driver that pulled
     that first answered them a retryable 503 (a review: a re-admitted copy whose original may have been billed).
-    Their claims go at 0 all the same (a hedged member's, a flex call's refused: nothing of them ran)."""
+    Their claims go at 0 all the same (a hedged member's, a flex call's refused: nothing of them ran). ``reserved``:
+    ``jobs`` hold the claims the grouper just made for them (a reservation the stop came in), let go at 0 first."""
+    if reserved:
+        if claims := [(j.claim, 0.0) for j in jobs if j.claim is not None]:
+            grouper.budget.deliver("settle_many", claims)
+        jobs = [j._replace(claim=None) for j in jobs]
     sure = not (grouper._reborn or grouper._copies)
     named = [j for j in jobs if sure and never_sent(j)]
     rest = [(j.claim, 0.0) for j in jobs if j.claim is not None and not (sure and never_sent(j))]

@@ -187,3 +187,36 @@ def test_what_a_grouper_does_not_name_at_the_stop_gets_no_retryable_answer_from_
         assert retryable <= named | {plain_req(4).uid}, (named, told)  # (r4: came fresh, never sent)
         assert named == ({plain_req(0).uid} if how == "back from a batch" else set())
     asyncio.run(go())
+
+
+def test_a_copy_whose_reservation_is_out_at_the_stop_gets_no_retryable_answer_from_its_grouper():
+    """A re-admitted copy (its original may have been billed) being reserved for when the stop comes is sent
+    nowhere, and its grouper, which names nothing, sends it no result: the drain's "cancelled" reached its driver
+    as a retryable 503 (a review; fails on the code before). The claim just made for it goes back at 0."""
+    from engine.core.budgets import Verdict
+
+    class SlowLedger:
+        def __init__(self) -> None:
+            self.answer, self.settled = asyncio.Event(), []
+
+        async def reserve_many(self, claims, release):
+            await self.answer.wait()
+            return [Verdict(True)] * len(claims)
+
+        async def settle_many(self, settled):
+            self.settled += settled
+
+    async def go():
+        disp, hub, ledger_ = Recorder(), ResultHub(), SlowLedger()
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, ledger_, hub)
+        adding = asyncio.create_task(g.add([Job(OWN_ROWS + 1, plain_req(1), "b")]))
+        while not g._reserving:  # the reservation call is out
+            await asyncio.sleep(0)
+        assert await g.cut_at_stop() == []
+        ledger_.answer.set()
+        await adding
+        gone = "engine 'fake' was stopped"
+        assert [failure(r, gone).status for r in await hub.pull(0.0) or []] == []
+        assert await g.budget.delivered(5.0)
+        assert "run_many" not in {name for name, _ in disp.calls} and len(ledger_.settled) == 1
+    asyncio.run(go())
