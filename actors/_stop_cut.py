@@ -32,10 +32,11 @@ def _key(engine: str) -> str:
 
 def never_sent(job: Job) -> bool:
     """Whether ``job`` was never sent to any provider in any form: its first dispatch, not a re-admitted copy (its
-    original may have been sent), never tried, hedged back from a batch, rerouted or sent flex, and no earlier call
-    of it possibly billed. A claim marks a flex call gone standard too (``SyncCalls._back_standard``: its grouper
-    clears ``standard`` as it takes it, and a budget may then hold it here): a request held here otherwise has
-    none, its reservation made as it leaves."""
+    original may have been sent), never tried, hedged back from a batch or rerouted, and no earlier call of it
+    possibly billed. A claim marks a flex call gone standard while it waits here with it (``SyncCalls._back_standard``:
+    its grouper clears ``standard`` as it takes it); once a budget holds it back, its claim let go in that
+    reservation call, it is named: its flex call was refused (billed nothing) or never made, one given up unanswered
+    carrying ``billed_usd`` (a review: "it never reached a provider" is then not quite so, yet it is billed nothing)."""
     return (job.seq < OWN_ROWS and job.attempts == 0 and job.hedges == 0 and job.standard is None
             and job.asked is None and not job.billed_usd and job.claim is None)
 
