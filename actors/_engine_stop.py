@@ -21,8 +21,8 @@ from actors._peer import (
     unpublish_layout,
 )
 from actors._stop_claim import describe, kept_already, release_stop, take_stop
-from actors._stop_left import Left, cancel_left
 from actors._stop_cut import cut_unsent
+from actors._stop_left import Left, cancel_left
 from engine.core._logkeys import get_logger
 
 __all__ = ["kill_engine"]
