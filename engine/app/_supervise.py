@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from engine.app._driver_readmit import Readmitting
 from engine.core._logkeys import get_logger
 
 __all__ = ["Supervised", "port_of"]
@@ -33,7 +34,6 @@ DEAD_AFTER = 3  # consecutive failed checks before an actor counts as gone for g
 REWIRE_WAIT_S = 300.0  # real seconds each step of a restarted actor's rewiring may wait for its peers
 RESTART_SEEN_GAP_S = 10.0  # real seconds without a check seeing an actor restarting: a later restart is a new one
 HUB_BACK_S = 60.0  # how long the driver waits for a restarted result hub before failing the open futures
-READMIT_TRIES = 5  # tries of one re-admission before its requests fail
 # The safety net under every recovery path: a request still open this long (real seconds) past its deadline is
 # re-admitted (idempotent: whoever still carries it says so, and nothing runs twice), at most every SWEEP_EVERY_S.
 SWEEP_GRACE_S = 5.0
@@ -45,7 +45,7 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
-class Supervised:
+class Supervised(Readmitting):
     """Mixin for ``Engine``: needs ``_ray``, ``_h``, ``_lock``, ``_futs``, ``_buffer``, ``_inflight_refs``,
     ``_micro_batch``, ``_fail_open``, ``_fail_ids`` and ``metrics_port``/``settings``."""
 
@@ -65,7 +65,7 @@ class Supervised:
         self.swept = 0  # overdue requests re-admitted by the sweep
         self._sweeps: dict[str, int] = {}  # overdue request -> sweeps it has been open through
         self._recovering = threading.Lock()
-        self._readmit_after: set = set()  # ingest calls out during a recovery: re-admit theirs when they return
+        self._init_readmit()
         self._recovered = threading.Condition()
         self.restarts: dict[str, int] = {}  # actor kind -> restarts recovered from, for the report and tests
         # Actor log lines relayed so far: the driver that started the engine reads them all; one that attaches
@@ -227,7 +227,8 @@ class Supervised:
         late = self.clock.now() - max(SWEEP_GRACE_S * getattr(self.clock, "speedup", 1.0), 60.0)
         with self._lock:
             # Not sent yet (buffered, or waiting in a lane for a call to return): not lost, and it leaves anyway.
-            unsent = {r.uid for r in self._buffer} | self._lane_uids()
+            # Waiting for a restarting ingest: not lost either, their own try sends them.
+            unsent = {r.uid for r in self._buffer} | self._lane_uids() | self._waiting_uids()
             overdue = [u for u, f in self._futs.items()
                        if not f.done() and f._req.deadline_at < late and u not in unsent]
         # Swept twice already and still open: past the cache too. A request following an identical one whose
@@ -278,26 +279,6 @@ class Supervised:
         with self._recovered:
             return self._recovered.wait_for(lambda: self.restarts.get(kind, 0) >= times, timeout)
 
-    def _readmit_open(self, uids: list[str] | None = None, tries: int = 0, force: bool = False) -> None:
-        """Send unfinished requests (all of them, or ``uids``) to ``Ingest.readmit``, in micro-batches."""
-        with self._lock:
-            queued = {r.uid for r in self._buffer}  # not sent yet: they leave with the next flush
-            queued |= self._lane_uids()  # sent to their lane, waiting for its call to return
-            if uids is None:
-                # Requests whose call to ingest is still out are re-admitted once it returns, not now: re-admitted
-                # before their cache lookup ends, they could both follow an identical request and be sent.
-                for ref, (ids, _) in self._inflight_refs.items():
-                    queued.update(ids)
-                    self._readmit_after.add(ref)
-                reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
-            else:
-                reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]
-        for k in range(0, len(reqs), self._micro_batch):
-            for ingest, part in self._by_ingest(reqs[k:k + self._micro_batch]):
-                ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
-                with self._lock:
-                    self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
-
     def _fail_ids(self, uids: Sequence[str], error: str) -> None:
         with self._lock:
             self._drop_unsent(set(uids))
@@ -310,46 +291,6 @@ class Supervised:
         if ids:  # in the user's log too, not only in each result: a stop may end work they meant to wait for
             log.warning("%d open request(s) failed: %s", len(ids), error)
         self._fail_ids(ids, error)
-
-    def _check_ingest(self) -> None:
-        """Collect the ingest calls that returned: re-admit the requests of one that failed, or that was out
-        during a recovery."""
-        with self._lock:
-            refs = list(self._inflight_refs)
-        if not refs:
-            return
-        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        if not ready:
-            return
-        try:  # one call for all that returned (hundreds at 100x): the per-call path only when one failed
-            self._ray.get(ready)
-            failed: set = set()
-        except Exception:
-            failed = {ref for ref in ready if self._failure(ref) is not None}
-        with self._lock:
-            done = [(ref, *self._inflight_refs.pop(ref, ([], 0)), ref in self._readmit_after) for ref in ready]
-            self._readmit_after.difference_update(ready)
-        for ref, ids, tries, after in done:
-            if ref in failed:
-                self._submission_failed(ids, tries, self._failure(ref))
-            elif after:  # a restart happened while this call was out: what it sent may have been lost
-                self._readmit_open(ids, tries)
-
-    def _failure(self, ref) -> BaseException | None:
-        try:
-            self._ray.get(ref)
-        except Exception as exc:
-            return exc
-        return None
-
-    def _submission_failed(self, uids: list[str], tries: int, exc: BaseException) -> None:
-        """A call to ingest failed (it died, or a peer it called did): re-admit its requests once it is back."""
-        if tries >= READMIT_TRIES:
-            self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
-            return
-        log.warning("smartbatch: a submission to ingest failed (%s); re-admitting its %d request(s)",
-                    type(exc).__name__, len(uids))
-        self._readmit_open(uids, tries)
 
     def _engine_stopped(self) -> bool:
         """Whether the engine was stopped elsewhere (``shutdown``, ``smartbatch stop``): this driver then ends,

@@ -237,7 +237,8 @@ class Settings(BaseSettings):
         "real seconds an engine actor may stay restarting (Ray cannot place it: on a cluster, no live node offers "
         "its resources, such as a dispatcher's provider:<name>) before the driver counts it gone and fails the "
         "open requests with the reason, as for an actor that died; long enough for an autoscaler's new node; "
-        "0 waits for ever"))
+        "0 waits for ever. Requests whose calls a restarting ingest refuses wait for it the longer of this and "
+        "120 s before they fail"))
     hedge_lag_s: float = Field(default=0.5, ge=0, description=(
         "real seconds a live engine's hedge takes beyond what its figures in engine time count (the cancel's "
         "round trip, the members' way back through the grouper, the fallback's dispatch): at speed-up k the "

@@ -222,7 +222,7 @@ def test_a_full_readmission_leaves_out_what_waits_in_a_lane():
 
     d = _Both()
     d._h["ingests"][0].readmit = _Readmit()
-    d._readmit_after = set()
+    d._init_readmit()
     reqs = [req(k) for k in range(MAX_OUT + 2)]
     d._futs = {r.uid: _Fut(r) for r in reqs}
     for r in reqs:
@@ -382,7 +382,8 @@ def _engine(monkeypatch, owner: bool = True):
     e._max_pending, e._overload, e._submit_timeout_s, e._retention_s = 100_000, "block", 60.0, 3600.0
     e._pending, e._finished, e._futs, e._buffer, e._inflight_refs = 0, collections.deque(), {}, [], {}
     e._forgetting = []
-    e._running, e._gone, e._readmit_after, e._started_ray = True, None, set(), False
+    e._running, e._gone, e._started_ray = True, None, False
+    e._init_readmit()
     e.responses = ResponseOwners()
     e._init_lanes()
     e._wake = threading.Event()
