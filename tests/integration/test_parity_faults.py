@@ -4,9 +4,20 @@ of them hedged and cancelled), beside the simulator's run of the same trace with
 engine plans with (``engine.app.live.planned``, what ``smartbatch run --dry-run`` prints).
 
 The emulator draws its faults and sync latencies from draws of its own, so the two runs are compared where
-those do not reach: every request gets the simulator's mode, and the requests end when the simulator says,
-up to the engine's own lag (a median over the trace). What the provider billed is what the results say, once
-per request, and every future resolves.
+those do not reach, and where the engine's lag does not either (a live step comes that lag after the
+simulator's, never before): every request gets the simulator's mode; the live engine cancels the batches the
+simulator hedges, member for member, none before the simulator's hedge; no member it gives back is answered
+before the emulator's cancel is through, nor sent sync in the simulator before its hedge and cancel (the
+catalog's ``cancel_s``, which the emulator's must not pass). What the provider billed is what the results
+say, once per request, and every future resolves.
+
+Stop 81 (a helper's, ``parity81``): the check this replaced, the median sync request ending within 15 engine
+seconds of the simulator's completion time, failed with two busy loops beside the test at normal priority
+(21 s late in the helper's run; 25 to 200 s in stop 80's): it measured the machine. The cancel ordering it
+stood for, which found the instant cancel below, is checked directly now. The live deadlines, checked next,
+failed under the same load (9 requests up to 15 engine s late): a deadline is real time, so only the
+simulator's are checked now. More room in the hedges did not save them (``hedge_lag_s`` 1.5 s for 0.5: up to
+38 s late with two busy loops, 298 s with five), and from 2 s a request's mode moves.
 
 Which side of its hedge a batch ends on is compared exactly, so no batch of the trace ends near its hedge (the
 premise, checked in the simulator): the simulator decides alike with every batch ending the live engine's lag
@@ -29,7 +40,6 @@ of a 2,000-request dry run; tests/unit/test_sim_cancel.py holds the rule).
 from __future__ import annotations
 
 import collections
-import statistics
 
 import pytest
 
@@ -39,6 +49,7 @@ from engine.core.cost import MODES
 from engine.core.provider_api import call_key
 from engine.core.settings import Settings, SimSettings
 from engine.emulator import Emulator
+from engine.runtime.providers import SimProvider
 from engine.sim.simulator import simulate
 from policies import load_policy
 from tests.integration._catalogs import only
@@ -73,7 +84,44 @@ def catalog():
     return as_emulated(only("openai", "anthropic", catalog=parity_catalog()))
 
 
-@pytest.mark.solo  # completion times in real time: no other test beside it
+def sim_hedged(run):
+    """``run()`` (a simulation) and the batches it hedged, as ``SimProvider.batch`` answered: (member ids, when
+    the batch was submitted, its hedge). A ``SimResult`` keeps neither a hedge nor a hedged batch's members."""
+    hedged, batch = [], SimProvider.batch
+
+    def watched(self, idxs, reqs, t, hedge_at, attempts):
+        out = batch(self, idxs, reqs, t, hedge_at, attempts)
+        if out.hedged:
+            hedged.append((frozenset(r.id for r in reqs), t, hedge_at))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SimProvider, "batch", watched)
+        return run(), hedged
+
+
+def emulator_cancels(emu, reqs) -> list[tuple[frozenset, float, float, frozenset]]:
+    """Every batch the emulator was asked to cancel: its members' request ids, when the cancel came, when it was
+    through, and the members it gave back (answered in no line of it), all in emulator time (the engine's)."""
+    ids = {call_key(r.tenant, r.id, r.model).rsplit("-", 1)[0]: r.id for r in reqs}
+
+    def rid(custom_id):
+        return ids[custom_id.rsplit("-", 1)[0]]
+
+    out = []
+    with emu._core.lock:  # the emulator's own records, to the float: its API says whole seconds
+        for b in emu._core.batches.values():
+            asked = getattr(b, "cancelling_at", getattr(b, "cancel_at", None))
+            if asked is None:
+                continue
+            answered = ({line["custom_id"] for line in b.outputs} if hasattr(b, "outputs") else
+                        {x["custom_id"] for x in b.results if x["result"]["type"] == "succeeded"})
+            members = frozenset(rid(c) for c, _ in b.members)
+            out.append((members, asked, asked + b.cancel_s, members - {rid(c) for c in answered}))
+    return out
+
+
+@pytest.mark.solo  # its modes hold for a lag of up to LAG_S of real time: no other test beside it
 def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_simulator_says_billed_once(
         ray_session):
     reqs, cat = trace(), catalog()
@@ -82,8 +130,9 @@ def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_
         settings = point_at_emulator(base, emu)
         # The emulator fails no batch member, and its sync faults are not the simulator's draws: the simulator
         # fails nothing (``as_emulated``), so only timing separates the runs' retries.
-        sim, plan = planned(reqs, policy="smart", params=PARITY_POLICY, catalog=cat, settings=settings,
-                            seed=DRAW_SEED, speedup=SPEEDUP)
+        (sim, plan), hedged = sim_hedged(lambda: planned(
+            reqs, policy="smart", params=PARITY_POLICY, catalog=cat, settings=settings, seed=DRAW_SEED,
+            speedup=SPEEDUP))
         assert sum(b.outcome == "hedged" for b in sim.batches) >= 5  # the premise: hedges, and batches kept
         assert any(b.mode == "batch_api" and b.outcome == "sent" for b in sim.batches)
         # ... and none of them near its hedge. Live, a batch ends up to the lag later (its create's), its hedge's
@@ -103,6 +152,7 @@ def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_
             live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
             rep = eng.report()
         bill = emu.bill()
+        cancels = emulator_cancels(emu, reqs)
         faulted = sum(c.status in (429, 500, 529) for c in emu.calls)
 
     assert faulted > 10  # the premise: faults
@@ -116,16 +166,29 @@ def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_
     assert set(keys) == {call_key(r.tenant, r.id, r.model).rsplit("-", 1)[0] for r in live.values()
                          if r.status == "ok"}
     assert sum(r.cost_usd for r in live.values()) == pytest.approx(bill.total_usd, abs=1e-9)
-    # The simulator's modes, and, for the requests sent sync (most of them the fallbacks of hedged batches),
-    # its completion times up to the engine's lag and the emulator's own latency draws: the median 1 engine
-    # second late (57 s when the simulator cancelled at once). A batch member's answer comes up to a poll late
-    # (10 to 60 engine s apart) and, at OpenAI, once a cancel is through: 20 s both before and after.
     assert [(r.id, live[r.id].mode) for r in sim.requests if r.id not in bad] == [
         (r.id, MODES[m]) for r, m in zip(sim.requests, sim.mode) if r.id not in bad]
-    late = statistics.median(live[r.id].done_s - float(sim.done_at[i]) for i, r in enumerate(sim.requests)
-                             if MODES[sim.mode[i]] == "sync" and r.id not in bad)
-    assert abs(late) < CANCEL_S / 4, late
-    assert int(sim.met.sum()) == len(reqs) and all(r.deadline_met for r in live.values() if r.id not in bad)
+    # Every step below is one the live engine may take late (its lag, a loaded machine's), never early. The
+    # batches the simulator hedged are those the engine cancelled and got members back from, member for member,
+    # each cancelled no sooner than the simulator's hedge ...
+    gave_back = {m: (asked, through, back) for m, asked, through, back in cancels if back}
+    assert sorted(map(sorted, gave_back)) == sorted(sorted(m) for m, _, _ in hedged)
+    assert not [(sorted(m), h, gave_back[m][0]) for m, _, h in hedged if gave_back[m][0] < h]
+    # ... no member it gave back answered before the cancel was through (a sync call takes seconds, the cancel
+    # a minute: one sent at the hedge ends well before) ...
+    assert not [(i, live[i].done_s, through) for _, through, back in gave_back.values() for i in back
+                if live[i].done_s < through]
+    # ... nor sent sync in the simulator before its hedge and cancel: the catalog's cancel, which the emulator's
+    # does not pass (the simulator once gave members back at the hedge: 57 engine s early, with a 60-s cancel).
+    row = {r.id: i for i, r in enumerate(sim.requests)}
+    for m, sent, hedge in hedged:
+        cancel_s = plan.provider(sim.requests[row[next(iter(m))]].provider).batch_api.cancel_s
+        assert sent < hedge and cancel_s >= CANCEL_S, (sorted(m), sent, hedge, cancel_s)
+        assert not [(i, sim.batches[sim.batch_of[row[i]]].t, hedge + cancel_s) for i in m
+                    if MODES[sim.mode[row[i]]] == "sync" and sim.batches[sim.batch_of[row[i]]].t < hedge + cancel_s]
+    # The simulator meets every deadline. Live deadlines are not checked: they are real time, which a starved
+    # machine takes (two busy loops beside it: 9 requests past theirs by up to 15 engine s).
+    assert int(sim.met.sum()) == len(reqs)
 
 
 def test_a_batch_create_refused_with_429s_is_made_again_after_retry_after_not_sent_sync(ray_session):
