@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,21 @@ def _keys(cls: type) -> set[str]:
     return keys
 
 
+_IMPORTING = threading.Lock()
+
+
+def _import(module: str) -> Any:
+    # The emulator's handler threads read a route's params on its first call, several at once under a burst, and an
+    # import of the SDK's submodules from two threads at once raised KeyError for their package (a loaded run's batch
+    # create answered 500 "KeyError: 'openai.types'"): one at a time, and once more should another import have
+    # raced it (the modules are in ``sys.modules`` by then).
+    with _IMPORTING:
+        try:
+            return importlib.import_module(module)
+        except KeyError:
+            return importlib.import_module(module)
+
+
 @functools.cache
 def sdk_fields(route: str) -> frozenset[str] | None:
     """The top-level fields ``route`` takes (a name of ``_SDK_PARAMS``), or None where the installed SDK has none of
@@ -83,7 +99,7 @@ def sdk_fields(route: str) -> frozenset[str] | None:
     for path in _SDK_PARAMS.get(route, ()):
         module, _, cls = path.partition(":")
         try:
-            keys |= _keys(getattr(importlib.import_module(module), cls))
+            keys |= _keys(getattr(_import(module), cls))
         except (ImportError, AttributeError):
             continue
         found = True

@@ -127,3 +127,23 @@ def test_the_field_sets_follow_the_installed_sdk():
     assert typed <= sdk_fields("chat.completions") and "stream" in sdk_fields("chat.completions")
     assert "max_output_tokens" in sdk_fields("responses") and "max_output_tokens" not in sdk_fields("chat.completions")
     assert sdk_fields("no.such.route") is None  # a route the SDK lacks params for is not checked
+
+
+def test_a_route_s_params_read_while_another_import_races_them_are_still_read(monkeypatch):
+    # A loaded run of stop 81: two emulator threads read the SDK's params on a route's first call at once, and the
+    # import raised KeyError for the SDK's package: the batch create was answered 500. Read once more, not raised.
+    import importlib
+
+    from engine.core import _sdk_fields
+
+    real, raced = importlib.import_module, []
+
+    def racing(name, *a, **k):
+        if not raced:
+            raced.append(name)
+            raise KeyError("openai.types")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(_sdk_fields.importlib, "import_module", racing)
+    assert _sdk_fields.sdk_fields.__wrapped__("batches.create") == sdk_fields("batches.create")
+    assert raced == ["openai.types.batch_create_params"]
