@@ -69,9 +69,17 @@ class Readmitting:
                 reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
             else:
                 reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]
+                if self._waited and len(reqs) < len(uids):  # ended meanwhile (answered, failed): no wait kept
+                    for u in uids:
+                        if (f := self._futs.get(u)) is None or f.done():
+                            self._waited.pop(u, None)
         for k in range(0, len(reqs), self._micro_batch):
             for ingest, part in self._by_ingest(reqs[k:k + self._micro_batch]):
-                ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
+                try:
+                    ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
+                except Exception as exc:  # noqa: BLE001 (Ray refused to make the call: they wait, not dropped)
+                    self._not_made([r.uid for r in part], tries, exc)
+                    continue
                 with self._lock:
                     self._inflight_refs[ref] = ([r.uid for r in part], tries)
 
@@ -120,6 +128,7 @@ class Readmitting:
             return
         tries += 1
         if tries >= READMIT_TRIES:
+            self._forget_waits(uids)
             self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
             return
         log.warning("smartbatch: a submission to ingest failed (%s); re-admitting its %d request(s)",
@@ -132,7 +141,8 @@ class Readmitting:
         now = time.monotonic()
         bound = max(READMIT_WAIT_MIN_S, self.settings.actor_restart_wait_s)
         with self._lock:
-            first = not any(u in self._waited for u in uids)
+            # Once per restart, not per call: 100,000 open requests are 100 calls, each refused.
+            first = not self._waited
             since = {u: self._waited.setdefault(u, now) for u in uids}
         late = [u for u in uids if now - since[u] >= bound]
         if late:
@@ -149,10 +159,24 @@ class Readmitting:
             return
         pause = min(max(now - min(since[u] for u in rest), READMIT_PAUSE_S), READMIT_PAUSE_MAX_S)
         if first:  # once per wait, not at every try
-            log.warning("smartbatch: ingest is restarting (%s); its %d request(s) are sent again once it is back "
-                        "(waiting up to %g s)", type(exc).__name__, len(rest), bound)
+            log.warning("smartbatch: ingest is restarting (%s); the requests whose calls it refuses (%d so far) "
+                        "are sent again once it is back (waiting up to %g s)", type(exc).__name__, len(rest), bound)
         with self._lock:
             self._readmit_waits.append(_Waiting(now + pause, rest, tries))
+
+    def _not_made(self, uids: list[str], tries: int, exc: BaseException) -> None:
+        """Ray refused to make a call to ingest at all (``.remote()`` raised: Ray shutting down, say): a try, its
+        requests sent again after a pause, by the check loop. Before, the error left the check loop (its thread
+        ended: no health check after it) and, for a waiting request's re-send, took its wait with it."""
+        tries += 1
+        if tries >= READMIT_TRIES:
+            self._forget_waits(uids)
+            self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
+            return
+        log.warning("smartbatch: a call to ingest could not be made (%s); its %d request(s) are sent again shortly",
+                    type(exc).__name__, len(uids))
+        with self._lock:
+            self._readmit_waits.append(_Waiting(time.monotonic() + READMIT_PAUSE_S * 2 ** tries, uids, tries))
 
     def _readmit_due(self) -> None:
         """Send the requests whose pause is over, but not those a call still out carries (a recovery's: it
@@ -173,6 +197,13 @@ class Readmitting:
         for w in due:
             if uids := [u for u in w.uids if u not in out]:
                 self._readmit_open(uids, w.tries)
+
+    def _forget_waits(self, uids) -> None:
+        """The waits of requests that ended: kept, a submit of the same id later, refused once as restarting,
+        failed at once for a wait counted from the old one's first refusal."""
+        with self._lock:
+            for u in uids:
+                self._waited.pop(u, None)
 
     def _waiting_uids(self) -> set[str]:
         """Under the lock: the requests waiting for their next try at a restarting ingest."""

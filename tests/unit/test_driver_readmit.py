@@ -180,3 +180,75 @@ def test_a_recovery_s_readmission_takes_the_waiting_requests_with_it_and_they_ar
     run_checks(d, clock, 10.0)
     recovery = [ids for t, ids in ingest.calls if t >= 0.3]
     assert recovery == [[f"r{k}" for k in range(5)]]  # ... and is the only one made meanwhile
+
+
+def test_a_re_send_ray_refuses_to_make_waits_and_goes_again_instead_of_being_dropped(clock):
+    """A waiting request's re-send that Ray refuses at ``.remote()`` itself (as the lanes' submit may be: Ray
+    shutting down, say) is tried again later, and the check loop goes on. Before, its wait was taken off the list
+    first and the error left the check loop (which has no guard: no health check after it): the requests were
+    never sent again nor failed."""
+    ingest = Ingest(clock, back_at=1.0)
+    made = ingest._readmit
+    refused = [1]
+
+    def once_refused(part, client, force):
+        if refused[0]:
+            refused[0] -= 1
+            raise RuntimeError("Ray refused the call")
+        return made(part, client, force)
+
+    ingest.readmit = types.SimpleNamespace(remote=once_refused)
+    d = Driver(ingest)
+    submitted(d, 3)
+    run_checks(d, clock, 10.0)
+    assert refused == [0] and d.failed() == {}
+    assert sorted(ingest.taken) == ["r0", "r1", "r2"]
+
+
+def test_a_request_failed_after_waiting_does_not_bring_its_old_wait_to_a_submit_of_it_again(clock):
+    """A request that waited for a restarting ingest and then failed otherwise (five tries of another error) is
+    submitted again much later, and ingest is restarting again: it waits afresh. Before, its first refusal stayed
+    on record and the new one failed at once, "Ray was restarting it ... for 1000 s"."""
+    ingest = Ingest(clock, back_at=float("inf"), error=Died)  # the refusals after the first: another error
+    d = Driver(ingest)
+    submitted(d, 1)
+    run_checks(d, clock, 5.0)
+    assert d.failed()["r0"].startswith("ingest failed 5 times")
+    clock[0] = 1000.0
+    again = req(0)
+    d._futs = {again.uid: Fut(again)}
+    d._inflight_refs[Ref(Unavailable("The actor is restarting."))] = ([again.uid], 0)
+    d._check_ingest()
+    assert d.failed() == {} and d._readmit_waits
+
+
+def test_one_warning_for_a_restart_that_refuses_many_calls(clock, caplog):
+    """Ingest restarting refuses the 20 calls of 2,000 open requests (micro-batches of 100) and their tries: one
+    WARNING says so, not one per call (100,000 open requests at the default micro-batch are 100 calls). Before:
+    20 WARNINGs."""
+    ingest = Ingest(clock, back_at=3.0)
+    d = Driver(ingest)
+    reqs = [req(k) for k in range(2000)]
+    d._futs = {r.uid: Fut(r) for r in reqs}
+    for k in range(0, len(reqs), 100):
+        d._inflight_refs[Ref(Unavailable("The actor is restarting."))] = ([r.uid for r in reqs[k:k + 100]], 0)
+    with caplog.at_level("WARNING", logger="smartbatch"):
+        run_checks(d, clock, 10.0)
+    assert sorted(ingest.taken) == sorted(r.id for r in reqs) and d.failed() == {}
+    assert sum("ingest is restarting" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_request_answered_while_its_re_send_was_out_keeps_no_wait(clock):
+    """A waiting request is re-sent, answered meanwhile (the refused call had run after all), and the re-send
+    fails otherwise: nothing is sent again, and its wait is not kept for a later submit of the same id."""
+    ingest = Ingest(clock, back_at=float("inf"), error=Died)
+    d = Driver(ingest)
+    submitted(d, 1)
+    run_checks(d, clock, 0.05)  # refused as restarting: waiting
+    d._ray.wait = lambda refs, num_returns, timeout: ([], list(refs))  # the re-send stays out ...
+    run_checks(d, clock, 0.3)
+    assert len(ingest.calls) == 1 and d._waited
+    next(iter(d._futs.values())).error = "answered"
+    d._ray.wait = FakeRay().wait  # ... and returns, failed
+    run_checks(d, clock, 1.0)
+    assert len(ingest.calls) == 1 and d._waited == {}
