@@ -189,7 +189,12 @@ class Readmitting:
             if not due:
                 return
             self._readmit_waits = [w for w in self._readmit_waits if w.due > now]
-            out = {u for ids, _ in self._inflight_refs.values() for u in ids}
+            # Which of theirs are out, by C's set intersection: a set of every id out cost 18 ms a turn with
+            # 200,000 out, at every check where a wait ended (a fifth of a core, the GIL held), this 4 ms.
+            want = {u for w in due for u in w.uids}
+            out: set = set()
+            for ids, _ in self._inflight_refs.values():
+                out.update(want.intersection(ids))
             for w in due:  # answered meanwhile (the refused call had run after all), or failed: no wait to keep
                 for u in w.uids:
                     if (f := self._futs.get(u)) is None or f.done():

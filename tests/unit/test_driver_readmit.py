@@ -252,3 +252,21 @@ def test_a_request_answered_while_its_re_send_was_out_keeps_no_wait(clock):
     d._ray.wait = FakeRay().wait  # ... and returns, failed
     run_checks(d, clock, 1.0)
     assert len(ingest.calls) == 1 and d._waited == {}
+
+
+def test_a_due_try_leaves_out_a_request_a_call_still_out_carries(clock):
+    """A request waits for its next try while another call carrying it is out (a recovery's re-admission that
+    went before the refusal it waits from was read): its try leaves it to that call, and it is taken once that
+    call is refused and ingest is back. (A guard of the check's cheaper reading of what is out, not a defect.)"""
+    ingest = Ingest(clock, back_at=2.0)
+    d = Driver(ingest)
+    submitted(d, 2)
+    stuck = Ref(Unavailable("The actor is restarting."))
+    d._inflight_refs[stuck] = ([list(d._futs)[1]], 0)  # r1's
+    wait = FakeRay().wait
+    d._ray.wait = lambda refs, num_returns, timeout: ([r for r in refs if r is not stuck], [stuck])
+    run_checks(d, clock, 1.0)  # r1's tries are left to the call out; r0's go
+    assert [ids for _, ids in ingest.calls if "r1" in ids] == [] and any("r0" in ids for _, ids in ingest.calls)
+    d._ray.wait = wait  # the call out is refused in turn: r1 waits, and goes once ingest is back
+    run_checks(d, clock, 10.0)
+    assert sorted(ingest.taken) == ["r0", "r1"] and d.failed() == {}
