@@ -9,7 +9,9 @@ and once ingest is back the driver's recovery re-admits every open request anywa
 of five, re-sent at once: a loaded rehearsal spent them in about a second and failed 270 requests. The wait is
 bounded all the same (a crash-looping ingest): a request refused as restarting, call after call, for the longer
 of ``READMIT_WAIT_MIN_S`` and ``settings.actor_restart_wait_s`` fails with an error that says so; any other
-failure counts a try, ``READMIT_TRIES`` of them failing the requests, as before.
+failure counts a try, ``READMIT_TRIES`` of them failing the requests, as before. A call out when ingest died (Ray
+says ``ActorUnavailableError`` then too, not "restarting") is a try of each of its requests kept over recoveries:
+a request that crashes ingest fails at the fifth crash.
 
 Mixed into ``Engine`` by ``Supervised``; uses its ``_ray``, ``_lock``, ``_futs``, ``_buffer``, ``_inflight_refs``,
 ``_readmit_after``, ``_micro_batch``, ``_client``, ``_by_ingest``, ``_lane_uids``, ``_fail_ids`` and ``settings``.
@@ -22,13 +24,15 @@ from typing import NamedTuple
 
 from engine.core._logkeys import get_logger
 
-__all__ = ["READMIT_PAUSE_MAX_S", "READMIT_PAUSE_S", "READMIT_TRIES", "READMIT_WAIT_MIN_S", "Readmitting"]
+__all__ = ["READMIT_PAUSE_MAX_S", "READMIT_PAUSE_S", "READMIT_TRIES", "READMIT_WAIT_MIN_S", "RESTARTING", "Readmitting"]
 
 log = get_logger("smartbatch")
 
 READMIT_TRIES = 5  # failures of one re-admission, other than ingest restarting, before its requests fail
 READMIT_PAUSE_S = 0.1  # first wait before re-sending requests ingest refused as restarting ...
 READMIT_PAUSE_MAX_S = 5.0  # ... doubling up to this (real seconds)
+# Ray's words (2.60) for a call refused, never run, while the actor restarts; one out when it died says "Socket closed"
+RESTARTING = "The actor is restarting"
 READMIT_WAIT_MIN_S = 120.0  # a request waits for a restarting ingest at least this long (actor_restart_wait_s if longer)
 
 
@@ -47,6 +51,9 @@ class Readmitting:
         # long it has waited for ingest, over every call and recovery in between (a crash loop resets nothing).
         self._waited: dict[str, float] = {}
         self._readmit_waits: list[_Waiting] = []  # requests waiting for their next try, under ``_lock``
+        # Request -> calls of it out when ingest (or a peer it called) died, until one is taken: over recoveries,
+        # whose re-admission starts the calls' tries again, so a request whose call crashes ingest is bounded.
+        self._died_with: dict[str, int] = {}
 
     def _readmit_open(self, uids: list[str] | None = None, tries: int = 0, force: bool = False) -> None:
         """Send unfinished requests (all of them, or ``uids``) to ``Ingest.readmit``, in micro-batches; ``tries``:
@@ -66,13 +73,14 @@ class Readmitting:
                 if self._waited:  # (those answered meanwhile, the refused call having run after all, wait no more)
                     self._waited = {u: t for u, t in self._waited.items()
                                     if (f := self._futs.get(u)) is not None and not f.done()}
+                    self._died_with = {u: n for u, n in self._died_with.items() if u in self._waited}
                 reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
             else:
                 reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]
                 if self._waited and len(reqs) < len(uids):  # ended meanwhile (answered, failed): no wait kept
                     for u in uids:
                         if (f := self._futs.get(u)) is None or f.done():
-                            self._waited.pop(u, None)
+                            self._drop_wait(u)
         for k in range(0, len(reqs), self._micro_batch):
             for ingest, part in self._by_ingest(reqs[k:k + self._micro_batch]):
                 try:
@@ -106,7 +114,7 @@ class Readmitting:
                 for ref, ids, _, _ in done:
                     if ref not in failed:
                         for u in ids:
-                            self._waited.pop(u, None)
+                            self._drop_wait(u)
         for ref, ids, tries, after in done:
             if ref in failed:
                 self._submission_failed(ids, tries, self._failure(ref))
@@ -124,7 +132,10 @@ class Readmitting:
         """A call to ingest failed (it died, or a peer it called did): re-admit its requests, at once, or once
         ingest is back if it was restarting (the error a peer's restart raises in ingest is one too)."""
         if isinstance(exc, self._ray.exceptions.ActorUnavailableError):
-            self._wait_for_ingest(uids, tries, exc)
+            if RESTARTING not in str(exc):  # out when ingest died: the call may be what killed it
+                uids = self._died_with_ingest(uids, exc)
+            if uids:
+                self._wait_for_ingest(uids, tries, exc)
             return
         tries += 1
         if tries >= READMIT_TRIES:
@@ -134,6 +145,27 @@ class Readmitting:
         log.warning("smartbatch: a submission to ingest failed (%s); re-admitting its %d request(s)",
                     type(exc).__name__, len(uids))
         self._readmit_open(uids, tries)
+
+    def _died_with_ingest(self, uids: list[str], exc: BaseException) -> list[str]:
+        """A call of ``uids`` was out when ingest, or a peer it called, died (Ray: "Socket closed", not "The actor
+        is restarting"): a try of each, kept over recoveries; those at ``READMIT_TRIES`` fail. Returns the rest.
+        Counted as a refusal, a request whose call crashes ingest (out of memory, say) crashed it, re-sent by
+        every recovery, until the wait's bound, 600 s, and the requests of its calls failed with it (a review)."""
+        with self._lock:
+            for u in uids:
+                self._died_with[u] = self._died_with.get(u, 0) + 1
+            dead = [u for u in uids if self._died_with[u] >= READMIT_TRIES]
+        if dead:
+            self._forget_waits(dead)
+            self._fail_ids(dead, f"ingest failed: it died {READMIT_TRIES} times with a call of this request out "
+                                 f"(the request may be what crashes it: see its log): {exc}")
+        gone = set(dead)
+        return [u for u in uids if u not in gone]
+
+    def _drop_wait(self, u: str) -> None:
+        """Under the lock: request ``u`` waits for ingest no more (taken, or ended)."""
+        self._waited.pop(u, None)
+        self._died_with.pop(u, None)
 
     def _wait_for_ingest(self, uids: list[str], tries: int, exc: BaseException) -> None:
         """Ingest refused the call as restarting: its requests try again after a pause as long as they have waited
@@ -149,7 +181,7 @@ class Readmitting:
             waited = max(now - since[u] for u in late)
             with self._lock:
                 for u in late:
-                    self._waited.pop(u, None)
+                    self._drop_wait(u)
             self._fail_ids(late, f"ingest failed: Ray was restarting it (its calls refused) for {waited:.0f} s, "
                                  f"past the {bound:g} s the driver waits for it (the longer of "
                                  f"{READMIT_WAIT_MIN_S:g} s and settings.actor_restart_wait_s; it may be crashing "
@@ -198,7 +230,7 @@ class Readmitting:
             for w in due:  # answered meanwhile (the refused call had run after all), or failed: no wait to keep
                 for u in w.uids:
                     if (f := self._futs.get(u)) is None or f.done():
-                        self._waited.pop(u, None)
+                        self._drop_wait(u)
         for w in due:
             if uids := [u for u in w.uids if u not in out]:
                 self._readmit_open(uids, w.tries)
@@ -208,7 +240,7 @@ class Readmitting:
         failed at once for a wait counted from the old one's first refusal."""
         with self._lock:
             for u in uids:
-                self._waited.pop(u, None)
+                self._drop_wait(u)
 
     def _waiting_uids(self) -> set[str]:
         """Under the lock: the requests waiting for their next try at a restarting ingest."""

@@ -270,3 +270,25 @@ def test_a_due_try_leaves_out_a_request_a_call_still_out_carries(clock):
     d._ray.wait = wait  # the call out is refused in turn: r1 waits, and goes once ingest is back
     run_checks(d, clock, 10.0)
     assert sorted(ingest.taken) == ["r0", "r1"] and d.failed() == {}
+
+
+def test_a_request_whose_call_crashes_ingest_fails_after_five_crashes_not_after_the_wait(clock):
+    """A request whose call kills ingest each time (out of memory, say): Ray fails a call out when the actor died
+    with ``ActorUnavailableError`` too (Ray 2.60, a scratch run: "RpcError: RPC error: Socket closed"), not "The
+    actor is restarting". Each such death is a try of its requests, kept over the recoveries that re-admit every
+    open request in between (Ray restarts ingest each time); the fifth fails them, saying so. Before: counted as
+    a refusal, they were re-sent and crashed ingest again until the wait's bound, 600 s."""
+    ingest = Ingest(clock, back_at=float("inf"))
+    crash = ("The actor is temporarily unavailable: RpcError: RPC error: Socket closed rpc_code: 14. The task "
+             "may or may not have been executed on the actor.")
+    ingest.readmit = types.SimpleNamespace(remote=lambda part, client, force: (
+        ingest.calls.append((clock[0], [r.id for r in part])), Ref(Unavailable(crash)))[1])
+    d = Driver(ingest)
+    submitted(d, 2)
+    d._inflight_refs = {Ref(Unavailable(crash)): (list(d._futs), 0)}
+    for _ in range(8):  # Ray restarts ingest, and the driver's recovery re-admits every open request
+        run_checks(d, clock, clock[0] + 1.0)
+        d._readmit_open()
+    errors = d.failed()
+    assert sorted(errors) == ["r0", "r1"] and all("died 5 times" in e for e in errors.values())
+    assert len(ingest.calls) == 4 and d._waited == {} and d._died_with == {}
