@@ -9,9 +9,8 @@ and once ingest is back the driver's recovery re-admits every open request anywa
 of five, re-sent at once: a loaded rehearsal spent them in about a second and failed 270 requests. The wait is
 bounded all the same (a crash-looping ingest): a request refused as restarting, call after call, for the longer
 of ``READMIT_WAIT_MIN_S`` and ``settings.actor_restart_wait_s`` fails with an error that says so; any other
-failure counts a try, ``READMIT_TRIES`` of them failing the requests, as before. A call out when ingest died (Ray
-says ``ActorUnavailableError`` then too, not "restarting") is a try of each of its requests kept over recoveries:
-a request that crashes ingest fails at the fifth crash.
+failure counts a try, ``READMIT_TRIES`` of them failing the requests, as before; and so many restarts of ingest
+that a request waits through untaken fail it too (one whose call crashes ingest: ``_ingest_restarted``).
 
 Mixed into ``Engine`` by ``Supervised``; uses its ``_ray``, ``_lock``, ``_futs``, ``_buffer``, ``_inflight_refs``,
 ``_readmit_after``, ``_micro_batch``, ``_client``, ``_by_ingest``, ``_lane_uids``, ``_fail_ids`` and ``settings``.
@@ -24,15 +23,13 @@ from typing import NamedTuple
 
 from engine.core._logkeys import get_logger
 
-__all__ = ["READMIT_PAUSE_MAX_S", "READMIT_PAUSE_S", "READMIT_TRIES", "READMIT_WAIT_MIN_S", "RESTARTING", "Readmitting"]
+__all__ = ["READMIT_PAUSE_MAX_S", "READMIT_PAUSE_S", "READMIT_TRIES", "READMIT_WAIT_MIN_S", "Readmitting"]
 
 log = get_logger("smartbatch")
 
 READMIT_TRIES = 5  # failures of one re-admission, other than ingest restarting, before its requests fail
 READMIT_PAUSE_S = 0.1  # first wait before re-sending requests ingest refused as restarting ...
 READMIT_PAUSE_MAX_S = 5.0  # ... doubling up to this (real seconds)
-# Ray's words (2.60) for a call refused, never run, while the actor restarts; one out when it died says "Socket closed"
-RESTARTING = "The actor is restarting"
 READMIT_WAIT_MIN_S = 120.0  # a request waits for a restarting ingest at least this long (actor_restart_wait_s if longer)
 
 
@@ -51,8 +48,7 @@ class Readmitting:
         # long it has waited for ingest, over every call and recovery in between (a crash loop resets nothing).
         self._waited: dict[str, float] = {}
         self._readmit_waits: list[_Waiting] = []  # requests waiting for their next try, under ``_lock``
-        # Request -> calls of it out when ingest (or a peer it called) died, until one is taken: over recoveries,
-        # whose re-admission starts the calls' tries again, so a request whose call crashes ingest is bounded.
+        # Request -> restarts of ingest it waited through, until one of its calls is taken (``_ingest_restarted``).
         self._died_with: dict[str, int] = {}
 
     def _readmit_open(self, uids: list[str] | None = None, tries: int = 0, force: bool = False) -> None:
@@ -132,10 +128,7 @@ class Readmitting:
         """A call to ingest failed (it died, or a peer it called did): re-admit its requests, at once, or once
         ingest is back if it was restarting (the error a peer's restart raises in ingest is one too)."""
         if isinstance(exc, self._ray.exceptions.ActorUnavailableError):
-            if RESTARTING not in str(exc):  # out when ingest died: the call may be what killed it
-                uids = self._died_with_ingest(uids, exc)
-            if uids:
-                self._wait_for_ingest(uids, tries, exc)
+            self._wait_for_ingest(uids, tries, exc)
             return
         tries += 1
         if tries >= READMIT_TRIES:
@@ -146,21 +139,24 @@ class Readmitting:
                     type(exc).__name__, len(uids))
         self._readmit_open(uids, tries)
 
-    def _died_with_ingest(self, uids: list[str], exc: BaseException) -> list[str]:
-        """A call of ``uids`` was out when ingest, or a peer it called, died (Ray: "Socket closed", not "The actor
-        is restarting"): a try of each, kept over recoveries; those at ``READMIT_TRIES`` fail. Returns the rest.
-        Counted as a refusal, a request whose call crashes ingest (out of memory, say) crashed it, re-sent by
-        every recovery, until the wait's bound, 600 s, and the requests of its calls failed with it (a review)."""
+    def _ingest_restarted(self) -> None:
+        """The driver's recovery of a restarted ingest, before it re-admits every open request: a restart more for
+        each request still waiting for ingest (refused, or out when it died, and not taken since); those at
+        ``READMIT_TRIES`` restarts fail. Ray fails a call out when ingest died with ``ActorUnavailableError`` too
+        (2.60: "Socket closed", "Connection reset by peer"; a call never run says "The actor is restarting"), so a
+        request whose call crashes ingest (out of memory, say) waited as a refusal would, re-sent by every
+        recovery and crashing ingest again, until the wait's bound, 600 s (a review). One slow restart is one."""
+        if not self._waited:
+            return
         with self._lock:
-            for u in uids:
+            for u in self._waited:
                 self._died_with[u] = self._died_with.get(u, 0) + 1
-            dead = [u for u in uids if self._died_with[u] >= READMIT_TRIES]
+            dead = [u for u, n in self._died_with.items() if n >= READMIT_TRIES]
         if dead:
             self._forget_waits(dead)
-            self._fail_ids(dead, f"ingest failed: it died {READMIT_TRIES} times with a call of this request out "
-                                 f"(the request may be what crashes it: see its log): {exc}")
-        gone = set(dead)
-        return [u for u in uids if u not in gone]
+            self._fail_ids(dead, f"ingest failed: Ray restarted it {READMIT_TRIES} times while this request "
+                                 "waited for it, and it took none of its calls (the request may be what crashes "
+                                 "it: see its log)")
 
     def _drop_wait(self, u: str) -> None:
         """Under the lock: request ``u`` waits for ingest no more (taken, or ended)."""

@@ -265,6 +265,8 @@ class Supervised(Readmitting):
             # (below, or given again alone at the next checks until it does; ``_driver_owners``).
             (owed if kind.split("-", 1)[0] == "hub" else done).append(kind)
         done += self._share_owed(owe=owed)
+        if any(kind.split("-", 1)[0] == "ingest" for kind in done):
+            self._ingest_restarted()  # a request waiting through several restarts may be what crashes it
         self._readmit_open()
         self._count_recovered(done)
 
