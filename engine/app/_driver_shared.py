@@ -193,6 +193,7 @@ class SharedEngine:
 
         from actors._peer import running_engines
         from actors.remote import attach_actors
+        from engine.app._serve_claim import served_elsewhere
 
         mask_library_logs()  # first: Ray's lines of the attach may quote a key (``Engine.__init__``)
         started = _attach(name, address, flag)
@@ -203,7 +204,7 @@ class SharedEngine:
                 ray.shutdown()
             raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
                               f"{', '.join(others) or 'none'}); start one with `smartbatch serve --name {name}` "
-                              f"or Engine.start(name={name!r}, detached=True)")
+                              f"or Engine.start(name={name!r}, detached=True){served_elsewhere(name, address, flag)}")
         handles, layout = got
         try:
             eng = cls(handles=handles, clock=handles["clock"], settings=layout["settings"],
@@ -239,6 +240,7 @@ class SharedEngine:
         from actors._stop_claim import describe, read_stop, release_stop, take_stop
         from actors.remote import attach_actors, cancel_work, settle
         from engine.app._ledger_stop import stop_claimed, stop_wait_s
+        from engine.app._serve_claim import served_elsewhere
 
         mask_library_logs()  # first, as ``connect``'s
         started = _attach(name, address, flag)
@@ -246,7 +248,7 @@ class SharedEngine:
             layout, under_way = read_layout(name), read_stop(name)
             if layout is None and under_way is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
-                                  f"{', '.join(running_engines()) or 'none'})")
+                                  f"{', '.join(running_engines()) or 'none'}){served_elsewhere(name, address, flag)}")
             # Before the drain: a second stop waits for the first rather than drain, kill and keep beside it.
             try:
                 claim = take_stop(name, layout, stop_wait_s(layout or (under_way or {}).get("layout")) + drain_s,

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from engine.core.errors import ConfigError
 from engine.core.files import locked
 
-__all__ = ["NameClaim", "port_holder", "served_address", "wait_released"]
+__all__ = ["NameClaim", "port_holder", "served_address", "served_elsewhere", "wait_released"]
 
 
 def _claims_dir() -> Path:
@@ -99,6 +99,19 @@ def served_address(name: str) -> str | None:
         return None
     addr = _read(path).get("address")
     return addr if isinstance(addr, str) and addr else None
+
+
+def served_elsewhere(name: str, address: str, flag: str) -> str:
+    """What to add to "no engine named NAME runs on this Ray cluster" when ``address`` was ``auto``: the engines
+    served on this machine and each one's address. Where no serve of NAME runs here, ``auto`` is Ray's guess,
+    another job's Ray as likely as not, and its list of engines named none of this machine's serves."""
+    d = _claims_dir()
+    if address != "auto" or not d.is_dir():
+        return ""
+    infos = [_read(path) for path in sorted(d.glob("*.json")) if not _free_claim(path)]
+    served = [f"{info['name']!r} ({flag} {info['address']})" if info.get("address") else f"{info['name']!r} (starting)"
+              for info in infos if isinstance(info.get("name"), str) and info["name"] != name]
+    return f"; served on this machine: {', '.join(served)}" if served else ""
 
 
 def port_holder(port: int) -> dict:

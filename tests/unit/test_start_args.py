@@ -148,3 +148,40 @@ def test_a_ray_found_under_auto_that_cannot_be_joined_keeps_rays_reason(monkeypa
     monkeypatch.setattr(_driver_shared, "init_ray", other_version)
     with pytest.raises(ConfigError, match=r"^--address auto: .*Version mismatch"):
         Engine.connect("prod", flag="--address")
+
+
+@pytest.mark.parametrize("attach", ["connect", "stop_named"])
+def test_a_name_served_nowhere_here_names_the_engines_this_machine_serves(attach, tmp_path, monkeypatch):
+    """A new user's tour (stop 81): with `smartbatch serve --name tour81` running, `smartbatch status --name nosuch`
+    (a typo) joined the Ray that `--address auto` guessed, another job's test cluster, and said "no engine named
+    'nosuch' runs on this Ray cluster (running: drain-220275)": an engine of someone else's, and not the one this
+    machine serves. It now names the serves of this machine and the address of each."""
+    import tempfile
+
+    import ray
+
+    import actors._peer
+    import actors._stop_claim
+    import actors.remote
+    from engine.app import _driver_shared
+    from engine.app._serve_claim import NameClaim
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own claims
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    joined = []
+    monkeypatch.setattr(_driver_shared, "init_ray", lambda address, flag="address": joined.append(address) or False)
+    monkeypatch.setattr(actors.remote, "attach_actors", lambda name: None)
+    monkeypatch.setattr(actors._peer, "running_engines", lambda: ["drain-220275"])
+    monkeypatch.setattr(actors._peer, "read_layout", lambda name: None)
+    monkeypatch.setattr(actors._stop_claim, "read_stop", lambda name: None)
+    claim = NameClaim("tour81")
+    try:
+        claim.publish(address="192.0.2.2:46561")
+        with pytest.raises(ConfigError) as err:
+            getattr(Engine, attach)("nosuch", flag="--address")
+    finally:
+        claim.release()
+    assert joined == ["auto"]
+    assert "(running: drain-220275)" in str(err.value)
+    assert "served on this machine: 'tour81' (--address 192.0.2.2:46561)" in str(err.value)
