@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import types
 import typing
@@ -60,6 +61,9 @@ def explain(err: Any, model: type | None = None) -> str:
         return f"setting {setting} is required: {_how_to_add(loc)}"
     value = err.get("input")
     got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
+    if err["type"] in ("tuple_type", "list_type"):  # pydantic's "a valid tuple": JSON has lists only
+        msg = _list_fix(value)
+        got = ""
     if err["type"] in _NUMBER_FIX:  # pydantic's "Input should be a valid integer, unable to parse string as ..."
         msg = _NUMBER_FIX[err["type"]]
     if err["type"] in _BOUND_FIX:  # pydantic's "Input should be greater than 0": the value said once, after the rule
@@ -69,6 +73,14 @@ def explain(err: Any, model: type | None = None) -> str:
         got = ""
     env = env_names(loc)
     return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
+
+
+def _list_fix(value: Any) -> str:
+    """What a list setting given something else takes: one object (a budget written alone) is shown in brackets."""
+    if isinstance(value, dict):
+        shown = json.dumps(value)
+        return "must be a JSON list, not an object: write it in [ ]" + (f", e.g. '[{shown}]'" if len(shown) <= 120 else "")
+    return f"must be a JSON list, e.g. '[...]', not {value!r:.60}"
 
 
 def _beside(model: Any, loc: list[str]) -> list[str]:

@@ -208,3 +208,16 @@ def test_a_number_setting_says_what_it_takes(monkeypatch, var, value, says):
     # It said pydantic's "Input should be greater than 0" (or "a valid integer, unable to parse string as an integer").
     with pytest.raises(ConfigError, match=says):
         load_settings()
+
+
+def test_a_list_setting_given_one_object_says_to_write_a_json_list(monkeypatch):
+    """A new user's tour (stop 81): the README's SMARTBATCH_BUDGETS__SPECS written for one budget as an object, not
+    a list of one, said pydantic's "Input should be a valid tuple", a type no JSON has."""
+    from engine.core.errors import ConfigError
+    from engine.core.settings import load_settings
+
+    monkeypatch.setenv("SMARTBATCH_BUDGETS__SPECS", '{"tenant": "acme", "max_budget": 50, "budget_duration": "1d"}')
+    with pytest.raises(ConfigError, match=r"setting budgets\.specs \(from SMARTBATCH_BUDGETS__SPECS\): must be a JSON "
+                                          r"list, not an object: write it in \[ \], e.g. '\[\{\"tenant\": \"acme\", "
+                                          r"\"max_budget\": 50, \"budget_duration\": \"1d\"\}\]'; fix or unset"):
+        load_settings()
