@@ -61,6 +61,22 @@ def _say_retired(reqs: list, cat, day: datetime.date, current: bool, drawn: list
     elif gone:
         err_console.print(Text(f"the trace names models shut down by {day}: {names}; their providers refuse them. "
                                "Add --current-models to write their successors", style="yellow"))
+    _say_retiring(written, cat, day)
+
+
+def _say_retiring(written: set[tuple[str, str]], cat, day: datetime.date) -> None:
+    """The written models that shut down within the days a start warns of (``RETIRING_DAYS``), and the ``--today``
+    that writes their successors: a trace for the real APIs built days before a shutdown held them unsaid."""
+    from engine.app.provider_setup import RETIRING_DAYS
+
+    soon = sorted((d, m, cat.model(p, m).successor) for p, m in written if (d := cat.model(p, m).shutdown) is not None
+                  and day < d <= day + datetime.timedelta(days=RETIRING_DAYS))
+    if soon:
+        names = ", ".join(f"{m} ({d}, in {(d - day).days} days" + (f"; successor: {s})" if s else ")")
+                          for d, m, s in soon)
+        err_console.print(Text(f"the trace names models that shut down within {RETIRING_DAYS} days: {names}; from "
+                               f"that day their providers refuse them. --current-models --today {soon[-1][0]} writes "
+                               "their successors", style="yellow"))
 
 
 # A trace spans a year at most (engine.core.trace.MAX_SPAN_S), and synth's follow-ups run to 1.2x its duration.

@@ -149,3 +149,20 @@ def test_a_catalog_whose_every_video_model_is_retired_with_no_successor_is_refus
     synth(3000, seed=1, catalog=cat)  # written as drawn without a day
     with pytest.raises(TraceError, match="--current-models.*no successor: name one in a catalog overlay"):
         synth(3000, seed=1, catalog=cat, today=DAY)
+
+
+@pytest.mark.parametrize("current", [False, True])
+def test_the_cli_names_the_written_models_that_shut_down_within_30_days_and_the_day_that_moves_them(tmp_path,
+                                                                                                    current):
+    """A new user's tour (stop 81): `trace synth --current-models` on 2026-12-07, the README's way to a trace for
+    the real APIs, wrote 494 of 2,000 requests for gpt-5 and gpt-5-mini, which shut down four days later, without a
+    word (the run's start names them, at the provider's own address only, and only once the trace is made)."""
+    out = tmp_path / "t.jsonl"
+    r = runner.invoke(app, ["trace", "synth", "--n", "2000", "--seed", "1", "--today", "2026-12-07", "--out", str(out),
+                            *(["--current-models"] if current else [])])
+    assert r.exit_code == 0, r.output
+    assert {"gpt-5", "gpt-5-mini"} <= _models(out)
+    said = " ".join(r.output.split())
+    assert ("the trace names models that shut down within 30 days: gpt-5 (2026-12-11, in 4 days; successor: gpt-5.4), "
+            "gpt-5-mini (2026-12-11, in 4 days; successor: gpt-5.4-mini); from that day their providers refuse them. "
+            "--current-models --today 2026-12-11 writes their successors") in said, said
