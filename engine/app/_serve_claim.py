@@ -109,8 +109,10 @@ def served_elsewhere(name: str, address: str, flag: str) -> str:
     if address != "auto" or not d.is_dir():
         return ""
     infos = [_read(path) for path in sorted(d.glob("*.json")) if not _free_claim(path)]
+    # NAME's own serve is left out once it has an address (``_where`` joined that); while it starts it has none,
+    # ``auto`` joined Ray's guess, and the one fact that matters is that NAME is starting here.
     served = [f"{info['name']!r} ({flag} {info['address']})" if info.get("address") else f"{info['name']!r} (starting)"
-              for info in infos if isinstance(info.get("name"), str) and info["name"] != name]
+              for info in infos if isinstance(info.get("name"), str) and (info["name"] != name or not info.get("address"))]
     return f"; served on this machine: {', '.join(served)}" if served else ""
 
 

@@ -185,3 +185,35 @@ def test_a_name_served_nowhere_here_names_the_engines_this_machine_serves(attach
     assert joined == ["auto"]
     assert "(running: drain-220275)" in str(err.value)
     assert "served on this machine: 'tour81' (--address 192.0.2.2:46561)" in str(err.value)
+
+
+def test_a_name_whose_serve_here_is_still_starting_is_said_to_be_starting(tmp_path, monkeypatch):
+    """Review of stop 81's listing: `smartbatch status --name tour81` while `serve --name tour81` was starting (its
+    claim taken, no address yet: it publishes one once its engine is up) joined Ray's guess and said "no engine
+    named 'tour81' runs on this Ray cluster", the listing leaving out the one serve of that name, starting here."""
+    import tempfile
+
+    import ray
+
+    import actors._peer
+    import actors.remote
+    from engine.app import _driver_shared
+    from engine.app._serve_claim import NameClaim
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    joined = []
+    monkeypatch.setattr(_driver_shared, "init_ray", lambda address, flag="address": joined.append(address) or False)
+    monkeypatch.setattr(actors.remote, "attach_actors", lambda name: None)
+    monkeypatch.setattr(actors._peer, "running_engines", lambda: ["drain-220275"])
+    claim, other = NameClaim("tour81"), NameClaim("other")  # tour81's serve has published no address yet
+    try:
+        other.publish(address="192.0.2.2:46561")
+        with pytest.raises(ConfigError) as err:
+            Engine.connect("tour81", flag="--address")
+    finally:
+        claim.release()
+        other.release()
+    assert joined == ["auto"]
+    assert str(err.value).endswith("served on this machine: 'other' (--address 192.0.2.2:46561), 'tour81' (starting)")
