@@ -62,7 +62,7 @@ def explain(err: Any, model: type | None = None) -> str:
     value = err.get("input")
     got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
     if err["type"] in ("tuple_type", "list_type"):  # pydantic's "a valid tuple": JSON has lists only
-        msg = _list_fix(value)
+        msg = _list_fix(value, _item_type(model, loc))
         got = ""
     if err["type"] in _NUMBER_FIX:  # pydantic's "Input should be a valid integer, unable to parse string as ..."
         msg = _NUMBER_FIX[err["type"]]
@@ -75,19 +75,36 @@ def explain(err: Any, model: type | None = None) -> str:
     return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
 
 
-def _list_fix(value: Any) -> str:
-    """What a list setting given something else takes: one object (a budget written alone) is shown in brackets."""
+def _list_fix(value: Any, item: Any) -> str:
+    """What a list setting given something else takes: one object (a budget written alone) is shown in brackets,
+    where the list's items (``item``) are objects; for a list of numbers the brackets around an object are no fix."""
     if isinstance(value, dict):
         shown = json.dumps(value)
+        if item in (int, float):
+            return "must be a JSON list of numbers, not an object, e.g. '[1.0, 0.8]'"
+        if not ((isinstance(item, type) and issubclass(item, BaseModel)) or typing.get_origin(item) is dict):
+            return "must be a JSON list, not an object"
         return "must be a JSON list, not an object: write it in [ ]" + (f", e.g. '[{shown}]'" if len(shown) <= 120 else "")
-    return f"must be a JSON list, e.g. '[...]', not {value!r:.60}"
+    return f"must be a JSON list, e.g. '[...]', not {'null' if value is None else repr(value):.60}"
+
+
+def _item_type(model: Any, loc: list[str]) -> Any:
+    """The type of the items of the list setting at ``loc`` (None where unknown)."""
+    args = [a for a in typing.get_args(_type_at(model, loc)) if a is not Ellipsis]
+    return _unwrap(args[0]) if args else None
 
 
 def _beside(model: Any, loc: list[str]) -> list[str]:
     """The names of the settings beside ``loc``'s last part: the fields of the model that holds it (a list's or
     a mapping's items are their element's), or none when the path leaves the models."""
+    tp = _type_at(model, loc[:-1])
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _type_at(model: Any, loc: list[str]) -> Any:
+    """The type of the setting at ``loc`` under ``model`` (None when the path leaves the models)."""
     tp = model
-    for part in loc[:-1]:
+    for part in loc:
         tp = _unwrap(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             field = tp.model_fields.get(part)
@@ -95,8 +112,7 @@ def _beside(model: Any, loc: list[str]) -> list[str]:
         else:  # list[X], tuple[X, ...] or dict[str, X]: the part is an index or a key
             args = [a for a in typing.get_args(tp) if a is not Ellipsis]
             tp = args[-1] if args else None
-    tp = _unwrap(tp)
-    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+    return _unwrap(tp)
 
 
 def _unwrap(tp: Any) -> Any:

@@ -221,3 +221,21 @@ def test_a_list_setting_given_one_object_says_to_write_a_json_list(monkeypatch):
                                           r"list, not an object: write it in \[ \], e.g. '\[\{\"tenant\": \"acme\", "
                                           r"\"max_budget\": 50, \"budget_duration\": \"1d\"\}\]'; fix or unset"):
         load_settings()
+
+
+@pytest.mark.parametrize(("var", "value", "says"), [
+    ("SMARTBATCH_SIM__TURNAROUND_SCALE_BY_HOUR", '{"0": 1.5}', r"turnaround_scale_by_hour \(from SMARTBATCH_SIM__"
+     r"TURNAROUND_SCALE_BY_HOUR\): must be a JSON list of numbers, not an object, e.g. '\[1.0, 0.8\]'; fix"),
+    ("SMARTBATCH_BUDGETS__SPECS", "null", r"budgets\.specs \(from SMARTBATCH_BUDGETS__SPECS\): must be a JSON list, "
+     r"e.g. '\[...\]', not null; fix"),
+])
+def test_a_list_setting_of_numbers_given_an_object_is_not_told_to_wrap_it(monkeypatch, var, value, says):
+    """Review of stop 81's list message: it told every list setting given an object to write it in [ ], so
+    SMARTBATCH_SIM__TURNAROUND_SCALE_BY_HOUR='{"0": 1.5}' was told "e.g. '[{"0": 1.5}]'", a list of an object that
+    a list of numbers refuses again; and JSON's null was quoted as Python's None."""
+    from engine.core.errors import ConfigError
+    from engine.core.settings import load_settings
+
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=says):
+        load_settings()
