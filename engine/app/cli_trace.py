@@ -72,11 +72,14 @@ def _say_retiring(written: set[tuple[str, str]], cat, day: datetime.date) -> Non
     soon = sorted((d, m, cat.model(p, m).successor) for p, m in written if (d := cat.model(p, m).shutdown) is not None
                   and day < d <= day + datetime.timedelta(days=RETIRING_DAYS))
     if soon:
-        names = ", ".join(f"{m} ({d}, in {(d - day).days} days" + (f"; successor: {s})" if s else ")")
-                          for d, m, s in soon)
+        names = ", ".join(f"{m} ({d}, in {counted((d - day).days, 'day')}" + (f"; successor: {s})" if s else
+                                                                              "; no successor)") for d, m, s in soon)
+        # A --today past the shutdown of one with no successor writes it still (and says so): not offered as a fix.
+        moved = [d for d, _, s in soon if s]
+        fix = [f"--current-models --today {moved[-1]} writes their successors" if moved else "",
+               "name a successor in a catalog overlay for one that has none" if len(moved) < len(soon) else ""]
         err_console.print(Text(f"the trace names models that shut down within {RETIRING_DAYS} days: {names}; from "
-                               f"that day their providers refuse them. --current-models --today {soon[-1][0]} writes "
-                               "their successors", style="yellow"))
+                               f"that day their providers refuse them. {'; '.join(f for f in fix if f)}", style="yellow"))
 
 
 # A trace spans a year at most (engine.core.trace.MAX_SPAN_S), and synth's follow-ups run to 1.2x its duration.

@@ -166,3 +166,22 @@ def test_the_cli_names_the_written_models_that_shut_down_within_30_days_and_the_
     assert ("the trace names models that shut down within 30 days: gpt-5 (2026-12-11, in 4 days; successor: gpt-5.4), "
             "gpt-5-mini (2026-12-11, in 4 days; successor: gpt-5.4-mini); from that day their providers refuse them. "
             "--current-models --today 2026-12-11 writes their successors") in said, said
+
+
+def test_a_model_with_no_successor_shutting_down_within_30_days_is_not_offered_a_today_that_moves_it(tmp_path):
+    """Review of stop 81's line: gpt-4o-mini (shut down 2027-01-14, no successor) in a trace built on 2026-12-20 was
+    told "--current-models --today 2027-01-14 writes their successors"; that build writes gpt-4o-mini still and
+    says it has no successor. The line now names it as having none, with the overlay that gives it one."""
+    csv = tmp_path / "a.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,12,3\n2023-11-16 18:15:47.1,20,3\n")
+    out = tmp_path / "t.jsonl"
+    r = runner.invoke(app, ["trace", "from-azure", str(csv), "--model", "openai/gpt-4o-mini", "--today", "2026-12-20",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert ("gpt-4o-mini (2027-01-14, in 25 days; no successor); from that day their providers refuse them. name a "
+            "successor in a catalog overlay for one that has none") in said, said
+    assert "--today" not in said, said
+    r = runner.invoke(app, ["trace", "from-azure", str(csv), "--model", "openai/gpt-4o-mini", "--today", "2027-01-14",
+                            "--current-models", "--out", str(out)])
+    assert r.exit_code == 0 and _models(out) == {"gpt-4o-mini"}  # the --today it was offered moves nothing
