@@ -130,14 +130,21 @@ class Readmitting:
         if isinstance(exc, self._ray.exceptions.ActorUnavailableError):
             self._wait_for_ingest(uids, tries, exc)
             return
-        tries += 1
-        if tries >= READMIT_TRIES:
-            self._forget_waits(uids)
-            self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
+        tries = self._one_more_try(uids, tries, exc)
+        if tries is None:
             return
         log.warning("smartbatch: a submission to ingest failed (%s); re-admitting its %d request(s)",
                     type(exc).__name__, len(uids))
         self._readmit_open(uids, tries)
+
+    def _one_more_try(self, uids: list[str], tries: int, exc: BaseException) -> int | None:
+        """``tries`` + 1, or None once that is ``READMIT_TRIES``: ``uids`` then failed, saying why."""
+        tries += 1
+        if tries < READMIT_TRIES:
+            return tries
+        self._forget_waits(uids)
+        self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
+        return None
 
     def _ingest_restarted(self) -> None:
         """The driver's recovery of a restarted ingest, before it re-admits every open request: a restart more for
@@ -196,10 +203,8 @@ class Readmitting:
         """Ray refused to make a call to ingest at all (``.remote()`` raised: Ray shutting down, say): a try, its
         requests sent again after a pause, by the check loop. Before, the error left the check loop (its thread
         ended: no health check after it) and, for a waiting request's re-send, took its wait with it."""
-        tries += 1
-        if tries >= READMIT_TRIES:
-            self._forget_waits(uids)
-            self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
+        tries = self._one_more_try(uids, tries, exc)
+        if tries is None:
             return
         log.warning("smartbatch: a call to ingest could not be made (%s); its %d request(s) are sent again shortly",
                     type(exc).__name__, len(uids))
