@@ -280,7 +280,10 @@ def test_a_manual_failover_of_the_ledger_s_master_loses_nothing_and_its_replay_c
     window, ledger = rep["budgets"][0], rep["ledger"]
     assert window["spent_usd"] == pytest.approx(0.5 + 0.7 + 0.2 + 0.4)
     assert window["reserved_usd"] == pytest.approx(0.0)
-    assert ledger["replayed_after_restart"] == 3 and ledger["reopened_after_restart"] == 0
+    # m0 and m1 are sent again; m2 too if it settled before the ledger read the new run_id, else it settled there
+    # once (a call after the failover reads it once its second is up: a loaded rehearsal of stop 81 had 2). The
+    # spend above, each counted once, is what must not move.
+    assert ledger["replayed_after_restart"] in (2, 3) and ledger["reopened_after_restart"] == 0
     assert ledger["lost_records"] == 0 and ledger["rejected_settlements"] == 0
 
 
