@@ -319,8 +319,13 @@ def load_trace(path: str | Path, *, catalog: Catalog | None = None, settings: Se
 def write_trace(requests: Iterable[Request], path: str | Path) -> int:
     """Write requests as JSONL with every default resolved; returns the number of lines. Written beside ``path``
     and renamed over it once whole: a Ctrl-C or a full disk midway leaves the file that was there (it was cut
-    short, and a shorter trace loaded without a word: a helper's hunt)."""
+    short, and a shorter trace loaded without a word: a helper's hunt). A stream (/dev/null, a FIFO, a pipe) is
+    written as it is: renamed over, it became a regular file (/dev/null so, for every later writer, when run as
+    root); a link keeps being one, the trace renamed over its target."""
     p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():
+        return _write_stream(requests, p)
+    p = p.resolve() if p.is_symlink() else p
     n, tmp = 0, None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -329,9 +334,7 @@ def write_trace(requests: Iterable[Request], path: str | Path) -> int:
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # as a file opened for writing would be, not mkstemp's 0600
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for r in requests:
-                fh.write(json.dumps(r.model_dump(mode="json"), separators=(",", ":")) + "\n")
-                n += 1
+            n = _dump(requests, fh)
         os.replace(tmp, p)
         tmp = None
     except OSError as exc:  # a full disk, a directory, a path under a file: the cause, not a traceback
@@ -340,3 +343,19 @@ def write_trace(requests: Iterable[Request], path: str | Path) -> int:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return n
+
+
+def _dump(requests: Iterable[Request], fh) -> int:
+    n = 0
+    for r in requests:
+        fh.write(json.dumps(r.model_dump(mode="json"), separators=(",", ":")) + "\n")
+        n += 1
+    return n
+
+
+def _write_stream(requests: Iterable[Request], p: Path) -> int:
+    try:
+        with p.open("w", encoding="utf-8") as fh:
+            return _dump(requests, fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the trace to {p}: {exc.strerror or exc}; give a writable file path") from None

@@ -32,6 +32,37 @@ def test_write_trace_interrupted_midway_keeps_the_previous_trace(tmp_path):
     assert out.read_bytes() == before, f"{out} now holds {len(out.read_bytes().splitlines())} of 50 lines"
 
 
+def test_a_trace_written_to_a_stream_or_through_a_link_leaves_the_stream_and_the_link(tmp_path):
+    """`trace synth --out /dev/null` run as root replaced /dev/null with a regular file (the trace, written beside
+    the path, was renamed over it: a helper's run, stop 82, left every later write to /dev/null in a file); a FIFO
+    went so too, its reader given nothing. A link's target was left as it was, the link replaced by the trace."""
+    import os
+    import stat
+    import threading
+
+    from engine.core.trace import load_trace, write_trace
+
+    src = tmp_path / "src.jsonl"
+    assert runner.invoke(app, ["trace", "synth", "--n", "20", "--seed", "1", "--out", str(src)]).exit_code == 0
+    reqs = load_trace(src).requests
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    assert write_trace(reqs, fifo) == 20
+    reader.join(30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert got and len(got[0].splitlines()) == 20, got
+    target = tmp_path / "real.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    assert write_trace(reqs, link) == 20
+    assert link.is_symlink(), "the link was replaced by a file"
+    assert len(load_trace(target).requests) == 20
+
+
 def _small_trace(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text('{"id":"a1","arrival_s":0,"model":"gpt-5-mini","prompt":"hello","deadline_s":600}\n'
