@@ -10,7 +10,8 @@ of five, re-sent at once: a loaded rehearsal spent them in about a second and fa
 bounded all the same (a crash-looping ingest): a request refused as restarting, call after call, for the longer
 of ``READMIT_WAIT_MIN_S`` and ``settings.actor_restart_wait_s`` fails with an error that says so; any other
 failure counts a try, ``READMIT_TRIES`` of them failing the requests, as before; and so many restarts of ingest
-that a request waits through untaken fail it too (one whose call crashes ingest: ``_ingest_restarted``).
+that a request waits through untaken fail it too (one whose call crashes ingest: ``_ingest_restarted``). A try
+sends one micro-batch to each ingest shard and holds the other requests until it is taken (``_driver_probe``).
 
 Mixed into ``Engine`` by ``Supervised``; uses its ``_ray``, ``_lock``, ``_futs``, ``_buffer``, ``_inflight_refs``,
 ``_readmit_after``, ``_micro_batch``, ``_client``, ``_by_ingest``, ``_lane_uids``, ``_fail_ids`` and ``settings``.
@@ -19,8 +20,9 @@ Mixed into ``Engine`` by ``Supervised``; uses its ``_ray``, ``_lock``, ``_futs``
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from engine.app._driver_probe import Probing
 from engine.core._logkeys import get_logger
 
 __all__ = ["READMIT_PAUSE_MAX_S", "READMIT_PAUSE_S", "READMIT_TRIES", "READMIT_WAIT_MIN_S", "Readmitting"]
@@ -39,7 +41,7 @@ class _Waiting(NamedTuple):
     tries: int  # failures counted so far (not those of a restarting ingest)
 
 
-class Readmitting:
+class Readmitting(Probing):
     """Re-admission methods of ``Engine``."""
 
     def _init_readmit(self) -> None:
@@ -50,6 +52,7 @@ class Readmitting:
         self._readmit_waits: list[_Waiting] = []  # requests waiting for their next try, under ``_lock``
         # Request -> restarts of ingest it waited through, until one of its calls is taken (``_ingest_restarted``).
         self._died_with: dict[str, int] = {}
+        self._init_probe()
 
     def _readmit_open(self, uids: list[str] | None = None, tries: int = 0, force: bool = False) -> None:
         """Send unfinished requests (all of them, or ``uids``) to ``Ingest.readmit``, in micro-batches; ``tries``:
@@ -66,6 +69,7 @@ class Readmitting:
                 # Those waiting for their next try go now, and only now: their own try, made while this call is
                 # out, would be a second re-admission of each at once.
                 self._readmit_waits.clear()
+                self._forget_probes()  # (a probe out is re-admitted once it returns, as any call out)
                 if self._waited:  # (those answered meanwhile, the refused call having run after all, wait no more)
                     self._waited = {u: t for u, t in self._waited.items()
                                     if (f := self._futs.get(u)) is not None and not f.done()}
@@ -79,13 +83,18 @@ class Readmitting:
                             self._drop_wait(u)
         for k in range(0, len(reqs), self._micro_batch):
             for ingest, part in self._by_ingest(reqs[k:k + self._micro_batch]):
-                try:
-                    ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
-                except Exception as exc:  # noqa: BLE001 (Ray refused to make the call: they wait, not dropped)
-                    self._not_made([r.uid for r in part], tries, exc)
-                    continue
-                with self._lock:
-                    self._inflight_refs[ref] = ([r.uid for r in part], tries)
+                self._send(ingest, part, tries, force)
+
+    def _send(self, ingest, part: list, tries: int, force: bool = False) -> tuple[Any, BaseException | None]:
+        """One call of ``Ingest.readmit``: (its ref, None), or (None, why) if Ray refused to make it."""
+        try:
+            ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
+        except Exception as exc:  # noqa: BLE001 (Ray refused to make the call: they wait, not dropped)
+            self._not_made([r.uid for r in part], tries, exc)
+            return None, exc
+        with self._lock:
+            self._inflight_refs[ref] = ([r.uid for r in part], tries)
+        return ref, None
 
     def _check_ingest(self) -> None:
         """Collect the ingest calls that returned: re-admit the requests of one that failed, or that was out
@@ -111,6 +120,9 @@ class Readmitting:
                     if ref not in failed:
                         for u in ids:
                             self._drop_wait(u)
+            probes = [(self._probes.pop(ref), ref) for ref in ready if ref in self._probes]
+        for key, ref in probes:
+            self._probe_returned(key, self._failure(ref) if ref in failed else None, time.monotonic())
         for ref, ids, tries, after in done:
             if ref in failed:
                 self._submission_failed(ids, tries, self._failure(ref))
@@ -212,29 +224,26 @@ class Readmitting:
             self._readmit_waits.append(_Waiting(time.monotonic() + READMIT_PAUSE_S * 2 ** tries, uids, tries))
 
     def _readmit_due(self) -> None:
-        """Send the requests whose pause is over, but not those a call still out carries (a recovery's: it
-        answers for them)."""
-        if not self._readmit_waits:
+        """Try the requests whose pause is over (``_probe_tries``), but not those a call still out carries (a
+        recovery's: it answers for them); and send the probes whose pause is over."""
+        if not self._readmit_waits and not self._held:
             return
         now = time.monotonic()
         with self._lock:
             due = [w for w in self._readmit_waits if w.due <= now]
-            if not due:
-                return
-            self._readmit_waits = [w for w in self._readmit_waits if w.due > now]
+            if due:
+                self._readmit_waits = [w for w in self._readmit_waits if w.due > now]
             # Which of theirs are out, by C's set intersection: a set of every id out cost 18 ms a turn with
             # 200,000 out, at every check where a wait ended (a fifth of a core, the GIL held), this 4 ms.
             want = {u for w in due for u in w.uids}
             out: set = set()
-            for ids, _ in self._inflight_refs.values():
+            for ids, _ in self._inflight_refs.values() if want else ():
                 out.update(want.intersection(ids))
             for w in due:  # answered meanwhile (the refused call had run after all), or failed: no wait to keep
                 for u in w.uids:
                     if (f := self._futs.get(u)) is None or f.done():
                         self._drop_wait(u)
-        for w in due:
-            if uids := [u for u in w.uids if u not in out]:
-                self._readmit_open(uids, w.tries)
+        self._probe_tries([(uids, w.tries) for w in due if (uids := [u for u in w.uids if u not in out])], now)
 
     def _forget_waits(self, uids) -> None:
         """The waits of requests that ended: kept, a submit of the same id later, refused once as restarting,
@@ -245,4 +254,4 @@ class Readmitting:
 
     def _waiting_uids(self) -> set[str]:
         """Under the lock: the requests waiting for their next try at a restarting ingest."""
-        return {u for w in self._readmit_waits for u in w.uids}
+        return {u for w in self._readmit_waits for u in w.uids} | self._held_uids()
