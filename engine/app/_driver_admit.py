@@ -33,6 +33,7 @@ class Admitting:
     _kept_due: list  # (future, kept answer) to resolve once the lock is let go (``_give_kept``)
     _failing: frozenset = frozenset()  # threads in ``_fail_each`` (replaced whole, under the lock)
     _inboxes: tuple = ()  # of each call waiting for room, the ids others queue meanwhile (replaced whole, under it)
+    _waited: dict | None = None  # request -> its first refusal by a restarting ingest (``Readmitting``'s)
     responses: ResponseOwners  # whose each response id is (``Engine.__init__``)
 
     def _replay_order(self, requests: Sequence[Request | Mapping]) -> list[Request]:
@@ -244,6 +245,10 @@ class Admitting:
                     return
                 fut._claimed = mine = True
                 self._pending -= 1
+                if self._waited and self._futs.get(fut._req.uid) is fut:
+                    # Ended, it waits for ingest no more. Kept while it sat held behind a probe (up to 100 probes,
+                    # 5 s apart), a submit of its id later, refused as restarting, counted from the old refusal.
+                    self._drop_wait(fut._req.uid)
                 if res.reason == ID_TAKEN and self._futs.get(fut._req.uid) is fut:
                     del self._futs[fut._req.uid]  # refused for its id, taken elsewhere: free for the right content
                 else:

@@ -6,7 +6,8 @@ held for that shard goes at once. Refused as restarting, they stay held: each pa
 refused call's error, and the next probe (the held micro-batch that has waited longest, so a request that
 crashes ingest is not the only one ever tried) goes after a refused call's pause. Refused otherwise, they go
 as they would have (the failure counts a try for the probe's requests alone); a probe Ray would not make counts
-a try for each, as their own calls would have. Before, each try re-sent every waiting request: 100,000 of them
+a try for each, as their own calls would have; a probe out ``PROBE_OUT_MAX_S`` lets them go in their own calls,
+where the deadline sweep sees them (a review). Before, each try re-sent every waiting request: 100,000 of them
 were 100 calls of pickled requests to a dead actor every 5 s (stop 82, scratch, a fake ingest that pickles what
 it is sent: a minute of a dead ingest made 1,200 calls, 168 MB pickled, 4.4-5.0 s of CPU, 1.9 s of it the
 driver's own; now 12 calls, 1.7 MB, 0.05 s).
@@ -19,7 +20,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-__all__ = ["Probing"]
+__all__ = ["PROBE_OUT_MAX_S", "Probing"]
+
+# A probe out this long (real seconds) lets its shard's held requests go in their own calls: refused, a probe
+# returns at once; one out longer was taken by an ingest slow to answer it, or hanging in it while it answers
+# its health checks (no hang check kills it). Held, a request is left by the deadline sweep (a review).
+PROBE_OUT_MAX_S = 30.0
 
 
 class _Held(NamedTuple):
@@ -33,7 +39,7 @@ class Probing:
 
     def _init_probe(self) -> None:
         # Under ``_lock``. An ingest shard is its index in ``_h["ingests"]``.
-        self._probes: dict[Any, int] = {}  # a probe out (its call) -> its shard
+        self._probes: dict[Any, tuple[int, float]] = {}  # a probe out (its call) -> (its shard, when sent)
         self._held: dict[int, list[_Held]] = {}  # shard -> requests held until a probe is taken, oldest first
         self._next_probe: dict[int, float] = {}  # shard -> when its next probe may go, one having been refused
 
@@ -49,12 +55,18 @@ class Probing:
         if not self._held:
             return
         with self._lock:
-            out = set(self._probes.values())
+            slow = [ref for ref, (_, at) in self._probes.items() if now - at >= PROBE_OUT_MAX_S]
+            # (its call stays out, an ordinary one now: ``_check_ingest`` handles its return)
+            slow = [self._probes.pop(ref)[0] for ref in slow]
+        for key in slow:
+            self._let_go(key)
+        with self._lock:
+            out = {key for key, _ in self._probes.values()}
             ready = [key for key in self._held if key not in out and self._next_probe.get(key, 0.0) <= now]
         for key in ready:
-            self._probe(key)
+            self._probe(key, now)
 
-    def _probe(self, key: int) -> None:
+    def _probe(self, key: int, now: float) -> None:
         """Send shard ``key``'s probe: the first open requests it holds, at most a micro-batch."""
         with self._lock:
             held = self._held.get(key, [])
@@ -77,7 +89,7 @@ class Probing:
         ref, exc = self._send(self._h["ingests"][key], probe, tries)
         with self._lock:
             if ref is not None:
-                self._probes[ref] = key
+                self._probes[ref] = (key, now)
                 return
             held = self._held.pop(key, [])
         for w in held:  # Ray would not make the probe: nor their calls, a try each (``_not_made``)
@@ -89,11 +101,7 @@ class Probing:
         from engine.app._driver_readmit import READMIT_PAUSE_MAX_S, READMIT_PAUSE_S, READMIT_WAIT_MIN_S
 
         if exc is None or not isinstance(exc, self._ray.exceptions.ActorUnavailableError):
-            with self._lock:
-                held = self._held.pop(key, [])
-                self._next_probe.pop(key, None)
-            for w in held:
-                self._readmit_open(w.uids, w.tries)
+            self._let_go(key)
             return
         bound = max(READMIT_WAIT_MIN_S, self.settings.actor_restart_wait_s)
         with self._lock:
@@ -105,6 +113,14 @@ class Probing:
             self._next_probe[key] = now + min(max(now - oldest, READMIT_PAUSE_S), READMIT_PAUSE_MAX_S)
         for w in late:  # fails those past the bound, saying so; any other waits again, then is held again
             self._wait_for_ingest(w.uids, w.tries, exc)
+
+    def _let_go(self, key: int) -> None:
+        """Send the requests held for shard ``key`` (at once, their tries unchanged)."""
+        with self._lock:
+            held = self._held.pop(key, [])
+            self._next_probe.pop(key, None)
+        for w in held:
+            self._readmit_open(w.uids, w.tries)
 
     def _uids_by_shard(self, uids: list[str]) -> list[tuple[int, list[str]]]:
         """(shard, its open requests among ``uids``) for each shard that owns any."""

@@ -120,7 +120,7 @@ class Readmitting(Probing):
                     if ref not in failed:
                         for u in ids:
                             self._drop_wait(u)
-            probes = [(self._probes.pop(ref), ref) for ref in ready if ref in self._probes]
+            probes = [(self._probes.pop(ref)[0], ref) for ref in ready if ref in self._probes]
         for key, ref in probes:
             self._probe_returned(key, self._failure(ref) if ref in failed else None, time.monotonic())
         for ref, ids, tries, after in done:

@@ -4,9 +4,13 @@ waiting requests held until it is taken. Without Ray: the fakes and the stepped 
 
 from __future__ import annotations
 
+import collections
+import threading
 import types
 
+from engine.app._driver_admit import Admitting
 from engine.app._driver_pull import CHECK_EVERY_S
+from engine.core.result import Result
 from tests.unit.test_driver_readmit import (  # noqa: F401  (clock: the fixture)
     Died,
     Driver,
@@ -121,3 +125,70 @@ def test_each_ingest_shard_gets_its_own_probe(clock):  # noqa: F811
         refused = [t for t, _ in ingest.calls if t < ingest.back_at]
         assert len(set(refused)) == len(refused)  # one probe a try
     assert d.failed() == {} and d._held == {} and d._probes == {}
+
+
+class Ending(Fut):
+    """A future that ends as the engine's do, through ``Admitting._resolve``."""
+
+    _claimed = False
+
+    def set_result(self, res: Result) -> None:
+        self.error = res.error or res.status
+
+
+def test_a_held_request_that_ends_keeps_no_wait_for_a_submit_of_its_id_again(clock):  # noqa: F811
+    """A request held behind the probes of 99 other micro-batches is answered (its refused call had run after all),
+    forgotten, and submitted again while ingest still restarts: the new one waits afresh, for the whole bound.
+    Before (a review, ``rvprobe82``), the old one's first refusal stayed on record until its micro-batch's turn
+    as the probe (up to 100 probes, 5 s apart), and the new one failed 10 s after its submit, "Ray was restarting
+    it (its calls refused) for 121 s" (stop 81 had fixed the same for a wait of at most 5 s)."""
+    d = Driver(Ingest(clock, back_at=float("inf")), restart_wait_s=0.0)
+    d._micro_batch = 10
+    d._room, d._pending, d._finished = threading.Condition(d._lock), 1000, collections.deque()
+    d._learn_response = lambda res: None
+    reqs = [req(k) for k in range(1000)]
+    d._futs = {r.uid: Ending(r) for r in reqs}
+    for k in range(0, 1000, 10):
+        d._inflight_refs[Ref(Unavailable("The actor is restarting."))] = ([r.uid for r in reqs[k:k + 10]], 0)
+    run_checks(d, clock, 1.0)
+    x = reqs[-1]
+    assert x.uid in d._held_uids() and x.uid in d._waited
+    Admitting._resolve(d, d._futs[x.uid], Result(id=x.id, tenant=x.tenant, status="ok", output="answered"))
+    run_checks(d, clock, 110.0)
+    del d._futs[x.uid]  # forgotten (``retention_s`` past), then submitted again: ingest refuses it as restarting
+    again = req(999)
+    d._futs[again.uid] = Ending(again)
+    d._inflight_refs[Ref(Unavailable("The actor is restarting."))] = ([again.uid], 0)
+    run_checks(d, clock, 200.0)
+    assert d._futs[again.uid].error is None and d._waited[again.uid] > 110.0
+    run_checks(d, clock, 240.0)
+    assert "for 12" in d._futs[again.uid].error  # its own 120 s, from its own refusal
+
+
+def test_requests_held_behind_a_probe_that_stays_out_go_in_their_own_calls(clock):  # noqa: F811
+    """Ingest refused the submits of 3,000 requests without restarting (a blip: no recovery follows) and takes the
+    first probe, whose call then stays out (its readmit awaits a peer; ingest answers its health checks, so no hang
+    check kills it): the held requests go in their own calls once the probe has been out ``PROBE_OUT_MAX_S``, where
+    the deadline sweep sees them, each once. Before (a review, ``rvprobe82``), they stayed held for good, and a held
+    request counts as waiting: the sweep, the safety net under every path, left them."""
+    from engine.app._driver_probe import PROBE_OUT_MAX_S
+
+    ingest = Ingest(clock, back_at=1.0)
+    d = Driver(ingest)
+    ids = waiting(d, 3000)
+    made, stuck = ingest._readmit, []
+
+    def readmit(part, client, force):
+        ref = made(part, client, force)
+        if clock[0] >= 1.0 and not stuck:
+            stuck.append(ref)
+        return ref
+
+    ingest.readmit = types.SimpleNamespace(remote=readmit)
+    d._ray.wait = lambda refs, num_returns, timeout: ([r for r in refs if r not in stuck], stuck)
+    run_checks(d, clock, 20.0)
+    assert len(stuck) == 1 and len(ingest.taken) == 1000  # the probe alone, the others held
+    run_checks(d, clock, 1.0 + PROBE_OUT_MAX_S + 5.0)
+    assert sorted(ingest.taken) == sorted(ids) and d.failed() == {}  # each once
+    with d._lock:
+        assert d._held == {} and d._waiting_uids() == set()
