@@ -30,7 +30,8 @@ from actors.dispatcher import Dispatcher
 from actors.grouper import Grouper
 from actors.hub import ResultHub
 from actors.ingest import Ingest
-from engine.core._logkeys import get_logger, mask_library_logs
+from engine.core._logkeys import get_logger
+from engine.core._stderrkeys import mask_process
 from engine.core.errors import SmartbatchError
 from engine.runtime.collector import tune_actor
 
@@ -54,11 +55,11 @@ def _actor(cls):
 
 def _in_actor(cls):
     """``cls`` with its process set for the engine at each start (the collector, ``engine.runtime.collector``;
-    every logger's lines masked, ``mask_library_logs``: the process is the engine's, and its stderr is a Ray
-    worker's log file); the class itself stays plain (unit tests construct it in pytest's process, left alone)."""
+    every logger's lines and what it prints outside logging masked, ``mask_process``: the process is the
+    engine's, and its stderr is a Ray worker's log file, streamed to the driver's terminal); the class itself stays plain (unit tests construct it in pytest's process, left alone)."""
     def __init__(self, *args, **kwargs):
         tune_actor()
-        mask_library_logs(everything=True)
+        mask_process(everything=True)
         cls.__init__(self, *args, **kwargs)
         if hasattr(cls, "reconstructed") and ray.get_runtime_context().was_current_actor_reconstructed:
             self.reconstructed()  # e.g. a dispatcher reads its journal before it takes work

@@ -33,7 +33,7 @@ log = get_logger("smartbatch.driver")
 
 class Pulling:
     """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_forgetting``, ``_running``, ``_owner``, ``name``,
-    ``_last_report`` and the ``Supervised`` methods."""
+    ``_last_report``, ``_left_at_stop`` and the ``Supervised`` methods."""
 
     def drain(self, timeout_s: float | None = None) -> int:
         """Wait until every request this driver has submitted so far has its result, or ``timeout_s`` passes;
@@ -243,7 +243,7 @@ class Pulling:
                     rep.setdefault("providers", {})[got["provider"]] = {k: v for k, v in got.items() if k != "provider"}
         # What the stop did for those not back (``did``: ``left`` is the ledger's, kept below; reused, the
         # ledger's row held the last dispatcher's instead, a review of stop 81).
-        for name, did in self.__dict__.get("_left_at_stop", {}).items():
+        for name, did in self._left_at_stop.items():
             said = rep.setdefault("providers", {}).setdefault(name.removeprefix("dispatcher-"), {})
             said["possibly_billed"] = said.get("possibly_billed", 0) + len(did.settled)
             said["possibly_billed_usd"] = said.get("possibly_billed_usd", 0.0) + sum(u for _, u in did.settled)
@@ -254,7 +254,7 @@ class Pulling:
 
     def _note_left(self, name: str, left: Any) -> None:
         """The stop cancelled the batches of dispatcher ``name`` itself (``actors._stop_left``): for the report."""
-        self.__dict__.setdefault("_left_at_stop", {})[name] = left
+        self._left_at_stop[name] = left
 
     def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
         """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the

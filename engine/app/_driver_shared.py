@@ -13,7 +13,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from engine.core._logkeys import get_logger, mask_library_logs
+from engine.core._logkeys import get_logger
+from engine.core._stderrkeys import mask_process
 from engine.core.errors import ConfigError
 
 __all__ = ["MAX_PENDING", "SharedEngine", "check_answers", "check_not_stopping", "init_ray", "stale_engine"]
@@ -195,7 +196,7 @@ class SharedEngine:
         from actors.remote import attach_actors
         from engine.app._serve_claim import served_elsewhere
 
-        mask_library_logs()  # first: Ray's lines of the attach may quote a key (``Engine.__init__``)
+        mask_process()  # first: Ray's lines of the attach may quote a key (``Engine.__init__``)
         started = _attach(name, address, flag)
         got = attach_actors(name)
         if got is None or got[0]["clock"] is None:
@@ -242,7 +243,7 @@ class SharedEngine:
         from engine.app._ledger_stop import stop_claimed, stop_wait_s
         from engine.app._serve_claim import served_elsewhere
 
-        mask_library_logs()  # first, as ``connect``'s
+        mask_process()  # first, as ``connect``'s
         started = _attach(name, address, flag)
         try:
             layout, under_way = read_layout(name), read_stop(name)

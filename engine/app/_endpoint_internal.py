@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import traceback
 
-from actors.providers._wire import redact
 from engine.app._endpoint_wire import ApiError
 from engine.core._logkeys import get_logger
 
@@ -23,9 +22,11 @@ def internal_error(exc: BaseException, request_id: str, where: str, shape: type[
     Its message names the exception's type alone: its words may quote a key, a prompt or a path, and a message
     goes to the caller, often into its logs; the operator reads them in the endpoint's log."""
     kind = type(exc).__name__
-    # The traceback as text, redacted: its last line is the exception's words, which may quote a key, and keys
-    # never go to a log; ``where`` holds the caller's path, whose %0a would start a line of the caller's writing.
-    trace = redact("".join(traceback.format_exception(exc)))
+    # The traceback as text: its last line is the exception's words, which may quote a key, masked by the
+    # logger's own filter (``KeyFilter``, ``scrub``: a header's or a query's secret too), the one place that masks
+    # it (it was masked by hand as well, ``redact``, a narrower rule, keys82); ``where`` holds the caller's path,
+    # whose %0a would start a line of the caller's writing.
+    trace = "".join(traceback.format_exception(exc))
     log.error("%s failed on an unexpected %s, answered as a 500 under request id %s\n%s", _one_line(where), kind,
               _one_line(request_id), trace, extra={"error_type": kind})
     return shape(500, f"the endpoint failed on an unexpected error ({kind}), a fault of its own, not of the "

@@ -11,7 +11,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from engine.core._logkeys import mask_library_logs, scrub
+from engine.core._logkeys import scrub
+from engine.core._stderrkeys import mask_process, masked_excepthook
 from engine.core.catalog import load_catalog
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings, load_settings
@@ -42,14 +43,15 @@ class _Group(typer.core.TyperGroup):
     """Every error ends the command with one ``error:`` message, never a traceback, unless ``--debug``."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        mask_library_logs(everything=True)  # a command's process is the engine's, its terminal a CI's log
+        mask_process(everything=True)  # a command's process is the engine's, its terminal a CI's log
         try:
             return super().invoke(ctx)
         except _EXITS:
             raise
         except Exception as exc:
-            if ctx.meta.get(_DEBUG):
-                raise
+            if ctx.meta.get(_DEBUG):  # the traceback, masked: typer's own (rich, with each frame's locals) went
+                masked_excepthook(type(exc), exc, exc.__traceback__)  # past every filter, a key's setting whole
+                raise typer.Exit(1) from None
             if isinstance(exc, SmartbatchError):
                 _print_error(str(exc))
                 raise typer.Exit(2) from None

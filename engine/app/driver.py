@@ -42,7 +42,8 @@ from engine.app._start_args import check_start_args
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core._budget_check import check_budget_limits
-from engine.core._logkeys import get_logger, mask_library_logs
+from engine.core._logkeys import get_logger
+from engine.core._stderrkeys import mask_process
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, RequestError
@@ -70,7 +71,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
                  submit_timeout_s: float = 60.0, retention_s: float = 3600.0, owner: bool = True, attached: bool = False,
                  kept=None):
         # Again (``start`` and ``connect`` did first) for an Engine built directly; a second call changes nothing.
-        mask_library_logs()
+        mask_process()
         import ray
 
         self._ray = ray
@@ -90,6 +91,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         self.metrics_url: str | None = None  # where Prometheus scrapes this engine (hub shard 0)
         self.metrics_urls: list[str] = []  # every hub shard's: each counts the results of its request ids
         self._last_report: dict | None = None  # what report() answers after stop()
+        # The dispatchers whose batches the stop cancelled itself (``actors._stop_left.Left`` by actor name):
+        # ``kill_engine`` tells them, ``_keep_ledger`` puts them in the kept report.
+        self._left_at_stop: dict[str, Any] = {}
         self._lock, self._room = admission_lock()  # the room: signalled when unfinished requests drop
         self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
         self._retention_s = retention_s
@@ -162,7 +166,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         # First: Ray's and the SDKs' lines in this process (a failed call's exception, a request's URL) may quote
         # a key, from the take-back's provider calls and Ray's start on, before the Engine is built (rvlogs81);
         # the user's own loggers are left as they are.
-        mask_library_logs()
+        mask_process()
         import ray
 
         from actors.remote import check_cluster_modes, start_actors

@@ -144,3 +144,18 @@ def test_a_bugs_log_line_keeps_the_callers_path_on_its_line_and_no_key(caplog):
     assert not any("forged" in line for line in rest)
     assert KEY not in caplog.text and "[redacted]" in rec.getMessage() and "KeyError" in rest[-1]
     assert err.status == 500 and KEY not in str(err.message)
+
+
+def test_a_bugs_log_line_is_masked_once_by_the_loggers_filter_a_headers_secret_too(caplog):
+    """The 500's traceback was masked twice, by hand (``redact``: key shapes alone) and by the logger's filter
+    (``KeyFilter``); the filter alone masks it now, what stands after ``Authorization: Bearer`` or ``?key=``
+    whatever its shape too, and the line reads ``[redacted]`` once per secret (keys82)."""
+    from engine.app._endpoint_internal import internal_error
+
+    bearer = "Authorization: Bearer opaque-" + "Z" * 30  # a proxy's token: no provider key's shape
+    with caplog.at_level(logging.ERROR, logger="smartbatch.endpoint"):
+        internal_error(RuntimeError(f"upstream said 401 to {bearer} with {KEY}"), "req_2", "POST /v1/x")
+    (rec,) = [r for r in caplog.records if r.name == "smartbatch.endpoint"]
+    last = rec.getMessage().strip().split("\n")[-1]
+    assert last == "RuntimeError: upstream said 401 to Authorization: Bearer [redacted] with [redacted]", last
+    assert "Z" * 30 not in caplog.text and KEY not in caplog.text

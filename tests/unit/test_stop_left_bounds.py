@@ -119,6 +119,7 @@ def test_the_kept_report_keeps_the_ledgers_leftovers_beside_what_the_stop_did_fo
         _last_report = {"budget": {"budgets": [], "rejected": {}}, "providers": {}}
 
     eng = Eng()
+    eng._left_at_stop = {}  # (declared by ``Engine.__init__``)
     Pulling._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01)]))
     Pulling._keep_ledger(eng)
     rep = eng._last_report
@@ -150,6 +151,7 @@ def test_the_kept_report_reads_each_providers_row_again_though_one_dispatcher_is
                                       for p in ("openai", "anthropic")}}
 
     eng = Eng()
+    eng._left_at_stop = {}  # (declared by ``Engine.__init__``)
     Pulling._keep_ledger(eng)
     rows = eng._last_report["providers"]
     assert rows["anthropic"] == {"possibly_billed": 3, "possibly_billed_usd": 0.3}, rows
@@ -213,3 +215,24 @@ def test_a_journal_directory_not_on_the_stopping_machine_is_said_unread_not_empt
     assert left.unread is not None and "no journal directory" in left.unread, left
     errors = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
     assert "no journal directory" in errors and "may run on" in errors, errors
+
+
+def test_what_the_stop_did_for_its_dispatchers_is_a_field_the_engine_declares():
+    """``_left_at_stop`` was made on first use in the instance's ``__dict__`` (``setdefault``), a state no
+    constructor named; ``Engine.__init__`` declares it now, and ``_note_left`` fills the field it finds (an
+    engine without it is a bug, an AttributeError, not a dict made on the spot). (keys82)"""
+    import ast
+    import inspect
+    import textwrap
+
+    from actors._stop_left import Left
+    from engine.app._driver_pull import Pulling
+    from engine.app.driver import Engine
+
+    init = ast.parse(textwrap.dedent(inspect.getsource(Engine.__init__)))
+    declared = {t.attr for n in ast.walk(init) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    assert "_left_at_stop" in declared
+    with pytest.raises(AttributeError):
+        Pulling._note_left(SimpleNamespace(), "dispatcher-openai", Left(cancelled=["batch_1"]))

@@ -354,6 +354,7 @@ def test_the_kept_report_reads_the_budget_again_when_a_dispatcher_is_not_back_an
                         "providers": {"openai": {"possibly_billed": 0, "possibly_billed_usd": 0.0}}}
 
     eng = Eng()
+    eng._left_at_stop = {}  # (declared by ``Engine.__init__``)
     Pulling._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01), ("c1", 0.01)]))
     Pulling._keep_ledger(eng)
     rep = eng._last_report
