@@ -11,6 +11,7 @@ import typer
 from rich.text import Text
 
 from engine.app import cli_batch, cli_budget, cli_serve, cli_status, cli_trace  # noqa: F401  (importing them registers their commands on the app)
+from engine.app._batch_ended import brief  # an exception's words, masked for the terminal
 from engine.app.cli_common import (
     RESERVE_OUTPUT_HELP,
     _check_outputs,
@@ -255,8 +256,8 @@ def _flag_run_lag(doc: dict, reqs, spec, settings, cat, seed: int, speedup: floa
         sim = planned(reqs, policy=spec.policy, params=spec.params, catalog=cat, settings=settings, seed=seed,
                       speedup=speedup)[0].summary()
     except (Exception, KeyboardInterrupt) as exc:
-        err_console.print(f"(its late requests were not compared with the simulator's run: {type(exc).__name__}: "
-                          f"{str(exc)[:200]})", style="yellow")
+        err_console.print(f"(its late requests were not compared with the simulator's run: {brief(exc)})",
+                          style="yellow")
         return
     _say_lag(_late(doc["results"][0], doc["requests"]), _late(sim, doc["requests"]), speedup)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from engine.app._batch_ended import brief  # (masked: a cancel's error may quote a provider's key)
 from engine.app._batch_kept import billed_charges, earlier_answers, kept_charges
 from engine.app._batch_record import check_own_files, error_file, recorder, unrecorded
 from engine.app._batch_rescue import charges, finish, prepare, watch_answers
@@ -329,7 +330,7 @@ def _cancel_and_keep(eng, futs: list, reqs: list, wait: bool) -> list:
     except KeyboardInterrupt:
         pass
     except Exception as exc:  # e.g. Ray is going down (a SIGTERM to the process group): what finished is kept
-        err_console.print(f"could not cancel the engine's work: {type(exc).__name__}: {str(exc)[:200]}",
+        err_console.print(f"could not cancel the engine's work: {brief(exc)}",
                           style="yellow")
     return [_finished_or_interrupted(f, r) for f, r in zip(futs, reqs, strict=True)]
 

@@ -14,6 +14,7 @@ from typing import Any
 import typer
 from rich.text import Text
 
+from engine.app._batch_ended import brief  # an exception's words, masked for the terminal (rvkeys82)
 from engine.app._driver_shared import check_answers, init_ray
 from engine.app._endpoint_rescue import prepare_endpoint, stopped_cleanly
 from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
@@ -265,8 +266,8 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
                 try:
                     drain(eng, drain_s, leave)
                 except Exception as exc:  # the stop goes on: its own cancel reaches what is still under way
-                    err_console.print(f"could not wait for the engine's provider batches ({type(exc).__name__}: "
-                                      f"{str(exc)[:200]}); stopping", style="yellow")
+                    err_console.print(f"could not wait for the engine's provider batches ({brief(exc)}); stopping",
+                                      style="yellow")
             if endpoint is not None:
                 from engine.app.serve_http import stop_endpoint
 
@@ -332,7 +333,7 @@ def _watch_layout(name: str, done: threading.Event, every_s: float = 1.0) -> Non
             misses += 1
             gone = misses >= 3
             if gone:
-                err_console.print(f"engine {name!r}: its Ray cluster does not answer ({exc}); exiting")
+                err_console.print(f"engine {name!r}: its Ray cluster does not answer ({brief(exc)}); exiting")
         else:
             misses = 0
             if gone:

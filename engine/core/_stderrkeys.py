@@ -3,10 +3,11 @@
 Python prints four things to stderr without logging: an uncaught exception's traceback (``sys.excepthook``), a
 thread's (``threading.excepthook``, "Exception in thread ..."), an exception it could not raise ("Exception
 ignored in ...", ``sys.unraisablehook``: a ``__del__``'s, a generator's close) and a warning
-(``warnings.showwarning``). Each quotes an exception's or a warning's words, which the project did not write: an
-SDK's error echoing a request's ``Authorization`` header, a URL with ``?key=``, a ``RayTaskError`` carrying an
-actor's traceback. ``KeyFilter`` masks records only, so these went out whole (keys82). asyncio's "Task exception
-was never retrieved" is a record of the ``asyncio`` logger, masked by ``mask_library_logs``.
+(``warnings.showwarning``, masked in ``warnings.formatwarning``, which it calls). Each quotes an exception's or a
+warning's words, which the project did not write: an SDK's error echoing a request's ``Authorization`` header, a
+URL with ``?key=``, a ``RayTaskError`` carrying an actor's traceback. ``KeyFilter`` masks records only, so these
+went out whole (keys82). asyncio's "Task exception was never retrieved" is a record of the ``asyncio`` logger,
+masked by ``mask_library_logs``.
 
 ``mask_stderr`` replaces each of the four only where Python's own stands: one installed by someone else (a
 driver's user, pytest, IPython) is theirs and keeps its place. The text is Python's own format, masked.
@@ -57,8 +58,8 @@ def _masked_unraisable_hook(args) -> None:
     _write(where + "".join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)))
 
 
-def _masked_showwarning(message, category, filename, lineno, file=None, line=None) -> None:
-    _write(warnings.formatwarning(message, category, filename, lineno, line), file)
+def _masked_formatwarning(message, category, filename, lineno, line=None) -> str:
+    return scrub(warnings._formatwarning_orig(message, category, filename, lineno, line))
 
 
 def mask_stderr() -> None:
@@ -78,10 +79,13 @@ def mask_stderr() -> None:
         threading.excepthook = _masked_thread_hook
     if sys.unraisablehook is sys.__unraisablehook__:
         sys.unraisablehook = _masked_unraisable_hook
-    # ``_showwarning_orig``: the module's own function, which ``warnings`` itself compares with to tell a
-    # replaced one (``logging.captureWarnings``' sends warnings to a logger, masked there in the engine's processes)
-    if warnings.showwarning is getattr(warnings, "_showwarning_orig", None):
-        warnings.showwarning = _masked_showwarning
+    # A warning's text, not its printing: ``catch_warnings`` puts ``showwarning`` back at its end (a driver started
+    # in such a block printed whole after it) and, recording, stands Python's there with its own recorder behind it
+    # (a masking ``showwarning`` took the warnings past it, the record empty); it leaves ``formatwarning``, which
+    # Python's printing and ``logging.captureWarnings``' both call (rvkeys82). The original's own test, as
+    # ``warnings`` makes it; tracemalloc's "Object allocated at" lines are its alone, not printed once replaced.
+    if warnings.formatwarning is getattr(warnings, "_formatwarning_orig", None):
+        warnings.formatwarning = _masked_formatwarning
 
 
 def mask_process(everything: bool = False) -> None:
