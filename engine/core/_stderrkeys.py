@@ -25,8 +25,8 @@ from engine.core._logkeys import mask_library_logs, scrub
 __all__ = ["mask_process", "mask_stderr", "masked_excepthook"]
 
 
-def _write(text: str, file=None) -> None:
-    out = sys.stderr if file is None else file
+def _write(text: str) -> None:
+    out = sys.stderr
     if out is None:  # (pythonw, a daemon with stderr closed: Python's hooks print nothing there either)
         return
     try:
