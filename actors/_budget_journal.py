@@ -25,6 +25,7 @@ from actors._incarnations import began, drop_earlier, earlier, next_epoch, own_k
 from actors.journal import read_patiently
 from engine.core._logkeys import get_logger
 from engine.core.budgets import BudgetSpec
+from engine.core.ledger import KeptCharges
 
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
@@ -48,8 +49,8 @@ class LedgerJournal:
         live = ((self.spec_version, [s.model_dump() for s in b.by_name.values()], [s.name for s in b.specs])
                 if self.spec_version else None)
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun, b.latest, set(b.charged), live, dict(b.granted),
-                self.__dict__.get("_seq_base", 0) + self._asked, dict(self._charged), self.__dict__.get("_epoch", 0),
+                b.ended_overrun, b.latest, b.charged.state(), live, dict(b.granted),
+                self.__dict__.get("_seq_base", 0) + self._asked, self._charged.state(), self.__dict__.get("_epoch", 0),
                 began(self))
 
     def _kv_soon(self) -> None:
@@ -185,7 +186,9 @@ class LedgerJournal:
         b = self.book
         if len(snap) > 11:  # the change number (this run's snapshots number on from it), and the charges' USD
             self._seq_base, charged, snap = snap[11], snap[12], snap[:11]  # (then the rank: ``recover`` read it)
-            self._charged.update(charged)  # the report's charged_usd said 0 after every restart
+            restored = KeptCharges.restore(charged)  # the report's charged_usd said 0 after every restart
+            restored.take(self._charged)
+            self._charged = restored
         # 5 parts before ended windows, 7 before latest, 8 before charged, 9 before the budgets changed live, 10
         # before what windows had granted under a limit lowered since
         spent, reserved, claims, spend, refusals, *ended = snap

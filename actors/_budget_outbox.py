@@ -197,7 +197,7 @@ class OutboxJournal:
                     self.book.restore_copy(rid, known)
             else:
                 charges.append(v)
-                self._charged[v[0].cid] = v[0].usd
+                self._charged.add(v[0].cid, v[0].usd, self.now())
         self._outbox[:0] = settlements
         self._charges[:0] = charges
         log.warning("budget ledger: %d settlement(s) and %d charge(s) waiting for Redis taken back after a "

@@ -80,7 +80,7 @@ class OutboxAtStop:
                     self.book.restore_copy(rid, known)
             else:
                 charges.append(v)
-                self._charged.setdefault(v[0].cid, v[0].usd)
+                self._charged.add(v[0].cid, v[0].usd, self.now())
         self._outbox[:0] = settlements
         self._charges[:0] = charges
         await self._keep_pending(settlements, charges)

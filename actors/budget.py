@@ -39,7 +39,7 @@ from actors.journal import HubJournal
 from engine.core._logkeys import get_logger
 from engine.core.budgets import LEDGER, BudgetSettings, BudgetSpec, Charge, Claim, Verdict, usd
 from engine.core.errors import ConfigError
-from engine.core.ledger import BudgetBook
+from engine.core.ledger import BudgetBook, KeptCharges
 from engine.core.settings import JournalSettings
 
 __all__ = ["BudgetController"]
@@ -77,7 +77,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         self._last_error = ""
         self._outbox: list[tuple[str, float]] = []  # settlements Redis has not taken yet
         self._charges: list[tuple[Charge, float]] = []  # charges Redis has not taken yet, each with its time
-        self._charged: dict[str, float] = {}  # every charge id this controller was given, and its USD
+        self._charged = KeptCharges()  # the charge ids this controller was given lately, and the USD of all
         self._settling = 0  # settlements and charges in a call to Redis now (still unsettled: a report counts them)
         self.lost_records = 0  # settlements counted though Redis had lost their claim's record
         self.rejected_settlements = 0  # settlements the ledger's script refused, dropped (``_settle_apart``)
@@ -312,7 +312,8 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         await self._restored_first()
         charges = [c._replace(usd=_spend(c.cid, c.usd)) for c in charges]
         self._charges.extend((c, now) for c in charges)
-        self._charged.update((c.cid, c.usd) for c in charges)
+        for c in charges:
+            self._charged.add(c.cid, c.usd, now)
         await self._charge()
         self._changed()
         await self._durable()
@@ -359,7 +360,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         await self._restored_first()  # restarted by Ray: the ledger taken back first, not reported empty
         await self.follow_ledger()  # a budget changed on another engine sharing the ledger is listed as it is
         out = {"budgets": [], "spend": [], "refusals": dict(self.refusals),
-               "charged_usd": round(sum(self._charged.values()), 6)}
+               "charged_usd": round(self._charged.usd, 6)}
         try:
             if self._usable():
                 out["budgets"] = await self._rows()

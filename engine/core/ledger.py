@@ -22,9 +22,81 @@ from engine.core.budgets import (
     window_row,
 )
 
-__all__ = ["ENDED_KEPT", "BudgetBook"]
+__all__ = ["CHARGE_KEPT_S", "ENDED_KEPT", "BudgetBook", "KeptCharges"]
 
 ENDED_KEPT = 256  # final rows of ended windows a ledger keeps for its report; their overrun is kept whole
+# A charge id is remembered this long past its last sending, as Redis keeps its marker (``_budget_scripts.CHARGE``):
+# a charge is sent again only within hours (a put-back, a resumed file), so one older is new spend.
+CHARGE_KEPT_S = 172_800.0
+
+
+class KeptCharges:
+    """The charge ids counted (``Charge.cid``), each until ``CHARGE_KEPT_S`` past its last sending, and the USD of
+    all ever counted. An engine that runs for days is charged per request (a batch's late results, a resumed
+    file's lines, a body lost after its bill): kept for good, every id stayed, and went whole into each journal
+    snapshot of the ledger."""
+
+    __slots__ = ("_at", "usd")
+
+    def __init__(self) -> None:
+        self._at: dict[str, list] = {}  # cid -> [its USD, last sent (None: unknown, from an old snapshot)], oldest first
+        self.usd = 0.0
+
+    def __repr__(self) -> str:
+        return f"KeptCharges(kept={len(self._at)}, usd={self.usd:.6f})"
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __contains__(self, cid: object) -> bool:
+        return cid in self._at
+
+    def add(self, cid: str, usd: float, now: float) -> bool:
+        """Note ``cid`` sent at ``now``; True if it is new (its USD counted), False if it was counted already."""
+        row = self._at.pop(cid, None)
+        new = row is None
+        if new:
+            row = [usd, now]
+            self.usd += usd
+        else:
+            row[1] = now if row[1] is None else max(row[1], now)
+        self._at[cid] = row  # last: the dict stays in the order of last sending
+        self._prune(now)
+        return new
+
+    def _prune(self, now: float) -> None:
+        at = self._at
+        for cid, row in at.items():
+            if row[1] is None:
+                row[1] = now  # restored without its time: kept its whole span from the first sending seen since
+            if row[1] >= now - CHARGE_KEPT_S:
+                break
+        while at and (first := next(iter(at.values())))[1] is not None and first[1] < now - CHARGE_KEPT_S:
+            del at[next(iter(at))]
+
+    def take(self, other: KeptCharges) -> None:
+        """Add those of ``other`` not here (charges noted before a restart's snapshot was read back)."""
+        for cid, row in other._at.items():
+            if cid not in self._at:
+                self._at[cid] = row
+                self.usd += row[0]
+
+    def state(self) -> tuple[dict[str, list], float]:
+        return {k: list(v) for k, v in self._at.items()}, self.usd
+
+    @classmethod
+    def restore(cls, state) -> KeptCharges:
+        """From ``state()``, or an older snapshot's set of ids (the book's) or dict of id -> USD (the controller's)."""
+        kept = cls()
+        if isinstance(state, tuple):
+            rows, kept.usd = state
+            kept._at = {k: list(v) for k, v in rows.items()}
+        elif isinstance(state, dict):
+            kept._at = {k: [float(v), None] for k, v in state.items()}
+            kept.usd = sum(float(v) for v in state.values())
+        else:
+            kept._at = {k: [0.0, None] for k in state}
+        return kept
 
 
 class BudgetBook:
@@ -40,7 +112,7 @@ class BudgetBook:
         self.reserved: dict[str, float] = {}
         self.claims: dict[str, tuple[tuple[str, str, str], list[tuple[str, float]]]] = {}  # rid -> (who, windows)
         self.spend: dict[tuple[str, str, str], float] = {}  # (tenant, provider, model) -> settled USD
-        self.charged: set[str] = set()  # Charge.cid already counted
+        self.charged = KeptCharges()  # Charge.cid already counted
         self.by_name = {s.name: s for s in self.specs}
         self.covering = Covering(self.specs)
         # A window's spend is needed while it is open, and after it ends until the last claim that reserved in
@@ -146,12 +218,12 @@ class BudgetBook:
         return max(row["spent_usd"] - max(row["max_budget"], self.granted.get(k, 0.0)), 0.0)
 
     def restore(self, spent: dict, reserved: dict, claims: dict, spend: dict, ended: tuple = (),
-                ended_overrun: float = 0.0, latest: float = -math.inf, charged: set = frozenset()) -> None:
+                ended_overrun: float = 0.0, latest: float = -math.inf, charged=frozenset()) -> None:
         """Take a ledger's state back (a journal's snapshot) and rebuild what says when each window goes. The
         latest time is at least the end of every window that went (a snapshot without ``latest``). ``charged``:
         the charge ids counted, so a charge sent again after the restart is not counted twice."""
         self.spent, self.reserved, self.claims, self.spend = dict(spent), dict(reserved), dict(claims), dict(spend)
-        self.charged = set(charged)
+        self.charged = KeptCharges.restore(charged)
         self.ended = deque(ended, maxlen=ENDED_KEPT)
         self.ended_overrun = ended_overrun
         self.latest = max([latest, *(window_bounds(r["budget_duration"], float(r["window"]))[1]
@@ -194,9 +266,8 @@ class BudgetBook:
         now = self._at(now)
         self._drop_ended(now)
         for c in charges:
-            if c.cid in self.charged:
+            if not self.charged.add(c.cid, c.usd, now):
                 continue
-            self.charged.add(c.cid)
             who = (c.tenant, c.provider, c.model)
             self.spend[who] = self.spend.get(who, 0.0) + c.usd
             for s in self.covering(c.tenant, c.provider, c.model):

@@ -391,3 +391,63 @@ def test_a_call_priced_out_of_order_never_makes_a_cold_gap_warm():
     price(2, 0.0, True)
     assert price(3, 600.0, False) == plain
     assert price(4, 1100.0, False) < plain  # the period that was warm still reads
+
+
+def test_a_budget_ledger_forgets_a_charge_id_two_days_past_its_last_sending_as_redis_does():
+    """A charge id is kept as Redis keeps its marker (``CHARGE_KEPT_S`` past its last sending), so one sent again
+    within that counts nothing, however often; before, the in-process ledger kept every id it was ever charged."""
+    from engine.core.budgets import BudgetSpec, Charge
+    from engine.core.ledger import CHARGE_KEPT_S, BudgetBook
+
+    book = BudgetBook([BudgetSpec(tenant="acme", max_budget=1e9, budget_duration="1d")])
+    step, per = 3_600.0, 50  # 50 charges an hour (late results, a resumed file's lines), for 20 days
+    hours = 20 * 24
+    for h in range(hours):
+        book.charge_many([Charge(f"late:{h}:{k}", "acme", "openai", "gpt-5", 0.01) for k in range(per)], h * step)
+        if h == hours // 2:  # a restart: the ledger comes back from its journal's snapshot
+            again = BudgetBook(book.specs)
+            again.restore(book.spent, book.reserved, book.claims, book.spend, list(book.ended),
+                          book.ended_overrun, book.latest, book.charged.state())
+            book = again
+    kept_hours = CHARGE_KEPT_S / step + 1
+    assert len(book.charged) <= kept_hours * per, f"{len(book.charged):,} charge ids kept, of {hours * per:,}"
+    total = sum(book.spend.values())
+    assert abs(total - hours * per * 0.01) < 1e-6
+    # Sent again within two days of its last sending (a put-back, a resume of the file): counted once.
+    recent = Charge(f"late:{hours - 40}:0", "acme", "openai", "gpt-5", 0.01)
+    book.charge_many([recent], hours * step)
+    assert abs(sum(book.spend.values()) - total) < 1e-9
+
+
+def test_the_budget_controller_reports_every_charge_and_keeps_only_the_recent_ids():
+    """``charged_usd`` counts every charge once (a charge sent again lately counts nothing, after a restart too)
+    while the ids it keeps, in memory and in each journal snapshot, are those of the last two days."""
+    from actors import BudgetController, ResultHub
+    from engine.core.budgets import BudgetSettings, BudgetSpec, Charge
+    from engine.core.ledger import CHARGE_KEPT_S
+
+    settings = BudgetSettings(specs=(BudgetSpec(max_budget=1e9, budget_duration="1d"),))
+
+    async def go():
+        clock, hub = ManualClock(100.0), ResultHub()
+        ctl = BudgetController(settings, hub, clock)
+        await ctl.check_ledger()
+        days, per = 10, 200
+        for d in range(days * 8):  # 200 charges every three hours
+            await ctl.charge_many([Charge(f"resume:{d}:{k}", "acme", "openai", "gpt-5-mini", 0.005)
+                                   for k in range(per)])
+            clock.advance(3 * 3_600.0)
+        kept = len(ctl._charged)
+        rep = await ctl.report()
+        await ctl.charge_many([Charge(f"resume:{days * 8 - 1}:3", "acme", "openai", "gpt-5-mini", 0.005)])
+        again_rep = await ctl.report()
+        ctl2 = BudgetController(settings, hub, clock)  # restarted by Ray: the ledger back from the hub's journal
+        ctl2.reconstructed()
+        await ctl2.charge_many([Charge(f"resume:{days * 8 - 2}:7", "acme", "openai", "gpt-5-mini", 0.005)])
+        return kept, rep, again_rep, await ctl2.report(), len(ctl2._charged)
+
+    kept, rep, again_rep, after_restart, kept2 = asyncio.run(go())
+    bound = (CHARGE_KEPT_S / (3 * 3_600.0) + 1) * 200
+    assert kept <= bound and kept2 <= bound, f"{kept:,} and {kept2:,} charge ids kept, of 16,000"
+    assert abs(rep["charged_usd"] - 16_000 * 0.005) < 1e-6
+    assert again_rep["charged_usd"] == rep["charged_usd"] == after_restart["charged_usd"]
