@@ -393,11 +393,19 @@ def test_a_call_priced_out_of_order_never_makes_a_cold_gap_warm():
     assert price(4, 1100.0, False) < plain  # the period that was warm still reads
 
 
-def test_a_budget_ledger_forgets_a_charge_id_two_days_past_its_last_sending_as_redis_does():
+def test_a_budget_ledger_forgets_a_charge_id_two_days_past_its_last_sending_as_redis_does(monkeypatch):
     """A charge id is kept as Redis keeps its marker (``CHARGE_KEPT_S`` past its last sending), so one sent again
-    within that counts nothing, however often; before, the in-process ledger kept every id it was ever charged."""
+    within that counts nothing, however often; before, the in-process ledger kept every id it was ever charged.
+    The newest ``CHARGES_KEPT`` stay whatever their age (a fast clock): 1,000 here, so the span shows."""
+    from engine.core import ledger
     from engine.core.budgets import BudgetSpec, Charge
     from engine.core.ledger import CHARGE_KEPT_S, BudgetBook
+
+    monkeypatch.setattr(ledger, "CHARGES_KEPT", 1_000)
+    few = BudgetBook([BudgetSpec(tenant="acme", max_budget=1e9, budget_duration="1d")])
+    few.charge_many([Charge(f"x{k}", "acme", "openai", "gpt-5", 0.01) for k in range(10)], 0.0)
+    few.charge_many([Charge(f"x{k}", "acme", "openai", "gpt-5", 0.01) for k in range(10)], 30 * 86_400.0)
+    assert abs(sum(few.spend.values()) - 0.1) < 1e-9  # under the floor: a month later, still counted once
 
     book = BudgetBook([BudgetSpec(tenant="acme", max_budget=1e9, budget_duration="1d")])
     step, per = 3_600.0, 50  # 50 charges an hour (late results, a resumed file's lines), for 20 days
@@ -419,13 +427,15 @@ def test_a_budget_ledger_forgets_a_charge_id_two_days_past_its_last_sending_as_r
     assert abs(sum(book.spend.values()) - total) < 1e-9
 
 
-def test_the_budget_controller_reports_every_charge_and_keeps_only_the_recent_ids():
+def test_the_budget_controller_reports_every_charge_and_keeps_only_the_recent_ids(monkeypatch):
     """``charged_usd`` counts every charge once (a charge sent again lately counts nothing, after a restart too)
     while the ids it keeps, in memory and in each journal snapshot, are those of the last two days."""
     from actors import BudgetController, ResultHub
+    from engine.core import ledger
     from engine.core.budgets import BudgetSettings, BudgetSpec, Charge
     from engine.core.ledger import CHARGE_KEPT_S
 
+    monkeypatch.setattr(ledger, "CHARGES_KEPT", 1_000)  # the floor below the span, so the span shows
     settings = BudgetSettings(specs=(BudgetSpec(max_budget=1e9, budget_duration="1d"),))
 
     async def go():
@@ -451,3 +461,18 @@ def test_the_budget_controller_reports_every_charge_and_keeps_only_the_recent_id
     assert kept <= bound and kept2 <= bound, f"{kept:,} and {kept2:,} charge ids kept, of 16,000"
     assert abs(rep["charged_usd"] - 16_000 * 0.005) < 1e-6
     assert again_rep["charged_usd"] == rep["charged_usd"] == after_restart["charged_usd"]
+
+
+def test_a_ledger_snapshot_written_before_the_bound_is_taken_back_and_its_charges_still_count_once():
+    """An engine upgraded over a journal: the book's snapshot held a set of ids and the controller's a dict of id
+    -> USD, with no time; each is taken back whole, a charge sent again counts nothing, and its span runs from the
+    first sending seen since."""
+    from engine.core.ledger import KeptCharges
+
+    book = KeptCharges.restore({"late:a", "late:b"})
+    ctl = KeptCharges.restore({"late:a": 0.25, "late:b": 0.5})
+    assert len(book) == 2 and ctl.usd == 0.75
+    assert not book.add("late:a", 0.25, 1e6) and not ctl.add("late:b", 0.5, 1e6)
+    assert ctl.add("late:c", 0.125, 1e6) and ctl.usd == 0.875
+    again = KeptCharges.restore(ctl.state())
+    assert again.usd == 0.875 and all(c in again for c in ("late:a", "late:b", "late:c"))
