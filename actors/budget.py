@@ -312,8 +312,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         await self._restored_first()
         charges = [c._replace(usd=_spend(c.cid, c.usd)) for c in charges]
         self._charges.extend((c, now) for c in charges)
-        for c in charges:
-            self._charged.add(c.cid, c.usd, now)
+        self._charged.add_many([(c.cid, c.usd) for c in charges], now)  # each looked up before any is forgotten
         await self._charge()
         self._changed()
         await self._durable()

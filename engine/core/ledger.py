@@ -58,14 +58,22 @@ class KeptCharges:
 
     def add(self, cid: str, usd: float, now: float) -> bool:
         """Note ``cid`` sent at ``now``; True if it is new (its USD counted), False if it was counted already."""
-        row = self._at.get(cid)
-        new = row is None
-        if new:
-            self.usd += usd
-            self._at[cid] = (usd, now)
-        else:
-            self._at[cid] = (row[0], now if row[1] is None else max(row[1], now))
-            self._at.move_to_end(cid)  # the order stays that of last sending
+        return self.add_many([(cid, usd)], now)[0]
+
+    def add_many(self, rows: list[tuple[str, float]], now: float) -> list[bool]:
+        """``add`` for each (cid, USD) of one call, every one looked up before any is forgotten: pruned per id, a
+        call of more than ``CHARGES_KEPT`` sent again past the span (a retried delivery on a sped-up clock) had
+        its first id move the others out, each then counted twice."""
+        at, new = self._at, []
+        for cid, usd in rows:
+            row = at.get(cid)
+            new.append(row is None)
+            if row is None:
+                self.usd += usd
+                at[cid] = (usd, now)
+            else:
+                at[cid] = (row[0], now if row[1] is None else max(row[1], now))
+                at.move_to_end(cid)  # the order stays that of last sending
         self._prune(now)
         return new
 
@@ -73,9 +81,10 @@ class KeptCharges:
         at, old = self._at, now - CHARGE_KEPT_S
         while len(at) > CHARGES_KEPT:
             cid, (usd, last) = next(iter(at.items()))
-            if last is None:  # restored without its time: its whole span from the first sending seen since
+            if last is None:  # restored without its time: its whole span from the first sending seen since, and
+                at.move_to_end(cid)  # behind the rest (left first, it held back every id behind it for good)
                 at[cid] = (usd, now)
-                last = now
+                continue
             if last >= old:
                 break
             at.popitem(last=False)
@@ -271,8 +280,8 @@ class BudgetBook:
         """Count spend no claim covered; a charge id seen before changes nothing, so a replay is harmless."""
         now = self._at(now)
         self._drop_ended(now)
-        for c in charges:
-            if not self.charged.add(c.cid, c.usd, now):
+        for c, new in zip(charges, self.charged.add_many([(c.cid, c.usd) for c in charges], now), strict=True):
+            if not new:
                 continue
             who = (c.tenant, c.provider, c.model)
             self.spend[who] = self.spend.get(who, 0.0) + c.usd

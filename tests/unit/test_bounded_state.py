@@ -476,3 +476,55 @@ def test_a_ledger_snapshot_written_before_the_bound_is_taken_back_and_its_charge
     assert ctl.add("late:c", 0.125, 1e6) and ctl.usd == 0.875
     again = KeptCharges.restore(ctl.state())
     assert again.usd == 0.875 and all(c in again for c in ("late:a", "late:b", "late:c"))
+
+
+def test_a_call_of_more_charges_than_the_floor_sent_again_past_the_span_counts_nothing_twice(monkeypatch):
+    """A delivery is sent again whole once the budget controller is back (``Peer.deliver``): on a sped-up clock that
+    can be days of the ledger's time later, and one batch's late members are one call. Each id of the call is looked
+    up before any is forgotten. Before (a review, ``rvsoak82``), the first id sent again moved all but the newest
+    ``CHARGES_KEPT`` out, and 20,000 charges of $0.01 sent again three days later counted $199.99 twice."""
+    from actors import BudgetController, ResultHub
+    from engine.core import ledger
+    from engine.core.budgets import BudgetSettings, BudgetSpec, Charge
+
+    monkeypatch.setattr(ledger, "CHARGES_KEPT", 100)
+    calls = [[Charge(f"late:b{b}:{k}", "acme", "openai", "gpt-5", 0.01) for k in range(300)] for b in range(2)]
+    settings = BudgetSettings(specs=(BudgetSpec(tenant="acme", max_budget=1e9, budget_duration="30d"),))
+
+    async def go():
+        clock = ManualClock(100.0)
+        ctl = BudgetController(settings, ResultHub(), clock)
+        await ctl.check_ledger()
+        await ctl.charge_many(calls[0])
+        clock.advance(86_400.0)
+        await ctl.charge_many(calls[1])
+        first = await ctl.report()
+        clock.advance(3 * 86_400.0)
+        await ctl.charge_many(calls[0])  # sent again whole, three days on the ledger's clock later
+        return first, await ctl.report(), sum(ctl.book.spend.values())
+
+    first, again, spend = asyncio.run(go())
+    assert abs(first["charged_usd"] - 6.0) < 1e-9
+    assert again["charged_usd"] == first["charged_usd"]
+    assert abs(spend - 6.0) < 1e-9, f"${spend:.2f} spent on the ledger for $6.00 charged"
+
+
+def test_the_charge_ids_of_a_snapshot_written_before_the_bound_go_two_days_after_the_first_sending_seen(
+        monkeypatch):
+    """An old snapshot's ids have no time: each is given the time of the first charge after it was taken back and
+    goes two days later, as the newer ones do. Before (a review, ``rvsoak82``), only the oldest got a time, and it
+    held every id behind it: 50,000 taken back and 24,000 charged over ten days kept 73,996 ids, 49,996 old."""
+    from engine.core import ledger
+    from engine.core.ledger import CHARGE_KEPT_S, KeptCharges
+
+    monkeypatch.setattr(ledger, "CHARGES_KEPT", 100)
+    kept = KeptCharges.restore({f"late:old:{k}": 0.01 for k in range(500)})
+    assert not kept.add("late:old:7", 0.01, 0.0)  # taken back: counted once
+    for h in range(5 * 24):
+        for k in range(10):
+            kept.add(f"late:{h}:{k}", 0.01, h * 3_600.0)
+        if h * 3_600.0 < CHARGE_KEPT_S:
+            assert "late:old:499" in kept  # within its span from the first sending seen: still known
+    assert not any(cid.startswith("late:old:") for cid in kept._at)
+    assert len(kept) <= (CHARGE_KEPT_S / 3_600.0 + 1) * 10
+    assert abs(kept.usd - 5.0 - 12.0) < 1e-9
