@@ -34,10 +34,10 @@ class BatchGate:
         taken = self.sim.batch_queue.take_where(lambda u: any(j.req.uid in w for j in u.item.item[1]))
         for u in taken:
             item = u.item.item
-            since = self._queued_at.pop(id(item), None)
+            since, first = self._unqueued(item)
             b, jobs = item
             if keep := self._end_withdrawn(b, jobs):
-                self._enqueue("batch_api", b._replace(jobs=keep), keep, since)
+                self._enqueue("batch_api", b._replace(jobs=keep), keep, since, first)
         return bool(taken)
 
     def _left_in(self, b, jobs: list[Job], cjobs: list) -> tuple[list[Job], list]:

@@ -191,7 +191,7 @@ class CancelDispatches:
             self._final(b, j, False, 0.0, b.mode, error=_WHY)
         for w in self.sim.take_queued():  # not started: ended here, never sent
             b, jobs = w.item
-            self._queued_at.pop(id(w.item), None)
+            self._unqueued(w.item)
             for j in jobs:
                 self._final(b, j, False, 0.0, b.mode, error=_WHY)
         self._pump()

@@ -86,6 +86,7 @@ class Recovery:
         """Ray restarted this actor (``actors.remote`` calls this after the constructor): it takes no work and
         answers no ``holds``/``recall`` until it has re-read its journal (``recover``)."""
         self._must_recover = True
+        self._reborn = True  # for good: a stop names nothing it holds (``CutDispatches.cut_at_stop``)
         self._tally_unread = True  # its predecessors' tallies, until ``_take_back_tally``
 
     async def _ready(self) -> None:

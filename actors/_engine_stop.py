@@ -118,21 +118,21 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
 
 
 def _cut_unsent(engine: str, layout: dict | None) -> None:
-    """Have the groupers of ``engine`` (by the kinds ``layout`` names, else the published one's) end what they hold
-    and publish what was never sent (``cut_unsent``). Any failure names nothing: those stay "may have been
-    billed"."""
+    """Have the groupers and dispatchers of ``engine`` (by the kinds ``layout`` names, else the published one's) end
+    what they hold unsent and publish what was never sent (``cut_unsent``). Any failure names nothing: those stay
+    "may have been billed"."""
     from actors.remote import NAMESPACE, actor_name  # (it imports this module)
 
     try:
         kinds = (layout or read_layout(engine) or {}).get("kinds", [])
-        groupers = []
+        found: dict[str, list] = {"grouper-": [], "dispatcher-": []}
         for kind in kinds:
-            if kind.startswith("grouper-"):
+            if (at := next((k for k in found if kind.startswith(k)), None)) is not None:
                 try:
-                    groupers.append(ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE))
+                    found[at].append(ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE))
                 except ValueError:  # already gone
                     pass
-        cut_unsent(engine, groupers)
+        cut_unsent(engine, found["grouper-"], dispatchers=found["dispatcher-"])
     except Exception as exc:  # no Ray answering: nothing known for sure
         log.warning("engine %s: the stop could not say what it cut unsent (%s)", engine, type(exc).__name__)
 

@@ -1,6 +1,7 @@
 """What an engine's stop cut unsent: the requests its groupers held, waiting in a group for a batch or held back by
-a budget, that no provider ever saw. The stop asks the groupers first (``cut_at_stop``: they send nothing more from
-then on) and publishes their ids in Ray's store under the engine's name before it removes the layout, so a driver
+a budget, that no provider ever saw, and since stop 82 what waited at its dispatchers' gates, never let start
+(``actors._stop_cut_dispatch``). The stop asks the groupers first (``cut_at_stop``: they send nothing more from
+then on), then the dispatchers, and publishes their ids in Ray's store under the engine's name before it removes the layout, so a driver
 that sees its engine gone (``serve``'s, at a ``smartbatch stop --name``) can tell them from the calls it cut under
 way at a provider, possibly billed. Before, it could not: every call a stop ended was a final 502 "may have been
 billed" at the endpoint, the ones that only waited too (a user's tour, stop 79: 9 of 20).
@@ -18,7 +19,7 @@ from collections.abc import Iterable
 from actors._types import OWN_ROWS, Job
 from engine.core._logkeys import get_logger
 
-__all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "end_at_stop", "never_sent", "read_cut"]
+__all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "end_at_stop", "never_called", "never_sent", "read_cut"]
 
 log = get_logger("smartbatch.engine")
 
@@ -30,15 +31,21 @@ def _key(engine: str) -> str:
     return f"{engine}:cut"
 
 
+def never_called(job: Job) -> bool:
+    """Whether ``job``'s fields say no call of it was ever made, its claim aside: its first dispatch, not a
+    re-admitted copy, never tried, hedged, rerouted, throttled or gone standard from a flex call."""
+    return (job.seq < OWN_ROWS and job.attempts == 0 and job.hedges == 0 and job.standard is None
+            and job.asked is None and not job.billed_usd and not job.throttled and not job.called)
+
+
 def never_sent(job: Job) -> bool:
     """Whether ``job`` was never sent to any provider in any form: its first dispatch, not a re-admitted copy (its
     original may have been sent), never tried, hedged back from a batch or rerouted, and no earlier call of it
     possibly billed. A claim marks a flex call gone standard while it waits here with it (``SyncCalls._back_standard``:
     its grouper clears ``standard`` as it takes it); once a budget holds it back, its claim let go in that
-    reservation call, it is named: its flex call was refused (billed nothing) or never made, one given up unanswered
-    carrying ``billed_usd`` (a review: "it never reached a provider" is then not quite so, yet it is billed nothing)."""
-    return (job.seq < OWN_ROWS and job.attempts == 0 and job.hedges == 0 and job.standard is None
-            and job.asked is None and not job.billed_usd and job.claim is None)
+    reservation call, it is named only if its flex call was never made: one refused (billed nothing, yet it reached
+    the provider) carries ``called`` since stop 82, one given up unanswered ``billed_usd``."""
+    return never_called(job) and job.claim is None
 
 
 def end_at_stop(grouper, jobs: list[Job], why: str, reserved: bool = False) -> list[str]:
@@ -65,24 +72,31 @@ def end_at_stop(grouper, jobs: list[Job], why: str, reserved: bool = False) -> l
     return [j.req.uid for j in named]
 
 
-def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S) -> frozenset[str]:
-    """Have ``groupers`` (actor handles) end what they hold, unsent, and publish the ids they name as never sent
-    (``read_cut``). Those that do not answer within ``wait_s`` name nothing: their requests stay "may have been
-    billed". Returns the ids they named."""
+def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S, dispatchers: Iterable = ()) -> frozenset[str]:
+    """Have ``groupers`` (actor handles) end what they hold, unsent, then ``dispatchers`` what waits at their gates
+    (``actors._stop_cut_dispatch``: the groupers first, so none sends them more), and publish the ids they name as
+    never sent (``read_cut``). Those that do not answer within ``wait_s`` (in all) name nothing: their requests stay
+    "may have been billed". Returns the ids they named."""
+    import time
+
     import ray
     from ray.experimental import internal_kv
 
-    refs = [g.cut_at_stop.remote() for g in groupers]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s) if refs else ([], [])
+    until = time.monotonic() + wait_s
     cut: set[str] = set()
-    for ref in ready:
-        try:
-            cut.update(ray.get(ref))
-        except Exception as exc:  # (a grouper dying in the stop: its requests stay "may have been billed")
-            log.warning("engine %s: a grouper did not say what the stop cut unsent (%s)", engine, type(exc).__name__)
-    if len(ready) < len(refs):
-        log.warning("engine %s: %d grouper(s) did not say within %.0f s what the stop cut unsent: their requests are "
-                    "told they may have been billed", engine, len(refs) - len(ready), wait_s)
+    for kind, actors in (("grouper", list(groupers)), ("dispatcher", list(dispatchers))):
+        refs = [a.cut_at_stop.remote() for a in actors]
+        left = max(until - time.monotonic(), 0.0)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=left) if refs else ([], [])
+        for ref in ready:
+            try:
+                cut.update(ray.get(ref))
+            except Exception as exc:  # (one dying in the stop: its requests stay "may have been billed")
+                log.warning("engine %s: a %s did not say what the stop cut unsent (%s)", engine, kind,
+                            type(exc).__name__)
+        if len(ready) < len(refs):
+            log.warning("engine %s: %d %s(s) did not say within %.0f s what the stop cut unsent: their requests "
+                        "are told they may have been billed", engine, len(refs) - len(ready), kind, wait_s)
     # With what this engine's stop named already (its driver's, before ``kill_engine``'s): the next start of the
     # name drops the list, so it holds this engine's ids alone.
     internal_kv._internal_kv_put(_key(engine), pickle.dumps(frozenset(cut) | read_cut(engine)), overwrite=True,

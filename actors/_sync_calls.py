@@ -104,13 +104,13 @@ class SyncCalls:
             return "flex", b
         return "sync", b._replace(mode="sync")
 
-    def _queue_call(self, b: BatchJob, j: Job) -> None:
+    def _queue_call(self, b: BatchJob, j: Job, first: bool = False) -> None:
         """Queue ``j`` of ``b`` as ``_as_call`` reads it (a dispatch, a try's retry); a reserved flex call that
         would go standard goes back for the standard price instead (``_back_standard``): a retry queued standard on
         its flex claim, once the server had answered a flex call at another tier, was billed up to twice it."""
         kind, call = self._as_call(b, j)
         if not (kind == "sync" and b.mode == "flex" and self._back_standard(b, j)):
-            self._enqueue(kind, call, [j])
+            self._enqueue(kind, call, [j], first=first)
 
     def _start_flex(self, e, b: BatchJob, jobs: list[Job]) -> None:
         self._start_sync(e, b, jobs)  # ``_run_sync`` reads the tier from ``b.mode``, as a journaled record keeps it
@@ -177,7 +177,7 @@ class SyncCalls:
         self._body_done(j)
         # (``billed_usd``: settled here, said on its result should the standard call fail: ``Job.billed_usd``)
         self._readmit.append(j._replace(claim=claim, standard=(b.cache_write, b.recommendation, b.reason),
-                                        billed_usd=j.billed_usd + usd))
+                                        billed_usd=j.billed_usd + usd, called=j.called or a is not None))
         self._kick()
         return True
 

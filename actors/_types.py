@@ -70,6 +70,9 @@ class Job(NamedTuple):
     # again, but said on its result should it fail (``Result.possibly_billed_usd``), or ``batch --resume`` sent
     # it again, maybe paid twice.
     billed_usd: float = 0.0
+    # A call of it was made and it came back with no try counted (a flex call refused, gone standard): whatever
+    # its other fields say, a stop never names it unsent (``actors._stop_cut.never_called``).
+    called: bool = False
 
 
 class BatchJob(NamedTuple):

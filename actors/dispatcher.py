@@ -33,6 +33,7 @@ from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._results_room import ResultsRoom
 from actors._shards import Shards
+from actors._stop_cut_dispatch import CutDispatches
 from actors._sync_calls import QuotaStop, SyncCalls
 from actors._types import BatchJob, Job
 from actors._video_content import VideoContent
@@ -47,7 +48,7 @@ from engine.core.result import Result
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
 from engine.runtime.outcomes import failed_result, list_price, ok_result, verdict
-from engine.runtime.providers import Event, SimProvider, Work
+from engine.runtime.providers import Event, SimProvider
 from engine.runtime.reservation import goes_back
 
 log = get_logger("smartbatch.dispatcher")
@@ -59,7 +60,7 @@ __all__ = ["Dispatcher"]
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens,
+class Dispatcher(SyncCalls, CancelDispatches, CutDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens,
                  VideoContent, BatchIndex):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
@@ -181,6 +182,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         """The jobs not already here: a request re-admitted after a restart elsewhere may arrive while its first
         dispatch runs (it must not run twice) or after it finished (its result is sent again, no new call)."""
         known, done = self._known, self._done
+        self._note_copies(jobs)  # (``cut_at_stop``)
         out, here = [], set()
         for j in jobs:
             uid = j.req.uid
@@ -209,9 +211,9 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._known.update(j.req.uid for j in jobs)
         self.in_flight += len(jobs)
         if b.mode == "batch_api" and (b.hedge_at is None or b.hedge_at > t):
-            self._enqueue("batch_api", b, jobs)
+            self._enqueue("batch_api", b, jobs, first=True)
         elif b.mode == "gpu_batch":
-            self._enqueue("gpu_batch", b, jobs)
+            self._enqueue("gpu_batch", b, jobs, first=True)
         else:  # sync or flex, or a batch hedged before it started
             for j in jobs:
                 # A member whose hedge passed on the way here goes back to the grouper, as at a hedge: its policy
@@ -221,15 +223,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                     self._hedged(j)
                     self._kick()
                 else:
-                    self._queue_call(b, j)
-
-    def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job], since: float | None = None) -> None:
-        item = (b, jobs)
-        # Keyed by identity: the Work holds the item until it starts, so the id is not reused before then.
-        self._queued_at[id(item)] = self.clock.now() if since is None else since
-        self.sim.enqueue(Work(kind, item, [j.req for j in jobs], [j.seq for j in jobs],
-                              [j.attempts for j in jobs], b.cache_write and kind in ("sync", "flex"),
-                              b.hedge_at if kind == "batch_api" else None))
+                    self._queue_call(b, j, first=True)
 
     def _pump(self) -> None:
         now = self.clock.now()
@@ -237,7 +231,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         observed: dict[str, list[float]] = {}
         for e in events:
             b, jobs = e.work.item
-            queued_at = self._queued_at.pop(id(e.work.item), None)
+            queued_at = self._unqueued(e.work.item)[0]
             if e.kind not in ("reroute", "to_standard"):
                 observed.setdefault(b.mode, []).extend(now - j.req.arrival_s for j in jobs)
                 if queued_at is not None:

@@ -190,7 +190,7 @@ class Stopping:
         self._fail_open(why)
 
     def _cut_in_groupers(self) -> set:
-        """For an engine this driver stops: what its groupers held, never sent (``actors._stop_cut``, named for
+        """For an engine this driver stops: what its groupers and dispatchers held, never sent (``actors._stop_cut``, named for
         the other drivers too), so its futures say so (``NEVER_SENT``) rather than that they may have run."""
         groupers = self._h.get("groupers") if self._owner and self._gone is None else None
         if not groupers:
@@ -198,7 +198,7 @@ class Stopping:
         from actors._stop_cut import cut_unsent
 
         try:
-            return set(cut_unsent(self.name, groupers))
+            return set(cut_unsent(self.name, groupers, dispatchers=list((self._h.get("dispatchers") or {}).values())))
         except Exception as exc:  # (Ray going down) nothing known for sure: they may have run
             log.warning("engine %r: the stop could not ask what it cut unsent (%s)", self.name, type(exc).__name__)
             return set()

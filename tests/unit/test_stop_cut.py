@@ -127,14 +127,17 @@ def test_the_stop_asks_the_groupers_before_it_takes_the_layout_away(monkeypatch)
     monkeypatch.setattr(engine_stop, "resolve_clock", lambda ref: (None, None))
     monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: None)
     monkeypatch.setattr(engine_stop, "unpublish_layout", lambda engine: done.append("layout gone"))
-    monkeypatch.setattr(engine_stop, "cut_unsent", lambda engine, gs: done.append(("cut", engine, gs)))
+    monkeypatch.setattr(engine_stop, "cut_unsent",
+                        lambda engine, gs, dispatchers=(): done.append(("cut", engine, gs, dispatchers)))
     monkeypatch.setattr(engine_stop.ray, "get_actor", lambda name, namespace=None: f"<{name}>")
     monkeypatch.setattr(engine_stop, "_kill", lambda hs: len(hs))
     monkeypatch.setattr(engine_stop, "_cancel_batches", lambda *a: done.append("cancel"))
     monkeypatch.setattr(engine_stop, "_wait_dead", lambda engine, killed: None)
     claim = {"layout": {"kinds": ["ingest", "grouper-0", "grouper-1", "dispatcher-openai", "budget"]}}
     engine_stop.kill_engine("e", ["ingest", "g0", "g1"], {}, None, claim=claim)
-    assert done == [("cut", "e", ["<e.grouper-0>", "<e.grouper-1>"]), "layout gone", "cancel"]
+    # (and its dispatchers after them: what waits at their gates, ``actors._stop_cut_dispatch``)
+    assert done == [("cut", "e", ["<e.grouper-0>", "<e.grouper-1>"], ["<e.dispatcher-openai>"]), "layout gone",
+                    "cancel"]
 
 
 def test_a_driver_that_stops_its_engine_tells_what_its_groupers_held_unsent_and_the_endpoint_answers_503(monkeypatch):
@@ -145,10 +148,10 @@ def test_a_driver_that_stops_its_engine_tells_what_its_groupers_held_unsent_and_
 
     e = _engine(monkeypatch, owner=True)
     e._cut_short, e._last_report = False, None  # as Engine.__init__ sets them
-    e._h["groupers"] = ["g0"]
+    e._h["groupers"], e._h["dispatchers"] = ["g0"], {"openai": "d0"}
     asked: list = []
-    monkeypatch.setattr(actors._stop_cut, "cut_unsent",
-                        lambda engine, groupers: asked.append((engine, groupers)) or frozenset({req(1).uid}))
+    monkeypatch.setattr(actors._stop_cut, "cut_unsent", lambda engine, groupers, dispatchers=(): asked.append(
+        (engine, groupers, dispatchers)) or frozenset({req(1).uid}))
     out = []
     for k in range(MAX_OUT):  # handed to the engine: r1 waits in a group, the others may be under way
         out.append(e.submit(req(k)))
@@ -156,7 +159,7 @@ def test_a_driver_that_stops_its_engine_tells_what_its_groupers_held_unsent_and_
     e.stop(timeout_s=0.5)
     held = out[1].result(0)
     assert held.error == NEVER_SENT and failure(held, e.gone).status == 503
-    assert asked == [("fake", ["g0"])]
+    assert asked == [("fake", ["g0"], ["d0"])]  # (its dispatchers too: ``actors._stop_cut_dispatch``)
     for f in out[:1] + out[2:]:
         res = f.result(0)
         assert res.error == e._stop_error() and failure(res, e.gone).status == 502

@@ -1,0 +1,145 @@
+"""A stop names what waited at a DISPATCHER's gate, never sent (``actors/_stop_cut_dispatch.py``), as it names what
+the groupers held (``tests/unit/test_stop_cut.py``): work queued on its first arrival for the rate gate, the
+concurrency or the batch queue's room, whose job says no call of it was made anywhere. It is ended (its claim let go
+at 0) and never sent after; what comes later is queued nowhere. Before (stop 82's task), only the groupers named
+theirs, and such work got the endpoint's final 502 "may have been billed". Plain ``Dispatcher`` on a simulated
+provider and a ``ManualClock``; no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from actors import Dispatcher, ResultHub
+from actors._types import OWN_ROWS, BatchJob, Job
+from engine.core.budgets import Claim
+from engine.core.clock import ManualClock
+from engine.core.settings import Settings
+from tests.unit.helpers import Recorder
+from tests.unit.test_actors import CAT, ledger, ran_out, req
+
+BUSY = 256  # the simulated provider's sync calls under way at once for gpt-5-mini (its gate's concurrency)
+
+
+def _sync(b: str, j: Job, mode: str = "sync") -> BatchJob:
+    return BatchJob(b, mode, None, False, "process_individually", "now", [j])
+
+
+async def _busy_dispatcher(claims: list[str]):
+    """A dispatcher whose gate's concurrency is taken by ``BUSY`` calls under way (no claim): what comes next
+    waits at its gate."""
+    hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
+    clock = ManualClock(0.0)
+    d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
+    await budget.reserve_many([Claim(c, "t", "openai", "gpt-5-mini", "urgent", 1.0) for c in claims])
+    await d.run_many([_sync(f"busy{i}", Job(i, req(i), f"fp{i}")) for i in range(BUSY)])
+    assert d.sim.waiting == 0
+    return d, clock, hub, budget, grouper
+
+
+def test_a_dispatcher_names_what_waits_at_its_gate_never_sent_and_sends_none_of_it_after():
+    """Fresh work queued at the gate is named and ends at once, cancelled, its claim let go at 0; work whose job
+    says a call of it was made (a retry, a hedged member, a reroute, a 429 waited out, a flex call refused) or
+    queued again ends with no result and is not named. Nothing of it, nor what comes after the stop's word, is ever
+    started (fails on the code before: the dispatcher had no ``cut_at_stop``)."""
+    async def go():
+        n = BUSY
+        fresh = [Job(n + k, req(n + k), f"f{k}", claim=f"c{k}") for k in range(3)]
+        flex = Job(n + 3, req(n + 3), "fx", claim="c3")
+        made = [Job(n + 4, req(n + 4), "a", attempts=1, claim="c4"), Job(n + 5, req(n + 5), "h", hedges=1),
+                Job(n + 6, req(n + 6), "r", asked=("openai", "gpt-5")), Job(n + 7, req(n + 7), "t", throttled=1),
+                Job(n + 8, req(n + 8), "s", called=True, claim="c8")]
+        d, clock, hub, budget, grouper = await _busy_dispatcher(["c0", "c1", "c2", "c3", "c4", "c8"])
+        await d.run_many([_sync(f"x{k}", j) for k, j in enumerate(fresh + made)] + [_sync("fl", flex, "flex")])
+        # A fresh-looking job queued again (a flex call refused with no claim goes standard so): not its first
+        # arrival, not named.
+        again = Job(n + 10, req(n + 10), "again")
+        d._known.add(again.req.uid)
+        d.in_flight += 1
+        d._enqueue("sync", _sync("again", again), [again])
+        made.append(again)
+        assert d.sim.waiting == len(fresh) + len(made) + 1, d.sim
+        named = await d.cut_at_stop()
+        assert sorted(named) == sorted(j.req.uid for j in [*fresh, flex])
+        assert d.sim.waiting == 0 and not d._first  # (nothing kept of what left the gate)
+        await d.run_many([_sync("late", Job(n + 9, req(n + 9), "late"))])  # after the stop's word: queued nowhere
+        assert d.sim.waiting == 0
+        await ran_out(d, clock)
+        got = {r.id: r for r in await hub.pull(0.01)}
+        named_ids = [j.req.id for j in [*fresh, flex]]
+        assert all(got[i].status == "failed" and got[i].cost_usd == 0.0 for i in named_ids), got
+        # What it does not name gets no result from it (a "cancelled" was the retryable 503 of a request that may
+        # have been billed): its driver fails it as the engine goes. Those under way ran on (a retry of one that
+        # failed, past the stop's word, ends unsent, with no result either).
+        assert set(got) - {req(i).id for i in range(BUSY)} == set(named_ids)
+        assert await d.budget.delivered(5.0)
+        book = budget.book
+        assert not set(book.claims) & {"c0", "c1", "c2", "c3", "c4", "c8"} and sum(book.spend.values()) == 0.0
+        assert not any(name == "add" for name, _ in grouper.calls)  # nothing handed back to be sent again
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("how", ["a re-admitted copy", "a request it knew already", "restarted by Ray"])
+def test_a_dispatcher_that_may_hold_a_copy_of_a_request_sent_before_names_nothing(how):
+    """A copy's original may have been sent and billed, and so may a request a restarted dispatcher's journal
+    made before: what it holds stays "may have been billed" (fails on the code before: no ``cut_at_stop``)."""
+    async def go():
+        d, clock, _, _, _ = await _busy_dispatcher([])
+        n = BUSY
+        await d.run_many([_sync("a", Job(n, req(n), "a"))])
+        if how == "a re-admitted copy":
+            await d.run_many([_sync("b", Job(OWN_ROWS + 1, req(n + 1), "b"))])
+        elif how == "a request it knew already":
+            await d.run_many([_sync("a2", Job(n, req(n), "a"))])
+        else:
+            d.reconstructed()
+        assert d.sim.waiting >= 1
+        assert await d.cut_at_stop() == []
+        d._must_recover = False  # (no journal to read here)
+        await ran_out(d, clock)
+    asyncio.run(go())
+
+
+def test_a_flex_call_refused_and_sent_back_for_the_standard_price_is_marked_called():
+    """A reserved flex call the tier refused goes back to its grouper, which clears ``standard`` and sends it sync
+    with a new claim: at the dispatcher it looked never sent. It carries ``called`` from then on (fails on the code
+    before: no such mark, and a stop would have named it)."""
+    from actors._stop_cut import never_called, never_sent
+
+    async def go():
+        d, clock, _, _, _ = await _busy_dispatcher(["c0"])
+        j = Job(BUSY, req(BUSY), "fx", claim="c0")
+        d.in_flight += 1
+        assert d._back_standard(_sync("fl", j, "flex"), j, SimpleNamespace(maybe_billed=False))
+        (back,) = d._readmit
+        taken = back._replace(standard=None, claim="new")  # as its grouper takes it and reserves the standard price
+        assert back.called and not never_called(taken) and not never_sent(taken._replace(claim=None))
+        d._readmit.clear()
+        await ran_out(d, clock)
+    asyncio.run(go())
+
+
+def test_the_stop_asks_the_dispatchers_after_the_groupers_and_publishes_both_lists(monkeypatch):
+    """``cut_unsent`` asks the groupers first (they send nothing more), then the dispatchers, and publishes every id
+    named (fails on the code before: it asked the groupers alone)."""
+    import ray
+    from ray.experimental import internal_kv
+
+    from actors import _stop_cut
+
+    asked: list[str] = []
+
+    class Handle:
+        def __init__(self, name: str, ids: list[str]) -> None:
+            self.cut_at_stop = SimpleNamespace(remote=lambda: asked.append(name) or ids)
+
+    store: dict = {}
+    monkeypatch.setattr(ray, "wait", lambda refs, num_returns, timeout: (refs, []))
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, namespace=None: store.get(key))
+    monkeypatch.setattr(internal_kv, "_internal_kv_put",
+                        lambda key, value, overwrite=True, namespace=None: store.__setitem__(key, value))
+    got = _stop_cut.cut_unsent("e", [Handle("g0", ["a"])], dispatchers=[Handle("d0", ["b"]), Handle("d1", [])])
+    assert asked == ["g0", "d0", "d1"] and got == {"a", "b"} and _stop_cut.read_cut("e") == {"a", "b"}
