@@ -1,10 +1,10 @@
 """What an engine's stop cut unsent: the requests its groupers held, waiting in a group for a batch or held back by
 a budget, that no provider ever saw, and since stop 82 what waited at its dispatchers' gates, never let start
 (``actors._stop_cut_dispatch``). The stop asks the groupers first (``cut_at_stop``: they send nothing more from
-then on), then the dispatchers, and publishes their ids in Ray's store under the engine's name before it removes the layout, so a driver
-that sees its engine gone (``serve``'s, at a ``smartbatch stop --name``) can tell them from the calls it cut under
-way at a provider, possibly billed. Before, it could not: every call a stop ended was a final 502 "may have been
-billed" at the endpoint, the ones that only waited too (a user's tour, stop 79: 9 of 20).
+then on), then the dispatchers, and publishes their ids in Ray's store under the engine's name before it removes
+the layout, so a driver that sees its engine gone (``serve``'s, at a ``smartbatch stop --name``) can tell them from
+the calls it cut under way at a provider, possibly billed. Before, it could not: every call a stop ended was a final
+502 "may have been billed" at the endpoint, the ones that only waited too (a user's tour, stop 79: 9 of 20).
 
 Only what is known for sure is named: a request the grouper held that was never tried, hedged, rerouted or taken
 back from a batch (``never_sent``), by a grouper Ray never restarted that never took a re-admitted copy (the
@@ -72,7 +72,8 @@ def end_at_stop(grouper, jobs: list[Job], why: str, reserved: bool = False) -> l
     return [j.req.uid for j in named]
 
 
-def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S, dispatchers: Iterable = ()) -> frozenset[str]:
+def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S,
+               dispatchers: Iterable = ()) -> frozenset[str]:
     """Have ``groupers`` (actor handles) end what they hold, unsent, then ``dispatchers`` what waits at their gates
     (``actors._stop_cut_dispatch``: the groupers first, so none sends them more), and publish the ids they name as
     never sent (``read_cut``). Those that do not answer within ``wait_s`` (in all) name nothing: their requests stay

@@ -4,8 +4,8 @@ circuit), a sync, flex, GPU or batch-API dispatch alike. Before, only the groupe
 waited here got the final 502 "may have been billed" at the endpoint, as one cut under way at a provider.
 
 The stop asks the groupers first (they send nothing more), then each dispatcher (``cut_at_stop``): it takes out
-what waits at its gate, ends it (its claim let go at 0, as no call of it was made), and from then on queues nothing
-(what comes later, a retry's next try, a late dispatch, ends at once, unnamed). It names only what is known for
+what waits at its gate and what waits for its next try, ends it, and from then on queues nothing (what comes later,
+a next try, a late dispatch, ends at once, unnamed). It names only what is known for
 sure: work queued here on its first arrival (``run``), never let start at the gate, whose job says no call of it was
 ever made anywhere (``never_called``: not a retry, a hedged member, a reroute, a flex call gone standard), by a
 dispatcher Ray never restarted that never took a copy of a request it knew, nor re-attached batches of an earlier

@@ -190,8 +190,8 @@ class Stopping:
         self._fail_open(why)
 
     def _cut_in_groupers(self) -> set:
-        """For an engine this driver stops: what its groupers and dispatchers held, never sent (``actors._stop_cut``, named for
-        the other drivers too), so its futures say so (``NEVER_SENT``) rather than that they may have run."""
+        """For an engine this driver stops: what its groupers and dispatchers held, never sent (``actors._stop_cut``,
+        named for the other drivers too), so its futures say so (``NEVER_SENT``) rather than that they may have run."""
         groupers = self._h.get("groupers") if self._owner and self._gone is None else None
         if not groupers:
             return set()
