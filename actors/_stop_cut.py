@@ -86,7 +86,13 @@ def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S,
     until = time.monotonic() + wait_s
     cut: set[str] = set()
     for kind, actors in (("grouper", list(groupers)), ("dispatcher", list(dispatchers))):
-        refs = [a.cut_at_stop.remote() for a in actors]
+        refs = []
+        for a in actors:
+            try:
+                refs.append(a.cut_at_stop.remote())
+            except Exception as exc:  # (Ray refusing the call: that one names nothing, the others still do)
+                log.warning("engine %s: a %s was not asked what the stop cut unsent (%s)", engine, kind,
+                            type(exc).__name__)
         left = max(until - time.monotonic(), 0.0)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=left) if refs else ([], [])
         for ref in ready:

@@ -143,3 +143,6 @@ def test_the_stop_asks_the_dispatchers_after_the_groupers_and_publishes_both_lis
                         lambda key, value, overwrite=True, namespace=None: store.__setitem__(key, value))
     got = _stop_cut.cut_unsent("e", [Handle("g0", ["a"])], dispatchers=[Handle("d0", ["b"]), Handle("d1", [])])
     assert asked == ["g0", "d0", "d1"] and got == {"a", "b"} and _stop_cut.read_cut("e") == {"a", "b"}
+    # One that Ray will not call (a stand-in without the method, a handle Ray refuses) loses no other's list.
+    got = _stop_cut.cut_unsent("f", [Handle("g0", ["a"])], dispatchers=[object(), Handle("d0", ["b"])])
+    assert got == {"a", "b"} and _stop_cut.read_cut("f") == {"a", "b"}
