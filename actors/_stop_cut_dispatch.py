@@ -91,6 +91,15 @@ class CutDispatches:
         self._pump()
         return named
 
+    def _retry_later(self, at: float, b: BatchJob, j: Job) -> None:
+        """After the stop's word a next try is sent nowhere: it ends now, unnamed (a try of it was made). Left to
+        its timer (``CancelDispatches._retry_later``, after this in ``Dispatcher``'s bases), it waited its time, a
+        Retry-After's hour, and the stop's cancel ended it "cancelled", a retryable answer (a review)."""
+        if self._cut:
+            self._end_unnamed([j])
+            return
+        super()._retry_later(at, b, j)
+
     def _end_unnamed(self, jobs: list[Job]) -> None:
         """``jobs`` taken out, never sent from here: no result (their drivers fail them as the engine goes, "may
         have been billed"), each claim settled at what an earlier call of it may have billed, as at a failure."""

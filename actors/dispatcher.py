@@ -60,7 +60,7 @@ __all__ = ["Dispatcher"]
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(SyncCalls, CancelDispatches, CutDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens,
+class Dispatcher(SyncCalls, CutDispatches, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens,
                  VideoContent, BatchIndex):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,

@@ -146,3 +146,31 @@ def test_the_stop_asks_the_dispatchers_after_the_groupers_and_publishes_both_lis
     # One that Ray will not call (a stand-in without the method, a handle Ray refuses) loses no other's list.
     got = _stop_cut.cut_unsent("f", [Handle("g0", ["a"])], dispatchers=[object(), Handle("d0", ["b"])])
     assert got == {"a", "b"} and _stop_cut.read_cut("f") == {"a", "b"}
+
+
+def test_a_next_try_that_comes_after_the_stops_word_ends_at_once_with_no_result():
+    """A call under way as the stop came fails with tries left: its next try is sent nowhere. It ends at once, with
+    no result from here (a try of it was sent, maybe billed: its driver fails it "may have been billed"), its claim
+    settled at what its unanswered call may have billed. Before (a review, ``rvcutq82``), it waited in
+    ``_retrying`` for its time (a Retry-After's hour), and the stop's cancel then ended it ``cancelled``, the
+    retryable answer of a request never sent, which the drain's cancel gives."""
+    from engine.core.cost import reserve_bound
+
+    async def go():
+        d, clock, hub, budget, _ = await _busy_dispatcher(["c0"])
+        assert await d.cut_at_stop() == []
+        n = BUSY
+        j = Job(n, req(n), "x", attempts=1, claim="c0")  # as ``_run_sync`` hands it on after its first try failed
+        d._known.add(j.req.uid)
+        d.in_flight += 1
+        d._unanswered[j.req.uid] += 1  # that try timed out: it may have been billed
+        d._retry_later(clock.now() + 3600.0, _sync("y", j), j)
+        assert not d._retrying and d.in_flight == BUSY and j.req.uid not in d._known
+        await d.cancel()  # the stop's, after the word: nothing of it left to end "cancelled"
+        await ran_out(d, clock)
+        got = {r.id for r in await hub.pull(0.01)}
+        assert j.req.id not in got
+        assert await d.budget.delivered(5.0)
+        assert "c0" not in budget.book.claims
+        assert sum(budget.book.spend.values()) == pytest.approx(reserve_bound(j.req, CAT, "sync", None))
+    asyncio.run(go())
