@@ -287,8 +287,7 @@ class ResultHub(OwnerRecord, Warm, MemoryJournalStore):
                                  counts: dict | None = None, in_flight: int | None = None) -> None:
         """A dispatcher's batched observations: dispatch waits, and (``DispatchCounts.as_dict()``) its retries, 429s,
         circuit states, flex refusals and timeouts, hedges, turnarounds and rate-limit waits since its last flush; its requests in flight."""
-        for mode, waits, n in observed:
-            self.metrics.observe_dispatch(provider, mode, waits, n)
+        self.metrics.observe_dispatches(provider, observed)
         if in_flight is not None:
             self.metrics.queue.labels(provider).set(in_flight)
         if counts:

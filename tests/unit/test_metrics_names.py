@@ -316,3 +316,37 @@ def test_the_hub_takes_the_tenant_cap_from_the_settings():
 
     with mock.patch.dict(os.environ, {"SMARTBATCH_METRICS__MAX_TENANTS": "7"}):
         assert Settings().metrics.max_tenants == 7
+
+
+def test_a_message_of_dispatches_is_observed_per_mode_in_one_step_as_one_at_a_time_would():
+    """A sync call is a dispatch of one, so a dispatcher's message to the hub holds one dispatch per request; the
+    hub observed each alone (three label lookups and a histogram step, 17-21 us: a fifth of its CPU). Now one
+    step per histogram and mode, exporting what one ``observe`` per dispatch and per wait exports."""
+    import asyncio
+
+    from prometheus_client import generate_latest
+
+    from actors.hub import ResultHub
+
+    observed = [("sync", [0.25 * k - 0.5], k % 3) for k in range(40)]
+    observed += [("batch_api", [0.5 * k for k in range(n)], 7) for n in (1, 3, 16, 0)]
+    ref = EngineMetrics()
+    for mode, waits, n in observed:
+        ref.batch_size.labels("openai", mode).observe(len(waits))
+        for w in waits:
+            ref.dispatch_s.labels("openai").observe(max(w, 0.0))
+        ref.queue.labels("openai").set(n)
+    hub = ResultHub()
+    looked = []
+    for name in ("batch_size", "dispatch_s"):
+        h = getattr(hub.metrics, name)
+        h.labels = (lambda labels, name=name: lambda *a: looked.append(name) or labels(*a))(h.labels)
+    asyncio.run(hub.observe_dispatches("openai", observed, None, None))
+    assert sorted(looked) == ["batch_size", "batch_size", "dispatch_s"]  # 44 lookups each before
+
+    def shown(m):
+        return [line for line in generate_latest(m.registry).decode().splitlines() if "_created" not in line]
+
+    assert shown(hub.metrics) == shown(ref)
+    assert hub.metrics.registry.get_sample_value("smartbatch_batch_size_count",
+                                                 {"provider": "openai", "mode": "sync"}) == 40
