@@ -35,7 +35,10 @@ def budget_line(r: dict[str, Any]) -> str:
     return (f"budget {r['budget']}: limit {_usd(r['max_budget'])}, soft {_usd(r['soft_budget'])}"
             + (" (passed)" if r.get("soft_exceeded") else "")
             + f"; spent {_usd(r['spent_usd'])}, reserved {_usd(r['reserved_usd'])}, remaining "
-            f"{_usd(r['remaining_usd'])} in its window from {window_label(float(r['window']))}")
+            f"{_usd(r['remaining_usd'])} "
+            # One window for good: "from t=0s" named a second of no clock a real-speed reader has.
+            + ("in its one window (no budget_duration: it never resets)" if not r.get("budget_duration")
+               else f"in its window from {window_label(float(r['window']))}"))
 
 
 # Each flag of `budget set` and the budget field it sets: an error names what the user typed (a new user's tour

@@ -237,8 +237,12 @@ def parse_trace_lines(lines: Iterable[str] | Iterable[tuple[int, str]], *, sourc
         # The headline comes first: listed after every bad line, it was cut from the message (a CSV of 50 rows
         # showed 20 "not valid JSON" lines, and "... and 31 more" hid why). --skip-invalid cannot help here.
         why = f"all {bad_lines} non-empty line(s) are invalid" if bad_lines else "it is empty"
+        # A file known by its content (a recorded source, a file of the project's own) has that as its one
+        # problem: its lines' ("not valid JSON", "'timestamp' is not a request field; remove it") are each
+        # the same wrong fix. A guess ("reads like a CSV header") keeps them: the file may be a broken trace.
+        kept = [] if fix.startswith("it is ") else problems
         raise TraceError([(source, 0, "file", f"trace {Path(source).name} has no requests ({why}); "
-                                              + (fix or "give at least one valid line"))] + problems, hint="")
+                                              + (fix or "give at least one valid line"))] + kept, hint="")
     if problems and not skip_invalid:
         raise TraceError(problems)
     requests.sort(key=lambda r: r.arrival_s)  # stable: equal arrivals keep file order
