@@ -164,8 +164,13 @@ class VideoRoutes:
             raise ApiError(400, f"model {model!r} makes {spec.kind}, not video; send it to {where}, or name a video "
                                 f"model here: {', '.join(served)}", param="model")
         if model not in served:
+            # The Sora models' shutdown said with them: named bare, they read as the fix to a user whose provider
+            # refuses them (a stop 82 tour; the catalog's day, so no clock is read for a message).
+            days = sorted({f"{m} on {d}" for m in served if (d := self.catalog.find_model(m)[1].shutdown)})
+            gone = (f" (shut down at OpenAI: {', '.join(days)}; a server that still offers the Videos API makes "
+                    "them)") if days else ""
             raise ApiError(400, f"model {model!r} ({provider}) is not made through OpenAI's Videos API; name one "
-                                f"of {', '.join(served)}, or send it from a driver script (Engine.connect(name)."
+                                f"of {', '.join(served)}{gone}, or send it from a driver script (Engine.connect(name)."
                                 "submit, docs/providers.md \"Video\")", param="model")
         fields = smartbatch_fields(http.headers)
         # A video takes minutes, and the create answers at once: the priority's own deadline, never the client's
