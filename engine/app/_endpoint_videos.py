@@ -53,7 +53,7 @@ from engine.app._endpoint_wire import (
     tenant_of,
 )
 from engine.core._logkeys import get_logger
-from engine.core.catalog import Catalog
+from engine.core.catalog import Catalog, ModelSpec
 from engine.core.errors import CatalogError, EngineStopped, ProviderError
 from engine.core.request import Request
 from engine.core.result import ANSWERED, ID_TAKEN, Result
@@ -165,8 +165,9 @@ class VideoRoutes:
                                 f"model here: {', '.join(served)}", param="model")
         if model not in served:
             # The Sora models' shutdown said with them: named bare, they read as the fix to a user whose provider
-            # refuses them (a stop 82 tour; the catalog's day, so no clock is read for a message).
-            days = sorted({f"{m} on {d}" for m in served if (d := self.catalog.find_model(m)[1].shutdown)})
+            # refuses them (a stop 82 tour; the catalog's day, so no clock is read for a message). Read from the
+            # specs served: looked up by name alone, a name two providers offer raised, the 400 a 500 (a review).
+            days = sorted({f"{m} on {s.shutdown}" for m, s in self._served_specs() if s.shutdown})
             gone = (f" (shut down at OpenAI: {', '.join(days)}; a server that still offers the Videos API makes "
                     "them)") if days else ""
             raise ApiError(400, f"model {model!r} ({provider}) is not made through OpenAI's Videos API; name one "
@@ -182,7 +183,10 @@ class VideoRoutes:
 
     def _served(self) -> list[str]:
         """The catalog's video models made through OpenAI's Videos API (Veo has its own route, Gemini's)."""
-        return [m for p in self.catalog.providers.values() if p.compat is None for m, s in p.models.items()
+        return [m for m, _ in self._served_specs()]
+
+    def _served_specs(self) -> list[tuple[str, ModelSpec]]:
+        return [(m, s) for p in self.catalog.providers.values() if p.compat is None for m, s in p.models.items()
                 if s.kind == "video" and set(s.per_second or {}) & set(OPENAI_VIDEO_SIZES)]
 
     async def _admit(self, job: VideoJob, deadline_s: float | None = None) -> None:

@@ -10,8 +10,8 @@ from engine.core._list_price import list_price
 from engine.core.catalog import ModelSpec
 from engine.core.result import CANCELLED, Result, Status
 
-__all__ = ["THROTTLED_TRIES", "Verdict", "call_mode", "failed_result", "list_price", "ok_result", "refused_result",
-           "reused_result", "throttled_verdict", "throttled_wait", "verdict"]
+__all__ = ["THROTTLED_TRIES", "Verdict", "billed_reason", "call_mode", "failed_result", "list_price", "ok_result",
+           "refused_result", "reused_result", "throttled_verdict", "throttled_wait", "verdict"]
 
 Verdict = Literal["complete", "retry", "fail"]
 
@@ -53,9 +53,25 @@ def call_mode(spec: ModelSpec) -> str:
     return "gpu_batch" if spec.gpu_priced else "sync"
 
 
+FLEX_NOW = "flex now"  # how a decision to call at the flex tier begins its reason (``policies``)
+
+
+def billed_reason(reason: str, mode: str) -> str:
+    """The decision's ``reason`` as a result billed in ``mode`` gives it. A flex decision the tier did not serve
+    (refused, timed out, served at another tier, or a server that does not take it) was called and billed at the
+    standard tier: its "flex now: batch prices, no wait" beside mode "sync" and the standard price was false (a
+    review of stop 82's tour). Its reason for calling now stays; what the tier was to give does not."""
+    if mode == "flex" or not reason.startswith(FLEX_NOW):
+        return reason
+    why = reason[len(FLEX_NOW):].lstrip(": ")
+    why = "" if why.startswith("batch prices, no wait") else why + "; "
+    return f"sync now: {why}the flex tier did not serve it, so it was called at the standard tier and billed at its prices"
+
+
 def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, recommendation: str | None,
               reason: str, out=None) -> Result:
-    """A request the provider answered: ``out`` is the call's ``CallOutcome`` (None: simulated)."""
+    """A request the provider answered: ``out`` is the call's ``CallOutcome`` (None: simulated). Its reason as
+    its mode makes it true (``billed_reason``)."""
     usage = out.usage if out is not None else None
     return Result(id=req.id, tenant=req.tenant, status="ok",
                   output=out.output if out is not None else f"sim://{req.provider}/{req.model}/{req.id}",
@@ -64,7 +80,8 @@ def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, r
                   provider_request_id=out.provider_request_id if out is not None else None,
                   raw=out.raw if out is not None else None, real=out is not None and out.real, mode=mode,
                   provider=req.provider, model=req.model, batch_id=batch_id, arrival_s=req.arrival_s, done_s=at,
-                  deadline_met=req.met_by(at), recommendation=recommendation, reason=reason)
+                  deadline_met=req.met_by(at), recommendation=recommendation,
+                  reason=billed_reason(reason, mode))
 
 
 def failed_result(req, *, at: float, batch_id: str | None, recommendation: str | None, tries: int,
