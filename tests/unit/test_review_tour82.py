@@ -8,10 +8,13 @@ import types
 
 import pytest
 
+from actors import BudgetController
 from actors._types import BatchJob, Job
 from engine.app._endpoint_videos import VideoRoutes
 from engine.app._endpoint_wire import ApiError
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
 from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
 from engine.core.settings import Settings
 from engine.runtime.outcomes import billed_reason
 from tests.unit.test_flex_live import flex_req, no_flex_tier
@@ -80,3 +83,26 @@ def test_a_veo_model_at_the_videos_route_is_a_400_where_two_providers_offer_sora
     with pytest.raises(ApiError) as caught:
         routes._checked(types.SimpleNamespace(headers={}), {"model": "veo-3.1-generate-001", "prompt": "A heron"})
     assert caught.value.status == 400 and "sora-2 on 2026-09-24" in str(caught.value), caught.value
+
+
+def test_a_removed_budget_leaves_the_lists_at_once_and_its_windows_spend_waits_for_it_until_the_window_ends():
+    # docs/budgets.md said a removed budget's windows "still report until they end": `budget list` and `status`
+    # drop it at once (listed, it would read as in force). What stays is its window's spend, in the ledger (a
+    # memory ledger's report lists the window among `windows`), found by the budget added again before it ends.
+    day = BudgetSpec(tenant="acme", max_budget=1.0, budget_duration="1d")
+
+    async def go():
+        clock = ManualClock(0.0)
+        ctl = BudgetController(BudgetSettings(specs=(day,)), None, clock)
+        await ctl.reserve_many([Claim("a", "acme", "openai", "gpt-5-mini", "urgent", 0.5)])
+        await ctl.settle_many([("a", 0.4)])
+        await ctl.change_budgets(remove=[day.name])
+        rep = await ctl.report()
+        assert rep["budgets"] == [] and [(w["budget"], w["spent_usd"]) for w in rep["windows"]] == [(day.name, 0.4)]
+        await ctl.change_budgets([day])  # added again within its window: that window's spend
+        assert [(r["budget"], r["spent_usd"]) for r in (await ctl.report())["budgets"]] == [(day.name, 0.4)]
+        await ctl.change_budgets(remove=[day.name])
+        clock.advance(86_400.0)
+        await ctl.change_budgets([day])  # after it ended: a new window, nothing spent in it
+        assert [(r["budget"], r["spent_usd"]) for r in (await ctl.report())["budgets"]] == [(day.name, 0.0)]
+    asyncio.run(go())
