@@ -105,6 +105,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
                                             reservation_ttl_s=settings.reservation_ttl_s)
         else:
             self.book = BudgetBook(list(settings.specs), settings.throttle)
+            self._charged = self.book.charged  # one copy of the ids (each snapshot held two until stop 82)
         self.book.origin = self.base
         self.refusals = {"wait": 0, "deferred": 0, "budget_exhausted": 0, "budget_unavailable": 0}
         self._reported: asyncio.Task | None = None
@@ -312,7 +313,8 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         await self._restored_first()
         charges = [c._replace(usd=_spend(c.cid, c.usd)) for c in charges]
         self._charges.extend((c, now) for c in charges)
-        self._charged.add_many([(c.cid, c.usd) for c in charges], now)  # each looked up before any is forgotten
+        if self._charged is not getattr(self.book, "charged", None):  # a memory ledger's book notes them
+            self._charged.add_many([(c.cid, c.usd) for c in charges], now)  # each looked up before any is forgotten
         await self._charge()
         self._changed()
         await self._durable()

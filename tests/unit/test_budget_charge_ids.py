@@ -1,0 +1,104 @@
+"""The charge ids a memory budget ledger keeps (``KeptCharges``) in its journal snapshots: written once (the
+controller's copy was the book's again) and pickled once per change of them, not per snapshot; a restart still counts
+every charge once. Driven without Ray: a ``ResultHub`` is the hub, as in the other budget tests."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+from actors import BudgetController, ResultHub
+from actors._budget_journal import JOURNAL_KEY
+from actors.journal import HubJournal
+from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
+from engine.core.clock import ManualClock
+from engine.core.ledger import KeptCharges
+
+SETTINGS = BudgetSettings(specs=(BudgetSpec(max_budget=100.0, budget_duration="1d"),))
+
+
+def _charges(lo: int, hi: int, usd: float = 0.01) -> list[Charge]:
+    return [Charge(f"late:{k:05d}", "acme", "openai", "gpt-5-mini", usd) for k in range(lo, hi)]
+
+
+async def _stop(*ctls: BudgetController) -> None:
+    for ctl in ctls:
+        for task in (ctl._reported, ctl._journaling):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+def _restarted(hub: ResultHub, clock: ManualClock) -> BudgetController:
+    ctl = BudgetController(SETTINGS, hub, clock)
+    ctl.reconstructed()  # restarted by Ray: the ledger back from the hub's journal before any call is answered
+    return ctl
+
+
+def test_a_memory_ledger_s_snapshot_carries_each_charge_id_once_pickled_once_per_change_of_the_ids():
+    """Before stop 82 the book's ids and the controller's (the same ids) went into every snapshot, each built and
+    pickled again for every group of reservations: 16,384 + 16,384 ids cut reserve + settle pairs ~8,000/s to ~17/s
+    (``benchmarks/bench_budget_ids.py``)."""
+    async def go():
+        ctl = BudgetController(SETTINGS, ResultHub(), ManualClock(100.0))
+        await ctl.check_ledger()
+        empty = len(pickle.dumps(ctl._snapshot()))
+        await ctl.charge_many(_charges(0, 1_000))
+        first = ctl._snapshot()
+        one_copy = len(pickle.dumps(KeptCharges.restore(ctl.book.charged.state()).state()))
+        assert len(pickle.dumps(first)) - empty <= 1.1 * one_copy  # before: ~1.7 copies (the strings shared)
+        assert (await ctl.reserve_many([Claim("a", "acme", "openai", "gpt-5-mini", "urgent", 0.5)]))[0].ok
+        await ctl.settle_many([("a", 0.25)])
+        second = ctl._snapshot()
+        # before: a new state, built again
+        assert second[8] is first[8], "the ids pickled again for a snapshot that changed none"
+        await ctl.charge_many(_charges(1_000, 1_001))
+        assert KeptCharges.restore(ctl._snapshot()[8]).state()[1] == ctl.book.charged.usd
+        assert "late:01000" in KeptCharges.restore(ctl._snapshot()[8])  # a new id: pickled again
+        await _stop(ctl)
+    asyncio.run(go())
+
+
+def test_restarts_between_charges_count_every_charge_once_when_all_are_sent_again():
+    """A fault test: charges, a restart, more charges, a second restart, then every charge sent again (a resumed
+    file, a batch read again): nothing counts twice, in the spend as in ``charged_usd``, and a new one counts."""
+    async def go():
+        hub, clock = ResultHub(), ManualClock(100.0)
+        ctl = BudgetController(SETTINGS, hub, clock)
+        await ctl.check_ledger()
+        await ctl.charge_many(_charges(0, 300))
+        assert (await ctl.reserve_many([Claim("a", "acme", "openai", "gpt-5-mini", "urgent", 1.0)]))[0].ok
+        again = _restarted(hub, clock)
+        clock.advance(60.0)
+        await again.charge_many(_charges(300, 500))  # ids changed after the restore: the next snapshot has them
+        await again.settle_many([("a", 0.5)])
+        third = _restarted(hub, clock)
+        before = await third.report()
+        assert abs(before["charged_usd"] - 5.0) < 1e-9 and abs(before["spent_usd"] - 5.5) < 1e-9
+        await third.charge_many(_charges(0, 500))
+        after = await third.report()
+        assert (after["charged_usd"], after["spent_usd"]) == (before["charged_usd"], before["spent_usd"])
+        await third.charge_many(_charges(500, 501, usd=0.25))
+        assert abs((await third.report())["charged_usd"] - 5.25) < 1e-9
+        await _stop(ctl, again, third)
+    asyncio.run(go())
+
+
+def test_a_snapshot_of_before_stop_82_with_the_controller_s_ids_apart_is_taken_back_and_counts_each_once():
+    """Until stop 82 a snapshot held the book's ids (a set before stop 81, USD 0) and the controller's (id -> USD)."""
+    async def go():
+        hub, clock = ResultHub(), ManualClock(100.0)
+        ctl = BudgetController(SETTINGS, hub, clock)
+        await ctl.check_ledger()
+        await ctl.charge_many(_charges(0, 40))
+        snap = list(ctl._snapshot())
+        ids = {f"late:{k:05d}": 0.01 for k in range(40)}
+        snap[8], snap[12] = set(ids), dict(ids)
+        await HubJournal(hub).put(JOURNAL_KEY[0], ctl._own_key(), tuple(snap))
+        old = _restarted(hub, clock)
+        assert abs((await old.report())["charged_usd"] - 0.4) < 1e-9
+        await old.charge_many(_charges(0, 41))
+        rep = await old.report()
+        assert abs(rep["charged_usd"] - 0.41) < 1e-9 and abs(rep["spent_usd"] - 0.41) < 1e-9
+        await _stop(ctl, old)
+    asyncio.run(go())
