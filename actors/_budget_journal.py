@@ -20,6 +20,7 @@ one's ledger over the successor's copies in Ray's store that had not landed yet 
 from __future__ import annotations
 
 import asyncio
+import math
 
 from actors._incarnations import began, drop_earlier, earlier, next_epoch, own_key
 from actors.journal import read_patiently
@@ -67,7 +68,14 @@ class LedgerJournal:
     async def _kv_write(self) -> None:
         failing, loop = False, asyncio.get_running_loop()
         while self.__dict__.get("_kv_dirty") and not self._closed:
-            self._kv_dirty, started = False, loop.time()
+            # From the last copy's start, this task's or an earlier one's: timed within a task alone, a change after
+            # each copy had landed (one every 10 ms, at a low rate) started a copy of its own, the whole snapshot each.
+            if (wait := self.__dict__.get("_kv_started", -math.inf) + KV_EVERY_S - loop.time()) > 0:
+                await asyncio.sleep(wait)
+                if self._closed:
+                    return
+            self._kv_dirty = False
+            self._kv_started = loop.time()
             try:  # the snapshot is taken here, so the changes made while the last write was out all go in this one
                 await asyncio.wait_for(self.kv_journal.put(JOURNAL_KEY[0], self._own_key(), self._snapshot()),
                                        PUT_TIMEOUT_S)
@@ -83,8 +91,6 @@ class LedgerJournal:
                 if failing:
                     log.warning("budget ledger: snapshot copied to Ray's key-value store again")
                 failing = False
-                if self.__dict__.get("_kv_dirty") and (wait := started + KV_EVERY_S - loop.time()) > 0:
-                    await asyncio.sleep(wait)
 
     def _own_key(self) -> str:
         return own_key(JOURNAL_KEY[1], self.spec_incarnation)

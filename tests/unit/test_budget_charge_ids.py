@@ -102,3 +102,28 @@ def test_a_snapshot_of_before_stop_82_with_the_controller_s_ids_apart_is_taken_b
         assert abs(rep["charged_usd"] - 0.41) < 1e-9 and abs(rep["spent_usd"] - 0.41) < 1e-9
         await _stop(ctl, old)
     asyncio.run(go())
+
+
+def test_the_copy_in_ray_s_store_starts_at_most_once_per_interval_also_after_a_lull(monkeypatch):
+    """Each copy is the whole snapshot, ids and all. Timed within one writing task alone, a change that came after
+    the last copy had landed started a copy of its own at once: a change every 10 ms, one copy each."""
+    from actors import _budget_journal
+    from tests.unit.test_budget_kv_copy import HeldStore
+
+    monkeypatch.setattr(_budget_journal, "KV_EVERY_S", 3_600.0)  # the interval longer than the test, so it shows
+
+    async def go():
+        store = HeldStore()
+        ctl = BudgetController(SETTINGS, ResultHub(), ManualClock(100.0), kv_journal=store)
+        await ctl.check_ledger()
+        await ctl.charge_many(_charges(0, 10))
+        await asyncio.wait_for(ctl._kv_task, timeout=10)  # the first copy landed, its task ended: a lull
+        assert store.puts == 1
+        await ctl.charge_many(_charges(10, 20))
+        for _ in range(5):  # the copy's task given its turns
+            await asyncio.sleep(0)
+        assert store.puts == 1 and not ctl._kv_task.done()  # before: 2, a copy at once
+        ctl._kv_task.cancel()
+        await asyncio.gather(ctl._kv_task, return_exceptions=True)
+        await _stop(ctl)
+    asyncio.run(go())
