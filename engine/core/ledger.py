@@ -105,9 +105,9 @@ class KeptCharges:
 
     def blob(self) -> bytes:
         """``state()`` pickled, once per change: a memory ledger's journal snapshot carries it at every group of
-        changes, and reservations and settlements change no id. Built and pickled per snapshot, 16,384 ids cost
-        ~9 ms each and the budget actor's reserve + settle pairs fell from ~8,000/s to ~17/s (stop 82,
-        ``benchmarks/bench_budget_ids.py``)."""
+        changes, and reservations and settlements change no id. Built and pickled per snapshot (with the
+        controller's copy beside them), 16,384 ids cut the budget actor's reserve + settle pairs from ~8,400/s to
+        ~33/s for one caller (stop 82, ``benchmarks/bench_budget_ids.py``, docs/budgets.md)."""
         if self._blob is None:
             self._blob = pickle.dumps(self.state(), protocol=pickle.HIGHEST_PROTOCOL)
         return self._blob

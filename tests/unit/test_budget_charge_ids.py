@@ -37,7 +37,7 @@ def _restarted(hub: ResultHub, clock: ManualClock) -> BudgetController:
 
 def test_a_memory_ledger_s_snapshot_carries_each_charge_id_once_pickled_once_per_change_of_the_ids():
     """Before stop 82 the book's ids and the controller's (the same ids) went into every snapshot, each built and
-    pickled again for every group of reservations: 16,384 + 16,384 ids cut reserve + settle pairs ~8,000/s to ~17/s
+    pickled again for every group of reservations: 16,384 + 16,384 ids cut reserve + settle pairs ~8,400/s to ~33/s
     (``benchmarks/bench_budget_ids.py``)."""
     async def go():
         ctl = BudgetController(SETTINGS, ResultHub(), ManualClock(100.0))
