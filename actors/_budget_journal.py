@@ -31,6 +31,9 @@ from engine.core.ledger import KeptCharges
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
 JOURNAL_KEY = ("budget", "ledger")  # the space, and the stem of every key: ``ledger`` alone before stop 73
+# The stem of the charge ids' record in the hub (``charges@<incarnation>``): written with a snapshot only when the ids
+# changed since the last that landed there, the snapshot's own place for them then None (since stop 82).
+IDS_STEM = "charges"
 PUT_TIMEOUT_S = 10.0  # a snapshot write that takes longer is given up (logged); the next change writes again
 KV_RETRY_S = 1.0  # a copy Ray's store refused is written again this long after (the latest state), until it takes one
 # Copies start at most this often: under steady load the ledger changes all the time, and back-to-back copies would
@@ -43,17 +46,19 @@ class LedgerJournal:
     """Journal methods of ``BudgetController``."""
 
     # -- journal (memory ledger only) ----------------------------------------------------------------------------
-    def _snapshot(self) -> tuple:
+    def _snapshot(self, ids: bool = True) -> tuple:
+        """The ledger's state; ``ids``: with the charge ids in it (a copy in Ray's store), or not (the hub's, beside
+        its ids' record)."""
         b = self.book
         # Last: the budgets changed live, if any (every budget its windows name, and the names in force), so a
         # restart takes back the limits with the spend they were judged against, in one write.
         live = ((self.spec_version, [s.model_dump() for s in b.by_name.values()], [s.name for s in b.specs])
                 if self.spec_version else None)
-        # The charge ids once, pickled once per change of them (``KeptCharges.blob``); the controller's, the same
-        # object, None (until stop 82 both, each built and pickled again per snapshot: 1.5 MB and ~18 ms at 16,384
-        # + 16,384, and each group of reservations waited for it).
+        # The charge ids once, pickled once per change of them (``KeptCharges.blob``), or None: in the hub, their
+        # own record (``_put_hub``); the controller's place, None, the same object (until stop 82 both, each built
+        # and pickled again per snapshot: 1 MB at 16,384 + 16,384, and each group of reservations waited for it).
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun, b.latest, b.charged.blob(), live, dict(b.granted),
+                b.ended_overrun, b.latest, b.charged.blob() if ids else None, live, dict(b.granted),
                 self.__dict__.get("_seq_base", 0) + self._asked, None, self.__dict__.get("_epoch", 0), began(self))
 
     def _kv_soon(self) -> None:
@@ -141,12 +146,33 @@ class LedgerJournal:
 
     async def _put_snapshot(self) -> bool:
         """Whether the snapshot landed in the hub's journal."""
-        try:  # bounded: a reservation waits for this write (``_durable``), and a wedged hub must not hold it for good
-            await asyncio.wait_for(self.journal.put(JOURNAL_KEY[0], self._own_key(), self._snapshot()), PUT_TIMEOUT_S)
-        except Exception as exc:
-            log.warning("budget ledger: snapshot not journaled (%s: %s)", type(exc).__name__, exc)
-            return False
+        lock = self.__dict__.setdefault("_hub_lock", asyncio.Lock())
+        async with lock:  # one write out at a time: two landing out of order would pair a snapshot with older ids
+            try:  # bounded: a reservation waits for this write (``_durable``); a wedged hub must not hold it for good
+                await asyncio.wait_for(self._put_hub(), PUT_TIMEOUT_S)
+            except Exception as exc:
+                self._hub_ids = None  # landed or not, unknown: the next write carries them
+                log.warning("budget ledger: snapshot not journaled (%s: %s)", type(exc).__name__, exc)
+                return False
         return True
+
+    async def _put_hub(self) -> None:
+        """The snapshot without its charge ids, and with them their own record when they changed since the last
+        write that landed (up to 16,384 ids, 633 KB, were in every snapshot: a group of reservations waited for them
+        to be copied to the hub; stop 82). Refused by a hub restarted since, whose records are gone: then whole."""
+        space, key = JOURNAL_KEY[0], self._own_key()
+        if not len(self.book.charged):  # none yet: no record of their own, the snapshot holds the empty set
+            self._hub_ids = None
+            self._hub_store = await self.journal.put_checked(space, {key: self._snapshot()}, None)
+            return
+        if self.__dict__.get("_hub_ids") is self.book.charged.blob():  # the snapshot built before any await
+            store = await self.journal.put_checked(space, {key: self._snapshot(ids=False)}, self._hub_store)
+            if store == self._hub_store:
+                return
+        ids = self.book.charged.blob()  # taken again after that await: the ids and the snapshot of one moment
+        self._hub_store = await self.journal.put_checked(space, {key: self._snapshot(ids=False)}, None,
+                                                         {own_key(IDS_STEM, self.spec_incarnation): ids})
+        self._hub_ids = ids
 
     async def recover(self) -> bool:
         """After a restart: take the memory ledger back from the journal. Its reservations still open are
@@ -163,10 +189,12 @@ class LedgerJournal:
         restored = False
         try:
             own = self._own_key()
-            hub = earlier(await self._read(self.journal, "the hub's journal"), JOURNAL_KEY[1], own)
+            records = await self._read(self.journal, "the hub's journal")
+            hub = earlier(records, JOURNAL_KEY[1], own)
+            ids = earlier(records, IDS_STEM, own_key(IDS_STEM, self.spec_incarnation))
             copies = earlier(await self._read(self.kv_journal, "Ray's key-value store"), JOURNAL_KEY[1], own)
-            self._hub_superseded, self._kv_superseded = list(hub), list(copies)
-            found = [snap for snap in (*hub.values(), *copies.values()) if snap]
+            self._hub_superseded, self._kv_superseded = [*hub, *ids], list(copies)
+            found = [_with_ids(snap, k, ids) for k, snap in hub.items() if snap] + [s for s in copies.values() if s]
             # Numbered past every incarnation read (one whose copy never landed is ranked below by its changes).
             self._epoch = next_epoch(_rank(snap)[0] for snap in found)
             if not found:
@@ -227,6 +255,18 @@ class LedgerJournal:
         if open_:
             self.book.settle_many([(r, 0.0) for r in open_])
             self._changed()
+
+
+def _with_ids(snap: tuple, key: str, ids: dict) -> tuple:
+    """A hub snapshot with its charge ids back in their place, from its incarnation's ids' record."""
+    if len(snap) <= 8 or snap[8] is not None:  # written with them (before stop 82)
+        return snap
+    kept = ids.get(own_key(IDS_STEM, key.partition("@")[2]))
+    if kept is None:  # never, a snapshot without them is written only after its ids' record landed: said, not hidden
+        log.error("budget ledger: the charge ids of snapshot %s are missing from the hub's journal: a charge sent "
+                  "again after this restart counts again", key)
+        kept = KeptCharges().state()
+    return (*snap[:8], kept, *snap[9:])
 
 
 def _rank(snap: tuple) -> tuple[int, float, int]:

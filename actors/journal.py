@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import pickle
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -117,6 +118,15 @@ class MemoryJournalStore:
     async def journal_put_many(self, space: str, blobs: dict[str, bytes]) -> None:
         self._journal().setdefault(space, {}).update(blobs)
 
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None) -> str:
+        """Write ``blobs`` if this is the store ``store`` names (None: any), in one step; return this store's name
+        either way. A hub restarted since has a new name and none of the records: a write that leaves out a record
+        written before (the budget ledger's charge ids, written only when they change) is refused there."""
+        mine = self.__dict__.setdefault("_journal_store", secrets.token_hex(8))
+        if store is None or store == mine:
+            self._journal().setdefault(space, {}).update(blobs)
+        return mine
+
     async def journal_del(self, space: str, keys: list[str]) -> None:
         d = self._journal().get(space, {})
         for k in keys:
@@ -145,6 +155,13 @@ class HubJournal:
 
     async def put_many(self, space: str, values: dict[str, Any]) -> None:
         await self.hub.call("journal_put_many", space, {k: pickle.dumps(v) for k, v in values.items()})
+
+    async def put_checked(self, space: str, values: dict[str, Any], store: str | None,
+                          pickled: dict[str, bytes] | None = None) -> str:
+        """``put_many`` of ``values`` and of ``pickled`` (pickled already) if the hub is the store ``store`` names
+        (``MemoryJournalStore.journal_put_checked``); the hub's store's name."""
+        blobs = {k: pickle.dumps(v) for k, v in values.items()} | (pickled or {})
+        return await self.hub.call("journal_put_checked", space, blobs, store)
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:

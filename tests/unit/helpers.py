@@ -274,3 +274,7 @@ class HeldHub(ResultHub):
     async def journal_put_many(self, space: str, blobs: dict[str, bytes]) -> None:
         await self._gate()
         await super().journal_put_many(space, blobs)
+
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None) -> str:
+        await self._gate()
+        return await super().journal_put_checked(space, blobs, store)

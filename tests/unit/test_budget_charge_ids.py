@@ -127,3 +127,61 @@ def test_the_copy_in_ray_s_store_starts_at_most_once_per_interval_also_after_a_l
         await asyncio.gather(ctl._kv_task, return_exceptions=True)
         await _stop(ctl)
     asyncio.run(go())
+
+
+class SizedHub(ResultHub):
+    """The hub, noting the bytes of each journal write of the budget ledger's space."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def journal_put(self, space: str, key: str, blob: bytes) -> None:
+        self.sizes += [len(blob)] if space == JOURNAL_KEY[0] else []
+        await super().journal_put(space, key, blob)
+
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None) -> str:
+        self.sizes += [sum(map(len, blobs.values()))] if space == JOURNAL_KEY[0] else []
+        return await super().journal_put_checked(space, blobs, store)
+
+
+def test_the_charge_ids_go_to_the_hub_only_when_they_change():
+    """Before, every snapshot carried them: 633 KB at 16,384 ids copied into the hub's record at each group of
+    reservations (36 KB here for 1,000)."""
+    async def go():
+        hub, clock = SizedHub(), ManualClock(100.0)
+        ctl = BudgetController(SETTINGS, hub, clock)
+        await ctl.check_ledger()
+        await ctl.charge_many(_charges(0, 1_000))
+        assert hub.sizes[-1] > 30_000  # the ids, with the change that made them
+        del hub.sizes[:]
+        for k in range(5):
+            assert (await ctl.reserve_many([Claim(f"a{k}", "acme", "openai", "gpt-5-mini", "urgent", 0.5)]))[0].ok
+            await ctl.settle_many([(f"a{k}", 0.25)])
+        assert len(hub.sizes) == 10 and max(hub.sizes) < 2_000, hub.sizes  # before: 10 writes of ~36,000 bytes
+        await _stop(ctl)
+    asyncio.run(go())
+
+
+def test_a_hub_restarted_between_writes_gets_the_ids_again_before_the_next_change_is_answered():
+    """The hub's journal is its memory: restarted (its records gone), a snapshot written without the ids it was
+    given before is refused there (the hub's store has a new name) and written whole, so a restart of the controller
+    after it still counts each charge once; and a restart's successor leaves no older ids' record behind."""
+    async def go():
+        hub, clock = ResultHub(), ManualClock(100.0)
+        ctl = BudgetController(SETTINGS, hub, clock)
+        await ctl.check_ledger()
+        await ctl.charge_many(_charges(0, 200))
+        for name in ("_journal_spaces", "_journal_store"):  # the hub restarted by Ray, before the driver's rewire
+            hub.__dict__.pop(name)
+        assert (await ctl.reserve_many([Claim("a", "acme", "openai", "gpt-5-mini", "urgent", 0.5)]))[0].ok
+        again = _restarted(hub, clock)
+        await again.charge_many(_charges(0, 200))
+        rep = await again.report()
+        assert abs(rep["charged_usd"] - 2.0) < 1e-9 and abs(rep["spent_usd"] - 2.0) < 1e-9, rep
+        await asyncio.wait_for(again._journaling, 10)
+        await again.charge_many(_charges(200, 201))  # the ids changed: the successor writes its own record
+        assert set(await hub.journal_items(JOURNAL_KEY[0])) == {f"ledger@{again.spec_incarnation}",
+                                                              f"charges@{again.spec_incarnation}"}
+        await _stop(ctl, again)
+    asyncio.run(go())

@@ -97,7 +97,7 @@ def test_a_budget_actor_restarted_with_an_older_change_number_is_followed_and_so
         async def refused(*a):
             raise OSError("the hub did not take the write")
 
-        ctl.journal.put = refused  # the journal writes of the next two changes fail (logged; the ledger goes on)
+        ctl.journal.put = ctl.journal.put_checked = refused  # the journal writes of the next two changes fail (logged; the ledger goes on)
         await g.set_budgets(*await ctl.change_budgets([DAY.model_copy(update={"max_budget": 5.0})]))
         await g.set_budgets(*await ctl.change_budgets([DAY.model_copy(update={"max_budget": 6.0})]))
         assert (g._budget_version, _limit(g)) == (3, 6.0)
