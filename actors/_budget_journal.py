@@ -194,14 +194,15 @@ class LedgerJournal:
             ids = earlier(records, IDS_STEM, own_key(IDS_STEM, self.spec_incarnation))
             copies = earlier(await self._read(self.kv_journal, "Ray's key-value store"), JOURNAL_KEY[1], own)
             self._hub_superseded, self._kv_superseded = [*hub, *ids], list(copies)
-            found = [_with_ids(snap, k, ids) for k, snap in hub.items() if snap] + [s for s in copies.values() if s]
+            found = [(snap, k) for k, snap in hub.items() if snap] + [(s, None) for s in copies.values() if s]
             # Numbered past every incarnation read (one whose copy never landed is ranked below by its changes).
-            self._epoch = next_epoch(_rank(snap)[0] for snap in found)
+            self._epoch = next_epoch(_rank(snap)[0] for snap, _ in found)
             if not found:
                 return False
             # The newest: the hub's while it lived (the copy lags it by 0.25 s and a write at most), else Ray's
             # store's; of the incarnations', the last one's (a dead one's late write is its own key's, ranked below).
-            restored = self._restore(max(found, key=_rank))
+            snap, key = max(found, key=lambda f: _rank(f[0]))
+            restored = self._restore(snap if key is None else _with_ids(snap, key, ids))  # a hub's: its ids back
             return restored
         finally:
             self._restoring.set()
