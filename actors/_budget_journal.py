@@ -159,20 +159,29 @@ class LedgerJournal:
     async def _put_hub(self) -> None:
         """The snapshot without its charge ids, and with them their own record when they changed since the last
         write that landed (up to 16,384 ids, 633 KB, were in every snapshot: a group of reservations waited for them
-        to be copied to the hub; stop 82). Refused by a hub restarted since, whose records are gone: then whole."""
-        space, key = JOURNAL_KEY[0], self._own_key()
+        to be copied to the hub; stop 82). Refused by a hub restarted since, whose records are gone: then whole.
+        Each write numbered (``_hub_put``): one given up on here lands after the next too (Ray runs it anyway), and
+        its older ids would be paired with the snapshots written without them after it; the hub refuses it."""
+        key = self._own_key()
         if not len(self.book.charged):  # none yet: no record of their own, the snapshot holds the empty set
             self._hub_ids = None
-            self._hub_store = await self.journal.put_checked(space, {key: self._snapshot()}, None)
+            self._hub_store = await self._hub_put({key: self._snapshot()}, None)
             return
         if self.__dict__.get("_hub_ids") is self.book.charged.blob():  # the snapshot built before any await
-            store = await self.journal.put_checked(space, {key: self._snapshot(ids=False)}, self._hub_store)
+            store = await self._hub_put({key: self._snapshot(ids=False)}, self._hub_store)
             if store == self._hub_store:
                 return
         ids = self.book.charged.blob()  # taken again after that await: the ids and the snapshot of one moment
-        self._hub_store = await self.journal.put_checked(space, {key: self._snapshot(ids=False)}, None,
-                                                         {own_key(IDS_STEM, self.spec_incarnation): ids})
+        self._hub_store = await self._hub_put({key: self._snapshot(ids=False)}, None,
+                                              {own_key(IDS_STEM, self.spec_incarnation): ids})
         self._hub_ids = ids
+
+    async def _hub_put(self, values: dict, store: str | None, ids: dict | None = None) -> str:
+        self._hub_seq = self.__dict__.get("_hub_seq", 0) + 1
+        name = await self.journal.put_checked(JOURNAL_KEY[0], values, store, ids, self._hub_seq)
+        if not name:  # a later write of this ledger's took its keys: never one this actor waits for (one at a time)
+            raise RuntimeError("the hub holds a later write of this ledger")
+        return name
 
     async def recover(self) -> bool:
         """After a restart: take the memory ledger back from the journal. Its reservations still open are

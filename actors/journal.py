@@ -118,19 +118,29 @@ class MemoryJournalStore:
     async def journal_put_many(self, space: str, blobs: dict[str, bytes]) -> None:
         self._journal().setdefault(space, {}).update(blobs)
 
-    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None) -> str:
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None,
+                                  seq: int | None = None) -> str:
         """Write ``blobs`` if this is the store ``store`` names (None: any), in one step; return this store's name
         either way. A hub restarted since has a new name and none of the records: a write that leaves out a record
-        written before (the budget ledger's charge ids, written only when they change) is refused there."""
+        written before (the budget ledger's charge ids, written only when they change) is refused there. ``seq``:
+        the writer's number for this write, refused ("" returned) if one of its keys took a later one: a write its
+        caller gave up on (Ray runs it anyway) landing after the next paired a snapshot with older ids (stop 82)."""
         mine = self.__dict__.setdefault("_journal_store", secrets.token_hex(8))
-        if store is None or store == mine:
-            self._journal().setdefault(space, {}).update(blobs)
+        if store is not None and store != mine:
+            return mine
+        if seq is not None:
+            seqs = self.__dict__.setdefault("_journal_seqs", {})
+            if any(seqs.get((space, k), seq) > seq for k in blobs):
+                return ""
+            seqs.update(((space, k), seq) for k in blobs)
+        self._journal().setdefault(space, {}).update(blobs)
         return mine
 
     async def journal_del(self, space: str, keys: list[str]) -> None:
-        d = self._journal().get(space, {})
+        d, seqs = self._journal().get(space, {}), self.__dict__.get("_journal_seqs", {})
         for k in keys:
             d.pop(k, None)
+            seqs.pop((space, k), None)
 
     async def journal_items(self, space: str) -> dict[str, bytes]:
         return dict(self._journal().get(space, {}))
@@ -157,11 +167,11 @@ class HubJournal:
         await self.hub.call("journal_put_many", space, {k: pickle.dumps(v) for k, v in values.items()})
 
     async def put_checked(self, space: str, values: dict[str, Any], store: str | None,
-                          pickled: dict[str, bytes] | None = None) -> str:
+                          pickled: dict[str, bytes] | None = None, seq: int | None = None) -> str:
         """``put_many`` of ``values`` and of ``pickled`` (pickled already) if the hub is the store ``store`` names
-        (``MemoryJournalStore.journal_put_checked``); the hub's store's name."""
+        and no later ``seq`` took its keys (``MemoryJournalStore.journal_put_checked``); the hub's store's name."""
         blobs = {k: pickle.dumps(v) for k, v in values.items()} | (pickled or {})
-        return await self.hub.call("journal_put_checked", space, blobs, store)
+        return await self.hub.call("journal_put_checked", space, blobs, store, seq)
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:

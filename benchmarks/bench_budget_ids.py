@@ -65,9 +65,9 @@ class SizedHub(ResultHub):
         self.writes, self.written = self.writes + 1, self.written + len(blob)
         await super().journal_put(space, key, blob)
 
-    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store):  # since stop 82
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], *rest):  # since stop 82
         self.writes, self.written = self.writes + 1, self.written + sum(map(len, blobs.values()))
-        return await super().journal_put_checked(space, blobs, store)
+        return await super().journal_put_checked(space, blobs, *rest)
 
 
 async def _run(ids: int, seconds: float, callers: int) -> tuple[float, int, int]:

@@ -275,6 +275,7 @@ class HeldHub(ResultHub):
         await self._gate()
         await super().journal_put_many(space, blobs)
 
-    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None) -> str:
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None,
+                                  seq: int | None = None) -> str:
         await self._gate()
-        return await super().journal_put_checked(space, blobs, store)
+        return await super().journal_put_checked(space, blobs, store, seq)

@@ -140,9 +140,9 @@ class SizedHub(ResultHub):
         self.sizes += [len(blob)] if space == JOURNAL_KEY[0] else []
         await super().journal_put(space, key, blob)
 
-    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], store: str | None) -> str:
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], *rest) -> str:
         self.sizes += [sum(map(len, blobs.values()))] if space == JOURNAL_KEY[0] else []
-        return await super().journal_put_checked(space, blobs, store)
+        return await super().journal_put_checked(space, blobs, *rest)
 
 
 def test_the_charge_ids_go_to_the_hub_only_when_they_change():
@@ -183,5 +183,49 @@ def test_a_hub_restarted_between_writes_gets_the_ids_again_before_the_next_chang
         await again.charge_many(_charges(200, 201))  # the ids changed: the successor writes its own record
         assert set(await hub.journal_items(JOURNAL_KEY[0])) == {f"ledger@{again.spec_incarnation}",
                                                               f"charges@{again.spec_incarnation}"}
+        await _stop(ctl, again)
+    asyncio.run(go())
+
+
+class LateHub(ResultHub):
+    """A hub that runs a checked write its caller gave up on later: Ray does not cancel a call whose caller stopped
+    waiting (``PUT_TIMEOUT_S``), so it lands when the hub gets to it, after the caller's next write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.give_up = False
+        self.late: list[tuple] = []
+
+    async def journal_put_checked(self, space: str, blobs: dict[str, bytes], *rest) -> str:
+        if self.give_up:
+            self.give_up = False
+            self.late.append((space, blobs, *rest))
+            raise TimeoutError("the caller stopped waiting")
+        return await super().journal_put_checked(space, blobs, *rest)
+
+    async def land(self) -> None:
+        for args in self.late:
+            await super().journal_put_checked(*args)
+
+
+def test_a_write_given_up_on_that_lands_after_a_newer_one_does_not_pair_later_snapshots_with_its_older_ids():
+    """A fault test: the ids' record of a write the controller gave up on (a hub slow past ``PUT_TIMEOUT_S``) landed
+    over the newer one's, and the snapshots after it, written without ids, were read back with those older ids: the
+    charges between them, sent again after a restart, counted twice ($3.25 spent for $2.25)."""
+    async def go():
+        hub, clock = LateHub(), ManualClock(100.0)
+        ctl = BudgetController(SETTINGS, hub, clock)
+        await ctl.check_ledger()
+        hub.give_up = True
+        await ctl.charge_many(_charges(0, 100))  # its write given up on (logged), still on its way
+        await ctl.charge_many(_charges(100, 200))  # written whole: the ids' state unknown since the last
+        await hub.land()
+        assert (await ctl.reserve_many([Claim("a", "acme", "openai", "gpt-5-mini", "urgent", 0.5)]))[0].ok
+        await ctl.settle_many([("a", 0.25)])  # the ids unchanged: written without them
+        again = _restarted(hub, clock)
+        before = await again.report()
+        assert abs(before["charged_usd"] - 2.0) < 1e-9 and abs(before["spent_usd"] - 2.25) < 1e-9, before
+        await again.charge_many(_charges(0, 200))
+        assert abs((await again.report())["spent_usd"] - 2.25) < 1e-9
         await _stop(ctl, again)
     asyncio.run(go())
