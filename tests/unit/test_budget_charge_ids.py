@@ -172,7 +172,7 @@ def test_a_hub_restarted_between_writes_gets_the_ids_again_before_the_next_chang
         ctl = BudgetController(SETTINGS, hub, clock)
         await ctl.check_ledger()
         await ctl.charge_many(_charges(0, 200))
-        for name in ("_journal_spaces", "_journal_store"):  # the hub restarted by Ray, before the driver's rewire
+        for name in ("_journal_spaces", "_journal_store", "_journal_seqs"):  # the hub restarted by Ray, before the rewire
             hub.__dict__.pop(name)
         assert (await ctl.reserve_many([Claim("a", "acme", "openai", "gpt-5-mini", "urgent", 0.5)]))[0].ok
         again = _restarted(hub, clock)
