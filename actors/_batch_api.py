@@ -30,10 +30,12 @@ RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, dou
 class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
     """Batch-API methods of ``Dispatcher``."""
 
-    def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
+    def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job], first: bool = False) -> None:
+        """``first``: its members' first arrival here (``CutDispatches._before_create``)."""
         parts = self._file_parts(jobs) if self.provider.real else [jobs]
         if len(parts) == 1:
-            self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
+            key = self._before_create(f"{b.bid}-{secrets.token_hex(4)}", b, jobs, first)
+            self._spawn(self._run_batch(b, jobs, e.start, e.outcome, name=key), jobs, b)
             return
         # The provider's limit on one batch's size (OpenAI's 200 MB input file, Anthropic's 256 MB): a larger
         # batch is refused whole, and its members would all go sync at the full price; and for images, the memory
@@ -47,7 +49,8 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                  "images: at most %g MB of results each)", self.name, len(jobs), len(parts), self._max_file_mb(jobs),
                  self.settings.batch_results_max_mb)
         for k, part in enumerate(parts):
-            self._spawn(self._run_batch(b, part, e.start, e.outcome, name=f"{stem}#{k}"), part, b)
+            key = self._before_create(f"{stem}#{k}", b, part, first)
+            self._spawn(self._run_batch(b, part, e.start, e.outcome, name=key), part, b)
 
     def _max_file_mb(self, jobs: list[Job] | None = None) -> float | None:
         """The provider's limit on one batch of ``jobs`` (one model's): ``media_max_mb`` for a model of
@@ -78,6 +81,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
             # waited out the cancel, or were billed in it. Judged at its start unless it waited for the slot.
             now = self.clock.now()
             late = (self._cancelled or self._all_withdrawn(jobs)  # (a create a restart cut too: a review)
+                    or self._stop_took(key)  # (taken by the stop while it waited: ``cut_at_stop``)
                     or not cut and b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
             if not cut and not late and self._withdrawn:  # withdrawn while it waited for the slot: left out
                 jobs, cjobs = self._left_in(b, jobs, cjobs)
@@ -96,8 +100,12 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                 await self._journal_put(key)
                 # Withdrawn while it was journaled (a write may wait behind others): left out, as at the slot;
                 # all of them, or the engine cancelled, and it is never created. Before, sent in it and billed.
-                while not (late := self._cancelled or self._all_withdrawn(jobs)) and self._some_withdrawn(jobs):
+                while not (late := self._cancelled or self._all_withdrawn(jobs) or self._stop_took(key)) and \
+                        self._some_withdrawn(jobs):
                     await left_in()
+            if not self._create_begins(key):  # the stop's word came first: never created (``cut_at_stop``)
+                self._not_created(key, b, jobs, tokens)
+                return
             try:
                 if cut:
                     handle = await self._find_batch(cjobs, key, b.hedge_at)

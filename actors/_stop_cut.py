@@ -23,7 +23,9 @@ __all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "end_at_stop", "never_called"
 
 log = get_logger("smartbatch.engine")
 
-CUT_WAIT_S = 2.0  # real seconds the stop waits for its groupers' lists (one not answering names nothing)
+CUT_WAIT_S = 2.0  # real seconds the stop waits for its groupers' and dispatchers' lists (one silent names nothing)
+# The groupers' part of it at most; the dispatchers have the rest, at least half, however long a grouper is silent
+GROUPERS_SHARE = 0.5
 _NS = "smartbatch"  # (``actors._peer``'s namespace of what an engine publishes)
 
 
@@ -76,34 +78,48 @@ def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S,
                dispatchers: Iterable = ()) -> frozenset[str]:
     """Have ``groupers`` (actor handles) end what they hold, unsent, then ``dispatchers`` what waits at their gates
     (``actors._stop_cut_dispatch``: the groupers first, so none sends them more), and publish the ids they name as
-    never sent (``read_cut``). Those that do not answer within ``wait_s`` (in all) name nothing: their requests stay
-    "may have been billed". Returns the ids they named."""
+    never sent (``read_cut``). Each kind has its own share of ``wait_s``: the dispatchers are asked once every
+    grouper answered or at ``GROUPERS_SHARE`` of it, and the rest of it is theirs, a grouper's late answer still
+    counted. Before (stop 82's review), one grouper not answering (its Ray restarting) took the whole wait, and the
+    dispatchers, asked with none left, named nothing. Those that do not answer in time name nothing: their
+    requests stay "may have been billed". Returns the ids they named; the whole stop waits ``wait_s`` at most."""
     import time
 
     import ray
     from ray.experimental import internal_kv
 
-    until = time.monotonic() + wait_s
+    t0 = time.monotonic()
     cut: set[str] = set()
-    for kind, actors in (("grouper", list(groupers)), ("dispatcher", list(dispatchers))):
-        refs = []
+    out: list[tuple[object, str]] = []  # (call, its actor's kind) of the calls not answered yet
+
+    def ask(kind: str, actors: Iterable) -> None:
         for a in actors:
             try:
-                refs.append(a.cut_at_stop.remote())
+                out.append((a.cut_at_stop.remote(), kind))
             except Exception as exc:  # (Ray refusing the call: that one names nothing, the others still do)
                 log.warning("engine %s: a %s was not asked what the stop cut unsent (%s)", engine, kind,
                             type(exc).__name__)
-        left = max(until - time.monotonic(), 0.0)
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=left) if refs else ([], [])
-        for ref in ready:
+
+    def gather(until: float) -> None:
+        if not out:
+            return
+        ready, _ = ray.wait([r for r, _ in out], num_returns=len(out), timeout=max(until - time.monotonic(), 0.0))
+        for ref in ready:  # (Ray answers with refs equal to those asked, not the same objects)
+            kind = out.pop(next(i for i, (r, _) in enumerate(out) if r == ref))[1]
             try:
                 cut.update(ray.get(ref))
             except Exception as exc:  # (one dying in the stop: its requests stay "may have been billed")
                 log.warning("engine %s: a %s did not say what the stop cut unsent (%s)", engine, kind,
                             type(exc).__name__)
-        if len(ready) < len(refs):
+
+    ask("grouper", groupers)
+    gather(t0 + wait_s * GROUPERS_SHARE)
+    ask("dispatcher", dispatchers)
+    gather(t0 + wait_s)
+    for kind in ("grouper", "dispatcher"):
+        if late := sum(k == kind for _, k in out):
             log.warning("engine %s: %d %s(s) did not say within %.0f s what the stop cut unsent: their requests "
-                        "are told they may have been billed", engine, len(refs) - len(ready), kind, wait_s)
+                        "are told they may have been billed", engine, late, kind, wait_s)
     # With what this engine's stop named already (its driver's, before ``kill_engine``'s): the next start of the
     # name drops the list, so it holds this engine's ids alone.
     internal_kv._internal_kv_put(_key(engine), pickle.dumps(frozenset(cut) | read_cut(engine)), overwrite=True,

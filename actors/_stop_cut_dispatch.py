@@ -12,8 +12,11 @@ dispatcher Ray never restarted that never took a copy of a request it knew, nor 
 start. Those end ``cancelled`` (the retryable 503 at an endpoint); what it takes out and does not name ends with no
 result from here, its claim settled as a failure's is (at what an earlier call may have billed): a "cancelled"
 pulled before its driver saw the engine gone was the retryable 503 of a request that may have been billed (the
-groupers' rule, ``end_at_stop``). The rest, a batch whose create started, a sync call being journaled, a call
-under way, runs on until the stop's cancel and stays "may have been billed"."""
+groupers' rule, ``end_at_stop``). Since stop 82 (``cut2_82``) a batch the gate let start whose create has not
+begun (no HTTP call of it made: waiting for its create's slot, its journal record, or its task's first step) is
+taken alike, its members named by the same rule, and never created: its run checks the stop's word where the create
+begins, with no await before that call (``_create_begins``). The rest, a batch whose upload or create began, a sync
+call being journaled, a call under way, runs on until the stop's cancel and stays "may have been billed"."""
 
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ __all__ = ["CutDispatches"]
 class CutDispatches:
     """Needs the dispatcher's ``sim``, ``clock``, ``_queued_at``, ``_retrying``, ``_known``, ``_done``,
     ``_unanswered``, ``_flex_unanswered``, ``_kept``, ``reattached``, ``_final``, ``_member_done``,
-    ``_maybe_billed``, ``_pump`` and ``_kick``."""
+    ``_maybe_billed``, ``_pump``, ``_kick``, ``_withdrawn``, ``_end_withdrawn``, ``_release_dispatch`` and
+    ``_quota``."""
 
     _cut = False  # the stop named what waited here: nothing is queued from now on
     _reborn = False  # restarted by Ray: what it holds may be calls made before (``Recovery.reconstructed``)
@@ -36,6 +40,10 @@ class CutDispatches:
     # id(work item) -> item, of the items queued on their first arrival and not started (the item kept, so its id
     # is not reused while it is here)
     _first: dict[int, tuple] | None = None
+    # key -> (BatchJob, jobs, first arrival) of batches the gate let start whose create has not begun: no HTTP call
+    # of them made, not the upload, not the create (``_create_begins``)
+    _creating: dict[str, tuple] | None = None
+    _taken: dict[str, set[str]] | None = None  # key -> its members' ids, of those batches the stop took: never created
 
     def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job], since: float | None = None,
                  first: bool = False) -> None:
@@ -84,12 +92,52 @@ class CutDispatches:
                     self._final(b, j, False, 0.0, b.mode, error=ENGINE_CANCELLED)  # (its claim let go at 0)
                 else:
                     rest.append(j)
+        # Let start but not yet created (waiting for the create's slot, its journal record, or its task's first
+        # step): the batch is never created now (``_create_begins``). A member withdrawn ends as such on its run's way.
+        w, self._taken = self._withdrawn or {}, self._taken or {}
+        for key, (b, jobs, first) in (self._creating or {}).items():
+            took = [j for j in jobs if j.req.uid not in w and j.req.uid in self._known]  # (not ended: a bug's)
+            self._taken[key] = {j.req.uid for j in took}
+            for j in took:
+                if sure and first and self._never_called_here(j):
+                    named.append(j.req.uid)
+                    self._final(b, j, False, 0.0, b.mode, error=ENGINE_CANCELLED)
+                else:
+                    rest.append(j)
+        self._creating = {}
         # Waiting for a next try: never sent again, not named (a try was made).
         rest += [j for _, j in (self._retrying or {}).values()]
         self._retrying = {}
         self._end_unnamed(rest)
         self._pump()
         return named
+
+    def _before_create(self, key: str, b: BatchJob, jobs: list[Job], first: bool) -> str:
+        """Batch ``key`` of ``jobs`` is let start: until its create begins, a stop takes it (``cut_at_stop``)."""
+        if self._creating is None:
+            self._creating = {}
+        self._creating[key] = (b, jobs, first)
+        return key
+
+    def _stop_took(self, key: str) -> bool:
+        return bool(self._taken) and key in self._taken
+
+    def _create_begins(self, key: str) -> bool:
+        """Batch ``key``'s first HTTP call (its upload or its create) is made next, with no await between: False if
+        the stop took it first. In the same step it leaves the stop's reach, so a batch the stop names is never
+        created and one it does not is never named: both run on this one event loop."""
+        if self._creating:
+            self._creating.pop(key, None)
+        return not self._stop_took(key)
+
+    def _not_created(self, key: str, b: BatchJob, jobs: list[Job], tokens: int) -> None:
+        """Batch ``key``, taken by the stop, is never created: its gate's tokens and journal record go, and its
+        members the stop did not take (withdrawn then) end as withdrawn ones do."""
+        taken = self._taken.pop(key)
+        self._quota.ended(key)
+        self._release_dispatch(key, tokens, jobs[0].req.model)
+        self._end_unnamed(self._end_withdrawn(b, [j for j in jobs if j.req.uid not in taken]))
+        self._pump()
 
     def _retry_later(self, at: float, b: BatchJob, j: Job) -> None:
         """After the stop's word a next try is sent nowhere: it ends now, unnamed (a try of it was made). Left to

@@ -231,13 +231,15 @@ class Dispatcher(SyncCalls, CutDispatches, CancelDispatches, Outbox, BatchApiRun
         observed: dict[str, list[float]] = {}
         for e in events:
             b, jobs = e.work.item
-            queued_at = self._unqueued(e.work.item)[0]
+            queued_at, first = self._unqueued(e.work.item)
             if e.kind not in ("reroute", "to_standard"):
                 observed.setdefault(b.mode, []).extend(now - j.req.arrival_s for j in jobs)
                 if queued_at is not None:
                     self._counts.rate_limit_wait_s.setdefault(b.mode, []).extend(
                         [max(e.start - queued_at, 0.0)] * len(jobs))  # one per request, as dispatch waits
-            if jobs := self._to_start(e.kind, b, jobs):
+            if (jobs := self._to_start(e.kind, b, jobs)) and e.kind == "batch_api":
+                self._start_batch_api(e, b, jobs, first)  # (a stop may name its members until its create begins)
+            elif jobs:
                 getattr(self, "_start_" + e.kind)(e, b, jobs)
         for mode, waits in observed.items():
             self.waits.extend(waits)
