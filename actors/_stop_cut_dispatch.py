@@ -31,8 +31,8 @@ __all__ = ["CutDispatches"]
 class CutDispatches:
     """Needs the dispatcher's ``sim``, ``clock``, ``_queued_at``, ``_retrying``, ``_known``, ``_done``,
     ``_unanswered``, ``_flex_unanswered``, ``_kept``, ``reattached``, ``_final``, ``_member_done``,
-    ``_maybe_billed``, ``_pump``, ``_kick``, ``_withdrawn``, ``_end_withdrawn``, ``_release_dispatch`` and
-    ``_quota``."""
+    ``_maybe_billed``, ``_pump``, ``_kick``, ``_withdrawn``, ``_end_withdrawn``, ``_release_dispatch``,
+    ``_quota``, ``_open``, ``_unjournal`` and ``_space``."""
 
     _cut = False  # the stop named what waited here: nothing is queued from now on
     _reborn = False  # restarted by Ray: what it holds may be calls made before (``Recovery.reconstructed``)
@@ -98,6 +98,12 @@ class CutDispatches:
         for key, (b, jobs, first) in (self._creating or {}).items():
             took = [j for j in jobs if j.req.uid not in w and j.req.uid in self._known]  # (not ended: a bug's)
             self._taken[key] = {j.req.uid for j in took}
+            # Its record being written (before its upload or create): out of ``_open`` now, the write deleted once
+            # done (``_journal_put``). Left there, a stop that came before the write ended cancelled it as a batch
+            # under way, "no cancel reached" it, and settled its named members' claims again at their batch bound,
+            # counted possibly billed, for a batch never created (a review, ``rvcut2_82``).
+            if self._open.pop(key, None) is not None:
+                self._unjournal.append((self._space, key))
             for j in took:
                 if sure and first and self._never_called_here(j):
                     named.append(j.req.uid)

@@ -43,3 +43,36 @@ def test_a_batch_journaled_before_its_create_when_the_stop_comes_is_named_and_ne
             release.set()
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_batch_the_stop_took_while_its_record_was_written_is_no_batch_under_way_for_the_stops_cancel(emu, monkeypatch):  # noqa: F811
+    """The stop's cancel (``stop_spending``) comes while the record of a batch the stop took is still being written:
+    that batch is not one under way. Fails on the code before (a review, ``rvcut2_82``): ``(1, 1, 0)``, the batch
+    counted under way and "no cancel reached" it, its 4 named members' claims settled again at their batch bound
+    and counted possibly billed ($0.51), for a batch never created."""
+    from actors import _cancel
+
+    monkeypatch.setattr(_cancel, "CANCEL_CALL_S", 0.2)  # (before, the cancel waited this long for that record)
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        held, release = _held_once(rig.d.journal, "put")
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await asyncio.wait_for(held.wait(), 10.0)
+            assert len(await rig.d.cut_at_stop()) == len(jobs)
+            assert await rig.d.stop_spending() == (0, 0, 0)
+            assert rig.d.possibly_billed == 0 and rig.d.possibly_billed_usd == 0.0
+            release.set()
+            await rig.until(lambda: len(rig.results) == len(jobs), "every answer")
+            assert all(r.error == ENGINE_CANCELLED and not r.possibly_billed_usd for r in rig.results.values())
+            assert emu.count(UPLOAD["openai"]) == 0 and emu.count(CREATE["openai"]) == 0
+            await rig.settled_to(0.0)
+            await rig.until(lambda: not rig.d._unjournal and not rig.d._tasks, "the record's delete")
+            assert await rig.d.journal.items(rig.d._space) == {}  # (a later resume finds nothing of it)
+        finally:
+            release.set()
+            await rig.close()
+    asyncio.run(go())
