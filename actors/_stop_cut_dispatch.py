@@ -20,7 +20,7 @@ call being journaled, a call under way, runs on until the stop's cancel and stay
 
 from __future__ import annotations
 
-from actors._stop_cut import never_called
+from actors._stop_cut import never_called, read_cut
 from actors._types import OWN_ROWS, BatchJob, Job
 from engine.core.result import ENGINE_CANCELLED
 from engine.runtime.providers import Work
@@ -32,7 +32,7 @@ class CutDispatches:
     """Needs the dispatcher's ``sim``, ``clock``, ``_queued_at``, ``_retrying``, ``_known``, ``_done``,
     ``_unanswered``, ``_flex_unanswered``, ``_kept``, ``reattached``, ``_final``, ``_member_done``,
     ``_maybe_billed``, ``_pump``, ``_kick``, ``_withdrawn``, ``_end_withdrawn``, ``_release_dispatch``,
-    ``_quota``, ``_open``, ``_unjournal`` and ``_space``."""
+    ``_quota``, ``_open``, ``_unjournal``, ``_space`` and ``_engine``."""
 
     _cut = False  # the stop named what waited here: nothing is queued from now on
     _reborn = False  # restarted by Ray: what it holds may be calls made before (``Recovery.reconstructed``)
@@ -127,6 +127,14 @@ class CutDispatches:
 
     def _stop_took(self, key: str) -> bool:
         return bool(self._taken) and key in self._taken
+
+    def _named_at_stop(self, jobs: list[Job]) -> bool:
+        """Whether the engine's stop named one of ``jobs`` never sent (``read_cut``): a cut create of them, from the
+        record of a batch the stop took whose process died before it deleted it, is looked for, never made. Made
+        (a review, ``rvcut2_82``): that process restarted by Ray and woken by any call but the stop's cancel (a
+        grouper's late dispatch, the journal's watch) created it, its members told never sent and sent again."""
+        named = read_cut(self.__dict__.get("_engine", ""))
+        return bool(named) and any(j.req.uid in named for j in jobs)
 
     def _create_begins(self, key: str) -> bool:
         """Batch ``key``'s first HTTP call (its upload or its create) is made next, with no await between: False if
