@@ -81,7 +81,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
             # waited out the cancel, or were billed in it. Judged at its start unless it waited for the slot.
             now = self.clock.now()
             late = (self._cancelled or self._all_withdrawn(jobs)  # (a create a restart cut too: a review)
-                    or self._stop_took(key) or cut and self._named_at_stop(jobs)  # (the stop's word: ``cut_at_stop``)
+                    or self._stop_took(key) or cut and self._stop_began()  # (the stop's word: ``cut_at_stop``)
                     or not cut and b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
             if not cut and not late and self._withdrawn:  # withdrawn while it waited for the slot: left out
                 jobs, cjobs = self._left_in(b, jobs, cjobs)

@@ -19,7 +19,8 @@ from collections.abc import Iterable
 from actors._types import OWN_ROWS, Job
 from engine.core._logkeys import get_logger
 
-__all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "end_at_stop", "never_called", "never_sent", "read_cut"]
+__all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "end_at_stop", "never_called", "never_sent", "read_cut",
+           "stop_began"]
 
 log = get_logger("smartbatch.engine")
 
@@ -31,6 +32,11 @@ _NS = "smartbatch"  # (``actors._peer``'s namespace of what an engine publishes)
 
 def _key(engine: str) -> str:
     return f"{engine}:cut"
+
+
+def _mark(engine: str) -> str:
+    # (not the stop's claim, ``<engine>:stopping``: a driver stopping its own engine asks before it takes that)
+    return f"{engine}:cut-begun"
 
 
 def never_called(job: Job) -> bool:
@@ -89,6 +95,11 @@ def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S,
     from ray.experimental import internal_kv
 
     t0 = time.monotonic()
+    # Before anyone is asked: a dispatcher Ray restarts from now on makes no create its journal resumes, only looks
+    # for it (``CutDispatches._stop_began``). Guarded by the published list alone (a review, ``rvcut2_82``), it made
+    # one when its restart read the journal before this stop published, up to ``wait_s`` later: a batch of members
+    # told never sent. Not written (no Ray answering), it raises: the stop names nothing, and nothing is told so.
+    internal_kv._internal_kv_put(_mark(engine), b"1", overwrite=True, namespace=_NS)
     cut: set[str] = set()
     out: list[tuple[object, str]] = []  # (call, its actor's kind) of the calls not answered yet
 
@@ -139,8 +150,21 @@ def read_cut(engine: str) -> frozenset[str]:
     return pickle.loads(raw) if raw else frozenset()
 
 
+def stop_began(engine: str) -> bool:
+    """Whether a stop of ``engine`` began naming what it cut unsent (``cut_unsent``'s mark, written before it asks
+    anyone). False when no Ray answers: then nothing was published either, and a resumed create is made as before."""
+    try:
+        from ray.experimental import internal_kv
+
+        return internal_kv._internal_kv_get(_mark(engine), namespace=_NS) is not None
+    except Exception:
+        return False
+
+
 def drop_cut(engine: str) -> None:
-    """Forget what an earlier stop of ``engine`` cut (a new engine of the name starts: its ids may be reused)."""
+    """Forget what an earlier stop of ``engine`` cut, and its mark (a new engine of the name starts: its ids may be
+    reused, and its dispatchers' resumed creates are made)."""
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_del(_key(engine), namespace=_NS)
+    internal_kv._internal_kv_del(_mark(engine), namespace=_NS)

@@ -20,7 +20,7 @@ call being journaled, a call under way, runs on until the stop's cancel and stay
 
 from __future__ import annotations
 
-from actors._stop_cut import never_called, read_cut
+from actors._stop_cut import never_called, read_cut, stop_began
 from actors._types import OWN_ROWS, BatchJob, Job
 from engine.core.result import ENGINE_CANCELLED
 from engine.runtime.providers import Work
@@ -128,13 +128,32 @@ class CutDispatches:
     def _stop_took(self, key: str) -> bool:
         return bool(self._taken) and key in self._taken
 
-    def _named_at_stop(self, jobs: list[Job]) -> bool:
-        """Whether the engine's stop named one of ``jobs`` never sent (``read_cut``): a cut create of them, from the
-        record of a batch the stop took whose process died before it deleted it, is looked for, never made. Made
-        (a review, ``rvcut2_82``): that process restarted by Ray and woken by any call but the stop's cancel (a
-        grouper's late dispatch, the journal's watch) created it, its members told never sent and sent again."""
-        named = read_cut(self.__dict__.get("_engine", ""))
-        return bool(named) and any(j.req.uid in named for j in jobs)
+    def _stop_began(self) -> bool:
+        """Whether the engine's stop began naming what it cut (``stop_began``: its mark, written before it asks
+        anyone): a cut create, resumed from a journal record, is then looked for, never made. The record may be
+        one a batch the stop took left (its process dead before the delete), its members told never sent. Guarded
+        by the published list (``rvcut2_82``), a restart that read its journal before the stop published, 2 s at
+        most later, made the create: its members billed, and again when retried. The stop cancels the rest."""
+        return stop_began(self.__dict__.get("_engine", ""))
+
+    def _stop_named(self, records: dict) -> frozenset[str]:
+        """What the engine's stop published as never sent (``read_cut``), read once a restart finds journal
+        ``records`` with a cut create (no handle): the only records that can hold them."""
+        return read_cut(self.__dict__.get("_engine", "")) if any(r[4] is None for r in records.values()) else \
+            frozenset()
+
+    def _named_out(self, jobs: list[Job], handle, named: frozenset[str]) -> list[Job]:
+        """Of a restart's record of a cut create, the members the stop did not name. Those it named (their batch
+        taken, its process dead before the record's delete) were answered never sent and their claims let go at 0:
+        let go at 0 again here (the ledger takes a claim once; that process may have died before its settlement
+        left), never in a batch under way. Resumed (a review, ``rvcut2_82``), a stop's cancel that came before the
+        create's lookup ended settled them at their bound, possibly billed: a ledger's over-count."""
+        if handle is not None or not named:
+            return jobs
+        for j in jobs:
+            if j.req.uid in named and j.claim is not None:
+                self._settle.append((j.claim, 0.0))
+        return [j for j in jobs if j.req.uid not in named]
 
     def _create_begins(self, key: str) -> bool:
         """Batch ``key``'s first HTTP call (its upload or its create) is made next, with no await between: False if

@@ -118,8 +118,11 @@ def test_a_record_left_by_a_batch_the_stop_named_is_never_created_by_the_restart
             d2 = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
                             rig.budget, key=Secret(KEY))
             d2.reconstructed()
-            assert await d2.recover() == 1  # (a grouper's ``run_many`` waits for this: ``_ready``)
-            await rig.until(lambda: emu.count(UPLOAD["openai"]) or not d2._open, "its lookup's end")
+            # (a grouper's ``run_many`` waits for this: ``_ready``.) Its members all named: none resumed since
+            # stop 82's ``cut3_82``, the record deleted (``CutDispatches._named_out``)
+            assert await d2.recover() == 0 and not d2._open
+            await rig.until(lambda: not d2._unjournal and not d2._tasks, "the record's delete")
+            assert await d2.journal.items(d2._space) == {}
             assert emu.count(UPLOAD["openai"]) == 0 and emu.count(CREATE["openai"]) == 0 and emu.bill().items == ()
         finally:
             dead.set()
