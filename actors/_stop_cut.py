@@ -88,7 +88,8 @@ def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S,
     grouper answered or at ``GROUPERS_SHARE`` of it, and the rest of it is theirs, a grouper's late answer still
     counted. Before (stop 82's review), one grouper not answering (its Ray restarting) took the whole wait, and the
     dispatchers, asked with none left, named nothing. Those that do not answer in time name nothing: their
-    requests stay "may have been billed". Returns the ids they named; the whole stop waits ``wait_s`` at most."""
+    requests stay "may have been billed". Returns the ids they named; the whole stop waits ``wait_s`` at most.
+    First, before any is asked, it marks the engine's stop begun (``stop_began``)."""
     import time
 
     import ray
@@ -152,7 +153,8 @@ def read_cut(engine: str) -> frozenset[str]:
 
 def stop_began(engine: str) -> bool:
     """Whether a stop of ``engine`` began naming what it cut unsent (``cut_unsent``'s mark, written before it asks
-    anyone). False when no Ray answers: then nothing was published either, and a resumed create is made as before."""
+    anyone). False when Ray's store does not answer (no Ray, or Ray going down): a resumed create is made, as before
+    the mark; a read that fails while the stop's mark is there is the one case the mark does not cover."""
     try:
         from ray.experimental import internal_kv
 
