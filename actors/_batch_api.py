@@ -109,7 +109,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
             try:
                 if cut:
                     handle = await self._find_batch(cjobs, key, b.hedge_at)
-                if handle is None and not late:  # (a cut create's body stays: the cut create may have made it)
+                if handle is None and not (late or self._named_in(key)):  # (a cut create's body stays as cut)
                     handle = await self._submit(cjobs, b.hedge_at, key, body, None if cut else left_in)
             except Exception as exc:  # the provider refused the batch: nothing ran, so the members go back
                 log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))

@@ -207,11 +207,11 @@ class CancelDispatches:
         the provider batches under way, as ``cancel`` does, and wait a little for the deletes of ended batches'
         input files (``FileCleanup.drain``). Returns how many were open, how many of those no cancel reached in
         time (they run on, billed), and how many jobs its calls were polling (videos: no cancel exists, each is
-        billed when it completes; their records stay in the journal, ``_dispatch_jobs``). A dispatcher Ray
-        restarted reads its journal first, with the engine's ``clock`` and ``journal_copy`` the stop gives it
-        (``Recovery._recover_at_stop``): asked before, it knew of no batch, and they ran on, billed."""
+        billed when it completes; their records stay in the journal, ``_dispatch_jobs``). A dispatcher Ray restarted
+        reads its journal first (``_recover_at_stop``): asked before, it knew of no batch, and they ran on, billed."""
         if self._must_recover:
             await self._recover_at_stop(clock, journal_copy)
+        self._named_left_out()  # (``CutDispatches``: a cut create its journal's read, before the stop's list, resumed)
         under_way = set(self._open)
         self._stopping = True
         await self.cancel()

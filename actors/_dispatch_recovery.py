@@ -213,7 +213,7 @@ class Recovery:
         self._resume_jobs(jobs, resumed)  # before any await: the calls just spawned have not run yet
         named = self._stop_named(records)  # (``CutDispatches``: never in a batch under way again)
         for key, (b, jobs, start, tokens, handle, body) in records.items():
-            jobs = self._named_out(jobs, handle, named)
+            jobs = self._named_out(jobs, handle, named, key)
             # Not those sent again (a hedged member sent sync) nor those answered before the restart: a record
             # outlives its batch until its results are with the hub, and a restart in its delete's retry window
             # re-attached to the ended batch and handed back members already served, to be sent and paid again.
