@@ -161,6 +161,7 @@ class CutDispatches:
                 self._settle.append((j.claim, 0.0))
                 if done is not None:  # (the stop's settlements began: none of these is settled again)
                     done.add(j.claim)
+                self._kick()  # (sent now: held until the next flush, their room stayed taken)
         gone = {id(j) for j in out}
         return [j for j in jobs if id(j) not in gone]
 

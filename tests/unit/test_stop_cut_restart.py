@@ -212,7 +212,9 @@ def test_a_restarts_record_keeps_a_readmitted_copy_whose_original_the_stop_named
             await asyncio.wait_for(held.wait(), 10.0)
             (rec,) = d2._open.values()
             assert [j.seq for j in rec[1]] == [OWN_ROWS + 1]
-            assert (jobs[0].claim, 0.0) not in d2._settle and len(d2._settle) == 3
+            await rig.until(lambda: not d2._settle, "the settlements' flush")
+            assert await d2.budget.delivered(5.0)  # the originals' claims let go at 0, the copy's held
+            assert list(rig.budget.book.claims) == [jobs[0].claim]
         finally:
             release.set()
             if dead is not None:
