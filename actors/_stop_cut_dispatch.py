@@ -32,7 +32,7 @@ class CutDispatches:
     """Needs the dispatcher's ``sim``, ``clock``, ``_queued_at``, ``_retrying``, ``_known``, ``_done``,
     ``_unanswered``, ``_flex_unanswered``, ``_kept``, ``reattached``, ``_final``, ``_member_done``,
     ``_maybe_billed``, ``_pump``, ``_kick``, ``_withdrawn``, ``_end_withdrawn``, ``_release_dispatch``,
-    ``_quota``, ``_open``, ``_unjournal``, ``_space`` and ``_engine``."""
+    ``_quota``, ``_open``, ``_unjournal``, ``_space``, ``_settle``, ``_settled_at_stop`` and ``_engine``."""
 
     _cut = False  # the stop named what waited here: nothing is queued from now on
     _reborn = False  # restarted by Ray: what it holds may be calls made before (``Recovery.reconstructed``)
