@@ -20,12 +20,22 @@ call being journaled, a call under way, runs on until the stop's cancel and stay
 
 from __future__ import annotations
 
+import re
+
 from actors._stop_cut import never_called, read_cut, stop_began
 from actors._types import OWN_ROWS, BatchJob, Job
 from engine.core.result import ENGINE_CANCELLED
 from engine.runtime.providers import Work
 
 __all__ = ["CutDispatches"]
+
+
+def _engine_of(journal: str) -> str:
+    """The engine's name, which its stop publishes under (``actors._stop_cut``), of the name a dispatcher is given:
+    its run's journal's, ``<engine>@<8 hex>`` (``actors.remote.start_actors``). Read under that one (a review,
+    ``rvcut3_82``), the stop's mark and list were never found: every restart made its cut creates."""
+    m = re.fullmatch(r"(.+)@[0-9a-f]{8}", journal)
+    return m.group(1) if m else journal
 
 
 class CutDispatches:
@@ -135,14 +145,14 @@ class CutDispatches:
         one a batch the stop took left (its process dead before the delete), its members told never sent. Guarded
         by the published list (``rvcut2_82``), a restart that read its journal before the stop published, 2 s at
         most later, made the create: its members billed, and again when retried. The stop cancels the rest."""
-        return stop_began(self.__dict__.get("_engine", ""))
+        return stop_began(_engine_of(self.__dict__.get("_engine", "")))
 
     def _stop_named(self, records: dict) -> frozenset[str]:
         """What the engine's stop published as never sent (``read_cut``), read once a restart finds ``records``
         (its journal's, or ``_open`` at the stop's cancel) with a cut create (no handle): the only ones that can hold
         them."""
-        return read_cut(self.__dict__.get("_engine", "")) if any(r[4] is None for r in records.values()) else \
-            frozenset()
+        return read_cut(_engine_of(self.__dict__.get("_engine", ""))) if any(r[4] is None for r in records.values()) \
+            else frozenset()
 
     def _named_out(self, jobs: list[Job], handle, named: frozenset[str], key: str | None = None) -> list[Job]:
         """Of a restart's record of a cut create, the members the stop did not name. Those it named (their batch

@@ -93,7 +93,7 @@ class Dispatcher(SyncCalls, CutDispatches, CancelDispatches, Outbox, BatchApiRun
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
-        self._engine = engine  # (its stop's mark and what it named are published under it: ``CutDispatches``)
+        self._engine = engine  # (its run's journal name: its stop publishes under the engine's, ``CutDispatches``)
         self.journal = make_journal(settings, engine, self.hub, self._journal_back, f"dispatcher:{provider}")
         self._space = f"batches:{provider}"
         # idempotency key -> (dispatch, job, cache_write, body) of a sync call over HTTP, until it ends

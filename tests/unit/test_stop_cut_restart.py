@@ -49,11 +49,11 @@ def _killed(rig: Rig) -> None:
         t.cancel()
 
 
-def _restarted(rig: Rig):
+def _restarted(rig: Rig, engine: str = "engine"):
     from actors.dispatcher import Dispatcher
 
     d2 = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None, rig.budget,
-                    key=Secret(KEY))
+                    key=Secret(KEY), engine=engine)
     d2.reconstructed()
     return d2
 
@@ -257,6 +257,37 @@ def test_a_restarts_cut_create_whose_members_the_stop_named_is_never_made_when_t
             d2 = _restarted(rig)
             assert await d2.recover() == 1  # (the one not named, looked up)
             await rig.until(lambda: not d2._tasks, "its cut create's end")
+            assert emu.count(UPLOAD) == 0 and emu.count(CREATE) == 0 and emu.bill().items == ()
+        finally:
+            if dead is not None:
+                dead.set()
+            if d2 is not None:
+                await d2.provider.close()
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_restart_given_its_runs_journal_name_as_an_engine_starts_it_sees_the_stops_mark(emu, monkeypatch):  # noqa: F811
+    """``start_actors`` gives a dispatcher its run's journal name (``<engine>@<8 hex>``), the stop publishes under
+    the engine's name (``cut_unsent(engine)``): the restart reads the mark under the engine's name, and its cut
+    create of the batch the stop took is only looked up. The tests above give it the engine's name itself. Fails
+    on the code before (a review, ``rvcut3_82``): ``count('files.create')`` 1, not 0: the mark, and the list, were
+    looked for under ``engine@0a1b2c3d`` where nothing is published, in every engine, since ``rvcut2_82``."""
+    from actors import _stop_cut
+
+    store = _fake_store(monkeypatch)
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig, d2, dead = Rig(emu, "openai"), None, None
+        try:
+            _, dead = await _taken_and_dead(rig, jobs)
+            store[_stop_cut._mark("engine")] = b"1"  # (``cut_unsent("engine")``: the list not published yet)
+            await rig.d.cut_at_stop()
+            _killed(rig)
+            d2 = _restarted(rig, "engine@0a1b2c3d")
+            assert await d2.recover() == 1
+            await rig.until(lambda: emu.count(UPLOAD) or not d2._open, "its cut create's end")
             assert emu.count(UPLOAD) == 0 and emu.count(CREATE) == 0 and emu.bill().items == ()
         finally:
             if dead is not None:
