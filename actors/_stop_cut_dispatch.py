@@ -159,7 +159,9 @@ class CutDispatches:
         taken, its process dead before the record's delete) were answered never sent and their claims let go at 0:
         let go at 0 again here (the ledger takes a claim once; that process may have died before its settlement
         left), never in a batch under way. Resumed (a review, ``rvcut2_82``), a stop's cancel that came before the
-        create's lookup ended settled them at their bound, possibly billed: a ledger's over-count."""
+        create's lookup ended settled them at their bound, possibly billed: a ledger's over-count. A re-admitted copy
+        (its original's id) stays: none is named, and it may have gone out in the create. ``key``: the record's, its
+        create then never made (``_named_in``)."""
         if handle is not None or not named:
             return jobs
         out = [j for j in jobs if j.req.uid in named and j.seq < OWN_ROWS]  # (a copy shares its id: never named)
@@ -171,7 +173,8 @@ class CutDispatches:
                 self._settle.append((j.claim, 0.0))
                 if done is not None:  # (the stop's settlements began: none of these is settled again)
                     done.add(j.claim)
-                self._kick()  # (sent now: held until the next flush, their room stayed taken)
+        if out:
+            self._kick()  # (sent now: held until the next flush, their room stayed taken)
         gone = {id(j) for j in out}
         return [j for j in jobs if id(j) not in gone]
 
