@@ -7,12 +7,16 @@ dispatcher are plain classes here; the dispatcher calls the provider emulator ov
 from __future__ import annotations
 
 import asyncio
+import math
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
 
 from actors import Grouper, ResultHub
 from actors._types import Job
-from engine.core.clock import ManualClock
+from engine.core.clock import Clock, ManualClock
 from policies import load_policy
 from tests.unit.helpers import Recorder
 from tests.unit.test_actors import ledger
@@ -202,24 +206,56 @@ def test_once_the_engine_is_cancelled_a_batch_is_read_to_its_end_whatever_its_ca
     asyncio.run(go())
 
 
+class HeldClock(Clock):
+    """Engine time at ``speed`` times the wall clock, never past ``limit()`` (read anew on the test's thread at
+    every ``now``): a test holds the time still while a step takes what real time it takes, and lets it run on
+    once the step is done. The emulator's thread reads it too (under its own locks, so it never calls ``limit``)."""
+
+    def __init__(self, t: float, speed: float, limit: Callable[[], float]):
+        self.t, self.speed, self._limit, self._cap = t, speed, limit, t
+        self._wall, self._lock, self._owner = time.monotonic(), threading.Lock(), threading.get_ident()
+
+    def now(self) -> float:
+        cap = self._limit() if threading.get_ident() == self._owner else None
+        with self._lock:
+            self._cap = self._cap if cap is None else cap
+            wall = time.monotonic()
+            self.t = max(min(self.t + (wall - self._wall) * self.speed, self._cap), self.t)
+            self._wall = wall
+            return self.t
+
+    def real_delay(self, virtual_s: float) -> float:
+        return max(virtual_s, 0.0) / self.speed
+
+
 def test_a_batch_whose_hedge_passes_while_it_finalizes_is_polled_at_its_pace_not_in_a_spin():
     """A batch that reached "finalizing" (every member ran and is billed) before its hedge is waited for, not
     cancelled. Once the hedge had passed, the wait until it was the hedge itself, in the past: the follow-up
     polled as fast as the provider answered (a review: 323 polls in 260 engine seconds)."""
     from engine.emulator import Emulator
 
-    # At a quarter speed, the hedge midway: it is set before the upload and the create, whose real time moves the
-    # members' end toward it; 150 engine seconds were 0.15 s of real time at SPEED (failed 6 of 8 fresh runs on a
-    # loaded machine, a helper's hunt), 200 are 0.8 s here.
+    # The time stands still through the upload and the create, and again between the members' end and the hedge
+    # until two polls saw the batch there: on real time alone, the upload's and the create's real time moved the
+    # members' end toward the hedge set before them, and a poll had 0.8 s of real time to fall between the two
+    # (failed 6 of 8 fresh runs on a loaded machine at 0.15 s, and once in stop 82 at 0.8 s).
+    start, ended = 1000.0, 1000.0 + 1.0 + T  # created at start, validated 1 s, every member ends T later
+
+    def limit() -> float:
+        if not slow_end.count("batches.create", status=200):
+            return start
+        seen = [c for c in slow_end.calls if c.route == "batches.retrieve" and c.at >= ended + 100.0]
+        return ended + 100.0 if len(seen) < 2 else math.inf  # the second poll there was sent after it stood
+
+    clock = HeldClock(start, SPEED / 4, limit)
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED / 4, cancel_s=EMU_CANCEL_S, validating_s=1.0,
                   finalizing_s=400.0) as slow_end:
+        slow_end.follow(clock)  # one time for both: every member ends with the batch, T after its validation
         jobs = jobs_of("openai")
 
         async def go():
-            rig = Rig(slow_end, "openai", speed=SPEED / 4)
+            rig = Rig(slow_end, "openai", clock=clock)
             try:
-                # Members end at about 1 + T; the batch completes 400 later; the hedge falls between.
-                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + 1.0 + T + 200.0)
+                await rig.run("batch_api", jobs, hedge_at=ended + 200.0)  # the batch completes 400 after `ended`
                 await rig.resolved(jobs)
                 assert all(rig.results[j.req.id].status == "ok" for j in jobs)  # waited for, never cancelled
                 assert slow_end.count("batches.cancel") == 0

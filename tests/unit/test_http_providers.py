@@ -37,7 +37,7 @@ from engine.app.provider_setup import http_setup
 from engine.core.batchfile import provider_status
 from engine.core.budgets import BudgetSettings, Claim
 from engine.core.catalog import Catalog, default_catalog
-from engine.core.clock import ManualClock, ScaledClock
+from engine.core.clock import Clock, ManualClock, ScaledClock
 from engine.core.cost import price_usage, reserve_bound
 from engine.core.draws import Draws
 from engine.core.provider_api import CallJob, CallOutcome, Provider, Secret, call_key, idempotency_key
@@ -129,7 +129,7 @@ class Rig:
     """One dispatcher over HTTP at the emulator, with a hub, a budget ledger and a recording grouper."""
 
     def __init__(self, emu: Emulator, provider: str = "openai", *, key: str = KEY, speed: float = SPEED,
-                 endpoint: dict[str, Any] | None = None, **settings_kw: Any):
+                 endpoint: dict[str, Any] | None = None, clock: Clock | None = None, **settings_kw: Any):
         self.emu, self.name = emu, provider
         http = tuple(dict.fromkeys(("openai", "anthropic", provider)))  # google too when it is the one driven
         self.settings = http_settings(emu, http=http, **settings_kw)
@@ -140,7 +140,7 @@ class Rig:
                 update={"endpoints": eps})})
         # The catalog the engine plans with: its batch_api.cancel_s is the endpoint's (engine.app.driver).
         self.catalog, _ = http_setup(emu.catalog, self.settings, need_keys=False)
-        self.clock = ScaledClock(time.time(), speed)
+        self.clock = clock or ScaledClock(time.time(), speed)
         self.hub, self.grouper = ResultHub(), Recorder()
         self.budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
         self.d = Dispatcher(provider, self.catalog, self.settings, 0, self.clock, [self.grouper], self.hub, None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -25,13 +26,25 @@ from engine.core.clock import ManualClock
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import Secret
 from engine.core.settings import Settings
+from engine.emulator import Emulator
 from tests.unit.helpers import Recorder
 
 from . import test_stop_settles
 from .test_batch_rescue import FAR
-from .test_http_providers import KEY, Rig, jobs_of, req
+from .test_http_providers import CAT, KEY, SPEED, VALIDATING_S, Rig, jobs_of, req
 
-slow_cancel_emu = test_stop_settles.slow_cancel_emu  # (a fixture: a batch still cancelling when the actor goes)
+
+@pytest.fixture
+def still() -> Iterator[tuple[Emulator, ManualClock]]:
+    """``test_stop_settles.slow_cancel_emu`` on a clock that stands still, the rig's too: the batch is in progress
+    however long the machine takes between its create and the stop's cancel. At ``SPEED`` its turnaround was 1 s
+    of real time, which a loaded machine passed: the cancel found it completed (a flake hunt, stop 82: 1 of 4
+    runs beside two busy loops)."""
+    clock = ManualClock(1000.0)
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=86_400.0, validating_s=VALIDATING_S["openai"],
+                  finalizing_s=1.0) as e:
+        e.follow(clock)
+        yield e, clock
 
 
 class _Gone:
@@ -50,9 +63,11 @@ async def _close(rig, again) -> None:
         await again.provider.close()
 
 
-def test_a_dispatcher_restarted_at_the_stop_reads_the_hub_journal_copy_and_cancels_its_batch(slow_cancel_emu):
+def test_a_dispatcher_restarted_at_the_stop_reads_the_hub_journal_copy_and_cancels_its_batch(still):
+    slow_cancel_emu, clock = still
+
     async def go():
-        rig = Rig(slow_cancel_emu, "openai")
+        rig = Rig(slow_cancel_emu, "openai", clock=clock)
         again = None
         try:
             jobs = jobs_of("openai", claims=True)
@@ -249,7 +264,7 @@ def test_a_video_under_way_when_a_dispatcher_dies_in_the_stop_is_settled_at_its_
 
 @pytest.mark.parametrize(("keyed", "watched"), [(True, False), (False, False), (True, True)],
                          ids=["its key here", "no key here", "its members sent again"])
-def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itself(keyed, watched, slow_cancel_emu,
+def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itself(keyed, watched, still,
                                                                                  monkeypatch, caplog):
     """Ray did not bring it back within the stop's bound (a restart is a new process importing the package and
     the SDK: 37 s and more at load 12 on 2 cores, stop 81). The stop named the dispatcher at ERROR and left its
@@ -282,8 +297,10 @@ def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itsel
         settle_many = SimpleNamespace(remote=lambda items: settled.extend(items) or True)
         ping = SimpleNamespace(remote=lambda: None)
 
+    slow_cancel_emu, clock = still
+
     async def go():
-        rig = Rig(slow_cancel_emu, "openai")
+        rig = Rig(slow_cancel_emu, "openai", clock=clock)
         try:
             jobs = jobs_of("openai", claims=True)
             await rig.reserve(jobs)
