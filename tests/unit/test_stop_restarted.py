@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -26,25 +25,13 @@ from engine.core.clock import ManualClock
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import Secret
 from engine.core.settings import Settings
-from engine.emulator import Emulator
 from tests.unit.helpers import Recorder
 
 from . import test_stop_settles
 from .test_batch_rescue import FAR
-from .test_http_providers import CAT, KEY, SPEED, VALIDATING_S, Rig, jobs_of, req
+from .test_http_providers import KEY, Rig, jobs_of, req
 
-
-@pytest.fixture
-def still() -> Iterator[tuple[Emulator, ManualClock]]:
-    """``test_stop_settles.slow_cancel_emu`` on a clock that stands still, the rig's too: the batch is in progress
-    however long the machine takes between its create and the stop's cancel. At ``SPEED`` its turnaround was 1 s
-    of real time, which a loaded machine passed: the cancel found it completed (a flake hunt, stop 82: 1 of 4
-    runs beside two busy loops)."""
-    clock = ManualClock(1000.0)
-    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=86_400.0, validating_s=VALIDATING_S["openai"],
-                  finalizing_s=1.0) as e:
-        e.follow(clock)
-        yield e, clock
+still = test_stop_settles.still  # (a fixture: the batch in progress whatever the machine's speed)
 
 
 class _Gone:
