@@ -61,7 +61,7 @@ def billed_reason(reason: str, mode: str) -> str:
     (refused, timed out, served at another tier, or a server that does not take it) was called and billed at the
     standard tier: its "flex now: batch prices, no wait" beside mode "sync" and the standard price was false (a
     review of stop 82's tour). Its reason for calling now stays; what the tier was to give does not."""
-    if mode == "flex" or not reason.startswith(FLEX_NOW):
+    if mode != "sync" or not reason.startswith(FLEX_NOW):  # (the standard tier's call is a sync one)
         return reason
     why = reason[len(FLEX_NOW):].lstrip(": ")
     why = "" if why.startswith("batch prices, no wait") else why + "; "
