@@ -56,10 +56,11 @@ from engine.app._endpoint_wire import (
     window_text,
 )
 from engine.core._logkeys import get_logger
+from engine.core._request_fields import BATCH_LINE_URLS
 from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import parse_batch_file, report, result_rows
 from engine.core.catalog import Catalog
-from engine.core.request import BATCH_LINE_URLS, Request
+from engine.core.request import Request
 from engine.core.result import Result
 
 __all__ = ["FilesAndBatches", "MAX_FILE_BYTES"]
