@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # is a rule that no test of that module states.
 MODULES = {
     "cost": ("engine/core/cost.py", ["tests/unit/test_cost.py", "tests/unit/test_budgets.py"]),
+    "cost_cache": ("engine/core/_cost_cache.py", ["tests/unit/test_cost.py", "tests/unit/test_budgets.py"]),
     "budgets": ("engine/core/budgets.py", ["tests/unit/test_budgets.py", "tests/unit/test_rules.py",
                                       "tests/unit/test_actors.py"]),
     "similarity": ("engine/core/similarity.py", ["tests/unit/test_rules.py", "tests/unit/test_cache.py"]),
