@@ -44,6 +44,8 @@ MODULES = {
     "ratelimit": ("engine/runtime/ratelimit.py", ["tests/unit/test_limits.py"]),
     "smart": ("policies/smart.py", ["tests/unit/test_rules_timing.py", "tests/unit/test_policies.py",
                                     "tests/unit/test_rules.py", "tests/unit/test_value_of_time.py"]),
+    "conversation": ("policies/_conversation.py", ["tests/unit/test_rules_timing.py", "tests/unit/test_policies.py",
+                                                   "tests/unit/test_rules.py", "tests/unit/test_value_of_time.py"]),
     # The runtime kernel: what both runtimes take from one copy.
     "admission": ("engine/runtime/admission.py", ["tests/unit/test_admission.py", "tests/unit/test_outcomes.py",
                                                   "tests/unit/test_rules.py", "tests/unit/test_cache.py"]),

@@ -1,0 +1,105 @@
+"""A conversation's turns in ``smart``'s batch lanes: a turn pulled to sync when a call just left its prefix warm,
+the lane's groups riding in one provider batch, and a prompt prefix marked for a cache write when it was seen
+within the cache's TTL."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+from engine.core.cost import min_cacheable_tokens
+from engine.core.grouping import Decision, Group, PrefixWarmth
+from engine.core.request import Request
+from policies._text import BatchMates, warm_sync_pays
+from policies._text import as_flex as _as_flex
+
+__all__ = ["ConversationLane"]
+
+_PULL_SCAN = 500  # members of a group a warm pull prices at most (about 15 ms)
+
+
+class ConversationLane:
+    """Mixed into ``Smart``; reads its ``params``, ``catalog`` and its text constants (``_text_consts``,
+    ``_p_alone``, ``_hedge_lead``, ``_flush_at``, ``_held_back``)."""
+
+    def prefix_run(self, key: Hashable) -> tuple | None:
+        """A conversation's group (``conversation_groups``) gathers the requests that start with one cacheable run."""
+        if isinstance(key, tuple) and len(key) == 4 and key[0] == "batch" and self.params.pull_warm:
+            return key[3]
+        return None
+
+    def warm_pull(self, group: Group, now: float, warmth: PrefixWarmth) -> tuple[Decision, set[str]] | None:
+        """The turns of a conversation waiting for a batch that a call just left its prefix warm for (an urgent
+        turn sent sync, a hedge's fallback): those that read it now for less than the batch is expected to cost
+        them (``warm_sync_pays``, as at arrival) go sync at once, each writing its own turn for the next. Waiting
+        on, they would write the prefix again in their batch, which ends long after the warmth is gone. Only the
+        ``_PULL_SCAN`` oldest are looked at: a lane whose every request starts with one system prompt is one
+        group of thousands, offered at every result, and each member is priced."""
+        if self.params.warm_margin_s is None or group.returned:
+            return None
+        provider = group.provider
+        c = self._text_consts(provider, group.spec, group.members[0].model)
+        uids, first = set(), None
+        staying = BatchMates()  # the members before this one that stay: they write what it shares with them
+        for req in group.members[:_PULL_SCAN]:
+            if warm_sync_pays(self.catalog, req, provider.batch_api, self._p_alone(provider, c, req, now), warmth, now,
+                              self.params.warm_margin_s, self.params.block_tokens, staying.shared(req.prefix_blocks)):
+                uids.add(req.uid)
+                first = first or req
+            else:
+                staying.add(req.prefix_blocks)
+        if first is None:
+            return None
+        d = Decision("dispatch", mode="sync", cache_write=True, recommendation="process_individually",
+                     reason="sync now: its prompt prefix is warm at the provider, cheaper read now than in a batch",
+                     prefix=self._prefix(first, group, now)[1])
+        return (_as_flex(d, group, now, [r for r in group.members if r.uid in uids]) if self.params.flex else d), uids
+
+    def _shares_prefix(self, req: Request, provider, spec) -> bool:
+        """Whether ``req`` carries a prompt prefix long enough for the provider's cache, where that cache also
+        serves batches: the requests for which sharing a batch with other turns of a conversation pays."""
+        if (pc := provider.cache_of(spec)) is None or not pc.stacks_with_batch or not req.prefix_blocks:
+            return False
+        return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_cacheable_tokens(
+            provider, spec)
+
+    def riders(self, group: Group, others: list[Group], now: float) -> list[Group]:
+        """The lane's other groups to send in ``group``'s batch: those due to be sent within ``ride_s`` anyway,
+        with an earliest deadline no earlier than ``group``'s, and that bring its hedge forward by at most
+        ``ride_s`` (a longer output or more waves of the sync fallback lengthen the hedge's lead); none with
+        members back from a dispatch or held back by a budget; as many as the provider's batch takes. One
+        provider batch per lane and ``ride_s``, not one per conversation: fewer batches to create and follow
+        (providers rate-limit both), at the price of sending a group, or hedging the batch, ``ride_s`` sooner."""
+        ride = self.params.ride_s
+        if ride <= 0 or group.returned or not isinstance(group.key, tuple) or group.key[0] != "batch":
+            return []
+        ba = group.provider.batch_api
+        c = self._text_consts(group.provider, group.spec, group.members[0].model)
+        n, max_out, out = len(group), group.max_output_tokens, []
+        lead = self._hedge_lead(c, max_out, n)
+        for o in sorted(others, key=lambda o: o.earliest_deadline_at):
+            if (o.returned or o.earliest_deadline_at < group.earliest_deadline_at or n + len(o) > ba.max_requests
+                    or self._hedge_lead(c, max(max_out, o.max_output_tokens), n + len(o)) > lead + ride
+                    or any(self._held_back(m, o.budget) for m in o.members)):
+                continue
+            if self._flush_at(o, c) <= now + ride:
+                out.append(o)
+                n, max_out = n + len(o), max(max_out, o.max_output_tokens)
+        return out
+
+    def _cacheable_blocks(self, provider, spec) -> int:
+        """Leading prefix blocks of the shortest prefix ``provider``'s cache serves for ``spec``."""
+        return max(1, math.ceil(min_cacheable_tokens(provider, spec) / self.params.block_tokens))
+
+    def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
+        """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
+        cache's TTL, so a write is likely read again), and the prefix's key for the runtime to record."""
+        provider = self.catalog.provider(req.provider)
+        if (pc := provider.cache_of(spec := provider.models[req.model])) is None or not req.prefix_blocks:
+            return False, None
+        k = self._cacheable_blocks(provider, spec)
+        if len(req.prefix_blocks) < k or req.input_tokens < min_cacheable_tokens(provider, spec):
+            return False, None
+        key = (req.provider, req.model, req.prefix_blocks[:k])
+        last = group.sightings.last(key) if group.sightings is not None else None
+        return last is not None and now - last <= pc.ttl_s, key
