@@ -16,7 +16,7 @@ import itertools
 import secrets
 from collections import OrderedDict
 
-from actors._cancel import CancelGroups
+from actors._cancel_groups import CancelGroups
 from actors._dispatch_outbox import maybe_billed_error
 from actors._grouper_budgets import BudgetFollow
 from actors._grouper_learn import Learning
