@@ -18,7 +18,7 @@ log = get_logger("smartbatch.dispatcher")
 DISCARD_TRIES = 3  # deletes of one batch's files, RETRY_S real seconds apart, doubling
 RETRY_S = 0.5
 # Real seconds the engine's stop waits for the deletes under way (within the stop's wait for the dispatchers'
-# cancels, ``actors._engine_stop._cancel_batches``): a batch that ended is out of the journal, so a delete the stop cut
+# cancels, ``actors._stop_dispatchers._cancel_batches``): a batch that ended is out of the journal, so a delete the stop cut
 # left its prompts at the provider, known to no later start.
 STOP_WAIT_S = 3.0
 

@@ -119,8 +119,8 @@ def _leave(ray, budget, wait_s: float, call_s: float) -> dict[str, Any]:
     ``RESTART_AT_STOP_S`` more): its successor reads its outbox back from Ray's store first. The death taken for
     the answer, nothing was kept, and the spend waiting for Redis was counted by no ledger. One dead for good
     (another stop killed it, and kept what it held) raises."""
-    from actors._engine_stop import RESTART_AT_STOP_S
     from actors._peer import RESTART_POLL_S, restarting
+    from actors._stop_dispatchers import RESTART_AT_STOP_S
 
     give_up = time.monotonic() + call_s + RESTART_AT_STOP_S
     while True:

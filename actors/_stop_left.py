@@ -1,5 +1,5 @@
 """What the engine's stop does itself for a dispatcher that died in its cancel and that Ray did not bring back in
-time (``actors._engine_stop._stop_restarted``): it reads the dispatcher's open provider batches from its journal,
+time (``actors._stop_dispatchers._stop_restarted``): it reads the dispatcher's open provider batches from its journal,
 cancels each at the provider by its id, settles each member's claim at its bound with the budget controller, and
 names at ERROR each batch it could not cancel.
 

@@ -106,7 +106,8 @@ def stop_left_s(settings) -> float:
     dispatchers' cancel (asked again once after a restart), their settlements told, the ledger's ``leave`` (a
     Redis ledger; asked again after a restart), and the wait for the killed actors' death."""
     from actors._budget_kept import leave_call_s
-    from actors._engine_stop import DEATH_WAIT_S, RESTART_AT_STOP_S, STOP_CALL_S
+    from actors._engine_stop import DEATH_WAIT_S
+    from actors._stop_dispatchers import RESTART_AT_STOP_S, STOP_CALL_S
     from engine.app._driver_pull import LAST_REPORT_S
 
     ledger = leave_call_s(settings) + RESTART_AT_STOP_S if settings.budgets.redis_url else 0.0

@@ -1,5 +1,5 @@
 """A dispatcher whose process dies in the engine's stop, while it cancels a provider batch under way
-(``actors._engine_stop._stop_restarted``, ``Recovery._recover_at_stop``).
+(``actors._stop_dispatchers._stop_restarted``, ``Recovery._recover_at_stop``).
 
 Ray restarts it (``max_restarts=-1``), and the stop took its death for a kill by another driver's stop: nothing
 to cancel. The new incarnation was never rewired (the stop had killed the hub, whose memory held its journal, and
@@ -90,7 +90,7 @@ def test_a_dispatcher_that_dies_in_the_stops_cancel_is_asked_again_and_cancels_i
         assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(bound, abs=1e-6), 0.0), row
         said = rep["providers"]["openai"]
         assert (said["possibly_billed"], said["possibly_billed_usd"]) == (1, pytest.approx(bound, abs=1e-6)), said
-        from actors._engine_stop import RESTART_AT_STOP_S, STOP_CALL_S
+        from actors._stop_dispatchers import RESTART_AT_STOP_S, STOP_CALL_S
         from actors._stop_left import LEFT_CANCEL_S
 
         # (Ray may not bring it back in time on a loaded machine: the stop then cancels the batch itself, within

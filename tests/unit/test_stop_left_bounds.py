@@ -1,5 +1,5 @@
 """The bounds of the stop's own cancel for dispatchers Ray did not bring back in time (``actors._stop_left``,
-``actors._engine_stop._left_at_once``): a review of stop 81. No Ray, no provider: the journal's records and the
+``actors._stop_dispatchers._left_at_once``): a review of stop 81. No Ray, no provider: the journal's records and the
 provider's client are stand-ins."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 import actors._engine_stop as engine_stop
+import actors._stop_dispatchers as stop_dispatchers
 from actors import _stop_left
 from actors._types import BatchJob, Job
 from engine.core.catalog import default_catalog
@@ -28,8 +29,8 @@ def test_dispatchers_not_back_in_time_have_their_batches_cancelled_at_once_not_o
     """Each dispatcher's own cancel is bounded (``LEFT_CUT_S``, 20 s); run one after another, two dispatchers not
     back (a node's workers killed together) held the stop twice that, three three times. Here each waits for the
     other to have begun: one after another, the first never saw the second begin."""
-    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
-    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    monkeypatch.setattr(stop_dispatchers, "RESTART_AT_STOP_S", 0.3)
+    monkeypatch.setattr(stop_dispatchers, "STOP_CALL_S", 0.0)
     both = threading.Barrier(2, timeout=5.0)  # (a bound for the code before, never reached after)
     done: list[str] = []
 
@@ -39,7 +40,7 @@ def test_dispatchers_not_back_in_time_have_their_batches_cancelled_at_once_not_o
 
     names = ("dispatcher-openai", "dispatcher-anthropic")
     restarting = {n: _Fails(fake_ray.exceptions.ActorUnavailableError("restarting", None)) for n in names}
-    assert engine_stop._stop_restarted("prod", restarting, (None, None), left) == []
+    assert stop_dispatchers._stop_restarted("prod", restarting, (None, None), left) == []
     assert sorted(done) == sorted(names)
 
 
@@ -165,8 +166,8 @@ def test_a_dispatcher_whose_batches_the_stop_cancels_itself_goes_for_good_first(
     cancelled the batch again and settled its claims again, and the report counted them ``possibly_billed`` twice.
     Killed for good once the stop has read what it will cancel, before its cancel; left to come back (it cancels
     with its own key) where this process has no key, killed at the stop's end as before."""
-    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
-    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    monkeypatch.setattr(stop_dispatchers, "RESTART_AT_STOP_S", 0.3)
+    monkeypatch.setattr(stop_dispatchers, "STOP_CALL_S", 0.0)
     for name in ("unpublish_layout", "_clean_once_dead"):
         monkeypatch.setattr(engine_stop, name, lambda *a: None)
     monkeypatch.setattr(engine_stop, "resolve_clock", lambda ref: (None,))

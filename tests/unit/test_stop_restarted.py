@@ -5,7 +5,7 @@ Before, a restarted dispatcher answered the stop's ``stop_spending`` from an emp
 under way), and the stop took the death of one that died in it for a kill by another stop: its provider batches
 ran on, billed, their spend counted by no ledger, their claims held until ``reservation_ttl_s``. The stop had
 killed the hub, whose memory held its journal, and unpublished the clock it reads after a restart. Asked again
-now (``actors._engine_stop._stop_restarted``), within a bound: one that never comes back is named in an ERROR."""
+now (``actors._stop_dispatchers._stop_restarted``), within a bound: one that never comes back is named in an ERROR."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 import actors._engine_stop as engine_stop
+import actors._stop_dispatchers as stop_dispatchers
 from actors import BudgetController, Dispatcher, ResultHub
 from actors._types import BatchJob, Job
 from engine.core.budgets import BudgetSettings, Claim
@@ -171,12 +172,12 @@ def fake_ray(monkeypatch):
 def test_a_dispatcher_that_never_comes_back_leaves_the_stop_within_its_bound_named_in_an_error(fake_ray, monkeypatch,
                                                                                                caplog):
     """Ray keeps restarting it (or cannot place it): asked again until the bound, then said, never waited on."""
-    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.5)
-    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    monkeypatch.setattr(stop_dispatchers, "RESTART_AT_STOP_S", 0.5)
+    monkeypatch.setattr(stop_dispatchers, "STOP_CALL_S", 0.0)
     restarting = fake_ray.exceptions.ActorUnavailableError("restarting", None)
     began = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="smartbatch.engine"):
-        assert engine_stop._stop_restarted("prod", {"dispatcher-openai": _Fails(restarting)}, (None, None)) == []
+        assert stop_dispatchers._stop_restarted("prod", {"dispatcher-openai": _Fails(restarting)}, (None, None)) == []
     assert time.monotonic() - began < 5.0
     (said,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert "prod" in said and "dispatcher-openai" in said and "may run on" in said, said
@@ -187,7 +188,7 @@ def test_a_dispatcher_another_stop_killed_is_left_alone_and_not_said(fake_ray, c
     dead = fake_ray.exceptions.ActorDiedError()
     began = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
-        assert engine_stop._stop_restarted("prod", {"dispatcher-openai": _Fails(dead)}, (None, None)) == []
+        assert stop_dispatchers._stop_restarted("prod", {"dispatcher-openai": _Fails(dead)}, (None, None)) == []
     assert time.monotonic() - began < 5.0 and not caplog.records
 
 
@@ -264,8 +265,8 @@ def test_a_dispatcher_not_back_in_time_has_its_batch_cancelled_by_the_stop_itsel
 
     import ray
 
-    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.3)
-    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    monkeypatch.setattr(stop_dispatchers, "RESTART_AT_STOP_S", 0.3)
+    monkeypatch.setattr(stop_dispatchers, "STOP_CALL_S", 0.0)
     monkeypatch.setattr(engine_stop.ray, "wait", lambda refs, num_returns=1, timeout=None: (
         list(refs)[:num_returns], list(refs)[num_returns:]))
 
