@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from engine.app._driver_pull import _through_restarts
+from engine.app._driver_report import _through_restarts
 from engine.core._budget_check import budget_of
 from engine.core.budgets import BudgetSpec
 from engine.core.errors import ConfigError, EngineStopped, SmartbatchError

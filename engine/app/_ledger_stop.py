@@ -37,7 +37,7 @@ def keep_ledger(ray: Any, engine: str, budget, dispatchers: list, settings, wher
     took what they settled, then keep what its Redis has not taken (``keep_left``, in ``where``). Returns what
     was left (None: nothing; no Redis ledger)."""
     from actors._budget_kept import keep_left
-    from engine.app._driver_pull import LAST_REPORT_S, _through_restarts
+    from engine.app._driver_report import LAST_REPORT_S, _through_restarts
 
     if budget is None:
         return None
@@ -108,7 +108,7 @@ def stop_left_s(settings) -> float:
     from actors._budget_kept import leave_call_s
     from actors._engine_stop import DEATH_WAIT_S
     from actors._stop_dispatchers import RESTART_AT_STOP_S, STOP_CALL_S
-    from engine.app._driver_pull import LAST_REPORT_S
+    from engine.app._driver_report import LAST_REPORT_S
 
     ledger = leave_call_s(settings) + RESTART_AT_STOP_S if settings.budgets.redis_url else 0.0
     return 2 * STOP_CALL_S + RESTART_AT_STOP_S + LAST_REPORT_S + ledger + DEATH_WAIT_S

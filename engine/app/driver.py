@@ -34,6 +34,7 @@ from engine.app._driver_reject import (
     validated,
     with_rejected,
 )
+from engine.app._driver_report import Reporting
 from engine.app._driver_resume import take_back
 from engine.app._driver_shared import SharedEngine, check_not_stopping, init_ray, stale_engine
 from engine.app._driver_stop import Stopping
@@ -58,8 +59,8 @@ __all__ = ["Engine", "ResultFuture"]
 log = get_logger("smartbatch")
 
 
-class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, SharedEngine, SharedOwners, Stopping,
-             Supervised):
+class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Reporting, SharedEngine, SharedOwners,
+             Stopping, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that

@@ -16,7 +16,7 @@ import pytest
 
 from actors import Dispatcher, ResultHub
 from actors._types import BatchJob, Job
-from engine.app._driver_pull import Pulling
+from engine.app._driver_report import Reporting
 from engine.core.budgets import Claim
 from engine.core.clock import ManualClock
 from engine.core.settings import Settings
@@ -79,7 +79,7 @@ def test_a_report_reads_the_ledger_only_after_every_dispatcher_and_grouper_said_
                           exceptions=SimpleNamespace(ActorUnavailableError=RuntimeError))
     hub_report = ResultHub()
     answers = {"report": asyncio.run(hub_report.report()), "spend_told": True}
-    drv = Pulling()
+    drv = Reporting()
     drv._ray, drv._kept = ray, None
     drv._h = {"hubs": [_Actor(log, "hub", answers)],
               "budget": _Actor(log, "budget", {"report": {"budgets": []}}),

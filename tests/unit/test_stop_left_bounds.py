@@ -107,11 +107,11 @@ def test_the_kept_report_keeps_the_ledgers_leftovers_beside_what_the_stop_did_fo
     import ray
 
     from actors._stop_left import Left
-    from engine.app import _driver_pull, _ledger_stop
-    from engine.app._driver_pull import Pulling
+    from engine.app import _driver_report, _ledger_stop
+    from engine.app._driver_report import Reporting
 
     monkeypatch.setattr(_ledger_stop, "keep_ledger", lambda *a: kept)
-    monkeypatch.setattr(_driver_pull, "_through_restarts", _got)
+    monkeypatch.setattr(_driver_report, "_through_restarts", _got)
 
     class Eng:
         _ray, name, settings, _ledger_dir = ray, "prod", None, None
@@ -121,8 +121,8 @@ def test_the_kept_report_keeps_the_ledgers_leftovers_beside_what_the_stop_did_fo
 
     eng = Eng()
     eng._left_at_stop = {}  # (declared by ``Engine.__init__``)
-    Pulling._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01)]))
-    Pulling._keep_ledger(eng)
+    Reporting._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01)]))
+    Reporting._keep_ledger(eng)
     rep = eng._last_report
     assert rep["budget"].get("ledger", {}).get("left_at_stop") == kept, rep["budget"]
     assert rep["providers"]["openai"]["left_at_stop"]["cancelled"] == ["batch_1"], rep["providers"]
@@ -134,11 +134,11 @@ def test_the_kept_report_reads_each_providers_row_again_though_one_dispatcher_is
     before the cancel, so what the others settled at the stop (``possibly_billed``) was missing from it."""
     import ray
 
-    from engine.app import _driver_pull, _ledger_stop
-    from engine.app._driver_pull import Pulling
+    from engine.app import _driver_report, _ledger_stop
+    from engine.app._driver_report import Reporting
 
     monkeypatch.setattr(_ledger_stop, "keep_ledger", lambda *a: None)
-    monkeypatch.setattr(_driver_pull, "_through_restarts", _got)
+    monkeypatch.setattr(_driver_report, "_through_restarts", _got)
     after = {"provider": "anthropic", "possibly_billed": 3, "possibly_billed_usd": 0.3}
 
     class Eng:
@@ -153,7 +153,7 @@ def test_the_kept_report_reads_each_providers_row_again_though_one_dispatcher_is
 
     eng = Eng()
     eng._left_at_stop = {}  # (declared by ``Engine.__init__``)
-    Pulling._keep_ledger(eng)
+    Reporting._keep_ledger(eng)
     rows = eng._last_report["providers"]
     assert rows["anthropic"] == {"possibly_billed": 3, "possibly_billed_usd": 0.3}, rows
     assert rows["openai"] == {"possibly_billed": 0, "possibly_billed_usd": 0.0}, rows
@@ -227,7 +227,7 @@ def test_what_the_stop_did_for_its_dispatchers_is_a_field_the_engine_declares():
     import textwrap
 
     from actors._stop_left import Left
-    from engine.app._driver_pull import Pulling
+    from engine.app._driver_report import Reporting
     from engine.app.driver import Engine
 
     init = ast.parse(textwrap.dedent(inspect.getsource(Engine.__init__)))
@@ -236,4 +236,4 @@ def test_what_the_stop_did_for_its_dispatchers_is_a_field_the_engine_declares():
                 if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
     assert "_left_at_stop" in declared
     with pytest.raises(AttributeError):
-        Pulling._note_left(SimpleNamespace(), "dispatcher-openai", Left(cancelled=["batch_1"]))
+        Reporting._note_left(SimpleNamespace(), "dispatcher-openai", Left(cancelled=["batch_1"]))

@@ -337,7 +337,7 @@ def test_the_kept_report_reads_the_budget_again_when_a_dispatcher_is_not_back_an
 
     from actors._stop_left import Left
     from engine.app import _ledger_stop
-    from engine.app._driver_pull import Pulling
+    from engine.app._driver_report import Reporting
 
     monkeypatch.setattr(_ledger_stop, "keep_ledger", lambda *a: None)
     after = {"budgets": [{"spent_usd": 0.02, "reserved_usd": 0.0}]}
@@ -360,8 +360,8 @@ def test_the_kept_report_reads_the_budget_again_when_a_dispatcher_is_not_back_an
 
     eng = Eng()
     eng._left_at_stop = {}  # (declared by ``Engine.__init__``)
-    Pulling._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01), ("c1", 0.01)]))
-    Pulling._keep_ledger(eng)
+    Reporting._note_left(eng, "dispatcher-openai", Left(cancelled=["batch_1"], settled=[("c0", 0.01), ("c1", 0.01)]))
+    Reporting._keep_ledger(eng)
     rep = eng._last_report
     assert rep["budget"]["budgets"] == after["budgets"], rep["budget"]
     said = rep["providers"]["openai"]
