@@ -27,8 +27,9 @@ from actors._batch_gate import BatchGate
 from actors._batch_index import BatchIndex
 from actors._cancel import CancelDispatches
 from actors._count_tokens import CountTokens
+from actors._dispatch_ends import MemberEnds
 from actors._dispatch_jobs import MadeJobs
-from actors._dispatch_outbox import Outbox, engine_error, maybe_billed_error
+from actors._dispatch_outbox import Outbox, engine_error
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._results_room import ResultsRoom
@@ -38,16 +39,15 @@ from actors._sync_calls import QuotaStop, SyncCalls
 from actors._types import BatchJob, Job
 from actors._video_content import VideoContent
 from actors.journal import JournalWriter, make_journal
-from actors.metrics import DispatchCounts, retry_reason
+from actors.metrics import DispatchCounts
 from actors.providers import make_provider
 from engine.core._logkeys import get_logger
 from engine.core.catalog import Catalog
 from engine.core.draws import Draws, TurnaroundWorld, engine_day_origin
-from engine.core.provider_api import CallJob, CallOutcome, Secret, call_key
+from engine.core.provider_api import CallJob, Secret, call_key
 from engine.core.result import Result
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
-from engine.runtime.outcomes import failed_result, list_price, ok_result, verdict
 from engine.runtime.providers import Event, SimProvider
 from engine.runtime.reservation import goes_back
 
@@ -60,8 +60,8 @@ __all__ = ["Dispatcher"]
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(SyncCalls, CutDispatches, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens,
-                 VideoContent, BatchIndex):
+class Dispatcher(MemberEnds, SyncCalls, CutDispatches, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery,
+                 MadeJobs, Warm, CountTokens, VideoContent, BatchIndex):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):
@@ -282,14 +282,6 @@ class Dispatcher(SyncCalls, CutDispatches, CancelDispatches, Outbox, BatchApiRun
             b = self._to_standard(b, j)
         self._spawn(self._run_sync(b, j, e.work.cache_write, e.start), jobs, b)
 
-    def _body_done(self, j: Job) -> None:
-        """``j`` left this dispatcher (ended, rerouted, back to the policy): its sync body record goes (from the
-        journal once its result is with the hub). Left behind, it would grow and be called again after a restart."""
-        key = call_key(j.req.tenant, j.req.id, j.req.model, 0)
-        if self._sync_calls.pop(key, None) is not None:
-            self._unjournal.append((self._sync_journal.space, key))
-        self._job_done(key)
-
     def _start_gpu_batch(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         calling = self._calling = self._calling or {}  # under way (billed by the GPU second): the stop settles it
         for j, a in zip(jobs, e.outcome):  # at its bound; left out, its claim held its room until reservation_ttl_s
@@ -319,66 +311,6 @@ class Dispatcher(SyncCalls, CutDispatches, CancelDispatches, Outbox, BatchApiRun
 
         handle = loop.call_later(self.clock.real_delay(at - self.clock.now()), fire)
         self._timers.add(handle)
-
-    def _member_done(self, j: Job, cost: float) -> None:
-        self.in_flight -= 1
-        self._unanswered.pop(j.req.uid, None)
-        self._flex_unanswered.pop(j.req.uid, None)
-        self._kept.discard(j.req.uid)
-        self._known.discard(j.req.uid)
-        self._body_done(j)
-        if j.claim is not None and not (self._settled_at_stop and j.claim in self._settled_at_stop):
-            self._settle.append((j.claim, cost))
-
-    def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None) -> None:
-        """A batch or GPU member's attempt ended; a failure goes back to the policy while attempts remain."""
-        v = verdict(ok, j.attempts + 1, self.max_att, out is None or out.retryable)
-        if not ok:
-            self._counts.failed(retry_reason(out.retry_after_s, out.error) if out is not None else "other",
-                                v == "retry")
-        if v == "retry":
-            self._member_done(j, 0.0)
-            self._readmit.append(j._replace(attempts=j.attempts + 1, claim=None))
-            return
-        self._final(b, j, ok, cost, mode, out)
-
-    def _hedged(self, j: Job) -> None:
-        # The claim goes back with the job: the grouper releases it in the same budget call that reserves the
-        # sync fallback, so the room it held cannot be taken in between.
-        self.in_flight -= 1
-        self._known.discard(j.req.uid)
-        self._readmit.append(j._replace(hedges=j.hedges + 1))
-
-    def _final(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None,
-               error: str | None = None) -> None:
-        r = j.req
-        now = max(self.clock.now(), r.arrival_s)
-        # A success after an unanswered call: where the key is not honoured, that call may have been billed too,
-        # unless the provider found that call's own job again and answered with it (``recovered``).
-        maybe = 0.0 if self._settled_at_stop and j.claim in self._settled_at_stop else self._maybe_billed(  # (counted)
-            j, out, ok and (self.provider.honours_keys or (out is not None and out.recovered)))
-        self._member_done(j, cost + maybe if ok else maybe)
-        if not ok or not r.met_by(now):
-            missed = self._counts.deadline_missed
-            missed[r.priority] = missed.get(r.priority, 0) + 1
-        if ok:
-            res = ok_result(r, at=now, cost=cost, mode=mode, batch_id=b.bid, recommendation=b.recommendation,
-                            reason=b.reason, out=out)
-        else:
-            res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
-                                max_attempts=self.max_att, real=out is not None and out.real,
-                                error=maybe_billed_error(error or (out.error if out is not None and out.error else None),
-                                                         maybe + j.billed_usd),
-                                possibly_billed_usd=maybe + j.billed_usd)
-        price = list_price(r, self.catalog, res.usage if ok else None)
-        self._results.append(res)
-        self._list_prices.append(price)
-        if self.caches:
-            shard = j.cache_shard
-            self._fills.append((shard, (j.fp, res)))
-            if not ok:
-                self._orphans.append((shard, (j.fp, r.uid)))
-        self._keep_done(r.uid, res, price)
 
     async def stats(self, waits: bool = False) -> dict:
         out = {"provider": self.name, "calls": "http" if self.provider.real else "simulated",
