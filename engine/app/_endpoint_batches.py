@@ -21,8 +21,6 @@ alone is cancelled (``Engine.cancel_requests``); ``cancelling`` while the others
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -32,11 +30,10 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 
-from engine.app._driver_stop import ended_by_stop
+from engine.app._endpoint_batch_end import BatchEnds
 from engine.app._endpoint_batch_once import OnceCreated
 from engine.app._endpoint_files import MAX_FILE_BYTES, FileRoutes
-from engine.app._endpoint_job import CANCELLED_LINE as _CANCELLED
-from engine.app._endpoint_job import OPEN, BatchJob, cut_by_cancel, for_endpoint, submission, withdraw_open
+from engine.app._endpoint_job import OPEN, BatchJob, for_endpoint, submission, withdraw_open
 from engine.app._endpoint_msgbatches import MessageBatchRoutes
 from engine.app._endpoint_responses import OwnedResponses
 from engine.app._endpoint_resume import TakeBack
@@ -58,10 +55,9 @@ from engine.app._endpoint_wire import (
 from engine.core._logkeys import get_logger
 from engine.core._request_fields import BATCH_LINE_URLS
 from engine.core.answer_body import MESSAGES_URL
-from engine.core.batchfile import parse_batch_file, report, result_rows
+from engine.core.batchfile import parse_batch_file
 from engine.core.catalog import Catalog
 from engine.core.request import Request
-from engine.core.result import Result
 
 __all__ = ["FilesAndBatches", "MAX_FILE_BYTES"]
 
@@ -75,7 +71,7 @@ log = get_logger("smartbatch.endpoint")
 _OPENAI_URLS = [u for u in BATCH_LINE_URLS if u != MESSAGES_URL]
 
 
-class FilesAndBatches(TakeBack, OnceCreated, FileRoutes, MessageBatchRoutes):
+class FilesAndBatches(BatchEnds, TakeBack, OnceCreated, FileRoutes, MessageBatchRoutes):
     """The in-memory files and batches of one replica (see the module docstring), and their routes (Anthropic's
     Message Batches too, jobs of the same kind: ``_endpoint_msgbatches``)."""
 
@@ -261,89 +257,6 @@ class FilesAndBatches(TakeBack, OnceCreated, FileRoutes, MessageBatchRoutes):
     def _save(self, job: BatchJob) -> None:
         if self.state is not None:
             self.state.save_batch(job.record())
-
-    async def _collect(self, job: BatchJob) -> None:
-        why = _CANCELLED
-        cut = 0  # lines the engine's cancel ended unanswered
-        try:
-            async for res in self.engine.as_completed(job.futures.values()):
-                if ended_by_stop(res, self.engine.gone):
-                    # Failed by the engine's stop, not answered: the batch stays open for the next endpoint (it
-                    # ended "completed", every line the stop caught an error line, its input gone).
-                    self._take_done(job)
-                    log.warning("endpoint: batch %s stays open: %s", job.id, res.error)
-                    return
-                if cut_by_cancel(res):  # as by a stop, but the lines still in cancelled batches come after
-                    cut += 1
-                    continue
-                if (cid := job.take(res)) is not None and self.state is not None:
-                    self.state.add_result(job.id, job.results[cid])
-            if cut and job.status != "cancelling":
-                log.warning("endpoint: batch %s stays open: %d line(s) ended by the engine's cancel are asked "
-                            "again at the next start", job.id, cut)
-                return
-        except asyncio.CancelledError:
-            if job.status != "cancelling":
-                raise  # shutdown: the batch stays open
-        except Exception as exc:  # a future failed (e.g. the engine stopped): the lines without a result fail
-            why = f"the engine gave no result: {type(exc).__name__}: {exc}"
-        self._finish(job, why)
-
-    def _take_done(self, job: BatchJob) -> None:
-        """Take the lines finished but not yet delivered by ``as_completed``, not those the engine's stop failed
-        (an answer of the last moment came after the stop's first failure: asked again, it was paid twice)."""
-        for cid, fut in job.futures.items():
-            if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
-                res = fut.result()
-                if not ended_by_stop(res, self.engine.gone) and not cut_by_cancel(res) and \
-                        job.take(res) and self.state is not None:
-                    self.state.add_result(job.id, job.results[cid])
-
-    def _finish(self, job: BatchJob, why: str = _CANCELLED) -> None:
-        """Write the output and error files from the results in; a line with none is an error (``why``)."""
-        assert job.bf is not None
-        self._take_done(job)
-        self._enter(job, "finalizing")
-        missing = {req.id for req in job.bf.requests if req.id not in job.results}
-        for cid in missing:
-            job.results[cid] = Result(id=cid, status="failed", tenant=job.tenant, error=why)
-        results = [job.results[req.id] for req in job.bf.requests]
-        # The lines the cancel cut: a line of n choices is one when any of its choices is.
-        cut = {ln.custom_id for ln in job.bf.lines if any(q.id in missing for q in ln.choices)}
-        out: list[bytes] = []
-        err: list[bytes] = []
-        bodies: list[tuple[str, dict]] = []  # (custom_id, Responses body) of each answered line
-        for row in result_rows(job.bf, results, created=int(self._now())):
-            # Line ids unique per batch, as OpenAI's are (batchfile's follow tenant and custom_id alone).
-            row["id"] = "batch_req_" + hashlib.sha256(f"{job.id}/{row['id']}".encode()).hexdigest()[:32]
-            if row["custom_id"] in cut and why == _CANCELLED:
-                row["error"]["code"] = "batch_cancelled"
-            text = json.dumps(row, separators=(",", ":")).encode() + b"\n"
-            (out if row["error"] is None else err).append(text)
-            if row["error"] is None and job.endpoint == "/v1/responses":
-                bodies.append((row["custom_id"], row["response"]["body"]))
-        # The ids of its called answers are its tenant's, before anyone reads them (a copy's are its source's).
-        self.responses.learn(job.tenant, [body for cid, body in bodies if job.results[cid].status == "ok"])
-        kept = True  # its files on disk: else the record stays open, with its results, for the next start
-        for rows, kind in ((out, "output"), (err, "error")):
-            if rows:  # named after the batch: an end written again after a crash replaces the file, never adds one
-                setattr(job, f"{kind}_file_id", fid := f"file-{job.id}-{kind}")
-                try:
-                    self._add_file(f"{job.id}_{kind}.jsonl", "batch_output", b"".join(rows), fid, tenant=job.tenant)
-                except OSError:  # (served from memory meanwhile; a helper's hunt: ended, then gone at a restart)
-                    kept = False
-        job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
-        # A line ended expired (its window passed while the endpoint was down: ``_endpoint_resume``) makes the
-        # batch expired, as OpenAI reports one not done within its window; the lines done are in its output all
-        # the same. One the engine answered late is an answer (paid for), counted late in the report.
-        expired = any(r.status == "expired" for r in results)
-        self._enter(job, "cancelled" if job.status == "cancelling" else "expired" if expired else "completed")
-        job.release()
-        if self.state is not None and kept:
-            self._save(job)
-            self.state.ended(job.id)
-        elif self.state is not None:  # what the next start writes the end from, whole (its appends may have failed)
-            self.state.rewrite_results(job.id, results)  # as its client saw them
 
     def _enter(self, job: BatchJob, status: str) -> None:
         if status == "finalizing" and job.status == "cancelling":  # a cancelled batch goes on cancelling
