@@ -27,6 +27,7 @@ from engine.core._checks import (
     tenant_problem,
 )
 from engine.core._media_checks import check_media, media_from_body
+from engine.core._request_catalog import _ctx, in_catalog, validation_context
 from engine.core._request_fields import (
     _CAP_KEYS,
     _LINE_KEYS,
@@ -49,9 +50,9 @@ from engine.core.body_tokens import (
     tool_chars,
     tool_prompt_tokens,
 )
-from engine.core.catalog import Catalog, Kind, default_catalog
+from engine.core.catalog import Kind
 from engine.core.errors import CatalogError, RequestError
-from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
+from engine.core.settings import MAX_DEADLINE_S
 from engine.core.wire_checks import check_line_url, check_real, check_wire, layer_of
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
@@ -80,18 +81,6 @@ def _check_names(d: dict) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise FieldProblem(k or "line", f"{k!r} is not a request field; {hint}remove it or fix its spelling (provider "
                                "fields go in 'body'; see docs/traces.md)")
-
-
-def validation_context(catalog: Catalog | None = None, settings: Settings | None = None, *, live: bool = False,
-                       api_fields: bool = False) -> dict[str, Any]:
-    """The context ``Request.model_validate(d, context=...)`` reads. ``live``: an engine's way in, which also
-    refuses a provider it would simulate (``check_real``); ``api_fields``: ``check_wire``'s, even when simulated."""
-    return {"catalog": catalog or default_catalog(), "settings": settings or default_settings(), "live": live, "api_fields": api_fields}
-
-
-def _ctx(info: ValidationInfo) -> tuple[Catalog, Settings]:
-    ctx = info.context or {}
-    return ctx.get("catalog") or default_catalog(), ctx.get("settings") or default_settings()
 
 
 # A result this close after its deadline still meets it: a timer may fire a hair late, and float sums of
@@ -333,23 +322,3 @@ class Request(BaseModel):
     def met_by(self, done_at: float) -> bool:
         """Whether a result at ``done_at`` meets the deadline: the one rule, for both runtimes."""
         return done_at <= self.arrival_s + self.deadline_s + DEADLINE_SLACK_S
-
-
-def in_catalog(req: Request, catalog: Catalog, position: int | None = None, settings: Settings | None = None
-               ) -> Request:
-    """``req`` (a ``Request`` made elsewhere, e.g. validated against another catalog), if ``catalog`` has its
-    provider and model and its body suits the provider's wire format under ``settings`` (``check_wire``); else
-    ``RequestError`` naming the field. Unchecked, a model not in the catalog reached a grouper and failed there
-    as "policy error: 'anthropic'"."""
-    try:
-        spec = catalog.model(req.provider, req.model)
-    except CatalogError as exc:
-        raise RequestError(req.id, "model", f"{req.provider}/{req.model} is not in this engine's catalog ({exc}); "
-                           "give a model of it, or start the engine with a catalog that has it", position) from None
-    if settings is not None:
-        try:
-            check_wire(req.body, spec, req.provider, settings, catalog.provider(req.provider).compat)
-        except FieldProblem as exc:
-            raise RequestError(req.id, exc.field, str(exc), position) from None
-    return req
-
