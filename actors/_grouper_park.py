@@ -8,7 +8,7 @@ import asyncio
 
 from actors._peer import RESTART_POLL_S, restarting
 from actors._types import BatchJob, Job
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, words
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.result import Result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
@@ -259,5 +259,5 @@ class Parking:
             # Whether it released or reserved anything is unknown: the next call releases all of it.
             self._unsure_claims.extend([*release, *(c.rid for c in claims)])
             verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
-                                detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
+                                detail=f"the budget actor failed ({type(exc).__name__}: {words(exc)})"[:500])] * len(claims)
         return list(zip(claims, verdicts))

@@ -23,7 +23,7 @@ from actors.providers._wire import (
     redact,
     retry_after,
 )
-from engine.core._logkeys import get_logger, masked_url
+from engine.core._logkeys import get_logger, masked_url, url_secrets
 from engine.core._within import within
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
@@ -196,7 +196,9 @@ class HttpBase(BatchMembers):
         return f"{type(self).__name__}({self.name}, base_url={url if url is None else masked_url(url)!r})"
 
     def _redact(self, text: str) -> str:
-        return redact(text, [self._key.get()])
+        """``text`` (a provider's or its SDK's words) masked: the key, and the base URL's credentials, which the SDKs
+        send as ``Authorization: Basic`` in the key's place (a proxy's; a 500 echoing it showed them, mask83)."""
+        return redact(text, [self._key.get(), *url_secrets(self.endpoint.address())])
 
     @contextmanager
     def _refused(self, what: str) -> Iterator[None]:

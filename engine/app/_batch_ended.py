@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from actors._batch_parts import read_bound_s
-from engine.core._logkeys import scrub
+from engine.core._logkeys import words
 
 __all__ = ["GIVE_UP_FACTOR", "POLL_TRIES", "ProviderUnread", "brief", "ended", "retried"]
 
@@ -24,11 +24,11 @@ class ProviderUnread(Exception):
 
 
 def brief(exc: BaseException) -> str:
-    """``exc`` in a line of the rescue's words (printed, raised in a ``ConfigError``), masked (``scrub``): the
+    """``exc`` in a line of the rescue's words (printed, raised in a ``ConfigError``), masked (``words``): the
     providers' errors are redacted where they are made, and this keeps a key out of any other's."""
     # Masked whole, then cut: a key or a URL cut at the 200th character has lost the shape the mask knows (a Google
     # key's 35, a password's "@"), and its first characters were shown (a review, rvkeylogs80)
-    return f"{type(exc).__name__}: {scrub(str(exc))[:200]}"
+    return f"{type(exc).__name__}: {words(exc)[:200]}"
 
 
 async def retried(call, speed: float):

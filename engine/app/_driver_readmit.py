@@ -23,7 +23,7 @@ import time
 from typing import Any, NamedTuple
 
 from engine.app._driver_probe import Probing
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, words
 
 __all__ = ["READMIT_PAUSE_MAX_S", "READMIT_PAUSE_S", "READMIT_TRIES", "READMIT_WAIT_MIN_S", "Readmitting"]
 
@@ -155,7 +155,7 @@ class Readmitting(Probing):
         if tries < READMIT_TRIES:
             return tries
         self._forget_waits(uids)
-        self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
+        self._fail_ids(uids, f"ingest failed {tries} times: {words(exc)}")
         return None
 
     def _ingest_restarted(self) -> None:
@@ -200,7 +200,7 @@ class Readmitting(Probing):
             self._fail_ids(late, f"ingest failed: Ray was restarting it (its calls refused) for {waited:.0f} s, "
                                  f"past the {bound:g} s the driver waits for it (the longer of "
                                  f"{READMIT_WAIT_MIN_S:g} s and settings.actor_restart_wait_s; it may be crashing "
-                                 f"at each start: see its log) before failing the requests it could not take: {exc}")
+                                 f"at each start: see its log) before failing the requests it could not take: {words(exc)}")
         rest = [u for u in uids if now - since[u] < bound]
         if not rest:
             return

@@ -12,7 +12,7 @@ import json
 from engine.app._driver_stop import ended_by_stop
 from engine.app._endpoint_job import CANCELLED_LINE as _CANCELLED
 from engine.app._endpoint_job import BatchJob, cut_by_cancel
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, words
 from engine.core.batchfile import report, result_rows
 from engine.core.result import Result
 
@@ -49,7 +49,7 @@ class BatchEnds:
             if job.status != "cancelling":
                 raise  # shutdown: the batch stays open
         except Exception as exc:  # a future failed (e.g. the engine stopped): the lines without a result fail
-            why = f"the engine gave no result: {type(exc).__name__}: {exc}"
+            why = f"the engine gave no result: {type(exc).__name__}: {words(exc)}"
         self._finish(job, why)
 
     def _take_done(self, job: BatchJob) -> None:

@@ -52,7 +52,7 @@ from engine.app._endpoint_wire import (
     smartbatch_fields,
     tenant_of,
 )
-from engine.core._logkeys import get_logger
+from engine.core._logkeys import get_logger, words
 from engine.core.catalog import Catalog, ModelSpec
 from engine.core.errors import CatalogError, EngineStopped, ProviderError
 from engine.core.request import Request
@@ -224,7 +224,7 @@ class VideoRoutes:
                 job.result, job.completed_at = res.model_copy(update={"id": job.req.id}), int(self._now())
         except Exception as exc:  # the engine gave no result (it went away): the video failed, billed nothing here
             job.result = Result(id=job.req.id, tenant=job.req.tenant, status="failed",
-                                error=f"the engine gave no result: {type(exc).__name__}: {exc}")
+                                error=f"the engine gave no result: {type(exc).__name__}: {words(exc)}")
             job.completed_at = int(self._now())
         if self.state is not None:
             self.state.save_video(job.record())
@@ -332,7 +332,7 @@ class VideoRoutes:
                 try:
                     await self._admit(job, max(left, 1.0))
                 except Exception as exc:  # the engine refused it (stopped, full, the request no longer valid)
-                    why = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+                    why = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {words(exc)}"
             if job.result is None and why is not None:
                 # It ends, saying why, as an open batch does: left open, it stayed in_progress for this
                 # endpoint's life, and was refused again at every start (a review of stop 67).

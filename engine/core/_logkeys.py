@@ -15,12 +15,14 @@ Request: POST <url>" (a base URL's credentials) quote what the project never wro
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import traceback
 from collections.abc import Iterable, Mapping
+from urllib.parse import unquote, urlsplit
 
-__all__ = ["KEYLIKE", "LIBRARIES", "KeyFilter", "get_logger", "mask_library_logs", "masked_url", "redact", "scrub"]
+__all__ = ["KEYLIKE", "LIBRARIES", "KeyFilter", "get_logger", "mask_library_logs", "masked_url", "redact", "scrub", "url_secrets", "words"]
 
 # OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more), each where a word begins: an "sk-"
 # inside a word is no key's (a tenant "risk-management", a custom_id "task-000042" were masked, rvkeylogs80).
@@ -39,12 +41,13 @@ _BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s'\",}]+")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every given secret and anything shaped like a provider key replaced: errors from a
-    provider may quote the key that was sent."""
+    """``text`` with every given secret replaced, then masked as ``scrub`` masks a log line: errors from a
+    provider may quote the key that was sent, or a credential it was not told of as one (a base URL's
+    ``user:password``, which the SDKs send as ``Authorization: Basic``, echoed by a proxy's 500; mask83)."""
     for s in secrets:
         if s:
             text = text.replace(s, "[redacted]")
-    return KEYLIKE.sub("[redacted]", text)
+    return scrub(text)
 
 
 def masked_url(url: str) -> str:
@@ -66,12 +69,41 @@ def masked_url(url: str) -> str:
     return url[:start] + (user.split(":", 1)[0] + ":***" if ":" in user else "***") + url[last:]
 
 
+def url_secrets(url: str | None) -> list[str]:
+    """The credentials a URL holds (``http://user:password@host``), as ``redact``'s secrets: the password (and a
+    user alone: a key is often passed as one), as written and unescaped, and the ``Authorization: Basic`` value
+    an HTTP client makes of them, which a server may echo without the header's name."""
+    if not url:
+        return []
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return []
+    said = [v for v in (password if password is not None else user,) if v]
+    said += [unquote(v) for v in said if unquote(v) != v]
+    if user is not None or password is not None:
+        said.append(base64.b64encode(f"{unquote(user or '')}:{unquote(password or '')}".encode()).decode())
+    return said
+
+
 def scrub(text: str) -> str:
-    """``text`` for a log: ``redact``'s, and also what stands where a secret goes whatever its shape (a URL's
-    password, a ``key=`` in a query, an ``Authorization`` or ``x-api-key`` header's value)."""
+    """``text`` for a log: anything shaped like a provider key, and what stands where a secret goes whatever its
+    shape (a URL's password, a ``key=`` in a query, an ``Authorization`` or ``x-api-key`` header's value)."""
     text = _URL.sub(lambda m: masked_url(m.group(0)), text)
     text = _BEARER.sub(r"\1[redacted]", _NAMED.sub(r"\1[redacted]", text))
-    return redact(text)
+    return KEYLIKE.sub("[redacted]", text)
+
+
+def words(exc: BaseException) -> str:
+    """``exc``'s words (``str``), masked (``scrub``), for a text a user reads or a record keeps: a result's error,
+    an endpoint's answer. An actor's exception reaches the driver as Ray's ``RayTaskError``, whose words are the
+    actor's whole traceback and its exception's words, a provider's or a library's among them (mask83)."""
+    try:
+        said = str(exc)
+    except Exception:  # an exception whose __str__ raises: its type alone, as Python's own traceback falls back
+        return f"<{type(exc).__name__}: its words could not be read>"
+    return scrub(said)
 
 
 class KeyFilter(logging.Filter):
