@@ -258,6 +258,6 @@ class Parking:
         except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
             # Whether it released or reserved anything is unknown: the next call releases all of it.
             self._unsure_claims.extend([*release, *(c.rid for c in claims)])
-            verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
-                                detail=f"the budget actor failed ({type(exc).__name__}: {words(exc)})"[:500])] * len(claims)
+            said = f"the budget actor failed ({type(exc).__name__}: {words(exc)})"[:500]  # (Ray's: a traceback)
+            verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER, detail=said)] * len(claims)
         return list(zip(claims, verdicts))

@@ -200,7 +200,8 @@ class Readmitting(Probing):
             self._fail_ids(late, f"ingest failed: Ray was restarting it (its calls refused) for {waited:.0f} s, "
                                  f"past the {bound:g} s the driver waits for it (the longer of "
                                  f"{READMIT_WAIT_MIN_S:g} s and settings.actor_restart_wait_s; it may be crashing "
-                                 f"at each start: see its log) before failing the requests it could not take: {words(exc)}")
+                                 f"at each start: see its log) before failing the requests it could not take: "
+                                 f"{words(exc)}")
         rest = [u for u in uids if now - since[u] < bound]
         if not rest:
             return
