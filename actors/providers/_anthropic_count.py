@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from actors.providers._wire import call_timeout, redact
+from engine.core._logkeys import url_secrets
 
 __all__ = ["COUNT_TIMEOUT_S", "COUNT_URL", "NO_RETRY", "CountAnswer", "count_at", "refusal"]
 
@@ -31,6 +32,7 @@ def refusal(status: int, message: str, headers: dict[str, str] | None = None) ->
 async def count_at(client: Any, sdk: Any, key: str, body: dict[str, Any], timeout_s: float) -> CountAnswer:
     """``body`` counted by the provider ``client`` calls (an ``anthropic.AsyncAnthropic``; ``sdk``: the module),
     within ``timeout_s``; ``key``: the client's key, masked wherever an answer quotes it."""
+    secrets = [key, *url_secrets(str(client.base_url))]  # the SDK sends a base URL's as Basic (rvmask83)
     try:
         answer = await client.post(COUNT_URL, body=body, cast_to=object,
                                    options={"timeout": call_timeout(client, sdk, timeout_s)})
@@ -39,20 +41,20 @@ async def count_at(client: Any, sdk: Any, key: str, body: dict[str, Any], timeou
         if not (err and err.get("type") == "error" and isinstance(err.get("error"), dict)):
             err = {"type": "error", "error": {"type": "api_error", "message": str(exc)}}
         headers = {k: v for k in _PASSED if (v := exc.response.headers.get(k))}
-        return exc.status_code, _masked(err, key), headers
+        return exc.status_code, _masked(err, secrets), headers
     except sdk.APITimeoutError:
         return refusal(504, f"Anthropic did not answer the count within {timeout_s:g} s; send it again")
     except sdk.APIConnectionError as exc:
-        return refusal(502, _masked(f"Anthropic could not be reached for the count: {exc}", key))
+        return refusal(502, _masked(f"Anthropic could not be reached for the count: {exc}", secrets))
     return 200, answer, {}
 
 
-def _masked(value: Any, key: str) -> Any:
-    """``value`` (text, or an error body) with the key, and anything shaped like a key, masked (``redact``)."""
+def _masked(value: Any, secrets: list[str]) -> Any:
+    """``value`` (text, or an error body) with the secrets, and anything shaped like a key, masked (``redact``)."""
     if isinstance(value, str):
-        return redact(value, [key])
+        return redact(value, secrets)
     if isinstance(value, dict):
-        return {k: _masked(v, key) for k, v in value.items()}
+        return {k: _masked(v, secrets) for k, v in value.items()}
     if isinstance(value, list):
-        return [_masked(v, key) for v in value]
+        return [_masked(v, secrets) for v in value]
     return value

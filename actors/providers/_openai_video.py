@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors.providers._http import PollBackoff, Unreadable, create_call
+from actors.providers._video_content import content_address
 from engine.core._logkeys import get_logger
 from engine.core.cost import price_alone
 from engine.core.latency import sync_latency_median
@@ -269,7 +270,7 @@ class VideoCalls:
             pass
         req = job.req.model_copy(update={"params": params})
         cost = price_alone(req, p.catalog, "sync").total
-        url = f"{str(p.client.base_url).rstrip('/')}/videos/{v.id}/content"
+        url = content_address(str(p.client.base_url), v.id)
         return CallOutcome(True, p.clock.now(), cost, output=url, provider_request_id=v.id, raw=raw, real=True,
                            recovered=recovered)
 

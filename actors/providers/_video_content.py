@@ -11,14 +11,29 @@ from __future__ import annotations
 
 import warnings
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from actors.providers._wire import call_timeout, redact
+from engine.core._logkeys import url_secrets
 
-__all__ = ["CONTENT_TIMEOUT_S", "ContentAnswer", "content_at", "content_refusal"]
+__all__ = ["CONTENT_TIMEOUT_S", "ContentAnswer", "content_address", "content_at", "content_refusal"]
 
 CONTENT_TIMEOUT_S = 120.0  # real seconds a download may take at most (an MP4 of up to tens of MB)
 
 ContentAnswer = tuple[int, Any, str]  # (HTTP status, the bytes or an OpenAI error body, content type)
+
+
+def _bare(url: str) -> str:
+    """``url`` without its user part: a base URL's credentials are its client's, never a result's (rvmask83)."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def content_address(base_url: str, video_id: str) -> str:
+    """A video's content address under ``base_url`` (a result's ``output``), without the base URL's credentials:
+    a result is journaled, kept by the endpoint and shown to its caller, and the address held the password of a
+    base URL that has one (rvmask83)."""
+    return f"{_bare(base_url).rstrip('/')}/videos/{video_id}/content"
 
 
 def content_refusal(status: int, message: str, code: str | None = None, param: str | None = None) -> ContentAnswer:
@@ -31,7 +46,9 @@ async def content_at(client: Any, sdk: Any, key: str, url: str, variant: str, ti
     """The bytes at ``url`` (a video's content address under ``client``'s ``base_url``; an ``openai.AsyncOpenAI``,
     ``sdk`` its module), as ``variant`` ("video", "thumbnail", "spritesheet"), within ``timeout_s``; ``key``: the
     client's key, masked wherever an answer quotes it."""
-    base = str(client.base_url).rstrip("/") + "/videos/"
+    # Both bare: an address made before (rvmask83) holds the base URL's credentials, a new one does not
+    base, url = _bare(str(client.base_url)).rstrip("/") + "/videos/", _bare(url)
+    secrets = [key, *url_secrets(str(client.base_url))]  # the SDK sends a base URL's as Basic, in the key's place
     vid = url[len(base):].removesuffix("/content") if url.startswith(base) and url.endswith("/content") else ""
     if not vid or "/" in vid:
         return content_refusal(409, "the video's address is not at this engine's endpoint of its provider (the "
@@ -50,13 +67,13 @@ async def content_at(client: Any, sdk: Any, key: str, url: str, variant: str, ti
 
         def said(name: str) -> str | None:  # a field of the provider's error, as text, the key masked in it too
             v = err.get(name)
-            return redact(v, [key]) if isinstance(v, str) else None
+            return redact(v, secrets) if isinstance(v, str) else None
 
         return content_refusal(exc.status_code, redact(f"the provider answered {exc.status_code}: "
-                                                       f"{said('message') or exc.message}", [key]),
+                                                       f"{said('message') or exc.message}", secrets),
                                code=said("code"), param=said("param"))
     except sdk.APITimeoutError:
         return content_refusal(504, f"the provider did not send the video within {timeout_s:g} s; ask again")
     except sdk.APIConnectionError as exc:
-        return content_refusal(502, redact(f"the provider could not be reached for the video: {exc}", [key]))
+        return content_refusal(502, redact(f"the provider could not be reached for the video: {exc}", secrets))
     return 200, got.content, got.response.headers.get("content-type", "application/octet-stream")

@@ -12,6 +12,7 @@ from typing import Any
 
 from engine.app._driver_report import _through_restarts
 from engine.core._budget_check import budget_of
+from engine.core._logkeys import words
 from engine.core.budgets import BudgetSpec
 from engine.core.errors import ConfigError, EngineStopped, SmartbatchError
 
@@ -101,7 +102,9 @@ class LiveBudgeting:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, SmartbatchError):
                 raise cause from None
-            raise
+            # Another's (a bug, a library's): Ray's words, the actor's traceback and its exception's, may quote a
+            # secret, and went to a caller whose own logger does not mask them (rvmask83)
+            raise SmartbatchError(f"engine {self.name!r}: its budget actor failed ({method}): {words(exc)}") from None
         except ray.exceptions.GetTimeoutError:
             raise ConfigError(f"engine {self.name!r}: its budget actor did not answer in {timeout_s:g} s; the "
                               "change may or may not be made: read budgets() and try again") from None

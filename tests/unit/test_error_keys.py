@@ -221,3 +221,114 @@ def test_an_endpoints_batch_or_video_failed_on_the_engines_error_carries_none_of
     said = [*finished, video.result.error]
     assert all(s.startswith("the engine gave no result: RuntimeError: ray::Hub.pull()") for s in said), said
     assert not [s for s in said if KEY in s or PASSWORD in s], said
+
+
+def test_a_videos_content_address_holds_no_base_url_credentials(emu):
+    """A made video's result names its content address, under the provider's base URL: with the credentials of a
+    base URL that holds some, it put them in the result (the journal, the endpoint's state, a caller's answer
+    keep it). The address is now the bare one, and a fetch takes it, and an earlier record's with them, as its
+    provider's (rvmask83)."""
+    import openai
+
+    p = _provider(emu, "openai", credentials=True)
+    job = job_of(req(0, "openai"))
+    out = p._videos._made(job, openai.types.Video.model_construct(id="video_1"), False)
+    bare = http_settings(emu, http=("openai",)).providers.endpoints["openai"].base_url.rstrip("/")
+    assert out.ok and out.output == f"{bare}/videos/video_1/content", out.output
+    assert USER not in out.output and PASSWORD not in out.output
+
+    async def fetch(*urls: str):
+        try:
+            return [await p.video_content(url, "video") for url in urls]
+        finally:
+            await p.close()
+
+    for code, body, _ in asyncio.run(fetch(out.output, f"{str(p.client.base_url).rstrip('/')}/videos/video_1/content")):
+        # the emulator refuses the Basic credentials (a 401): the address was taken as its provider's
+        assert code == 401 and not [s for s in SECRETS if s in str(body)], (code, body)
+
+
+class _Client:
+    """An SDK client at a base URL holding credentials, whose every call raises ``exc`` (a proxy's answer)."""
+
+    def __init__(self, exc: BaseException) -> None:
+        from types import SimpleNamespace
+
+        self.base_url = _with_credentials("http://10.0.0.7:4000/v1/")
+        self.timeout = SimpleNamespace(connect=5.0)
+        self.exc = exc
+        self.videos = SimpleNamespace(download_content=self._raise)
+
+    async def _raise(self, *a: Any, **kw: Any) -> Any:
+        raise self.exc
+
+    post = _raise
+
+
+@pytest.mark.parametrize("echo", list(CREDENTIAL_ECHOES))
+@pytest.mark.parametrize("route", ["count_tokens", "video content"])
+def test_the_count_and_content_routes_show_no_base_url_credentials(echo, route):
+    """The endpoint's count_tokens and video content routes pass a provider's error on to the caller, masked by
+    the key alone before: a proxy's 500 echoing its Basic value, or the password of the base URL, was shown to
+    the caller whole (rvmask83)."""
+    import anthropic
+    import httpx2
+    import openai
+
+    from actors.providers._anthropic_count import count_at
+    from actors.providers._video_content import content_at
+
+    sdk = anthropic if route == "count_tokens" else openai
+    body = {"type": "error", "error": {"message": CREDENTIAL_ECHOES[echo], "type": "api_error"}}
+    response = httpx2.Response(500, request=httpx2.Request("GET", "http://10.0.0.7:4000/v1/x"), json=body)
+    client = _Client(sdk.InternalServerError(CREDENTIAL_ECHOES[echo], response=response, body=body))
+    if route == "count_tokens":
+        code, said, _ = asyncio.run(count_at(client, sdk, KEY, {}, 1.0))
+    else:
+        code, said, _ = asyncio.run(content_at(client, sdk, KEY, f"{client.base_url}videos/video_1/content",
+                                               "video", 1.0))
+    assert code == 500 and CREDENTIAL_ECHOES[echo][:12] in str(said), said
+    assert not [s for s in SECRETS if s in str(said)], said
+
+
+class _RayTaskError(Exception):
+    """Ray's error of a failed actor call, as the driver meets it: its words the actor's traceback and its
+    exception's, ``cause`` the exception."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"ray::BudgetController.budget_specs() (pid=7)\n  File x, line 3\n"
+                         f"{type(cause).__name__}: {cause}")
+        self.cause = cause
+
+
+def test_a_budget_change_the_budget_actor_failed_raises_none_of_its_keys():
+    """``Engine.set_budget`` (and ``budgets``, ``remove_budget``) raised Ray's error of another's exception to the
+    caller as Ray made it: the caller's own logger, which the project does not mask, printed its words whole. A
+    ``SmartbatchError`` naming the call now, its words masked; the project's own errors raised as they were
+    (rvmask83)."""
+    from types import SimpleNamespace
+
+    from engine.app._driver_budgets import LiveBudgeting
+    from engine.core.errors import ConfigError, SmartbatchError
+
+    class Driver(LiveBudgeting):
+        def __init__(self, cause: BaseException) -> None:
+            def get(ref: Any, timeout: float | None = None) -> Any:
+                raise _RayTaskError(cause)
+
+            errors = SimpleNamespace(RayTaskError=_RayTaskError, ActorUnavailableError=type("U", (Exception,), {}),
+                                     GetTimeoutError=type("T", (Exception,), {}))
+            self._ray = SimpleNamespace(exceptions=errors, get=get)
+            budget = SimpleNamespace(budget_specs=SimpleNamespace(remote=lambda *a: None))
+            self._h, self._running, self.name = {"budget": budget}, True, "prod"
+
+    leak = RuntimeError(f"upstream said Authorization: Bearer {KEY} at redis://:{PASSWORD}@10.0.0.9/0")
+    with pytest.raises(SmartbatchError) as caught:
+        Driver(leak).set_budget(tenant="acme", budget_duration="1d", max_budget=1.0)
+    said = str(caught.value)
+    assert said.startswith("engine 'prod': its budget actor failed (budget_specs): ray::BudgetController"), said
+    assert "RuntimeError: upstream said" in said and KEY not in said and PASSWORD not in said, said
+    ours = ConfigError("budget.model = 'x': not in the catalog")
+    with pytest.raises(ConfigError) as caught:
+        Driver(ours).set_budget(model="x", max_budget=1.0)
+    assert caught.value is ours
