@@ -56,7 +56,7 @@ class FileCleanup:
                 self.undeleted += 1
                 log.warning("dispatcher %s: the files of batch %s could not be deleted at the provider (%s); "
                             "they stay until the provider expires them", self.name, getattr(handle, "id", "?"),
-                            redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
+                            redact(f"{type(exc).__name__}: {exc}")[:200])
 
     async def drain(self) -> int:
         """Wait for the deletes under way, ``STOP_WAIT_S`` at most (the engine stops); how many still run, logged."""

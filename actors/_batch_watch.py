@@ -25,7 +25,7 @@ _UNKNOWN = object()  # no lookup of a lost create's batch was answered: whether 
 
 
 def _short(exc: BaseException) -> str:
-    return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
+    return redact(f"{type(exc).__name__}: {exc}")[:200]
 
 
 def known_ran(pairs: list[tuple[Any, CallOutcome]], group: Callable[[Any], Any] | None = None

@@ -64,7 +64,7 @@ def cancel_left(engine: str, name: str, layout: dict | None, copy: Any, settle: 
         try:
             box["left"] = asyncio.run(_cancel_left(provider, layout, copy, journal, box, going))
         except Exception as exc:  # said below, with what is known (its words may quote a URL: scrubbed)
-            box["left"] = Left(unread=scrub(f"{type(exc).__name__}: {str(exc)[:200]}"))
+            box["left"] = Left(unread=scrub(f"{type(exc).__name__}: {exc}")[:200])
 
     # In a thread of its own: the caller may run an event loop (an endpoint's stop), and a hung provider is cut
     # at the bound rather than holding the stop.
@@ -157,7 +157,7 @@ async def _cancel_left(provider: str, layout: dict | None, copy: Any, journal: s
                 await asyncio.wait_for(client.cancel(handle), max(1.0, deadline - time.monotonic()))
                 left.cancelled.append(bid)
             except Exception as exc:
-                left.not_cancelled.append((bid, scrub(f"the cancel failed: {type(exc).__name__}: {str(exc)[:120]}")))
+                left.not_cancelled.append((bid, scrub(f"the cancel failed: {type(exc).__name__}: {exc}")[:140]))
 
         await asyncio.gather(*(one(key, handle) for key, handle in open_))
     finally:

@@ -107,7 +107,7 @@ class OpenAIBatches(HttpBase):
             await self.client.files.delete(file_id)
         except Exception as exc:
             log.warning("%s: the upload %s of a refused batch could not be deleted (%s)", self.name, file_id,
-                        self._redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        self._redact(f"{type(exc).__name__}: {exc}")[:200])
 
     async def poll(self, handle: BatchHandle) -> BatchState:
         with self._refused("batch poll"):

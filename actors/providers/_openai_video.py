@@ -281,7 +281,7 @@ class VideoCalls:
             page = await _quiet(self.p.client.videos.list)(limit=20, order="desc")
         except self.p._sdk.APIError as exc:
             log.warning("%s: videos could not be listed before a create (%s); a create of it cut short would be "
-                        "made again", self.p.name, self.p._redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        "made again", self.p.name, self.p._redact(f"{type(exc).__name__}: {exc}")[:200])
             return None
         data = list(page.data)
         return (max((v.created_at for v in data), default=None), frozenset(v.id for v in data))
@@ -306,7 +306,7 @@ class VideoCalls:
                     found.append(v)
         except self.p._sdk.APIError as exc:
             log.warning("%s: videos could not be listed to find a create cut short (%s); made again", self.p.name,
-                        self.p._redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
+                        self.p._redact(f"{type(exc).__name__}: {exc}")[:200])
             return None, False
         # A create of the same under way (another request's, the same prompt) may have made one of these, its
         # answer not back: taken here, its request and this one were answered with one video, each counting its

@@ -332,3 +332,26 @@ def test_a_budget_change_the_budget_actor_failed_raises_none_of_its_keys():
     with pytest.raises(ConfigError) as caught:
         Driver(ours).set_budget(model="x", max_budget=1.0)
     assert caught.value is ours
+
+
+def test_a_log_line_cut_short_is_masked_before_the_cut(emu, caplog):
+    """A refused batch's upload that could not be deleted logs the SDK's words cut at 200 characters. They were cut,
+    then masked by value: a key that no shape names (``KEY``) straddling the cut was no longer the whole key, and
+    its first part was logged (fails on the code before: "plainkey-NEVERS" in the line)."""
+
+    async def go():
+        p = _provider(emu, "openai", credentials=False)
+        async def refuse(file_id):  # the key from the 186th character: its first 15 before the old cut
+            raise RuntimeError("x" * 185 + f"{KEY} (the key the call was sent with)")
+
+        p.client.files.delete = refuse
+        try:
+            with caplog.at_level("WARNING"):
+                await p._delete_upload("file-1")
+        finally:
+            await p.close()
+
+    asyncio.run(go())
+    lines = [r.getMessage() for r in caplog.records if "could not be deleted" in r.getMessage()]
+    assert len(lines) == 1, caplog.records
+    assert KEY[:8] not in lines[0], lines[0]
