@@ -19,7 +19,9 @@ from tests.unit import test_stop_settles
 from tests.unit.test_batch_rescue import FAR
 from tests.unit.test_http_providers import KEY, Rig, jobs_of
 
-slow_cancel_emu = test_stop_settles.slow_cancel_emu  # (a fixture: a batch still cancelling when the actor goes)
+# (a fixture: the batch in progress whatever the machine's speed). On real time its 1 s turnaround could end
+# before the stop's cancel: a scratch 1.5 s pause after the create failed both tests (stop 83).
+still = test_stop_settles.still
 
 
 async def _left_with_a_batch(rig: Rig, layout_settings, journal: str, copy_of_hub: bool) -> tuple:
@@ -49,8 +51,9 @@ async def _left_with_a_batch(rig: Rig, layout_settings, journal: str, copy_of_hu
     return jobs, bid, settled, left
 
 
-def test_the_stops_own_cancel_reads_a_journal_kept_in_redis(own_redis, slow_cancel_emu, monkeypatch):
-    rig = Rig(slow_cancel_emu, "openai", journal=JournalSettings(redis_url=own_redis.url))
+def test_the_stops_own_cancel_reads_a_journal_kept_in_redis(own_redis, still, monkeypatch):
+    slow_cancel_emu, clock = still
+    rig = Rig(slow_cancel_emu, "openai", clock=clock, journal=JournalSettings(redis_url=own_redis.url))
     monkeypatch.setenv(rig.settings.providers.endpoints["openai"].api_key_env, KEY)
 
     async def go():
@@ -67,8 +70,7 @@ def test_the_stops_own_cancel_reads_a_journal_kept_in_redis(own_redis, slow_canc
     assert dict(settled) == pytest.approx(bounds, abs=1e-12)
 
 
-def test_the_stops_own_cancel_reads_the_hub_journal_where_a_cache_redis_that_evicts_moved_it(own_redis,
-                                                                                             slow_cancel_emu,
+def test_the_stops_own_cancel_reads_the_hub_journal_where_a_cache_redis_that_evicts_moved_it(own_redis, still,
                                                                                              monkeypatch):
     """The journal falls back to the cache's Redis; one that may evict keys (a cache's usual setting) has the
     engine's start keep the journal in the hub's memory instead, in the actors' settings alone: the driver's,
@@ -79,7 +81,8 @@ def test_the_stops_own_cancel_reads_the_hub_journal_where_a_cache_redis_that_evi
     r.config_set("maxmemory", "100mb")
     from actors._journal_evict import check_keeps_records
 
-    rig = Rig(slow_cancel_emu, "openai", cache=CacheSettings(redis_url=own_redis.url))
+    slow_cancel_emu, clock = still
+    rig = Rig(slow_cancel_emu, "openai", clock=clock, cache=CacheSettings(redis_url=own_redis.url))
     driver_settings = rig.settings
     rig.settings = check_keeps_records(driver_settings, "engine")  # what the actors were given
     assert rig.settings.journal.in_memory and not driver_settings.journal.in_memory
