@@ -11,7 +11,16 @@ import pytest
 from engine.app._batch_rescue import journal_dir
 from engine.emulator import Emulator
 from tests.integration._catalogs import openai_only_file
-from tests.integration.test_batch_crash import BIN, SPEEDUP, _env, _journaled_batches, _kill_when, _until
+from tests.integration.test_batch_crash import (
+    BIN,
+    SPEEDUP,
+    TURNAROUND_S,
+    _env,
+    _journaled_batches,
+    _kill_when,
+    _to_the_batches_end,
+    _until,
+)
 from tests.unit.test_http_providers import fixed_turnaround_catalog
 
 N = 6
@@ -36,11 +45,12 @@ def test_a_resume_counts_in_the_redis_ledger_what_the_killed_runs_batch_finished
     env = {**_env(), "SMARTBATCH_BUDGETS__SPECS": '[{"max_budget": 50}]',
            "SMARTBATCH_BUDGETS__REDIS_URL": redis_server.url, "SMARTBATCH_BUDGETS__REDIS_PREFIX": prefix}
     client = redis_server.client()
-    with Emulator(fixed_turnaround_catalog(6000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
+    with Emulator(fixed_turnaround_catalog(TURNAROUND_S), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
         args = [str(BIN), "batch", str(src), "--out", str(out), "--providers", "http", "--policy", "batch-all",
                 "--catalog", str(openai_only_file(tmp_path)),
                 "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)]
         _kill_when(args, env, lambda: _journaled_batches(journal_dir(out)) >= 1, "its provider batch to be journaled")
+        _to_the_batches_end(emu, TURNAROUND_S)
         _until(lambda: len(emu.bill().items) == N, "the killed run's batch to finish at the provider")
         held = _spend(client, prefix)
         assert held[0] == 0 and held[2] > 0, held  # its claims reserved, nothing settled: the run was killed

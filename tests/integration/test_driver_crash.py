@@ -13,7 +13,14 @@ from actors._file_journal import engine_dirs
 from engine.app._driver_resume import DRIVER_ANSWERS, KEPT_REASON
 from engine.emulator import Emulator
 from tests.integration._job_driver import URGENT
-from tests.integration.test_batch_crash import SPEEDUP, _env, _journaled_batches, _kill_when, _until
+from tests.integration.test_batch_crash import (
+    SPEEDUP,
+    _env,
+    _journaled_batches,
+    _kill_when,
+    _to_the_batches_end,
+    _until,
+)
 from tests.unit.test_http_providers import fixed_turnaround_catalog
 
 N = 24
@@ -38,6 +45,7 @@ def test_a_driver_killed_mid_job_and_run_again_pays_for_nothing_twice(tmp_path):
         _kill_when(args + [""], env, lambda: _journaled_batches(root) >= 2 and _answers_kept(root) >= URGENT,
                    "two provider batches and the urgent answers")
         # The batches run on at the provider, to their end: every member billed, its answer read by nobody.
+        _to_the_batches_end(emu, 3000.0)
         _until(lambda: len(emu.bill().items) == N, "the killed run's batches to finish at the provider")
         before = emu.bill().items
         again = subprocess.run(args + ["Another question entirely."], env=env, capture_output=True, text=True,
