@@ -111,9 +111,22 @@ def mode_allowed(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> bool:
 
 def _check_mode(provider: ProviderSpec, spec: ModelSpec, model: str, mode: Mode) -> None:
     if not mode_allowed(provider, spec, mode):
-        raise CatalogError(f"mode {mode!r} is not available for {provider.name}/{model}: " + (
-            "the provider declares no batch_api for this kind" if mode == "batch_api"
-            else "the provider's flex.models does not list it" if mode == "flex" else "the model is not GPU-priced"))
+        raise CatalogError(f"mode {mode!r} is not available for {provider.name}/{model}: {_missing(provider, spec, mode)}")
+
+
+def _missing(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> str:
+    """The declaration a refused mode lacks: the field an overlay would change (a provider that batches images
+    but not Imagen was said to batch no images at all, a review)."""
+    ba, fx = provider.batch_api, provider.flex
+    if mode == "batch_api":
+        if ba is None:
+            return "the provider declares no batch_api"
+        if spec.kind not in ba.kinds:
+            return f"batch_api.kinds {list(ba.kinds)} does not list {spec.kind!r}"
+        return f"batch_api.media_models {list(ba.media_models or ())} does not list it"
+    if mode == "flex":
+        return "the provider declares no flex tier" if fx is None else f"flex.models {list(fx.models)} does not list it"
+    return "the model is not GPU-priced"
 
 
 def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, output_tokens: int,

@@ -1,6 +1,7 @@
 """The cost model's documented rules, as properties (docs/cost-model.md)."""
 
 import math
+import re
 
 import pytest
 from hypothesis import given
@@ -8,7 +9,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from engine.core.catalog import default_catalog
-from engine.core.cost import cache_split, price_alone, price_batch, price_usage
+from engine.core.cost import cache_split, price_alone, price_batch, price_usage, reserve_bound
 from engine.core.errors import CatalogError
 from engine.core.request import Request
 
@@ -161,7 +162,7 @@ def test_hosted_media_is_list_price_and_its_prompt_tokens_where_the_catalog_pric
 
 def test_unavailable_modes_are_refused_with_the_reason():
     img = Request.model_validate({"id": "i", "arrival_s": 0, "model": "imagen-4", "prompt": "x"})
-    with pytest.raises(CatalogError, match="no batch_api"):
+    with pytest.raises(CatalogError, match="batch_api.media_models"):  # google batches images, not Imagen
         price_alone(img, CAT, "batch_api")
     with pytest.raises(CatalogError, match="not GPU-priced"):
         price_batch([img], CAT, "gpu_batch")
@@ -320,3 +321,20 @@ def test_a_bound_in_a_mode_the_model_does_not_offer_is_refused_as_its_price_is()
                 with pytest.raises(CatalogError, match=f"mode {mode!r} is not available for {pname}/{mname}"):
                     reserve_bound(r, CAT, mode)
     assert refused > 10  # the catalog has image models without a batch API, and most models have no flex tier
+
+
+@pytest.mark.parametrize(("model", "mode", "names"), [
+    ("imagen-4", "batch_api", "batch_api.media_models"),     # google batches images, of the models it names
+    ("sora-2", "batch_api", "batch_api.kinds"),              # openai batches text and images, not video
+    ("flux-1-dev", "batch_api", "declares no batch_api"),
+    ("claude-haiku-5-5", "flex", "declares no flex tier"),   # Anthropic has no flex block at all
+    ("gpt-6.2-sol", "flex", "flex.models"),
+])
+def test_a_mode_refused_names_the_declaration_that_is_missing(model, mode, names):
+    """docs/cost-model.md: the refusal names the missing declaration. Google declares a batch API for images, so
+    "the provider declares no batch_api for this kind" sent an overlay's author to the wrong field for Imagen,
+    which only `batch_api.media_models` leaves out (a helper's tour)."""
+    r = Request.model_validate({"id": "m", "arrival_s": 0, "model": model, "prompt": "a cat on a mat"})
+    for call in (lambda: price_alone(r, CAT, mode), lambda: reserve_bound(r, CAT, mode)):
+        with pytest.raises(CatalogError, match=re.escape(names)):
+            call()
