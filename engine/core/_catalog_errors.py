@@ -9,7 +9,9 @@ import difflib
 import types
 import typing
 from collections.abc import Mapping
+from importlib import resources
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
 __all__ = ["catalog_problem"]
@@ -22,7 +24,7 @@ def catalog_problem(exc: ValidationError, where: str, root: type[BaseModel], bas
     first = exc.errors()[0]
     loc = tuple(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")  # a check of ours: its message is whole
-    hint = _new_name(loc, base, extra) if extra is not None else ""
+    hint = _new_name(loc, base, extra) if extra is not None else _as_overlay(loc, first["type"])
     if not hint and first["type"] == "extra_forbidden":
         known = _fields(root, loc[:-1])
         close = _closest(str(loc[-1]), known)
@@ -45,6 +47,22 @@ def _new_name(loc: tuple, base: Mapping, extra: Mapping) -> str:
         if model not in models and model in ((added.get(name) or {}).get("models") or {}):
             return _said("model", model, f" to {name}", list(models))
     return ""
+
+
+def _as_overlay(loc: tuple, kind: str) -> str:
+    """A whole catalog that lacks a field of a provider or model the packaged one has: most likely a file of
+    changes given as the catalog, which the overlay flag takes (a helper's tour: it was told "Field required"
+    alone, and no word of that flag)."""
+    if kind != "missing" or len(loc) < 3 or loc[0] != "providers":
+        return ""
+    packaged = (yaml.safe_load(resources.files("engine").joinpath("data/catalog.yaml").read_text(encoding="utf-8"))
+                .get("providers") or {})
+    have = packaged.get(str(loc[1]))
+    if not isinstance(have, Mapping) or (loc[2] == "models" and len(loc) > 3
+                                         and str(loc[3]) not in (have.get("models") or {})):
+        return ""
+    return ("; --catalog takes a whole catalog: to change some fields of the packaged one, give this file as "
+            "--catalog-overlay")
 
 
 def _said(what: str, name: str, to: str, names: list[str]) -> str:

@@ -46,3 +46,21 @@ def test_a_new_provider_far_from_every_name_is_told_only_what_it_lacks(tmp_path)
     path.write_text("providers:\n  local-vllm:\n    models:\n      llama-3.1-8b: {kind: text, input_per_mtok: 0.02, "
                     "output_per_mtok: 0.05}\n")
     assert "llama-3.1-8b" in load_catalog(None, path).provider("local-vllm").models  # as docs/providers.md adds it
+
+
+def test_a_file_of_changes_given_as_the_whole_catalog_is_told_to_give_it_as_an_overlay(tmp_path):
+    """docs/cost-model.md: prices come from the catalog, "or your own with --catalog". A file that changes one
+    price of the packaged catalog, given as --catalog, read "field 'providers.openai.models.gpt-5-mini.kind':
+    Field required" and no word of the flag that takes changes (a helper's tour, stop 83)."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("providers:\n  openai:\n    models:\n      gpt-5-mini: {input_per_mtok: 0.25, output_per_mtok: 2.0}\n")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    text = str(info.value)
+    assert "field 'providers.openai.models.gpt-5-mini.kind': Field required" in text, text
+    assert "--catalog-overlay" in text and "packaged" in text, text
+    # A whole catalog of a model of its own is told only what it lacks: its file is no change of the packaged one.
+    path.write_text("providers:\n  local-vllm:\n    models:\n      llama-3.1-8b: {input_per_mtok: 0.02}\n")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(path)
+    assert "Field required" in str(info.value) and "--catalog-overlay" not in str(info.value), str(info.value)
