@@ -205,7 +205,7 @@ def _small_doc() -> dict:
 
 
 def test_the_latency_panel_starts_at_zero_and_the_legend_has_results_md_figures(tmp_path):
-    from engine.app.bench import _markdown, _plot
+    from engine.app._bench_output import _markdown, _plot
 
     doc = _small_doc()
     fig = _plot(doc, tmp_path / "plot.png")
@@ -222,7 +222,7 @@ def test_the_latency_panel_starts_at_zero_and_the_legend_has_results_md_figures(
 
 
 def test_labels_stacked_over_the_dearest_point_stay_inside_the_panel(tmp_path):
-    from engine.app.bench import _plot
+    from engine.app._bench_output import _plot
 
     doc = _small_doc()
     for r in doc["results"]:  # three policies at naive's point, as naive, cache-only and fixed are on real traces
@@ -282,7 +282,7 @@ def test_a_field_of_the_wrong_json_type_is_named_in_json_terms(field, value, sai
 # --- an online bound below the offline one is explained where it is shown -------------------------------------
 
 def test_results_md_explains_an_online_bound_below_this_seeds_offline_bound():
-    from engine.app.bench import _markdown
+    from engine.app._bench_output import _markdown
 
     doc = _small_doc()
     doc["online_bound_usd"] = doc["lower_bound_usd"] * 0.9  # as a 5-line trace with one urgent Claude call gave
@@ -353,7 +353,7 @@ def test_an_id_used_again_under_another_tenant_is_refused_saying_ids_are_unique_
 # --- results.md gives the latency column's unit -------------------------------------------------------------------
 
 def test_results_md_names_the_unit_of_its_latency_column():
-    from engine.app.bench import _markdown
+    from engine.app._bench_output import _markdown
 
     header = next(line for line in _markdown(_small_doc()).splitlines() if line.startswith("| policy"))
     # Before: "latency p50 / p99 (urgent; normal; background)" over cells such as "2,562 / 4,760": seconds, unsaid

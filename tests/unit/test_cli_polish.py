@@ -10,7 +10,8 @@ import pytest
 from rich.console import Console
 
 import engine.app.cli_report as cli_report
-from engine.app.bench import _plot, resolve_policies, run_bench
+from engine.app._bench_output import _plot
+from engine.app.bench import resolve_policies, run_bench
 from engine.core.tracegen import synth
 
 POLICIES = "naive,cache-only,fixed,batch-all,smart"
