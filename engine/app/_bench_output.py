@@ -9,6 +9,8 @@ from typing import Any
 
 from engine.app._words import counted
 
+__all__ = ["_markdown", "_plot", "places_for", "source_line", "usd_places", "write_outputs"]
+
 
 def source_line(doc: dict) -> str | None:
     """The sentence results.md gives the source, when it is not a whole trace at the packaged prices."""
