@@ -8,15 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 from engine.core._api_fields import check_api_body
+from engine.core._body_checks import check_anthropic_system, check_cache_ttl
 from engine.core._callers import renamed
-from engine.core._checks import (
-    FieldProblem,
-    check_anthropic_system,
-    check_cache_ttl,
-    check_generation,
-    check_route,
-    check_tools,
-)
+from engine.core._checks import FieldProblem, check_generation, check_route, check_tools
 from engine.core._sdk_fields import check_openai_fields
 from engine.core._settings_providers import simulated_refusal
 from engine.core.catalog import Catalog, ModelSpec
