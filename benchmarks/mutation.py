@@ -39,6 +39,8 @@ MODULES = {
     "cost_cache": ("engine/core/_cost_cache.py", ["tests/unit/test_cost.py", "tests/unit/test_budgets.py"]),
     "budgets": ("engine/core/budgets.py", ["tests/unit/test_budgets.py", "tests/unit/test_rules.py",
                                       "tests/unit/test_actors.py"]),
+    "budget_windows": ("engine/core/_budget_windows.py", ["tests/unit/test_budgets.py", "tests/unit/test_rules.py",
+                                                      "tests/unit/test_actors.py"]),
     "similarity": ("engine/core/similarity.py", ["tests/unit/test_rules.py", "tests/unit/test_cache.py"]),
     "lower_bound": ("engine/sim/lower_bound.py", ["tests/unit/test_lower_bound.py"]),
     "ratelimit": ("engine/runtime/ratelimit.py", ["tests/unit/test_limits.py"]),
