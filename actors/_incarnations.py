@@ -1,5 +1,5 @@
 """Snapshots an actor keeps in a journal (the budget controller's memory ledger, ``actors._budget_journal``; a
-dispatcher's tally, ``actors._dispatch_recovery``), each incarnation of the actor (each run Ray restarts) under a key
+dispatcher's tally, ``actors._dispatch_tally``), each incarnation of the actor (each run Ray restarts) under a key
 of its own, ``<stem>@<incarnation>``, and taken back by rank: (epoch, start, change). (A dispatcher's list of ended
 videos, ``actors._dispatch_jobs``, is a union: every incarnation's is read back and merged, none ranked.)
 
