@@ -10,8 +10,7 @@ import sys
 from collections import deque
 from collections.abc import Hashable
 from itertools import islice
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from actors._shards import key_shard
 from actors._types import Job
@@ -21,6 +20,9 @@ from engine.core.features import NEAR_DIM, near_text, near_vectors_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_between, guard_reason, traits
 from engine.runtime.reuse import Top, class_threshold
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Item = Job
 log = get_logger("smartbatch.cache")
@@ -43,6 +45,10 @@ class NearIndex:
         Each is decided as if it had arrived alone, as the simulator admits them: an identical request in
         flight first, then the top near match, the best of the index and of the items before it that lead;
         only that match is weighed, against the threshold and every guard."""
+        # numpy where a vector is built, not at import: every engine actor imports this module (Ray loads the
+        # class of each peer's handle it is given), and only a cache that looks up near duplicates needs it.
+        import numpy as np
+
         items = [batch[p] for p in order]
         # An identical request in flight is followed first, and now: the awaits below let the loop go, and a
         # ``complete`` run meanwhile would take its leader (and its followers) away, leaving this request to be
@@ -129,6 +135,7 @@ class NearIndex:
         a lookup of a thousand long prompts is seconds of CPU, and the driver's health check must be answered
         meanwhile, or a busy cache is killed as a hung one and its open work re-admitted onto a cache that
         is busier still. Rows are equal to one call's (each row is featurised on its own)."""
+        import numpy as np
         out, start = [], 0
         while start < len(texts):
             stop, size = start + 1, len(texts[start])
@@ -199,6 +206,7 @@ class NearIndex:
 
     async def _materialise(self, keys: list[Hashable]) -> None:
         """Index the queued rows of these classes, in the order they were queued, their vectors made now."""
+        import numpy as np
         snap = {key: list(self._pending.get(key, ())) for key in keys}
         need = [row for rows in snap.values() for row in rows if row[4] is None]
         made = await self._vectors([r[1] for r in need], [r[2] for r in need]) if need else ()

@@ -14,13 +14,15 @@ the receiver rebuilds models without validating them again, with the same field 
 from __future__ import annotations
 
 import pickle
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pydantic import BaseModel
 
 from engine.core.request import Request
 from engine.core.result import Result
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["ARRAY_MIN_ROWS", "PACK_MIN_ROWS", "pack", "pack_args"]
 
@@ -112,6 +114,10 @@ def _column(col: list) -> Any:
     if len(col) >= ARRAY_MIN_ROWS and type(col[0]) in _NUMERIC:
         t = type(col[0])
         if all(type(v) is t for v in col):
+            # numpy on first use: every actor imports this module, and numpy cost each worker about 90 ms of CPU
+            # at start, though a column this long is rare (a batch call); the receiver's unpickling imports it.
+            import numpy as np
+
             try:
                 return _Array(np.array(col, dtype=np.float64 if t is float else np.int64))
             except OverflowError:  # an int beyond 64 bits travels as it is

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from engine.core._logkeys import get_logger
@@ -267,6 +266,7 @@ class EngineMetrics:
         """A dispatcher's message of dispatches (mode, each member's wait, in flight after it), observed per mode
         in one step: a sync call is a dispatch of one, so a message holds one per request, and one at a time
         each cost the hub three label lookups and a histogram step, 17-21 us (docs/benchmarks.md, stop 82)."""
+        import numpy as np
         if not observed:
             return
         sizes: dict[str, list[int]] = {}
@@ -281,6 +281,7 @@ class EngineMetrics:
 
     def observe_counts(self, provider: str, c: dict) -> None:
         """A dispatcher's ``DispatchCounts.as_dict()`` since its last flush."""
+        import numpy as np
         for reason, n in c.get("retries", {}).items():
             self.retries.labels(provider, reason).inc(n)
         if c.get("http_429"):
@@ -354,6 +355,10 @@ def _observe_all(child, values) -> None:
     request of the engine, and one ``observe`` costs a lock and a scan of the bounds. Counts per bucket and the
     sum go in as prometheus-client's own ``observe`` would put them (``amount <= bound``, first bound wins);
     a client whose histogram lacks those parts is fed one value at a time."""
+    # numpy here, not at import: every engine actor imports this module (Ray loads the class of each peer's
+    # handle it is given), and only the hub observes.
+    import numpy as np
+
     bounds = getattr(child, "_upper_bounds", None)
     buckets = getattr(child, "_buckets", None)
     total = getattr(child, "_sum", None)

@@ -16,14 +16,16 @@ is the one rule, read by the simulated world's by-hour turnaround and by the lea
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from collections import OrderedDict
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, NamedTuple
 
 from engine.core.catalog import BatchApi, Catalog
 from engine.core.clock import Clock, ScaledClock
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["DAY_S", "Draws", "TurnaroundWorld", "engine_day_origin", "hour_of_day"]
 
@@ -34,7 +36,11 @@ def hour_of_day(t, day_origin_s: float = 0.0):
     """The hour of day (0..23) at engine time ``t`` (a number, or an array of them) of a run whose engine time 0
     fell ``day_origin_s`` seconds after UTC midnight: an int, or an int array."""
     h = (day_origin_s + t) // 3600.0 % 24  # // and % of floats are exact: a number and an array agree
-    return h.astype(np.int64) if isinstance(h, np.ndarray) else int(h)
+    # An array exists only once numpy is loaded, which this module does only where it draws: every engine actor
+    # imports it (the simulated provider, through its peers' handles), and numpy cost a worker that draws
+    # nothing about 90 ms of CPU at start.
+    nd = sys.modules.get("numpy")
+    return h.astype(nd.int64) if nd is not None and isinstance(h, nd.ndarray) else int(h)
 
 
 def engine_day_origin(setting: float | None, clock: Clock | None) -> float:
@@ -71,6 +77,7 @@ class TurnaroundWorld(NamedTuple):
         return self.scale * (self.by_hour[hour_of_day(t, self.day_origin_s)] if self.by_hour else 1.0)
 
     def factors(self, t: np.ndarray) -> np.ndarray:
+        import numpy as np
         if not self.by_hour:
             return np.full(t.shape, self.scale)
         return self.scale * np.asarray(self.by_hour)[hour_of_day(t, self.day_origin_s)]
@@ -100,6 +107,7 @@ class Draws:
         self._gens: dict[str, np.random.Generator] = {}
 
     def _row_chunk(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        import numpy as np
         got = self._rows.get(c)
         if got is not None:
             self._rows.move_to_end(c)
@@ -138,6 +146,7 @@ class Draws:
 
     def _chunk(self, provider: str, ba: BatchApi, c: int) -> np.ndarray:
         """Turnarounds of slots ``c * _CHUNK .. (c + 1) * _CHUNK - 1`` of one provider."""
+        import numpy as np
         chunks = self._slots.setdefault(provider, {})
         arr = chunks.get(c)
         if arr is not None:
@@ -160,6 +169,7 @@ class Draws:
     @staticmethod
     def _transform(ba: BatchApi, z: np.ndarray) -> np.ndarray:
         # Kept unclipped: a world scaled away from the catalog (``TurnaroundWorld``) scales, then clips.
+        import numpy as np
         return ba.turnaround_median_s * np.exp(ba.turnaround_sigma * z)
 
     def turnaround(self, provider: str, ba: BatchApi, t: float, world: TurnaroundWorld | None = None) -> float:
@@ -173,6 +183,7 @@ class Draws:
                          world: TurnaroundWorld | None = None) -> np.ndarray:
         """Turnaround of every slot from 0 up to ``horizon_s`` (at least; whole chunks). Its size follows the
         horizon, so a caller bounds the horizon (traces are rebased and their span bounded at load)."""
+        import numpy as np
         n_chunks = -(-(int(math.ceil(horizon_s / self.slot_s)) + 1) // _CHUNK)
         raw = np.concatenate([self._chunk(provider, ba, c) for c in range(n_chunks)])
         if world is not None:
@@ -181,6 +192,7 @@ class Draws:
 
     def attempts_all_fail(self, catalog: Catalog, providers: list[str]) -> np.ndarray:
         """Requests whose every allowed attempt fails: no policy can complete (or pay for) them."""
+        import numpy as np
         rates = np.array([catalog.provider(p).failure_rate for p in providers])
         n = len(providers)
         out = np.empty(n, bool)

@@ -21,8 +21,10 @@ import importlib.util
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["EMBED_DIM", "MODEL", "EmbeddingUnavailable", "Embedder", "load_embedder"]
 
@@ -44,6 +46,8 @@ class Embedder:
     """Mean-pooled static token embeddings: ``embed(texts)`` -> ``(n, 256)`` float32 unit rows."""
 
     def __init__(self, table: np.ndarray, tokenizer) -> None:
+        import numpy as np  # here, not at import: see ``engine.core.features``
+
         self.table = np.ascontiguousarray(table, dtype=np.float32)
         self.dim = self.table.shape[1]
         self._tok = tokenizer  # a tokenizers.Tokenizer; no special tokens are added, as WordLlama does
@@ -57,6 +61,8 @@ class Embedder:
         ``dims``: only the leading columns, normalised on their own. The model is trained with nested
         dimensions, so they are an embedding of their own, and summing only them halves the memory the
         pooling reads (the near-duplicate vectors use 128)."""
+        import numpy as np
+
         dims = self.dim if dims is None else dims
         if not 0 < dims <= self.dim:
             raise ValueError(f"dims must be in 1..{self.dim}, got {dims}")

@@ -28,13 +28,15 @@ import re
 import unicodedata
 import zlib
 from collections.abc import Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from engine.core import embedding as _embedding
 from engine.core._logkeys import get_logger
 from engine.core.body_tokens import sends_prompt
 from engine.core.request import Request, split_body
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "compat_kind", "featurize", "featurize_texts",
            "fingerprint", "near_class", "near_context", "near_min_threshold", "near_space", "near_text", "near_vectors", "near_vectors_texts",
@@ -57,7 +59,9 @@ _log = get_logger("smartbatch.features")
 # Parameters that change the shape of the work: jobs that differ in them cannot run in one GPU batch.
 MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "steps", "fps", "quality", "sampler")
 _WORD = re.compile(r"\w+", re.UNICODE)
-_MIX = np.uint64(0x9E3779B97F4A7C15)
+# numpy is imported where a vector is built, not at import: every actor imports this module for its hashes
+# (``compat_key``, ``fingerprint``), and numpy cost a worker that builds no vector about 90 ms of CPU at start.
+_MIX = 0x9E3779B97F4A7C15
 _CHUNK_CHARS = 16_384
 _SPACES = re.compile("(?<=[^ \n]) {2,}")  # within a line: a line's indentation is code's syntax
 _SEP = "\x1f"  # between a fingerprint's fields
@@ -124,6 +128,8 @@ def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
 
 def _char_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
     """(doc index, 64-bit hash) of every character n-gram of every text, computed in one numpy pass."""
+    import numpy as np
+
     encoded = [t.encode("utf-8") for t in texts]
     lens = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
     buf = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint64)
@@ -134,7 +140,7 @@ def _char_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.nda
     h = np.zeros(m, dtype=np.uint64)
     for j in range(n):
         h = h * np.uint64(257) + buf[j:j + m] + np.uint64(1)
-    h = (h + np.uint64(n)) * _MIX
+    h = (h + np.uint64(n)) * np.uint64(_MIX)
     h ^= h >> np.uint64(29)
     same_doc = doc[:m] == doc[n - 1:n - 1 + m]
     return doc[:m][same_doc], h[same_doc]
@@ -144,6 +150,8 @@ def featurize_texts(texts: Sequence[str], params: Sequence[dict] | None = None, 
                     dim: int = DEFAULT_DIM, normalised: bool = False) -> np.ndarray:
     """Feature matrix ``(len(texts), dim)`` float32 with unit rows (all-zero rows for empty input).
     ``normalised``: the texts are ``normalise_prompt``'s already (it is idempotent, so this only saves time)."""
+    import numpy as np
+
     if dim < 16:
         raise ValueError(f"dim must be >= 16, got {dim}")
     norm = [t.lower() for t in texts] if normalised else [normalise_prompt(t).lower() for t in texts]
@@ -163,6 +171,8 @@ def featurize_texts(texts: Sequence[str], params: Sequence[dict] | None = None, 
 
 
 def _featurize_chunk(norm: Sequence[str], params: Sequence[dict] | None, dim: int) -> np.ndarray:
+    import numpy as np
+
     n_docs = len(norm)
     unigrams: list[str] = []
     bigrams: list[str] = []
@@ -181,7 +191,7 @@ def _featurize_chunk(norm: Sequence[str], params: Sequence[dict] | None, dim: in
     for grams, counts, weight in ((unigrams, n_uni, 1.5), (bigrams, n_bi, 2.0)):
         h = np.fromiter(map(zlib.crc32, map(str.encode, grams)), dtype=np.uint64, count=len(grams))
         doc_parts.append(np.repeat(docs, counts))
-        hash_parts.append((h + np.uint64(1)) * _MIX)
+        hash_parts.append((h + np.uint64(1)) * np.uint64(_MIX))
         w_parts.append(np.full(h.size, weight))
     for n in (3, 4):
         d, h = _char_ngram_hashes(norm, n)
@@ -308,6 +318,8 @@ def near_min_threshold(kind: str | None) -> float:
 def near_vectors_texts(texts: Sequence[str], params: Sequence[dict] | None = None) -> np.ndarray:
     """``(len(texts), NEAR_DIM)`` float32 unit rows (zero rows for empty texts): embedding and n-grams, or
     n-grams alone when the embedding package is missing."""
+    import numpy as np
+
     try:
         embedder = _embedding.load_embedder()
     except ImportError as exc:
@@ -334,6 +346,8 @@ def near_vectors_texts(texts: Sequence[str], params: Sequence[dict] | None = Non
 def _param_signs(key: str) -> np.ndarray:
     """A fixed +-1 pattern per parameter set: rows of equal parameters keep their cosine, rows of different
     ones become nearly orthogonal (a sum of 256 random-signed terms), so no guard can be fooled by a seed."""
+    import numpy as np
+
     seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
     signs = np.where(np.random.default_rng(seed).random(NEAR_DIM) < 0.5, -1.0, 1.0).astype(np.float32)
     signs.flags.writeable = False

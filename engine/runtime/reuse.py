@@ -16,17 +16,13 @@ thousand rows, never wrong).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import NamedTuple
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.core.features import compat_kind, near_min_threshold
 from engine.core.similarity import Guards, Traits, guard_between, traits
 
-try:
-    from usearch.index import Index as _Hnsw
-except ImportError:  # an optional accelerator: exact search gives the same answers, more slowly
-    _Hnsw = None
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["BRUTE_MAX", "NearHit", "ReuseIndex", "Top", "class_threshold"]
 
@@ -36,6 +32,24 @@ ANN_CANDIDATES = 4  # graph results re-scored exactly per query
 # 32: on the 100,000-entry benchmark it finds exact search's best match for 99.6 % of queries that have one
 # in about 35 ms per 1,000 queries (a beam of 64: 100 %, about 70 ms; see docs/cache.md).
 _HNSW_OPTIONS = {"metric": "ip", "dtype": "i8", "connectivity": 16, "expansion_add": 128, "expansion_search": 32}
+
+
+def __getattr__(name: str) -> Any:
+    """``_Hnsw``, usearch's index class (None without usearch), imported on first use. numpy and usearch load
+    where a near class is indexed, not at import: every engine actor imports this module (Ray loads the class of
+    each peer's handle it is given), and numpy cost a worker that indexes nothing about 90 ms of CPU at start."""
+    if name != "_Hnsw":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    try:
+        from usearch.index import Index as graph
+    except ImportError:  # an optional accelerator: exact search gives the same answers, more slowly
+        graph = None
+    globals()["_Hnsw"] = graph  # kept, so a test's monkeypatch of ``_Hnsw`` is what ``_graph_class`` reads
+    return graph
+
+
+def _graph_class() -> Any:
+    return globals()["_Hnsw"] if "_Hnsw" in globals() else __getattr__("_Hnsw")
 
 
 def class_threshold(near_key: Hashable, asked: float) -> float:
@@ -77,6 +91,7 @@ class _Rows:
     __slots__ = ("mat", "n", "start", "base", "sources", "texts", "done", "_traits")
 
     def __init__(self, dim: int, cap: int = 16):
+        import numpy as np
         self.mat = np.empty((cap, dim), dtype=np.float32)
         self._traits: dict[int, Traits] = {}  # read on a row's first match, kept for the next
         self.n = 0  # positions used
@@ -92,6 +107,7 @@ class _Rows:
 
     def add(self, vecs: np.ndarray, sources: Sequence[Hashable], texts: Sequence[str],
             done: Sequence[float]) -> None:
+        import numpy as np
         need = self.n + len(vecs)
         if need > self.mat.shape[0]:
             self._reclaim()
@@ -108,6 +124,7 @@ class _Rows:
 
     def drop_front(self, k: int) -> tuple[np.ndarray, list[Hashable]]:
         """Evict the ``k`` oldest live rows: their ids and sources."""
+        import numpy as np
         lo, hi = self.start, self.start + min(k, self.live)
         # Their ids are read now: a reclaim below moves ``base``, and the graph must lose these rows, not others.
         ids, sources = np.arange(self.base + lo, self.base + hi), self.sources[lo:hi]
@@ -123,6 +140,7 @@ class _Rows:
         """Move the live rows to position 0, into a smaller matrix when they fill under a quarter of it: a class
         that shrank kept its peak's matrix, so classes that took turns at the bound each held one (six: 188 MiB
         of matrices for 20 MiB of vectors)."""
+        import numpy as np
         if self.start == 0:
             return
         live, cap = self.live, max(2 * self.live, 16)
@@ -168,11 +186,12 @@ class _Shelf:
 
     def add(self, vecs: np.ndarray, sources: Sequence[Hashable], texts: Sequence[str],
             done: Sequence[float]) -> None:
+        import numpy as np
         rows = self.rows
         first = rows.base + rows.n
         rows.add(vecs, sources, texts, done)
-        if self.graph is None and rows.live > BRUTE_MAX and _Hnsw is not None:
-            self.graph = _Hnsw(ndim=rows.mat.shape[1], **_HNSW_OPTIONS)
+        if self.graph is None and rows.live > BRUTE_MAX and _graph_class() is not None:
+            self.graph = _graph_class()(ndim=rows.mat.shape[1], **_HNSW_OPTIONS)
             first = rows.base + rows.start
         if self.graph is not None:
             lo = first - rows.base
@@ -192,6 +211,7 @@ class _Shelf:
 
     def top1(self, q: np.ndarray) -> list[tuple[_Rows, int, float] | None]:
         """Best row per query (rows object, row id, cosine)."""
+        import numpy as np
         m = len(q)
         rows = self.rows
         if self.n == 0 or m == 0:  # no query: the graph's empty answer cannot be shaped (m, count)
@@ -239,6 +259,7 @@ class ReuseIndex:
     def add_near(self, near_key: Hashable, vecs: np.ndarray, sources: Sequence[Hashable],
                  texts: Sequence[str], done: Sequence[float]) -> None:
         """Index many rows of one class in one step."""
+        import numpy as np
         shelf = self._shelves.get(near_key)
         if shelf is None:
             shelf = self._shelves[near_key] = _Shelf(self.dim)
@@ -284,6 +305,7 @@ class ReuseIndex:
 
     def top_many(self, near_key: Hashable, vecs: np.ndarray) -> list[Top | None]:
         """The best row of the class per query, before any threshold or guard."""
+        import numpy as np
         shelf = self._shelves.get(near_key)
         if shelf is None:
             return [None] * len(vecs)
