@@ -3,7 +3,6 @@ those batches answered (billed) are read back from the provider, never sent and 
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from actors._file_journal import engine_dirs, read_spaces
 from engine.app._batch_rescue import journal_dir
 from engine.emulator import Emulator
 from tests.integration._catalogs import openai_only_file
+from tests.integration._sessions import kill_session
 from tests.unit.test_http_providers import fixed_turnaround_catalog
 
 BIN = Path(sys.executable).parent / "smartbatch"
@@ -40,46 +40,16 @@ def _until(probe, what: str, proc: subprocess.Popen | None = None, timeout_s: fl
 
 
 def _kill_when(args: list[str], env: dict, probe, what: str) -> None:
-    """Run ``args`` in a session of its own and SIGKILL its whole process group (Ray's workers too) once
-    ``probe()`` holds."""
+    """Run ``args`` in a session of its own and kill that whole session (Ray's workers too, each in a process group
+    of its own) once ``probe()`` holds, waiting until none of it lives."""
     proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
         _until(probe, what, proc)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         proc.wait()
         proc.stdout.close()
-        _kill_session(proc.pid)
-
-
-def _session(sid: int) -> list[int]:
-    """The live processes of session ``sid`` (zombies left out: they can do nothing more)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, ValueError):  # not a process, or gone meanwhile
-            continue
-        if d.name.isdigit() and fields[0] != "Z" and int(fields[3]) == sid:
-            out.append(int(d.name))
-    return out
-
-
-def _kill_session(sid: int, timeout_s: float = 60.0) -> None:
-    """SIGKILL what is left of the run's session (a Ray process in a group of its own escapes ``killpg``) and wait
-    until none is alive: a dispatcher that outlived the kill by a moment read the batch the emulator's clock had
-    just ended and settled it in the killed run's ledger (``(0.0023, 0.0023, 0.0)`` in a scratch run, stop 83)."""
-    deadline = time.monotonic() + timeout_s
-    while left := _session(sid):
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        assert time.monotonic() < deadline, f"the killed run's processes {left} outlived its SIGKILL"
-        time.sleep(0.05)
 
 
 def _to_the_batches_end(emu: Emulator, turnaround_s: float) -> None:

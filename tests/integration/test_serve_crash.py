@@ -28,6 +28,7 @@ import pytest
 
 from engine.emulator import Emulator
 from tests.integration._catalogs import OPENAI_ONLY, openai_only_file
+from tests.integration._sessions import kill_session, session_pids
 
 openai = pytest.importorskip("openai")
 
@@ -68,8 +69,9 @@ class _Serve:
                 return url
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """What a machine's crash does: its whole session killed (Ray's workers, each in a process group of its
+        own, outlived a ``killpg`` for seconds), and none of it alive when this returns."""
+        kill_session(self.proc.pid)
         self.proc.wait(30)
         self.reader.join(30)  # at the pipe's end: every process holding it is gone
         self.proc.stdout.close()
@@ -87,9 +89,10 @@ class _Serve:
             self.seen.append(line)
 
     def sigterm(self) -> tuple[int, float, list[int]]:
-        """SIGTERM to its whole process group: the exit code, the seconds it took, and the group's processes
-        (the serve and the Ray processes it started) still alive 30 s later."""
-        group = _group(self.proc.pid)
+        """SIGTERM to its whole process group: the exit code, the seconds it took, and its session's processes
+        (the serve, the Ray processes it started and their workers, which the group leaves out) still alive 30 s
+        later."""
+        group = session_pids(self.proc.pid)
         assert len(group) > 2, group  # serve, and at least the GCS and the raylet
         t0 = time.monotonic()
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -98,19 +101,6 @@ class _Serve:
         self.reader.join(30)  # at the pipe's end, once every process holding it is gone
         self._drain()
         return code, took, _wait_gone(group, 30)
-
-
-def _group(pgid: int) -> list[int]:
-    """The processes of process group ``pgid`` (the serve and the Ray processes it started)."""
-    out = []
-    for d in Path("/proc").iterdir():
-        try:
-            stat = (d / "stat").read_text()
-        except (OSError, ValueError):  # not a process, or gone meanwhile
-            continue
-        if d.name.isdigit() and int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
-            out.append(int(d.name))
-    return out
 
 
 def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:

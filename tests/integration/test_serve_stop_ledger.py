@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration._catalogs import openai_only_file
+from tests.integration._sessions import kill_session
 
 BIN = Path(sys.executable).parent / "smartbatch"
 
@@ -78,7 +79,7 @@ def test_smartbatch_stop_of_a_served_engine_keeps_its_outbox_before_serve_stops_
             try:
                 serve.wait(60)
             except subprocess.TimeoutExpired:
-                os.killpg(serve.pid, signal.SIGKILL)
+                kill_session(serve.pid)  # Ray's workers too: a killpg leaves them to run on for seconds
                 serve.wait(30)
         reader.join(30)  # at the pipe's end, once every process holding it is gone
         serve.stdout.close()

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration._catalogs import openai_only_file
+from tests.integration._sessions import kill_session
 
 BIN = Path(sys.executable).parent / "smartbatch"
 
@@ -109,7 +110,7 @@ def test_drivers_share_one_named_engine_and_leave_it_running(tmp_path):
     name = f"shared-{secrets.token_hex(3)}"
     server = subprocess.Popen([str(BIN), "serve", "--name", name, "--speedup", "100", "--http-port", "0",
                                "--catalog", str(openai_only_file(tmp_path))], env=_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen: list[str] = []
     reader = None
     try:
@@ -162,7 +163,7 @@ def test_drivers_share_one_named_engine_and_leave_it_running(tmp_path):
         _wait_for(lines, f"engine {name!r} was stopped", seen)  # (the reader's queue, fed to the pipe's end)
     finally:
         if server.poll() is None:
-            server.kill()
+            kill_session(server.pid)  # Ray's workers too, each in a process group of its own
             server.wait(30)
         if reader is not None:
             reader.join(30)  # at the pipe's end, once the server is gone
