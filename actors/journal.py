@@ -304,6 +304,9 @@ def make_journal(settings, engine: str, hub: Any, rewrite: Callable[[], Awaitabl
     if settings.journal.dir is not None:
         from actors._file_journal import FileJournal
 
-        return FileJournal(settings.journal.dir, engine, settings.journal.archive_s)
+        files = FileJournal(settings.journal.dir, engine, settings.journal.archive_s)
+        if holder is not None:  # its writer, from its start: a resume then waits for it, a killed run's survivor
+            files.hold()
+        return files
     seal = JournalSeal(hub, holder) if holder is not None else None
     return redis_journal(settings, engine, rewrite, seal) or HubJournal(hub)

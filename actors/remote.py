@@ -20,6 +20,7 @@ from actors._budget_kept import take_back_kept
 from actors._engine_stop import kill_engine
 from actors._journal_evict import check_keeps_records
 from actors._kv_journal import KvJournal
+from actors._orphan import die_with_parent
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, warm_all
 from actors._redis_cluster import check_cluster_modes
 from actors._shards import shard_kind
@@ -58,6 +59,7 @@ def _in_actor(cls):
     every logger's lines and what it prints outside logging masked, ``mask_process``: the process is the
     engine's, and its stderr is a Ray worker's log file, streamed to the driver's terminal); the class itself stays plain (unit tests construct it in pytest's process, left alone)."""
     def __init__(self, *args, **kwargs):
+        die_with_parent()  # (its raylet: a killed driver's actors made provider calls for 2 s more)
         tune_actor()
         mask_process(everything=True)
         cls.__init__(self, *args, **kwargs)

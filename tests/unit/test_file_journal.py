@@ -243,3 +243,50 @@ def pending_records(root) -> int:
 class _Handle:  # a journaled provider batch's handle, as far as the rescue reads it
     id = "batch_real"
     jobs: dict = {}
+
+
+def test_a_resume_waits_for_a_killed_runs_dispatcher_that_had_journaled_nothing_yet(tmp_path, monkeypatch):
+    """A dispatcher outlives its killed driver by 1.5-2.3 s (Ray gives each worker a process group of its own,
+    stop 83), its grouper still dispatching to it. One that had journaled nothing held nothing: a resume started
+    meanwhile found no run to wait for, sent every line again, and what the survivor created next was paid twice.
+    Its journal holds the run from the dispatcher's start, so the resume waits for it."""
+    from engine.app import _batch_rescue
+    from engine.app._batch_rescue import journal_dir, rescue
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+
+    root = journal_dir(tmp_path / "out.jsonl")
+    settings = Settings(journal={"dir": str(root)})
+    survivor = make_journal(settings, "eng@killed", hub=None, holder="dispatcher:openai")  # nothing written yet
+    monkeypatch.setattr(_batch_rescue, "WRITERS_GONE_S", 0.0)  # (its bound: 60 real seconds)
+    said: list[str] = []
+    with pytest.raises(ConfigError, match="still held"):
+        rescue(root, settings, default_catalog(), {}, say=said.append)
+    assert said == [f"waiting for the processes of the earlier run to end (they hold {survivor.dir})"]
+    os.close(survivor._lock)  # its process ends: the kernel drops its lock
+    got = rescue(root, settings, default_catalog(), {}, say=said.append)
+    assert (got.batches, got.cut_calls, len(said)) == (0, 0, 1) and not engine_dirs(root)
+
+
+def test_a_journal_held_after_a_sweep_removed_its_directory_holds_the_one_made_again(tmp_path, monkeypatch):
+    """A sweep (another engine's resume on the directory) may remove a run's directory, empty and not yet held,
+    between its making and its lock: the write after it failed on the directory gone (before stop 83; a
+    dispatcher's journal is now held from its start, so the sweep could meet it as it starts)."""
+    import shutil
+
+    import actors._file_journal as fj
+
+    j = FileJournal(tmp_path, "e")
+    real_flock, swept = fj.fcntl.flock, []
+
+    def flock(fd, how):
+        if how == fj.fcntl.LOCK_SH and not swept:  # the sweep comes between the mkdir and the lock
+            swept.append(True)
+            shutil.rmtree(tmp_path / "e")
+        return real_flock(fd, how)
+    monkeypatch.setattr(fj.fcntl, "flock", flock)
+    asyncio.run(j.put("batches:openai", "k", "record"))
+    monkeypatch.setattr(fj.fcntl, "flock", real_flock)
+    assert swept and locked_out(tmp_path / "e", 0.0) is None  # the directory there now is the one held
+    assert read_spaces(tmp_path / "e") == {"batches:openai": {"k": "record"}}
+    os.close(j._lock)

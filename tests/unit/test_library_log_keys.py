@@ -80,6 +80,7 @@ def test_an_actors_process_masks_every_librarys_line(caplog, monkeypatch, line):
     import actors.remote
 
     monkeypatch.setattr(actors.remote, "tune_actor", lambda freeze=False: None)  # (pytest's collector, untouched)
+    monkeypatch.setattr(actors.remote, "die_with_parent", lambda: None)  # (pytest's process, left to its parent)
     assert actors.remote._in_actor(_Plain)(3).n == 3
     with caplog.at_level(logging.INFO):
         LINES[line]()
@@ -94,6 +95,7 @@ def test_an_actor_started_again_masks_once(monkeypatch):
     import actors.remote
 
     monkeypatch.setattr(actors.remote, "tune_actor", lambda freeze=False: None)
+    monkeypatch.setattr(actors.remote, "die_with_parent", lambda: None)  # (pytest's process, left to its parent)
     actors.remote._in_actor(_Plain)(1)
     first = logging.getLogRecordFactory()
     actors.remote._in_actor(_Plain)(2)

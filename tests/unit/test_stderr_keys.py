@@ -104,6 +104,7 @@ def _actor(monkeypatch) -> None:
     import actors.remote
 
     monkeypatch.setattr(actors.remote, "tune_actor", lambda freeze=False: None)  # (pytest's collector, untouched)
+    monkeypatch.setattr(actors.remote, "die_with_parent", lambda: None)  # (pytest's process, left to its parent)
     actors.remote._in_actor(_Plain)(1)
 
 
