@@ -141,7 +141,10 @@ class FileJournal:
         from its grouper's last dispatch was paid twice."""
         while self._lock is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.dir / _LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a sweep removed it already, before its lock file was made: make it again
+                continue
             fcntl.flock(fd, fcntl.LOCK_SH)
             try:
                 ours = os.stat(self.dir / _LOCK).st_ino == os.fstat(fd).st_ino

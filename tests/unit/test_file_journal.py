@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import pytest
 
@@ -289,4 +290,25 @@ def test_a_journal_held_after_a_sweep_removed_its_directory_holds_the_one_made_a
     monkeypatch.setattr(fj.fcntl, "flock", real_flock)
     assert swept and locked_out(tmp_path / "e", 0.0) is None  # the directory there now is the one held
     assert read_spaces(tmp_path / "e") == {"batches:openai": {"k": "record"}}
+    os.close(j._lock)
+
+
+def test_a_journal_held_after_a_sweep_removed_its_directory_before_its_lock_file_was_made_holds_the_one_made_again(
+        tmp_path, monkeypatch):
+    """The same sweep one step earlier, between the directory's making and its lock file's: the lock file could not
+    be made and the dispatcher's start failed (``FileNotFoundError``; a review of stop 83's hold)."""
+    import shutil
+
+    j = FileJournal(tmp_path, "e")
+    real_mkdir, swept = Path.mkdir, []
+
+    def mkdir(self, *args, **kwargs):
+        real_mkdir(self, *args, **kwargs)
+        if self == j.dir and not swept:  # the sweep comes right after the making
+            swept.append(True)
+            shutil.rmtree(self)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    j.hold()
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    assert swept and locked_out(j.dir, 0.0) is None  # the directory there now is the one held
     os.close(j._lock)
