@@ -33,6 +33,20 @@ sys.stdin.read()
 """
 
 
+
+def _reap(raylet: subprocess.Popen, actor: int | None) -> None:
+    """What a test left alive, ended: the fake raylet and its actor (whatever the test's outcome)."""
+    if raylet.poll() is None:
+        raylet.kill()
+        raylet.wait(30)
+    if actor is not None:
+        try:
+            os.kill(actor, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raylet.stdin.close()
+    raylet.stdout.close()
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(os, "pidfd_open"),
                     reason="the parent-death signal and pidfds are Linux's")
 def test_an_actors_process_dies_with_the_raylet_that_started_it():
@@ -49,16 +63,7 @@ def test_an_actors_process_dies_with_the_raylet_that_started_it():
         os.close(fd)
         assert gone, f"the actor's process {actor} outlived its raylet"
     finally:
-        if raylet.poll() is None:
-            raylet.kill()
-            raylet.wait(30)
-        if actor is not None:
-            try:
-                os.kill(actor, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        raylet.stdin.close()
-        raylet.stdout.close()
+        _reap(raylet, actor)
 
 
 # An actor whose raylet dies before its setup: told of that death (by the same signal, harmless and only to wait
@@ -94,16 +99,7 @@ def test_an_actor_whose_raylet_died_before_its_setup_dies_at_its_setup():
         raylet.wait(30)
         assert raylet.stdout.readline() == "", "the actor set itself up with its raylet gone, and lived on"
     finally:
-        if raylet.poll() is None:
-            raylet.kill()
-            raylet.wait(30)
-        if actor is not None:
-            try:
-                os.kill(actor, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        raylet.stdin.close()
-        raylet.stdout.close()
+        _reap(raylet, actor)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
