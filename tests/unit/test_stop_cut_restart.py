@@ -58,6 +58,32 @@ def _restarted(rig: Rig, engine: str = "engine"):
     return d2
 
 
+class _Scene:
+    """A test's rig, the dispatchers Ray restarts at it and the events it holds, ended whatever its outcome: the
+    hung journal write let go (``dead``), a held lookup released, each restart's client and the rig closed."""
+
+    def __init__(self, emulator) -> None:
+        self.rig = Rig(emulator, "openai")
+        self.dead: asyncio.Event | None = None
+        self.release = asyncio.Event()
+        self.restarts: list = []
+
+    def restarted(self, engine: str = "engine"):
+        self.restarts.append(_restarted(self.rig, engine))
+        return self.restarts[-1]
+
+    async def __aenter__(self) -> _Scene:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release.set()
+        if self.dead is not None:
+            self.dead.set()
+        for d in self.restarts:
+            await d.provider.close()
+        await self.rig.close()
+
+
 def test_a_restart_that_reads_its_journal_before_the_stop_publishes_never_creates_the_taken_batch(emu, monkeypatch):  # noqa: F811
     """The stop (``cut_unsent``, run as the driver does, off the event loop) asks the dispatcher, which takes the
     batch and names its members; its process dies, and Ray's restart, woken by a grouper's late dispatch, reads its
@@ -72,16 +98,16 @@ def test_a_restart_that_reads_its_journal_before_the_stop_publishes_never_create
     jobs = jobs_of("openai", claims=True)
 
     async def go():
-        rig, d2, dead = Rig(emu, "openai"), [], None
         loop = asyncio.get_running_loop()
-        try:
-            _, dead = await _taken_and_dead(rig, jobs)
+        async with _Scene(emu) as scene:
+            rig = scene.rig
+            _, scene.dead = await _taken_and_dead(rig, jobs)
 
             async def restart() -> None:  # within the stop's wait for its answers
                 _killed(rig)
-                d2.append(_restarted(rig))
-                await d2[0].recover()  # (a grouper's ``run_many`` waits for this: ``_ready``)
-                await rig.until(lambda: emu.count(UPLOAD) or not d2[0]._open, "its cut create's end")
+                d2 = scene.restarted()
+                await d2.recover()  # (a grouper's ``run_many`` waits for this: ``_ready``)
+                await rig.until(lambda: emu.count(UPLOAD) or not d2._open, "its cut create's end")
 
             def wait(refs, num_returns, timeout):
                 for r in refs:
@@ -98,12 +124,6 @@ def test_a_restart_that_reads_its_journal_before_the_stop_publishes_never_create
             named = await asyncio.to_thread(_stop_cut.cut_unsent, "engine", [], dispatchers=[handle])
             assert named == {j.req.uid for j in jobs} == _stop_cut.read_cut("engine")
             assert emu.count(UPLOAD) == 0 and emu.count(CREATE) == 0 and emu.bill().items == ()
-        finally:
-            if dead is not None:
-                dead.set()
-            for d in d2:
-                await d.provider.close()
-            await rig.close()
     asyncio.run(go())
     assert store  # (the mark and the list, in the faked store)
 
@@ -121,26 +141,18 @@ def test_a_restart_in_the_stop_settles_the_named_members_claims_once_at_0(emu, m
     jobs = jobs_of("openai", claims=True)
 
     async def go():
-        rig, d2, dead = Rig(emu, "openai"), None, None
-        release = asyncio.Event()
-        try:
-            _, dead = await _taken_and_dead(rig, jobs)
+        async with _Scene(emu) as scene:
+            rig = scene.rig
+            _, scene.dead = await _taken_and_dead(rig, jobs)
             store[_stop_cut._key("engine")] = pickle.dumps(frozenset(await rig.d.cut_at_stop()))
             _killed(rig)
-            d2 = _restarted(rig)
-            _, release = _held_once(d2.provider, "find_batch")
+            d2 = scene.restarted()
+            _, scene.release = _held_once(d2.provider, "find_batch")
             assert await d2.stop_spending(rig.clock, None) == (0, 0, 0)
             assert d2.possibly_billed == 0 and d2.possibly_billed_usd == 0.0
             assert await d2.budget.delivered(5.0)
             assert not rig.budget.book.claims and sum(rig.budget.book.spend.values()) == 0.0
             assert emu.count(UPLOAD) == 0 and emu.count(CREATE) == 0
-        finally:
-            release.set()
-            if dead is not None:
-                dead.set()
-            if d2 is not None:
-                await d2.provider.close()
-            await rig.close()
     asyncio.run(go())
 
 
@@ -157,33 +169,25 @@ def test_a_restart_that_read_its_journal_before_the_stop_published_settles_the_n
     jobs = jobs_of("openai", claims=True)
 
     async def go():
-        rig, d2, dead = Rig(emu, "openai"), None, None
-        release = asyncio.Event()
-        try:
-            _, dead = await _taken_and_dead(rig, jobs)
+        async with _Scene(emu) as scene:
+            rig = scene.rig
+            _, scene.dead = await _taken_and_dead(rig, jobs)
             store[_stop_cut._mark("engine")] = b"1"  # (``cut_unsent``, before it asks anyone)
             named = frozenset(await rig.d.cut_at_stop())
             _killed(rig)
-            d2 = _restarted(rig)
-            held, release = _held_once(d2.provider, "find_batch")
+            d2 = scene.restarted()
+            held, scene.release = _held_once(d2.provider, "find_batch")
             assert await d2.recover() == 1  # (the list not published yet: nothing left out)
             await asyncio.wait_for(held.wait(), 10.0)
             store[_stop_cut._key("engine")] = pickle.dumps(named)
             assert await d2.stop_spending(rig.clock, None) == (0, 0, 0)
             assert d2.possibly_billed == 0 and d2.possibly_billed_usd == 0.0
-            release.set()
+            scene.release.set()
             await rig.until(lambda: not d2._tasks and not d2._unjournal, "the lookup's end")
             assert await d2.budget.delivered(5.0)
             assert not rig.budget.book.claims and sum(rig.budget.book.spend.values()) == 0.0
             assert emu.count(UPLOAD) == 0 and emu.count(CREATE) == 0
             assert await d2.journal.items(d2._space) == {}
-        finally:
-            release.set()
-            if dead is not None:
-                dead.set()
-            if d2 is not None:
-                await d2.provider.close()
-            await rig.close()
     asyncio.run(go())
 
 
@@ -200,14 +204,13 @@ def test_a_restarts_record_keeps_a_readmitted_copy_whose_original_the_stop_named
     jobs[0] = jobs[0]._replace(seq=OWN_ROWS + 1)  # (a copy: its original's id, a row past the drivers')
 
     async def go():
-        rig, d2, dead = Rig(emu, "openai"), None, None
-        release = asyncio.Event()
-        try:
-            _, dead = await _taken_and_dead(rig, jobs)
+        async with _Scene(emu) as scene:
+            rig = scene.rig
+            _, scene.dead = await _taken_and_dead(rig, jobs)
             store[_stop_cut._key("engine")] = pickle.dumps(frozenset(j.req.uid for j in jobs))
             _killed(rig)
-            d2 = _restarted(rig)
-            held, release = _held_once(d2.provider, "find_batch")
+            d2 = scene.restarted()
+            held, scene.release = _held_once(d2.provider, "find_batch")
             assert await d2.recover() == 1
             await asyncio.wait_for(held.wait(), 10.0)
             (rec,) = d2._open.values()
@@ -215,13 +218,6 @@ def test_a_restarts_record_keeps_a_readmitted_copy_whose_original_the_stop_named
             await rig.until(lambda: not d2._settle, "the settlements' flush")
             assert await d2.budget.delivered(5.0)  # the originals' claims let go at 0, the copy's held
             assert list(rig.budget.book.claims) == [jobs[0].claim]
-        finally:
-            release.set()
-            if dead is not None:
-                dead.set()
-            if d2 is not None:
-                await d2.provider.close()
-            await rig.close()
     asyncio.run(go())
 
 
@@ -245,25 +241,19 @@ def test_a_restarts_cut_create_whose_members_the_stop_named_is_never_made_when_t
         return store.get(key)
 
     async def go():
-        rig, d2, dead = Rig(emu, "openai"), None, None
-        try:
-            _, dead = await _taken_and_dead(rig, jobs)
+        async with _Scene(emu) as scene:
+            rig = scene.rig
+            _, scene.dead = await _taken_and_dead(rig, jobs)
             store[_stop_cut._mark("engine")] = b"1"
             named = frozenset(await rig.d.cut_at_stop())
             assert named == {j.req.uid for j in jobs[:3]}
             store[_stop_cut._key("engine")] = pickle.dumps(named)
             _killed(rig)
             monkeypatch.setattr(internal_kv, "_internal_kv_get", get)
-            d2 = _restarted(rig)
+            d2 = scene.restarted()
             assert await d2.recover() == 1  # (the one not named, looked up)
             await rig.until(lambda: not d2._tasks, "its cut create's end")
             assert emu.count(UPLOAD) == 0 and emu.count(CREATE) == 0 and emu.bill().items == ()
-        finally:
-            if dead is not None:
-                dead.set()
-            if d2 is not None:
-                await d2.provider.close()
-            await rig.close()
     asyncio.run(go())
 
 
@@ -279,20 +269,14 @@ def test_a_restart_given_its_runs_journal_name_as_an_engine_starts_it_sees_the_s
     jobs = jobs_of("openai", claims=True)
 
     async def go():
-        rig, d2, dead = Rig(emu, "openai"), None, None
-        try:
-            _, dead = await _taken_and_dead(rig, jobs)
+        async with _Scene(emu) as scene:
+            rig = scene.rig
+            _, scene.dead = await _taken_and_dead(rig, jobs)
             store[_stop_cut._mark("engine")] = b"1"  # (``cut_unsent("engine")``: the list not published yet)
             await rig.d.cut_at_stop()
             _killed(rig)
-            d2 = _restarted(rig, "engine@0a1b2c3d")
+            d2 = scene.restarted("engine@0a1b2c3d")
             assert await d2.recover() == 1
             await rig.until(lambda: emu.count(UPLOAD) or not d2._open, "its cut create's end")
             assert emu.count(UPLOAD) == 0 and emu.count(CREATE) == 0 and emu.bill().items == ()
-        finally:
-            if dead is not None:
-                dead.set()
-            if d2 is not None:
-                await d2.provider.close()
-            await rig.close()
     asyncio.run(go())
