@@ -9,8 +9,16 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
+from engine.core._catalog_errors import _closest
 from engine.core._logkeys import get_logger, masked_url
-from engine.core._settings_providers import add_endpoint, keep_defaults, loopback, simulated_refusal
+from engine.core._settings_providers import (
+    PRESETS,
+    add_endpoint,
+    endpoint_setting,
+    keep_defaults,
+    loopback,
+    simulated_refusal,
+)
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError
 from engine.core.provider_api import Secret
@@ -38,6 +46,7 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     them); a missing key is a start-up error, not a run of 401s. The catalog's models that the provider has shut
     down, or shuts down within ``RETIRING_DAYS`` of ``today`` (UTC), are named in a warning (``retiring``)."""
     _check_fallbacks_real(settings)
+    _check_endpoint_names(catalog, settings)
     if need_keys and (problem := speedup_problem(catalog, settings, speedup)) is not None:
         raise ConfigError(problem)
     keys: dict[str, Secret] = {}
@@ -91,18 +100,18 @@ def _key_problem(settings: Settings, name: str, value: str | None) -> str | None
     stops (None: nothing). The key itself is never part of it."""
     ep = settings.providers.endpoints[name]
     if not is_variable_name(ep.api_key_env):  # not quoted: it may be the key itself, given in place of its variable
+        say = endpoint_setting(name, "api_key_env", "OPENAI_API_KEY")
         return (f"providers.endpoints.{name}.api_key_env: give the name of the environment variable that holds the "
-                f"API key (letters, digits and _), never the key itself (SMARTBATCH_PROVIDERS__ENDPOINTS__"
-                f"{name.upper()}__API_KEY_ENV=OPENAI_API_KEY, say)")
+                f"API key (letters, digits and _), never the key itself ({say}, say)")
     if not value:
         others = [p for p in settings.providers.endpoints if p != name]
-        alone = (f"; or call only {others[0]} (SMARTBATCH_PROVIDERS__ENDPOINTS__{others[0].upper()}__API="
-                 f"{settings.providers.endpoints[others[0]].api} names its endpoint alone: {name}'s requests are "
-                 "then refused)") if len(others) == 1 else ""
+        only = endpoint_setting(others[0], "api", settings.providers.endpoints[others[0]].api) if others else ""
+        alone = (f"; or call only {others[0]} ({only} names its endpoint alone: {name}'s requests are then "
+                 "refused)") if len(others) == 1 else ""
         state = "set but empty" if value == "" else "not set"  # OPENAI_API_KEY= (a blank in .env) is set
         return (f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the API key is "
-                f"{state}; export it, or name another variable with SMARTBATCH_PROVIDERS__ENDPOINTS__{name.upper()}"
-                f"__API_KEY_ENV, or run with providers.mode=sim{alone}")
+                f"{state}; export it, or name another variable with {endpoint_setting(name, 'api_key_env')}, "
+                f"or run with providers.mode=sim{alone}")
     # No header can carry it (a pasted newline, say): every call failed unsent, and was counted as possibly
     # billed at its upper bound (a helper's tour).
     if value.strip() != value or any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0x7E for c in value):
@@ -120,6 +129,24 @@ def key_problems(catalog: Catalog, settings: Settings) -> dict[str, str]:
         if problem is not None:
             said[name] = problem
     return said
+
+
+def _check_endpoint_names(catalog: Catalog, settings: Settings) -> None:
+    # An endpoint is matched to the catalog's provider of its name, so one that names none is never called: a
+    # misspelt "opnai" left openai without an endpoint, its requests simulated beside a loopback endpoint (fake
+    # answers in an HTTP run) or refused naming only the fix for openai (a helper's tour). The preset names
+    # (openai, anthropic, google) are left alone: the default pair stays set under a catalog without one of them.
+    if settings.providers.mode != "http":
+        return
+    for name in settings.providers.endpoints:
+        if name in catalog.providers or name in PRESETS:
+            continue
+        near = _closest(name, list(catalog.providers))
+        meant = f"did you mean {near!r}? Rename the endpoint, or add" if near else "add"
+        raise ConfigError(f"providers.endpoints.{name}: the catalog has no provider {name!r}, so this endpoint "
+                          f"would never be called; {meant} the provider and its models to the catalog "
+                          "(--catalog-overlay, SMARTBATCH_CATALOG_OVERLAY; docs/providers.md, \"Catalog overlay\"); "
+                          f"the catalog's providers: {', '.join(catalog.providers)}")
 
 
 def _check_fallbacks_real(settings: Settings) -> None:

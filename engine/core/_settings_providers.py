@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import json
 import os
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -153,6 +155,8 @@ class ProvidersSettings(BaseModel):
         # refused, "api: Field required"); one named google is Gemini's OpenAI compatibility layer (PRESETS).
         if not isinstance(v, Mapping):
             return v
+        for name, ep in v.items():
+            _misspelt_preset(name, ep)
         return {name: {**PRESETS[name], **ep} if name in PRESETS and isinstance(ep, Mapping) else ep
                 for name, ep in v.items()}
 
@@ -223,6 +227,23 @@ class ProvidersSettings(BaseModel):
         return self.mode == "http" and provider not in self.endpoints and not self.simulates_others()
 
 
+def _misspelt_preset(name: Any, ep: Any) -> None:
+    # A preset's name misspelt (SMARTBATCH_PROVIDERS__ENDPOINTS__OPNAI__BASE_URL) is a new endpoint, which needs
+    # its api and key: the refusal said to set SMARTBATCH_PROVIDERS__ENDPOINTS__OPNAI__API and __API_KEY_ENV, two
+    # more variables for the typo (a helper's tour). Said where the endpoint lacks what a preset would give it.
+    if not isinstance(name, str) or name in PRESETS or not isinstance(ep, Mapping) or ("api" in ep and
+                                                                                        "api_key_env" in ep):
+        return
+    folded = {p.casefold(): p for p in PRESETS}
+    near = difflib.get_close_matches(name.casefold(), list(folded), n=1, cutoff=0.75)
+    if near and folded[near[0]] != name:
+        meant = folded[near[0]]
+        raise ConfigError(f"providers.endpoints.{name} (from {env_names(['providers', 'endpoints', name])}): did you "
+                          f"mean {meant!r}? Name it SMARTBATCH_PROVIDERS__ENDPOINTS__{meant.upper()}__... (or "
+                          f"{meant!r} in the JSON of SMARTBATCH_PROVIDERS__ENDPOINTS), which knows its api and key; "
+                          "an endpoint of a new name needs its api and api_key_env")
+
+
 def loopback(url: str | None) -> bool:
     """Whether ``url`` names a server on this machine (127.0.0.0/8, ::1, localhost); None (a provider's own
     API) does not. No name is looked up: the answer must not depend on the network."""
@@ -266,6 +287,14 @@ def add_endpoint(provider: str) -> str:
     # No shell exports a variable of that name: the JSON form names it.
     return (f'SMARTBATCH_PROVIDERS__ENDPOINTS=\'{{"{provider}": {{"api": "openai", "base_url": URL, '
             '"api_key_env": VAR}, ...}\'')
+
+
+def endpoint_setting(provider: str, field: str, value: str | None = None) -> str:
+    """The variable that sets ``providers.endpoints.<provider>.<field>`` (to ``value``, if given), or, for a name no
+    shell exports (``local-vllm``: a dash), the JSON form of ``SMARTBATCH_PROVIDERS__ENDPOINTS`` that does."""
+    if provider.replace("_", "").isalnum():
+        return f"SMARTBATCH_PROVIDERS__ENDPOINTS__{provider.upper()}__{field.upper()}" + (f"={value}" if value else "")
+    return f'"{field}": {json.dumps(value or "...")} in its entry of SMARTBATCH_PROVIDERS__ENDPOINTS (JSON)'
 
 
 def keep_defaults(provider: str, endpoints: Mapping[str, ProviderEndpoint] | None) -> str:

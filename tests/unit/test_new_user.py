@@ -70,6 +70,21 @@ def test_a_missing_setting_names_the_variable_to_set(monkeypatch):
         load_settings()
 
 
+def test_a_misspelt_default_endpoints_variable_is_told_the_endpoint_it_may_mean(monkeypatch):
+    # SMARTBATCH_PROVIDERS__ENDPOINTS__OPNAI__BASE_URL was told to set ...OPNAI__API and ...OPNAI__API_KEY_ENV,
+    # two more variables for the typo (a helper's tour of docs/providers.md); a new name is still told them.
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__OPNAI__BASE_URL", "http://127.0.0.1:8765/openai/v1")
+    with pytest.raises(ConfigError) as ei:
+        load_settings()
+    msg = str(ei.value)
+    assert "did you mean 'openai'?" in msg and "SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__" in msg, msg
+    assert "from SMARTBATCH_PROVIDERS__ENDPOINTS__OPNAI__BASE_URL" in msg and "set SMARTBATCH_" not in msg, msg
+    monkeypatch.delenv("SMARTBATCH_PROVIDERS__ENDPOINTS__OPNAI__BASE_URL")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__ANTROPIC__API", "anthropic")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__ANTROPIC__API_KEY_ENV", "ANTHROPIC_API_KEY")
+    assert "antropic" in load_settings().providers.endpoints  # given whole, a name of its own is taken as asked
+
+
 def test_a_budget_rejection_says_what_the_request_reserves_and_how_to_reserve_less():
     # A $0.05 budget rejected a one-word gpt-5-mini request with "budget global has $0.050000 left": the
     # request reserved its model's whole output (128,000 tokens, $0.26), which the message did not say.

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from engine.app.cli import app
 from engine.core.batchfile import read_batch_file
-from engine.core.catalog import default_catalog
+from engine.core.catalog import Catalog, default_catalog
 from engine.core.request import Request, validation_context
 from engine.core.settings import ProvidersSettings, Settings
 from engine.core.trace import _problems_of
@@ -149,3 +149,48 @@ def test_a_fallback_to_a_provider_it_would_simulate_is_refused_at_start():
     demo = Settings.model_validate({"providers": {"mode": "http", "endpoints": LOOP}, **fb})
     http_setup(CAT, demo, need_keys=False)  # the emulator's run simulates it: a demo
     http_setup(CAT, Settings.model_validate(fb), need_keys=False)  # a simulated run: nothing is real
+
+
+def test_an_endpoint_named_for_no_catalog_provider_is_refused_at_start_naming_the_one_it_may_mean():
+    """An endpoint is matched to the catalog's provider of its name, so a misspelt one ("opnai") was accepted and
+    never called: openai, left without an endpoint, was simulated beside the loopback ones (fake answers in an
+    HTTP run), or refused naming only openai's fix (a helper's tour of docs/providers.md). The start and the dry
+    run refuse it, naming the setting, the provider it may mean and the overlay that adds one."""
+    from engine.app.provider_setup import http_setup
+    from engine.core.errors import ConfigError
+
+    typo = {"opnai": {"api": "openai", "base_url": "http://127.0.0.1:8765/openai/v1", "api_key_env": "OPENAI_API_KEY"},
+            "anthropic": LOOP["anthropic"]}
+    with pytest.raises(ConfigError) as err:
+        http_setup(CAT, Settings.model_validate({"providers": {"mode": "http", "endpoints": typo}}), need_keys=False)
+    said = str(err.value)
+    assert "providers.endpoints.opnai" in said and "did you mean 'openai'?" in said, said
+    assert "--catalog-overlay" in said, said
+    vllm = {**LOOP, "local-vllm": {"api": "openai", "base_url": "http://127.0.0.1:8000/v1", "api_key_env": "VLLM_KEY"}}
+    with pytest.raises(ConfigError, match="no provider 'local-vllm'"):  # its provider not added to the catalog
+        http_setup(CAT, Settings.model_validate({"providers": {"mode": "http", "endpoints": vllm}}), need_keys=False)
+    # Its provider added (an overlay), it starts; so does the default pair under a catalog without anthropic, and
+    # any name in a simulated run, which calls no endpoint.
+    added = Catalog.model_validate({"schema_version": CAT.schema_version, "providers": {
+        **{k: v.model_dump() for k, v in CAT.providers.items()},
+        "local-vllm": {"models": {"llama-3.1-8b": {"kind": "text", "input_per_mtok": 0.02, "output_per_mtok": 0.05}}}}})
+    http_setup(added, Settings.model_validate({"providers": {"mode": "http", "endpoints": vllm}}), need_keys=False)
+    alone = Catalog.model_validate({"schema_version": CAT.schema_version,
+                                    "providers": {"openai": CAT.providers["openai"].model_dump()}})
+    http_setup(alone, Settings.model_validate({"providers": {"mode": "http"}}), need_keys=False)
+    http_setup(CAT, Settings.model_validate({"providers": {"endpoints": typo}}), need_keys=False)
+
+
+def test_a_dry_run_with_a_misspelt_endpoint_is_refused_not_planned_as_simulated(tmp_path, monkeypatch):
+    """The dry run planned openai's requests as "simulated" and said nothing of the endpoint it never called."""
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__MODE", "http")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS", json.dumps(
+        {"opnai": {"api": "openai", "base_url": "http://127.0.0.1:8765/openai/v1", "api_key_env": "OPENAI_API_KEY"},
+         "anthropic": LOOP["anthropic"]}))
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"id": "o0", "arrival_s": 0, "model": "gpt-5.4-mini", "prompt": "p",
+                                 "deadline_s": 600}) + "\n")
+    r = CliRunner().invoke(app, ["run", str(trace), "--dry-run", "--out", str(tmp_path / "out")],
+                           env={"OPENAI_API_KEY": "k", "ANTHROPIC_API_KEY": "k", "COLUMNS": "400"})
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "providers.endpoints.opnai" in said and "did you mean 'openai'?" in said, r.output

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from engine.app.cli import app
 from engine.app.provider_setup import http_setup
-from engine.core.catalog import default_catalog, load_catalog
+from engine.core.catalog import Catalog, default_catalog, load_catalog
 from engine.core.cost import price_usage
 from engine.core.errors import CatalogError, ConfigError
 from engine.core.features import fingerprint
@@ -178,6 +178,25 @@ def test_http_providers_need_their_key_and_plan_with_the_real_cancel_time(monkey
     assert CAT.provider("openai").batch_api.cancel_s == 0.0  # the packaged catalog is untouched
     with pytest.raises(ValidationError, match="base_url"):
         ProvidersSettings.model_validate({"endpoints": {"x": {"api": "openai", "api_key_env": "K", "base_url": "ftp://x"}}})
+
+
+def test_a_missing_key_of_an_endpoint_no_shell_can_name_says_the_setting_a_shell_can_give(monkeypatch):
+    """An endpoint named as docs/providers.md's example (``local-vllm``) was told to set
+    SMARTBATCH_PROVIDERS__ENDPOINTS__LOCAL-VLLM__API_KEY_ENV, which no shell exports (a dash): a helper's tour. It is
+    told the JSON form's field; a name a shell takes keeps its variable."""
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "k")
+    monkeypatch.delenv("VLLM_KEY", raising=False)
+    for name, said in (("local-vllm", '"api_key_env": "..." in its entry of SMARTBATCH_PROVIDERS__ENDPOINTS (JSON)'),
+                       ("local_vllm", "SMARTBATCH_PROVIDERS__ENDPOINTS__LOCAL_VLLM__API_KEY_ENV,")):
+        cat = Catalog.model_validate({"schema_version": CAT.schema_version, "providers": {
+            **{k: v.model_dump() for k, v in CAT.providers.items()},
+            name: {"models": {"llama-3.1-8b": {"kind": "text", "input_per_mtok": 0.02, "output_per_mtok": 0.05}}}}})
+        ends = {"openai": {}, "anthropic": {},
+                name: {"api": "openai", "base_url": "http://127.0.0.1:8000/v1", "api_key_env": "VLLM_KEY"}}
+        with pytest.raises(ConfigError) as exc:
+            http_setup(cat, Settings.model_validate({"providers": {"mode": "http", "endpoints": ends}}))
+        assert said in str(exc.value) and "LOCAL-VLLM" not in str(exc.value), str(exc.value)
 
 
 def test_the_hedge_of_a_real_batch_leaves_room_for_its_cancel(monkeypatch):
