@@ -151,6 +151,7 @@ def _url_fix(url: str) -> str:
 
 def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None) -> Settings:
     """``--providers sim|http`` and ``--base-url NAME=URL`` on top of ``settings.providers``."""
+    from engine.core._catalog_errors import _closest
     from engine.core._settings_providers import PRESETS
     from engine.core.errors import ConfigError
     from engine.core.settings import ProvidersSettings
@@ -174,8 +175,13 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
         if name not in raw["endpoints"] and name in PRESETS:  # google: its preset, at this URL (the emulator's)
             raw["endpoints"][name] = {}
         if name not in raw["endpoints"]:
-            raise ConfigError(f"--base-url {item!r}: no endpoint named {name!r}; endpoints are "
-                              f"{sorted(raw['endpoints'])} (add one with SMARTBATCH_PROVIDERS__ENDPOINTS)")
+            # google is taken too (its preset), and a misspelt name told the one it may mean (a helper's tour: the
+            # list named the two default endpoints alone).
+            names = sorted({*raw["endpoints"], *PRESETS})
+            near = _closest(name, names)
+            raise ConfigError(f"--base-url {item!r}: no endpoint named {name!r}; "
+                              + (f"did you mean {near!r}? " if near else "") + f"it takes {', '.join(names)} "
+                              "(add another with SMARTBATCH_PROVIDERS__ENDPOINTS)")
         raw["endpoints"][name]["base_url"] = url
     if base_urls and raw["mode"] != "http":  # else taken and unused: the run simulated what it was pointed at
         raise ConfigError("--base-url says where calls go over HTTP, and this run simulates every provider "

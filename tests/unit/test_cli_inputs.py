@@ -314,3 +314,12 @@ def test_a_base_url_of_another_scheme_is_told_a_fix_that_is_a_url(tmp_path, url,
     r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http",
                             "--base-url", f"openai={url}"])
     assert r.exit_code == 2 and f"write --base-url {fix}" in " ".join(r.output.split()), r.output
+
+
+def test_a_base_url_of_a_misspelt_endpoint_is_told_the_one_it_may_mean_among_all_it_takes(tmp_path):
+    """`--base-url opnai=...` was told "endpoints are ['anthropic', 'openai']": no word of the slip, and google,
+    which the flag takes too (its preset), left out (a helper's tour of docs/providers.md)."""
+    r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http",
+                            "--base-url", "opnai=http://127.0.0.1:9/openai/v1"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and "did you mean 'openai'?" in said and "anthropic, google, openai" in said, r.output
