@@ -166,6 +166,15 @@ def print_providers(doc: dict) -> None:
                              f"(${p['paid_twice_usd']:.6f}, charged to budgets)" if (n := p.get("paid_twice")) else "")
                           + (f"; answers an earlier run paid for, replayed under their Idempotency-Key: {n:,} "
                              f"(${p['replayed_usd']:.6f} then, $0 here)" if (n := p.get("replayed")) else ""))
+    provs = rep.get("providers") or {}
+    if any(p.get("calls") == "http" for p in provs.values()):
+        # Beside real calls, a provider without an endpoint was answered from the simulator (simulate_others: the
+        # emulator's runs), and only the real ones were named: a mixed run read as real throughout (a helper's tour).
+        for name, p in provs.items():
+            served = ((rep.get("by_provider") or {}).get(name) or {}).get("requests", 0)
+            if p.get("calls") == "simulated" and served:
+                console.print(f"{name}: simulated, no HTTP endpoint in this run: its {served:,} request(s) were "
+                              "answered with placeholder text at a simulated cost (Result.real false)")
     if n := (hidden := rep.get("billed_behind_refusal") or {}).get("requests"):
         # A Text: the console reads no markup (ids and tenants may hold brackets), so "[red]" printed as such.
         console.print(Text(f"{n} request(s) billed ${hidden['cost_usd']:.6f} after their driver got a refusal: a "

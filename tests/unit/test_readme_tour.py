@@ -61,3 +61,29 @@ def test_a_live_run_that_got_an_earlier_runs_answers_says_so_not_missed_deadline
     assert "below the bound by 1,234 answers an earlier run paid for" in text and "missing deadlines" not in text
     assert "openai: real calls over HTTP" in text and "Idempotency-Key: 1,234 ($2.500000 then, $0 here)" in text
     assert text.count("Idempotency-Key") == 1  # anthropic had none
+
+
+def test_a_live_run_beside_real_calls_names_the_providers_it_simulated(monkeypatch):
+    """docs/providers.md: `smartbatch run` says, per provider, whether its calls were http or simulated. A run with
+    OpenAI's endpoint alone on the emulator (a helper's tour) printed "openai: real calls over HTTP" and nothing of
+    Anthropic's 11 requests, answered from the simulator: the run read as real throughout."""
+    import io
+
+    from rich.console import Console
+
+    import engine.app.cli_report as cli_report
+
+    rep = {"providers": {"openai": {"calls": "http"}, "anthropic": {"calls": "simulated"},
+                         "google": {"calls": "simulated"}},
+           "by_provider": {"openai": {"requests": 19, "cost_usd": 0.027}, "anthropic": {"requests": 11, "cost_usd": 0.057}}}
+    con = Console(width=200, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli_report, "console", con)
+    cli_report.print_providers({"engine_report": rep})
+    text = " ".join(con.export_text().split())
+    assert "openai: real calls over HTTP" in text, text
+    assert "anthropic: simulated, no HTTP endpoint in this run: its 11 request(s) were answered with placeholder" in text
+    assert "google" not in text  # it served none
+    con = Console(width=200, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli_report, "console", con)
+    cli_report.print_providers({"engine_report": {**rep, "providers": {k: {"calls": "simulated"} for k in rep["providers"]}}})
+    assert "simulated" not in con.export_text()  # a simulated run is simulated throughout: nothing to tell apart
