@@ -270,8 +270,16 @@ def simulated_refusal(provider: str, model: str, endpoints: Mapping[str, Provide
     """Why a request of ``model`` (served by ``provider``, which has no endpoint) is refused, and the fixes."""
     return (f"{model!r} is served by {provider}, which has no HTTP endpoint in this run (providers.mode=http): "
             f"its answers would be simulated (placeholder text, a simulated cost), not real; add an endpoint for "
-            f"it ({add_endpoint(provider)}{keep_defaults(provider, endpoints)}), or set "
-            "SMARTBATCH_PROVIDERS__SIMULATE_OTHERS=true for a demo")
+            f"it ({add_endpoint(provider)}{keep_defaults(provider, endpoints)}{misnamed(provider, endpoints)}), "
+            "or set SMARTBATCH_PROVIDERS__SIMULATE_OTHERS=true for a demo")
+
+
+def misnamed(provider: str, endpoints: Mapping[str, Any] | None) -> str:
+    """A word on an endpoint whose name is close to ``provider``'s (``opnai``), for a refusal of its requests: beside
+    a real API they are refused before the start's check of endpoint names, which named the slip (a review)."""
+    near = [e for e in endpoints or () if e != provider and e not in PRESETS
+            and difflib.get_close_matches(e.casefold(), [provider.casefold()], n=1)]
+    return f"; an endpoint is named {near[0]!r}: if it is meant for {provider}, name it {provider!r}" if near else ""
 
 
 def add_endpoint(provider: str) -> str:
