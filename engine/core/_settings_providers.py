@@ -290,9 +290,9 @@ def add_endpoint(provider: str) -> str:
                 "Veo through the Gemini API's own routes), with the key in GEMINI_API_KEY")
     if provider in _KNOWN_APIS:
         return f"{var}__API_KEY_ENV={_KNOWN_APIS[provider]} for its own API, or {var}__BASE_URL=URL"
-    if provider.replace("_", "").isalnum():
+    if _shell_name(provider):
         return f"{var}__API=openai, {var}__BASE_URL=URL of its OpenAI-compatible API and {var}__API_KEY_ENV=VAR"
-    # No shell exports a variable of that name: the JSON form names it.
+    # No variable names it (a dash no shell exports, capitals read lower case): the JSON form does.
     return (f'SMARTBATCH_PROVIDERS__ENDPOINTS=\'{{"{provider}": {{"api": "openai", "base_url": URL, '
             '"api_key_env": VAR}, ...}\'')
 
@@ -300,9 +300,15 @@ def add_endpoint(provider: str) -> str:
 def endpoint_setting(provider: str, field: str, value: str | None = None) -> str:
     """The variable that sets ``providers.endpoints.<provider>.<field>`` (to ``value``, if given), or, for a name no
     shell exports (``local-vllm``: a dash), the JSON form of ``SMARTBATCH_PROVIDERS__ENDPOINTS`` that does."""
-    if provider.replace("_", "").isalnum():
+    if _shell_name(provider):
         return f"SMARTBATCH_PROVIDERS__ENDPOINTS__{provider.upper()}__{field.upper()}" + (f"={value}" if value else "")
     return f'"{field}": {json.dumps(value or "...")} in its entry of SMARTBATCH_PROVIDERS__ENDPOINTS (JSON)'
+
+
+def _shell_name(provider: str) -> bool:
+    # A variable's name is read lower case: ..._TOGETHER__API makes the endpoint "together", which an overlay's
+    # provider "Together" never reaches, so one with capitals was told the variables that left it without (a review).
+    return provider.isascii() and provider == provider.lower() and provider.replace("_", "").isalnum()
 
 
 def keep_defaults(provider: str, endpoints: Mapping[str, ProviderEndpoint] | None) -> str:

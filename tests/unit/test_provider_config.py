@@ -14,7 +14,7 @@ from engine.core.cost import price_usage
 from engine.core.errors import CatalogError, ConfigError
 from engine.core.features import fingerprint
 from engine.core.request import Request, validation_context
-from engine.core.settings import ProvidersSettings, Settings
+from engine.core.settings import ProvidersSettings, Settings, load_settings
 from engine.emulator import Emulator
 
 CAT = default_catalog()
@@ -253,3 +253,19 @@ def test_run_refuses_a_bad_providers_flag(tmp_path):
     assert r.exit_code == 2 and "--providers 'live'" in r.output
     r = runner.invoke(app, ["run", str(trace), "--base-url", "nowhere"])
     assert r.exit_code == 2 and "NAME=URL" in r.output
+
+
+def test_a_provider_named_with_capitals_is_told_the_json_form_no_variable_lowercases(monkeypatch):
+    """A variable's name is read lower case (SMARTBATCH_PROVIDERS__ENDPOINTS__TOGETHER__API makes ``together``), so
+    an overlay's provider ``Together`` was told to set the variables that make ``together``, which its requests never
+    reach: a loop (a review, rvtour84). It is told the JSON form, as a dashed name is."""
+    from engine.core._settings_providers import add_endpoint, endpoint_setting
+
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__TOGETHER__API", "openai")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__TOGETHER__API_KEY_ENV", "K")
+    assert "together" in load_settings().providers.endpoints and "Together" not in load_settings().providers.endpoints
+    said = add_endpoint("Together")
+    assert "__TOGETHER__" not in said and 'SMARTBATCH_PROVIDERS__ENDPOINTS=\'{"Together": {"api": "openai"' in said, said
+    said = endpoint_setting("Together", "api_key_env")  # a key's refusal, which names providers.endpoints.Together
+    assert said == '"api_key_env": "..." in its entry of SMARTBATCH_PROVIDERS__ENDPOINTS (JSON)', said
+    assert endpoint_setting("together", "api") == "SMARTBATCH_PROVIDERS__ENDPOINTS__TOGETHER__API"
