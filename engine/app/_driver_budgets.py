@@ -10,11 +10,11 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from engine.app._actor_errors import actor_errors
 from engine.app._driver_report import _through_restarts
 from engine.core._budget_check import budget_of
-from engine.core._logkeys import words
 from engine.core.budgets import BudgetSpec
-from engine.core.errors import ConfigError, EngineStopped, SmartbatchError
+from engine.core.errors import ConfigError, EngineStopped
 
 __all__ = ["LiveBudgeting"]
 
@@ -96,15 +96,9 @@ class LiveBudgeting:
             raise EngineStopped(f"engine {self.name!r} was stopped: its budgets cannot be read or changed")
         ray = self._ray
         try:
-            return _through_restarts(ray, lambda: getattr(self._h["budget"], method).remote(*args),
-                                     time.monotonic() + timeout_s)
-        except ray.exceptions.RayTaskError as exc:  # ours, raised in the actor: given as it was raised
-            cause = getattr(exc, "cause", None)
-            if isinstance(cause, SmartbatchError):
-                raise cause from None
-            # Another's (a bug, a library's): Ray's words, the actor's traceback and its exception's, may quote a
-            # secret, and went to a caller whose own logger does not mask them (rvmask83)
-            raise SmartbatchError(f"engine {self.name!r}: its budget actor failed ({method}): {words(exc)}") from None
+            with actor_errors(ray, self.name, method, who="its budget actor"):
+                return _through_restarts(ray, lambda: getattr(self._h["budget"], method).remote(*args),
+                                         time.monotonic() + timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise ConfigError(f"engine {self.name!r}: its budget actor did not answer in {timeout_s:g} s; the "
                               "change may or may not be made: read budgets() and try again") from None

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from actors._ingest_holders import UNKNOWN_HOLDER
+from engine.app._actor_errors import masked_actor_errors
 from engine.app._driver_report import _through_restarts
 from engine.app._future import ResultFuture
 from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
@@ -48,6 +49,7 @@ class Pulling:
         self._flush()  # what the flush thread has not sent yet leaves now, not after its next wake-up
         return len(concurrent.futures.wait(open_, timeout=timeout_s).not_done)
 
+    @masked_actor_errors
     def cancel(self, timeout_s: float = 60.0) -> int:
         """Cancel this engine's work, as a provider cancels a batch: nothing more is sent; requests not sent yet
         end ``failed`` (``error`` "cancelled"), billed nothing; provider batches under way are cancelled, and what
@@ -66,6 +68,7 @@ class Pulling:
         self._h["cancelled"] = True  # an actor Ray restarts is cancelled again when rewired (actors.remote)
         return cancel_work(self._h, timeout_s)
 
+    @masked_actor_errors
     def wait_cancelled(self, timeout_s: float, interrupted: threading.Event | None = None) -> int:
         """After ``cancel()``: wait until the provider batches it cancelled have ended (a cancel takes up to 10
         minutes at OpenAI and Anthropic) and the answers of the members they finished (billed) have reached the
@@ -77,6 +80,7 @@ class Pulling:
 
         return settle(self._h, timeout_s, interrupted)
 
+    @masked_actor_errors
     def cancel_requests(self, futures: Iterable[ResultFuture], timeout_s: float = 60.0) -> int:
         """Withdraw some of this driver's open requests, as a provider cancels a batch's lines: a request not
         sent yet ends ``failed`` (``error`` "cancelled: withdrawn ..."), billed nothing; a provider batch whose
@@ -149,6 +153,7 @@ class Pulling:
             raise failed[0]
         return len(uids)
 
+    @masked_actor_errors
     def count_spent(self, charges: Sequence[Any], timeout_s: float = 60.0) -> None:
         """Spend the budgets did not see, counted against them (``engine.core.budgets.Charge``: once per ``cid``,
         past a limit if it must): what an earlier run of the same job paid for, when the budgets live in this

@@ -8,6 +8,7 @@ import copy
 import time
 from typing import Any
 
+from engine.app._actor_errors import masked_actor_errors
 from engine.app._driver_reject import with_refused
 from engine.core._logkeys import get_logger
 from engine.core.errors import EngineStopped
@@ -23,6 +24,7 @@ class Reporting:
     """Needs ``_ray``, ``_h``, ``_running``, ``_owner``, ``name``, ``settings``, ``_kept``, ``_ledger_dir``,
     ``_last_report`` and ``_left_at_stop``."""
 
+    @masked_actor_errors
     def report(self) -> dict:
         """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets
         (``budget``: each budget's window, spend per tenant/provider/model, refusals by reason). After ``stop()``

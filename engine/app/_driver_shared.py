@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from engine.app._actor_errors import actor_errors, masked_actor_errors
 from engine.core._logkeys import get_logger
 from engine.core._stderrkeys import mask_process
 from engine.core.errors import ConfigError
@@ -208,10 +209,11 @@ class SharedEngine:
                               f"or Engine.start(name={name!r}, detached=True){served_elsewhere(name, address, flag)}")
         handles, layout = got
         try:
-            eng = cls(handles=handles, clock=handles["clock"], settings=layout["settings"],
-                      catalog=layout["catalog"], started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms,
-                      max_pending=max_pending, overload=overload, submit_timeout_s=submit_timeout_s,
-                      retention_s=retention_s, owner=False, attached=True)
+            with actor_errors(ray, name, "Engine.connect()"):  # its claim at every hub shard
+                eng = cls(handles=handles, clock=handles["clock"], settings=layout["settings"],
+                          catalog=layout["catalog"], started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms,
+                          max_pending=max_pending, overload=overload, submit_timeout_s=submit_timeout_s,
+                          retention_s=retention_s, owner=False, attached=True)
         except BaseException:  # e.g. an actor died just now: leave this process as it was
             if started and not cls._running_engines:
                 ray.shutdown()
@@ -246,38 +248,39 @@ class SharedEngine:
         mask_process()  # first, as ``connect``'s
         started = _attach(name, address, flag)
         try:
-            layout, under_way = read_layout(name), read_stop(name)
-            if layout is None and under_way is None:
-                raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
-                                  f"{', '.join(running_engines()) or 'none'}){served_elsewhere(name, address, flag)}")
-            # Before the drain: a second stop waits for the first rather than drain, kill and keep beside it.
-            try:
-                claim = take_stop(name, layout, stop_wait_s(layout or (under_way or {}).get("layout")) + drain_s,
-                                  waiting)
-            except TimeoutError as exc:
-                raise ConfigError(f"name={name!r}: {exc}; it is still under way (smartbatch stop --name {name} "
-                                  "again waits for it)") from None
-            if claim is None:
-                return 0
-            if claim.get("taken_over"):
-                log.warning("engine %s: finishing the stop by %s, which died mid-way", name,
-                            describe(claim["taken_over"]))
-            try:
-                attached = attach_actors(name) if drain_s > 0 and layout is not None else None
-                if attached is not None and settle(attached[0], 0.0):
-                    if draining is not None:
-                        draining()
-                    try:
-                        cancel_work(attached[0], 60.0)
-                        settle(attached[0], drain_s)
-                    except KeyboardInterrupt:  # leave now: the stop below cancels what is still under way
-                        pass
-            except BaseException:  # nothing stopped yet: the engine runs on, and so may the next stop of it
-                release_stop(name, claim)
-                raise
-            # What its ledger's Redis has not taken is kept as the engine's own driver's stop keeps it: killed
-            # with the budget controller, it was kept in no file, its spend counted by no ledger.
-            return stop_claimed(ray, name, claim)
+            with actor_errors(ray, name, "Engine.stop_named()"):  # its drain and its stop
+                layout, under_way = read_layout(name), read_stop(name)
+                if layout is None and under_way is None:
+                    raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
+                                      f"{', '.join(running_engines()) or 'none'}){served_elsewhere(name, address, flag)}")
+                # Before the drain: a second stop waits for the first rather than drain, kill and keep beside it.
+                try:
+                    claim = take_stop(name, layout, stop_wait_s(layout or (under_way or {}).get("layout")) + drain_s,
+                                      waiting)
+                except TimeoutError as exc:
+                    raise ConfigError(f"name={name!r}: {exc}; it is still under way (smartbatch stop --name {name} "
+                                      "again waits for it)") from None
+                if claim is None:
+                    return 0
+                if claim.get("taken_over"):
+                    log.warning("engine %s: finishing the stop by %s, which died mid-way", name,
+                                describe(claim["taken_over"]))
+                try:
+                    attached = attach_actors(name) if drain_s > 0 and layout is not None else None
+                    if attached is not None and settle(attached[0], 0.0):
+                        if draining is not None:
+                            draining()
+                        try:
+                            cancel_work(attached[0], 60.0)
+                            settle(attached[0], drain_s)
+                        except KeyboardInterrupt:  # leave now: the stop below cancels what is still under way
+                            pass
+                except BaseException:  # nothing stopped yet: the engine runs on, and so may the next stop of it
+                    release_stop(name, claim)
+                    raise
+                # What its ledger's Redis has not taken is kept as the engine's own driver's stop keeps it: killed
+                # with the budget controller, it was kept in no file, its spend counted by no ledger.
+                return stop_claimed(ray, name, claim)
         finally:
             if started:
                 ray.shutdown()
@@ -301,11 +304,13 @@ class SharedEngine:
         """The engine's name: what ``Engine.connect`` takes, and the prefix of its actors' Ray names."""
         return self._h["engine"]
 
+    @masked_actor_errors
     def shutdown(self) -> None:
         """Stop this driver and the engine itself, for every driver attached to it."""
         self._owner = True  # stop() then stops the actors, as for an engine this driver started and owns
         self.stop()
 
+    @masked_actor_errors
     def wind_down(self, timeout_s: float, interrupted=None) -> int:
         """What comes before ``shutdown()`` of an engine with provider batches under way: cancel its work for
         every driver attached to it (``cancel``), and wait up to ``timeout_s`` for those batches to end and what

@@ -10,6 +10,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
+from engine.app._actor_errors import masked_actor_errors
 from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 
@@ -48,6 +49,7 @@ class Stopping:
     _stopper: threading.Thread | None = None  # the thread that runs it
     _cut_short = False  # left its ``with`` block on an error: the job did not end (``__exit__``)
 
+    @masked_actor_errors
     def stop(self, timeout_s: float = 5.0, *, drain_s: float = 0.0) -> None:
         """Stop the threads and (for an engine this driver started, not detached) the actors; any future still
         open resolves as failed, so none hangs, and what this driver had not sent yet is never sent (``NEVER_SENT``,

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
+from engine.app._actor_errors import actor_errors
 from engine.app._driver_admit import Admitting, admission_lock
 from engine.app._driver_async import AsyncSubmit
 from engine.app._driver_budgets import LiveBudgeting
@@ -216,31 +217,33 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Report
                 ray.shutdown()
             raise
         eng = None
-        try:
-            eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
-                      started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
-                      overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
-                      owner=not detached, kept=kept)
-            if kept is not None and settings.budgets.specs and settings.budgets.redis_url is None:
-                eng.count_spent(kept.charges())  # billed by the run cut off; a Redis ledger counted it there
-            port = settings.metrics.port if metrics_port == "settings" else metrics_port
-            if port is not None:
-                eng.metrics_urls = ray.get([h.serve_metrics.remote(port + k if port else 0, settings.metrics.host)
-                                            for k, h in enumerate(handles["hubs"])])
-                eng.metrics_url = eng.metrics_urls[0]
-                eng.metrics_port = port_of(eng.metrics_url)
-                log.info("smartbatch metrics at %s", ", ".join(eng.metrics_urls))
-            eng._publish_layout(policy, detached)
-        except BaseException:  # e.g. the metrics port is taken: leave no engine behind (a detached one would stay)
-            if eng is not None:
-                eng.shutdown()
-            else:
-                from actors.remote import kill_engine
+        # (around the clean-up below: it meets Ray's error whole, the caller a masked one)
+        with actor_errors(ray, handles["engine"], "Engine.start()"):
+            try:
+                eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
+                          started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
+                          overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
+                          owner=not detached, kept=kept)
+                if kept is not None and settings.budgets.specs and settings.budgets.redis_url is None:
+                    eng.count_spent(kept.charges())  # billed by the run cut off; a Redis ledger counted it there
+                port = settings.metrics.port if metrics_port == "settings" else metrics_port
+                if port is not None:
+                    eng.metrics_urls = ray.get([h.serve_metrics.remote(port + k if port else 0, settings.metrics.host)
+                                                for k, h in enumerate(handles["hubs"])])
+                    eng.metrics_url = eng.metrics_urls[0]
+                    eng.metrics_port = port_of(eng.metrics_url)
+                    log.info("smartbatch metrics at %s", ", ".join(eng.metrics_urls))
+                eng._publish_layout(policy, detached)
+            except BaseException:  # e.g. the metrics port is taken: leave no engine behind (a detached one would stay)
+                if eng is not None:
+                    eng.shutdown()
+                else:
+                    from actors.remote import kill_engine
 
-                kill_engine(handles["engine"], handles["all"], handles["dispatchers"])
-                if started and not Engine._running_engines:
-                    ray.shutdown()
-            raise
+                    kill_engine(handles["engine"], handles["all"], handles["dispatchers"])
+                    if started and not Engine._running_engines:
+                        ray.shutdown()
+                raise
         return eng
 
     def now(self) -> float:
