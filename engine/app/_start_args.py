@@ -7,9 +7,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from engine.core._logkeys import get_logger
 from engine.core.errors import ConfigError
 
-__all__ = ["check_name", "check_start_args"]
+__all__ = ["check_name", "check_start_args", "tell_unmet_near"]
+
+log = get_logger("smartbatch")
 
 
 def _number(name: str, v: Any, *, low: float, inclusive: bool = True, fix: str) -> None:
@@ -56,3 +59,19 @@ def check_start_args(*, speedup: Any, offset_s: Any, seed: Any, micro_batch: Any
             metrics_port, int) or not 0 <= metrics_port <= 65535):
         raise ConfigError(f"metrics_port={metrics_port!r}: give a port in [0, 65535] (0: a free one), or None "
                           "to serve no metrics")
+
+
+def tell_unmet_near(policy: Any, near_floor: float) -> str | None:
+    """Warn once, as the engine starts, when the user set the policy's ``near_threshold`` below the floor in effect
+    (``engine.runtime.reuse.near_threshold_unmet``); the warning's words, or None. Told, not refused: the floor holds
+    whatever is asked, and a value tuned before the embedding came still runs as it did. The policy's own default
+    (smart's 0.92, under text's 0.925) is not the user's doing, and is said in docs/policies.md."""
+    from engine.runtime.reuse import near_threshold_unmet
+
+    given = getattr(getattr(policy, "params", None), "model_fields_set", ())
+    if "near_threshold" not in given or not policy.reuse.near:
+        return None
+    unmet = near_threshold_unmet(policy.reuse.near_threshold, near_floor)
+    if unmet is not None:
+        log.warning("smartbatch: policy %s: %s", type(policy).__name__, unmet)
+    return unmet

@@ -40,7 +40,7 @@ from engine.app._driver_resume import take_back
 from engine.app._driver_shared import SharedEngine, check_not_stopping, init_ray, stale_engine
 from engine.app._driver_stop import Stopping
 from engine.app._future import ResultFuture
-from engine.app._start_args import check_start_args
+from engine.app._start_args import check_start_args, tell_unmet_near
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core._budget_check import check_budget_limits
@@ -190,6 +190,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Report
         catalog, keys = http_setup(catalog, settings, speedup=speedup)  # the catalog it plans with
         num_groupers = max(num_groupers, num_shards)
         pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
+        tell_unmet_near(pol, settings.sim.near_floor)
         check_cluster_modes(settings)  # before Ray starts; a Redis this driver cannot reach: left to the actors
         # What an engine killed on journal.dir left is read before anything starts: its journal's locks must be
         # free, and a batch that cannot be read stops the start, not a run that would pay for it again.

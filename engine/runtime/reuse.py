@@ -24,7 +24,7 @@ from engine.core.similarity import Guards, Traits, guard_between, traits
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["BRUTE_MAX", "NearHit", "ReuseIndex", "Top", "class_threshold"]
+__all__ = ["BRUTE_MAX", "NearHit", "ReuseIndex", "Top", "class_threshold", "near_threshold_unmet"]
 
 BRUTE_MAX = 8192  # rows up to which a class is searched exactly
 ANN_CANDIDATES = 4  # graph results re-scored exactly per query
@@ -59,6 +59,24 @@ def class_threshold(near_key: Hashable, asked: float) -> float:
     benchmark's) has no kind and takes the strictest."""
     compat = near_key[1] if isinstance(near_key, tuple) and len(near_key) in (2, 3) else None
     return max(asked, near_min_threshold(compat_kind(compat) if isinstance(compat, tuple) else None))
+
+
+def near_threshold_unmet(asked: float, near_floor: float) -> str | None:
+    """Why a ``near_threshold`` a user set changes nothing, or None: below the floor in effect for every kind
+    (``sim.near_floor``, raised to the vectors' tuned minimum of text, the lowest kind's, while the embedding is
+    installed), each class applies that floor instead (``class_threshold``), and the value was accepted without a
+    word (a helper's tour, stop 83: 0.88, 0.92 and 0.925 billed the same to the cent)."""
+    text_min = near_min_threshold("text")
+    floor = max(near_floor, text_min)
+    if asked >= floor:
+        return None
+    why = (f"the embedding's tuned minimum for text ({text_min:g}; images and video "
+           f"{near_min_threshold('image'):g}), below which its matches are not precise enough"
+           if text_min > near_floor else f"sim.near_floor ({near_floor:g})")
+    return (f"near_threshold = {asked:g} is below the floor in effect, {floor:g}: {why}; every near-duplicate "
+            f"match still needs {floor:g}, so the value changes nothing. Set near_threshold to {floor:g} or more "
+            "to ask for more" + ("" if text_min > near_floor else ", or lower sim.near_floor first")
+            + ", or leave it out")
 
 
 class NearHit(NamedTuple):
