@@ -41,6 +41,7 @@ __all__ = ["ANSWERS", "Rescued", "charges", "finish", "journal_dir", "kept_answe
            "sweep", "watch_answers"]
 
 WRITERS_GONE_S = 60.0  # real seconds to wait for the processes of a killed run to end
+STOPPED_GONE_S = 2.0  # ... and of a run its own stop killed (``actors._engine_stop.DEATH_WAIT_S``), for a sweep
 
 
 def journal_dir(out: Path) -> Path:
@@ -122,12 +123,25 @@ def pending(root: Path) -> tuple[int, int, int]:
     return batches, open_, calls
 
 
-def sweep(root: Path, keep_ended: bool = True, runs: list[Path] | None = None) -> None:
-    """Remove the journal of every run under ``root`` (or of ``runs`` only) that has nothing under way, nor
-    (``keep_ended``) any ended batch archived, and ``root`` once empty."""
+def sweep(root: Path, keep_ended: bool = True, runs: list[Path] | None = None, wait_s: float = 0.0) -> None:
+    """Remove the journal of every run under ``root`` (or of ``runs`` only) that no live process holds, with
+    nothing under way, nor (``keep_ended``) any ended batch archived, and ``root`` once empty. ``wait_s``: how
+    long a held run is waited for (real seconds; after a stop, its killed dispatchers' processes ending)."""
     for run in engine_dirs(root) if runs is None else [r for r in runs if r.is_dir()]:
-        if not any(recs for space, recs in _spaces_of(run).items() if keep_ended or not space.startswith(ARCHIVE)):
-            shutil.rmtree(run, ignore_errors=True)
+        # Under the run's lock, read once it is taken: a dispatcher holds its run from its start, before its first
+        # record, and a live run with nothing journaled yet looked empty: removed under a second engine on the same
+        # ``journal.dir``, its next record failed on the directory gone.
+        try:
+            lock = locked_out(run, wait_s)
+        except OSError:  # removed meanwhile (another sweep): nothing left to do
+            continue
+        if lock is None:  # a live process writes it
+            continue
+        try:
+            if not any(recs for space, recs in _spaces_of(run).items() if keep_ended or not space.startswith(ARCHIVE)):
+                shutil.rmtree(run, ignore_errors=True)
+        finally:
+            os.close(lock)
     try:  # (not while it holds answers)
         root.rmdir()
     except OSError:
@@ -378,4 +392,4 @@ def finish(settings, out: Path, clean: bool) -> None:
     if clean:
         shutil.rmtree(root, ignore_errors=True)
     else:
-        sweep(Path(root))
+        sweep(Path(root), wait_s=STOPPED_GONE_S)

@@ -140,7 +140,7 @@ class KeptAnswers:
                 os.close(fd)
             return
         from actors._file_journal import FileJournal
-        from engine.app._batch_rescue import sweep
+        from engine.app._batch_rescue import STOPPED_GONE_S, sweep
 
         self._path.unlink(missing_ok=True)
         if fd is not None:  # (unlinked first: no engine starting meanwhile takes it over)
@@ -150,7 +150,7 @@ class KeptAnswers:
         for p in self._taken:
             if not p.is_dir():
                 p.unlink(missing_ok=True)
-        sweep(self.root, keep_ended=False, runs=runs)
+        sweep(self.root, keep_ended=False, runs=runs, wait_s=STOPPED_GONE_S)  # (its own: killed by the stop)
 
 
 def _line(digest: str, res: Result) -> str:

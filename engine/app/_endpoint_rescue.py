@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.app._batch_rescue import ANSWERS, kept_answers, pending, rescue, sweep
+from engine.app._batch_rescue import ANSWERS, STOPPED_GONE_S, kept_answers, pending, rescue, sweep
 
 __all__ = ["ENDPOINT_ARCHIVE_S", "prepare_endpoint", "stopped_cleanly"]
 
@@ -134,4 +134,4 @@ def stopped_cleanly(state_dir: Path | None) -> None:
     batches answered is with the endpoint, so their archived records go. Kept, the next start read them at the
     provider again for nothing, and was refused while the provider was down (a helper's review)."""
     if state_dir is not None:
-        sweep(state_dir / "journal", keep_ended=False)
+        sweep(state_dir / "journal", keep_ended=False, wait_s=STOPPED_GONE_S)

@@ -312,3 +312,27 @@ def test_a_journal_held_after_a_sweep_removed_its_directory_before_its_lock_file
     monkeypatch.setattr(Path, "mkdir", real_mkdir)
     assert swept and locked_out(j.dir, 0.0) is None  # the directory there now is the one held
     os.close(j._lock)
+
+
+def test_a_sweep_never_removes_a_live_runs_journal(tmp_path):
+    """``sweep`` (a resume's, a clean end's) removed every run with nothing journaled, without the run's lock: a
+    dispatcher holds its run from its start, before its first record, so a second engine on the same
+    ``journal.dir`` swept a live run's directory from under it, and the run's next record failed on it (fails on
+    the code before: ``[] == ['live']``, the held run's directory removed). Now only a run no process holds goes;
+    the live one keeps its directory and journals on."""
+    from engine.app._batch_rescue import sweep
+
+    live, dead = FileJournal(tmp_path, "live"), FileJournal(tmp_path, "dead")
+    live.hold()  # a dispatcher at its start: nothing journaled yet
+    dead.hold()
+    os.close(dead._lock)  # its process ended: the kernel dropped its lock
+    sweep(tmp_path)
+    assert [d.name for d in engine_dirs(tmp_path)] == ["live"]
+    asyncio.run(live.put("batches:openai", "k", "record"))
+    assert read_spaces(live.dir) == {"batches:openai": {"k": "record"}}
+    asyncio.run(live.delete("batches:openai", ["k"]))  # its batch ended (archived)
+    sweep(tmp_path, keep_ended=False)
+    assert [d.name for d in engine_dirs(tmp_path)] == ["live"]  # held still: kept
+    os.close(live._lock)
+    sweep(tmp_path, keep_ended=False)  # once no process holds it, the run goes, and the root with it
+    assert not tmp_path.exists()
