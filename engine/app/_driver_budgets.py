@@ -10,7 +10,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from engine.app._actor_errors import actor_errors
+from engine.app._actor_errors import actor_errors, masked_actor_errors
 from engine.app._driver_report import _through_restarts
 from engine.core._budget_check import budget_of
 from engine.core.budgets import BudgetSpec
@@ -22,6 +22,7 @@ __all__ = ["LiveBudgeting"]
 class LiveBudgeting:
     """Needs the engine's ``_ray``, ``_h``, ``_running``, ``name`` and ``catalog``."""
 
+    @masked_actor_errors
     def budgets(self, timeout_s: float = 60.0) -> list[dict]:
         """Each budget in force, its current window: budget (its name), window, budget_duration, max_budget,
         soft_budget, spent_usd, reserved_usd, remaining_usd, soft_exceeded (as ``report()['budget']['budgets']``)."""
@@ -33,6 +34,7 @@ class LiveBudgeting:
                               "answers")
         return rep["budgets"]
 
+    @masked_actor_errors  # (the groupers' too, told of a change: ``_tell_groupers``)
     def set_budget(self, budget: BudgetSpec | Mapping[str, Any] | None = None, *, timeout_s: float = 60.0,
                    **fields: Any) -> dict:
         """Add a budget, or change the limit or soft limit of the one of its name (tenant, provider, model and
@@ -57,6 +59,7 @@ class LiveBudgeting:
             raise ConfigError(f"budget {spec.name} set (change {base + 1}), but its window cannot be read now: "
                               f"{exc or 'another change removed it since'}") from None
 
+    @masked_actor_errors  # (the groupers' too, told of a change: ``_tell_groupers``)
     def remove_budget(self, name: str, *, timeout_s: float = 60.0) -> dict:
         """Remove the budget ``name`` (as ``budgets()`` names it, e.g. ``tenant=acme/1d``) while the engine runs:
         the work it held back is tried at once. Returns its last window."""

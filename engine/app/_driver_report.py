@@ -39,7 +39,7 @@ class Reporting:
             return with_refused(self._read_report(timeout_s=REPORT_WAIT_S), self)
         except self._ray.exceptions.ActorDiedError as exc:  # a Ray error named nothing to do (a helper's hunt)
             raise EngineStopped(f"engine {self.name!r} failed: one of its actors died for good, so its report "
-                                f"cannot be read ({exc.__class__.__name__}); start a new engine") from exc
+                                f"cannot be read ({exc.__class__.__name__}); start a new engine") from None
 
     def _read_report(self, timeout_s: float | None = None) -> dict:
         ray = self._ray
