@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 from engine.core._logkeys import words
 from engine.core.errors import SmartbatchError
 
-__all__ = ["actor_errors", "masked_actor_errors"]
+__all__ = ["actor_errors", "masked_actor_errors", "raise_alone"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,7 +43,7 @@ class actor_errors:  # noqa: N801 (used as a function: ``with actor_errors(...)`
         del typ, exc, tb  # (see the class)
         if out is None or same:
             return False  # raised as it was (its Ray links cut, if ours)
-        _raise_alone(out)
+        raise_alone(out)
 
 
 def _public(exc: Exception, ray: Any, engine: str | Callable[[], str], call: str, who: str) -> Exception | None:
@@ -84,9 +84,9 @@ def _cut(exc: BaseException, ray_errors: tuple[type, ...]) -> None:
         at = at.__cause__ or at.__context__
 
 
-def _raise_alone(out: Exception) -> NoReturn:
-    """Raise ``out`` with no ``__context__``: raised in an ``__exit__``, Python chains it to the error the ``with``
-    block left on (Ray's); re-raised bare, it keeps what it was given."""
+def raise_alone(out: Exception) -> NoReturn:
+    """Raise ``out`` with no ``__context__``: raised in an ``__exit__`` or an ``except`` block, even ``from None``,
+    Python chains it to the error being handled (Ray's); re-raised bare, it keeps what it was given."""
     try:
         raise out from None
     except Exception:

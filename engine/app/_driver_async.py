@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer
+from engine.app._actor_errors import raise_alone
 from engine.app._driver_owners import body_of
 from engine.app._driver_pull import FORGET_WAIT_S
 from engine.app._driver_reject import (
@@ -210,9 +211,9 @@ class AsyncSubmit:
         except asyncio.TimeoutError:
             raise ProviderError(f"the dispatcher of {provider!r} did not answer {what} within {wait_s:g} "
                                 "s (busy, or restarting); send it again") from None
-        except self._ray.exceptions.RayError as exc:
-            raise ProviderError(f"the dispatcher of {provider!r} could not answer {what} "
-                                f"({type(exc).__name__}); send it again") from None
+        except self._ray.exceptions.RayError as exc:  # its type alone; and not its __context__ (rvkeys84)
+            raise_alone(ProviderError(f"the dispatcher of {provider!r} could not answer {what} "
+                                      f"({type(exc).__name__}); send it again"))
 
 
 async def _as_future(ref: Any) -> Any:

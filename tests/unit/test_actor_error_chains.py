@@ -148,3 +148,36 @@ def test_a_budget_change_a_grouper_failed_raises_none_of_its_keys():
     assert said.startswith("engine 'prod': an actor it waited on failed (remove_budget()): "), said
     assert KEY not in said and PASSWORD not in said, said
     _holds_no_ray_error(caught.value)
+
+
+class _Failing:
+    """A dispatcher stand-in whose every call's ref raises Ray's error of ``LEAK`` when awaited."""
+
+    def __getattr__(self, name: str) -> Any:
+        class Call:
+            @staticmethod
+            def remote(*args: Any) -> Any:
+                async def ref() -> Any:
+                    raise _ray_error(LEAK, f"Dispatcher.{name}")
+
+                return ref()
+
+        return Call
+
+
+@pytest.mark.parametrize("call", ["count_tokens", "video_content", "video_progress"])
+def test_an_async_call_a_dispatcher_failed_chains_no_ray_error(call):
+    """The async calls (the endpoint's count and video routes) raise a ``ProviderError`` naming Ray's error's type
+    alone, ``from None``: the ``RayTaskError``, the key in its words, stayed its ``__context__`` (fails on the code
+    before)."""
+    import asyncio
+
+    from engine.core.errors import ProviderError
+
+    eng = _driver(LEAK)
+    eng._gone, eng._h["dispatchers"] = None, {"openai": _Failing()}
+    args = {"count_tokens": ({"messages": []},), "video_content": ("https://x/v",), "video_progress": (["u1"],)}
+    with pytest.raises(ProviderError) as caught:
+        asyncio.run(getattr(eng, call)("openai", *args[call]))
+    assert "could not answer" in str(caught.value) and "(RayTaskError(RuntimeError))" in str(caught.value)
+    _holds_no_ray_error(caught.value)
