@@ -208,11 +208,12 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Report
                         "with it; start Ray first (ray start --head) or use smartbatch serve", name)
         from engine.core.clock import ScaledClock
 
+        engine = name or f"sb-{secrets.token_hex(3)}"
         try:
-            handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
-                                   seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
-                                   keys=keys, engine=name or f"sb-{secrets.token_hex(3)}", detached=detached,
-                                   num_shards=num_shards)
+            with actor_errors(ray, engine, "Engine.start()"):  # its actors' start (an __init__) and first calls
+                handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
+                                       seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
+                                       keys=keys, engine=engine, detached=detached, num_shards=num_shards)
         except BaseException:
             if started and not Engine._running_engines:  # leave no Ray behind that only this start needed
                 ray.shutdown()

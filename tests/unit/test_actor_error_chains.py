@@ -181,3 +181,31 @@ def test_an_async_call_a_dispatcher_failed_chains_no_ray_error(call):
         asyncio.run(getattr(eng, call)("openai", *args[call]))
     assert "could not answer" in str(caught.value) and "(RayTaskError(RuntimeError))" in str(caught.value)
     _holds_no_ray_error(caught.value)
+
+
+@pytest.mark.parametrize("met", ["init", "call"])
+def test_a_start_whose_actors_failed_to_start_raises_none_of_their_keys(monkeypatch, met):
+    """``Engine.start`` waits on its actors as it starts them (``actors.remote.start_actors``: the budget ledger's
+    check, the clocks, the cache's warm-up), outside keys84's mask, which covered its claims at the hub shards
+    only: an actor whose ``__init__`` failed (``ActorDiedError``, its words that traceback) or a first call that
+    failed (``RayTaskError``) was raised whole (fails on the code before: Ray's error raised, the key in it)."""
+    import actors.remote
+    from engine.app import driver
+    from engine.app.driver import Engine
+    from engine.core.settings import Settings
+
+    def start_actors(*args: Any, engine: str, **kwargs: Any) -> dict:
+        raise _actor_init_failed() if met == "init" else _ray_error(LEAK, "BudgetController.check_ledger")
+
+    import actors._peer
+
+    monkeypatch.setattr(driver, "init_ray", lambda address: False)  # (no Ray: the start is cut where it begins)
+    monkeypatch.setattr(actors._peer, "read_layout", lambda name: None)
+    monkeypatch.setattr(driver, "check_not_stopping", lambda name: None)
+    monkeypatch.setattr(actors.remote, "start_actors", start_actors)
+    with pytest.raises(SmartbatchError) as caught:
+        Engine.start(Settings(), name="prod")
+    said = str(caught.value)
+    assert said.startswith("engine 'prod': an actor it waited on failed (Engine.start()): "), said
+    assert KEY not in said and PASSWORD not in said, said
+    _holds_no_ray_error(caught.value)
