@@ -304,12 +304,16 @@ def near_space() -> str:
     return f"{_embedding.MODEL}[:{_EMB_COLS}]+ngrams-{NEAR_DIM - _EMB_COLS}"
 
 
-def near_min_threshold(kind: str | None) -> float:
+def near_min_threshold(kind: str | None, *, load: bool = True) -> float:
     """The lowest cosine at which ``near_vectors`` of this kind may be near duplicates: tuned for the embedding
     (text 0.925; image and video 0.95); 0 for the hashed fallback (its policy threshold and the engine's floor
-    ``sim.near_floor`` decide, as before the embedding)."""
+    ``sim.near_floor`` decide, as before the embedding). ``load=False`` tells it from the installed files without
+    reading the model, for a process that makes no vectors."""
     try:
-        _embedding.load_embedder()
+        if load:
+            _embedding.load_embedder()
+        elif not _embedding.embedding_installed():
+            return 0.0
     except ImportError:
         return 0.0
     return _EMBEDDING_MIN.get(kind or "", max(_EMBEDDING_MIN.values()))

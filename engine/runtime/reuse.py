@@ -66,12 +66,12 @@ def near_threshold_unmet(asked: float, near_floor: float) -> str | None:
     (``sim.near_floor``, raised to the vectors' tuned minimum of text, the lowest kind's, while the embedding is
     installed), each class applies that floor instead (``class_threshold``), and the value was accepted without a
     word (a helper's tour, stop 83: 0.88, 0.92 and 0.925 billed the same to the cent)."""
-    text_min = near_min_threshold("text")
+    text_min = near_min_threshold("text", load=False)
     floor = max(near_floor, text_min)
     if asked >= floor:
         return None
     why = (f"the embedding's tuned minimum for text ({text_min:g}; images and video "
-           f"{near_min_threshold('image'):g}), below which its matches are not precise enough"
+           f"{near_min_threshold('image', load=False):g}), below which its matches are not precise enough"
            if text_min > near_floor else f"sim.near_floor ({near_floor:g})")
     return (f"near_threshold = {asked:g} is below the floor in effect, {floor:g}: {why}; every near-duplicate "
             f"match still needs {floor:g}, so the value changes nothing. Set near_threshold to {floor:g} or more "

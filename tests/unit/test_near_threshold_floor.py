@@ -54,6 +54,7 @@ def test_a_near_threshold_under_the_embeddings_floor_is_told_at_the_start(monkey
 def test_without_the_embedding_the_floor_is_sim_near_floor(monkeypatch, caplog):
     """Without the embedding the floor is ``sim.near_floor`` alone: 0.8 under 0.85 is told, with that fix too."""
     monkeypatch.setattr(embedding, "load_embedder", lambda: (_ for _ in ()).throw(embedding.EmbeddingUnavailable("x")))
+    monkeypatch.setattr(embedding, "embedding_installed", lambda: False)
     said = _start(monkeypatch, caplog, {"near_threshold": 0.8})
     assert "near_threshold = 0.8 is below the floor in effect, 0.85: sim.near_floor (0.85)" in said, said
     assert "or lower sim.near_floor first" in said, said
@@ -64,3 +65,18 @@ def test_no_word_for_the_default_a_value_at_the_floor_or_near_reuse_off(monkeypa
     """Smart's own default (0.92) is under text's floor too, but is not the user's doing (docs/policies.md says
     it); a value at or above the floor applies; with near reuse off the threshold is read by nothing."""
     assert _start(monkeypatch, caplog, params) == ""
+
+
+def test_the_warning_reads_no_model_in_the_driver(monkeypatch, caplog):
+    """The driver makes no vectors: telling the floor must not read the embedding's table into it for the engine's
+    life (0.4 CPU-s and about 80 MB; a review, stop 84). Fails on the code before: the start loaded the model
+    (``1 == 0``, the cached embedder)."""
+    if not _with_embedding():
+        pytest.skip("wordllama is not installed: there is no model to read")
+    embedding.load_embedder.cache_clear()
+    try:
+        said = _start(monkeypatch, caplog, {"near_threshold": 0.88})
+        assert embedding.load_embedder.cache_info().currsize == 0
+    finally:
+        embedding.load_embedder.cache_clear()
+    assert "below the floor in effect, 0.925" in said, said
