@@ -268,6 +268,29 @@ class TestOnOneQuietEngine:
                                                        write=True).total, rel=1e-6)
         assert w.cost_usd < price_alone(waiting, CAT, "batch_api").total
 
+    def test_a_dead_actor_fails_open_futures_instead_of_hanging(self, quiet_engine):
+        """Last of the class: it kills the engine's grouper (an engine of its own at speed-up 1 before stop 84,
+        7 actor processes more). The requests' tenant has a spent budget, so the grouper holds them for its next
+        1-day window (173 s of real time at 500x; an urgent one it would refuse at once): each is surely open at
+        the kill, whatever the machine's speed."""
+        import ray
+
+        eng = quiet_engine
+        eng.set_budget(tenant="dead", budget_duration="1d", max_budget=1e-6)
+        reqs = [r.model_copy(update={"id": f"dead-{r.id}", "tenant": "dead", "priority": "normal",
+                                         "deadline_s": 3 * 86_400})
+                for r in short_trace(100, seed=7, span_s=10, max_deadline_s=3600)]
+        held = eng.report()["budget"]["refusals"].get("deferred", 0)
+        futs = eng.submit_many(reqs)
+        end = time.monotonic() + 60
+        while eng.report()["budget"]["refusals"].get("deferred", 0) <= held:  # a Ray round trip each
+            assert time.monotonic() < end, "no request was held by its budget"
+        ray.kill(eng._h["groupers"][0])
+        results = [f.result(timeout=60) for f in futs]
+        failed = [r for r in results if r.status == "failed"]
+        assert failed and all("grouper-0" in r.error for r in failed)
+        assert all(r.status in ("failed", "ok", "reused") for r in results)
+
 
 @pytest.mark.parametrize("policy", ["naive", "smart"])
 def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, policy):
@@ -289,25 +312,12 @@ def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, polic
     assert any(r.status in ("ok", "reused") for r in results)
 
 
-def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
-    import ray
-
-    reqs = short_trace(100, seed=7, span_s=10, max_deadline_s=3600)
-    # Real time: the batches and GPU groups are still open below.
-    with Engine.start(catalog=for_trace(reqs), speedup=1.0) as eng:
-        futs = eng.submit_many(reqs)
-        ray.kill(eng._h["groupers"][0])
-        results = [f.result(timeout=60) for f in futs]
-    failed = [r for r in results if r.status == "failed"]
-    assert failed and all("grouper-0" in r.error for r in failed)
-    assert all(r.status in ("failed", "ok", "reused") for r in results)
-
-
 def test_a_stop_fails_the_open_requests_aloud_and_drain_counts_them(ray_session, caplog):
     """``drain()`` returns how many requests are still open when it stops waiting; ``stop()`` (leaving a ``with``
     block) fails what is open, says so in the log and tells each result how to wait instead."""
-    reqs = short_trace(30, seed=11, span_s=5, max_deadline_s=3600)
-    # Real time: batch lanes hold for minutes.
+    # Its Anthropic requests alone (13 of 30): one dispatcher to start, not three (stop 84). Real time: batch
+    # lanes hold for minutes.
+    reqs = [r for r in short_trace(30, seed=11, span_s=5, max_deadline_s=3600) if r.provider == "anthropic"]
     with Engine.start(catalog=for_trace(reqs), speedup=1.0, metrics_port=None) as eng:
         futs = eng.submit_many(reqs)
         before = sum(not f.done() for f in futs)
@@ -323,7 +333,21 @@ def test_a_stop_fails_the_open_requests_aloud_and_drain_counts_them(ray_session,
     assert sum(int(m.group(1)) for m in said if m) == len(failed)
 
 
-def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart(ray_session, redis_server):
+def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart_and_makes_one_call_for_identical_submits(
+        ray_session, redis_server, monkeypatch):
+    """Three checks on two engines of OpenAI alone (each the restarted engine's start did not need: stop 84 ran the
+    last two on the second engine, 6 actor processes fewer).
+
+    A Redis cache serves a restarted engine and keeps tenants apart.
+
+    Identical concurrent submits: 40 threads submit one image at once, and the cache makes one provider call.
+
+    Then a stop that fails: stop() raising after the engine stopped running (here the actors' kill; a Ray gone
+    under the driver is another way) left CPython's thresholds raised in the user's process for good: the next
+    stop() returns at once, so nothing put them back."""
+    import threading
+
+    import actors.remote as remote
     from engine.core.settings import CacheSettings, Settings
 
     # 5 s for a Redis answer: at the default 0.25 s one slow reply on a loaded machine reads as Redis down.
@@ -334,16 +358,57 @@ def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart(ray_sessi
     with Engine.start(settings=settings, catalog=OPENAI_ONLY, speedup=50) as eng:
         first = eng.submit({"id": "a1", "tenant": "acme", **base}).result(timeout=120)
     assert first.status == "ok"
-    with Engine.start(settings=settings, catalog=OPENAI_ONLY, speedup=50) as eng:  # new actors, empty memory: Redis remembers
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    eng = Engine.start(settings=settings, catalog=OPENAI_ONLY, speedup=50)  # new actors, empty memory: Redis remembers
+    kill = remote.kill_engine
+    try:
+        assert gc.get_threshold() == THRESHOLDS
         same = eng.submit({"id": "a2", "tenant": "acme", **base})
         near = eng.submit({"id": "a3", "tenant": "acme", **base, "prompt": base["prompt"].lower() + "."})
         other = eng.submit({"id": "g1", "tenant": "globex", **base})
         same, near, other = (f.result(timeout=120) for f in (same, near, other))
         rep = eng.report()
-    assert (same.status, same.hit, same.output) == ("reused", "exact", first.output)
-    assert (near.status, near.hit, near.output) == ("reused", "near", first.output)
-    assert other.status == "ok" and other.output != first.output  # globex never gets acme's result
-    assert rep["cache"]["redis_up"] == 1  # (warm-up loaded the entry, so the exact hit came from memory)
+        assert (same.status, same.hit, same.output) == ("reused", "exact", first.output)
+        assert (near.status, near.hit, near.output) == ("reused", "near", first.output)
+        assert other.status == "ok" and other.output != first.output  # globex never gets acme's result
+        assert rep["cache"]["redis_up"] == 1  # (warm-up loaded the entry, so the exact hit came from memory)
+
+        prompt = {"model": "gpt-image-1", "prompt": "A lighthouse in a storm, oil painting", "priority": "urgent",
+                  "deadline_s": 120}
+        # One arrival time for all: a follower must be due no later than the call it rides on, and threads
+        # stamping their own arrival would order the deadlines by thread scheduling.
+        prompt["arrival_s"] = eng.now()
+        futs = [None] * 40
+        go = threading.Barrier(40)
+
+        def caller(k):
+            go.wait()  # all 40 submit at once, as 40 users of one driver would
+            futs[k] = eng.submit({"id": f"same-{k}", **prompt})
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results = [f.result(timeout=120) for f in futs]
+        cache = {k: eng.report()["cache"][k] - rep["cache"][k] for k in ("miss", "in_flight", "exact_memory",
+                                                                           "exact_redis", "near")}
+        assert sorted(r.status for r in results).count("ok") == 1  # one provider call
+        assert {r.status for r in results} == {"ok", "reused"} and all(r.output for r in results)
+        # (counted since the checks above: the one miss is this prompt's, every other a copy of it)
+        assert cache["miss"] == 1 and cache["in_flight"] + cache["exact_memory"] == 39, cache
+
+        def failing(*_a, **_k):
+            raise RuntimeError("the cluster went away")
+        monkeypatch.setattr(remote, "kill_engine", failing)
+        with pytest.raises(RuntimeError, match="went away"):
+            eng.stop()
+        eng.stop()  # a second stop changes nothing
+        assert gc.get_threshold() == (700, 10, 10) and eng not in Engine._running_engines
+    finally:
+        kill(eng._h["engine"], eng._h["all"])
+        gc.set_threshold(*before)
 
 
 def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session):
@@ -378,60 +443,6 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
     # The flood took minutes to drain: it was the bottleneck, not an idle provider.
     assert max(r.done_s for r in results if r.id.startswith("flood")) > 240
 
-
-
-def test_identical_concurrent_submits_make_one_provider_call_and_a_stop_that_fails_gives_the_collector_back(
-        ray_session, monkeypatch):
-    """Two checks on one engine of OpenAI alone (each started its own before stop 76: 6 actor processes more).
-
-    Identical concurrent submits: 40 threads submit one image at once, and the cache makes one provider call.
-
-    Then a stop that fails: stop() raising after the engine stopped running (here the actors' kill; a Ray gone
-    under the driver is another way) left CPython's thresholds raised in the user's process for good: the next
-    stop() returns at once, so nothing put them back."""
-    import threading
-
-    import actors.remote as remote
-
-    before = gc.get_threshold()
-    gc.set_threshold(700, 10, 10)
-    eng = Engine.start(catalog=OPENAI_ONLY, speedup=50, metrics_port=None)
-    kill = remote.kill_engine
-    try:
-        assert gc.get_threshold() == THRESHOLDS
-        prompt = {"model": "gpt-image-1", "prompt": "A lighthouse in a storm, oil painting", "priority": "urgent",
-                  "deadline_s": 120}
-        # One arrival time for all: a follower must be due no later than the call it rides on, and threads
-        # stamping their own arrival would order the deadlines by thread scheduling.
-        prompt["arrival_s"] = eng.now()
-        futs = [None] * 40
-        go = threading.Barrier(40)
-
-        def caller(k):
-            go.wait()  # all 40 submit at once, as 40 users of one driver would
-            futs[k] = eng.submit({"id": f"same-{k}", **prompt})
-
-        threads = [threading.Thread(target=caller, args=(k,)) for k in range(40)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        results = [f.result(timeout=120) for f in futs]
-        rep = eng.report()
-        assert sorted(r.status for r in results).count("ok") == 1  # one provider call
-        assert {r.status for r in results} == {"ok", "reused"} and all(r.output for r in results)
-        assert rep["cache"]["miss"] == 1 and rep["cache"]["in_flight"] + rep["cache"]["exact_memory"] == 39
-
-        def failing(*_a, **_k):
-            raise RuntimeError("the cluster went away")
-        monkeypatch.setattr(remote, "kill_engine", failing)
-        with pytest.raises(RuntimeError, match="went away"):
-            eng.stop()
-        eng.stop()  # a second stop changes nothing
-        assert gc.get_threshold() == (700, 10, 10) and eng not in Engine._running_engines
-    finally:
-        kill(eng._h["engine"], eng._h["all"])
-        gc.set_threshold(*before)
 
 
 def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call_is_late(ray_session):
