@@ -19,7 +19,7 @@ SOLO_ENV = "SMARTBATCH_SOLO"
 # merged scaled by their engine starts; one not named is taken for short (under 10 s). The pass hands scopes out
 # longest first (below): a new long module belongs here.
 SCOPE_SECONDS = {
-    "test_engine.py": 115, "test_budget_stop_outbox.py": 70, "test_http_engine.py": 60, "test_serve_crash.py": 70,
+    "test_engine.py": 110, "test_budget_stop_outbox.py": 70, "test_http_engine.py": 60, "test_serve_crash.py": 70,
     "test_driver_crash.py": 60, "test_chaos.py": 52, "test_shared_engine.py": 51, "test_budget_faults_hunt.py": 50,
     "test_redis_cluster_failover.py": 25, "test_batch_crash.py": 38, "test_redis_faults.py": 35,
     "test_batch_crash_redis.py": 35, "test_endpoint_live.py": 33, "test_serve_stop_ledger.py": 38,

@@ -411,70 +411,53 @@ def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart_and_makes
         gc.set_threshold(*before)
 
 
-def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session):
-    """The dispatchers run the simulator's provider queues: fair share holds through Ray as well."""
-    import numpy as np
-
+@pytest.fixture(scope="module")
+def queue_engine(ray_session):
+    """One engine, and its catalog, for the two tests of a provider queue (each started its own before stop 84: 5
+    actor processes more): OpenAI with no batch API and a rate limit the flood fills; Google's images one call at
+    a time, never failing. Each test calls its own provider alone, and the copy test goes first: its report's
+    counts are the engine's since its start."""
     from engine.core.catalog import Catalog
-    from engine.core.request import Request, validation_context
-    from engine.core.settings import Settings
 
-    base = OPENAI_ONLY.model_dump()
-    base["providers"]["openai"].update(batch_api=None, rate_limits={"rpm": 600, "tpm": 10_000_000,
-                                                                     "max_concurrency": 64})
-    cat = Catalog.model_validate(base)
-    ctx = validation_context(cat, Settings())
-    rng = np.random.default_rng(3)
-    flood = [{"id": f"flood{i}", "tenant": "flood", "arrival_s": float(rng.uniform(0, 10)),
-              "priority": "background", "deadline_s": 86400.0} for i in range(3000)]
-    quiet = [{"id": f"quiet{i}", "tenant": "quiet", "arrival_s": 5.0 + 10.0 * i, "priority": "normal",
-              "deadline_s": 120.0} for i in range(25)]
-    reqs = [Request.model_validate({**d, "model": "gpt-5-mini", "input_tokens": 800, "output_tokens": 200,
-                                    "prompt": d["id"]}, context=ctx) for d in flood + quiet]
-    # At 100x the quiet requests' 120 s was 1.2 s of real time, and getting through the flood's 3,000 arrivals
-    # (ingest, cache, grouper) took 42-47 engine s of it on an idle machine: 2.5x headroom. At 40x the engine's
-    # own work is a smaller share of each deadline; the provider queue's fair share is what is tested.
+    raw = default_catalog().model_dump()
+    raw["providers"] = {"openai": raw["providers"]["openai"], "google": raw["providers"]["google"]}
+    raw["providers"]["openai"].update(batch_api=None, rate_limits={"rpm": 600, "tpm": 10_000_000,
+                                                                   "max_concurrency": 64})
+    raw["providers"]["google"]["failure_rate"] = 0.0
+    raw["providers"]["google"]["rate_limits"]["max_concurrency"] = 1
+    cat = Catalog.model_validate(raw)
+    # At 100x the flood's quiet requests' 120 s was 1.2 s of real time, and getting through the flood's 3,000
+    # arrivals (ingest, cache, grouper) took 42-47 engine s of it on an idle machine: 2.5x headroom. At 40x the
+    # engine's own work is a smaller share of each deadline; the provider queue's fair share is what is tested.
     with Engine.start(catalog=cat, speedup=40, policy="smart", metrics_port=None) as eng:
-        results = [f.result(timeout=300) for f in eng.replay(reqs)]
-    by_id = {r.id: r for r in results}
-    quiet_res = [by_id[f"quiet{i}"] for i in range(25)]
-    assert all(r.status == "ok" and r.deadline_met for r in quiet_res), [
-        (r.id, r.done_s - r.arrival_s) for r in quiet_res if not r.deadline_met]
-    # The flood took minutes to drain: it was the bottleneck, not an idle provider.
-    assert max(r.done_s for r in results if r.id.startswith("flood")) > 240
+        yield eng, cat
 
 
-
-def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call_is_late(ray_session):
+def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call_is_late(queue_engine):
     """The live release path (``engine.runtime.admission.may_follow``): an image due in an hour waits behind 30
     others at a provider that runs one call at a time; an identical copy due in 200 s follows it, the cache's
     timer releases it at its release time, and it is generated before its deadline. Every request gets one
     result, and the report's spend is the sum of the results' costs: nothing is billed twice."""
-    from engine.core.catalog import Catalog, default_catalog
     from engine.core.request import Request
     from engine.runtime.admission import release_lead
     from policies import load_policy
 
-    raw = default_catalog().model_dump()
-    raw["providers"] = {"google": raw["providers"]["google"]}  # it calls Google only (one dispatcher to start)
-    raw["providers"]["google"]["failure_rate"] = 0.0
-    raw["providers"]["google"]["rate_limits"]["max_concurrency"] = 1
-    cat = Catalog.model_validate(raw)
+    eng, cat = queue_engine  # (it calls Google only)
+    t0 = eng.clock.now()  # replay's arrivals are times of the engine's clock, which the engine's start began
 
     def img(i: int, prompt: str, at: float, deadline_s: float) -> Request:
         return Request.model_validate({"id": f"i{i}", "arrival_s": at, "model": "imagen-4", "prompt": prompt,
                                        "reuse": "exact", "deadline_s": deadline_s})
 
-    queue = [img(10 + k, f"A lighthouse in fog, take {k}", 0.0, 3600.0) for k in range(30)]
-    # All at 0, so one call carries the queue and the pair, and the first copy, due a second after the queue,
+    queue = [img(10 + k, f"A lighthouse in fog, take {k}", t0, 3600.0) for k in range(30)]
+    # All at once, so one call carries the queue and the pair, and the first copy, due a second after the queue,
     # goes behind it (earliest deadline first). Arriving at 1 s, it went in a call of its own whenever replay
     # began before the engine's clock passed 1 s, and could reach the idle provider first (as it did in
     # test_release_faults on CI).
-    pair = [img(0, "A red car parked on a wet street at night", 0.0, 3601.0),
-            img(1, "A red car parked on a wet street at night", 0.0, 202.0)]
-    with Engine.start(catalog=cat, speedup=60) as eng:
-        results = {r.id: r for r in (f.result(timeout=120) for f in eng.replay(queue + pair))}
-        rep = eng.report()
+    pair = [img(0, "A red car parked on a wet street at night", t0, 3601.0),
+            img(1, "A red car parked on a wet street at night", t0, 202.0)]
+    results = {r.id: r for r in (f.result(timeout=120) for f in eng.replay(queue + pair))}
+    rep = eng.report()
     until = pair[1].deadline_at - release_lead(cat, load_policy("smart", cat).reuse)(pair[1])
     copy, first = results["i1"], results["i0"]
     assert copy.status == "ok" and copy.hit is None and copy.cost_usd > 0 and copy.deadline_met
@@ -482,3 +465,29 @@ def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call
     assert first.status == "ok" and len(results) == len(queue) + 2
     assert rep["cache"]["released"] == 1 and rep["cache"]["in_flight"] == 1
     assert rep["spend_usd"] == pytest.approx(sum(r.cost_usd for r in results.values()), abs=1e-6)  # rounded
+
+
+def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(queue_engine):
+    """The dispatchers run the simulator's provider queues: fair share holds through Ray as well."""
+    import numpy as np
+
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import Settings
+
+    eng, cat = queue_engine  # (it calls OpenAI only)
+    t0 = eng.clock.now()  # the engine ran the copy test before: its clock is past 0
+    ctx = validation_context(cat, Settings())
+    rng = np.random.default_rng(3)
+    flood = [{"id": f"flood{i}", "tenant": "flood", "arrival_s": t0 + float(rng.uniform(0, 10)),
+              "priority": "background", "deadline_s": 86400.0} for i in range(3000)]
+    quiet = [{"id": f"quiet{i}", "tenant": "quiet", "arrival_s": t0 + 5.0 + 10.0 * i, "priority": "normal",
+              "deadline_s": 120.0} for i in range(25)]
+    reqs = [Request.model_validate({**d, "model": "gpt-5-mini", "input_tokens": 800, "output_tokens": 200,
+                                    "prompt": d["id"]}, context=ctx) for d in flood + quiet]
+    results = [f.result(timeout=300) for f in eng.replay(reqs)]
+    by_id = {r.id: r for r in results}
+    quiet_res = [by_id[f"quiet{i}"] for i in range(25)]
+    assert all(r.status == "ok" and r.deadline_met for r in quiet_res), [
+        (r.id, r.done_s - r.arrival_s) for r in quiet_res if not r.deadline_met]
+    # The flood took minutes to drain: it was the bottleneck, not an idle provider.
+    assert max(r.done_s for r in results if r.id.startswith("flood")) > t0 + 240
