@@ -16,6 +16,7 @@ from policies._text import as_flex as _as_flex
 __all__ = ["ConversationLane"]
 
 _PULL_SCAN = 500  # members of a group a warm pull prices at most (about 15 ms)
+_LIKELY_LATE = 0.5  # P(on time) under which a batch's members are expected back for a call
 
 
 class ConversationLane:
@@ -92,8 +93,10 @@ class ConversationLane:
         return max(1, math.ceil(min_cacheable_tokens(provider, spec) / self.params.block_tokens))
 
     def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
-        """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
-        cache's TTL, so a write is likely read again), and the prefix's key for the runtime to record."""
+        """Whether to mark ``req``'s cacheable prefix for a cache write, and the prefix's key for the runtime to
+        record. Marked when a write is likely read again: the same prefix was sent within the cache's TTL, or
+        another request of it waits in a batch likely late whose fallback call comes before the write goes cold
+        (``_expect_calls``; its members come back at one hedge, so the first call's write is read by the next)."""
         provider = self.catalog.provider(req.provider)
         if (pc := provider.cache_of(spec := provider.models[req.model])) is None or not req.prefix_blocks:
             return False, None
@@ -101,5 +104,22 @@ class ConversationLane:
         if len(req.prefix_blocks) < k or req.input_tokens < min_cacheable_tokens(provider, spec):
             return False, None
         key = (req.provider, req.model, req.prefix_blocks[:k])
-        last = group.sightings.last(key) if group.sightings is not None else None
-        return last is not None and now - last <= pc.ttl_s, key
+        if group.sightings is None:
+            return False, key
+        last = group.sightings.last(key)
+        if last is not None and now - last <= pc.ttl_s:
+            return True, key
+        cold = now + pc.ttl_s - (self.params.warm_margin_s or 0.0)  # the call must start before the write is cold
+        return group.sightings.expected(key, now, cold, req.uid), key
+
+    def _expect_calls(self, group: Group, k: int, hedge_at: float, now: float) -> tuple | None:
+        """For a batch dispatch of ``group``'s first ``k`` members hedged at ``hedge_at``: each member's prefix key
+        (None for one without), for the runtime to expect their calls of (``PrefixSightings.expect``), where the
+        provider's cache is explicit (a call writes only what it marks), the batch is more likely late than not
+        and its members would fall back within the cache's TTL (an urgent turn's try: P ~0.22 at Anthropic).
+        Else None. Per member: a lane's conversations ride one batch."""
+        pc = group.provider.cache_of(group.spec)
+        if (not self.params.fallback_marks or pc is None or pc.automatic or hedge_at - now > pc.ttl_s
+                or group.provider.batch_api.turnaround_cdf(hedge_at - now) >= _LIKELY_LATE):
+            return None
+        return tuple(self._prefix(r, group, now)[1] for r in group.members[:k])

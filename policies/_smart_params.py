@@ -84,6 +84,11 @@ class SmartParams(PolicyParams):
     pull_warm: bool = Field(default=True, description=(
         "a call that leaves a conversation's prefix warm sends at once the turns of it waiting for a batch that "
         "read it for less than the batch is expected to cost them (warm_margin_s, policies/_text.py)"))
+    fallback_marks: bool = Field(default=True, description=(
+        "at an explicit prompt cache (Anthropic's), a call also marks its prefix for a write when another request of "
+        "its conversation waits in a batch more likely late than not whose fallback call comes within the cache's TTL "
+        "(an urgent turn's try): that call then reads the write (docs/policies.md); false: only a prefix sent within "
+        "the TTL is marked"))
     flex: bool = Field(default=True, description=(
         "send a text request at once at the provider's flex tier (batch prices, a sync call's prompt cache, an "
         "answer in seconds to minutes) where its model takes the tier and its deadline leaves room for a slow "

@@ -287,10 +287,10 @@ class Smart(GpuLane, ConversationLane, Policy):
         rec = "process_as_batch" if p_on_time >= p.confident_p else "consider_batch"
         hedge = (f"hedge at t={hedge_at:.0f}s" if checkpoint is None else
                  f"cancelled at t={checkpoint:.0f}s if late for a second batch, hedge at t={hedge_at:.0f}s")
-        return Decision("dispatch", mode="batch_api", take=k, hedge_at=hedge_at if checkpoint is None else checkpoint,
-                        fallback=fallback, recommendation=rec, reason=(f"batch API: {k} requests, expected ${saving:.4f} saved "
-                                                    f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
-                                                    f"{hedge}"))
+        back_at = hedge_at if checkpoint is None else checkpoint
+        return Decision("dispatch", mode="batch_api", take=k, hedge_at=back_at, fallback=fallback, recommendation=rec,
+                        reason=(f"batch API: {k} requests, expected ${saving:.4f} saved of ${c_sync:.4f} at list price, "
+                                f"P(on time)={p_on_time:.2f}, {hedge}"), prefix=self._expect_calls(group, k, back_at, now))
 
     def _split_back(self, group: Group, c: TextConsts, now: float, k: int) -> Decision:
         """Members back with no chance as one batch, most of whom alone have one: the leading ones that do (one

@@ -44,7 +44,9 @@ class Decision(NamedTuple):
     members (0 = all) in ``mode``. ``hedge_at``: for ``batch_api``, the time at which an unfinished batch is
     cancelled and its members sent synchronously. ``cache_write``: mark the shared prompt prefix for the
     provider's cache (explicit-caching providers). ``prefix``: the key of a prompt prefix this dispatch sends,
-    for the runtime to record in the group's ``PrefixSightings`` (a policy never records it itself)."""
+    for the runtime to record in the group's ``PrefixSightings`` (a policy never records it itself): sent now by
+    a call; on a ``batch_api`` dispatch, one key per member taken (or None), whose calls are expected at
+    ``hedge_at`` (a batch likely late: ``PrefixSightings.expect``)."""
 
     action: Literal["wait", "dispatch"]
     mode: Mode | None = None
@@ -67,13 +69,16 @@ class Decision(NamedTuple):
 class PrefixSightings:
     """When each prompt prefix was last dispatched (keys are a policy's, e.g. (provider, model, leading blocks)):
     what tells a policy that a cache write would be read again. Runtime state, not a policy's: the table
-    records a dispatch's ``Decision.prefix`` after the decision, so ``decide`` stays pure. Bounded: the prefix
-    seen least recently is forgotten first."""
+    records a dispatch's ``Decision.prefix`` after the decision, so ``decide`` stays pure; and which requests of a
+    batch likely late will call for a prefix, and when (``expect``). Bounded: the prefix seen least recently is
+    forgotten first."""
 
-    __slots__ = ("_last", "capacity")
+    __slots__ = ("_last", "_due", "capacity")
 
     def __init__(self, capacity: int = 65_536):
         self._last: OrderedDict[Hashable, float] = OrderedDict()
+        # Per prefix, the members of batches likely late and when each falls back to a call (``expect``).
+        self._due: OrderedDict[Hashable, dict[str, float]] = OrderedDict()
         self.capacity = capacity
 
     def last(self, key: Hashable) -> float | None:
@@ -84,6 +89,18 @@ class PrefixSightings:
         self._last.move_to_end(key)
         if len(self._last) > self.capacity:
             self._last.popitem(last=False)
+
+    def expect(self, key: Hashable, at: float, uids: Iterable[str], now: float) -> None:
+        """Requests ``uids`` wait in a batch likely late, and call for ``key``'s prefix at ``at`` if it is."""
+        due = {u: t for u, t in self._due.pop(key, {}).items() if t >= now}  # those past are sent or back
+        due.update(dict.fromkeys(uids, at))
+        self._due[key] = due
+        if len(self._due) > self.capacity:
+            self._due.popitem(last=False)
+
+    def expected(self, key: Hashable, since: float, until: float, but: str) -> bool:
+        """Whether a request other than ``but`` is expected to call for ``key``'s prefix within [since, until]."""
+        return any(u != but and since <= t <= until for u, t in self._due.get(key, {}).items())
 
     def __len__(self) -> int:
         return len(self._last)

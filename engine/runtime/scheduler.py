@@ -280,7 +280,11 @@ class GroupTable:
             if d.fallback is not None and out[-1].members:
                 self.calendar.reserve(out[-1].members[0].provider, d.fallback, (r.uid for r in out[-1].members),
                                       now)
-            if d.prefix is not None:
+            if d.prefix is not None and d.mode == "batch_api" and d.hedge_at is not None:
+                for r, key in zip(out[-1].members, d.prefix, strict=True):  # one key per member (or None)
+                    if key is not None:
+                        self.sightings.expect(key, d.hedge_at, (r.uid,), now)
+            elif d.prefix is not None:
                 self.sightings.see(d.prefix, now)
         self.drop(g)
         return out, None
