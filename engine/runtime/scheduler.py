@@ -281,7 +281,10 @@ class GroupTable:
                 self.calendar.reserve(out[-1].members[0].provider, d.fallback, (r.uid for r in out[-1].members),
                                       now)
             if d.prefix is not None and d.mode == "batch_api" and d.hedge_at is not None:
-                for r, key in zip(out[-1].members, d.prefix, strict=True):  # one key per member (or None)
+                if not isinstance(d.prefix, tuple) or len(d.prefix) != len(out[-1].members):
+                    raise PolicyError(f"{self.policy.name}: a batch_api dispatch's prefix must be a tuple of one key "
+                                      f"(or None) per member taken ({len(out[-1].members)}), got {d.prefix!r}")
+                for r, key in zip(out[-1].members, d.prefix, strict=True):
                     if key is not None:
                         self.sightings.expect(key, d.hedge_at, (r.uid,), now)
             elif d.prefix is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from engine.core.cost import price_alone
+from engine.core.errors import PolicyError
 from engine.core.grouping import PrefixSightings
 from engine.core.request import Request
 from engine.core.settings import Settings
@@ -87,3 +88,14 @@ def test_in_the_simulator_the_fallback_reads_the_calls_write_and_the_two_cost_le
     assert off.cost[1] == pytest.approx(price_alone(reqs[1], CAT, "sync").total)
     assert off.cost[0] == pytest.approx(price_alone(reqs[0], CAT, "sync", write=True).total)
     assert on.total_cost < off.total_cost
+
+
+def test_a_batch_dispatch_naming_one_key_for_all_its_members_is_a_policy_error_that_says_the_shape():
+    class OneKey(Smart):
+        def _decide_batch(self, group, now):
+            d = super()._decide_batch(group, now)
+            return d._replace(prefix=("anthropic", SONNET, tuple(PREFIX[:2]))) if d.mode == "batch_api" else d
+
+    table = GroupTable(OneKey(CAT), CAT)
+    with pytest.raises(PolicyError, match=r"a tuple of one key \(or None\) per member taken \(1\)"):
+        _try(table, _turn(1, 0.0, PREFIX + [7], 300.0))
