@@ -95,22 +95,30 @@ class ConversationLane:
     def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
         """Whether to mark ``req``'s cacheable prefix for a cache write, and the prefix's key for the runtime to
         record. Marked when a write is likely read again: the same prefix was sent within the cache's TTL, or
-        another request of it waits in a batch likely late whose fallback call comes before the write goes cold
-        (``_expect_calls``; its members come back at one hedge, so the first call's write is read by the next)."""
-        provider = self.catalog.provider(req.provider)
-        if (pc := provider.cache_of(spec := provider.models[req.model])) is None or not req.prefix_blocks:
+        another request whose prompt starts with ``req``'s whole prefix waits in a batch likely late whose
+        fallback call comes before the write goes cold (``_expect_calls``). An explicit cache's entry ends where
+        the write did, so a turn that parts from ``req``'s prefix before its end (an earlier, shorter turn of the
+        conversation) reads none of it (``engine/emulator/_cache.py``, as Anthropic documents)."""
+        if (key := self._prefix_key(req)) is None:
             return False, None
-        k = self._cacheable_blocks(provider, spec)
-        if len(req.prefix_blocks) < k or req.input_tokens < min_cacheable_tokens(provider, spec):
-            return False, None
-        key = (req.provider, req.model, req.prefix_blocks[:k])
         if group.sightings is None:
             return False, key
+        pc = self.catalog.provider(req.provider).cache_of(req.model)
         last = group.sightings.last(key)
         if last is not None and now - last <= pc.ttl_s:
             return True, key
         cold = now + pc.ttl_s - (self.params.warm_margin_s or 0.0)  # the call must start before the write is cold
-        return group.sightings.expected(key, now, cold, req.uid), key
+        return group.sightings.expected(key, now, cold, req.uid, writes=req.prefix_blocks), key
+
+    def _prefix_key(self, req: Request) -> tuple | None:
+        """The key ``req``'s cacheable prefix is recorded under; None where its provider caches none of it."""
+        provider = self.catalog.provider(req.provider)
+        if (provider.cache_of(spec := provider.models[req.model])) is None or not req.prefix_blocks:
+            return None
+        k = self._cacheable_blocks(provider, spec)
+        if len(req.prefix_blocks) < k or req.input_tokens < min_cacheable_tokens(provider, spec):
+            return None
+        return (req.provider, req.model, req.prefix_blocks[:k])
 
     def _expect_calls(self, group: Group, k: int, hedge_at: float, now: float) -> tuple | None:
         """For a batch dispatch of ``group``'s first ``k`` members hedged at ``hedge_at``: each member's prefix key
@@ -122,4 +130,4 @@ class ConversationLane:
         if (not self.params.fallback_marks or pc is None or pc.automatic or hedge_at - now > pc.ttl_s
                 or group.provider.batch_api.turnaround_cdf(hedge_at - now) >= _LIKELY_LATE):
             return None
-        return tuple(self._prefix(r, group, now)[1] for r in group.members[:k])
+        return tuple(self._prefix_key(r) for r in group.members[:k])

@@ -6,6 +6,7 @@ The runtime (simulator or actors) owns the groups and the loop; a policy only re
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import OrderedDict
 from collections.abc import Container, Hashable, Iterable, Sequence
@@ -77,8 +78,9 @@ class PrefixSightings:
 
     def __init__(self, capacity: int = 65_536):
         self._last: OrderedDict[Hashable, float] = OrderedDict()
-        # Per prefix, the members of batches likely late and when each falls back to a call (``expect``).
-        self._due: OrderedDict[Hashable, dict[str, float]] = OrderedDict()
+        # Per prefix, the members of batches likely late, by the blocks they start with, and when each falls
+        # back to a call (``expect``).
+        self._due: OrderedDict[Hashable, list[tuple[tuple, float, str]]] = OrderedDict()  # (blocks, at, uid), sorted
         self.capacity = capacity
 
     def last(self, key: Hashable) -> float | None:
@@ -90,17 +92,34 @@ class PrefixSightings:
         if len(self._last) > self.capacity:
             self._last.popitem(last=False)
 
-    def expect(self, key: Hashable, at: float, uids: Iterable[str], now: float) -> None:
-        """Requests ``uids`` wait in a batch likely late, and call for ``key``'s prefix at ``at`` if it is."""
-        due = {u: t for u, t in self._due.pop(key, {}).items() if t >= now}  # those past are sent or back
-        due.update(dict.fromkeys(uids, at))
-        self._due[key] = due
-        if len(self._due) > self.capacity:
+    def expect(self, key: Hashable, at: float, readers: Iterable[tuple[str, Sequence[int]]], now: float) -> None:
+        """Requests wait in a batch likely late, and call for ``key``'s prefix at ``at`` if it is: ``readers``, each
+        (uid, the prefix blocks its prompt starts with: a write is read only by a prompt that holds it whole,
+        ``expected``). One call per key and batch: the key's expectations are rebuilt once, not once per member."""
+        new = [(tuple(head), at, u) for u, head in readers]
+        again = {u for _, _, u in new}
+        # Those past are sent or back; one expected again is in a batch anew.
+        kept = [e for e in self._due.pop(key, ()) if e[1] >= now and e[2] not in again]
+        self._due[key] = sorted(kept + new)  # by prefix: those that hold a write are one run (``expected``)
+        # The prefixes expected least recently go once all theirs are past (a long-running engine holds only
+        # the batches still out), and the least recent of all beyond ``capacity``.
+        while self._due and (len(self._due) > self.capacity
+                             or all(e[1] < now for e in next(iter(self._due.values())))):
             self._due.popitem(last=False)
 
-    def expected(self, key: Hashable, since: float, until: float, but: str) -> bool:
-        """Whether a request other than ``but`` is expected to call for ``key``'s prefix within [since, until]."""
-        return any(u != but and since <= t <= until for u, t in self._due.get(key, {}).items())
+    def expected(self, key: Hashable, since: float, until: float, but: str, writes: Sequence[int] = ()) -> bool:
+        """Whether a request other than ``but`` is expected to call for ``key``'s prefix within [since, until]
+        with a prompt that starts with ``writes`` (an explicit cache's entry ends where its write did: a prompt
+        that parts from it before its end reads none of it). Looks only at those that hold ``writes``: a call
+        does not pay for the other conversations of its system prompt's batch."""
+        due, w = self._due.get(key, ()), tuple(writes)
+        for i in range(bisect.bisect_left(due, (w,)), len(due)):
+            head, t, u = due[i]
+            if head[:len(w)] != w:
+                return False
+            if u != but and since <= t <= until:
+                return True
+        return False
 
     def __len__(self) -> int:
         return len(self._last)

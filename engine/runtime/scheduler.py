@@ -284,9 +284,12 @@ class GroupTable:
                 if not isinstance(d.prefix, tuple) or len(d.prefix) != len(out[-1].members):
                     raise PolicyError(f"{self.policy.name}: a batch_api dispatch's prefix must be a tuple of one key "
                                       f"(or None) per member taken ({len(out[-1].members)}), got {d.prefix!r}")
+                readers: dict[Hashable, list] = {}  # per key: one rebuild of its expectations, not one per member
                 for r, key in zip(out[-1].members, d.prefix, strict=True):
                     if key is not None:
-                        self.sightings.expect(key, d.hedge_at, (r.uid,), now)
+                        readers.setdefault(key, []).append((r.uid, r.prefix_blocks))
+                for key, rs in readers.items():
+                    self.sightings.expect(key, d.hedge_at, rs, now)
             elif d.prefix is not None:
                 self.sightings.see(d.prefix, now)
         self.drop(g)
