@@ -107,6 +107,12 @@ class PrefixSightings:
                              or all(e[1] < now for e in next(iter(self._due.values())))):
             self._due.popitem(last=False)
 
+    def forget(self, uids: Container[str]) -> None:
+        """Requests withdrawn by their driver: none of them falls back to a call (rare: a pass over the table)."""
+        for key, due in list(self._due.items()):
+            if any(e[2] in uids for e in due):
+                self._due[key] = [e for e in due if e[2] not in uids]
+
     def expected(self, key: Hashable, since: float, until: float, but: str, writes: Sequence[int] = ()) -> bool:
         """Whether a request other than ``but`` is expected to call for ``key``'s prefix within [since, until]
         with a prompt that starts with ``writes`` (an explicit cache's entry ends where its write did: a prompt

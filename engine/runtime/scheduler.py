@@ -320,6 +320,7 @@ class GroupTable:
         stale now). A group left empty leaves the table."""
         out: list[Request] = []
         changed: list[Group] = []
+        self.sightings.forget(uids)  # those in a batch are not called for when it is late: marked for, read by no one
         for g in list(self.groups.values()):
             gone = g.remove(uids)
             if gone:

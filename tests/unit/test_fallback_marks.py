@@ -65,6 +65,15 @@ def test_a_later_turn_whose_prefix_the_batched_turn_does_not_hold_writes_nothing
     assert not _try(table, _turn(3, 60.0, PREFIX[:-1] + [9], 30.0)).cache_write  # parts from t1 inside: neither
 
 
+def test_a_turn_withdrawn_from_its_batch_is_no_longer_called_for():
+    """Its driver withdrew it (``Engine.cancel_requests``): its batch's lateness brings no call, so a call marked
+    for it paid 1.25x for no reader (fails on the code before: "where True = Decision(... cache_write=True ...)")."""
+    table = GroupTable(Smart(CAT), CAT)
+    assert _try(table, t1 := _turn(1, 0.0, PREFIX + [7], 300.0)).mode == "batch_api"
+    table.withdraw({t1.uid})
+    assert not _try(table, _turn(2, 60.0, PREFIX, 30.0)).cache_write
+
+
 def test_at_the_emulators_explicit_cache_a_write_is_read_only_by_a_prompt_that_holds_it_whole():
     """The premise of the test above, at the cache the live engine's Anthropic adapter is tested against."""
     from engine.emulator._cache import PromptCaches
