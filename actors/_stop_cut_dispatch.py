@@ -15,8 +15,11 @@ pulled before its driver saw the engine gone was the retryable 503 of a request 
 groupers' rule, ``end_at_stop``). Since stop 82 (``cut2_82``) a batch the gate let start whose create has not
 begun (no HTTP call of it made: waiting for its create's slot, its journal record, or its task's first step) is
 taken alike, its members named by the same rule, and never created: its run checks the stop's word where the create
-begins, with no await before that call (``_create_begins``). The rest, a batch whose upload or create began, a sync
-call being journaled, a call under way, runs on until the stop's cancel and stays "may have been billed"."""
+begins, with no await before that call (``_create_begins``). Since stop 84 a sync call waiting for its next try
+is named when every try of it billed nothing as this dispatcher classes outcomes (a 429, a connection never made,
+a 5xx but 502/504: ``_tries_billed_nothing``); one whose try may have been billed is not. The rest, a batch
+whose upload or create began, a sync call being journaled, a call under way, runs on until the stop's cancel and
+stays "may have been billed"."""
 
 from __future__ import annotations
 
@@ -122,8 +125,15 @@ class CutDispatches:
                 else:
                     rest.append(j)
         self._creating = {}
-        # Waiting for a next try: never sent again, not named (a try was made).
-        rest += [j for _, j in (self._retrying or {}).values()]
+        # Waiting for a next try: never sent again. Named where every try of it billed nothing as this dispatcher
+        # classes its outcomes (``_tries_billed_nothing``); else not named, the 502 (a try may have been billed).
+        # Before (stop 82's "left"), none was named: a 429 waited out was the 502 "may have been billed".
+        for b, j in (self._retrying or {}).values():
+            if sure and self._tries_billed_nothing(j):
+                named.append(j.req.uid)
+                self._final(b, j, False, 0.0, b.mode, error=ENGINE_CANCELLED)  # (at 0: nothing unanswered)
+            else:
+                rest.append(j)
         self._retrying = {}
         self._end_unnamed(rest)
         self._pump()
@@ -236,6 +246,17 @@ class CutDispatches:
         for j in jobs:
             self._member_done(j, self._maybe_billed(j))
         self._kick()
+
+    def _tries_billed_nothing(self, j: Job) -> bool:
+        """Whether every call of ``j``, which waits for its next try, is known to have billed nothing: its job says
+        no call of it was made but its own tries here (``attempts``, 429s waited out), none hedged, rerouted, gone
+        standard nor a copy, and no try of it got an outcome that may be billed. Every such outcome is counted where
+        the try ends (``_run_sync``): ``maybe_billed`` (a timeout, a connection cut after it was made, a 502/504,
+        an answer not read whole) in ``_unanswered``, a flex one in ``_flex_unanswered``, a job the provider keeps in
+        ``_kept``; an id there at any count (a 0 left by a charge, ``_lost_key``) is taken as billed. What is left
+        out of them billed nothing by the same rule the ledger settles a failure at (0): a 429, a connection never
+        made, a refusal, a 5xx but 502/504, a video the provider failed."""
+        return self._never_called_here(j._replace(attempts=0, throttled=0))
 
     def _never_called_here(self, j: Job) -> bool:
         uid = j.req.uid

@@ -283,3 +283,56 @@ def test_a_silent_grouper_leaves_the_dispatchers_their_share_of_the_stops_wait(m
     got = _stop_cut.cut_unsent("e", groupers, dispatchers=[Handle("d0", ["b"], 0.01)])
     assert got == {"a", "b", "c"} and _stop_cut.read_cut("e") == {"a", "b", "c"}
     assert asked["d0"] <= _stop_cut.CUT_WAIT_S / 2 and now[0] <= _stop_cut.CUT_WAIT_S
+
+
+def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_billed_nothing():
+    """At the stop, a sync call waiting for its next try whose every try billed nothing as the dispatcher classes
+    outcomes (a 429 waited out, a 503, a connection never made) is named, never sent again, its claim let go at 0;
+    one whose try may have been billed (a 504, a timeout after the request went, ``maybe_billed``) and one whose
+    job says an earlier call was made elsewhere (hedged, rerouted) are not: the 502, their claims at what those
+    tries may have billed. Fails on the code before: nothing waiting for a next try was named (``[] == [...]``)."""
+    from engine.core.cost import reserve_bound
+    from engine.core.provider_api import CallOutcome
+
+    async def go():
+        hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
+        clock = ManualClock(0.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
+        fail = {  # each one's first try: what the provider answered
+            "refused429": CallOutcome(False, 0.0, 0.0, 3600.0, error="HTTP 429", rate_limited=True),
+            "unavailable503": CallOutcome(False, 0.0, 0.0, error="HTTP 503", real=True),
+            "never_connected": CallOutcome(False, 0.0, 0.0, error="ConnectError", real=True),
+            "gateway504": CallOutcome(False, 0.0, 0.0, error="HTTP 504", real=True, maybe_billed=True),
+            "timed_out": CallOutcome(False, 0.0, 0.0, error="timed out", real=True, maybe_billed=True),
+            "hedged503": CallOutcome(False, 0.0, 0.0, error="HTTP 503", real=True),
+            "rerouted503": CallOutcome(False, 0.0, 0.0, error="HTTP 503", real=True),
+        }
+        jobs = {name: Job(i, req(i, deadline_s=86_400.0, id=name), f"fp{i}", claim=f"c{i}")
+                for i, name in enumerate(fail)}
+        jobs["hedged503"] = jobs["hedged503"]._replace(hedges=1)
+        jobs["rerouted503"] = jobs["rerouted503"]._replace(asked=("openai", "gpt-5"))
+        await budget.reserve_many([Claim(j.claim, "t", "openai", "gpt-5-mini", "urgent", 1.0) for j in jobs.values()])
+
+        async def call(cj):
+            return fail[cj.req.id]._replace(at=clock.now())
+        d.provider.call = call
+        await d.run_many([_sync(name, j) for name, j in jobs.items()])
+        for _ in range(1000):  # (each try's task ends within a few turns of the loop: no engine time passes)
+            if len(d._retrying or {}) == len(jobs):
+                break
+            await asyncio.sleep(0)
+        assert len(d._retrying) == len(jobs), d._retrying
+        named = await d.cut_at_stop()
+        unbilled = ["refused429", "unavailable503", "never_connected"]
+        assert sorted(named) == sorted(jobs[n].req.uid for n in unbilled)
+        assert not d._retrying
+        await ran_out(d, clock)
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert set(got) == set(unbilled), got  # the rest: no result from here (their drivers' 502)
+        assert all(r.status == "failed" and r.cost_usd == 0.0 for r in got.values())
+        assert await d.budget.delivered(5.0)
+        assert not set(budget.book.claims) & {j.claim for j in jobs.values()}
+        bound = sum(reserve_bound(jobs[n].req, CAT, "sync", None) for n in ("gateway504", "timed_out"))
+        assert sum(budget.book.spend.values()) == pytest.approx(bound)  # the maybe-billed tries' bounds alone
+        assert not any(name == "add" for name, _ in grouper.calls)  # nothing handed back to be sent again
+    asyncio.run(go())
