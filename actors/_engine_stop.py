@@ -22,6 +22,7 @@ from actors._stop_cut import cut_unsent
 from actors._stop_dispatchers import _cancel_batches
 from actors._stop_left import Left, cancel_left
 from engine.core._logkeys import get_logger
+from engine.core.errors import SmartbatchError
 
 __all__ = ["kill_engine"]
 
@@ -129,6 +130,8 @@ def _cut_unsent(engine: str, layout: dict | None) -> None:
                 except ValueError:  # already gone
                     pass
         cut_unsent(engine, found["grouper-"], dispatchers=found["dispatcher-"])
+    except SmartbatchError as exc:  # its mark or list not written: which key, which Ray, the fix (ours to show)
+        log.warning("%s", exc)
     except Exception as exc:  # no Ray answering: nothing known for sure
         log.warning("engine %s: the stop could not say what it cut unsent (%s)", engine, type(exc).__name__)
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from actors._types import OWN_ROWS, Job
 from engine.core._logkeys import get_logger
+from engine.core.errors import SmartbatchError
 
 __all__ = ["CUT_WAIT_S", "cut_unsent", "drop_cut", "end_at_stop", "never_called", "never_sent", "read_cut",
            "stop_began"]
@@ -93,14 +94,14 @@ def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S,
     import time
 
     import ray
-    from ray.experimental import internal_kv
 
     t0 = time.monotonic()
     # Before anyone is asked: a dispatcher Ray restarts from now on makes no create its journal resumes, only looks
     # for it (``CutDispatches._stop_began``). Guarded by the published list alone (a review, ``rvcut2_82``), it made
     # one when its restart read the journal before this stop published, up to ``wait_s`` later: a batch of members
-    # told never sent. Not written (no Ray answering), it raises: the stop names nothing, and nothing is told so.
-    internal_kv._internal_kv_put(_mark(engine), b"1", overwrite=True, namespace=_NS)
+    # told never sent. Not written (no Ray answering), it raises: the stop names nothing, and nothing is told so;
+    # the error says which key, which Ray, what follows and the fix (``_unwritten``).
+    _put(engine, _mark(engine), b"1", "its mark", "it names nothing as never sent: every request it ends is told")
     cut: set[str] = set()
     out: list[tuple[object, str]] = []  # (call, its actor's kind) of the calls not answered yet
 
@@ -134,9 +135,38 @@ def cut_unsent(engine: str, groupers: Iterable, wait_s: float = CUT_WAIT_S,
                         "are told they may have been billed", engine, late, kind, wait_s)
     # With what this engine's stop named already (its driver's, before ``kill_engine``'s): the next start of the
     # name drops the list, so it holds this engine's ids alone.
-    internal_kv._internal_kv_put(_key(engine), pickle.dumps(frozenset(cut) | read_cut(engine)), overwrite=True,
-                                 namespace=_NS)
+    _put(engine, _key(engine), pickle.dumps(frozenset(cut) | read_cut(engine)),
+         f"the {len(cut)} id(s) it named never sent", "a driver that sees the engine gone tells each of those")
     return frozenset(cut)
+
+
+def _put(engine: str, key: str, value: bytes, what: str, so: str) -> None:
+    """Write ``key`` of the stop of ``engine`` in Ray's store, or raise ``SmartbatchError`` saying where it goes and
+    what to do (``_unwritten``). Before (stop 82's "left"), the stop's caller logged the Ray error's type alone
+    ("could not say what it cut unsent (AttributeError)"): nothing said which key, which Ray, nor what followed."""
+    from ray.experimental import internal_kv
+
+    try:
+        internal_kv._internal_kv_put(key, value, overwrite=True, namespace=_NS)
+    except Exception as exc:
+        raise SmartbatchError(_unwritten(engine, key, what, so, exc)) from exc
+
+
+def _unwritten(engine: str, key: str, what: str, so: str, exc: BaseException) -> str:
+    """The words of a stop that could not write ``key``: the key, the store and the Ray it asked, what follows for
+    the requests it ends, and the fix. Of the Ray error, its type only (its words are Ray's, not ours to show)."""
+    import ray
+
+    try:  # (never ``get_runtime_context`` unconnected: it starts a local Ray)
+        ray_of = (f"the Ray cluster whose GCS is at {ray.get_runtime_context().gcs_address}" if ray.is_initialized()
+                  else "Ray: this process is not connected to one (`RAY_ADDRESS`, `ray.init(address=...)`)")
+    except Exception:
+        ray_of = "the Ray cluster this process is connected to"
+    return (f"engine {engine!r}: the stop could not write {what} ({key!r}, namespace {_NS!r} of Ray's internal KV "
+            f"store) in {ray_of} ({type(exc).__name__}). So {so} it may have been billed (the endpoint's final "
+            "502 `engine_stopped`). Fix: stop the engine from a process connected to its Ray cluster while that "
+            "cluster's head answers (`ray status --address <head>`; `RAY_ADDRESS` naming it); of the requests this "
+            "stop ended, send again only those the provider's usage shows were not billed")
 
 
 def read_cut(engine: str) -> frozenset[str]:

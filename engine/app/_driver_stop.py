@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.app._actor_errors import masked_actor_errors
 from engine.core._logkeys import get_logger
-from engine.core.errors import ConfigError
+from engine.core.errors import ConfigError, SmartbatchError
 
 if TYPE_CHECKING:
     from engine.app.driver import Engine
@@ -201,6 +201,9 @@ class Stopping:
 
         try:
             return set(cut_unsent(self.name, groupers, dispatchers=list((self._h.get("dispatchers") or {}).values())))
+        except SmartbatchError as exc:  # its mark or list not written: which key, which Ray, the fix (ours to show)
+            log.warning("%s", exc)
+            return set()
         except Exception as exc:  # (Ray going down) nothing known for sure: they may have run
             log.warning("engine %r: the stop could not ask what it cut unsent (%s)", self.name, type(exc).__name__)
             return set()

@@ -223,3 +223,48 @@ def test_a_copy_whose_reservation_is_out_at_the_stop_gets_no_retryable_answer_fr
         assert await g.budget.delivered(5.0)
         assert "run_many" not in {name for name, _ in disp.calls} and len(ledger_.settled) == 1
     asyncio.run(go())
+
+
+def test_a_stop_whose_mark_cannot_be_written_says_which_key_which_ray_and_the_fix(monkeypatch, caplog):
+    """The stop's mark (``<engine>:cut-begun``) not written: the stop asks nobody and names nothing, and it says so,
+    naming the key, its namespace, the Ray it asked (the GCS's address, or that none is connected), what follows
+    for the requests it ends and the fix; the Ray error's type, never its words. Before (stop 82's "left"), the Ray
+    error itself came out (``ConnectionError``), and a stop by name logged its type alone: "could not say what it
+    cut unsent (ConnectionError)"."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray.experimental import internal_kv
+
+    from actors import _engine_stop, _stop_cut
+    from engine.core.errors import SmartbatchError
+
+    asked: list[int] = []
+    grouper = SimpleNamespace(cut_at_stop=SimpleNamespace(remote=lambda: asked.append(1) or []))
+
+    def refused(key, value, overwrite=True, namespace=None):
+        raise ConnectionError("GCS at 10.0.0.5:6379 unreachable, token sk-NEVERSHOWN")
+    monkeypatch.setattr(internal_kv, "_internal_kv_put", refused)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(SmartbatchError) as got:
+        _stop_cut.cut_unsent("prod", [grouper])
+    said = str(got.value)
+    for words in ("'prod:cut-begun'", "namespace 'smartbatch'", "not connected", "RAY_ADDRESS", "(ConnectionError)",
+                  "names nothing as never sent", "502", "Fix: stop the engine from a process connected to its Ray"):
+        assert words in said, (words, said)
+    assert "NEVERSHOWN" not in said and not asked  # (nobody asked: what one named could not be told apart)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(gcs_address="10.0.0.5:6379"))
+    with caplog.at_level("WARNING", logger="smartbatch.engine"):
+        _engine_stop._cut_unsent("prod", {"kinds": []})  # a stop by name (``smartbatch stop --name``) logs it whole
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "'prod:cut-begun'" in line and "GCS is at 10.0.0.5:6379" in line and "Fix:" in line, line
+    # An owner driver's stop (``Engine.stop``) says it too, and names nothing.
+    from engine.app._driver_stop import Stopping
+
+    caplog.clear()
+    owner = SimpleNamespace(_h={"groupers": [grouper], "dispatchers": {}}, _owner=True, _gone=None, name="prod")
+    with caplog.at_level("WARNING", logger="smartbatch"):
+        assert Stopping._cut_in_groupers(owner) == set()
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "'prod:cut-begun'" in line and "Fix:" in line and "NEVERSHOWN" not in line and not asked, line
