@@ -27,6 +27,7 @@ import re
 
 from actors._stop_cut import never_called, read_cut, stop_began
 from actors._types import OWN_ROWS, BatchJob, Job
+from engine.core.provider_api import call_key
 from engine.core.result import ENGINE_CANCELLED
 from engine.runtime.providers import Work
 
@@ -45,7 +46,8 @@ class CutDispatches:
     """Needs the dispatcher's ``sim``, ``clock``, ``_queued_at``, ``_retrying``, ``_known``, ``_done``,
     ``_unanswered``, ``_flex_unanswered``, ``_kept``, ``reattached``, ``_final``, ``_member_done``,
     ``_maybe_billed``, ``_pump``, ``_kick``, ``_withdrawn``, ``_end_withdrawn``, ``_release_dispatch``,
-    ``_quota``, ``_open``, ``_unjournal``, ``_space``, ``_settle``, ``_settled_at_stop`` and ``_engine``."""
+    ``_quota``, ``_open``, ``_unjournal``, ``_space``, ``_settle``, ``_settled_at_stop``, ``provider``, ``_sync_calls``
+    and ``_engine``."""
 
     _cut = False  # the stop named what waited here: nothing is queued from now on
     _reborn = False  # restarted by Ray: what it holds may be calls made before (``Recovery.reconstructed``)
@@ -255,7 +257,15 @@ class CutDispatches:
         an answer not read whole) in ``_unanswered``, a flex one in ``_flex_unanswered``, a job the provider keeps in
         ``_kept``; an id there at any count (a 0 left by a charge, ``_lost_key``) is taken as billed. What is left
         out of them billed nothing by the same rule the ledger settles a failure at (0): a 429, a connection never
-        made, a refusal, a 5xx but 502/504, a video the provider failed."""
+        made, a refusal, a 5xx but 502/504, a video the provider failed. Its tries must all be this dispatcher's
+        sync tries: the job its call record (``_sync_calls``, made at its first try here) keeps was never called,
+        so ``attempts`` counts no earlier batch member's attempt (a member a failed batch gave back to its grouper
+        with ``attempts`` + 1, sent sync; its batch not watched here)."""
+        if self.provider.real:  # its first try here was its first call anywhere: not a batch member's retry
+            rec = self._sync_calls.get(call_key(j.req.tenant, j.req.id, j.req.model, 0))
+            if rec is None or not never_called(rec[1]):
+                return False
+        # (A simulated provider bills no failed call, in a batch or not: the simulator's cost model.)
         return self._never_called_here(j._replace(attempts=0, throttled=0))
 
     def _never_called_here(self, j: Job) -> bool:

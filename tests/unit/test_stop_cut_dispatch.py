@@ -285,12 +285,15 @@ def test_a_silent_grouper_leaves_the_dispatchers_their_share_of_the_stops_wait(m
     assert asked["d0"] <= _stop_cut.CUT_WAIT_S / 2 and now[0] <= _stop_cut.CUT_WAIT_S
 
 
-def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_billed_nothing():
+@pytest.mark.parametrize("real", [False, True], ids=["simulated", "http"])
+def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_billed_nothing(real):
     """At the stop, a sync call waiting for its next try whose every try billed nothing as the dispatcher classes
     outcomes (a 429 waited out, a 503, a connection never made) is named, never sent again, its claim let go at 0;
     one whose try may have been billed (a 504, a timeout after the request went, ``maybe_billed``) and one whose
     job says an earlier call was made elsewhere (hedged, rerouted) are not: the 502, their claims at what those
-    tries may have billed. Fails on the code before: nothing waiting for a next try was named (``[] == [...]``)."""
+    tries may have billed. Over HTTP, one that came with a try counted (a batch member its failed batch gave back)
+    is not named either: that attempt was no sync try here (the simulator bills no failed call). Fails on the code
+    before: nothing waiting for a next try was named (``[] == [...]``)."""
     from engine.core.cost import reserve_bound
     from engine.core.provider_api import CallOutcome
 
@@ -306,11 +309,14 @@ def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_bill
             "timed_out": CallOutcome(False, 0.0, 0.0, error="timed out", real=True, maybe_billed=True),
             "hedged503": CallOutcome(False, 0.0, 0.0, error="HTTP 503", real=True),
             "rerouted503": CallOutcome(False, 0.0, 0.0, error="HTTP 503", real=True),
+            "batch_member503": CallOutcome(False, 0.0, 0.0, error="HTTP 503", real=True),
         }
         jobs = {name: Job(i, req(i, deadline_s=86_400.0, id=name), f"fp{i}", claim=f"c{i}")
                 for i, name in enumerate(fail)}
         jobs["hedged503"] = jobs["hedged503"]._replace(hedges=1)
         jobs["rerouted503"] = jobs["rerouted503"]._replace(asked=("openai", "gpt-5"))
+        jobs["batch_member503"] = jobs["batch_member503"]._replace(attempts=1)  # (``_attempt``'s readmission)
+        d.provider.real = real  # (journaled call records, as over HTTP: the simulated provider's body is None)
         await budget.reserve_many([Claim(j.claim, "t", "openai", "gpt-5-mini", "urgent", 1.0) for j in jobs.values()])
 
         async def call(cj):
@@ -323,7 +329,7 @@ def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_bill
             await asyncio.sleep(0)
         assert len(d._retrying) == len(jobs), d._retrying
         named = await d.cut_at_stop()
-        unbilled = ["refused429", "unavailable503", "never_connected"]
+        unbilled = ["refused429", "unavailable503", "never_connected", *([] if real else ["batch_member503"])]
         assert sorted(named) == sorted(jobs[n].req.uid for n in unbilled)
         assert not d._retrying
         await ran_out(d, clock)
