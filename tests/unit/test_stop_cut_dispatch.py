@@ -322,6 +322,9 @@ def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_bill
         async def call(cj):
             return fail[cj.req.id]._replace(at=clock.now())
         d.provider.call = call
+        # Timers are held until the stop (a ManualClock's fire at once): each next try waits for it.
+        held: list = []
+        d._at = lambda at, fn: held.append(fn)
         await d.run_many([_sync(name, j) for name, j in jobs.items()])
         for _ in range(1000):  # (each try's task ends within a few turns of the loop: no engine time passes)
             if len(d._retrying or {}) == len(jobs):
@@ -329,6 +332,10 @@ def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_bill
             await asyncio.sleep(0)
         assert len(d._retrying) == len(jobs), d._retrying
         named = await d.cut_at_stop()
+        del d._at  # (the timers held fire now: the next tries' send nothing after the stop)
+        for fire in held:
+            fire()
+        d._kick()
         unbilled = ["refused429", "unavailable503", "never_connected", *([] if real else ["batch_member503"])]
         assert sorted(named) == sorted(jobs[n].req.uid for n in unbilled)
         assert not d._retrying
