@@ -18,8 +18,9 @@ taken alike, its members named by the same rule, and never created: its run chec
 begins, with no await before that call (``_create_begins``). Since stop 84 a sync call waiting for its next try
 is named when every try of it billed nothing as this dispatcher classes outcomes (a 429, a connection never made,
 a 5xx but 502/504: ``_tries_billed_nothing``); one whose try may have been billed is not. The rest, a batch
-whose upload or create began, a sync call being journaled, a call under way, runs on until the stop's cancel and
-stays "may have been billed"."""
+whose upload or create began, a call under way, runs on until the stop's cancel and stays "may have been billed";
+a sync call being journaled ends unsent once written, unnamed (``SyncCalls._run_sync``: sent, a review of stop 84
+found it billed after the stop's word, its answer read by nobody)."""
 
 from __future__ import annotations
 

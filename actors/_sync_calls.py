@@ -223,6 +223,11 @@ class SyncCalls:
                 self._final(b, j, False, 0.0, mode, error=why)
                 self._pump()
                 return
+            if self._cut:  # the stop's word came during the write: sent now, billed, its answer read by nobody
+                self.sim.finish_sync(r.model, self.clock.now(), 0)  # (not named: the stop's list is out, the 502)
+                self._end_unnamed([j])
+                self._pump()
+                return
         if flex and j.claim is not None and not getattr(self.provider, "flex_served", True):
             # A server named ``flex_tier: true`` not yet seen serving the tier may ignore it and bill each flex
             # call under way standard, up to twice its claim: one reserved flex call at a time until it answers

@@ -349,3 +349,48 @@ def test_a_call_waiting_for_its_next_try_is_named_only_when_every_try_of_it_bill
         assert sum(budget.book.spend.values()) == pytest.approx(bound)  # the maybe-billed tries' bounds alone
         assert not any(name == "add" for name, _ in grouper.calls)  # nothing handed back to be sent again
     asyncio.run(go())
+
+
+def test_a_first_try_whose_body_is_journaled_when_the_stop_comes_is_never_sent():
+    """Over HTTP a sync call's body is journaled before its first try, after the gate let it start: the stop that
+    comes during that write does not find it (not at the gate, not waiting for a next try) and names it not. Once
+    written, it was sent all the same, after the stop's word: a call billed whose answer nobody reads (its driver's
+    502), the stop's cancel seconds later. Now it ends unsent there, unnamed (the list is out), its claim let go at
+    0. Fails on the code before: the provider called once (``['r0'] == []``)."""
+    from engine.core.provider_api import CallOutcome
+
+    async def go():
+        hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
+        clock = ManualClock(0.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
+        d.provider.real = True  # (its body journaled before its first try, as over HTTP)
+        j = Job(0, req(0), "fp0", claim="c0")
+        await budget.reserve_many([Claim("c0", "t", "openai", "gpt-5-mini", "urgent", 1.0)])
+        called: list[str] = []
+
+        async def call(cj):
+            called.append(cj.req.id)
+            return CallOutcome(True, clock.now(), 0.01)
+        d.provider.call = call
+        writing, release = asyncio.Event(), asyncio.Event()
+        put = d._sync_journal.put
+
+        async def held_put(key, value):
+            writing.set()
+            await release.wait()
+            return await put(key, value)
+        d._sync_journal.put = held_put
+        await d.run_many([_sync("b", j)])
+        await asyncio.wait_for(writing.wait(), 5.0)
+        assert await d.cut_at_stop() == []  # (being journaled: not the stop's to name)
+        release.set()
+        for _ in range(1000):  # (its task ends within a few turns of the loop)
+            if not d.in_flight:
+                break
+            await asyncio.sleep(0)
+        assert called == [] and d.in_flight == 0 and not d._sync_calls
+        await ran_out(d, clock)
+        assert not await hub.pull(0.01)  # no result from here: its driver's 502
+        assert await d.budget.delivered(5.0)
+        assert "c0" not in budget.book.claims and sum(budget.book.spend.values()) == 0.0
+    asyncio.run(go())
