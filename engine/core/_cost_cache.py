@@ -4,14 +4,14 @@ those splits; this module only counts tokens."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.request import Request
 
-__all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "min_cacheable_tokens",
-           "shared_prefix_marks"]
+__all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "left_warm", "min_cacheable_tokens",
+           "shared_prefix_marks", "warm_run"]
 
 
 class CacheSplit(NamedTuple):
@@ -72,6 +72,30 @@ def cached_blocks(read: int, write: int, block_tokens: int) -> int:
     """How many leading prefix blocks a call leaves in the provider's cache: those it read or wrote, not the
     rest of its prefix (the simulator's warmth and the live engine's belief of it follow this one rule)."""
     return -(-(read + write) // block_tokens)
+
+
+def warm_run(blocks: Sequence[int], is_warm: Callable[[int], bool], automatic: bool) -> int:
+    """How many leading prefix blocks of a prompt a call can read. An automatic cache keeps every prefix of a
+    prompt it saw: the leading run of warm blocks. An explicit cache keeps entries that end where a write ended
+    (Anthropic: at a ``cache_control`` breakpoint; the emulator, ``engine.emulator._cache``), so a call reads
+    the longest entry its prompt holds whole, and ``is_warm`` names the blocks that end a live entry: read
+    block by block, a shorter turn read the leading blocks of a longer turn's write, which no provider serves."""
+    if automatic:
+        return next((k for k, b in enumerate(blocks) if not is_warm(b)), len(blocks))
+    return next((k for k in range(len(blocks), 0, -1) if is_warm(blocks[k - 1])), 0)
+
+
+def left_warm(r: Request, read: int, write: int, block_tokens: int, automatic: bool) -> tuple[int, ...]:
+    """The prefix blocks a call of ``r`` that read ``read`` and wrote ``write`` tokens leaves warm, as
+    ``warm_run`` reads them: at an automatic cache every block it read or wrote; at an explicit cache the last
+    block of the entry it read (a hit refreshes it) and of the one it wrote, each at a whole block, since the
+    engine renders a prompt's partial last block with its tail (``WarmNote.of``, ``anthropic_http.body``)."""
+    cached = cached_blocks(read, write, block_tokens)
+    if automatic:
+        return tuple(r.prefix_blocks[:cached])
+    whole = min(r.input_tokens // block_tokens, len(r.prefix_blocks))
+    ends = {min(cached_blocks(read, 0, block_tokens), whole), min(cached, whole)}
+    return tuple(r.prefix_blocks[k - 1] for k in sorted(ends) if k > 0)
 
 
 def shared_prefix_marks(reqs: Sequence[Request], block_tokens: int = 512, min_tokens: int = 0) -> list[int]:

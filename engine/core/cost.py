@@ -17,8 +17,10 @@ from engine.core._cost_cache import (
     cache_read_multiplier,
     cache_split,
     cached_blocks,
+    left_warm,
     min_cacheable_tokens,
     shared_prefix_marks,
+    warm_run,
 )
 from engine.core.body_tokens import sends_prompt, split_body
 from engine.core.catalog import Catalog, ModelSpec, ProviderSpec
@@ -35,6 +37,7 @@ __all__ = [
     "cached_blocks",
     "gpu_share_price",
     "gpu_unit_seconds",
+    "left_warm",
     "list_price_text",
     "min_cacheable_tokens",
     "mode_allowed",
@@ -46,6 +49,7 @@ __all__ = [
     "reserve_bound",
     "shared_prefix_marks",
     "token_prices",
+    "warm_run",
 ]
 
 Mode = Literal["sync", "batch_api", "gpu_batch", "reuse", "flex"]
@@ -275,7 +279,7 @@ def input_bound(req: Request, spec: ModelSpec) -> int:
 
 def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
                 warm: Iterable[int] = (), block_tokens: int = 512, failed: Iterable[int] = (),
-                warmed: list[int] | None = None) -> list[Price]:
+                warmed: list[int] | None = None, left: list[tuple[int, ...]] | None = None) -> list[Price]:
     """Price of each member of one dispatch of ``reqs`` (same provider and model) under ``mode``.
 
     ``batch_api``/``sync``: members run in the given order; a prefix written by an earlier member is read
@@ -284,7 +288,8 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     ``failed``: positions of members whose attempt fails. They are billed nothing, so they write nothing
     either: a later member does not read a prefix only a failed one would have written (its own marks were
     set at submission, and stand). A member leaves warm only the blocks it read or wrote, not the rest of its
-    prefix: ``warmed``, when given, receives that count per member (0 for a failed one).
+    prefix: ``warmed``, when given, receives that count per member (0 for a failed one), and ``left`` the
+    blocks that stay warm as ``warm`` names them (``left_warm``: at an explicit cache, the ends of its entries).
     ``gpu_batch``: members share one warm-up, ``setup_s + sum(unit) / speedup(b)`` GPU seconds, each paying
     its own unit share plus an equal share of the warm-up.
     """
@@ -315,6 +320,8 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     if spec.kind != "text":
         if warmed is not None:  # no prompt cache: one count per member all the same (the simulator zips them)
             warmed.extend([0] * len(reqs))
+        if left is not None:
+            left.extend([()] * len(reqs))
         return [price_alone(r, catalog, mode) for r in reqs]
     pc = provider.cache_of(spec)
     use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
@@ -323,16 +330,17 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
              else [0] * len(reqs))
     gone = set(failed)
     prices = []
+    automatic = pc is not None and pc.automatic
     for k, (r, mark) in enumerate(zip(reqs, marks)):
-        n_warm = 0
-        for blk in r.prefix_blocks:
-            if blk not in warm_set:
-                break
-            n_warm += 1
+        n_warm = warm_run(r.prefix_blocks, warm_set.__contains__, automatic)
         split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
         prices.append(price_text(provider, spec, split, r.output_tokens, mode))
-        cached = cached_blocks(split.read, split.write, block_tokens) if use_cache and k not in gone else 0
-        warm_set.update(r.prefix_blocks[:cached])
+        kept = use_cache and k not in gone
+        cached = cached_blocks(split.read, split.write, block_tokens) if kept else 0
+        ends = left_warm(r, split.read, split.write, block_tokens, automatic) if kept else ()
+        warm_set.update(ends)
         if warmed is not None:
             warmed.append(cached)
+        if left is not None:
+            left.append(ends)
     return prices

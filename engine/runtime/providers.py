@@ -22,10 +22,12 @@ from engine.core.cost import (
     Mode,
     cache_split,
     cached_blocks,
+    left_warm,
     list_price_text,
     price_alone,
     price_batch,
     price_text,
+    warm_run,
 )
 from engine.core.draws import Draws, TurnaroundWorld
 from engine.core.grouping import token_sums
@@ -286,12 +288,13 @@ class SimProvider:
         if pc is None or not blocks:
             return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
                               r.output_tokens, mode).total, 0
-        n_warm = next((k for k, b in enumerate(blocks) if not self._is_warm(r.model, b, start)), len(blocks))
+        n_warm = warm_run(blocks, lambda b: self._is_warm(r.model, b, start), pc.automatic)
         split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
                             self.bt)
         cached = cached_blocks(split.read, split.write, self.bt)
         if cached:
-            self._keep_warm(r.model, blocks[:cached], start, start + pc.ttl_s)
+            self._keep_warm(r.model, left_warm(r, split.read, split.write, self.bt, pc.automatic), start,
+                            start + pc.ttl_s)
         return price_text(prov, spec, split, r.output_tokens, mode).total, cached
 
     # -- GPU batches ----------------------------------------------------------------------------------------
@@ -364,10 +367,11 @@ class SimProvider:
         blocks = {b for r in reqs for b in r.prefix_blocks} if stacks else ()  # most shared by many: each asked once
         warm_blocks = {b for b in blocks if self._is_warm(model, b, done)}
         warmed: list[int] = []  # per member, the blocks it read or wrote: only those stay warm
+        left: list[tuple[int, ...]] = []  # and those of them the cache keeps (an explicit one: its entries' ends)
         prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt,
-                             failed=[m for m, ok in enumerate(oks) if not ok], warmed=warmed)
-        for ok, r, p, n_warm in zip(oks, reqs, prices, warmed):
+                             failed=[m for m, ok in enumerate(oks) if not ok], warmed=warmed, left=left)
+        for ok, p, n_warm, ends in zip(oks, prices, warmed, left):
             out.members.append(Attempt(ok, done, p.total, n_warm if ok and stacks else 0))
-            if ok and stacks and n_warm:
-                self._keep_warm(model, r.prefix_blocks[:n_warm], done, done + pc.ttl_s)
+            if ok and stacks and ends:
+                self._keep_warm(model, ends, done, done + pc.ttl_s)
         return out.members

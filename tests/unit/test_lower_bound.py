@@ -238,9 +238,10 @@ def test_a_batch_member_warms_only_the_blocks_it_read_or_wrote():
     short = _req("x", 0.0, [1, 2, 3, 4, 5, 6], 1100)  # blocks 3-6 lie beyond its 1,100 tokens
     long_ = _req("r", 0.0, [1, 2, 3, 4, 5, 6], 4096)
     prices = price_batch([short, long_], CAT, "batch_api")
-    # It wrote 1,100 tokens, in blocks 1-3 (trace blocks are the unit): the long one reads those 1,536, not 3,072.
+    # It wrote 1,100 tokens, in blocks 1-3, and its entry ends at its last whole block (the live body renders a
+    # partial block with the tail; docs/simulator.md, "Explicit caches"): the long one reads 1,024, not 3,072.
     assert prices[1].cached_input == pytest.approx(price_batch([long_], CAT, "batch_api")[0].input
-                                                   * 0.1 * 3 * 512 / 4096)
+                                                   * 0.1 * 2 * 512 / 4096)
     assert sum(p.total for p in prices) >= lower_bound([short, long_], seed=0).total_usd - 1e-12
     # One member reads blocks 1-2 and marks nothing (no later member shares more): blocks 3-4 stay cold for a
     # later urgent request with the same four blocks.

@@ -1,0 +1,83 @@
+"""The simulator's explicit prompt cache (Anthropic's) reads as the provider and the emulator do: an entry ends
+where a write ended, and a call reads only an entry whose whole prefix its prompt holds. Read block by block, a
+shorter turn read the leading blocks of a longer turn's write (Mooncake seeds 0-3: 46-57 batch members a seed,
+docs/simulator.md, "Explicit caches"). The emulator's own rule:
+``test_fallback_marks.py::test_at_the_emulators_explicit_cache_a_write_is_read_only_by_a_prompt_that_holds_it_whole``.
+No Ray; the provider is the simulator's, driven directly."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.catalog import default_catalog
+from engine.core.cost import price_alone, price_batch
+from engine.core.draws import Draws
+from engine.core.request import Request
+from engine.core.settings import Settings
+from engine.runtime.providers import SimProvider
+
+CAT = default_catalog()
+MODEL = "claude-sonnet-4-5"
+SPEC = CAT.provider("anthropic").models[MODEL]
+
+
+def _req(i: int, blocks: list[int], tokens: int | None = None) -> Request:
+    return Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": MODEL, "output_tokens": 1,
+                                   "input_tokens": tokens or 512 * len(blocks), "prefix_blocks": blocks})
+
+
+def _provider() -> SimProvider:
+    s = Settings()
+    return SimProvider(CAT.provider("anthropic"), CAT, s, Draws(10, s.sim.max_attempts, 0, s.sim.batch_slot_s),
+                       draw=False)
+
+
+def test_a_shorter_turn_reads_nothing_of_a_longer_turns_write_and_a_longer_one_reads_it_whole():
+    """An eight-block write, then at once a four-block prompt that starts with it: no entry ends at its fourth
+    block, so it is sent plain (before: it read the four blocks). A ten-block prompt that holds the eight reads
+    them, and a write of its own leaves an entry at its tenth block, which the next ten-block turn reads whole."""
+    prov = _provider()
+    long_ = list(range(1, 9))
+    prov._sync_price(_req(0, long_), SPEC, 10.0, True)
+    short_price, short_cached = prov._sync_price(_req(1, long_[:4]), SPEC, 11.0, False)
+    assert (short_price, short_cached) == (price_alone(_req(1, long_[:4]), CAT, "sync").total, 0)
+    longer = long_ + [9, 10]
+    _, cached = prov._sync_price(_req(2, longer), SPEC, 12.0, True)
+    assert cached == 10  # it read eight and wrote two
+    _, again = prov._sync_price(_req(3, longer + [11]), SPEC, 13.0, False)
+    assert again == 10
+
+
+def test_a_turn_that_parts_from_a_write_reads_only_an_entry_both_hold():
+    """Block ids name a whole prefix, so a prompt parting from an eight-block write after its fourth block
+    shares blocks 1-4 and no entry ends there: it reads nothing. An earlier four-block write makes that entry."""
+    prov = _provider()
+    prov._sync_price(_req(0, list(range(1, 9))), SPEC, 10.0, True)
+    parting = [1, 2, 3, 4, 50, 51]
+    assert prov._sync_price(_req(1, parting), SPEC, 11.0, False)[1] == 0
+    prov._sync_price(_req(2, [1, 2, 3, 4]), SPEC, 12.0, True)
+    assert prov._sync_price(_req(3, parting), SPEC, 13.0, False)[1] == 4
+
+
+def test_an_entry_ends_at_the_writes_last_whole_block():
+    """A prompt's partial last block goes with its tail (the live body marks its last whole block), so the same
+    prompt sent again reads its whole blocks only: 3,584 of 4,000 tokens (before: all 4,000)."""
+    prov = _provider()
+    r = _req(0, list(range(1, 9)), tokens=4000)
+    prov._sync_price(r, SPEC, 10.0, True)
+    assert prov._sync_price(_req(1, list(range(1, 9)), tokens=4000), SPEC, 11.0, False)[1] == 7
+
+
+def test_in_a_batch_a_member_reads_only_the_entry_an_earlier_member_wrote_whole():
+    """Members run in order: the first marks the eight blocks the second shares, and the third, holding only
+    four of them, reads nothing (before: it read four blocks of the first's write). At an automatic cache the
+    third still reads its four blocks (OpenAI keeps every prefix)."""
+    a, b, c = _req(0, list(range(1, 9))), _req(1, list(range(1, 10))), _req(2, [1, 2, 3, 4])
+    prices = price_batch([a, b, c], CAT, "batch_api")
+    assert prices[2].total == pytest.approx(price_alone(c, CAT, "batch_api").total)
+    assert prices[1].total < price_alone(b, CAT, "batch_api").total  # it reads the first's eight blocks
+    left: list[tuple[int, ...]] = []  # what the simulator keeps warm: the ends of the entries
+    price_batch([a, b, c], CAT, "batch_api", left=left)
+    assert left == [(8,), (8,), ()]  # the second refreshes the entry it read; the third keeps none
+    auto = [r.model_copy(update={"provider": "openai", "model": "gpt-5"}) for r in (a, b, c)]
+    assert price_batch(auto, CAT, "batch_api")[2].total < price_alone(auto[2], CAT, "batch_api").total
