@@ -81,3 +81,31 @@ def test_in_a_batch_a_member_reads_only_the_entry_an_earlier_member_wrote_whole(
     assert left == [(8,), (8,), ()]  # the second refreshes the entry it read; the third keeps none
     auto = [r.model_copy(update={"provider": "openai", "model": "gpt-5"}) for r in (a, b, c)]
     assert price_batch(auto, CAT, "batch_api")[2].total < price_alone(auto[2], CAT, "batch_api").total
+
+
+def test_the_simulator_bills_a_run_of_writing_calls_as_the_emulators_cache_does():
+    """150 calls at one Sonnet, each marking its whole prefix (as a marked call's body does), whose prompts
+    share, extend and part from one another's (block ids drawn along a tree, as Mooncake's name a whole prefix),
+    now and then after the TTL: each call costs in the simulator what the emulator's cache splits it into
+    (before: the first shorter or parting prompt after a longer write was priced reading blocks the emulator
+    sent plain)."""
+    import random
+
+    from engine.core.cost import price_text
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import Prompt
+
+    prov, rng = CAT.provider("anthropic"), random.Random(84)
+    caches, sim, ids = PromptCaches(), _provider(), {}
+    block = 512 * 4  # characters of a 512-token block
+    t = 0.0
+    for i in range(150):
+        path = tuple([rng.randrange(3)] + [rng.randrange(2) for _ in range(rng.randrange(9))])
+        blocks = [ids.setdefault(path[:k + 1], len(ids) + 1) for k in range(len(path))]
+        t += 400.0 if rng.random() < 0.05 else 2.0
+        text = "".join(f"{b:0{block}d}" for b in blocks)
+        bounds = tuple(block * (k + 1) for k in range(len(blocks)))
+        split = caches.use(prov, SPEC, MODEL, Prompt(text + "t" * 400, (bounds[-1],), "t", bounds), t)
+        req = _req(i, blocks, tokens=512 * len(blocks) + 100)
+        assert sim._sync_price(req, SPEC, t, True)[0] == pytest.approx(
+            price_text(prov, SPEC, split, req.output_tokens, "sync").total), (i, blocks, split)
