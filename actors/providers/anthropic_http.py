@@ -27,7 +27,7 @@ from actors.providers._http import (
 from actors.providers._wire import error_message, error_of, message_parts, paced, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
-from engine.core.cost import min_cacheable_tokens, shared_prefix_marks
+from engine.core.cost import cached_blocks, min_cacheable_tokens, shared_prefix_marks, warm_run
 from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key, sent_key
@@ -99,16 +99,23 @@ class AnthropicProvider(HttpBase):
 
     def _warm_blocks(self, job: CallJob) -> int:
         r = job.req
-        return self._warm.leading(self.name, r.model, r.prefix_blocks, self.clock.now())[0]
+        # Only up to where a believed entry ends, in the blocks the body renders whole (``message_parts``): a
+        # mark inside an entry, or short of one that ends in the tail, finds none and writes that prefix.
+        held = r.prefix_blocks[:r.input_tokens // self.settings.prefix_block_tokens]
+        return self._warm.leading(self.name, r.model, held, self.clock.now(), exact=True)[0]
 
     def _keep_warm(self, job: CallJob, usage: Usage) -> int:
         """Believe warm the leading blocks the call read or wrote (``_warm_of``: the rest drew the next
         breakpoint past the cached prefix, where the provider writes); returns how many."""
         n = self._warm_of(job, usage)
         if n:
-            now = self.clock.now()
-            self._warm.see([WarmNote(self.name, job.req.model, tuple(job.req.prefix_blocks[:n]),
-                                     now + self.spec.cache_of(job.req.model).ttl_s)], now)
+            now, blocks = self.clock.now(), job.req.prefix_blocks
+            until = now + self.spec.cache_of(job.req.model).ttl_s
+            # A hit refreshes the entry it read, which ends short of one the call wrote: noted alone, it went
+            # cold in the belief while Anthropic kept it, and the next call marked none and sent it plain.
+            read = min(cached_blocks(usage.cache_read, 0, self.settings.prefix_block_tokens), n)
+            self._warm.see([WarmNote(self.name, job.req.model, tuple(blocks[:k]), until) for k in {read, n} if k],
+                           now)
         return n
 
     def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0) -> dict[str, Any]:
@@ -202,15 +209,20 @@ class AnthropicProvider(HttpBase):
         # Members run in order: a prefix an earlier member writes (or that is warm) is read by the later ones,
         # as the cost model prices a batch (engine.core.cost.price_batch). Built once: which prefixes are warm
         # changes, and a create made again under its key must send the same body.
-        marks = shared_prefix_marks([j.req for j in jobs], self.settings.prefix_block_tokens,
-                                    min_cacheable_tokens(self.spec, self.spec.models[jobs[0].req.model]))
-        seen: set[int] = set()
+        bt = self.settings.prefix_block_tokens
+        least = max(min_cacheable_tokens(self.spec, self.spec.models[jobs[0].req.model]), 1)
+        marks = shared_prefix_marks([j.req for j in jobs], bt, least)
+        # An entry ends where an earlier member's breakpoint drew a write (Anthropic reads none that stops inside
+        # one): a member is marked at the last of those its prompt holds whole, not at the run of blocks earlier
+        # ones held, which drew a write no entry ends at (1.25x where the simulator prices it plain, a review).
+        ends: set[int] = set()
         reqs = []
         for j, mark in zip(jobs, marks, strict=True):
             blocks = j.req.prefix_blocks
-            earlier = next((k for k, b in enumerate(blocks) if b not in seen), len(blocks))
-            reqs.append({"custom_id": j.key, "params": self.body(j, max(self._warm_blocks(j), earlier), mark)})
-            seen.update(blocks)
+            whole = min(len(blocks), j.req.input_tokens // bt)  # the blocks the body renders (``message_parts``)
+            at = min(max(self._warm_blocks(j), warm_run(blocks[:whole], ends.__contains__, False)), whole)
+            reqs.append({"custom_id": j.key, "params": self.body(j, at, mark)})
+            ends.update(blocks[k - 1] for k in (at, min(mark, whole)) if k >= at and k * bt >= least)
         return reqs
 
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()

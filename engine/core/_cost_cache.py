@@ -116,7 +116,9 @@ def shared_prefix_marks(reqs: Sequence[Request], block_tokens: int = 512, min_to
                 break
             k += 1
         marks[i] = k
-        prefix = min(len(r.prefix_blocks) * block_tokens, r.input_tokens)
-        if prefix >= max(min_tokens, 1):
-            later.update(r.prefix_blocks[:-(-prefix // block_tokens)])
+        # Only its whole blocks: a partial last block goes with its tail (the live body), so an entry ending
+        # there is not one it holds, and a write marked for it was paid for nobody (a hypothesis case, a review).
+        whole = min(len(r.prefix_blocks), r.input_tokens // block_tokens)
+        if whole * block_tokens >= max(min_tokens, 1):
+            later.update(r.prefix_blocks[:whole])
     return marks

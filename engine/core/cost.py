@@ -332,7 +332,11 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     prices = []
     automatic = pc is not None and pc.automatic
     for k, (r, mark) in enumerate(zip(reqs, marks)):
-        n_warm = warm_run(r.prefix_blocks, warm_set.__contains__, automatic)
+        # An explicit cache's entry is read by a prompt that holds it whole: its partial last block is its own.
+        whole = r.prefix_blocks if automatic else r.prefix_blocks[:r.input_tokens // block_tokens]
+        n_warm = warm_run(whole, warm_set.__contains__, automatic)
+        # The live body marks at most its last whole block: a partial one goes with the tail (automatic: unread).
+        mark = min(mark, r.input_tokens // block_tokens)
         split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
         prices.append(price_text(provider, spec, split, r.output_tokens, mode))
         kept = use_cache and k not in gone

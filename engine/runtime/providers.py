@@ -288,9 +288,12 @@ class SimProvider:
         if pc is None or not blocks:
             return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
                               r.output_tokens, mode).total, 0
-        n_warm = warm_run(blocks, lambda b: self._is_warm(r.model, b, start), pc.automatic)
-        split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
-                            self.bt)
+        # An explicit cache's entry is read by a prompt that holds it whole: its partial last block is its own.
+        held = blocks if pc.automatic else blocks[:r.input_tokens // self.bt]
+        n_warm = warm_run(held, lambda b: self._is_warm(r.model, b, start), pc.automatic)
+        # A write marks the last whole block, as the live body does: a partial last block goes with the tail.
+        mark = min(len(blocks), r.input_tokens // self.bt) if cache_write else 0  # (an automatic cache: unread)
+        split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, mark, self.bt)
         cached = cached_blocks(split.read, split.write, self.bt)
         if cached:
             self._keep_warm(r.model, left_warm(r, split.read, split.write, self.bt, pc.automatic), start,

@@ -109,3 +109,96 @@ def test_the_simulator_bills_a_run_of_writing_calls_as_the_emulators_cache_does(
         req = _req(i, blocks, tokens=512 * len(blocks) + 100)
         assert sim._sync_price(req, SPEC, t, True)[0] == pytest.approx(
             price_text(prov, SPEC, split, req.output_tokens, "sync").total), (i, blocks, split)
+
+
+def test_a_write_ends_at_the_prompts_last_whole_block_and_bills_its_partial_block_plain():
+    """The live body renders a partial last block with the tail and marks its last whole block, so Anthropic (and
+    the emulator) writes 3,584 of a 4,000-token, eight-block prompt and sends 416 plain. The simulator billed the
+    416 as a write too (1.25x, not 1x), on every writing call, a sync one or a batch member marked for a later one."""
+    from engine.core.cost import CacheSplit, price_text
+
+    prov = CAT.provider("anthropic")
+    blocks = list(range(1, 9))
+    live = price_text(prov, SPEC, CacheSplit(0, 3584, 416), 1, "sync").total
+    assert _provider()._sync_price(_req(0, blocks, tokens=4000), SPEC, 10.0, True)[0] == pytest.approx(live)
+    first, again = price_batch([_req(0, blocks, tokens=4000), _req(1, blocks, tokens=4000)], CAT, "batch_api")
+    assert first.total == pytest.approx(price_text(prov, SPEC, CacheSplit(0, 3584, 416), 1, "batch_api").total)
+    assert again.total == pytest.approx(price_text(prov, SPEC, CacheSplit(3584, 0, 416), 1, "batch_api").total)
+
+
+def test_the_live_batch_body_marks_only_where_an_entry_ends_so_anthropic_bills_what_the_simulator_prices():
+    """The live batch body also marked each member at the run of blocks an earlier member merely held: a four-block
+    member after an eight-block write got a breakpoint at its fourth block, where no entry ends, and Anthropic (the
+    emulator) wrote it, 1.25x where the simulator priced it plain. Each member's body, sent to the emulator's cache
+    in order, now costs what ``price_batch`` prices it."""
+    import asyncio
+
+    from actors.providers.anthropic_http import AnthropicProvider
+    from engine.core.clock import ManualClock
+    from engine.core.cost import price_text
+    from engine.core.provider_api import CallJob, Secret
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    s = Settings()
+    s = s.model_copy(update={"providers": s.providers.model_copy(update={"replay": True})})
+    live = AnthropicProvider("anthropic", CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), ManualClock(0.0))
+    reqs = [_req(0, list(range(1, 9)), 4196), _req(1, list(range(1, 10)), 4708), _req(2, [1, 2, 3, 4], 2148),
+            _req(3, [1, 2, 3, 4, 5, 6], 3172)]
+    reqs = [r.model_copy(update={"provider": "anthropic", "prompt": "p"}) for r in reqs]
+    try:
+        bodies = live.batch_body([CallJob(f"k{i}", r, 0.0, 0, 0, False) for i, r in enumerate(reqs)])
+    finally:
+        asyncio.run(live.close())
+    prov, caches = CAT.provider("anthropic"), PromptCaches()
+    billed = [price_text(prov, SPEC, caches.use(prov, SPEC, MODEL, anthropic_prompt(b["params"]), 10.0), 1,
+                         "batch_api").total for b in bodies]
+    assert billed == pytest.approx([p.total for p in price_batch(reqs, CAT, "batch_api")])
+
+
+def test_live_sync_bodies_sent_to_the_emulator_cost_what_the_simulator_prices_call_by_call():
+    """400 sync calls at one Sonnet through the live body (its marks from its own belief of the cache) and the
+    emulator's cache, prompts along a small tree with partial last blocks, 40 s apart (a read keeps an entry past
+    its write's TTL), some asking for a write: each costs what the simulator prices. Before: the simulator billed a
+    partial last block as written; the body marked the believed run of warm blocks, inside an entry, which
+    Anthropic then writes; and the belief let an entry a hit refreshed go cold (scratch, 400 calls: 169 differed)."""
+    import asyncio
+    import random
+
+    from actors.providers.anthropic_http import AnthropicProvider
+    from engine.core.clock import ManualClock
+    from engine.core.cost import price_text
+    from engine.core.provider_api import CallJob, Secret, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    s = Settings()
+    s = s.model_copy(update={"providers": s.providers.model_copy(update={"replay": True})})
+    clock, prov, caches, sim = ManualClock(0.0), CAT.provider("anthropic"), PromptCaches(), _provider()
+    live = AnthropicProvider("anthropic", CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), clock)
+    rng, ids = random.Random(7), {}
+    try:
+        for i in range(400):
+            path = tuple([rng.randrange(2)] + [rng.randrange(2) for _ in range(rng.randrange(6))])
+            blocks = [ids.setdefault(path[:k + 1], len(ids) + 1) for k in range(len(path))]
+            r = _req(i, blocks, 512 * len(blocks) + rng.choice([100, -100, -300, 600]))
+            r = r.model_copy(update={"provider": "anthropic", "prompt": "p"})
+            clock.advance(400.0 if rng.random() < 0.05 else 40.0 + rng.random() * 0.01)
+            job = CallJob(f"k{i}", r, 0.0, 0, 0, rng.random() < 0.6)
+            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(live.sync_body(job)), clock.now())
+            live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write))
+            assert sim._sync_price(r, SPEC, clock.now(), job.cache_write)[0] == pytest.approx(
+                price_text(prov, SPEC, split, 1, "sync").total), (i, blocks, r.input_tokens, split)
+    finally:
+        asyncio.run(live.close())
+
+
+@pytest.mark.parametrize("mode", ["sync", "batch_api"])
+def test_a_member_marks_no_block_a_later_one_holds_only_in_its_partial_last_block(mode):
+    """A later member of 1,535 tokens holds blocks 1-2 whole and block 3 in its tail, so it reads an entry at
+    block 2, never one at block 3: the writer marks two blocks, not three, and the batch costs no more than its
+    members alone (hypothesis found it: $0.010365 against $0.009213)."""
+    writer, reader = _req(0, [1, 2, 3], 1536), _req(1, [1, 2, 3, 4], 1535)
+    together = price_batch([writer, reader], CAT, mode)
+    assert sum(p.total for p in together) < sum(price_alone(r, CAT, mode).total for r in (writer, reader))
+    assert together[1].cached_input > 0  # it reads the writer's two blocks
