@@ -67,8 +67,11 @@ class MemberEnds:
             missed = self._counts.deadline_missed
             missed[r.priority] = missed.get(r.priority, 0) + 1
         if ok:
+            # Its earlier calls' bound too, as the ledger charged it (``_member_done``): a flex call given up at
+            # its timeout ran at the emulator, billed, and the batch file's report said only the standard answer's
+            # cost (a rehearsal under load: the bill $0.000288 over the report, bill84).
             res = ok_result(r, at=now, cost=cost, mode=mode, batch_id=b.bid, recommendation=b.recommendation,
-                            reason=b.reason, out=out)
+                            reason=b.reason, out=out, possibly_billed_usd=maybe + j.billed_usd)
         else:
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,

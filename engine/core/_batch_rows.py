@@ -208,7 +208,7 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
         if ln.request is None:
             rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": "invalid", "mode": None, "hit": None,
                          "provider": None, "model": None, "cost_usd": 0.0, "list_price_usd": 0.0, "saving_usd": 0.0,
-                         "deadline_met": None})
+                         "possibly_billed_usd": 0.0, "deadline_met": None})
             continue
         if ln.more or ln.kept:
             rows.append(_choices_report(ln, by_id, catalog))
@@ -218,10 +218,11 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
         rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": res.status, "mode": res.mode,
                      "hit": res.hit, "provider": ln.request.provider, "model": ln.request.model,
                      "cost_usd": res.cost_usd, "list_price_usd": listed, "saving_usd": listed - res.cost_usd,
-                     "deadline_met": res.deadline_met})
+                     "possibly_billed_usd": res.possibly_billed_usd, "deadline_met": res.deadline_met})
     for r in rows:
         r["cost_usd"], r["list_price_usd"] = _usd(r["cost_usd"]), _usd(r["list_price_usd"])
         r["saving_usd"] = _usd(r["list_price_usd"] - r["cost_usd"])
+        r["possibly_billed_usd"] = _usd(r["possibly_billed_usd"])
     cost = _usd(math.fsum(r["cost_usd"] for r in rows))
     listed = _usd(math.fsum(r["list_price_usd"] for r in rows))
     modes = [m for r in rows for m in r.get("modes", [r["mode"]]) if m]
@@ -234,7 +235,10 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
                        # Answered after the window: in the output all the same (paid for), and counted here.
                        # (a failed or refused line carries deadline_met False too: not a late answer)
                        "late": sum(r["deadline_met"] is False and r["status"] in ANSWERED for r in rows),
-                       "cost_usd": cost, "list_price_usd": listed, "saving_usd": _usd(listed - cost)},
+                       "cost_usd": cost, "list_price_usd": listed, "saving_usd": _usd(listed - cost),
+                       # Beside cost_usd, an upper bound: calls that got no answer and may be on the bill (a flex
+                       # call given up at its timeout, then answered standard; a failed line's last call).
+                       "possibly_billed_usd": _usd(math.fsum(r["possibly_billed_usd"] for r in rows))},
             "lines": rows}
 
 
@@ -255,5 +259,6 @@ def _choices_report(ln: BatchLine, by_id: Mapping[str, Result], catalog: Catalog
     return {"line": ln.no, "custom_id": ln.custom_id, "status": status, "mode": joined(modes) if modes else None,
             "hit": first.hit if first else None, "provider": ln.request.provider, "model": ln.request.model,
             "cost_usd": cost, "list_price_usd": listed, "saving_usd": listed - cost,
+            "possibly_billed_usd": math.fsum(r.possibly_billed_usd for r in sent),
             "deadline_met": False if False in met else True if met and all(met) else None,
             "choices": len(ln.choices), "kept_choices": len(ln.kept), "modes": modes}

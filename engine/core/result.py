@@ -55,7 +55,9 @@ class Result(BaseModel):
     error: str | None = None
     # A failed request a call of which may have been billed (it ran, or got no answer): the upper bound its budget
     # keeps (0: none). Its batch file line says so (``smartbatch_possibly_billed_usd``), and ``batch --resume``
-    # keeps that line back rather than pay for it twice.
+    # keeps that line back rather than pay for it twice. An answered request's: its earlier calls that got no
+    # answer (a flex call given up at its timeout), beside ``cost_usd`` (the batch file report's
+    # ``possibly_billed_usd``).
     possibly_billed_usd: float = 0.0
 
     @property

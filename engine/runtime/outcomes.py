@@ -69,9 +69,10 @@ def billed_reason(reason: str, mode: str) -> str:
 
 
 def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, recommendation: str | None,
-              reason: str, out=None) -> Result:
+              reason: str, out=None, possibly_billed_usd: float = 0.0) -> Result:
     """A request the provider answered: ``out`` is the call's ``CallOutcome`` (None: simulated). Its reason as
-    its mode makes it true (``billed_reason``)."""
+    its mode makes it true (``billed_reason``). ``possibly_billed_usd``: the bound of its earlier calls that got no
+    answer and may have been billed beside ``cost`` (a flex call given up at its timeout, then answered standard)."""
     usage = out.usage if out is not None else None
     return Result(id=req.id, tenant=req.tenant, status="ok",
                   output=out.output if out is not None else f"sim://{req.provider}/{req.model}/{req.id}",
@@ -81,7 +82,7 @@ def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, r
                   raw=out.raw if out is not None else None, real=out is not None and out.real, mode=mode,
                   provider=req.provider, model=req.model, batch_id=batch_id, arrival_s=req.arrival_s, done_s=at,
                   deadline_met=req.met_by(at), recommendation=recommendation,
-                  reason=billed_reason(reason, mode))
+                  reason=billed_reason(reason, mode), possibly_billed_usd=possibly_billed_usd)
 
 
 def failed_result(req, *, at: float, batch_id: str | None, recommendation: str | None, tries: int,

@@ -66,7 +66,13 @@ def test_batch_round_trips_a_standard_file_over_http(ray_session, tmp_path, monk
     assert sum(by_id[c]["cost_usd"] for c in ("dup-a", "dup-b")) > 0
     tot = doc["totals"]
     assert tot["cost_usd"] == pytest.approx(sum(x["cost_usd"] for x in doc["lines"]), abs=1e-12)
-    assert tot["cost_usd"] == pytest.approx(bill.total_usd, abs=1e-9)  # what the emulator billed, no more
+    # What the emulator billed, no more: the answers' cost, and beside it the bound of any call given up that may
+    # have run (a flex call past its timeout, 0.9 s real at this speed-up: on a loaded machine, seven of them ran
+    # and billed $0.000288 the report did not say; bill84). With none, the two are equal.
+    if tot["possibly_billed_usd"] == 0:
+        assert tot["cost_usd"] == pytest.approx(bill.total_usd, abs=1e-9)
+    else:
+        assert tot["cost_usd"] - 1e-9 <= bill.total_usd <= tot["cost_usd"] + tot["possibly_billed_usd"] + 1e-9
     assert tot["saving_usd"] == pytest.approx(tot["list_price_usd"] - tot["cost_usd"])
     assert (tot["lines"], tot["succeeded"]) == (21, 19)
     assert "total" in r.output and "saving" in r.output

@@ -282,6 +282,21 @@ def test_report_sums_the_lines_costs_against_list_prices(batch):
     assert doc["totals"]["late"] == 1 and {r["custom_id"]: r["deadline_met"] for r in doc["lines"]}["a"] is False
 
 
+def test_the_report_says_beside_the_cost_what_calls_that_got_no_answer_may_have_billed(batch):
+    """An answered line whose flex call was given up at its timeout (then answered standard) and a failed line
+    whose call may have run: each line's ``possibly_billed_usd`` and their total beside ``cost_usd``. Before, an
+    answered line's was not said at all, and the report was short of the bill by it (bill84)."""
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    maybe = {"a": 0.00012, "b": 0.0003}
+    res = [r.model_copy(update={"possibly_billed_usd": maybe[r.id]}) if r.id in maybe else r for r in results_for(bf)]
+    doc = report(bf, res, CAT, window_s=3600.0, policy="smart")
+    rows = {r["custom_id"]: r for r in doc["lines"]}
+    assert rows["a"]["status"] == "ok" and rows["b"]["status"] == "failed"
+    assert {k: r["possibly_billed_usd"] for k, r in rows.items()} == {"a": 0.00012, "b": 0.0003, "bad": 0.0}
+    assert doc["totals"]["possibly_billed_usd"] == pytest.approx(0.00042, abs=1e-12)
+    assert doc["totals"]["cost_usd"] == pytest.approx(0.001)  # the answers' cost, as before
+
+
 def test_the_reports_dollars_are_rounded_to_1e_10_and_its_totals_are_the_sums_of_its_lines(batch):
     """A walkthrough: `smartbatch batch --report` wrote "cost_usd": 0.0011542500000000001, a float sum's noise. Each
     figure is rounded to 1e-10 USD (the endpoint's cost header's decimals) and a total is the sum of its lines."""

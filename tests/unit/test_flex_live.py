@@ -275,9 +275,35 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
             await rig.until(lambda: _flex_metric(rig, "timed_out") == 1, "the timeout on the metrics page")
             assert _flex_metric(rig, "refused") is None
             assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
+            assert res.possibly_billed_usd == pytest.approx(bound, abs=1e-9)  # said beside its cost (bill84)
             await settled_at(rig, res.cost_usd + bound)
         finally:
             await rig.close()
+    asyncio.run(go())
+
+
+def test_an_answered_request_whose_flex_call_timed_out_says_that_call_may_be_billed_beside_its_cost(emu):  # noqa: F811
+    """No budget (a batch file's run): the flex call given up at its timeout ran at the emulator and was billed
+    there, and the standard call answered. The result says so beside its cost (``possibly_billed_usd``: the flex
+    call's bound), as the ledger's stats did; the bill lies between the two. Before, the answered result said its
+    standard cost alone, and the batch file's report was short of the bill by every such call (a clean-clone
+    rehearsal under load: $0.000288, seven flex calls of gpt-5-mini; bill84)."""
+    emu.faults.script("openai", "chat.completions", [{"trickle_s": 0.3}])  # run and billed, its answer too slow
+
+    async def go():
+        rig = Rig(emu)
+        r = timing_out(rig)
+        try:
+            await rig.run("flex", [Job(0, r, "fp")])  # no claim: sent standard by this dispatcher at once
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync", res.error
+            assert _tiers(rig) == ["flex", None] and rig.calls[0][2].maybe_billed
+            assert res.possibly_billed_usd == pytest.approx(flex_bound(r, rig), abs=1e-9), res
+        finally:
+            await rig.close()
+        bill = emu.bill()
+        assert [i.mode for i in bill.items] == ["flex", "sync"]  # both calls on the bill
+        assert res.cost_usd < bill.total_usd <= res.cost_usd + res.possibly_billed_usd
     asyncio.run(go())
 
 
