@@ -328,7 +328,7 @@ def charges(results: dict[str, Result], out: Path) -> list:
     from engine.core.budgets import Charge
 
     return [Charge(f"rescue:{out}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model,
-                   max(r.cost_usd, r.possibly_billed_usd)) for r in results.values()]
+                   r.billed_bound_usd) for r in results.values()]
 
 
 def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite: bool, address: str | None,

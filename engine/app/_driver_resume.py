@@ -91,7 +91,7 @@ class KeptAnswers:
         from engine.core.budgets import Charge
 
         return [Charge(f"resume:{self.root}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model, usd)
-                for _, r in self._kept.values() if (usd := max(r.cost_usd, r.possibly_billed_usd))
+                for _, r in self._kept.values() if (usd := r.billed_bound_usd)
                 and r.provider and r.model]
 
     def record(self, pairs: Iterable[tuple[Request, Result]]) -> None:

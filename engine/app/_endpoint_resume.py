@@ -136,7 +136,10 @@ class TakeBack:
         """The lines an open batch kept from before the restart were paid for: counted against this engine's
         budgets before the rest is sent, as ``smartbatch batch --resume`` counts its kept lines. Not counted, a
         restart let the batch spend its hard budget again (a hunt: $0.008064 billed against a $0.006 limit)."""
-        charges = [Charge(f"endpoint:{job.id}:{rid}", job.tenant, r.provider, r.model, r.cost_usd)
-                   for rid, r in results.items() if r.cost_usd and r.provider and r.model]
+        # At what each may have billed (``Result.billed_bound_usd``): an answer's cost and the bound of its calls
+        # that got no answer (a flex call given up at its timeout), a failure kept back at its bound (not sent
+        # again: a call of it may be on the bill). At the cost alone, those bounds were spent again (a review).
+        charges = [Charge(f"endpoint:{job.id}:{rid}", job.tenant, r.provider, r.model, usd)
+                   for rid, r in results.items() if (usd := r.billed_bound_usd) and r.provider and r.model]
         if charges:
             await asyncio.to_thread(self.engine.count_spent, charges)

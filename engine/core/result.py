@@ -61,6 +61,15 @@ class Result(BaseModel):
     possibly_billed_usd: float = 0.0
 
     @property
+    def billed_bound_usd(self) -> float:
+        """The most its calls may have been billed: an answer's cost and its earlier calls' bound (both billed,
+        ``max`` dropped the smaller); a failure's bound (a batch member a resume read back failed carries it as
+        its cost too: counted once)."""
+        if self.status in ("ok", "reused"):
+            return self.cost_usd + self.possibly_billed_usd
+        return max(self.cost_usd, self.possibly_billed_usd)
+
+    @property
     def uid(self) -> str:
         """The identity of the request this result answers (``Request.uid``)."""
         return f"{len(self.tenant)}:{self.tenant}/{self.id}"

@@ -1067,6 +1067,11 @@ def test_a_lost_sync_call_is_made_again_under_its_key_not_sent_through_its_polic
                 bound = d2.possibly_billed_usd
                 assert d2.possibly_billed == 1 and spend == pytest.approx(items[1].cost_usd + bound, abs=1e-12)
                 assert spend >= sum(i.cost_usd for i in items)
+                # Said on its answer too, as a flex call given up is (stop 84): said its new call's cost alone, a
+                # batch file's report was short of the bill by the cut call (a review, rvbill84).
+                assert (r.cost_usd, r.possibly_billed_usd) == pytest.approx((items[1].cost_usd, bound), abs=1e-12)
+            if mode != "cold":
+                assert r.possibly_billed_usd == 0
         finally:
             stop.set()
             if d2 is not None:

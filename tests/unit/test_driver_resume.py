@@ -57,6 +57,20 @@ def test_a_kept_answer_goes_only_to_the_same_tenant_id_and_content(tmp_path):
     assert kept.given == 1 and kept.given_usd == pytest.approx(0.01)
 
 
+def test_a_kept_answer_whose_flex_call_timed_out_is_charged_its_cost_and_that_calls_bound(tmp_path):
+    """Since stop 84 an answer says the bound of its earlier calls that got no answer beside its cost (a flex call
+    given up at its timeout: it ran and billed, and the standard call answered). Both were billed by the run cut
+    off, and this run's budgets never saw them: charged ``max`` of the two, the smaller went uncounted (a review,
+    rvbill84: $0.01 charged of $0.0103)."""
+    r, f, q = req(0, "openai"), req(1, "openai"), req(2, "openai")
+    answer = _ok(r).model_copy(update={"possibly_billed_usd": 0.0003})
+    failed = _ok(f, 0.0, "failed").model_copy(update={"possibly_billed_usd": 0.002})
+    read_back = _ok(q, 0.004, "failed").model_copy(update={"possibly_billed_usd": 0.004})  # (``_batch_rescue``)
+    kept = KeptAnswers(tmp_path, {x.uid: (content_digest(x), res) for x, res in
+                                  ((r, answer), (f, failed), (q, read_back))})
+    assert [c.usd for c in kept.charges()] == pytest.approx([0.0103, 0.002, 0.004], abs=1e-12)
+
+
 def test_answers_are_kept_as_they_come_a_torn_line_is_skipped_and_a_clean_stop_removes_them(emu, tmp_path):  # noqa: F811
     from engine.app._driver_resume import _read
 

@@ -290,6 +290,28 @@ def test_a_shutdown_keeps_the_answers_its_collectors_had_not_taken_yet(tmp_path)
         assert again.submitted == [f"{b.id}/b-slow"]
 
 
+def test_a_new_engine_counts_a_kept_lines_calls_that_got_no_answer_at_their_bound_beside_its_cost():
+    """A kept answer whose flex call was given up at its timeout says that call's bound beside its cost (stop 84),
+    and a kept failure that may be billed says its own: the old engine's ledger held both, the new one counts
+    them too. Counted at the cost alone, $0.0003 of the answer's and the failure's $0.002 were spent again (a
+    review, rvbill84)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine.app._endpoint_resume import TakeBack
+    from engine.core.result import Result
+
+    counted: list = []
+    take = TakeBack.__new__(TakeBack)
+    take.engine = SimpleNamespace(count_spent=counted.extend)
+    one = {"tenant": "t", "provider": "openai", "model": "gpt-5-mini"}
+    results = {"a": Result(id="a", status="ok", cost_usd=0.01, possibly_billed_usd=0.0003, **one),
+               "b": Result(id="b", status="failed", possibly_billed_usd=0.002, **one),
+               "c": Result(id="c", status="failed", **one)}
+    asyncio.run(take._count_kept(SimpleNamespace(id="batch_1", tenant="t"), results))
+    assert {c.cid.rsplit(":", 1)[1]: c.usd for c in counted} == pytest.approx({"a": 0.0103, "b": 0.002}, abs=1e-12)
+
+
 def test_a_new_engine_counts_what_an_open_batch_kept_against_its_budgets_and_a_restarted_replica_does_not(tmp_path):
     """An endpoint restarted with its state directory on a new engine took its open batch back and spent its hard
     budget again: the kept lines were paid for under the old engine's ledger, which the new one never saw (a hunt:
