@@ -18,7 +18,9 @@ from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, serving, uploa
 CREATE = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
 
 
-def until_counted(client, batch_id: str, completed: int, limit_s: float = 5.0):
+def until_counted(client, batch_id: str, completed: int, limit_s: float = 60.0):
+    # A bound, not a wait: a sound endpoint counts at once. 5 s failed a clean-clone rehearsal (stop 84) where the
+    # unit pass runs at idle priority beside the saturating integration pass, and its threads starved for longer.
     end = time.monotonic() + limit_s
     while (b := client.batches.retrieve(batch_id)).request_counts.completed < completed:
         assert time.monotonic() < end, b
