@@ -20,7 +20,7 @@ SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds 
 
 
 class RecordsWatch:
-    """Mixed into ``RedisJournal``, which provides ``_client``, ``_base``, ``_closed``, ``_rewrite`` (writes the
+    """Mixed into ``RedisJournal``, which provides ``_use`` (its client, for one command), ``_base``, ``_closed``, ``_rewrite`` (writes the
     holder's records again, raising if one failed), ``_server`` (the ``run_id`` last seen), ``_unwritten`` (a
     write failed, or another Redis process answered, since they were last written), ``_checking`` (a lock),
     ``seal`` (``actors._journal_seal``, None for a holder with none), ``_sealed`` (this incarnation sealed it),
@@ -48,7 +48,8 @@ class RecordsWatch:
 
         async with self._checking:
             try:
-                sid = str((await server_info(self._client, self._base)).get("run_id", ""))
+                async with self._use() as client:
+                    sid = str((await server_info(client, self._base)).get("run_id", ""))
             except ResponseError as exc:
                 if not refuses_info(exc):  # BUSY (a long script), MASTERDOWN: for a while, tried at the next check
                     raise
@@ -97,7 +98,8 @@ class RecordsWatch:
         holder after it read them, which then reads an empty journal as lost records, not as nothing written."""
         if self.seal is None:
             return False
-        sealed = bool(await self._client.hexists(self._base + SEAL, self.seal.holder))
+        async with self._use() as client:
+            sealed = bool(await client.hexists(self._base + SEAL, self.seal.holder))
         return await self.seal.lost(self._base, sealed)
 
     async def _reseal(self) -> None:
@@ -105,7 +107,7 @@ class RecordsWatch:
         # read the loss that came before as one of records it no longer had (a false alarm). Not while the holder
         # holds it (``release_seal``): its records are not all here.
         if self.seal is not None and not self.seal_held:
-            async with self._client.pipeline(transaction=True) as pipe:
+            async with self._use() as client, client.pipeline(transaction=True) as pipe:
                 self._seal_in(pipe)
                 await pipe.execute()
             self._sealed = True
@@ -129,7 +131,7 @@ class RecordsWatch:
         from redis.exceptions import NoPermissionError, ResponseError
 
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._use() as client, client.pipeline(transaction=False) as pipe:
                 pipe.hset(self._base + "~takes-writes", "w", b"")
                 pipe.pexpire(self._base + "~takes-writes", 1000)
                 await pipe.execute()

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import pytest
+
 from actors import Dispatcher
 from actors._types import BatchJob, Job
 from engine.core.settings import CacheSettings, JournalSettings, Settings
@@ -520,4 +522,34 @@ def test_a_watch_whose_check_spent_the_close_s_cancel_ends_with_the_close(own_re
         await asyncio.wait_for(in_check.wait(), 10)
         await j.close()
         assert watch.done()
+    asyncio.run(go())
+
+
+def test_a_close_waits_for_a_command_another_task_has_out_and_refuses_any_after(own_redis):
+    """A close under another task's command cut its connection: the command failed, or the client's retry connected
+    it again on the pool just closed, which nothing closed again, and left it open for the collector (a
+    ResourceWarning: how stop 84's CI most likely failed test_an_ingest_restart_... above, its connection made by a
+    command of one of the journals that test closes). Now the command ends first, and one sent after the close is
+    refused rather than open a connection (fails on the code before: the read cut by the close)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from actors.journal import RedisJournal
+
+    async def go():
+        j = RedisJournal(own_redis.url, "sbtest-close", "e3", 5.0)
+        await j.put("s", "k", 1)
+        own_redis.client().execute_command("CLIENT", "PAUSE", 300, "ALL")  # Redis holds the read this long
+        out, real = asyncio.Event(), j._client.hgetall
+
+        def hgetall(*a):
+            out.set()
+            return real(*a)
+
+        j._client.hgetall = hgetall
+        read = asyncio.create_task(j.items("s"))
+        await asyncio.wait_for(out.wait(), 10)
+        await j.close()
+        assert read.done() and read.result() == {"k": 1}
+        with pytest.raises(RedisConnectionError, match="closed"):
+            await j.items("s")
     asyncio.run(go())
