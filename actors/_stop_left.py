@@ -208,10 +208,10 @@ def _client(provider: str, settings, catalog) -> Any:
     if provider not in settings.providers.http_providers(catalog.providers):
         return SIMULATED
     ep = settings.providers.endpoints[provider]
-    key = os.environ.get(ep.api_key_env)
-    if not key:
+    key = Secret(os.environ.get(ep.api_key_env, ""))  # never a raw local (``Secret``'s docstring)
+    if key.empty():
         return f"no key in this process's environment ({ep.api_key_env})"
-    return make_provider(provider, catalog, settings, None, ManualClock(0.0), Secret(key))
+    return make_provider(provider, catalog, settings, None, ManualClock(0.0), key)
 
 
 def _say(engine: str, name: str, left: Left, taken: bool) -> None:

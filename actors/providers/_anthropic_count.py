@@ -13,6 +13,7 @@ from typing import Any
 
 from actors.providers._wire import call_timeout, redact
 from engine.core._logkeys import url_secrets
+from engine.core.provider_api import Secret
 
 __all__ = ["COUNT_TIMEOUT_S", "COUNT_URL", "NO_RETRY", "CountAnswer", "count_at", "refusal"]
 
@@ -29,7 +30,7 @@ def refusal(status: int, message: str, headers: dict[str, str] | None = None) ->
     return status, {"type": "error", "error": {"type": "api_error", "message": message}}, dict(headers or {})
 
 
-async def count_at(client: Any, sdk: Any, key: str, body: dict[str, Any], timeout_s: float) -> CountAnswer:
+async def count_at(client: Any, sdk: Any, key: Secret, body: dict[str, Any], timeout_s: float) -> CountAnswer:
     """``body`` counted by the provider ``client`` calls (an ``anthropic.AsyncAnthropic``; ``sdk``: the module),
     within ``timeout_s``; ``key``: the client's key, masked wherever an answer quotes it."""
     secrets = [key, *url_secrets(str(client.base_url))]  # the SDK sends a base URL's as Basic (rvmask83)
@@ -49,7 +50,7 @@ async def count_at(client: Any, sdk: Any, key: str, body: dict[str, Any], timeou
     return 200, answer, {}
 
 
-def _masked(value: Any, secrets: list[str]) -> Any:
+def _masked(value: Any, secrets: list[Any]) -> Any:
     """``value`` (text, or an error body) with the secrets, and anything shaped like a key, masked (``redact``)."""
     if isinstance(value, str):
         return redact(value, secrets)

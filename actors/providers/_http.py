@@ -198,7 +198,7 @@ class HttpBase(BatchMembers):
     def _redact(self, text: str) -> str:
         """``text`` (a provider's or its SDK's words) masked: the key, and the base URL's credentials, which the SDKs
         send as ``Authorization: Basic`` in the key's place (a proxy's; a 500 echoing it showed them, mask83)."""
-        return redact(text, [self._key.get(), *url_secrets(self.endpoint.address())])
+        return redact(text, [self._key, *url_secrets(self.endpoint.address())])
 
     @contextmanager
     def _refused(self, what: str) -> Iterator[None]:

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from actors.providers._http import _never_connected
 from actors.providers._openai_video import poll_to_end
+from actors.providers._sdk_key import STAND_IN, keyed
 from engine.core._logkeys import get_logger
 from engine.core._settings_env import ENV_PREFIX
 from engine.core._within import within
@@ -97,10 +98,10 @@ class VeoCalls:
         self.p = provider
         sdk = provider._sdk
         self._omit = sdk.Omit()
-        self.client = sdk.AsyncOpenAI(api_key=provider._key.get() or "unset",
-                                      base_url=native_root(provider.endpoint.base_url), max_retries=0,
-                                      timeout=provider.endpoint.http_timeout(sdk),
-                                      default_headers={"x-goog-api-key": provider._key.get() or "unset"})
+        self.client = keyed(sdk.AsyncOpenAI(api_key=STAND_IN, base_url=native_root(provider.endpoint.base_url),
+                                            max_retries=0, timeout=provider.endpoint.http_timeout(sdk),
+                                            default_headers={"x-goog-api-key": STAND_IN}),
+                            provider._key, "x-goog-api-key")
         self._ops: dict[str, str] = {}  # key -> operation name, of a create answered whose video is not in yet
         self._replayed: set[str] = set()  # keys whose create was answered with an earlier run's operation
         # key -> creates of it whose answer was lost (each may have made a video), where it may be made again;

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from actors.providers._wire import call_timeout, redact
 from engine.core._logkeys import url_secrets
+from engine.core.provider_api import Secret
 
 __all__ = ["CONTENT_TIMEOUT_S", "ContentAnswer", "content_address", "content_at", "content_refusal"]
 
@@ -42,7 +43,7 @@ def content_refusal(status: int, message: str, code: str | None = None, param: s
     return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, "application/json"
 
 
-async def content_at(client: Any, sdk: Any, key: str, url: str, variant: str, timeout_s: float) -> ContentAnswer:
+async def content_at(client: Any, sdk: Any, key: Secret, url: str, variant: str, timeout_s: float) -> ContentAnswer:
     """The bytes at ``url`` (a video's content address under ``client``'s ``base_url``; an ``openai.AsyncOpenAI``,
     ``sdk`` its module), as ``variant`` ("video", "thumbnail", "spritesheet"), within ``timeout_s``; ``key``: the
     client's key, masked wherever an answer quotes it."""

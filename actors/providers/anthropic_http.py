@@ -24,6 +24,7 @@ from actors.providers._http import (
     jsonl_records,
     whole_read,
 )
+from actors.providers._sdk_key import STAND_IN, keyed
 from actors.providers._wire import error_message, error_of, message_parts, paced, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
@@ -83,8 +84,9 @@ class AnthropicProvider(HttpBase):
         import anthropic
 
         self._sdk = anthropic
-        self.client = anthropic.AsyncAnthropic(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
-                                               max_retries=0, timeout=self.endpoint.http_timeout(anthropic))
+        self.client = keyed(anthropic.AsyncAnthropic(api_key=STAND_IN, base_url=self.endpoint.base_url,
+                                                     max_retries=0, timeout=self.endpoint.http_timeout(anthropic)),
+                            self._key)
         # What its calls read or wrote, warm for one TTL from their answer (the groupers' belief, ``WarmNote``,
         # counts from the call's start: it must hold wherever in a batch a member ran).
         self._warm = PrefixWarmth(max((pc.ttl_s for m in self.spec.models if (pc := self.spec.cache_of(m))),
@@ -372,7 +374,7 @@ class AnthropicProvider(HttpBase):
     async def count_tokens(self, body: dict[str, Any]) -> CountAnswer:
         """Anthropic's count of the Messages ``body``, asked with this provider's client and key (free: none of a
         call's accounting, ``_anthropic_count``)."""
-        return await count_at(self.client, self._sdk, self._key.get(), body,
+        return await count_at(self.client, self._sdk, self._key, body,
                               min(self.endpoint.timeout_s, COUNT_TIMEOUT_S))
 
     async def close(self) -> None:

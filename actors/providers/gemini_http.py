@@ -23,6 +23,7 @@ from typing import Any
 from actors.providers._gemini_read import OPERATION_DROPPED, PAGE_DROPPED, STREAMED, read_operation
 from actors.providers._http import BatchHandle, PollBackoff
 from actors.providers._openai_batches import FIND_SCAN
+from actors.providers._sdk_key import STAND_IN, keyed
 from actors.providers._veo import native_root
 from actors.providers.openai_http import OpenAIProvider
 from engine.core._gemini import GEMINI_ASPECTS
@@ -73,10 +74,10 @@ class GeminiProvider(OpenAIProvider):
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self._native = self._sdk.AsyncOpenAI(api_key=self._key.get() or "unset",
-                                             base_url=native_root(self.endpoint.base_url), max_retries=0,
-                                             timeout=self.endpoint.http_timeout(self._sdk),
-                                             default_headers={"x-goog-api-key": self._key.get() or "unset"})
+        self._native = keyed(self._sdk.AsyncOpenAI(api_key=STAND_IN, base_url=native_root(self.endpoint.base_url),
+                                                   max_retries=0, timeout=self.endpoint.http_timeout(self._sdk),
+                                                   default_headers={"x-goog-api-key": STAND_IN}),
+                             self._key, "x-goog-api-key")
         # Google reads a bearer token as OAuth's: the SDK's own Authorization header is left out
         self._opts = {"headers": {"Authorization": self._sdk.Omit()}}
         self._partial = True  # partial responses asked for (``_get``) until Google refuses or ignores one

@@ -21,6 +21,7 @@ from actors.providers._openai_answers import (
 from actors.providers._openai_batches import FIND_SCAN as FIND_SCAN  # where it was read before the split
 from actors.providers._openai_batches import OpenAIBatches
 from actors.providers._openai_video import VideoCalls
+from actors.providers._sdk_key import STAND_IN, keyed
 from actors.providers._veo import VeoCalls
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer, content_at, content_refusal
 from actors.providers._wire import message_parts
@@ -51,8 +52,8 @@ class OpenAIProvider(OpenAIBatches):
 
         self._sdk = openai
         # max_retries=0: the engine's retry, Retry-After, backoff and circuit breaker are the only ones.
-        self.client = openai.AsyncOpenAI(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
-                                         max_retries=0, timeout=self.endpoint.http_timeout(openai))
+        self.client = keyed(openai.AsyncOpenAI(api_key=STAND_IN, base_url=self.endpoint.base_url, max_retries=0,
+                                               timeout=self.endpoint.http_timeout(openai)), self._key)
         self._orphans: set[asyncio.Task] = set()  # deletes of uploads no batch was made from
         # A video: a job made, then polled; OpenAI's Videos API, or Google's Veo on the Gemini API's own routes
         self._videos = VeoCalls(self) if self.spec.compat == "gemini" else VideoCalls(self)
@@ -174,7 +175,7 @@ class OpenAIProvider(OpenAIBatches):
         if isinstance(self._videos, VeoCalls):
             return content_refusal(400, f"{self.name} makes Veo videos, whose content is not served through "
                                    "OpenAI's Videos API; fetch the result's output with the provider's key")
-        return await content_at(self.client, self._sdk, self._key.get(), url, variant, CONTENT_TIMEOUT_S)
+        return await content_at(self.client, self._sdk, self._key, url, variant, CONTENT_TIMEOUT_S)
 
     async def poll_job(self, job: CallJob, record: dict) -> CallOutcome:
         """The job of a killed engine's call (its journaled record), polled to its end, never made again."""

@@ -3,7 +3,6 @@ endpoint) and ``smartbatch stop``."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ from engine.app.cli_common import _fail, _providers, _settings, app, console, er
 from engine.app.provider_setup import is_variable_name, speedup_problem
 from engine.core._budget_check import check_budget_limits
 from engine.core.errors import ConfigError, SmartbatchError
+from engine.core.provider_api import Secret
 
 # How long a stop waits for the engine's endpoint and actors to go before it gives up on them (they are then
 # stopped with Ray itself, or left to the cluster's supervision). Bounded: a Ray call has no timeout of its own.
@@ -169,11 +169,11 @@ def _http_key(env: str | None, host: str, port: int | None, tenant_specs: list[s
     if not is_variable_name(env):  # not quoted: it may be the key itself (``--http-key-env $KEY``)
         _fail(ConfigError("--http-key-env: give the name of an environment variable (letters, digits and _) that "
                           "holds the key, never the key itself"))
-    key = os.environ.get(env, "").strip()
-    if not key:
+    key = Secret(os.environ.get(env, "").strip())  # never a raw local (``Secret``'s docstring)
+    if key.empty():
         _fail(ConfigError(f"--http-key-env {env}: the variable {env} is not set or empty; export the key the "
                           "endpoint's callers will send, or leave the option out"))
-    return hashlib.sha256(key.encode()).hexdigest()
+    return key.sha256()
 
 
 def _tenant_keys(specs: list[str], port: int | None, admin: str | None, admin_env: str | None) -> dict[str, str]:
@@ -197,11 +197,11 @@ def _tenant_keys(specs: list[str], port: int | None, admin: str | None, admin_en
         if (why := key_tenant_problem(tenant)) is not None:
             _fail(ConfigError(f"--http-tenant-key {spec}: tenant {tenant!r}: {why}; give a name of 1 to 256 "
                               "Latin-1 characters, no control character, no space at either end"))
-        key = os.environ.get(var, "").strip()
-        if not key:
+        key = Secret(os.environ.get(var, "").strip())  # never a raw local: a later spec's refusal raises here
+        if key.empty():
             _fail(ConfigError(f"--http-tenant-key {spec}: the variable {var} is not set or empty; export the key "
                               f"of tenant {tenant!r} in it"))
-        digest = hashlib.sha256(key.encode()).hexdigest()
+        digest = key.sha256()
         if digest == admin:
             _fail(ConfigError(f"--http-tenant-key {spec}: {var} holds the key of --http-key-env {admin_env}, which "
                               f"acts for every tenant; give tenant {tenant!r} a key of its own"))

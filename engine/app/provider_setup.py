@@ -54,11 +54,11 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     providers = dict(catalog.providers)
     for name in settings.providers.http_providers(catalog.providers):
         ep = settings.providers.endpoints[name]
-        value = os.environ.get(ep.api_key_env) if need_keys else "unread"
-        problem = _key_problem(settings, name, value) if need_keys else None  # a plan says it (key_problems)
+        # Read into its Secret at once: a frame's locals are printed by error trackers (Secret's docstring)
+        keys[name] = Secret(os.environ.get(ep.api_key_env, "") if need_keys else "unread")
+        problem = _key_problem(settings, name, keys[name]) if need_keys else None  # a plan says it (key_problems)
         if problem is not None:
             raise ConfigError(problem)
-        keys[name] = Secret(value)
         _warn_retiring(catalog, name, ep, today or datetime.datetime.now(datetime.timezone.utc).date())
         spec = providers[name]
         if spec.batch_api is not None and spec.batch_api.cancel_s != ep.cancel_s:
@@ -96,26 +96,26 @@ def is_variable_name(text: str) -> bool:
     return _VAR.fullmatch(text) is not None
 
 
-def _key_problem(settings: Settings, name: str, value: str | None) -> str | None:
-    """What is wrong with ``value``, the API key read for the endpoint ``name``, in the words of the start it
+def _key_problem(settings: Settings, name: str, key: Secret) -> str | None:
+    """What is wrong with ``key``, the API key read for the endpoint ``name``, in the words of the start it
     stops (None: nothing). The key itself is never part of it."""
     ep = settings.providers.endpoints[name]
     if not is_variable_name(ep.api_key_env):  # not quoted: it may be the key itself, given in place of its variable
         say = endpoint_setting(name, "api_key_env", "OPENAI_API_KEY")
         return (f"providers.endpoints.{name}.api_key_env: give the name of the environment variable that holds the "
                 f"API key (letters, digits and _), never the key itself ({say}, say)")
-    if not value:
+    if key.empty():
         others = [p for p in settings.providers.endpoints if p != name]
         only = endpoint_setting(others[0], "api", settings.providers.endpoints[others[0]].api) if others else ""
         alone = (f"; or call only {others[0]} ({only} names its endpoint alone: {name}'s requests are then "
                  "refused)") if len(others) == 1 else ""
-        state = "set but empty" if value == "" else "not set"  # OPENAI_API_KEY= (a blank in .env) is set
+        state = "set but empty" if ep.api_key_env in os.environ else "not set"  # OPENAI_API_KEY= (.env's blank)
         return (f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the API key is "
                 f"{state}; export it, or name another variable with {endpoint_setting(name, 'api_key_env')}, "
                 f"or run with providers.mode=sim{alone}")
     # No header can carry it (a pasted newline, say): every call failed unsent, and was counted as possibly
     # billed at its upper bound (a helper's tour).
-    if value.strip() != value or any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0x7E for c in value):
+    if not key.fits_header():
         return (f"providers.endpoints.{name}: the API key in {ep.api_key_env} holds a space, a line break or "
                 "another character an HTTP header cannot carry; set it again without them")
     return None
@@ -126,7 +126,8 @@ def key_problems(catalog: Catalog, settings: Settings) -> dict[str, str]:
     them: it reads no key to plan, and a real run stopped at its start on what the plan had not said)."""
     said = {}
     for name in settings.providers.http_providers(catalog.providers):
-        problem = _key_problem(settings, name, os.environ.get(settings.providers.endpoints[name].api_key_env))
+        problem = _key_problem(settings, name, Secret(os.environ.get(settings.providers.endpoints[name].api_key_env,
+                                                                     "")))
         if problem is not None:
             said[name] = problem
     return said

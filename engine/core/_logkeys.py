@@ -20,6 +20,7 @@ import logging
 import re
 import traceback
 from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 __all__ = ["KEYLIKE", "LIBRARIES", "KeyFilter", "get_logger", "mask_library_logs", "masked_url", "redact", "scrub", "url_secrets", "words"]
@@ -40,13 +41,16 @@ _WEB = ("http://", "https://", "ws://", "wss://")
 _BEARER = re.compile(r"(?i)(\bbearer\s+)[^\s'\",}]+")
 
 
-def redact(text: str, secrets: Iterable[str] = ()) -> str:
+def redact(text: str, secrets: Iterable[Any] = ()) -> str:
     """``text`` with every given secret replaced, then masked as ``scrub`` masks a log line: errors from a
     provider may quote the key that was sent, or a credential it was not told of as one (a base URL's
-    ``user:password``, which the SDKs send as ``Authorization: Basic``, echoed by a proxy's 500; mask83)."""
+    ``user:password``, which the SDKs send as ``Authorization: Basic``, echoed by a proxy's 500; mask83). A secret
+    is a text or a ``provider_api.Secret``, read here only, so no caller's frame holds the key (keys85)."""
     for s in secrets:
-        if s:
-            text = text.replace(s, "[redacted]")
+        if isinstance(s, str):
+            text = text.replace(s, "[redacted]") if s else text
+        elif not s.empty():
+            text = text.replace(s.get(), "[redacted]")
     return scrub(text)
 
 

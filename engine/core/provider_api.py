@@ -165,7 +165,12 @@ def sent_key(job: CallJob, body: Mapping[str, Any]) -> str:
 
 class Secret:
     """An API key that never prints: its repr and str are masked, so a log line, a result or an exception
-    that formats it shows nothing of the key."""
+    that formats it shows nothing of the key.
+
+    The checks a start makes of a key are methods here, so the raw text is never a local of the code that reads
+    it: an error tracker (Sentry), ``rich.traceback``'s ``show_locals``, ``pytest -l`` and
+    ``TracebackException(capture_locals=True)`` print every frame's locals of an exception, each by its repr
+    (keys85). ``get()`` goes straight into the call that needs the key, never into a name."""
 
     __slots__ = ("_value",)
 
@@ -174,6 +179,16 @@ class Secret:
 
     def get(self) -> str:
         return self._value
+
+    def empty(self) -> bool:
+        return not self._value
+
+    def fits_header(self) -> bool:
+        """Whether an HTTP header can carry it: no space at either end, no control or non-ASCII character."""
+        return self._value.strip() == self._value and all(0x20 <= ord(c) < 0x7F for c in self._value)
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self._value.encode()).hexdigest()
 
     def __repr__(self) -> str:
         return "Secret('**********')"

@@ -283,9 +283,9 @@ def test_the_count_and_content_routes_show_no_base_url_credentials(echo, route):
     response = httpx2.Response(500, request=httpx2.Request("GET", "http://10.0.0.7:4000/v1/x"), json=body)
     client = _Client(sdk.InternalServerError(CREDENTIAL_ECHOES[echo], response=response, body=body))
     if route == "count_tokens":
-        code, said, _ = asyncio.run(count_at(client, sdk, KEY, {}, 1.0))
+        code, said, _ = asyncio.run(count_at(client, sdk, Secret(KEY), {}, 1.0))
     else:
-        code, said, _ = asyncio.run(content_at(client, sdk, KEY, f"{client.base_url}videos/video_1/content",
+        code, said, _ = asyncio.run(content_at(client, sdk, Secret(KEY), f"{client.base_url}videos/video_1/content",
                                                "video", 1.0))
     assert code == 500 and CREDENTIAL_ECHOES[echo][:12] in str(said), said
     assert not [s for s in SECRETS if s in str(said)], said

@@ -1,0 +1,170 @@
+"""No frame of a failed start holds a raw API key among its locals (keys85). Error trackers (Sentry captures every
+frame's locals of an exception by default), ``rich.traceback``'s ``show_locals``, ``pytest -l`` and
+``TracebackException(capture_locals=True)`` print each local by its repr: a key read into a plain ``str`` was
+printed whole, where a ``Secret`` prints masked. Each test makes a start of the driver fail after the keys are
+read, then looks for the key in every frame of what it raised (its chain's too); no Ray, nothing sent."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import traceback
+
+import pytest
+
+from engine.core.errors import ConfigError, SmartbatchError
+
+# Key-shaped, split so no scan of real keys flags the fakes; each provider its own, to say whose leaked.
+KEYS = {"OPENAI_API_KEY": "sk-proj-" + "FRAMEKEYopenai0123456789abcdef",
+        "ANTHROPIC_API_KEY": "sk-ant-" + "FRAMEKEYanthropic0123456789ab",
+        "GEMINI_API_KEY": "AIza" + "FRAMEKEYgemini0123456789abcdefghijklm"}
+
+
+def _quoted(exc: BaseException) -> list[str]:
+    """Where a key shows in the frames of ``exc``'s traceback, as ``function.local`` (or the formatted locals'
+    line): what an error tracker reading the locals would report. Looked for in the frames directly and in
+    Python's own formatting with the locals (which follows ``__cause__`` and ``__context__``)."""
+    found = []
+    seen: set[int] = set()
+    chain: BaseException | None = exc
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        tb = chain.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            found += [f"{frame.f_code.co_name}.{name}" for name, value in frame.f_locals.items()
+                      if any(k in _repr(value) for k in KEYS.values())]
+            tb = tb.tb_next
+        chain = chain.__cause__ or chain.__context__
+    try:
+        text = "".join(traceback.TracebackException.from_exception(exc, capture_locals=True).format())
+    except Exception:  # Python 3.11's formatting fails on a local whose repr raises: the walk above read them all
+        return found
+    return found + [line.strip()[:60] for line in text.splitlines() if any(k in line for k in KEYS.values())]
+
+
+def _repr(value: object) -> str:
+    try:
+        return repr(value)
+    except Exception:  # a half-made object (an SDK's client whose constructor raised)
+        return ""
+
+
+class _CtrlC(BaseException):
+    """A Ctrl-C (``KeyboardInterrupt``'s place, which pytest would take for the run's own) where it is raised."""
+
+
+@pytest.fixture
+def keyed_env(monkeypatch):
+    for var, key in KEYS.items():
+        monkeypatch.setenv(var, key)
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__MODE", "http")
+
+
+def _interrupt(*_a, **_k):
+    raise _CtrlC
+
+
+@pytest.mark.parametrize("where", ["http_setup", "policy", "take_back"])
+def test_a_start_that_fails_after_reading_the_keys_holds_none_in_its_frames(keyed_env, monkeypatch, where):
+    """``Engine.start`` reads the keys (``http_setup``) and then loads the policy and takes back a killed run's
+    work before any Ray. ``http_setup`` held the last key read as a plain ``str`` while it warned of retiring
+    models and copied the catalog: a Ctrl-C there showed it (``http_setup.value``); fails on the code before. A bad
+    policy name and a take-back that fails leave ``Engine.start``'s own frame, whose keys are ``Secret``s."""
+    import engine.app.driver as driver
+    import engine.app.provider_setup as setup
+    from engine.app.driver import Engine
+
+    if where == "http_setup":
+        monkeypatch.setattr(setup, "_warn_retiring", _interrupt)
+    elif where == "take_back":
+        monkeypatch.setattr(driver, "take_back", _interrupt)
+    with pytest.raises(SmartbatchError if where == "policy" else _CtrlC) as got:
+        Engine.start(policy="no-such-policy" if where == "policy" else "smart")
+    assert _quoted(got.value) == []
+
+
+def test_a_dry_runs_key_problems_hold_no_key_in_their_frames(keyed_env, monkeypatch):
+    """``key_problems`` (a dry run's) checks each key as the start does: interrupted in the check, no frame holds
+    it. Fails on the code before (``_key_problem.value``)."""
+    import engine.app.provider_setup as setup
+    from engine.core.catalog import load_catalog
+    from engine.core.settings import Settings
+
+    monkeypatch.setattr(setup, "is_variable_name", _interrupt)  # the check's first step, the key in hand
+    settings = Settings()
+    with pytest.raises(_CtrlC) as got:
+        setup.key_problems(load_catalog(settings.catalog_path), settings)
+    assert _quoted(got.value) == []
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "google"])
+def test_a_provider_made_in_the_driver_holds_no_key_in_its_frames(keyed_env, monkeypatch, provider):
+    """A stop cancels a dead dispatcher's batches with the provider made in the driver, the key from its own
+    environment (``actors._stop_left._client``; a take-back's rescue makes them from the start's keys). The SDK's
+    client refuses a malformed proxy variable as it is made (httpx's ``ValueError``), and the key was an argument
+    of its constructor (``__init__.api_key``, the Gemini one's ``default_headers`` too) and a plain local of
+    ``_client``: each fails on the code before. The client is now made with a stand-in and given the key after."""
+    from actors._stop_left import _client
+    from engine.core.catalog import load_catalog
+    from engine.core.settings import Settings
+
+    monkeypatch.setenv("HTTPS_PROXY", "bogus://proxy.invalid:1")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS", '{"openai": {"api": "openai", "api_key_env": '
+                       '"OPENAI_API_KEY"}, "anthropic": {"api": "anthropic", "api_key_env": "ANTHROPIC_API_KEY"}, '
+                       '"google": {"api": "openai", "api_key_env": "GEMINI_API_KEY", "base_url": '
+                       '"https://generativelanguage.googleapis.com/v1beta/openai/"}}')
+    settings = Settings()
+    catalog = load_catalog(settings.catalog_path)
+    try:
+        _client(provider, settings, catalog)
+    except ValueError as exc:
+        assert "proxy" in str(exc), exc
+        quoted = _quoted(exc)
+    else:
+        pytest.fail("the client was made past a malformed HTTPS_PROXY")
+    # The SDK's half-made client fails in its __del__ (its httpx wrapper's ``is_closed``), the SDK's own: its
+    # finalizer runs here, not in a later test's phase.
+    finalized: list = []
+    monkeypatch.setattr(sys, "unraisablehook", finalized.append)
+    gc.collect()
+    assert quoted == []
+
+
+def test_the_sdk_clients_send_the_key_given_after_they_are_made(keyed_env, monkeypatch):
+    """The stand-in never goes out: each client made in the driver sends the headers an SDK client made with the
+    key as its argument sends (the way before), the key in them (Gemini's native routes ``x-goog-api-key`` too)."""
+    import anthropic
+    import openai
+
+    from actors._stop_left import _client
+    from engine.core.catalog import load_catalog
+    from engine.core.settings import Settings
+
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS", '{"anthropic": {"api": "anthropic", "api_key_env": '
+                       '"ANTHROPIC_API_KEY"}, "google": {"api": "openai", "api_key_env": "GEMINI_API_KEY", '
+                       '"base_url": "https://generativelanguage.googleapis.com/v1beta/openai/"}}')
+    settings = Settings()
+    catalog = load_catalog(settings.catalog_path)
+    gemini, claude = KEYS["GEMINI_API_KEY"], KEYS["ANTHROPIC_API_KEY"]
+    google = _client("google", settings, catalog)
+    pairs = [(_client("anthropic", settings, catalog).client, anthropic.AsyncAnthropic(api_key=claude)),
+             (google.client, openai.AsyncOpenAI(api_key=gemini)),
+             (google._native, openai.AsyncOpenAI(api_key=gemini, default_headers={"x-goog-api-key": gemini}))]
+    for made, before in pairs:
+        sent = {k: v for k, v in {**made.default_headers, **made.auth_headers}.items() if isinstance(v, str)}
+        assert sent == {k: v for k, v in {**before.default_headers, **before.auth_headers}.items()
+                        if isinstance(v, str)}
+        assert any(gemini in v or claude in v for v in sent.values()), sent
+
+
+def test_an_endpoint_tenant_key_refused_holds_no_key_in_its_frames(monkeypatch):
+    """``serve --http-tenant-key`` reads each tenant's key and refuses a key two tenants share: the refusal raised
+    with the key a plain local of ``_tenant_keys`` (fails on the code before: ``_tenant_keys.key``)."""
+    from engine.app.cli_serve import _tenant_keys
+
+    monkeypatch.setenv("ACME_KEY", KEYS["OPENAI_API_KEY"])
+    monkeypatch.setenv("BETA_KEY", KEYS["OPENAI_API_KEY"])
+    with pytest.raises(ConfigError, match="holds the same key as ACME_KEY") as got:
+        _tenant_keys(["acme=ACME_KEY", "beta=BETA_KEY"], 8000, None, None)
+    assert _quoted(got.value) == []
