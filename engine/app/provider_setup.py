@@ -5,12 +5,12 @@ from __future__ import annotations
 import collections
 import datetime
 import os
-import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from engine.core._catalog_errors import _closest
 from engine.core._logkeys import get_logger, masked_url
+from engine.core._masked_repr import is_variable_name
 from engine.core._settings_providers import (
     PRESETS,
     add_endpoint,
@@ -31,7 +31,6 @@ __all__ = ["check_simulated", "http_setup", "is_variable_name", "key_problems", 
 
 log = get_logger("smartbatch.providers")
 
-_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an environment variable's name (OpenAI's and Anthropic's keys hold a -)
 RETIRING_DAYS = 30  # a model that shuts down within this many days is named at every start that calls it
 
 
@@ -88,12 +87,6 @@ def speedup_problem(catalog: Catalog, settings: Settings, speedup: float) -> str
                     "(speedup=1.0), or point it at the emulator (smartbatch emulate --speedup N; --base-url) to "
                     "compress time")
     return None
-
-
-def is_variable_name(text: str) -> bool:
-    """Whether ``text`` can name an environment variable: where a key's variable is asked for, anything else may be
-    the key itself, pasted in its place, and is refused without being quoted."""
-    return _VAR.fullmatch(text) is not None
 
 
 def _key_problem(settings: Settings, name: str, key: Secret) -> str | None:

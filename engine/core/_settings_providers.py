@@ -8,13 +8,14 @@ import ipaddress
 import json
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.core._gemini import GEMINI_OPENAI_URL
 from engine.core._logkeys import masked_url
+from engine.core._masked_repr import MaskedRepr
 from engine.core._settings_env import env_names
 from engine.core.errors import ConfigError
 
@@ -22,11 +23,13 @@ from engine.core.errors import ConfigError
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 
 
-class ProviderEndpoint(BaseModel):
+class ProviderEndpoint(MaskedRepr, BaseModel):
     """How to reach one provider over HTTP. The key is read from the environment variable named here, by the
     driver, and handed to the dispatcher inside a ``Secret`` that never prints."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    masked_urls: ClassVar[tuple[str, ...]] = ("base_url",)  # its repr's (``MaskedRepr``)
+    variable_names: ClassVar[tuple[str, ...]] = ("api_key_env",)
     api: Literal["openai", "anthropic"] = Field(description="wire format: openai (any OpenAI-compatible server: "
                                                 "vLLM, Ollama, Together, Groq, a LiteLLM proxy) or anthropic")
     base_url: str | None = Field(default=None, description="None: the SDK's default (or OPENAI_BASE_URL / "

@@ -23,12 +23,13 @@ from __future__ import annotations
 import functools
 import math
 import re
-from typing import Literal, NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.core._budget_windows import parse_duration, window_bounds, window_label
 from engine.core._budget_words import EPS, deferred_never, deferred_reason
+from engine.core._masked_repr import MaskedRepr
 
 __all__ = ["LEDGER", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
            "parse_duration", "usd", "verdict_of", "window_bounds", "window_label", "window_row"]
@@ -294,11 +295,12 @@ def window_row(s: BudgetSpec, key: str, spent: float, reserved: float) -> dict:
             "soft_exceeded": s.soft_budget is not None and spent > s.soft_budget}
 
 
-class BudgetSettings(BaseModel):
+class BudgetSettings(MaskedRepr, BaseModel):
     """Budgets of an engine or a simulation (``SMARTBATCH_BUDGETS__SPECS='[{"tenant": "acme",
     "max_budget": 50, "budget_duration": "1d"}]'``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    masked_urls: ClassVar[tuple[str, ...]] = ("redis_url",)  # its repr's: a password (``MaskedRepr``)
     specs: tuple[BudgetSpec, ...] = ()
     throttle: Throttle = Throttle()
     reserve_output: Literal["model_max", "request"] = Field(

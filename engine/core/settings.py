@@ -7,7 +7,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from engine.core._budget_check import limit_problem
 from engine.core._logkeys import masked_url
+from engine.core._masked_repr import MaskedRepr
 from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain
 from engine.core._settings_providers import ProviderEndpoint, ProvidersSettings
 from engine.core.budgets import BudgetSettings, BudgetSpec
@@ -112,10 +113,11 @@ class TurnaroundLearning(BaseModel):
                            "stays as it is, a wrong one shows at once; 0: the plain fit")
 
 
-class CacheSettings(BaseModel):
+class CacheSettings(MaskedRepr, BaseModel):
     """The result cache of the live engine (``SMARTBATCH_CACHE__REDIS_URL=redis://host:6379/0`` and so on)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    masked_urls: ClassVar[tuple[str, ...]] = ("redis_url",)  # its repr's: a password (``MaskedRepr``)
     memory_max_entries: int = Field(default=100_000, ge=1, description="entries kept in the process")
     memory_max_mb: float = Field(default=512.0, gt=0, description="bytes kept in the process, in MiB")
     ttl_s: float = Field(default=7 * 86400.0, gt=0, description="how long a result may be reused, per entry")
@@ -153,10 +155,11 @@ class MetricsSettings(BaseModel):
                              "tenants seen later count under tenant=\"_other\" (0: every tenant does)")
 
 
-class JournalSettings(BaseModel):
+class JournalSettings(MaskedRepr, BaseModel):
     """Where the engine journals what must survive an actor's restart (``SMARTBATCH_JOURNAL__REDIS_URL``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+    masked_urls: ClassVar[tuple[str, ...]] = ("redis_url",)  # its repr's: a password (``MaskedRepr``)
     redis_url: str | None = Field(default=None, description="None: the budgets' or the cache's Redis when one is "
                                   "set, else the result hub's memory")
     redis_cluster: bool = Field(default=False, description="journal.redis_url is a node of a Redis Cluster (the "

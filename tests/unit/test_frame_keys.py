@@ -17,7 +17,8 @@ from engine.core.errors import ConfigError, SmartbatchError
 # Key-shaped, split so no scan of real keys flags the fakes; each provider its own, to say whose leaked.
 KEYS = {"OPENAI_API_KEY": "sk-proj-" + "FRAMEKEYopenai0123456789abcdef",
         "ANTHROPIC_API_KEY": "sk-ant-" + "FRAMEKEYanthropic0123456789ab",
-        "GEMINI_API_KEY": "AIza" + "FRAMEKEYgemini0123456789abcdefghijklm"}
+        "GEMINI_API_KEY": "AIza" + "FRAMEKEYgemini0123456789abcdefghijklm",
+        "REDIS_PASSWORD": "FRAMEKEYredis-password-42"}
 
 
 def _quoted(exc: BaseException) -> list[str]:
@@ -81,6 +82,27 @@ def test_a_start_that_fails_after_reading_the_keys_holds_none_in_its_frames(keye
         monkeypatch.setattr(driver, "take_back", _interrupt)
     with pytest.raises(SmartbatchError if where == "policy" else _CtrlC) as got:
         Engine.start(policy="no-such-policy" if where == "policy" else "smart")
+    assert _quoted(got.value) == []
+
+
+def test_a_start_refused_for_its_settings_shows_no_credential_of_them_in_its_frames(keyed_env, monkeypatch):
+    """A key pasted where its variable's name goes (``api_key_env``), refused by the start without quoting it; an
+    endpoint's base URL with a key as its user (a proxy's); Redis URLs with a password. The settings are a local of
+    every frame of the start, and pydantic's repr printed them whole (``Engine.start.settings``,
+    ``http_setup.ep``, ...): fails on the code before. Their repr masks them now, their values unchanged."""
+    from engine.app.driver import Engine
+    from engine.core.settings import load_settings
+
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__ANTHROPIC__API_KEY_ENV", KEYS["ANTHROPIC_API_KEY"])
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__BASE_URL",
+                       f"https://{KEYS['OPENAI_API_KEY']}@proxy.invalid/v1")
+    for part in ("BUDGETS", "CACHE", "JOURNAL"):
+        monkeypatch.setenv(f"SMARTBATCH_{part}__REDIS_URL", f"redis://:{KEYS['REDIS_PASSWORD']}@127.0.0.1:1/0")
+    settings = load_settings()
+    assert settings.budgets.redis_url == f"redis://:{KEYS['REDIS_PASSWORD']}@127.0.0.1:1/0"  # the value itself
+    with pytest.raises(ConfigError, match="api_key_env: give the name of the environment variable") as got:
+        Engine.start(settings)
+    del settings
     assert _quoted(got.value) == []
 
 
