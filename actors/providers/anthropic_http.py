@@ -84,9 +84,13 @@ class AnthropicProvider(HttpBase):
         import anthropic
 
         self._sdk = anthropic
+        # The key goes in x-api-key, where Anthropic's API reads an API key: the SDK (2.17) sends ``api_key`` as an
+        # ``Authorization: Bearer``, an OAuth token's header, refused for a key (rvkeys85); the header is left out.
         self.client = keyed(anthropic.AsyncAnthropic(api_key=STAND_IN, base_url=self.endpoint.base_url,
-                                                     max_retries=0, timeout=self.endpoint.http_timeout(anthropic)),
-                            self._key)
+                                                     max_retries=0, timeout=self.endpoint.http_timeout(anthropic),
+                                                     default_headers={"X-Api-Key": STAND_IN,
+                                                                      "Authorization": anthropic.Omit()}),
+                            self._key, "X-Api-Key")
         # What its calls read or wrote, warm for one TTL from their answer (the groupers' belief, ``WarmNote``,
         # counts from the call's start: it must hold wherever in a batch a member ran).
         self._warm = PrefixWarmth(max((pc.ttl_s for m in self.spec.models if (pc := self.spec.cache_of(m))),

@@ -170,7 +170,9 @@ def test_the_sdk_clients_send_the_key_given_after_they_are_made(keyed_env, monke
     catalog = load_catalog(settings.catalog_path)
     gemini, claude = KEYS["GEMINI_API_KEY"], KEYS["ANTHROPIC_API_KEY"]
     google = _client("google", settings, catalog)
-    pairs = [(_client("anthropic", settings, catalog).client, anthropic.AsyncAnthropic(api_key=claude)),
+    pairs = [(_client("anthropic", settings, catalog).client,  # its key in x-api-key (test_anthropic_key_header)
+              anthropic.AsyncAnthropic(api_key=claude, default_headers={"X-Api-Key": claude,
+                                                                        "Authorization": anthropic.Omit()})),
              (google.client, openai.AsyncOpenAI(api_key=gemini)),
              (google._native, openai.AsyncOpenAI(api_key=gemini, default_headers={"x-goog-api-key": gemini}))]
     for made, before in pairs:

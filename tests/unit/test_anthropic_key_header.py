@@ -1,0 +1,70 @@
+"""The Anthropic provider sends its key as ``x-api-key``, the header Anthropic's API reads an API key from
+(rvkeys85). The Anthropic SDK installed (2.17) sends ``api_key`` as ``Authorization: Bearer``, the header Anthropic
+reads an OAuth token from: an API key sent so is refused, and the project's emulator, which takes either, never
+showed it. No Ray, nothing sent: each request is answered by a transport in the test."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+KEY = "sk-ant-api03-" + "HEADERKEY0123456789abcdef"  # split so no scan of real keys flags the fake
+
+
+def _provider(monkeypatch) -> Any:
+    """The driver's Anthropic provider (``actors._stop_left._client``, as a stop makes it), its key ``KEY``."""
+    from actors._stop_left import _client
+    from engine.core.catalog import load_catalog
+    from engine.core.settings import Settings
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__MODE", "http")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS", '{"anthropic": {"api": "anthropic", "api_key_env": '
+                       '"ANTHROPIC_API_KEY", "base_url": "http://127.0.0.1:9"}}')
+    settings = Settings()
+    return _client("anthropic", settings, load_catalog(settings.catalog_path))
+
+
+@pytest.mark.parametrize("call", ["message", "stream", "batch_create", "batch_poll", "count", "copied_client"])
+def test_the_anthropic_provider_sends_its_key_as_x_api_key_alone(monkeypatch, call):
+    """Every route the provider calls (a Message, whole or streamed, a Message Batch's create and poll, a count) and a
+    copy of its client carry the key in ``x-api-key`` and no ``Authorization`` header; fails on the code before
+    (``Authorization: Bearer <key>``, no ``x-api-key``)."""
+    import anthropic
+    import httpx2
+    from anthropic._base_client import get_platform
+
+    sent: list[httpx2.Headers] = []
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        sent.append(request.headers)
+        return httpx2.Response(401, json={"type": "error", "error": {"type": "authentication_error", "message": "x"}})
+
+    p = _provider(monkeypatch)
+    p.client._client = anthropic.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(answer))
+    p.client._platform = get_platform()  # (read in a worker thread at the first call otherwise)
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    c = p.client
+
+    async def streamed() -> None:  # as the provider's sync calls stream (``_anthropic_stream``)
+        async with c.messages.stream(**body):
+            pass
+
+    async def go() -> None:
+        if call == "count":
+            await p.count_tokens(body)  # answers the refusal, raises none
+            return
+        made = {"message": lambda: c.messages.create(**body),
+                "stream": streamed,
+                "batch_create": lambda: c.messages.batches.create(requests=[], extra_headers={"Idempotency-Key": "k"}),
+                "batch_poll": lambda: c.messages.batches.retrieve("msgbatch_1"),
+                "copied_client": lambda: c.with_options(timeout=3.0).messages.batches.retrieve("msgbatch_1")}[call]
+        with pytest.raises(anthropic.AuthenticationError):
+            await made()
+
+    asyncio.run(go())
+    assert len(sent) == 1
+    assert sent[0].get("x-api-key") == KEY
+    assert "authorization" not in sent[0], sent[0].get("authorization", "")[:12]
