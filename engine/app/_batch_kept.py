@@ -3,7 +3,10 @@ and the choices its error file holds of lines of n choices (``engine.core._batch
 sent again (``--resume``), or a refusal to send them again (paid twice) without ``--overwrite``; and what the kept
 answers cost, counted against the budgets of this run, never less than they were billed. A line the error file
 says failed possibly billed (``BILLED_KEY``: it ran and its answer could not be read, or a call got none) is kept
-back too, written again as it was, unless ``--resend-possibly-billed`` asks for it to be sent again."""
+back too, written again as it was, unless ``--resend-possibly-billed`` asks for it to be sent again: then its
+bound goes with it (``BatchLine.billed``), counted in this run and carried on in the row its new answer or error
+gets. A kept answer's own ``BILLED_KEY`` (its earlier calls that got no answer: a flex call given up) is counted
+beside its cost, as its run's ledger counted it."""
 
 from __future__ import annotations
 
@@ -62,9 +65,20 @@ def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bo
     # sent it again all the same, paid twice (a review). Kept back, its error line as it was, unless asked.
     held = {} if resend_billed else {ln.no: billed[ln.custom_id] for ln in bf.lines
                                      if ln.custom_id in billed and ln.no not in kept and ln.request is not None}
-    lines = [dataclasses.replace(ln, kept=partly[ln.custom_id]) if ln.custom_id in partly else ln
-             for ln in bf.lines if ln.no not in kept and ln.no not in held]
+    lines = [_again(ln, partly, billed if resend_billed else {}) for ln in bf.lines
+             if ln.no not in kept and ln.no not in held]
     return BatchFile(bf.source, lines, bf.file_problems), kept, [ln for ln in bf.lines if ln.no in kept], held
+
+
+def _again(ln, partly: dict[str, dict], billed: dict[str, dict]):
+    """``ln`` to send again: with the choices its error row holds answered, and the bound of the earlier calls
+    that may have billed it (sent again by ``--resend-possibly-billed``: dropped, no later resume counted them)."""
+    from engine.core._batch_rows import billed_of
+
+    got = {"kept": partly[ln.custom_id]} if ln.custom_id in partly else {}
+    if ln.custom_id in billed and ln.request is not None:
+        got["billed"] = billed_of(billed[ln.custom_id])
+    return dataclasses.replace(ln, **got) if got else ln
 
 
 def billed_charges(lines: list, held: dict[int, dict], cat, out: Path) -> list:
@@ -97,18 +111,24 @@ def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
     its reserve bound, ``HttpBase._priced``); any other with none, at its list price. A line
     the cache answered (its request id says so) and a line that shares its request id with a line before it (a
     copy answered by that call) cost 0. A line of n choices is priced from the n calls' usage its answer adds up
-    (choice 0's among them, at its call's, when the cache answered it: more than it cost, never less)."""
+    (choice 0's among them, at its call's, when the cache answered it: more than it cost, never less). Beside its
+    cost, each kept answer's ``BILLED_KEY`` (its earlier calls that got no answer), and a line's ``billed`` (a line
+    sent again by ``--resend-possibly-billed``: what its earlier calls may have billed)."""
+    from engine.core._batch_rows import billed_of
     from engine.core.budgets import Charge
 
     charges, calls = [], set()
     for ln in lines:
         if ln.request is None:
             continue
-        answers = [(ln.request, kept[ln.no].get("response") or {})] if ln.no in kept else []
-        answers += [(ln.choices[k], c) for k, c in sorted(ln.kept.items())]
-        for req, resp in answers:
-            usd = _charged(req, resp, calls, cat)
+        answers = [(ln.request, kept[ln.no].get("response") or {}, billed_of(kept[ln.no]))] if ln.no in kept else []
+        answers += [(ln.choices[k], c, billed_of(c)) for k, c in sorted(ln.kept.items())]
+        for req, resp, bound in answers:
+            usd = _charged(req, resp, calls, cat) + bound
             charges.append(Charge(f"resume:{out}:{req.uid}", req.tenant, req.provider, req.model, usd))
+        if ln.billed > 0:
+            q = ln.request
+            charges.append(Charge(f"resume-billed:{out}:{q.uid}", q.tenant, q.provider, q.model, ln.billed))
     return charges
 
 

@@ -140,7 +140,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             if settings.budgets.specs and settings.budgets.redis_url is None:
                 # Budgets in this process start at 0: the kept lines were paid for, and a resumed run was granted
                 # the whole budget again (a helper's hunt: 1.85x a hard limit). With Redis they are counted there.
-                eng.count_spent(kept_charges(kept_lines + [ln for ln in bf.lines if ln.kept], kept, cat, out)
+                eng.count_spent(kept_charges(kept_lines + [ln for ln in bf.lines if ln.kept or ln.billed], kept, cat, out)
                                 + charges(rescued.results, out) + billed_charges(held_lines, held, cat, out))
             if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
                 err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "

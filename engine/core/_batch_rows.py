@@ -27,14 +27,17 @@ from engine.core.result import ANSWERED, CANCELLED, Result, why_not
 if TYPE_CHECKING:
     from engine.core.batchfile import BatchFile, BatchLine
 
-__all__ = ["BILLED_KEY", "CHOICES_KEY", "ERROR_CODES", "error_line", "list_price_usd", "output_line", "provider_status", "report",
-           "result_rows"]
+__all__ = ["BILLED_KEY", "CHOICES_KEY", "ERROR_CODES", "billed_of", "error_line", "list_price_usd", "output_line",
+           "provider_status", "report", "result_rows"]
 
 # Error codes of the error file, by the status of the request's result.
 ERROR_CODES = {"failed": "request_failed", "rejected": "request_rejected", "expired": "batch_expired"}
 CHOICES_KEY = "smartbatch_choices"  # an error line's answered choices (a line of n choices, one not answered)
 # An error line's bound, in USD, of calls that may have been billed (they ran and their answer could not be read,
-# or got none): ``smartbatch batch --resume`` keeps such a line back instead of paying for it again.
+# or got none): ``smartbatch batch --resume`` keeps such a line back instead of paying for it again. On an output
+# line (and an answered choice of ``CHOICES_KEY``), the bound of its earlier calls that got no answer (a flex call
+# given up at its timeout): a resume counts it beside the answer's cost, as the first run's ledger did. A key of our
+# own beside OpenAI's at the line's top level, as on the error line: readers of OpenAI's shape pass it over.
 BILLED_KEY = "smartbatch_possibly_billed_usd"
 _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
 # A report's dollars, to 1e-10 USD: the decimals of the endpoint's X-Smartbatch-Cost-Usd, well under the cheapest
@@ -42,6 +45,18 @@ _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads
 # "cost_usd": 0.0011542500000000001 (a user's walkthrough). The totals are the sums of the rounded lines, rounded:
 # a reader adding up the lines finds the total, and it is off the unrounded sum by at most 5e-11 a line.
 _USD_PLACES = 10
+
+
+def billed_of(row: Mapping[str, Any]) -> float:
+    """A row's (or an answered choice's) ``BILLED_KEY``, or 0 where it has none or not a positive finite number."""
+    v = row.get(BILLED_KEY)
+    return float(v) if type(v) in (int, float) and math.isfinite(v) and v > 0 else 0.0
+
+
+def _with_bound(row: dict, usd: float) -> dict:
+    if usd > 0:
+        row[BILLED_KEY] = usd
+    return row
 
 
 def _usd(x: float) -> float:
@@ -69,11 +84,13 @@ def _answer(url: str, req: Request, res: Result, created: int, raw: dict | None,
 def output_line(line: BatchLine, res: Result, *, created: int = 0, raw: dict | None = None,
                 request_id: str | None = None) -> dict:
     """A line of the output file for a succeeded (or reused) request; ``raw`` and ``request_id`` stand in for a
-    reused result's, which carries neither (the response of the line it reused)."""
+    reused result's, which carries neither (the response of the line it reused). ``BILLED_KEY``: its calls' and
+    its earlier runs' (``BatchLine.billed``) that got no answer, when any."""
     assert line.request is not None
     rid, body = _answer(line.url, line.request, res, created, raw, request_id)
-    return {"id": _req_id(line.request.tenant, line.custom_id), "custom_id": line.custom_id,
-            "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
+    return _with_bound({"id": _req_id(line.request.tenant, line.custom_id), "custom_id": line.custom_id,
+                        "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None},
+                       res.possibly_billed_usd + line.billed)
 
 
 def error_line(custom_id: str, code: str, message: str, *, tenant: str = "default") -> dict:
@@ -87,10 +104,8 @@ def _failed_line(custom_id: str, tenant: str, res: Result, say: str = "{}", bill
     the bound of its calls that may have been billed (``BILLED_KEY``), when not the result's own."""
     cancelled = (res.error or "").startswith(CANCELLED)
     code = "batch_cancelled" if cancelled else ERROR_CODES.get(res.status, "request_failed")
-    row = error_line(custom_id, code, say.format(why_not(res)), tenant=tenant)
-    billed = res.possibly_billed_usd if billed is None else billed
-    if billed > 0:  # a field of our own beside OpenAI's: readers of its shape pass it over
-        row[BILLED_KEY] = billed
+    row = _with_bound(error_line(custom_id, code, say.format(why_not(res)), tenant=tenant),
+                      res.possibly_billed_usd if billed is None else billed)
     status = provider_status(res)
     if status is not None:
         # The provider answered with an HTTP error: OpenAI's error file gives such a line its response (status
@@ -142,7 +157,7 @@ def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -
             rows.append(output_line(ln, res, created=created, raw=src.raw if src else None,
                                     request_id=src.provider_request_id if src else None))
         else:
-            rows.append(_failed_line(ln.custom_id, ln.request.tenant, res))
+            rows.append(_failed_line(ln.custom_id, ln.request.tenant, res, billed=res.possibly_billed_usd + ln.billed))
     return rows
 
 
@@ -154,7 +169,8 @@ def _choices_row(ln: BatchLine, by_id: Mapping[str, Result], called: Mapping[str
     n, answered, failed = len(ln.choices), [], None
     for k, q in enumerate(ln.choices):
         if k in ln.kept:
-            answered.append({"index": k, "request_id": ln.kept[k]["request_id"], "body": ln.kept[k]["body"]})
+            answered.append(_with_bound({"index": k, "request_id": ln.kept[k]["request_id"],
+                                         "body": ln.kept[k]["body"]}, billed_of(ln.kept[k])))
             continue
         res = by_id[q.id]
         if res.status not in ANSWERED:
@@ -163,18 +179,20 @@ def _choices_row(ln: BatchLine, by_id: Mapping[str, Result], called: Mapping[str
         src = _source(q, res, called) if res.status == "reused" and res.raw is None else None
         rid, body = _answer(ln.url, q, res, created, src.raw if src else None,
                             src.provider_request_id if src else None)
-        answered.append({"index": k, "request_id": rid, "body": body})
+        # An answered choice's earlier calls (a flex call given up): kept with it, as its line's would be.
+        answered.append(_with_bound({"index": k, "request_id": rid, "body": body}, res.possibly_billed_usd))
     if failed is None:
-        return {"id": _req_id(ln.request.tenant, ln.custom_id), "custom_id": ln.custom_id,
-                "response": {"status_code": 200, "request_id": answered[0]["request_id"],
-                             "body": merged_body([a["body"] for a in answered])}, "error": None}
+        return _with_bound({"id": _req_id(ln.request.tenant, ln.custom_id), "custom_id": ln.custom_id,
+                            "response": {"status_code": 200, "request_id": answered[0]["request_id"],
+                                         "body": merged_body([a["body"] for a in answered])}, "error": None},
+                           math.fsum(billed_of(a) for a in answered) + ln.billed)
     k, res = failed
     kept = (f"; {len(answered)} of the {n} choices were answered (paid for, unless the cache answered them): "
             f"they are in this line's {CHOICES_KEY}, and smartbatch batch --resume sends only the others"
             if answered else "")
     # Every failed choice's bound: the line goes back whole or not at all, and any of them may be on the bill.
     billed = sum(by_id[q.id].possibly_billed_usd for k2, q in enumerate(ln.choices) if k2 not in ln.kept
-                 and by_id[q.id].status not in ANSWERED)
+                 and by_id[q.id].status not in ANSWERED) + ln.billed
     row = _failed_line(ln.custom_id, ln.request.tenant, res, f"choice {k} of {n}: {{}}{kept}", billed)
     if answered:
         row[CHOICES_KEY] = answered

@@ -89,6 +89,9 @@ class BatchLine:
     problem: tuple[str, str] | None = None  # (field, message) when the line is not a valid request
     more: tuple[Request, ...] = ()  # choices 1 to n-1, ``<custom_id>/n<k>``
     kept: Mapping[int, dict] = field(default_factory=dict)  # choices an earlier run answered, by index (--resume)
+    # What earlier runs' calls of it that got no answer may have billed (a line --resend-possibly-billed sends
+    # again): its row carries it on (``BILLED_KEY``), so that no later resume counts it less.
+    billed: float = 0.0
 
     @property
     def choices(self) -> list[Request]:
