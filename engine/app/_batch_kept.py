@@ -10,7 +10,11 @@ beside its cost, as its run's ledger counted it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["RESEND_FLAG", "billed_charges", "earlier_answers", "kept_charges"]
@@ -19,10 +23,11 @@ RESEND_FLAG = "--resend-possibly-billed"
 
 
 def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bool, overwrite: bool,
-                    resend_billed: bool = False):
+                    resend_billed: bool = False, cat=None, say: Callable[[str], None] | None = None):
     """(the lines still to answer, with the choices kept from the error file; the rows of ``out`` kept, by line
     number; the lines they answer; the error rows of lines kept back as possibly billed, by line number).
-    ``ConfigError`` where a paid answer would be sent again or dropped."""
+    ``ConfigError`` where a paid answer would be sent again or dropped. ``say``: told of each ``BILLED_KEY`` kept
+    that holds no bound (``_mend``; ``cat`` prices it)."""
     from engine.core.batchfile import BatchFile, answered_choices, answered_lines, possibly_billed_lines
     from engine.core.errors import ConfigError
 
@@ -60,6 +65,7 @@ def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bo
                           f"that are not {input_file}'s (e.g. {foreign[0]!r}: no such custom_id, or not a line of as "
                           "many choices): it is another input's output, and resuming would drop them; give another "
                           "--out, or the input that made it")
+    _mend(ours, done, partly, billed, out, errors, cat, say)
     kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
     # It ran and its answer could not be read (or a call got none): its error said "not sent again", and a resume
     # sent it again all the same, paid twice (a review). Kept back, its error line as it was, unless asked.
@@ -68,6 +74,67 @@ def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bo
     lines = [_again(ln, partly, billed if resend_billed else {}) for ln in bf.lines
              if ln.no not in kept and ln.no not in held]
     return BatchFile(bf.source, lines, bf.file_problems), kept, [ln for ln in bf.lines if ln.no in kept], held
+
+
+def _mend(ours: dict, done: dict, partly: dict, billed: dict, out: Path, errors: Path, cat, say) -> None:
+    """Each ``BILLED_KEY`` of a row kept, a line held back or sent again, or a choice kept, that holds no bound
+    (edited by hand, or hostile: a string, negative, NaN, Infinity) is said, naming its file, line and field, and
+    set to what this run counts, so that no later resume counts less and the file is strict JSON again: the
+    reserve bound of its calls (what one more call of each could bill; a string spelling more, that). Read as 0
+    before (a review), the line was counted its answer alone, and an error line's sent again (maybe paid twice).
+    Its neighbours go on."""
+    from engine.core._batch_rows import bound_of
+    from engine.core.batchfile import BILLED_KEY, CHOICES_KEY
+
+    said: dict[str, None] = {}
+
+    def mend(row: dict, where: str, reqs: list) -> None:
+        if not isinstance(row, dict) or bound_of(row) is not None or not reqs:
+            return
+        nonlocal cat
+        if cat is None:
+            from engine.core.catalog import default_catalog
+            cat = default_catalog()
+        v, usd = row[BILLED_KEY], math.fsum(_dearest_bound(q, cat) for q in reqs)
+        with contextlib.suppress(TypeError, ValueError):
+            usd = max(usd, float(v)) if isinstance(v, str) and 0 <= float(v) < math.inf else usd
+        row[BILLED_KEY] = usd
+        said[f"{where}: field '{BILLED_KEY}' is {json.dumps(v)[:40]}, not a number of dollars >= 0: counted at "
+             f"${usd:.6f} (its calls' reserve bound, or the number it spells if more), and written so"] = None
+
+    for path, rows in ((out, done), (errors, billed), (errors, partly)):
+        for cid, row in rows.items():
+            ln = ours.get(cid)
+            if ln is None or ln.request is None:
+                continue
+            where = f"{path}, the line of custom_id {cid!r}"
+            if rows is partly:  # (its choices, by index)
+                for k, c in row.items():
+                    mend(c, f"{where}, {CHOICES_KEY} index {k}", ln.choices[k:k + 1])
+                continue
+            mend(row, where, ln.choices)
+            for c in row.get(CHOICES_KEY) or () if rows is billed else ():
+                k = c.get("index") if isinstance(c, dict) else None
+                if type(k) is int and 0 <= k < len(ln.choices):
+                    mend(c, f"{where}, {CHOICES_KEY} index {k}", ln.choices[k:k + 1])
+    for m in said:
+        (say or _log_warning)(m)
+
+
+def _dearest_bound(q, cat) -> float:
+    """The reserve bound of one call of ``q`` in the dearest mode its model takes (a model sync refuses raised
+    there, and the resume of every line with it)."""
+    from engine.core.cost import MODES, mode_allowed, reserve_bound
+
+    prov, spec = cat.provider(q.provider), cat.model(q.provider, q.model)
+    return max((reserve_bound(q, cat, m) for m in MODES if m != "reuse" and mode_allowed(prov, spec, m)),
+               default=0.0)
+
+
+def _log_warning(m: str) -> None:
+    from engine.core._logkeys import get_logger
+
+    get_logger("smartbatch.batch").warning("%s", m)
 
 
 def _again(ln, partly: dict[str, dict], billed: dict[str, dict]):

@@ -119,7 +119,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             err_console.print(note, style="yellow")
         every = bf.lines
         bf, kept, kept_lines, held = earlier_answers(bf, input_file, out, errors, resume=resume,
-                                                     overwrite=overwrite, resend_billed=resend_billed)
+                                                     overwrite=overwrite, resend_billed=resend_billed, cat=cat,
+                                                     say=lambda m: err_console.print(m, style="yellow", markup=False))
         held_lines = [ln for ln in every if ln.no in held]
         settings, rescued, sending = prepare(out, settings, cat, bf.requests, resume=resume, overwrite=overwrite,
                                              address=address, speedup=speedup)

@@ -27,8 +27,8 @@ from engine.core.result import ANSWERED, CANCELLED, Result, why_not
 if TYPE_CHECKING:
     from engine.core.batchfile import BatchFile, BatchLine
 
-__all__ = ["BILLED_KEY", "CHOICES_KEY", "ERROR_CODES", "billed_of", "error_line", "list_price_usd", "output_line",
-           "provider_status", "report", "result_rows"]
+__all__ = ["BILLED_KEY", "CHOICES_KEY", "ERROR_CODES", "billed_of", "bound_of", "error_line", "list_price_usd",
+           "output_line", "provider_status", "report", "result_rows"]
 
 # Error codes of the error file, by the status of the request's result.
 ERROR_CODES = {"failed": "request_failed", "rejected": "request_rejected", "expired": "batch_expired"}
@@ -47,10 +47,18 @@ _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads
 _USD_PLACES = 10
 
 
-def billed_of(row: Mapping[str, Any]) -> float:
-    """A row's (or an answered choice's) ``BILLED_KEY``, or 0 where it has none or not a positive finite number."""
+def bound_of(row: Mapping[str, Any]) -> float | None:
+    """A row's (or an answered choice's) ``BILLED_KEY``: 0 where it has none (or null), None where it holds no
+    number of dollars >= 0 (edited by hand, or hostile: a string, negative, NaN, Infinity, a bool)."""
     v = row.get(BILLED_KEY)
-    return float(v) if type(v) in (int, float) and math.isfinite(v) and v > 0 else 0.0
+    if v is None:
+        return 0.0
+    return float(v) if type(v) in (int, float) and math.isfinite(v) and v >= 0 else None
+
+
+def billed_of(row: Mapping[str, Any]) -> float:
+    """``bound_of``, 0 where it holds none (``engine.app._batch_kept`` mends such a value before it is read)."""
+    return bound_of(row) or 0.0
 
 
 def _with_bound(row: dict, usd: float) -> dict:

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from engine.core._batch_rows import (
     BILLED_KEY,
     CHOICES_KEY,
+    bound_of,
     error_line,
     list_price_usd,
     output_line,
@@ -307,10 +308,10 @@ def answered_choices(path: str | Path | list[dict]) -> dict[str, dict[int, dict]
 
 def possibly_billed_lines(path: str | Path | list[dict]) -> dict[str, dict]:
     """The lines of an error file an earlier run wrote that failed possibly billed (``BILLED_KEY``: a positive
-    bound), by ``custom_id``; none when the file is absent."""
+    bound, or a value that is no bound, edited by hand: kept back all the same, never sent again unasked), by
+    ``custom_id``; none when the file is absent."""
     return {row["custom_id"]: row for row in _rows(path) if row.get("error") is not None
-            and isinstance(row.get("custom_id"), str) and type(row.get(BILLED_KEY)) in (int, float)
-            and row[BILLED_KEY] > 0}
+            and isinstance(row.get("custom_id"), str) and bound_of(row) != 0}
 
 
 def _rows(path: str | Path | list[dict]) -> Iterable[dict]:

@@ -37,6 +37,7 @@ class _Engine(CtrlCEngine):
         self.state["counted"].extend(charges)
 
     def submit_many(self, reqs, on_invalid="raise"):
+        self.state["sent"] = [r.id for r in reqs]
         futs = []
         for r in reqs:
             if r.id in self.state["billed"]:
@@ -161,3 +162,90 @@ def test_a_line_sent_again_that_fails_billed_nothing_keeps_its_earlier_bound_and
     assert rows["b"][BILLED_KEY] == pytest.approx(BOUND) and BILLED_KEY not in rows["c"]
     _resume(p, out, state)
     assert _charged(state, p, "b") == [pytest.approx(BOUND)], state["counted"]  # kept back, at its bound, once
+
+
+def _strict(text: str) -> list[dict]:
+    """The lines of a file read as strict JSON (NaN and Infinity are Python's, no reader's of OpenAI's files)."""
+    def refuse(c: str):
+        raise ValueError(f"not JSON: {c}")
+    return [json.loads(x, parse_constant=refuse) for x in text.splitlines()]
+
+
+def _edit(path, cid: str, value, choice: int | None = None) -> None:
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for r in rows:
+        if r["custom_id"] == cid:
+            (r if choice is None else r[CHOICES_KEY][choice])[BILLED_KEY] = value
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize("value", ["0.0125", -1, float("nan"), float("inf"), True, [BOUND], "[/red]"],
+                         ids=["string", "negative", "nan", "infinity", "bool", "list", "markup"])
+def test_a_kept_answers_bound_that_is_no_number_is_said_naming_the_line_and_counted_never_less(rig, monkeypatch,
+                                                                                                value):
+    """An output line whose key was edited by hand (or is hostile): before (a review of resume85) it was read as 0
+    with no word, the line counted its answer alone ($0.0125 less for the string "0.0125"), and NaN or Infinity
+    written back, no JSON a strict reader takes. Now it is said, naming the file, the line and the field, counted
+    at its calls' reserve bound (a string spelling more, that), written so; its neighbour counted as before."""
+    p, out, _, state = rig
+    p.write_text("".join(_line(c) + "\n" for c in ("a", "d")) + _line("c", "Other.") + "\n")
+    state["flexed"] = {"a"}
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 0
+    _edit(out, "a", value)
+    monkeypatch.setenv("SMARTBATCH_BUDGETS__SPECS", BUDGET)
+    state["counted"].clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert f"custom_id 'a': field '{BILLED_KEY}' is" in said and "custom_id 'd'" not in said, r.output
+    (a,), (d,) = _charged(state, p, "a"), _charged(state, p, "d")
+    floor = BOUND if value == "0.0125" else _reserve(p, "a")
+    assert a >= d + floor - 1e-12 and d > 0, state["counted"]
+    rows = {x["custom_id"]: x for x in _strict(out.read_text())}
+    assert rows["a"][BILLED_KEY] == pytest.approx(a - d) and BILLED_KEY not in rows["d"]
+
+
+def test_an_error_lines_bound_that_is_no_number_keeps_the_line_back_and_counts_it(rig, monkeypatch):
+    """An error line's key spelled as a string: before (a review of resume85) it read as no bound, and the resume
+    was refused whole, every neighbour with it, the record beside OUT taking the file for "replaced, or its last
+    write failed" (without that record, the line was sent again, its first call maybe paid twice)."""
+    p, out, err, state = rig
+    p.write_text(_line("b") + "\n" + _line("c", "Other.") + "\n")
+    state["billed"] = {"b"}
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 0
+    _edit(err, "b", "0.0125")
+    monkeypatch.setenv("SMARTBATCH_BUDGETS__SPECS", BUDGET)
+    state["billed"] = set()
+    _resume(p, out, state)
+    assert state["sent"] == ["c"]  # "b" kept back
+    assert _charged(state, p, "b") == [pytest.approx(BOUND)], state["counted"]
+    assert {x["custom_id"]: x for x in _strict(err.read_text())}["b"][BILLED_KEY] == pytest.approx(BOUND)
+
+
+def test_a_kept_choices_bound_that_is_no_number_is_counted_at_its_calls_reserve_bound(rig, monkeypatch):
+    """A kept choice's key edited to -5: before (a review of resume85) it read as 0, the choice counted its answer
+    alone. "x" and "y" alike, both choices 0 given up at flex once; only x's key edited."""
+    p, out, err, state = rig
+    p.write_text(_line("x", n=2) + "\n" + _line("y", n=2) + "\n" + _line("c", "Other.") + "\n")
+    state["flexed"], state["refused"] = {"x", "y"}, {"x/n1", "y/n1", "c"}
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 0
+    _edit(err, "x", -5, choice=0)
+    monkeypatch.setenv("SMARTBATCH_BUDGETS__SPECS", BUDGET)
+    state["refused"] = {"c"}
+    state["counted"].clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    said = " ".join(r.output.split())
+    assert r.exit_code == 0 and f"'x', {CHOICES_KEY} index 0: field '{BILLED_KEY}' is -5" in said, r.output
+    assert "'y'" not in said and state["sent"] == ["x/n1", "y/n1", "c"]
+    (x,), (y,) = _charged(state, p, "x"), _charged(state, p, "y")
+    assert x == pytest.approx(y - BOUND + _reserve(p, "x", 1)), state["counted"]
+    rows = {x["custom_id"]: x for x in _strict(out.read_text())}
+    assert rows["x"][BILLED_KEY] == pytest.approx(_reserve(p, "x", 1)) and rows["y"][BILLED_KEY] == BOUND
+
+
+def _reserve(p, cid: str, n: int | None = None) -> float:
+    """The reserve bound of line ``cid``'s calls (its first ``n`` choices'): what a bound that is no number counts."""
+    from engine.core.cost import reserve_bound
+
+    line = next(ln for ln in read_batch_file(p, window_s=86400.0, catalog=CAT).lines if ln.custom_id == cid)
+    return sum(reserve_bound(q, CAT, "sync") for q in line.choices[:n])
