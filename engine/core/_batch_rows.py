@@ -53,7 +53,11 @@ def bound_of(row: Mapping[str, Any]) -> float | None:
     v = row.get(BILLED_KEY)
     if v is None:
         return 0.0
-    return float(v) if type(v) in (int, float) and math.isfinite(v) and v >= 0 else None
+    try:  # (an integer of 400 digits is JSON, and no float: read, it raised and ended the resume of every line)
+        usd = float(v) if type(v) in (int, float) else math.nan
+    except OverflowError:
+        return None
+    return usd if math.isfinite(usd) and usd >= 0 else None
 
 
 def billed_of(row: Mapping[str, Any]) -> float:

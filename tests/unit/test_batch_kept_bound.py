@@ -179,8 +179,8 @@ def _edit(path, cid: str, value, choice: int | None = None) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-@pytest.mark.parametrize("value", ["0.0125", -1, float("nan"), float("inf"), True, [BOUND], "[/red]"],
-                         ids=["string", "negative", "nan", "infinity", "bool", "list", "markup"])
+@pytest.mark.parametrize("value", ["0.0125", -1, float("nan"), float("inf"), 10 ** 400, True, [BOUND], "[/red]"],
+                         ids=["string", "negative", "nan", "infinity", "no-float", "bool", "list", "markup"])
 def test_a_kept_answers_bound_that_is_no_number_is_said_naming_the_line_and_counted_never_less(rig, monkeypatch,
                                                                                                 value):
     """An output line whose key was edited by hand (or is hostile): before (a review of resume85) it was read as 0
