@@ -350,3 +350,43 @@ def test_a_message_of_dispatches_is_observed_per_mode_in_one_step_as_one_at_a_ti
     assert shown(hub.metrics) == shown(ref)
     assert hub.metrics.registry.get_sample_value("smartbatch_batch_size_count",
                                                  {"provider": "openai", "mode": "sync"}) == 40
+
+
+def _labels_by_name(metrics: EngineMetrics) -> dict[str, set[str]]:
+    """Each exported sample name (with its type's suffixes) and the labels it carries."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    out: dict[str, set[str]] = {}
+    for m in vars(metrics).values():
+        if isinstance(m, MetricWrapperBase):
+            for suffix in _SUFFIXES.get(m._type, ("",)):
+                out[m._name + suffix] = set(m._labelnames) | ({"le"} if suffix == "_bucket" else set())
+    return out
+
+
+def test_every_label_the_dashboard_groups_or_names_a_series_by_is_one_its_metrics_carry():
+    """A ``by (...)`` label no metric of the query carries sums every series into one with no label: the panel
+    draws one line where it promised one per provider, and nothing says so."""
+    labels = _labels_by_name(EngineMetrics())
+    doc = json.loads(DASHBOARD.read_text())
+    for panel in doc["panels"]:
+        for t in panel.get("targets", []):
+            carried = set().union(*(labels.get(n, set()) for n in promql_metric_names(t["expr"])))
+            grouped = {x.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", t["expr"]) for x in g.split(",")}
+            shown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
+            assert grouped <= carried, (panel["title"], t["expr"], sorted(grouped - carried))
+            kept = (grouped or carried) - {"le"}  # an aggregation keeps only its ``by`` labels
+            assert shown <= kept, (panel["title"], t.get("legendFormat"), sorted(shown - kept))
+
+
+def test_a_panel_of_several_queries_names_each_ones_series():
+    """A panel with two queries and no legend names both series by their labels alone: the turnaround panel drew
+    two lines per provider, each ``{provider="openai"}``, with nothing to say which was the p50 and which the p95
+    (the same in the hedge, rate-limit wait, budget and cache panels; a helper's tour)."""
+    doc = json.loads(DASHBOARD.read_text())
+    for panel in doc["panels"]:
+        targets = panel.get("targets", [])
+        if len(targets) < 2:
+            continue
+        legends = [t.get("legendFormat", "") for t in targets]
+        assert all(legends) and len(set(legends)) == len(legends), (panel["title"], legends)
