@@ -19,4 +19,9 @@ def load_real(name: str, data: Path = DATA) -> Sequence[Request]:
     """One of ``FILES`` as requests, built with the default seed and catalog (an Azure trace keeps its time of
     day: ``TraceRequests``)."""
     path = data / FILES[name]
+    if not path.is_file():
+        # Every script reads the traces here: a missing directory ended in a traceback whose last line told the
+        # user to "pass an existing, readable file", which no flag of these scripts takes.
+        raise SystemExit(f"error: real data not found: {path} (the {name} trace) is not a file; pass --data DIR "
+                         f"or set SMARTBATCH_DATA_DIR to the directory that holds {', '.join(FILES.values())}")
     return from_mooncake(path) if name == "mooncake" else from_azure(path)

@@ -18,12 +18,8 @@ sys.path.insert(0, str(ROOT))
 
 from _real import DATA  # noqa: E402
 
-from engine.app.bench import (  # noqa: E402
-    PolicySpec,
-    _markdown,  # noqa: E402
-    run_bench,
-    write_outputs,
-)
+from engine.app._bench_output import _markdown  # noqa: E402
+from engine.app.bench import PolicySpec, run_bench, write_outputs  # noqa: E402
 from engine.core.tracegen import from_azure, from_mooncake  # noqa: E402
 
 POLICIES = ["naive", "cache-only", "fixed", "batch-all", "smart"]

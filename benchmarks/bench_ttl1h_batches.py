@@ -33,7 +33,7 @@ from engine.app.bench_seeds import run_seeds  # noqa: E402
 from engine.core import cost  # noqa: E402
 from engine.core.catalog import ProviderSpec, default_catalog  # noqa: E402
 
-HOUR_S, FIVE_MIN_S = 3600.0, 300.0
+HOUR_S = 3600.0
 
 
 def hour_terms(p: ProviderSpec) -> ProviderSpec:
@@ -56,7 +56,13 @@ def continuing(reqs, min_turns: int) -> set[str]:
 
 
 def patch(long_ids: set[str], whole: bool) -> None:
-    """Anthropic's batches priced with ``long_ids``' writes at the hour's terms (``SimProvider.end_batch``)."""
+    """Anthropic's batches priced with ``long_ids``' writes at the hour's terms (``SimProvider.end_batch``).
+
+    The loop is ``cost.price_batch``'s, member by member, so with no member continuing it bills what the simulator
+    bills: an explicit cache read by entries, a write ending at the last whole block (since stop 84). Until stop 85
+    it read the leading run of warm blocks and kept every block warm, the simulator's rule before stop 84: with no
+    member continuing it billed $0.18-0.34 a seed under the simulator on Mooncake seeds 0-3, and the hour's terms
+    looked cheaper by as much (docs/benchmarks.md, "Stop 85")."""
     plain = sim_providers.SimProvider.end_batch
 
     def end_batch(self, out):
@@ -70,28 +76,33 @@ def patch(long_ids: set[str], whole: bool) -> None:
         model = members[0].model
         hour = hour_terms(self.spec)
         spec = self.spec.models[model]
+        pc = self.spec.cache_of(model)
+        automatic = pc.automatic
         warm = {b for r in members for b in r.prefix_blocks if self._is_warm(model, b, done)}
         marks = cost.shared_prefix_marks(members, self.bt, cost.min_cacheable_tokens(self.spec, spec))
         for k, (r, ok) in enumerate(zip(members, oks)):
             long = r.id in long_ids
             mark = max(marks[k], len(r.prefix_blocks)) if long and whole else marks[k]
-            n_warm = next((j for j, b in enumerate(r.prefix_blocks) if b not in warm), len(r.prefix_blocks))
+            mark = min(mark, r.input_tokens // self.bt)  # the live body marks at most its last whole block
+            whole_blocks = r.prefix_blocks if automatic else r.prefix_blocks[:r.input_tokens // self.bt]
+            n_warm = cost.warm_run(whole_blocks, warm.__contains__, automatic)
             prov = hour if long else self.spec
             split = cost.cache_split(prov, prov.models[model], r.input_tokens, len(r.prefix_blocks), n_warm, mark,
                                      self.bt)
             price = cost.price_text(prov, prov.models[model], split, r.output_tokens, "batch_api")
             cached = cost.cached_blocks(split.read, split.write, self.bt) if ok else 0
+            ends = cost.left_warm(r, split.read, split.write, self.bt, automatic) if ok else ()
             out.members.append(sim_providers.Attempt(ok, done, price.total, cached))
-            warm.update(r.prefix_blocks[:cached])
-            for j, b in enumerate(r.prefix_blocks[:cached]):
-                if j >= n_warm:  # written by this member
-                    ttl = HOUR_S if long else FIVE_MIN_S
+            for b in ends:
+                if b not in warm:  # an entry this member wrote
+                    ttl = HOUR_S if long else pc.ttl_s
                 else:  # read: refreshed for the TTL its entry was written with (a sync call's: five minutes)
-                    ttl, since = ttl_of.get((model, b), (FIVE_MIN_S, None))
-                    ttl = ttl if since == self.warm_from[model].get(b) else FIVE_MIN_S
+                    ttl, since = ttl_of.get((model, b), (pc.ttl_s, None))
+                    ttl = ttl if since == self.warm_from[model].get(b) else pc.ttl_s
                 self._keep_warm(model, [b], done, done + ttl)
-                if j >= n_warm:
+                if b not in warm:
                     ttl_of[(model, b)] = ttl, self.warm_from[model][b]
+            warm.update(ends)
         return out.members
 
     sim_providers.SimProvider.end_batch = end_batch

@@ -26,6 +26,12 @@ from engine.sim.simulator import MODES, simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
 
+def mode_counts(mode: np.ndarray) -> dict[str, int]:
+    """How many requests ended in each mode that occurs, in ``MODES``' order: every mode, so the counts add up to
+    the requests (a fixed ``range(4)`` left out flex, the fifth)."""
+    return {name: int((mode == k).sum()) for k, name in enumerate(MODES) if (mode == k).any()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace", choices=sorted(FILES))
@@ -41,7 +47,7 @@ def main() -> None:
     prio = np.array([r.priority for r in res.requests])
     for p in ("urgent", "normal", "background"):
         sel = prio == p
-        modes = {MODES[m]: int((res.mode[sel] == m).sum()) for m in range(4) if (res.mode[sel] == m).any()}
+        modes = mode_counts(res.mode[sel])
         sub = [r for r, s in zip(res.requests, sel) if s]
         one_batch = sum(sum(x.total for x in price_batch([r for r in sub if r.model == m], cat, "batch_api"))
                         for m in {r.model for r in sub})
