@@ -364,6 +364,21 @@ def _labels_by_name(metrics: EngineMetrics) -> dict[str, set[str]]:
     return out
 
 
+# Aggregations that keep only their ``by`` labels (none without one); ``histogram_quantile`` and the
+# ``_over_time`` functions are not matched (no word boundary before ``quantile``, none after ``max``).
+_AGGREGATION = re.compile(r"\b(sum|avg|min|max|count|group|stddev|stdvar|quantile)\s*(\(|by\b)")
+
+
+def _label_faults(expr: str, legend: str, labels: dict[str, set[str]]) -> list[str]:
+    """The ``by`` labels of ``expr`` no metric of it carries, and the labels ``legend`` names that its series
+    have lost (or never had)."""
+    carried = set().union(*(labels.get(n, set()) for n in promql_metric_names(expr)))
+    grouped = {x.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", expr) for x in g.split(",")}
+    shown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", legend))
+    kept = (grouped if _AGGREGATION.search(expr) else carried) - {"le"}
+    return sorted(grouped - carried) + sorted(shown - kept)
+
+
 def test_every_label_the_dashboard_groups_or_names_a_series_by_is_one_its_metrics_carry():
     """A ``by (...)`` label no metric of the query carries sums every series into one with no label: the panel
     draws one line where it promised one per provider, and nothing says so."""
@@ -371,12 +386,20 @@ def test_every_label_the_dashboard_groups_or_names_a_series_by_is_one_its_metric
     doc = json.loads(DASHBOARD.read_text())
     for panel in doc["panels"]:
         for t in panel.get("targets", []):
-            carried = set().union(*(labels.get(n, set()) for n in promql_metric_names(t["expr"])))
-            grouped = {x.strip() for g in re.findall(r"\bby\s*\(([^)]*)\)", t["expr"]) for x in g.split(",")}
-            shown = set(re.findall(r"\{\{\s*(\w+)\s*\}\}", t.get("legendFormat", "")))
-            assert grouped <= carried, (panel["title"], t["expr"], sorted(grouped - carried))
-            kept = (grouped or carried) - {"le"}  # an aggregation keeps only its ``by`` labels
-            assert shown <= kept, (panel["title"], t.get("legendFormat"), sorted(shown - kept))
+            faults = _label_faults(t["expr"], t.get("legendFormat", ""), labels)
+            assert not faults, (panel["title"], t["expr"], t.get("legendFormat"), faults)
+
+
+def test_a_legend_label_an_aggregation_without_by_dropped_is_a_fault():
+    """``sum (rate(x[5m]))`` keeps no label, so a legend ``{{provider}}`` draws an empty name; the check took
+    every label of the metric as kept when no ``by`` was written (a review of stop 85)."""
+    labels = _labels_by_name(EngineMetrics())
+    expr = "sum (rate(smartbatch_hedge_kept_members_total[15m])) * 3600"
+    assert _label_faults(expr, "{{provider}} members kept", labels) == ["provider"]
+    assert _label_faults(expr.replace("sum ", "sum by (provider) "), "{{provider}} members kept", labels) == []
+    assert _label_faults("rate(smartbatch_hedge_kept_members_total[15m])", "{{provider}}", labels) == []
+    quantile = "histogram_quantile(0.5, sum by (provider, le) (rate(smartbatch_batch_turnaround_seconds_bucket[1h])))"
+    assert _label_faults(quantile, "{{provider}} p50", labels) == []
 
 
 def test_a_panel_of_several_queries_names_each_ones_series():
