@@ -28,19 +28,25 @@ class BatchEnds:
     async def _collect(self, job: BatchJob) -> None:
         why = _CANCELLED
         cut = 0  # lines the engine's cancel ended unanswered
+        stopped = False  # a line the engine's stop failed: the batch stays open for the next endpoint
         try:
             async for res in self.engine.as_completed(job.futures.values()):
                 if ended_by_stop(res, self.engine.gone):
-                    # Failed by the engine's stop, not answered: the batch stays open for the next endpoint (it
-                    # ended "completed", every line the stop caught an error line, its input gone).
-                    self._take_done(job)
-                    log.warning("endpoint: batch %s stays open: %s", job.id, res.error)
-                    return
+                    # Failed by the engine's stop, not answered (it ended "completed", every line the stop caught
+                    # an error line, its input gone). Collected on: the driver's result thread may hand over an
+                    # answer it got before the actors went (billed) after this failure. Ended here, that answer
+                    # waited for a clean shutdown's ``_take_done``; after a kill it was asked again, paid twice.
+                    if not stopped:
+                        log.warning("endpoint: batch %s stays open: %s", job.id, res.error)
+                    stopped = True
+                    continue
                 if cut_by_cancel(res):  # as by a stop, but the lines still in cancelled batches come after
                     cut += 1
                     continue
                 if (cid := job.take(res)) is not None and self.state is not None:
                     self.state.add_result(job.id, job.results[cid])
+            if stopped:
+                return
             if cut and job.status != "cancelling":
                 log.warning("endpoint: batch %s stays open: %d line(s) ended by the engine's cancel are asked "
                             "again at the next start", job.id, cut)
@@ -49,6 +55,9 @@ class BatchEnds:
             if job.status != "cancelling":
                 raise  # shutdown: the batch stays open
         except Exception as exc:  # a future failed (e.g. the engine stopped): the lines without a result fail
+            if stopped:  # not the stop's lines: they are asked again at the next start
+                self._take_done(job)
+                return
             why = f"the engine gave no result: {type(exc).__name__}: {words(exc)}"
         self._finish(job, why)
 

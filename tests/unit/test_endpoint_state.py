@@ -19,8 +19,8 @@ CREATE = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
 
 
 def until_counted(client, batch_id: str, completed: int, limit_s: float = 60.0):
-    # A bound, not a wait: a sound endpoint counts at once. 5 s failed a clean-clone rehearsal (stop 84) where the
-    # unit pass runs at idle priority beside the saturating integration pass, and its threads starved for longer.
+    # A bound, not a wait: a sound endpoint counts at once (the unit pass runs at idle priority beside the
+    # saturating integration pass, so its threads may starve for seconds).
     end = time.monotonic() + limit_s
     while (b := client.batches.retrieve(batch_id)).request_counts.completed < completed:
         assert time.monotonic() < end, b
@@ -254,8 +254,9 @@ def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answe
                 fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=ENGINE_CANCELLED))
             late[0].set_result(late[1])
             assert seen.wait(10)
-        # The late answer is taken by the batch's collector on its own loop: counted soon, not at once (a
-        # clean-clone rehearsal read the batch in between, once).
+        # The late answer is taken by the batch's collector on its own loop: counted soon, not at once. Two
+        # rehearsals' failures here (stops 56 and 84) were no slowness: the collector ended at the stop's failure,
+        # and an answer set after it ran was never taken (stop 85: the next test forces that order).
         kept = until_counted(client, b.id, 2)
         assert kept.status == "in_progress" and (kept.request_counts.completed, kept.request_counts.failed) == (2, 0)
     again = FakeEngine()  # a new engine under the next endpoint on the same state
@@ -265,6 +266,55 @@ def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answe
         done = wait_done(client, b.id)
         assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (3, 0)
         assert again.submitted == [f"{b.id}/b-slow"]  # only the line the stop caught is asked again
+
+
+@pytest.mark.parametrize("cut", ["stop", "stop-unsent"])
+def test_an_answer_that_comes_after_the_stops_first_failure_is_kept_at_once_not_asked_again(tmp_path, cut):
+    """A stop elsewhere fails a line (unsent, or cut with ``why``) and then the result thread hands over another
+    line's answer, got before the actors went (billed). The collector ended at the first failure: an answer that
+    came after it stayed untaken (the batch counted 1 of 2 for good, a clean-clone rehearsal's 60 s), kept only if
+    the endpoint stopped cleanly; after a kill the next endpoint asked it again, and it was paid twice. The order
+    is forced here: the late answer comes once the endpoint has said the batch stays open."""
+    import asyncio
+
+    from engine.app._driver_stop import unsent_at_stop
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.core.result import Result
+
+    eng, gone = FakeEngine(), "engine 'prod' was stopped"
+
+    async def first() -> tuple[str, dict]:
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, state_dir=tmp_path)
+        f = store._add_file("in.jsonl", "batch", (batch_line("b-slow", "cut") + "\n" + batch_line("c-slow", "late")
+                                                  + "\n").encode(), tenant="default")
+        view = await store._create_batch({"input_file_id": f.id, **CREATE}, "default", "batch_s", None)
+        job = store.batches[view["id"]]
+        (cut_fut, cut_res), (late_fut, answer) = eng._held
+        with said("stays open") as seen:
+            eng.gone = gone
+            cut_fut.set_result(Result(id=cut_res.id, tenant=cut_res.tenant, status="failed",
+                                      error=gone if cut == "stop" else unsent_at_stop(gone)))
+            for _ in range(1000):  # the collector runs on this loop: it takes the failure within a few turns
+                if seen.is_set():
+                    break
+                await asyncio.sleep(0)
+            assert seen.is_set()
+        late_fut.set_result(answer)
+        await job.task  # every future of the batch is resolved now: the collector ends
+        store.state.close()  # a kill: no shutdown takes what the collector left
+        return job.status, dict(job.results)
+
+    status, results = asyncio.run(first())
+    assert status == "in_progress" and list(results) == ["c-slow"] and results["c-slow"].output == "echo: late"
+    again = FakeEngine()
+
+    async def second() -> None:
+        store = FilesAndBatches(again, CAT, window_default_s=86400.0, state_dir=tmp_path)
+        await store.resume()
+        await store.shutdown()
+
+    asyncio.run(second())
+    assert again.submitted == ["batch_s/b-slow"]  # the late answer was kept: only the cut line is asked again
 
 
 def test_a_shutdown_keeps_the_answers_its_collectors_had_not_taken_yet(tmp_path):
