@@ -325,6 +325,66 @@ def test_an_answer_that_comes_after_the_stops_first_failure_is_kept_at_once_not_
     assert again.submitted == ["batch_s/b-slow"] + (["batch_s/c-slow"] if raised else [])
 
 
+def test_a_stop_that_fails_many_lines_says_once_that_the_batch_stays_open_and_a_line_left_open_holds_no_shutdown(
+        tmp_path):
+    """Two lines the stop failed (one unsent, one cut), one the engine's cancel cut, a late answer, and a line
+    still open when the endpoint stops: the batch says once that it stays open (a review of stop 85: its
+    collector, which goes on after the stop's first failure now, must not say it per line), keeps the late answer
+    at once, and the endpoint's shutdown ends with that line still open (no collector waits on it for good); the
+    next endpoint asks all but the answered line again, none twice."""
+    import asyncio
+
+    from engine.app._driver_stop import unsent_at_stop
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.core.result import ENGINE_CANCELLED, Result
+
+    eng, gone = FakeEngine(), "engine 'prod' was stopped"
+    names = ["a-slow", "b-slow", "c-slow", "d-slow", "e-slow"]
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: "stays open" in rec.getMessage() and records.append(rec.getMessage())
+
+    async def first() -> tuple[str, list[str], bool]:
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, state_dir=tmp_path)
+        f = store._add_file("in.jsonl", "batch", "".join(batch_line(n, n) + "\n" for n in names).encode(),
+                            tenant="default")
+        view = await store._create_batch({"input_file_id": f.id, **CREATE}, "default", "batch_s", None)
+        job = store.batches[view["id"]]
+        (fa, ra), (fb, rb), (fc, rc), (fd, answer), _open = eng._held
+        eng.gone = gone
+        for fut, res, why in ((fa, ra, unsent_at_stop(gone)), (fb, rb, gone), (fc, rc, ENGINE_CANCELLED)):
+            fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=why))
+        for _ in range(1000):  # the collector runs on this loop: it takes the three within a few turns
+            if records:
+                break
+            await asyncio.sleep(0)
+        fd.set_result(answer)  # the late answer, once the batch has said it stays open
+        for _ in range(1000):
+            if "d-slow" in job.results:
+                break
+            await asyncio.sleep(0)
+        at_once = list(job.results)  # before the shutdown's own take-back, which a kill never runs
+        await asyncio.wait_for(store.shutdown(), 10)  # a bound, not a wait: it ends at once
+        return job.status, at_once, job.task.done()
+
+    logging.getLogger("smartbatch.endpoint").addHandler(handler)
+    try:
+        status, taken, ended = asyncio.run(first())
+    finally:
+        logging.getLogger("smartbatch.endpoint").removeHandler(handler)
+    assert (status, taken, ended) == ("in_progress", ["d-slow"], True)
+    assert len(records) == 1, records
+    again = FakeEngine()
+
+    async def second() -> None:
+        store = FilesAndBatches(again, CAT, window_default_s=86400.0, state_dir=tmp_path)
+        await store.resume()
+        await store.shutdown()
+
+    asyncio.run(second())
+    assert sorted(again.submitted) == [f"batch_s/{n}" for n in names if n != "d-slow"]
+
+
 def test_a_shutdown_keeps_the_answers_its_collectors_had_not_taken_yet(tmp_path):
     """The endpoint stops while a line's answer is in (its future resolved) but not yet taken by the batch's
     collector: it is kept on disk, and the next endpoint asks only the line that had none."""
