@@ -56,13 +56,16 @@ def _tagless(prefix: str, setting: str) -> str:
             "give a prefix that does not start with '}', or one that holds its tag, such as '{smartbatch}'")
 
 
-def async_client(url: str, *, cluster: bool, timeout_s: float, retries: bool = True) -> Any:
+def async_client(url: str, *, cluster: bool, timeout_s: float, retries: bool = True, name: str = "redis") -> Any:
     """A ``redis.asyncio`` client of ``url``: ``RedisCluster`` when ``cluster``, else ``Redis``. ``retries=False``:
     no client-side retries, the caller's outage policy answers at once (a cluster client still follows ``MOVED``
-    and ``ASK``, which are not failures)."""
+    and ``ASK``, which are not failures). Closed with ``actors._redis_gate.close_client`` (its gate, named ``name``:
+    no connection opens after the close)."""
     import redis.asyncio as aioredis
     from redis.asyncio.retry import Retry
     from redis.backoff import NoBackoff
+
+    from actors._redis_gate import gate
 
     kw: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
     if not retries:
@@ -73,8 +76,8 @@ def async_client(url: str, *, cluster: bool, timeout_s: float, retries: bool = T
         # Unbounded, as a single Redis's pool is: by default it holds 100 connections a node and raises
         # MaxConnectionsError past them, at once, which the ledger (all on one node; its actor answers up to 1000
         # calls at once) and the cache read as Redis down (300 claims at once: 200 budget_unavailable, a review).
-        return RedisCluster.from_url(url, max_connections=2**31, **kw)
-    return aioredis.Redis.from_url(url, **kw)
+        return gate(RedisCluster.from_url(url, max_connections=2**31, **kw), name)
+    return gate(aioredis.Redis.from_url(url, **kw), name)
 
 
 def is_cluster_client(client: Any) -> bool:

@@ -93,7 +93,7 @@ class BudgetController(LedgerCalls, LedgerJournal, OutboxJournal, OutboxAtStop, 
             try:
                 # No client-side retries: the outage policy is this actor's (answer at once while down).
                 client = async_client(settings.redis_url, cluster=settings.redis_cluster,
-                                      timeout_s=settings.redis_timeout_s, retries=False)
+                                      timeout_s=settings.redis_timeout_s, retries=False, name="budget ledger")
             except Exception as exc:  # a URL redis-py refuses: reported by check_ledger, at start
                 self._config_error = f"setting budgets.redis_url = {self._url!r}: {exc}"
                 self.book = BudgetBook(list(settings.specs), settings.throttle)
@@ -151,8 +151,10 @@ class BudgetController(LedgerCalls, LedgerJournal, OutboxJournal, OutboxAtStop, 
             self.book.stop_watch()
         # Ended before the client closes: one woken after it opened a connection nothing closed (stop 80).
         await self._loops_ended(self._flusher, getattr(self.book, "_watcher", None))
-        if client is not None:
-            await client.aclose()
+        if client is not None:  # for good: a claim after it is refused, opening no connection (``actors._redis_gate``)
+            from actors._redis_gate import close_client
+
+            await close_client(client)
 
     async def set_clock(self, clock, base: float = 0.0) -> None:
         self.clock, self.base = clock, base

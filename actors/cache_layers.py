@@ -198,7 +198,7 @@ class RedisLayer:
         self.sleep = sleep  # waits ``now``'s seconds: a test injects one that moves its manual clock
         # No client-side retries: a retry would multiply a slow Redis's latency into every lookup. This
         # layer's own down/retry cycle is the policy.
-        self.client = async_client(url, cluster=cluster, timeout_s=timeout_s, retries=False)
+        self.client = async_client(url, cluster=cluster, timeout_s=timeout_s, retries=False, name="cache")
         self.up = True
         self._retry_at = 0.0
         self._pending: deque[tuple[str, bytes, int, float]] = deque()  # (key, value, ttl_ms, when buffered)
@@ -368,4 +368,8 @@ class RedisLayer:
         return out
 
     async def close(self) -> None:
-        await self.client.aclose()
+        """For good: a read or write after it is refused (a miss, a buffered write), never a connection opened again
+        on the emptied pool and left open (``actors._redis_gate``)."""
+        from actors._redis_gate import close_client
+
+        await close_client(self.client)

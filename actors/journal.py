@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from actors._hub_journal import HubJournal, MemoryJournalStore
 from actors._journal_seal import JournalSeal
 from actors._journal_watch import RecordsWatch
+from actors._redis_gate import CLOSE_WAIT_S
 from engine.core._logkeys import get_logger
 from engine.core.resilience import retry_delay
 
@@ -40,7 +41,6 @@ DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: abo
 DELETE_BASE_S, DELETE_MAX_S = 0.2, 60.0  # real seconds between a failed delete's tries: doubling, then every minute
 JOURNAL_TTL_S = 8 * 86400  # a Redis journal's space outlives its last write by this long: a batch's 24 h and more
 JOURNAL_REFRESH_S = 86400.0  # real seconds between pushes of the expiry of the spaces a running journal holds
-CLOSE_WAIT_S = 10.0  # real seconds a close waits for the commands other tasks have out (a close, not a drain)
 T = TypeVar("T")
 
 
@@ -113,11 +113,14 @@ class RedisJournal(RecordsWatch):
                  rewrite: Callable[[], Awaitable[Any]] | None = None, cluster: bool = False,
                  seal: JournalSeal | None = None):
         from actors._redis_cluster import async_client, namespace
+        from actors._redis_gate import gate_of
 
-        self._client = async_client(url, cluster=cluster, timeout_s=timeout_s)
         # On a Redis Cluster, every space of the engine's journal under one hash tag: one node holds them, and the
         # watch reads that node's run_id (a restart of it loses them all, or none). Named as before on one Redis.
         self._base = namespace(f"{prefix}:journal:{engine}", cluster) + ":"
+        self._client = async_client(url, cluster=cluster, timeout_s=timeout_s, name=f"journal {self._base}")
+        # Counts the commands out (``_use``), which the close waits for, and refuses any after it: see ``close``
+        self._gate = gate_of(self._client)
         self._spaces: set[str] = set()  # those this journal wrote, read or cleared: its keeper pushes their expiry
         self._keeper: asyncio.Task | None = None
         self._closed = False
@@ -125,8 +128,6 @@ class RedisJournal(RecordsWatch):
         self._rewrite, self._watcher, self._server = rewrite, None, None
         self._unwritten = False  # a write failed (Redis full, away), or another Redis answers: written again
         self._checking = asyncio.Lock()
-        # Commands out now (``_use``), and the close's wait for them to end: see ``close``
-        self._busy, self._quiet = 0, None
         # Written with the records, so a restarted holder tells a Redis that lost them from one it never wrote to
         # (``actors._journal_seal``): None for a holder that need not (its records are read back as they are).
         self.seal = seal
@@ -211,20 +212,11 @@ class RedisJournal(RecordsWatch):
     @contextlib.asynccontextmanager
     async def _use(self):
         """The client, for one command (or pipeline) counted as out until it ends; refused once closed."""
-        if self._closed:
-            from redis.exceptions import ConnectionError as RedisConnectionError
-
-            raise RedisConnectionError(f"journal {self._base} is closed")
-        self._busy += 1
-        try:
+        async with self._gate.use():
             yield self._client
-        finally:
-            self._busy -= 1
-            if not self._busy and self._quiet is not None and not self._quiet.done():
-                self._quiet.set_result(None)
 
     async def close(self) -> None:
-        self._closed = True
+        self._closed = self._gate.closed = True  # a command after this is refused (``_use``)
         tasks = [t for t in (self._keeper, self._watcher) if t is not None and t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
@@ -234,13 +226,11 @@ class RedisJournal(RecordsWatch):
         # The commands other tasks have out end first: the pool's close cut a connection under one, and the client's
         # retry connected it again on a pool nothing closes any more, left open for the collector (a ResourceWarning
         # that failed stop 84's CI, an ingest's read in test_journal_redis_restart.py). A command after the close is
-        # refused (``_use``), so none opens a connection after it.
-        if self._busy:
-            self._quiet = asyncio.get_running_loop().create_future()
-            await asyncio.wait({self._quiet}, timeout=CLOSE_WAIT_S)
+        # refused (``_use``), and a connection after it too (``actors._redis_gate``: a command no ``_use`` counts).
+        await self._gate.drain(CLOSE_WAIT_S)
         if self.seal is not None:
             self.seal.close()
-        await self._client.aclose()
+        await self._gate.close(self._client)
 
 
 class JournalWriter:
