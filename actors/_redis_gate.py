@@ -31,6 +31,7 @@ class ClientGate:
         # counted out before the close may still connect, or reconnect on a retry: its connection is emptied then)
         self.out = 0
         self._quiet: asyncio.Future | None = None
+        self._until: float | None = None  # the loop's time the close's one bound ends (``begin``)
 
     def __repr__(self) -> str:
         return f"ClientGate({self.name!r}, closed={self.closed}, out={self.out})"
@@ -54,12 +55,24 @@ class ClientGate:
             if not self.out and self._quiet is not None and not self._quiet.done():
                 self._quiet.set_result(None)
 
-    async def drain(self, wait_s: float = CLOSE_WAIT_S) -> None:
-        """Refuse commands from now on (``use``) and wait, bounded, for those counted out to end."""
+    def begin(self, wait_s: float = CLOSE_WAIT_S) -> float:
+        """Refuse commands from now on (``use``); the real seconds left of the close's one bound, ``wait_s`` from the
+        first call: a close that waits in steps (the journal's: its tasks, then its commands, then ``close``) waits
+        ``wait_s`` in all, where each step's own bound added up (20 s with a command held out, a review)."""
         self.closed = True
-        if self.out:
-            self._quiet = asyncio.get_running_loop().create_future()
-            await asyncio.wait({self._quiet}, timeout=wait_s)
+        now = asyncio.get_running_loop().time()
+        if self._until is None:
+            self._until = now + wait_s
+        return max(0.0, self._until - now)
+
+    async def drain(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Refuse commands from now on (``use``) and wait, within the close's bound (``begin``), for those counted
+        out to end."""
+        left = self.begin(wait_s)
+        if self.out and left > 0:
+            if self._quiet is None or self._quiet.done():
+                self._quiet = asyncio.get_running_loop().create_future()
+            await asyncio.wait({self._quiet}, timeout=left)
 
     async def close(self, client: Any, wait_s: float = CLOSE_WAIT_S) -> None:
         """``drain``, then close ``client`` (this gate's) for good."""

@@ -279,3 +279,31 @@ class HeldHub(ResultHub):
                                   seq: int | None = None) -> str:
         await self._gate()
         return await super().journal_put_checked(space, blobs, store, seq)
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock moves only when nothing is ready: it jumps to its next timer. A wait between
+    events, a whole call's bound and the gaps of a served stream are its seconds, so which timer fires first is
+    the test's numbers, never the machine's speed: in real seconds, a loaded machine's stall of 1 s (a run at
+    idle priority beside busy cores) crossed a wait between events 16 ms apart. No thread may be waited for in it
+    (its clock would jump past the wait): an SDK client's platform is read before (``test_anthropic_stream._paced``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._now, select = 0.0, self._selector.select
+
+        def jump(timeout: float | None = None) -> list:
+            ready = select(0 if timeout is not None else None)
+            if not ready and timeout:
+                self._now += timeout
+            return ready
+
+        self._selector.select = jump  # type: ignore[method-assign]
+
+    def time(self) -> float:
+        return self._now
+
+
+def in_virtual_time(go: Any) -> Any:
+    with asyncio.Runner(loop_factory=VirtualLoop) as runner:
+        return runner.run(go())

@@ -15,6 +15,7 @@ import pytest
 import actors.providers._anthropic_stream as anthropic_stream
 import actors.providers.anthropic_http as anthropic_http
 from engine.emulator import Emulator
+from tests.unit.helpers import in_virtual_time
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     CAT,
     KEY,
@@ -27,34 +28,6 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     req,
 )
 from tests.unit.test_money_hunt import _drained
-
-
-class _VirtualLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock moves only when nothing is ready: it jumps to its next timer. A wait between
-    events, a whole call's bound and the gaps of a served stream are its seconds, so which timer fires first is
-    the test's numbers, never the machine's speed: in real seconds, a loaded machine's stall of 1 s (a run at
-    idle priority beside busy cores) crossed a wait between events 16 ms apart. No thread may be waited for in it
-    (its clock would jump past the wait): the client's platform is read before (``_paced``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._now, select = 0.0, self._selector.select
-
-        def jump(timeout: float | None = None) -> list:
-            ready = select(0 if timeout is not None else None)
-            if not ready and timeout:
-                self._now += timeout
-            return ready
-
-        self._selector.select = jump  # type: ignore[method-assign]
-
-    def time(self) -> float:
-        return self._now
-
-
-def _in_virtual_time(go: Any) -> Any:
-    with asyncio.Runner(loop_factory=_VirtualLoop) as runner:
-        return runner.run(go())
 
 
 def _paced(every_s: float, events: list[bytes]) -> anthropic.AsyncAnthropic:
@@ -108,7 +81,7 @@ def _served_call(e: Emulator, every_s: float, timeout_s: float) -> tuple[Any, An
         finally:
             await p.close()
 
-    return _in_virtual_time(go)
+    return in_virtual_time(go)
 
 
 def test_an_answer_longer_than_the_timeout_whose_events_keep_coming_is_read_whole(emu):  # noqa: F811

@@ -63,3 +63,63 @@ def test_a_redis_blip_does_not_stop_a_running_keeper(monkeypatch):
         assert not j._keeper.done()
         await j.close()
     asyncio.run(go())
+
+
+def test_a_journal_close_with_a_command_held_out_waits_one_bound_not_two():
+    """A command another task holds out (a Redis that does not answer) is waited for within the close's one bound
+    (``CLOSE_WAIT_S``, 10 s): the close waited for it in ``drain`` and again in the gate's ``close``, 20 s (fails on
+    the code before: 20.0 virtual seconds). In the loop's virtual time: its seconds, never the machine's."""
+    from actors._redis_gate import CLOSE_WAIT_S
+    from tests.unit.helpers import in_virtual_time
+
+    async def go():
+        j = jmod.RedisJournal("redis://127.0.0.1:1", "sbtest", "held")  # no command is sent: none reaches it
+        out = asyncio.Event()
+
+        async def held() -> None:
+            async with j._use():
+                out.set()
+                await asyncio.Event().wait()  # its answer never comes
+        cmd = asyncio.create_task(held())
+        await out.wait()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await j.close()
+        took = loop.time() - start
+        cmd.cancel()
+        return took
+    assert in_virtual_time(go) == CLOSE_WAIT_S
+
+
+def test_a_journal_close_waits_within_its_bound_for_a_watch_whose_unwinding_outlasts_a_second():
+    """The close cancels its watch and waits for it to end before it closes the pool (a connection the watch was
+    making was left open otherwise): 1 s of real time, which a watch's unwinding outlasted at load ~21
+    (``test_journal_redis_restart.py::test_a_closed_journal_s_watch_has_ended_when_its_close_returns`` failed so).
+    Now the close's bound, 10 s (fails on the code before: the close returned after 1 s, the watch still running)."""
+    from tests.unit.helpers import in_virtual_time
+
+    async def go():
+        async def rewrite() -> None:  # (the watch runs only for a journal that writes its records again)
+            pass
+
+        j = jmod.RedisJournal("redis://127.0.0.1:1", "sbtest", "watch", rewrite=rewrite)
+        checking = asyncio.Event()
+
+        async def check_server() -> str:
+            checking.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await asyncio.sleep(3.0)  # its unwinding: 3 virtual seconds
+                raise
+            return "never"
+
+        j.check_server = check_server
+        j._hold("accepted")
+        watch = j._watcher
+        await checking.wait()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await j.close()
+        return watch.done(), loop.time() - start
+    assert in_virtual_time(go) == (True, 3.0)
