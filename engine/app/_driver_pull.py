@@ -31,7 +31,7 @@ log = get_logger("smartbatch.driver")
 
 class Pulling:
     """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_forgetting``, ``_running``, ``_owner``, ``name``,
-    ``_last_report``, ``_left_at_stop`` and the ``Supervised`` methods."""
+    ``_last_report``, ``_left_at_stop`` and the ``Supervised`` methods (and its hand-over count, ``_pull_turns``)."""
 
     def drain(self, timeout_s: float | None = None) -> int:
         """Wait until every request this driver has submitted so far has its result, or ``timeout_s`` passes;
@@ -211,12 +211,24 @@ class Pulling:
 
     def _pull_loop(self) -> None:
         """Pull from every hub shard at once (one long-poll out per shard) and resolve what comes back."""
+        try:
+            self._pull_on()
+        finally:
+            with self._room:  # a failure waiting for this thread's hand-over (``_await_handover``) waits no more
+                self._pull_ended = True
+                self._room.notify_all()
+
+    def _pull_on(self) -> None:
         from actors._shards import shard_kind
 
         ray = self._ray
         hubs = self._h["hubs"]
         out: dict[Any, int] = {}  # pull call -> hub shard
         while self._running:
+            with self._room:  # a turn begins: every reply the last one got is handed over (``_await_handover``)
+                self._pull_turns += 1
+                if self._handover_wanted:
+                    self._room.notify_all()
             waiting = set(out.values())
             for k, hub in enumerate(hubs):
                 if k not in waiting:
@@ -227,13 +239,13 @@ class Pulling:
                 ready, _ = ray.wait(list(out), num_returns=1, timeout=PULL_WAIT_S * 5)
                 if ready:  # the others that are ready too
                     ready, _ = ray.wait(list(out), num_returns=len(out), timeout=0)
+            lost = []
             for ref in ready:
                 k = out.pop(ref)
                 try:
                     results: list[Result] | None = ray.get(ref)
                 except Exception as exc:  # that hub shard died: wait for its restart (see engine.app._supervise)
-                    if not self._hub_lost(exc, shard_kind("hub", k)):
-                        return
+                    lost.append((exc, k))
                     continue
                 if results is None:  # the shard lost this driver's queue (it restarted, or took it for gone)
                     self._readmit_open()  # which claims every open request again
@@ -244,6 +256,11 @@ class Pulling:
                     self._kept.record((f._req, res) for f, res in due)
                 for fut, res in due:
                     self._resolve(fut, res)
+            # After the answers the other shards' replies of this turn hold: a lost shard's end (a stop elsewhere)
+            # fails what is open and ends this loop, and those replies, taken off their queues, were never read.
+            for exc, k in lost:
+                if not self._hub_lost(exc, shard_kind("hub", k)):
+                    return
 
     def _check_loop(self) -> None:
         """What the pull loop must not wait for: ingest calls that returned (re-admitting a failed one's

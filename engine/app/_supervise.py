@@ -38,6 +38,7 @@ HUB_BACK_S = 60.0  # how long the driver waits for a restarted result hub before
 # re-admitted (idempotent: whoever still carries it says so, and nothing runs twice), at most every SWEEP_EVERY_S.
 SWEEP_GRACE_S = 5.0
 SWEEP_EVERY_S = 5.0
+HANDOVER_WAIT_S = 10.0  # at most this long a failure of what is open waits for the answers the result thread holds
 
 
 def port_of(url: str) -> int:
@@ -47,7 +48,11 @@ def port_of(url: str) -> int:
 
 class Supervised(Readmitting):
     """Mixin for ``Engine``: needs ``_ray``, ``_h``, ``_lock``, ``_futs``, ``_buffer``, ``_inflight_refs``,
-    ``_micro_batch``, ``_fail_open``, ``_fail_ids`` and ``metrics_port``/``settings``."""
+    ``_micro_batch``, ``_fail_open``, ``_fail_ids``, ``_await_handover`` and ``metrics_port``/``settings``."""
+
+    _pull_turns = 0  # turns the result thread's pull loop has begun: each begins once the last handed over its answers
+    _pull_ended = False  # that loop has ended
+    _handover_wanted = 0  # failures waiting for its hand-over (``_await_handover``)
 
     def _init_supervision(self, attached: bool = False) -> None:
         ray = self._ray
@@ -286,8 +291,29 @@ class Supervised(Readmitting):
             self._drop_unsent(set(uids))
         self._fail_each(uids, error)
 
+    def _await_handover(self) -> None:
+        """Before the driver fails what is open (a stop elsewhere, an actor gone): let the result thread hand over
+        every answer it holds or whose reply is ready, two turns of its loop (the one under way, and the next,
+        which gets a reply that was ready but not yet got). Failed first, such an answer (billed) was dropped, its
+        future claimed by the failure (``_resolve``), and its line asked again and paid twice (rvunsent85). Not in
+        that thread itself (its turn is what is waited for), nor once the engine is turned off (``stop()`` joined
+        the thread, which ended its turn); bounded, as a hung hub gives no answer."""
+        puller = getattr(self, "_puller", None)
+        if puller is None or puller is threading.current_thread() or not self._running:
+            return
+        with self._room:
+            if self._pull_ended or not puller.is_alive():
+                return
+            due, self._handover_wanted = self._pull_turns + 2, self._handover_wanted + 1
+            try:
+                self._room.wait_for(lambda: self._pull_turns >= due or self._pull_ended, HANDOVER_WAIT_S)
+            finally:
+                self._handover_wanted -= 1
+
     def _fail_open(self, error: str, provider: str | None = None) -> None:
-        """Fail the open futures (of ``provider``'s requests alone, if given) with ``error``."""
+        """Fail the open futures (of ``provider``'s requests alone, if given) with ``error``, once the result
+        thread has handed over the answers it holds (``_await_handover``)."""
+        self._await_handover()
         with self._lock:
             ids = [k for k, f in self._futs.items() if not f.done() and provider in (None, f._req.provider)]
         if ids:  # in the user's log too, not only in each result: a stop may end work they meant to wait for
