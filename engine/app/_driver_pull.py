@@ -258,9 +258,21 @@ class Pulling:
                     self._resolve(fut, res)
             # After the answers the other shards' replies of this turn hold: a lost shard's end (a stop elsewhere)
             # fails what is open and ends this loop, and those replies, taken off their queues, were never read.
+            # Every answer of this turn is handed over: a failure waits no longer while this thread waits for a
+            # lost shard (up to HUB_BACK_S), nothing more comes until it is back (a review: a hub dead for good held
+            # the check thread's failure of what is open HANDOVER_WAIT_S, 10 s, health checks and all).
             for exc, k in lost:
-                if not self._hub_lost(exc, shard_kind("hub", k)):
-                    return
+                self._waiting_hub(True)
+                try:
+                    if not self._hub_lost(exc, shard_kind("hub", k)):
+                        return
+                finally:
+                    self._waiting_hub(False)
+
+    def _waiting_hub(self, on: bool) -> None:
+        with self._room:
+            self._pull_stalled = on
+            self._room.notify_all()
 
     def _check_loop(self) -> None:
         """What the pull loop must not wait for: ingest calls that returned (re-admitting a failed one's

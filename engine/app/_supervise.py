@@ -52,6 +52,7 @@ class Supervised(Readmitting):
 
     _pull_turns = 0  # turns the result thread's pull loop has begun: each begins once the last handed over its answers
     _pull_ended = False  # that loop has ended
+    _pull_stalled = False  # it waits for a lost hub shard, its turn's answers handed over (``_pull_on``)
     _handover_wanted = 0  # failures waiting for its hand-over (``_await_handover``)
 
     def _init_supervision(self, attached: bool = False) -> None:
@@ -302,20 +303,27 @@ class Supervised(Readmitting):
         if puller is None or puller is threading.current_thread() or not self._running:
             return
         with self._room:
-            if self._pull_ended or not puller.is_alive():
+            if self._pull_ended or self._pull_stalled or not puller.is_alive():
                 return
             due, self._handover_wanted = self._pull_turns + 2, self._handover_wanted + 1
             try:
-                self._room.wait_for(lambda: self._pull_turns >= due or self._pull_ended, HANDOVER_WAIT_S)
+                self._room.wait_for(lambda: self._pull_turns >= due or self._pull_ended or self._pull_stalled,
+                                    HANDOVER_WAIT_S)
             finally:
                 self._handover_wanted -= 1
 
     def _fail_open(self, error: str, provider: str | None = None) -> None:
         """Fail the open futures (of ``provider``'s requests alone, if given) with ``error``, once the result
-        thread has handed over the answers it holds (``_await_handover``)."""
+        thread has handed over the answers it holds (``_await_handover``). Nothing of them open: no wait (a
+        provider cut off is failed at every health check, and each waited two pull turns, its check thread held)."""
+        def open_ids() -> list[str]:
+            with self._lock:
+                return [k for k, f in self._futs.items() if not f.done() and provider in (None, f._req.provider)]
+
+        if not open_ids():
+            return
         self._await_handover()
-        with self._lock:
-            ids = [k for k, f in self._futs.items() if not f.done() and provider in (None, f._req.provider)]
+        ids = open_ids()
         if ids:  # in the user's log too, not only in each result: a stop may end work they meant to wait for
             log.warning("%d open request(s) failed: %s", len(ids), error)
         self._fail_ids(ids, error)

@@ -104,3 +104,78 @@ def test_a_hub_shard_lost_at_a_stop_leaves_the_answers_another_shard_gave_in_the
     got = fut.result(0)
     assert (got.status, got.output) == ("ok", "the answer"), got
     assert e.gone == "engine 'fake' was stopped"
+
+
+class _DeadHub:
+    """A hub shard dead for good: its pull raises; the pull loop's ping waiting for its restart blocks until
+    ``back`` (the test's end), as Ray's would through ``HEALTH_TIMEOUT_S`` again and again for ``HUB_BACK_S``."""
+
+    def __init__(self) -> None:
+        self.pull = self.ping = self
+        self.pinged, self.back, self.calls = threading.Event(), threading.Event(), 0
+
+    def remote(self, *args):
+        self.calls += 1
+        return f"ref-{self.calls}"
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return list(refs), []
+
+    def get(self, ref, timeout=None):
+        if ref != "ref-1":  # the ping of ``_hub_lost``
+            self.pinged.set()
+            self.back.wait(60)
+        raise RuntimeError("the hub's actor died")
+
+
+def test_an_actor_death_seen_while_the_result_thread_waits_for_a_lost_hub_fails_what_is_open_without_waiting(
+        monkeypatch):
+    """rvclaim85's reading: the check thread's failure of what is open (an actor dead for good, here the hub
+    itself) waited for two pull turns, and the pull loop, waiting for the lost hub in ``_hub_lost`` (up to
+    ``HUB_BACK_S``, 60 s), began none: the failure came ``HANDOVER_WAIT_S`` (10 s) late, the check thread held
+    that long. That turn's answers were handed over before ``_hub_lost``: nothing is left to wait for."""
+    import actors._peer
+    import engine.app._supervise as sup
+
+    e = _engine(monkeypatch)
+    monkeypatch.setattr(actors._peer, "read_layout", lambda name: {"engine": "fake"})  # not stopped
+    monkeypatch.setattr(sup, "HANDOVER_WAIT_S", 600.0)  # the wait, if any, outlasts the assertion's
+    e._incarnation = {"hub": "first"}
+    fut = e.submit(req(1))
+    e._flush()
+    hub = _DeadHub()
+    e._ray, e._h["hubs"], e._h["named"] = hub, [hub], {"hub": hub}
+    e._puller = threading.Thread(target=e._pull_loop, daemon=True)
+    e._puller.start()
+    try:
+        assert hub.pinged.wait(30)  # the pull loop waits for the hub's restart
+        checker = threading.Thread(target=e._fail_open, args=("engine failure: actor(s) died: hub",), daemon=True)
+        checker.start()
+        checker.join(30)
+        assert not checker.is_alive(), "the failure waited for a pull turn that cannot come"
+        assert fut.result(0).error == "engine failure: actor(s) died: hub"
+    finally:
+        e._running = False
+        hub.back.set()
+        e._puller.join(30)
+
+
+def test_a_provider_cut_off_with_nothing_of_it_open_is_failed_without_waiting_for_the_result_thread(monkeypatch):
+    """A provider cut off is failed at every health check while it stays so (``_unstick``): with nothing of it
+    open, each check still waited two turns of the pull loop for answers there could not be (rvclaim85)."""
+    import engine.app._supervise as sup
+
+    e = _engine(monkeypatch)
+    monkeypatch.setattr(sup, "HANDOVER_WAIT_S", 600.0)
+    other = e.submit(req(1))  # of another provider than the one cut off
+    turn = threading.Event()  # the pull loop's turn under way, never ending here
+    e._puller = threading.Thread(target=turn.wait, args=(60,), daemon=True)
+    e._puller.start()
+    try:
+        checker = threading.Thread(target=e._fail_open, args=("provider 'nobody' is cut off", "nobody"), daemon=True)
+        checker.start()
+        checker.join(30)
+        assert not checker.is_alive(), "the check thread waited for the result thread with nothing to fail"
+        assert not other.done()
+    finally:
+        turn.set()
