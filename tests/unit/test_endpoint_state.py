@@ -3,6 +3,7 @@ a restarted endpoint takes back what it had accepted, and asks nothing twice of 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -39,6 +40,21 @@ def said(text: str):
         yield seen
     finally:
         logging.getLogger("smartbatch.endpoint").removeHandler(handler)
+
+
+def asked_at_next_start(state_dir) -> list[str]:
+    """What the next endpoint on ``state_dir`` asks its engine again (it takes the state back, then stops cleanly)."""
+    from engine.app._endpoint_batches import FilesAndBatches
+
+    again = FakeEngine()
+
+    async def second() -> None:
+        store = FilesAndBatches(again, CAT, window_default_s=86400.0, state_dir=state_dir)
+        await store.resume()
+        await store.shutdown()
+
+    asyncio.run(second())
+    return again.submitted
 
 
 def left_open(state, bid: str, lines: list[str], *, window_s: float = 86400.0, created: int = 0,
@@ -313,16 +329,9 @@ def test_an_answer_that_comes_after_the_stops_first_failure_is_kept_at_once_not_
     raised = cut == "stop-then-raises"
     assert status == "in_progress" and list(results) == ([] if raised else ["c-slow"])
     assert raised or results["c-slow"].output == "echo: late"
-    again = FakeEngine()
-
-    async def second() -> None:
-        store = FilesAndBatches(again, CAT, window_default_s=86400.0, state_dir=tmp_path)
-        await store.resume()
-        await store.shutdown()
-
-    asyncio.run(second())
+    asked = asked_at_next_start(tmp_path)
     # The late answer was kept: only the cut line is asked again (a line with no answer, both).
-    assert again.submitted == ["batch_s/b-slow"] + (["batch_s/c-slow"] if raised else [])
+    assert asked == ["batch_s/b-slow"] + (["batch_s/c-slow"] if raised else [])
 
 
 def test_a_stop_that_fails_many_lines_says_once_that_the_batch_stays_open_and_a_line_left_open_holds_no_shutdown(
@@ -374,15 +383,8 @@ def test_a_stop_that_fails_many_lines_says_once_that_the_batch_stays_open_and_a_
         logging.getLogger("smartbatch.endpoint").removeHandler(handler)
     assert (status, taken, ended) == ("in_progress", ["d-slow"], True)
     assert len(records) == 1, records
-    again = FakeEngine()
-
-    async def second() -> None:
-        store = FilesAndBatches(again, CAT, window_default_s=86400.0, state_dir=tmp_path)
-        await store.resume()
-        await store.shutdown()
-
-    asyncio.run(second())
-    assert sorted(again.submitted) == [f"batch_s/{n}" for n in names if n != "d-slow"]
+    asked = asked_at_next_start(tmp_path)
+    assert sorted(asked) == [f"batch_s/{n}" for n in names if n != "d-slow"]
 
 
 def test_a_shutdown_keeps_the_answers_its_collectors_had_not_taken_yet(tmp_path):
