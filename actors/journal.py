@@ -230,6 +230,8 @@ class RedisJournal(RecordsWatch):
         # retry connected it again on a pool nothing closes any more, left open for the collector (a ResourceWarning
         # that failed stop 84's CI, an ingest's read in test_journal_redis_restart.py). A command after the close is
         # refused (``_use``), and a connection after it too (``actors._redis_gate``: a command no ``_use`` counts).
+        # Drained before the seal closes, not by the gate's close alone: a write that ended after it would start
+        # the seal's telling of the hub again (``JournalSeal.witness``), a task nothing cancels.
         await self._gate.drain(CLOSE_WAIT_S)
         if self.seal is not None:
             self.seal.close()
