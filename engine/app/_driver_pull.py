@@ -6,7 +6,9 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from actors._ingest_holders import UNKNOWN_HOLDER
@@ -29,9 +31,23 @@ CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls 
 log = get_logger("smartbatch.driver")
 
 
+@dataclass(slots=True)
+class _Turn:
+    """What one turn of the pull loop has still to resolve: replies ready and not read yet (``refs``, their shard in
+    ``out``), answers read and not resolved yet (``due``), and the shards whose pull failed (``lost``)."""
+
+    refs: deque
+    out: dict
+    due: deque = field(default_factory=deque)
+    lost: list = field(default_factory=list)
+    now: Any = None  # the future of the answer being resolved (taken off ``due``): held until it is claimed
+
+
 class Pulling:
     """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_forgetting``, ``_running``, ``_owner``, ``name``,
     ``_last_report``, ``_left_at_stop`` and the ``Supervised`` methods (and its hand-over count, ``_pull_turns``)."""
+
+    _turn: _Turn | None = None  # the pull loop's turn under way (``_deliver_turn``)
 
     def drain(self, timeout_s: float | None = None) -> int:
         """Wait until every request this driver has submitted so far has its result, or ``timeout_s`` passes;
@@ -239,23 +255,9 @@ class Pulling:
                 ready, _ = ray.wait(list(out), num_returns=1, timeout=PULL_WAIT_S * 5)
                 if ready:  # the others that are ready too
                     ready, _ = ray.wait(list(out), num_returns=len(out), timeout=0)
-            lost = []
-            for ref in ready:
-                k = out.pop(ref)
-                try:
-                    results: list[Result] | None = ray.get(ref)
-                except Exception as exc:  # that hub shard died: wait for its restart (see engine.app._supervise)
-                    lost.append((exc, k))
-                    continue
-                if results is None:  # the shard lost this driver's queue (it restarted, or took it for gone)
-                    self._readmit_open()  # which claims every open request again
-                    continue
-                with self._lock:
-                    due = [(f, res) for res in results if (f := self._futs.get(res.uid)) is not None]
-                if self._kept is not None:  # kept before they resolve: a kill in between pays nothing again
-                    self._kept.record((f._req, res) for f, res in due)
-                for fut, res in due:
-                    self._resolve(fut, res)
+            turn = self._turn = _Turn(deque(ready), out)
+            self._hand_over(turn)
+            lost = turn.lost
             # After the answers the other shards' replies of this turn hold: a lost shard's end (a stop elsewhere)
             # fails what is open and ends this loop, and those replies, taken off their queues, were never read.
             # Every answer of this turn is handed over: a failure waits no longer while this thread waits for a
@@ -268,6 +270,59 @@ class Pulling:
                         return
                 finally:
                     self._waiting_hub(False)
+
+    def _hand_over(self, turn: _Turn) -> None:
+        """Resolve what this turn of the pull loop got, reply by reply (each one's answers kept, then resolved, before
+        the next reply is read). Run again by a ``stop()`` that a done-callback makes in this thread
+        (``_deliver_turn``): what is left of the turn is then resolved there, each answer once (taken off ``turn``)."""
+        ray = self._ray
+        while turn.due or turn.refs:
+            if turn.due:
+                # Named in ``now`` before it leaves ``due``: ``_held_in_turn`` reads them from another thread.
+                turn.now = turn.due[0][0]
+                fut, res = turn.due.popleft()
+                self._resolve(fut, res)
+                continue
+            ref = turn.refs.popleft()
+            k = turn.out.pop(ref)
+            try:
+                results: list[Result] | None = ray.get(ref)
+            except Exception as exc:  # that hub shard died: wait for its restart (see engine.app._supervise)
+                turn.lost.append((exc, k))
+                continue
+            if results is None:  # the shard lost this driver's queue (it restarted, or took it for gone)
+                if self._running:  # (a stopping engine fails what is open: nothing to claim again)
+                    self._readmit_open()  # which claims every open request again
+                continue
+            with self._lock:
+                due = [(f, res) for res in results if (f := self._futs.get(res.uid)) is not None]
+            if self._kept is not None:  # kept before they resolve: a kill in between pays nothing again
+                self._kept.record((f._req, res) for f, res in due)
+            turn.due.extend(due)
+
+    def _held_in_turn(self) -> set[str]:
+        """The ids whose answers the result thread holds in its turn under way, not resolved yet: a failure of the
+        supervisor's (a stop elsewhere, an actor gone) leaves them to that thread, however long the turn takes (a
+        done-callback that writes to a slow database). Failed past ``HANDOVER_WAIT_S``, such an answer, paid for,
+        read "engine 'prod' was stopped" and was dropped when its turn came (stop 86, ``cb86``). Not once ``stop()``
+        has turned the engine off: it joins that thread first, and what is open then fails, so none hangs."""
+        turn, puller = self._turn, getattr(self, "_puller", None)
+        if (not self._running or turn is None or puller is None or puller is threading.current_thread()
+                or not puller.is_alive()):
+            return set()
+        # ``due`` first, then ``now``: an answer taken off ``due`` after the copy was named in ``now`` before.
+        held = {f._req.uid for f, _ in turn.due.copy()}  # (a copy in one step: that thread pops as this reads)
+        now = turn.now
+        return held | ({now._req.uid} if now is not None and not now._claimed else set())
+
+    def _deliver_turn(self) -> None:
+        """In a ``stop()`` run by a done-callback in the result thread: resolve the rest of the turn that thread is
+        in, as a stop from another thread lets it do before it fails what is open (it joins the thread). Failed
+        first, those answers (paid for) read "engine stopped", and the loop then dropped each (claimed): a script
+        that stops at its first failure, or after N results, lost the rest of the turn (stop 86, ``cb86``)."""
+        turn = self._turn
+        if turn is not None and threading.current_thread() is getattr(self, "_puller", None):
+            self._hand_over(turn)
 
     def _waiting_hub(self, on: bool) -> None:
         with self._room:

@@ -135,6 +135,9 @@ class Stopping:
                 for t in (self._flusher, self._puller, self._checker):
                     if t is not me:
                         t.join(timeout_s)
+                # A stop a done-callback made in the result thread, which it cannot join: the rest of that thread's
+                # turn (answers paid for) is resolved here, where the join lets it end, before anything fails.
+                self._deliver_turn()
                 self._flush()
                 self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread stopped
                 clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes

@@ -312,6 +312,10 @@ class Supervised(Readmitting):
             finally:
                 self._handover_wanted -= 1
 
+    def _held_in_turn(self) -> set[str]:
+        """The ids whose answers the result thread holds (``Pulling._held_in_turn``); none without that thread."""
+        return set()
+
     def _fail_open(self, error: str, provider: str | None = None) -> None:
         """Fail the open futures (of ``provider``'s requests alone, if given) with ``error``, once the result
         thread has handed over the answers it holds (``_await_handover``). Nothing of them open: no wait (a
@@ -323,7 +327,9 @@ class Supervised(Readmitting):
         if not open_ids():
             return
         self._await_handover()
-        ids = open_ids()
+        # Past the wait, what the result thread holds in hand still goes to it (``_held_in_turn``): an answer, paid for.
+        held = self._held_in_turn()
+        ids = [k for k in open_ids() if k not in held]
         if ids:  # in the user's log too, not only in each result: a stop may end work they meant to wait for
             log.warning("%d open request(s) failed: %s", len(ids), error)
         self._fail_ids(ids, error)

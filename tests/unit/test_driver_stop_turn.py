@@ -1,0 +1,195 @@
+"""A ``stop()`` that a done-callback makes in the result thread (a script that stops its engine at its first failure,
+or after N results): the answers that thread's turn of the pull loop holds, paid for, reach their futures, each once,
+as they do for a stop from another thread (which joins that thread). The real driver code over fake handles
+(``test_driver_lanes._engine``); no Ray, no sleep (stop 86, ``cb86``)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from engine.core.errors import ConfigError
+from engine.core.result import Result
+from tests.unit.test_driver_callbacks import _deliver
+from tests.unit.test_driver_lanes import _engine, req
+
+
+def _answer(k: int, status: str = "ok") -> Result:
+    return Result(id=f"r{k}", status=status, output=f"answer {k}" if status == "ok" else None,
+                  error=None if status == "ok" else "the provider refused it", cost_usd=0.01)
+
+
+def _stoppable(monkeypatch, n: int):
+    """An engine (as ``Engine.__init__`` leaves it for a stop) with ``n`` requests sent, and a log of each future's
+    resolutions (a future set twice would raise; one set never stays open)."""
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None
+    futs = [e.submit(req(k)) for k in range(1, n + 1)]
+    e._flush()  # sent: at a provider, answered there
+    seen: list[str] = []
+    for f in futs:
+        f.add_done_callback(lambda f: seen.append(f.request_id))
+    return e, futs, seen
+
+
+def _read(futs) -> list[tuple]:
+    return [(f.result(0).status, f.result(0).output) for f in futs]
+
+
+@pytest.mark.parametrize("when", ["at its first failure", "after 2 results"])
+def test_a_stop_a_done_callback_makes_in_the_result_thread_lets_the_rest_of_that_turns_answers_reach_their_futures(
+        monkeypatch, when):
+    """One pull's reply holds four answers; the callback of the first failure (or of the second result) stops the
+    engine in the result thread. The stop failed what was open, the rest of the turn among it, and the loop then
+    dropped those answers (``_resolve``: claimed): paid for, read "engine stopped before the request finished"."""
+    e, futs, seen = _stoppable(monkeypatch, 4)
+    results = [_answer(1), _answer(2, "failed"), _answer(3), _answer(4)]
+    done: list[str] = []
+
+    def stop_when(f) -> None:
+        done.append(f.request_id)
+        if (f.result(0).status == "failed") if when == "at its first failure" else len(done) == 2:
+            e.stop(timeout_s=0.5)
+
+    for f in futs:
+        f.add_done_callback(stop_when)
+    _deliver(e, results)
+    assert not e._running
+    assert _read(futs) == [(r.status, r.output) for r in results]
+    assert sorted(seen) == sorted(f.request_id for f in futs)  # each resolved once
+    assert e._pending == 0
+
+
+class _TwoShards:
+    """Two hub shards as Ray shows them to the pull loop: both replies ready in one turn, each with answers."""
+
+    def __init__(self, eng, first: list[Result], second: list[Result]) -> None:
+        self.eng, self.replies, self.calls = eng, {"pull-1": first, "pull-2": second}, 0
+        self.pull = self
+
+    def remote(self, *args):
+        self.calls += 1
+        return f"pull-{self.calls}"
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        return list(refs), []
+
+    def get(self, ref, timeout=None):
+        if ref not in self.replies:  # a later turn: nothing more (the test's engine stopped by then)
+            self.eng._running = False
+            return []
+        return self.replies.pop(ref)
+
+
+def test_a_stop_a_done_callback_makes_in_the_result_thread_delivers_the_other_shards_replies_of_that_turn(
+        monkeypatch):
+    """With two hub shards, the turn's second reply, taken off its shard's queue, was read only after the callback's
+    stop had failed its futures: its answers dropped. A stop from another thread lets the turn end first."""
+    e, futs, seen = _stoppable(monkeypatch, 3)
+    futs[0].add_done_callback(lambda f: e.stop(timeout_s=0.5))
+    shards = _TwoShards(e, [_answer(1)], [_answer(2), _answer(3)])
+    e._ray, e._h["hubs"] = shards, [shards, shards]
+    e._puller = threading.Thread(target=e._pull_loop)
+    e._puller.start()
+    e._puller.join(30)
+    assert not e._puller.is_alive()
+    assert _read(futs) == [("ok", "answer 1"), ("ok", "answer 2"), ("ok", "answer 3")]
+    assert sorted(seen) == ["r1", "r2", "r3"]
+
+
+def test_stop_and_drain_from_callbacks_run_by_a_stop_in_the_result_thread_neither_hang_nor_fail_twice(monkeypatch):
+    """Callbacks run by that stop: an answer of the turn it delivers, and a request it fails (no answer came), each
+    call ``stop()`` and ``drain()`` again. The stop returns at once (its own thread); ``drain()`` with a request
+    still open is refused (that thread delivers it) and answers 0 once none is; every future ends once."""
+    e, futs, seen = _stoppable(monkeypatch, 3)
+    got: dict[str, list] = {"r2": [], "r3": []}
+
+    def again(f) -> None:
+        for call in (lambda: e.stop(timeout_s=0.5), lambda: e.drain(timeout_s=5)):
+            try:
+                got[f.request_id].append(call())
+            except Exception as exc:  # noqa: BLE001 - the test reads what each raised
+                got[f.request_id].append(exc)
+
+    futs[0].add_done_callback(lambda f: e.stop(timeout_s=0.5))
+    futs[1].add_done_callback(again)
+    futs[2].add_done_callback(again)
+    _deliver(e, [_answer(1), _answer(2)])  # no answer for the third: the stop fails it
+    assert _read(futs)[:2] == [("ok", "answer 1"), ("ok", "answer 2")]
+    assert futs[2].result(0).status == "failed"
+    assert got["r2"][0] is None and isinstance(got["r2"][1], ConfigError), got
+    assert got["r3"] == [None, 0], got
+    assert sorted(seen) == ["r1", "r2", "r3"] and e._pending == 0
+
+
+def test_a_stop_from_a_coroutine_at_its_first_result_lets_the_turns_other_answers_reach_their_awaiters(monkeypatch):
+    """asyncio: ``as_completed`` over ``asubmit_futures``' futures, and ``stop()`` in the coroutine at the first
+    result. The stop runs in the event loop's thread, not the result thread: it joins that thread, whose turn ends
+    first; the other answers reach the futures (awaited after the stop, as ``asubmit`` would)."""
+    e = _engine(monkeypatch)
+    e._cut_short, e._last_report = False, None
+    hub_gave = threading.Event()
+
+    class _Hub:
+        pull = None
+
+        def remote(self, *args):
+            return "pull"
+
+        def get(self, ref):
+            if not hub_gave.is_set():
+                hub_gave.set()
+                return [_answer(1), _answer(2), _answer(3)]
+            e._running = False
+            return []
+
+    hub = _Hub()
+    hub.pull = hub
+    e._h["hubs"], e._ray = [hub], hub
+
+    async def script() -> list:
+        futs = await e.asubmit_futures([req(k) for k in (1, 2, 3)])
+        e._puller = threading.Thread(target=e._pull_loop)
+        e._puller.start()
+        async for _first in e.as_completed(futs):
+            e.stop(timeout_s=5)
+            break
+        return [await asyncio.wrap_future(f) for f in futs]
+
+    got = asyncio.run(script())
+    e._puller.join(30)
+    assert [(r.status, r.output) for r in got] == [("ok", "answer 1"), ("ok", "answer 2"), ("ok", "answer 3")]
+
+
+def test_a_stop_elsewhere_failing_what_is_open_past_the_hand_over_wait_leaves_the_answers_in_hand_to_their_futures(
+        monkeypatch):
+    """The supervisor sees the engine stopped elsewhere while the result thread's turn is slow (a done-callback that
+    writes each answer to a slow database): past ``HANDOVER_WAIT_S`` (10 s; 0 here, the bound already spent) it
+    failed what was open, the answers that turn held among it, and the turn then dropped them (claimed): paid for,
+    read "engine 'fake' was stopped". The one open request with no answer in hand still fails at once."""
+    import actors._stop_cut
+    import engine.app._supervise as sup
+    from engine.app._driver_stop import ended_by_stop
+
+    e, futs, seen = _stoppable(monkeypatch, 3)
+    monkeypatch.setattr(actors._stop_cut, "read_cut", lambda name: frozenset())
+    monkeypatch.setattr(sup, "HANDOVER_WAIT_S", 0.0)
+    failed = threading.Event()  # the check thread's failure has run
+
+    def end_stopped() -> None:
+        try:
+            e._end_stopped("engine 'fake' was stopped")
+        finally:
+            failed.set()
+
+    def slow_write(_f) -> None:  # held until the supervisor has failed what is open
+        threading.Thread(target=end_stopped).start()
+        assert failed.wait(30)
+
+    futs[0].add_done_callback(slow_write)
+    _deliver(e, [_answer(1), _answer(2)])  # the third's answer never came: the stop cut it
+    assert _read(futs)[:2] == [("ok", "answer 1"), ("ok", "answer 2")]
+    assert ended_by_stop(futs[2].result(0), e.gone) and e.gone == "engine 'fake' was stopped"
+    assert sorted(seen) == ["r1", "r2", "r3"] and e._pending == 0
