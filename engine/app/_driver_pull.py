@@ -304,11 +304,15 @@ class Pulling:
         """The ids whose answers the result thread holds in its turn under way, not resolved yet: a failure of the
         supervisor's (a stop elsewhere, an actor gone) leaves them to that thread, however long the turn takes (a
         done-callback that writes to a slow database). Failed past ``HANDOVER_WAIT_S``, such an answer, paid for,
-        read "engine 'prod' was stopped" and was dropped when its turn came (stop 86, ``cb86``). Not once ``stop()``
-        has turned the engine off: it joins that thread first, and what is open then fails, so none hangs."""
-        turn, puller = self._turn, getattr(self, "_puller", None)
-        if (not self._running or turn is None or puller is None or puller is threading.current_thread()
-                or not puller.is_alive()):
+        read "engine 'prod' was stopped" and was dropped when its turn came (stop 86, ``cb86``). None in the thread
+        running ``stop()``: it joins that thread first, and what is open then fails, so none hangs. Another thread's
+        failure during a stop leaves them too: a stop a done-callback made in that very thread resolves them only
+        once it has joined the check thread, which, reading the engine turned off, took them (a review, ``rvcb86``).
+        None either once that thread's loop has ended (an error in it), the thread not ended yet: nothing resolves
+        them then."""
+        turn, puller, me = self._turn, getattr(self, "_puller", None), threading.current_thread()
+        if (turn is None or puller is None or puller is me or getattr(self, "_stopper", None) is me
+                or self._pull_ended or not puller.is_alive()):
             return set()
         # ``due`` first, then ``now``: an answer taken off ``due`` after the copy was named in ``now`` before.
         held = {f._req.uid for f, _ in turn.due.copy()}  # (a copy in one step: that thread pops as this reads)

@@ -193,3 +193,69 @@ def test_a_stop_elsewhere_failing_what_is_open_past_the_hand_over_wait_leaves_th
     assert _read(futs)[:2] == [("ok", "answer 1"), ("ok", "answer 2")]
     assert ended_by_stop(futs[2].result(0), e.gone) and e.gone == "engine 'fake' was stopped"
     assert sorted(seen) == ["r1", "r2", "r3"] and e._pending == 0
+
+
+def test_a_failure_the_check_thread_makes_while_a_callbacks_stop_joins_it_leaves_the_turns_answers_to_that_stop(
+        monkeypatch):
+    """The check thread fails what is open (a stop elsewhere seen) and waits out ``HANDOVER_WAIT_S`` for the result
+    thread's slow turn; meanwhile a done-callback of that turn stops the engine in the result thread. The stop joins
+    the check thread before it resolves the rest of its turn (``_deliver_turn``), and the check thread, its wait over
+    and the engine turned off, took the answers in hand for its own: failed "engine 'fake' was stopped", paid for,
+    and dropped when the stop delivered them (a review of stop 86, ``rvcb86``). The request with no answer fails."""
+    import actors._stop_cut
+    from engine.app._driver_stop import ended_by_stop
+
+    e, futs, seen = _stoppable(monkeypatch, 4)
+    monkeypatch.setattr(actors._stop_cut, "read_cut", lambda name: frozenset())
+    e._wake.clear()
+    # Its bound passes as the callback's stop turns the engine off (and wakes the driver's threads).
+    monkeypatch.setattr(e, "_await_handover", lambda: e._wake.wait(30))
+    e._checker = threading.Thread(target=e._end_stopped, args=("engine 'fake' was stopped",))
+    e._checker.start()
+    futs[0].add_done_callback(lambda f: e.stop(timeout_s=30))
+    _deliver(e, [_answer(1), _answer(2), _answer(3)])  # the fourth's answer never came
+    assert not e._checker.is_alive()
+    assert _read(futs)[:3] == [("ok", "answer 1"), ("ok", "answer 2"), ("ok", "answer 3")]
+    assert ended_by_stop(futs[3].result(0), e.gone) and e.gone == "engine 'fake' was stopped"
+    assert sorted(seen) == ["r1", "r2", "r3", "r4"] and e._pending == 0
+
+
+def test_answers_in_the_turn_of_a_result_thread_whose_loop_has_ended_are_failed_not_left_to_it(monkeypatch):
+    """The result thread's loop ended mid-turn (an error in it: here the second answer's resolution raises) while
+    the thread itself had not yet ended (``_pull_ended`` set, ``is_alive()`` still true): a failure of the
+    supervisor's then left the turn's answers to a loop that would resolve nothing more, open until ``stop()`` (a
+    review of stop 86, ``rvcb86``). The thread is held alive past its loop by the test, as it is for a moment."""
+    e, futs, seen = _stoppable(monkeypatch, 3)
+    real = e._resolve
+    calls = {"n": 0}
+
+    def resolve(fut, res) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("the loop's error")
+        real(fut, res)
+
+    monkeypatch.setattr(e, "_resolve", resolve)
+    ended, leave = threading.Event(), threading.Event()
+
+    def thread() -> None:
+        try:
+            e._pull_loop()
+        except RuntimeError:
+            pass
+        ended.set()
+        leave.wait(30)  # alive past its loop's end
+
+    hub = _TwoShards(e, [_answer(1), _answer(2), _answer(3)], [])
+    e._ray, e._h["hubs"] = hub, [hub]
+    e._puller = threading.Thread(target=thread)
+    e._puller.start()
+    try:
+        assert ended.wait(30) and e._pull_ended and e._puller.is_alive()
+        monkeypatch.setattr(e, "_resolve", real)
+        e._end("engine failure: actor 'hub' died")
+        assert [f.done() for f in futs] == [True, True, True]
+    finally:
+        leave.set()
+        e._puller.join(30)
+    assert futs[0].result(0).output == "answer 1" and futs[1].result(0).status == "failed"
