@@ -306,7 +306,10 @@ def emulate(port: int = typer.Option(8765, min=0, max=65535, help="port on 127.0
             speedup: float = typer.Option(1.0, min=0.001, max=1e6, help="emulated seconds per real second (match the "
                                           "engine's --speedup)"),
             seed: int = typer.Option(0, min=0, help="seed of latencies, turnarounds and random faults"),
-            catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
+            catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
+            keep_records: int = typer.Option(10_000, min=0, help="how many of the latest call records, billed items "
+                                             "and Idempotency-Key answers it keeps (memory stays bounded; the "
+                                             "bill's totals and the counts cover every call)")) -> None:
     """Serve the loopback provider emulator (OpenAI and Anthropic wire formats, OpenAI's Videos API, Gemini's
     OpenAI layer and Veo) until interrupted. Point the engine at it with --base-url
     openai=http://127.0.0.1:PORT/openai/v1 --base-url anthropic=http://127.0.0.1:PORT/anthropic --base-url
@@ -322,11 +325,13 @@ def emulate(port: int = typer.Option(8765, min=0, max=65535, help="port on 127.0
     def stopped(emu) -> None:
         bill = emu.bill()
         by = ", ".join(f"{k} ${v:.6f}" for k, v in sorted(bill.by_provider.items())) or "nothing"
-        console.print(f"emulator stopped; it billed ${bill.total_usd:.6f} for {len(bill.items):,} item(s): {by}",
-                      soft_wrap=True)
+        older = f" ({bill.items_dropped:,} older item(s) not kept)" if bill.items_dropped else ""
+        console.print(f"emulator stopped; it billed ${bill.total_usd:.6f} for {bill.items_billed:,} item(s){older}: "
+                      f"{by}", soft_wrap=True)
 
     try:
-        serve(port, catalog_path=catalog, speedup=speedup, seed=seed, on_start=started, on_stop=stopped)
+        serve(port, catalog_path=catalog, speedup=speedup, seed=seed, on_start=started, on_stop=stopped,
+              keep_records=keep_records)
     except SmartbatchError as exc:
         _fail(exc)
 

@@ -152,7 +152,7 @@ def _url_fix(url: str) -> str:
 def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None) -> Settings:
     """``--providers sim|http`` and ``--base-url NAME=URL`` on top of ``settings.providers``."""
     from engine.core._catalog_errors import _closest
-    from engine.core._settings_providers import PRESETS
+    from engine.core._settings_providers import PRESETS, refuse_url_credentials
     from engine.core.errors import ConfigError
     from engine.core.settings import ProvidersSettings
 
@@ -182,6 +182,9 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
             raise ConfigError(f"--base-url {item!r}: no endpoint named {name!r}; "
                               + (f"did you mean {near!r}? " if near else "") + f"it takes {', '.join(names)} "
                               "(add another with SMARTBATCH_PROVIDERS__ENDPOINTS)")
+        # Checked here to name the flag, as the scheme is.
+        refuse_url_credentials(url, f"--base-url {name}", raw["endpoints"][name].get("api_key_env")
+                               or PRESETS.get(name, {}).get("api_key_env") or "its api_key_env")
         raw["endpoints"][name]["base_url"] = url
     if base_urls and raw["mode"] != "http":  # else taken and unused: the run simulated what it was pointed at
         raise ConfigError("--base-url says where calls go over HTTP, and this run simulates every provider "

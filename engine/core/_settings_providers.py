@@ -180,6 +180,18 @@ class ProvidersSettings(BaseModel):
                                   f"{key_env}, which is sent as a bearer token")
         return v
 
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _no_credentials(cls, v: Any) -> Any:
+        # ConfigError, as _no_query's: pydantic's ValueError would quote the URL, password and all.
+        for name, ep in v.items() if isinstance(v, Mapping) else ():
+            url = ep.get("base_url") if isinstance(ep, Mapping) else None
+            if isinstance(url, str):
+                field = f"providers.endpoints.{name}.base_url"
+                key_env = ep.get("api_key_env") or PRESETS.get(name, {}).get("api_key_env") or "its api_key_env"
+                refuse_url_credentials(url, f"setting {field} (from {env_names(field.split('.'))})", key_env)
+        return v
+
     @field_validator("endpoints")
     @classmethod
     def _google_whole(cls, v: dict[str, ProviderEndpoint]) -> dict[str, ProviderEndpoint]:
@@ -221,6 +233,9 @@ class ProvidersSettings(BaseModel):
         at the emulator (its speed-up, the simulated others) called the providers' own APIs (a review)."""
         if self.mode != "http":
             return self
+        for ep in self.endpoints.values():
+            if not ep.base_url and (where := ep.address(environ)):
+                refuse_url_credentials(where, f"the variable {BASE_URL_ENV[ep.api]}", ep.api_key_env)
         endpoints = {name: ep if ep.base_url or not (where := ep.address(environ))
                      else ep.model_copy(update={"base_url": where}) for name, ep in self.endpoints.items()}
         return self.model_copy(update={"endpoints": endpoints, "simulate_others": self.simulates_others(environ)})
@@ -228,6 +243,18 @@ class ProvidersSettings(BaseModel):
     def refuses(self, provider: str) -> bool:
         """Whether a request of ``provider`` is refused: an HTTP run would simulate it, and may not."""
         return self.mode == "http" and provider not in self.endpoints and not self.simulates_others()
+
+
+def refuse_url_credentials(url: str, where: str, key_env: str) -> None:
+    """A base URL holding ``user:password@`` (or a key as its user name) is refused: the SDKs' HTTP client (httpx)
+    sends them as Basic auth in the Authorization header, and neither SDK's key goes with it (the openai SDK's
+    bearer token is replaced, the anthropic SDK's x-api-key left out: seen on the wire, openai 3.63, anthropic
+    2.17), so every call is a 401."""
+    if "@" not in urlsplit(url).netloc:
+        return
+    raise ConfigError(f"{where} = {masked_url(url)!r} holds credentials before its host (user:password@), which "
+                      "the SDKs' HTTP client sends as Basic auth in place of the API key, so no call would carry the "
+                      f"key: give the URL without them, and the key in {key_env}")
 
 
 def _misspelt_preset(name: Any, ep: Any) -> None:

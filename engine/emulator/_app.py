@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections import Counter, deque
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
@@ -58,22 +59,37 @@ class App:
         # document the header: ``Emulator(honour_keys=False)`` plays them as they are documented.
         self.honour_keys = True
         self._lock = threading.Lock()
-        self._calls: list[Call] = []
+        # The latest ``keep_records`` calls themselves, and every call's count: a long run kept every record.
+        self._calls: deque[Call] = deque(maxlen=core.keep_records)
+        self._tally: Counter[tuple[str, str, str, int]] = Counter()  # (provider, route, method, status)
         self._idem: dict[tuple[str, str, str], _Pending] = {}
+        self._answered: deque[tuple[tuple[str, str, str], _Pending]] = deque()  # kept answers, oldest first
 
     # -- bookkeeping ---------------------------------------------------------------------------------------
     def calls(self) -> list[Call]:
         with self._lock:
             return list(self._calls)
 
+    def tally(self) -> Counter[tuple[str, str, str, int]]:
+        """Every call received, kept or not, by (provider, route, method, status)."""
+        with self._lock:
+            return Counter(self._tally)
+
     def reset(self) -> None:
         with self._lock:
             self._calls.clear()
+            self._tally.clear()
             self._idem.clear()
+            self._answered.clear()
 
     def _record(self, provider: str, route: str, method: str, reply: Reply) -> Reply:
+        call = Call(provider, route, method, 0 if reply.drop else reply.status, self.core.now())
         with self._lock:
-            self._calls.append(Call(provider, route, method, 0 if reply.drop else reply.status, self.core.now()))
+            dropping = len(self._calls) == self._calls.maxlen
+            self._calls.append(call)
+            self._tally[call[:4]] += 1
+        if dropping:
+            self.core.dropped("call records (calls, GET /_emulator/calls)")
         return reply
 
     # -- the pipeline --------------------------------------------------------------------------------------
@@ -197,12 +213,23 @@ class App:
                 return pending.reply._replace(headers={**pending.reply.headers, "idempotent-replayed": "true"},
                                               parts=((len(pending.reply.body), 0.0),) if pending.reply.parts else ())
         reply = self._run(r, ctx)
+        forgot = False
         with self._lock:
             if 200 <= reply.status < 300 and not reply.drop:
                 pending.reply = reply
+                self._answered.append((key, pending))
+                # The oldest answers go first, as a provider's keys expire: a key sent again after that runs
+                # and bills again (what OpenAI and Anthropic do with any key).
+                while len(self._answered) > self.core.keep_records:
+                    old_key, old = self._answered.popleft()
+                    forgot = True
+                    if self._idem.get(old_key) is old:
+                        del self._idem[old_key]
             else:
                 del self._idem[key]
         pending.done.set()
+        if forgot:
+            self.core.dropped("Idempotency-Key answers")
         return reply
 
     # -- helpers -------------------------------------------------------------------------------------------
@@ -234,6 +261,8 @@ class App:
                 return json_reply("openai", 200, self._bill_json(), rid)
             if method == "GET" and path == "/_emulator/calls":
                 return json_reply("openai", 200, [c._asdict() for c in self.calls()], rid)
+            if method == "GET" and path == "/_emulator/counts":
+                return json_reply("openai", 200, self._counts_json(), rid)
             if method == "POST" and path == "/_emulator/faults":
                 cfg = json.loads(body or b"{}")
                 if not isinstance(cfg, dict):
@@ -243,7 +272,15 @@ class App:
         except (ConfigError, ValueError) as exc:
             return error_reply("openai", ApiError(400, str(exc)), rid)
         return error_reply("openai", ApiError(404, f"no control route {method} {path}; use GET /_emulator/bill, "
-                                              "GET /_emulator/calls or POST /_emulator/faults"), rid)
+                                              "GET /_emulator/calls, GET /_emulator/counts or POST "
+                                              "/_emulator/faults"), rid)
+
+    def _counts_json(self) -> Any:
+        with self._lock:  # one moment's counts: kept + dropped = calls
+            tally, kept = Counter(self._tally), len(self._calls)
+        return {"calls": sum(tally.values()), "kept": kept, "dropped": sum(tally.values()) - kept,
+                "by_call": [{"provider": p, "route": r, "method": m, "status": st, "n": n}
+                            for (p, r, m, st), n in sorted(tally.items())]}
 
     def _bill_json(self) -> Any:
         self.core.advance_batches()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import threading
 import time
@@ -23,6 +24,11 @@ from engine.emulator._cache import PromptCaches
 from engine.emulator._schema import Answer
 from engine.emulator._text import Prompt, natural_tokens
 from engine.emulator._wire import ApiError, Dropped
+
+_log = logging.getLogger("engine.emulator")
+# Enough for a demo or a test to read every record back, and a few tens of MB at most (an Idempotency-Key's kept
+# answer is the largest record: its whole reply body).
+KEEP_RECORDS = 10_000
 
 __all__ = ["EMULATED_AUTO_QUALITY", "Core", "FileRecord", "TextCall"]
 
@@ -76,7 +82,11 @@ class Core:
 
     def __init__(self, catalog: Catalog, *, speedup: float, seed: int, default_output_tokens: int,
                  latency_scale: float, stopping: threading.Event, validating_s: float = 1.0,
-                 finalizing_s: float = 1.0, cancel_s: float = 30.0):
+                 finalizing_s: float = 1.0, cancel_s: float = 30.0, keep_records: int = KEEP_RECORDS):
+        if keep_records < 0:
+            raise ConfigError(f"keep_records must be >= 0 (how many call records, billed items and "
+                              f"Idempotency-Key answers the emulator keeps), got {keep_records}")
+        self.keep_records = keep_records
         if speedup <= 0:
             raise ConfigError(f"speedup must be > 0 (emulator seconds per real second), got {speedup}")
         if latency_scale < 0:
@@ -104,7 +114,8 @@ class Core:
     def reset(self) -> None:
         with self.lock:
             self.caches = PromptCaches()
-            self.ledger = Ledger()
+            self.ledger = Ledger(self.keep_records)
+            self._told_dropped: set[str] = set()
             self.files: dict[str, FileRecord] = {}
             self.batches: dict[str, Any] = {}
             self.videos: dict[str, Any] = {}  # the Videos API's jobs by id (``_videos``), newest last
@@ -204,7 +215,19 @@ class Core:
 
     def bill(self, item: BilledItem) -> None:
         with self.lock:
-            self.ledger.add(item)
+            if self.ledger.add(item):
+                self.dropped("billed items (bill().items)")
+
+    def dropped(self, what: str) -> None:
+        """Say once (until ``reset``) that the oldest ``what`` are no longer kept: a reader of the records alone
+        would otherwise take a long run's last records for all of it."""
+        with self.lock:
+            if what in self._told_dropped:
+                return
+            self._told_dropped.add(what)
+        _log.warning("the emulator keeps the latest %d %s and drops older ones (keep_records, `smartbatch emulate "
+                     "--keep-records`); its totals and counts (bill(), count(), counters(), GET /_emulator/bill, "
+                     "GET /_emulator/counts) still cover every one", self.keep_records, what)
 
     # -- images ----------------------------------------------------------------------------------------------
     def image_request(self, provider: ProviderSpec, model: str, prompt: str, size: str,

@@ -13,7 +13,7 @@ from engine.core.catalog import Catalog, default_catalog, load_catalog
 from engine.core.errors import ConfigError
 from engine.emulator._app import ROUTE_NAMES, App, Call
 from engine.emulator._bill import Bill
-from engine.emulator._core import Core
+from engine.emulator._core import KEEP_RECORDS, Core
 from engine.emulator._faults import FaultPlan
 from engine.emulator._server import EmulatorServer
 
@@ -28,12 +28,15 @@ class Emulator:
     ``validating_s``/``finalizing_s``/``cancel_s``: emulator seconds an OpenAI batch spends validating and
     finalizing, and any batch takes to cancel (members keep finishing meanwhile).
     ``honour_keys``: False plays the providers as documented, where ``Idempotency-Key`` is not a feature.
+    ``keep_records``: how many of the latest call records (``calls``), billed items (``bill().items``) and
+    Idempotency-Key answers it keeps; older ones are dropped (a warning says so once) while ``bill()``'s totals,
+    ``count`` and ``counters`` still cover every call.
     """
 
     def __init__(self, catalog: Catalog | None = None, *, port: int = 0, host: str = "127.0.0.1",
                  speedup: float = 1.0, latency_scale: float = 1.0, seed: int = 0, default_output_tokens: int = 256,
                  cancel_s: float = 30.0, validating_s: float = 1.0, finalizing_s: float = 1.0,
-                 honour_keys: bool = True):
+                 honour_keys: bool = True, keep_records: int = KEEP_RECORDS):
         if default_output_tokens < 0:
             raise ConfigError(f"default_output_tokens must be >= 0, got {default_output_tokens}")
         self.catalog = catalog or default_catalog()
@@ -41,7 +44,7 @@ class Emulator:
         self._stopping = threading.Event()
         self._core = Core(self.catalog, speedup=speedup, seed=seed, default_output_tokens=default_output_tokens,
                           latency_scale=latency_scale, stopping=self._stopping, validating_s=validating_s,
-                          finalizing_s=finalizing_s, cancel_s=cancel_s)
+                          finalizing_s=finalizing_s, cancel_s=cancel_s, keep_records=keep_records)
         self.faults = FaultPlan(seed, ROUTE_NAMES, self.catalog.providers)
         self._app = App(self._core, self.faults)
         self._app.honour_keys = honour_keys
@@ -139,15 +142,16 @@ class Emulator:
 
     @property
     def calls(self) -> list[Call]:
-        """Every received request in arrival order of its answer: provider, route name, method, status."""
+        """The latest ``keep_records`` received requests in arrival order of their answers: provider, route name,
+        method, status (``count``/``counters`` count every one)."""
         return self._app.calls()
 
     def count(self, route: str, provider: str | None = None, status: int | None = None) -> int:
         """How many requests reached ``route`` (e.g. "chat.completions"), optionally of one provider/status."""
         if route not in ROUTE_NAMES and route != "?":
             raise ConfigError(f"unknown route {route!r}; routes are {sorted(ROUTE_NAMES)}")
-        return sum(1 for c in self._app.calls() if c.route == route and provider in (None, c.provider)
-                   and status in (None, c.status))
+        return sum(n for (p, r, _, st), n in self._app.tally().items() if r == route and provider in (None, p)
+                   and status in (None, st))
 
     def files(self, purpose: str | None = None) -> dict[str, str]:
         """The files stored now (uploaded, or a batch's output and error files, not deleted), id -> purpose;
@@ -156,8 +160,11 @@ class Emulator:
             return {i: f.purpose for i, f in self._core.files.items() if purpose in (None, f.purpose)}
 
     def counters(self) -> Counter[tuple[str, str]]:
-        """Calls per (provider, route name)."""
-        return Counter((c.provider, c.route) for c in self._app.calls())
+        """Calls per (provider, route name), every call received."""
+        out: Counter[tuple[str, str]] = Counter()
+        for (p, r, _, _), n in self._app.tally().items():
+            out[p, r] += n
+        return out
 
     def now(self) -> float:
         """Emulator time: a virtual unix time running ``speedup`` times faster than the wall clock."""
@@ -174,7 +181,7 @@ class Emulator:
         with self._core.lock:
             billed = self._core.ledger.bill().total_usd
             n_batches = len(self._core.batches)
-        return (f"Emulator({where}, speedup={self._core.clock.speedup:g}, calls={len(self._app.calls())}, "
+        return (f"Emulator({where}, speedup={self._core.clock.speedup:g}, calls={self._app.tally().total()}, "
                 f"batches={n_batches}, billed_usd={billed:.6f})")
 
 

@@ -193,14 +193,15 @@ def test_a_rerun_over_an_output_that_answers_its_lines_does_not_pay_for_them_aga
 
 
 def test_a_base_url_credential_is_not_printed_by_dry_run(tmp_path, monkeypatch):
-    """`run --dry-run --providers http --base-url openai=http://user:KEY@host/v1` prints the URL whole, credential
+    """`run --dry-run --providers http --base-url openai=http://user:KEY@host/v1` printed the URL whole, credential
     included ('openai /v1/chat/completions at http://u:sk-test-SECRET123@h/v1:'; cli_report.py:127, the same
-    sample is printed after a real run). Redis URLs get masked_url; provider URLs do not."""
+    sample is printed after a real run). Such a URL is refused now, naming the flag (the SDKs sent its credentials
+    in place of the key: tests/unit/test_base_url_credentials.py), the credential printed nowhere."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-other")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-other")
     r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http",
                             "--base-url", "openai=http://u:sk-test-SECRET123@127.0.0.1:9/v1"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 2 and "--base-url openai" in r.output and "user:password@" in r.output, r.output
     assert "SECRET123" not in r.output, r.output
 
 
