@@ -308,8 +308,8 @@ def emulate(port: int = typer.Option(8765, min=0, max=65535, help="port on 127.0
             seed: int = typer.Option(0, min=0, help="seed of latencies, turnarounds and random faults"),
             catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
             keep_records: int = typer.Option(10_000, min=0, help="how many of the latest call records, billed items "
-                                             "and Idempotency-Key answers it keeps (memory stays bounded; the "
-                                             "bill's totals and the counts cover every call)")) -> None:
+                                             "and Idempotency-Key answers it keeps (an answer at least an emulator "
+                                             "hour; the bill's totals and the counts cover every call)")) -> None:
     """Serve the loopback provider emulator (OpenAI and Anthropic wire formats, OpenAI's Videos API, Gemini's
     OpenAI layer and Veo) until interrupted. Point the engine at it with --base-url
     openai=http://127.0.0.1:PORT/openai/v1 --base-url anthropic=http://127.0.0.1:PORT/anthropic --base-url

@@ -119,6 +119,11 @@ def key_problems(catalog: Catalog, settings: Settings) -> dict[str, str]:
     them: it reads no key to plan, and a real run stopped at its start on what the plan had not said)."""
     said = {}
     for name in settings.providers.http_providers(catalog.providers):
+        try:  # OPENAI_BASE_URL with user:password@, which the SDK sends in place of the key: the plan said nothing
+            settings.providers.endpoints[name].refuse_variable_credentials()
+        except ConfigError as exc:
+            said[name] = str(exc)
+            continue
         problem = _key_problem(settings, name, Secret(os.environ.get(settings.providers.endpoints[name].api_key_env,
                                                                      "")))
         if problem is not None:

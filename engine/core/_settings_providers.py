@@ -115,6 +115,12 @@ class ProviderEndpoint(MaskedRepr, BaseModel):
         env = os.environ if environ is None else environ
         return self.base_url or env.get(BASE_URL_ENV[self.api]) or None
 
+    def refuse_variable_credentials(self, environ: Mapping[str, str] | None = None) -> None:
+        """Refuse the SDK's variable (``OPENAI_BASE_URL``, ...) where it says where calls go and holds credentials
+        (``refuse_url_credentials``): at the start, and in a dry run's words of it."""
+        if not self.base_url and (where := self.address(environ)):
+            refuse_url_credentials(where, f"the variable {BASE_URL_ENV[self.api]}", self.api_key_env)
+
 
 _KNOWN_APIS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
 # What an endpoint of a known name speaks, where and with which key unless told otherwise: google is Gemini through
@@ -234,8 +240,7 @@ class ProvidersSettings(BaseModel):
         if self.mode != "http":
             return self
         for ep in self.endpoints.values():
-            if not ep.base_url and (where := ep.address(environ)):
-                refuse_url_credentials(where, f"the variable {BASE_URL_ENV[ep.api]}", ep.api_key_env)
+            ep.refuse_variable_credentials(environ)
         endpoints = {name: ep if ep.base_url or not (where := ep.address(environ))
                      else ep.model_copy(update={"base_url": where}) for name, ep in self.endpoints.items()}
         return self.model_copy(update={"endpoints": endpoints, "simulate_others": self.simulates_others(environ)})
@@ -249,10 +254,16 @@ def refuse_url_credentials(url: str, where: str, key_env: str) -> None:
     """A base URL holding ``user:password@`` (or a key as its user name) is refused: the SDKs' HTTP client (httpx)
     sends them as Basic auth in the Authorization header, and neither SDK's key goes with it (the openai SDK's
     bearer token is replaced, the anthropic SDK's x-api-key left out: seen on the wire, openai 3.63, anthropic
-    2.17), so every call is a 401."""
-    if "@" not in urlsplit(url).netloc:
-        return
-    raise ConfigError(f"{where} = {masked_url(url)!r} holds credentials before its host (user:password@), which "
+    2.17), so every call is a 401. Found as ``masked_url`` finds them, a password holding an unescaped "/", "?" or
+    "#" too (URL parsing ends the host there: such a URL passed, and the SDK's "Invalid port: 'pa'" quoted the
+    password's start, or the query's refusal did), and before an "@" of a URL without its scheme (whose refusal
+    quoted it whole; a review)."""
+    shown = masked_url(url)
+    if shown == url and "@" not in urlsplit(url).netloc:
+        if "//" in url or "@" not in url.partition("?")[0]:
+            return
+        shown = "***" + url[url.index("@"):]
+    raise ConfigError(f"{where} = {shown!r} holds credentials before its host (user:password@), which "
                       "the SDKs' HTTP client sends as Basic auth in place of the API key, so no call would carry the "
                       f"key: give the URL without them, and the key in {key_env}")
 

@@ -28,7 +28,7 @@ A missing key is a 401 in the family's error shape; any non-empty key passes and
 Prices, cache rules and batch timings come from the provider's catalog entry, whatever the wire format.
 Control: ``GET /_emulator/bill``, ``GET /_emulator/calls``, ``GET /_emulator/counts``, ``POST /_emulator/faults``
 (``FaultPlan.configure``). Records are bounded (``keep_records``: the latest call records, billed items and
-Idempotency-Key answers); the bill's totals and the counts cover every call.
+Idempotency-Key answers, each answer at least an emulator hour); the bill's totals and the counts cover every call.
 
 Fields. A top-level body field a route does not take is a 400 in its API's words (``_fields``): chat completions'
 "Unrecognized request argument supplied: foo", the other OpenAI routes' "Unknown parameter: 'foo'.", Anthropic's

@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl
 
 from engine.core.errors import ConfigError
 from engine.emulator import _anthropic, _gemini_batch, _openai, _openai_batch, _veo, _videos
-from engine.emulator._core import Core
+from engine.emulator._core import KEEP_ANSWERS_S, Core
 from engine.emulator._faults import FaultPlan, FaultSpec
 from engine.emulator._gemini import gemini_error
 from engine.emulator._routing import Ctx, Route
@@ -46,10 +46,10 @@ class Call(NamedTuple):
 
 
 class _Pending:
-    __slots__ = ("body_hash", "done", "reply")
+    __slots__ = ("answered_at", "body_hash", "done", "reply")
 
     def __init__(self, body_hash: bytes):
-        self.body_hash, self.done, self.reply = body_hash, threading.Event(), None
+        self.body_hash, self.done, self.reply, self.answered_at = body_hash, threading.Event(), None, 0.0
 
 
 class App:
@@ -216,11 +216,14 @@ class App:
         forgot = False
         with self._lock:
             if 200 <= reply.status < 300 and not reply.drop:
-                pending.reply = reply
+                pending.reply, pending.answered_at = reply, self.core.now()
                 self._answered.append((key, pending))
-                # The oldest answers go first, as a provider's keys expire: a key sent again after that runs
-                # and bills again (what OpenAI and Anthropic do with any key).
-                while len(self._answered) > self.core.keep_records:
+                # Past the newest keep_records, an answer goes once it is KEEP_ANSWERS_S old (emulator time), as a
+                # key expires by age: gone by count alone, the answer of a call cut off on the wire was forgotten
+                # before its retry came, after keep_records others; the retry ran and billed again, while an
+                # engine told the server honours keys (honours_idempotency_key) counted the call once (a review).
+                horizon = pending.answered_at - KEEP_ANSWERS_S
+                while len(self._answered) > self.core.keep_records and self._answered[0][1].answered_at <= horizon:
                     old_key, old = self._answered.popleft()
                     forgot = True
                     if self._idem.get(old_key) is old:
@@ -229,7 +232,8 @@ class App:
                 del self._idem[key]
         pending.done.set()
         if forgot:
-            self.core.dropped("Idempotency-Key answers")
+            self.core.dropped("Idempotency-Key answers", f"once {KEEP_ANSWERS_S:g} emulator seconds old; such a key "
+                              "sent again runs and bills again")
         return reply
 
     # -- helpers -------------------------------------------------------------------------------------------

@@ -29,6 +29,10 @@ _log = logging.getLogger("engine.emulator")
 # Enough for a demo or a test to read every record back, and a few tens of MB at most (an Idempotency-Key's kept
 # answer is the largest record: its whole reply body).
 KEEP_RECORDS = 10_000
+# An Idempotency-Key's answer is kept at least this long (emulator seconds), whatever keep_records says: six times
+# an endpoint's default timeout_s (600 s), so an engine's retries of one key, which come within a call's timeout
+# and its backoff, find it (an engine at the emulator's speed-up; a restart's resends, if they come within it).
+KEEP_ANSWERS_S = 3600.0
 
 __all__ = ["EMULATED_AUTO_QUALITY", "Core", "FileRecord", "TextCall"]
 
@@ -218,16 +222,18 @@ class Core:
             if self.ledger.add(item):
                 self.dropped("billed items (bill().items)")
 
-    def dropped(self, what: str) -> None:
+    def dropped(self, what: str, older: str = "") -> None:
         """Say once (until ``reset``) that the oldest ``what`` are no longer kept: a reader of the records alone
-        would otherwise take a long run's last records for all of it."""
+        would otherwise take a long run's last records for all of it. ``older``: which older ones go, and what
+        follows (for the answers, a key sent again bills again), in place of the totals' word."""
         with self.lock:
             if what in self._told_dropped:
                 return
             self._told_dropped.add(what)
-        _log.warning("the emulator keeps the latest %d %s and drops older ones (keep_records, `smartbatch emulate "
-                     "--keep-records`); its totals and counts (bill(), count(), counters(), GET /_emulator/bill, "
-                     "GET /_emulator/counts) still cover every one", self.keep_records, what)
+        _log.warning("the emulator keeps the latest %d %s and drops older ones %s(keep_records, `smartbatch emulate "
+                     "--keep-records`)%s", self.keep_records, what, f"{older} " if older else "",
+                     "" if older else "; its totals and counts (bill(), count(), counters(), GET /_emulator/bill, "
+                     "GET /_emulator/counts) still cover every one")
 
     # -- images ----------------------------------------------------------------------------------------------
     def image_request(self, provider: ProviderSpec, model: str, prompt: str, size: str,

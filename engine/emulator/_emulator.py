@@ -30,7 +30,8 @@ class Emulator:
     ``honour_keys``: False plays the providers as documented, where ``Idempotency-Key`` is not a feature.
     ``keep_records``: how many of the latest call records (``calls``), billed items (``bill().items``) and
     Idempotency-Key answers it keeps; older ones are dropped (a warning says so once) while ``bill()``'s totals,
-    ``count`` and ``counters`` still cover every call.
+    ``count`` and ``counters`` still cover every call. An answer is kept at least an hour of emulator time
+    (``KEEP_ANSWERS_S``), so an engine's retry of a call cut off on the wire is replayed, billed once.
     """
 
     def __init__(self, catalog: Catalog | None = None, *, port: int = 0, host: str = "127.0.0.1",

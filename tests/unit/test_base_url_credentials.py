@@ -81,3 +81,41 @@ def test_an_sdk_base_url_variable_with_credentials_is_refused_at_the_start(api: 
     # Without the user part it is taken in as before.
     fine = providers.decided({var: f"http://127.0.0.1:8765/{api}/v1"})
     assert fine.endpoints[api].base_url == f"http://127.0.0.1:8765/{api}/v1"
+
+
+HEAD = "s3cretHEAD"  # a password's start, before a character URL parsing ends the host at
+
+
+@pytest.mark.parametrize("url", [f"http://alice:{HEAD}/{PASSWORD}@127.0.0.1:8765/openai/v1",
+                                 f"http://alice:{HEAD}#{PASSWORD}@127.0.0.1:8765/openai/v1",
+                                 f"http://alice:{HEAD}?{PASSWORD}@127.0.0.1:8765/openai/v1",
+                                 f"alice:{HEAD}{PASSWORD}@127.0.0.1:8765/openai/v1"],
+                         ids=["slash", "hash", "question-mark", "no-scheme"])
+def test_a_password_that_url_parsing_cuts_short_is_refused_and_not_quoted(url: str) -> None:
+    """A password holding an unescaped "/" or "#" passed (urlsplit ends the host there; the SDK then failed on
+    "Invalid port: 's3cretHEAD'", a crash quoting it), one with "?" was refused as a query quoting its start, and a
+    URL without its scheme was refused by pydantic quoting it whole: fails on the code before (a review)."""
+    with pytest.raises(ConfigError) as ei:
+        Settings(providers={"mode": "http", "endpoints": {"openai": {"base_url": url}}})
+    said = _said(ei)
+    assert "providers.endpoints.openai.base_url" in said and "user:password@" in said, said
+    assert HEAD not in said and PASSWORD not in said, said
+
+
+def test_a_dry_run_says_a_credentialed_sdk_variable_would_stop_the_start(tmp_path, monkeypatch) -> None:
+    """`run --dry-run` with OPENAI_BASE_URL holding user:password@ said nothing of it (the start refuses it): it
+    says the start's words now, the password masked. Fails on the code before (a review)."""
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"id":"a1","arrival_s":0,"model":"gpt-5-mini","prompt":"hello","deadline_s":600}\n')
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"http://alice:{PASSWORD}@127.0.0.1:9/openai/v1")
+    r = CliRunner().invoke(app, ["run", str(trace), "--dry-run", "--providers", "http", "--speedup", "1"])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert "the real run would stop at its start: the variable OPENAI_BASE_URL" in said, said
+    assert "user:password@" in said and PASSWORD not in said, said

@@ -11,8 +11,10 @@ import anthropic
 import openai
 import pytest
 
+from engine.core.clock import ManualClock
 from engine.core.errors import ConfigError
 from engine.emulator import Emulator
+from engine.emulator._core import KEEP_ANSWERS_S
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
@@ -46,8 +48,9 @@ def _run(emu: Emulator) -> None:
 
 @pytest.fixture
 def emus() -> Iterator[tuple[Emulator, Emulator]]:
-    with Emulator(latency_scale=0.0, speedup=1e4, keep_records=KEEP) as small, \
-            Emulator(latency_scale=0.0, speedup=1e4) as whole:
+    # At speed-up 1 the hour an answer is kept at least (KEEP_ANSWERS_S) cannot pass during a test, however slow.
+    with Emulator(latency_scale=0.0, speedup=1.0, keep_records=KEEP) as small, \
+            Emulator(latency_scale=0.0, speedup=1.0) as whole:
         yield small, whole
 
 
@@ -68,7 +71,8 @@ def test_records_are_bounded_and_every_total_stays_exact(emus: tuple[Emulator, E
                           ("chat.completions", 404)):
         assert small.count(route, status=status) == whole.count(route, status=status)
     said = [r.getMessage() for r in caplog.records if r.name == "engine.emulator"]
-    assert len(said) == 3 and all("keep_records" in m and str(KEEP) in m for m in said), said
+    # Records and items; the keyed answers (6 of them, within the hour) are all kept.
+    assert len(said) == 2 and all("keep_records" in m and str(KEEP) in m for m in said), said
     origin = small.base_url("openai").rsplit("/openai/", 1)[0]
     counts = json.load(urllib.request.urlopen(origin + "/_emulator/counts", timeout=5))
     assert (counts["calls"], counts["kept"], counts["dropped"]) == (12, KEEP, 12 - KEEP)
@@ -77,15 +81,45 @@ def test_records_are_bounded_and_every_total_stays_exact(emus: tuple[Emulator, E
 
 
 def test_idempotency_key_answers_are_bounded_the_oldest_forgotten(emus: tuple[Emulator, Emulator]) -> None:
+    """Past the latest KEEP, an answer goes once it is KEEP_ANSWERS_S old (emulator time, moved by hand here)."""
     small, whole = emus
-    for emu in emus:
+    clocks = [ManualClock(1e9), ManualClock(1e9)]
+    for emu, clock in zip(emus, clocks, strict=True):
+        emu.follow(clock)
         for i in range(KEEP + 2):
             _ask(emu, f"k{i}", i)
-        _ask(emu, "k0", 0)  # the oldest answer: forgotten by the bounded one, so it runs and bills again
-        _ask(emu, f"k{KEEP + 1}", KEEP + 1)  # the latest: replayed by both
-    assert whole.bill().items_billed == KEEP + 2 and small.bill().items_billed == KEEP + 3
+        clock.advance(KEEP_ANSWERS_S)
+        _ask(emu, "k-late", 9)  # the answers before it are an hour old now: the bounded one forgets the oldest two
+        _ask(emu, "k0", 0)  # forgotten by the bounded one, so it runs and bills again
+        _ask(emu, f"k{KEEP + 1}", KEEP + 1)  # among the latest: replayed by both
+    assert whole.bill().items_billed == KEEP + 3 and small.bill().items_billed == KEEP + 4
     assert [i.idempotency_key for i in small.bill().items].count("k0") == 1  # its second billing, kept
     assert len(small._app._idem) <= KEEP  # the answers held (whole reply bodies) stay bounded
+
+
+def test_a_retry_of_a_call_cut_off_on_the_wire_is_replayed_after_more_than_keep_records_answers(
+        emus: tuple[Emulator, Emulator]) -> None:
+    """A call whose answer was lost on the wire (run and billed) is retried under its key after KEEP other answers
+    (an engine's tries of one key are at most a call's timeout and its backoff apart): it is replayed, billed
+    once, as an engine told the server honours keys counts it. Fails on the bound by count alone (a review): the
+    answer was forgotten, the retry ran and billed again, and the bill passed the engine's spend by that call."""
+    small, _ = emus
+    clock = ManualClock(1e9)
+    small.follow(clock)
+    small.faults.script("openai", "chat.completions", [{"cut_connection": True}])
+    with pytest.raises(openai.APIConnectionError):
+        _ask(small, "lost", 3)
+    for i in range(KEEP + 1):
+        clock.advance(1.0)
+        _ask(small, f"other{i}", i)
+    clock.advance(KEEP_ANSWERS_S - KEEP - 2)  # still within the hour
+    with openai.OpenAI(base_url=small.base_url("openai"), api_key=KEY, max_retries=0) as oai:
+        again = oai.chat.completions.with_raw_response.create(
+            model="gpt-5-mini", extra_headers={"Idempotency-Key": "lost"},
+            messages=[{"role": "user", "content": "lost [[emulator:output_tokens=3]]"}])
+    assert again.headers.get("idempotent-replayed") == "true"
+    billed = small.bill()
+    assert billed.items_billed == KEEP + 2, billed  # the lost call once, and the others
 
 
 def test_a_negative_bound_is_refused() -> None:
