@@ -260,9 +260,10 @@ def refuse_url_credentials(url: str, where: str, key_env: str) -> None:
     quoted it whole; a review)."""
     shown = masked_url(url)
     if shown == url and "@" not in urlsplit(url).netloc:
-        if "//" in url or "@" not in url.partition("?")[0]:
+        before_query = url.partition("?")[0]
+        if "://" in url or "@" not in before_query:
             return
-        shown = "***" + url[url.index("@"):]
+        shown = "***" + url[before_query.rindex("@"):]  # up to the last "@": a password may hold one
     raise ConfigError(f"{where} = {shown!r} holds credentials before its host (user:password@), which "
                       "the SDKs' HTTP client sends as Basic auth in place of the API key, so no call would carry the "
                       f"key: give the URL without them, and the key in {key_env}")

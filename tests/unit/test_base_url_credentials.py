@@ -89,7 +89,7 @@ HEAD = "s3cretHEAD"  # a password's start, before a character URL parsing ends t
 @pytest.mark.parametrize("url", [f"http://alice:{HEAD}/{PASSWORD}@127.0.0.1:8765/openai/v1",
                                  f"http://alice:{HEAD}#{PASSWORD}@127.0.0.1:8765/openai/v1",
                                  f"http://alice:{HEAD}?{PASSWORD}@127.0.0.1:8765/openai/v1",
-                                 f"alice:{HEAD}{PASSWORD}@127.0.0.1:8765/openai/v1"],
+                                 f"alice:{HEAD}@{PASSWORD}@127.0.0.1:8765/openai/v1"],
                          ids=["slash", "hash", "question-mark", "no-scheme"])
 def test_a_password_that_url_parsing_cuts_short_is_refused_and_not_quoted(url: str) -> None:
     """A password holding an unescaped "/" or "#" passed (urlsplit ends the host there; the SDK then failed on
@@ -100,6 +100,9 @@ def test_a_password_that_url_parsing_cuts_short_is_refused_and_not_quoted(url: s
     said = _said(ei)
     assert "providers.endpoints.openai.base_url" in said and "user:password@" in said, said
     assert HEAD not in said and PASSWORD not in said, said
+    # An "@" in the path is no credential (the host before it is whole).
+    fine = Settings(providers={"mode": "http", "endpoints": {"openai": {"base_url": "http://127.0.0.1:8765/v1/@x"}}})
+    assert fine.providers.endpoints["openai"].base_url == "http://127.0.0.1:8765/v1/@x"
 
 
 def test_a_dry_run_says_a_credentialed_sdk_variable_would_stop_the_start(tmp_path, monkeypatch) -> None:
