@@ -22,6 +22,7 @@ from engine.core.errors import ConfigError
 __all__ = ["EndpointKeys", "key_tenant_problem"]
 
 _TENANT = HEADER_TENANT.lower().encode("latin-1")  # as an ASGI scope names a header
+_CREDENTIALS = (b"authorization", b"x-api-key")
 
 
 def key_tenant_problem(tenant: str) -> str | None:
@@ -102,11 +103,8 @@ class EndpointKeys:
         @app.middleware("http")
         async def check_key(http: HttpRequest, call_next):
             error = AnthropicError if anthropic_caller(http) else ApiError
-            scheme, _, key = http.headers.get("authorization", "").partition(" ")
-            if not scheme and (anthropic := http.headers.get("x-api-key")) is not None:
-                scheme, key = "bearer", anthropic
-            known, tenant = self.who(key.strip())
-            if scheme.lower() != "bearer" or not known:
+            known, tenant = self._caller(http)
+            if not known:
                 return error(401, f"Incorrect API key provided: send {which} as 'Authorization: Bearer <key>' or "
                                   "'x-api-key: <key>', the SDK's api_key", code="invalid_api_key").response()
             if tenant is not None:
@@ -118,4 +116,16 @@ class EndpointKeys:
                 # The routes read the tenant from the header (``tenant_of``): the key's, whatever was sent.
                 http.scope["headers"] = [(k, v) for k, v in http.scope["headers"] if k.lower() != _TENANT]
                 http.scope["headers"].append((_TENANT, tenant.encode("latin-1")))
+            # Checked, the caller's key goes: the ASGI scope is a local of every frame the route runs under (the
+            # frameworks' and this one), and an error tracker prints each frame's locals (keys86). No route reads it.
+            http.scope["headers"] = [(k, v) for k, v in http.scope["headers"] if k.lower() not in _CREDENTIALS]
             return await call_next(http)
+
+    def _caller(self, http: HttpRequest) -> tuple[bool, str | None]:
+        """``who`` the caller's key is (``Authorization: Bearer <key>`` or ``x-api-key: <key>``), read here, so the
+        key is a local of no frame that stays open while the route runs (``check_key``'s does)."""
+        scheme, _, key = http.headers.get("authorization", "").partition(" ")
+        if not scheme and (anthropic := http.headers.get("x-api-key")) is not None:
+            scheme, key = "bearer", anthropic
+        known, tenant = self.who(key.strip())
+        return scheme.lower() == "bearer" and known, tenant

@@ -5,7 +5,8 @@ wire formats, so the official SDK clients work against it unchanged given a ``ba
 
     with Emulator(latency_scale=0, speedup=1e4) as emu:
         oai = openai.OpenAI(base_url=emu.base_url("openai"), api_key="k", max_retries=0)
-        ant = anthropic.Anthropic(base_url=emu.anthropic_base_url("anthropic"), api_key="k")
+        ant = anthropic.Anthropic(base_url=emu.anthropic_base_url("anthropic"), api_key="k",
+                                  default_headers={"X-Api-Key": "k", "Authorization": anthropic.Omit()})
         ...
         emu.bill()          # what it billed, priced by engine.core.cost
 
@@ -18,7 +19,8 @@ Paths. Every catalog provider is served under its catalog name, with both route 
 ``/v1/batches/{id}/cancel`` (OpenAI format: ``Authorization: Bearer <key>``, ``x-request-id``) and
 ``/<provider>/v1/messages``, ``/v1/messages/count_tokens`` (the input tokens ``/v1/messages`` bills for the same
 body, free), ``/v1/messages/batches``, ``.../{id}``, ``.../{id}/cancel``, ``.../{id}/results`` (Anthropic format:
-``x-api-key: <key>``, or the Bearer header the SDK's ``auth_token`` sends; ``request-id``), and Google's Veo
+``x-api-key: <key>`` alone, as Anthropic reads an API key: a call without it, a Bearer header or not, is
+Anthropic's 401 ``authentication_error`` "x-api-key header is required"; ``request-id``), and Google's Veo
 routes ``/<provider>/v1beta/models/{model}:predictLongRunning``, ``/v1beta/models/{model}/operations/{id}``,
 ``/v1beta/files/{id}:download`` (``x-goog-api-key: <key>`` or ``?key=``; Google's error object; ``_veo``), and
 Google's native Batch API with inline requests, for the image models the catalog batches there

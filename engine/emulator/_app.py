@@ -115,9 +115,11 @@ class App:
         query_params = dict(parse_qsl(query))
         params = {**query_params, **params}  # a list's cursor and limit, e.g. ?after=...&limit=100
         if not self._authorized(r.family, headers, query_params):
-            where = {"openai": "an 'Authorization: Bearer <key>'", "anthropic": "an 'x-api-key: <key>'",
+            where = {"openai": "an 'Authorization: Bearer <key>'", "anthropic": "",
                      "google": "an 'x-goog-api-key: <key>'"}[r.family]
-            err = ApiError(401, f"missing API key: send {where} header", code="invalid_api_key")
+            # Anthropic's own words for a call without x-api-key, whatever else it carries (a Bearer header too).
+            err = (ApiError(401, "x-api-key header is required") if r.family == "anthropic" else
+                   ApiError(401, f"missing API key: send {where} header", code="invalid_api_key"))
             return self._record(provider, r.name, method,
                                 self._as_provider(provider, r.family, error_reply(r.family, err, rid)))
         ctx = Ctx(self.core, self.faults, provider, r.name, params, headers, body, rid, r.family, self.origin)
@@ -249,14 +251,13 @@ class App:
 
     @staticmethod
     def _authorized(family: Family, headers: dict[str, str], query: dict[str, str]) -> bool:
-        # Any non-empty key passes; the key itself is only tested for presence and never kept.
+        # Any non-empty key in its family's header passes; the key itself is only tested for presence and never kept.
         if family == "google":  # Google's own API: its header, or ?key= (never a bearer token: that is OAuth's)
             return bool(headers.get("x-goog-api-key", "").strip() or query.get("key", "").strip())
+        if family == "anthropic":  # an API key in x-api-key alone: Anthropic reads a Bearer header as an OAuth token's
+            return bool(headers.get("x-api-key", "").strip())
         auth = headers.get("authorization", "")
-        bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        if family == "openai":
-            return bool(bearer)
-        return bool(headers.get("x-api-key", "").strip()) or bool(bearer)
+        return bool(auth[7:].strip() if auth.lower().startswith("bearer ") else "")
 
     def _control(self, method: str, path: str, body: bytes) -> Reply:
         rid = self.core.new_id("req_")

@@ -43,7 +43,7 @@ def test_the_anthropic_provider_sends_its_key_as_x_api_key_alone(monkeypatch, ca
         return httpx2.Response(401, json={"type": "error", "error": {"type": "authentication_error", "message": "x"}})
 
     p = _provider(monkeypatch)
-    p.client._client = anthropic.DefaultAsyncHttpxClient(transport=httpx2.MockTransport(answer))
+    p.client._client._transport = httpx2.MockTransport(answer)  # its own HTTP client, which puts the key on
     p.client._platform = get_platform()  # (read in a worker thread at the first call otherwise)
     body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
     c = p.client

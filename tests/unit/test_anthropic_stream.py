@@ -29,6 +29,8 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
 )
 from tests.unit.test_money_hunt import _drained
 
+X_API_KEY = {"X-Api-Key": KEY, "Authorization": anthropic.Omit()}  # where Anthropic reads an API key (the SDK's Bearer not)
+
 
 def _paced(every_s: float, events: list[bytes]) -> anthropic.AsyncAnthropic:
     """A client whose every call is answered 200 with ``events``, one each ``every_s`` of its loop's clock."""
@@ -172,7 +174,7 @@ def test_a_streamed_answer_is_the_whole_answer_in_content_usage_and_cost(body):
             try:
                 sent = p.sync_body(job_of(r))
                 client = anthropic.AsyncAnthropic(base_url=b.anthropic_base_url("anthropic"), api_key=KEY,
-                                                  max_retries=0)
+                                                  max_retries=0, default_headers=X_API_KEY)
                 whole = await client.messages.create(**sent, timeout=30.0)
                 async with client.messages.stream(**sent, timeout=30.0) as s:  # the SDK's own reader
                     read = (await s.get_final_message()).model_dump(mode="json", exclude_none=True)
@@ -197,7 +199,8 @@ def test_a_streamed_answer_is_the_whole_answer_in_content_usage_and_cost(body):
 
 def test_the_emulator_streams_anthropic_s_events_in_order():
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as e:
-        client = anthropic.Anthropic(base_url=e.anthropic_base_url("anthropic"), api_key=KEY, max_retries=0)
+        client = anthropic.Anthropic(base_url=e.anthropic_base_url("anthropic"), api_key=KEY, max_retries=0,
+                                     default_headers=X_API_KEY)
         stream = client.messages.create(model="claude-haiku-4-5", max_tokens=50, stream=True, timeout=30.0,
                                         messages=[{"role": "user", "content": "Hi [[emulator:output_tokens=30]]"}])
         events = [ev.type for ev in stream]
@@ -304,7 +307,7 @@ def test_a_key_first_sent_whole_before_the_upgrade_is_answered_by_its_replay_bil
         try:
             body = p.sync_body(job)
             client = anthropic.AsyncAnthropic(base_url=emu.anthropic_base_url("anthropic"), api_key=KEY,
-                                              max_retries=0)
+                                              max_retries=0, default_headers=X_API_KEY)
             first = await client.messages.create(**body, extra_headers={"Idempotency-Key": sent_key(job, body)},
                                                  timeout=30.0)  # as create_call sent it before stop 80
             await client.close()

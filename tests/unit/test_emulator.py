@@ -28,6 +28,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:Depre
 
 KEY = "sk-EMULATOR-TEST-KEY"
 FAST = {"latency_scale": 0.0, "speedup": 1e4}
+# The installed Anthropic SDK (2.17) sends ``api_key`` as ``Authorization: Bearer``; Anthropic's API (and the
+# emulator) reads an API key from x-api-key alone, so a client here sends it there, as the engine's provider does.
+X_API_KEY = {"X-Api-Key": KEY, "Authorization": anthropic.Omit()}
 
 
 class Sdk:
@@ -44,7 +47,7 @@ class Sdk:
 
     def anthropic(self, **kw: Any) -> anthropic.Anthropic:
         client = anthropic.Anthropic(base_url=self.emu.anthropic_base_url("anthropic"), api_key=KEY, max_retries=0,
-                                     **kw)
+                                     default_headers=X_API_KEY, **kw)
         self._made.append(client)
         return client
 
@@ -306,6 +309,27 @@ def test_unknown_model_missing_key_and_streaming_are_refused(emu: Emulator, sdk:
                         {"authorization": "Bearer "})
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     assert emu.bill().items == ()
+
+
+@pytest.mark.parametrize("route", ["/v1/messages", "/v1/messages/batches", "/v1/messages/count_tokens"])
+def test_an_anthropic_route_refuses_a_key_sent_as_bearer_alone(emu: Emulator, route: str) -> None:
+    """Anthropic's API reads an API key from ``x-api-key`` and answers a call without it 401
+    ``authentication_error`` "x-api-key header is required" (n8n-io/n8n#37930, karthink/gptel#354), a Bearer header
+    or not: the emulator took ``Authorization: Bearer <key>`` alone, so an engine sending its key there (the
+    installed SDK's ``api_key``, rvkeys85) passed every emulated test. Fails on the code before (200)."""
+    url = emu.anthropic_base_url("anthropic") + route
+    body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": user("hi")}
+    if route.endswith("batches"):
+        body = {"requests": [{"custom_id": "a", "params": body}]}
+    elif route.endswith("count_tokens"):  # a count takes no max_tokens
+        body = {k: v for k, v in body.items() if k != "max_tokens"}
+    status, got = post(url, body, {"authorization": f"Bearer {KEY}", "anthropic-version": "2023-06-01"})
+    assert status == 401, got
+    assert got["type"] == "error" and got["error"] == {"type": "authentication_error",
+                                                       "message": "x-api-key header is required"}
+    assert got["request_id"].startswith("req_")
+    status, _ = post(url, body, {"x-api-key": KEY, "anthropic-version": "2023-06-01"})
+    assert status == 200
 
 
 # -- faults ----------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ read, then looks for the key in every frame of what it raised (its chain's too);
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 import traceback
@@ -153,10 +154,13 @@ def test_a_provider_made_in_the_driver_holds_no_key_in_its_frames(keyed_env, mon
 
 
 def test_the_sdk_clients_send_the_key_given_after_they_are_made(keyed_env, monkeypatch):
-    """The stand-in never goes out: each client made in the driver sends the headers an SDK client made with the
-    key as its argument sends (the way before), the key in them (Gemini's native routes ``x-goog-api-key`` too)."""
+    """The stand-in never goes out: each client made in the driver sends, on the wire, the credential headers an SDK
+    client made with the key as its argument sends (the way before), the key in them (Gemini's native routes
+    ``x-goog-api-key`` too); a copy of the client (``with_options``) too."""
     import anthropic
+    import httpx2
     import openai
+    from anthropic._base_client import get_platform
 
     from actors._stop_left import _client
     from engine.core.catalog import load_catalog
@@ -174,11 +178,23 @@ def test_the_sdk_clients_send_the_key_given_after_they_are_made(keyed_env, monke
                                                                         "Authorization": anthropic.Omit()})),
              (google.client, openai.AsyncOpenAI(api_key=gemini)),
              (google._native, openai.AsyncOpenAI(api_key=gemini, default_headers={"x-goog-api-key": gemini}))]
+
+    def sent(client) -> dict[str, str]:
+        got: list[httpx2.Headers] = []
+
+        def answer(request: httpx2.Request) -> httpx2.Response:
+            got.append(request.headers)
+            return httpx2.Response(200, json={})
+
+        client._client._transport = httpx2.MockTransport(answer)
+        client._platform = get_platform()  # (read in a worker thread at the first call otherwise)
+        asyncio.run(client.get("/x", cast_to=object))
+        return {k: v for k, v in got[0].items() if k in ("authorization", "x-api-key", "x-goog-api-key")}
+
     for made, before in pairs:
-        sent = {k: v for k, v in {**made.default_headers, **made.auth_headers}.items() if isinstance(v, str)}
-        assert sent == {k: v for k, v in {**before.default_headers, **before.auth_headers}.items()
-                        if isinstance(v, str)}
-        assert any(gemini in v or claude in v for v in sent.values()), sent
+        wire = sent(made)
+        assert wire == sent(before) == sent(made.with_options(timeout=3.0))
+        assert any(gemini in v or claude in v for v in wire.values()), wire
 
 
 def test_an_endpoint_tenant_key_refused_holds_no_key_in_its_frames(monkeypatch):
@@ -191,3 +207,82 @@ def test_an_endpoint_tenant_key_refused_holds_no_key_in_its_frames(monkeypatch):
     with pytest.raises(ConfigError, match="holds the same key as ACME_KEY") as got:
         _tenant_keys(["acme=ACME_KEY", "beta=BETA_KEY"], 8000, None, None)
     assert _quoted(got.value) == []
+
+
+@pytest.mark.parametrize("header", ["authorization", "x-api-key"])
+def test_an_endpoint_route_that_raises_holds_no_caller_key_in_its_frames(header):
+    """The endpoint's key check (``EndpointKeys.guard``) ran every route inside its own frame with the caller's key
+    a plain local (``check_key.key``; ``check_key.anthropic`` for ``x-api-key``), and the ASGI scope, a local of
+    every frame of the frameworks' between the server and the route, held it among its headers: a route that
+    raised showed it in each (fails on the code before). The key is read in a helper that returns before the
+    route runs, and leaves the scope once checked."""
+    import hashlib
+
+    from fastapi import FastAPI
+
+    from engine.app._endpoint_keys import EndpointKeys
+
+    app = FastAPI()
+
+    class RouteBug(Exception):
+        pass
+
+    @app.get("/v1/models")
+    async def models():
+        raise RouteBug
+
+    EndpointKeys(hashlib.sha256(KEYS["OPENAI_API_KEY"].encode()).hexdigest()).guard(app)
+
+    async def call() -> BaseException:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                 "scheme": "http", "path": "/v1/models", "raw_path": b"/v1/models", "query_string": b"",
+                 "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+                 "headers": [(header.encode(), (b"Bearer " if header == "authorization" else b"")
+                              + KEYS["OPENAI_API_KEY"].encode())]}
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            pass
+
+        try:
+            await app(scope, receive, send)
+        except RouteBug as exc:  # the route ran: the key was taken
+            return exc
+        pytest.fail("the route did not run")
+
+    assert _quoted(asyncio.run(call())) == []
+
+
+@pytest.mark.parametrize(("provider", "fails"), [("anthropic", "body"), ("google", "body"), ("openai", "header"),
+                                                 ("google", "header")])
+def test_a_request_the_sdk_cannot_build_holds_no_key_in_its_frames(keyed_env, monkeypatch, provider, fails):
+    """The SDK builds each request in frames of its own: its headers, the key among them, were a local of
+    ``_build_request`` while httpx encoded the body (a value JSON cannot carry: a ``TypeError``), where httpx's
+    repr masks ``Authorization`` alone (``_build_request.headers``: Anthropic's ``x-api-key``, Gemini's
+    ``x-goog-api-key``), and a plain dict of ``_build_headers`` while httpx read them (a header that is not ASCII:
+    ``_build_headers.headers_dict``, OpenAI's Bearer too). Fails on the code before; the key is put on the
+    request as it is sent now (``actors.providers._sdk_key``)."""
+    from actors._stop_left import _client
+    from engine.core.catalog import load_catalog
+    from engine.core.settings import Settings
+
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS", '{"openai": {"api": "openai", "api_key_env": '
+                       '"OPENAI_API_KEY", "base_url": "http://127.0.0.1:9/v1"}, "anthropic": {"api": "anthropic", '
+                       '"api_key_env": "ANTHROPIC_API_KEY", "base_url": "http://127.0.0.1:9"}, "google": {"api": '
+                       '"openai", "api_key_env": "GEMINI_API_KEY", "base_url": "http://127.0.0.1:9/v1beta/openai/"}}')
+    settings = Settings()
+    made = _client(provider, settings, load_catalog(settings.catalog_path))
+    client = made._native if provider == "google" and fails == "body" else made.client
+    ask = ({"body": {"metadata": object()}} if fails == "body" else
+           {"body": {}, "options": {"headers": {"X-Note": "caf\u00e9"}}})
+
+    async def call() -> BaseException:
+        try:
+            await client.post("/x", cast_to=object, **ask)
+        except (TypeError, UnicodeEncodeError) as exc:
+            return exc
+        pytest.fail("the SDK sent what it cannot encode")
+
+    assert _quoted(asyncio.run(call())) == []
