@@ -13,7 +13,7 @@ import pytest
 KEY = "sk-ant-api03-" + "HEADERKEY0123456789abcdef"  # split so no scan of real keys flags the fake
 
 
-def _provider(monkeypatch) -> Any:
+def _provider(monkeypatch, base_url: str = "http://127.0.0.1:9") -> Any:
     """The driver's Anthropic provider (``actors._stop_left._client``, as a stop makes it), its key ``KEY``."""
     from actors._stop_left import _client
     from engine.core.catalog import load_catalog
@@ -22,7 +22,7 @@ def _provider(monkeypatch) -> Any:
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     monkeypatch.setenv("SMARTBATCH_PROVIDERS__MODE", "http")
     monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS", '{"anthropic": {"api": "anthropic", "api_key_env": '
-                       '"ANTHROPIC_API_KEY", "base_url": "http://127.0.0.1:9"}}')
+                       f'"ANTHROPIC_API_KEY", "base_url": "{base_url}"}}}}')
     settings = Settings()
     return _client("anthropic", settings, load_catalog(settings.catalog_path))
 
@@ -68,3 +68,31 @@ def test_the_anthropic_provider_sends_its_key_as_x_api_key_alone(monkeypatch, ca
     assert len(sent) == 1
     assert sent[0].get("x-api-key") == KEY
     assert "authorization" not in sent[0], sent[0].get("authorization", "")[:12]
+
+
+def test_the_stops_and_rescues_anthropic_provider_is_let_in_by_the_emulator(monkeypatch):
+    """The emulator answers an Anthropic call without ``x-api-key`` with Anthropic's 401 (keys86): the provider the
+    driver makes for a stop's cancel and a take-back's rescue (``_stop_left._client``, ``make_provider`` as the
+    dispatchers call it) counts, makes a Message Batch and cancels it there, each answered."""
+    import anthropic
+
+    from engine.emulator import Emulator
+
+    with Emulator(latency_scale=0.0, speedup=1e4) as emu:
+        p = _provider(monkeypatch, emu.anthropic_base_url("anthropic"))
+        body = {"model": "claude-haiku-4-5", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+        async def go() -> tuple:
+            try:
+                counted = await p.count_tokens({k: v for k, v in body.items() if k != "max_tokens"})
+                made = await p.client.messages.batches.create(requests=[{"custom_id": "a", "params": body}])
+                return counted, made, await p.client.messages.batches.cancel(made.id)
+            finally:
+                await p.close()
+
+        (status, answer, _), made, cancelled = asyncio.run(go())
+        bearer = anthropic.Anthropic(base_url=emu.anthropic_base_url("anthropic"), api_key=KEY, max_retries=0)
+        with bearer, pytest.raises(anthropic.AuthenticationError, match="x-api-key header is required"):
+            bearer.messages.batches.list()  # the installed SDK's own way: Authorization: Bearer alone
+    assert status == 200 and answer["input_tokens"] > 0
+    assert cancelled.id == made.id and cancelled.processing_status in ("canceling", "ended")
