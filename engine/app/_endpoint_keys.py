@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
@@ -95,7 +96,11 @@ class EndpointKeys:
     def guard(self, app: FastAPI) -> None:
         """Ask every route of ``app`` for a key: ``Authorization: Bearer <key>`` (the SDKs' ``api_key``) or
         ``x-api-key: <key>`` (the Anthropic SDK's), a 401 ``invalid_api_key`` otherwise; a tenant key's call is
-        its tenant's (the header filled in), and one naming another tenant is a 403."""
+        its tenant's (the header filled in), and one naming another tenant is a 403. Where no key is asked, the
+        caller's key headers are dropped all the same (``_NoCallerKey``)."""
+        if not self.asked:
+            app.add_middleware(_NoCallerKey)
+            return
         which = ("the endpoint's key (smartbatch serve --http-key-env)" if self._admin is not None else "")
         if self._tenants:
             which += (" or " if which else "") + "your tenant's key (smartbatch serve --http-tenant-key)"
@@ -118,7 +123,7 @@ class EndpointKeys:
                 http.scope["headers"].append((_TENANT, tenant.encode("latin-1")))
             # Checked, the caller's key goes: the ASGI scope is a local of every frame the route runs under (the
             # frameworks' and this one), and an error tracker prints each frame's locals (keys86). No route reads it.
-            http.scope["headers"] = [(k, v) for k, v in http.scope["headers"] if k.lower() not in _CREDENTIALS]
+            http.scope["headers"] = _without_key(http.scope["headers"])
             return await call_next(http)
 
     def _caller(self, http: HttpRequest) -> tuple[bool, str | None]:
@@ -129,3 +134,22 @@ class EndpointKeys:
             scheme, key = "bearer", anthropic
         known, tenant = self.who(key.strip())
         return scheme.lower() == "bearer" and known, tenant
+
+
+def _without_key(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    return [(k, v) for k, v in headers if k.lower() not in _CREDENTIALS]
+
+
+class _NoCallerKey:
+    """An endpoint that asks no key still gets one: an application moved to it by its ``base_url`` alone sends
+    the key its SDK reads (``OPENAI_API_KEY``, a provider's real key) as ``Authorization``, and the ASGI scope, a
+    local of every frame a failing route raises through, held it (rvkeys86). No route reads it: it is dropped
+    before any runs. Plain ASGI, not ``BaseHTTPMiddleware``: a list filter a call, no task of its own."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["headers"] = _without_key(scope["headers"])
+        await self.app(scope, receive, send)

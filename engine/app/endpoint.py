@@ -152,8 +152,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
                   lifespan=lifespan)
     app.state.smartbatch = store  # per-replica state, for inspection
     _errors_in_openai_shape(app)
-    if keys.asked:
-        keys.guard(app)
+    keys.guard(app)  # asks a key where one is set; drops the caller's key headers either way
     validator = Validator(catalog, engine.settings)
     known = {m for p in catalog.providers.values() for m in p.models}
 

@@ -286,3 +286,45 @@ def test_a_request_the_sdk_cannot_build_holds_no_key_in_its_frames(keyed_env, mo
         pytest.fail("the SDK sent what it cannot encode")
 
     assert _quoted(asyncio.run(call())) == []
+
+
+@pytest.mark.parametrize(("asked", "header"), [(False, "authorization"), (False, "x-api-key"), (True, "authorization")])
+def test_the_endpoints_failing_route_holds_no_caller_key_in_its_frames_key_asked_or_not(monkeypatch, asked, header):
+    """An endpoint that asks no key (``smartbatch serve`` without ``--http-key-env``) still gets one: an
+    application moved to it by its ``base_url`` alone sends the key its SDK reads (``OPENAI_API_KEY``, a real
+    provider key). keys86 dropped the caller's key headers from the ASGI scope only where a key is asked: without
+    one, every frame a failing route raised through held the key in its ``scope`` (``call_next.scope``,
+    ``wrapped_app.scope``: fails on the code before for both headers). The whole app (``make_app``), its bug's
+    500 caught where the endpoint catches it (``internal_error``)."""
+    import hashlib
+
+    import engine.app._endpoint_errors as errors
+    from engine.app.endpoint import make_app
+    from tests.unit.test_endpoint import CAT, FakeEngine
+
+    key = KEYS["OPENAI_API_KEY"]
+    caught: list[BaseException] = []
+    internal = errors.internal_error
+    monkeypatch.setattr(errors, "internal_error", lambda exc, *a, **k: caught.append(exc) or internal(exc, *a, **k))
+
+    def boom():
+        raise KeyError("a bug of the route's")
+
+    app = make_app(FakeEngine(), catalog=CAT,
+                   api_key_sha256=hashlib.sha256(key.encode()).hexdigest() if asked else None)
+    app.add_api_route("/v1/boom", boom)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/v1/boom", "raw_path": b"/v1/boom", "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+             "headers": [(header.encode(), (b"Bearer " if header == "authorization" else b"") + key.encode())]}
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 500 and len(caught) == 1  # the route ran: the key was let in, or none asked
+    assert _quoted(caught[0]) == []
