@@ -10,7 +10,9 @@ repr masks for ``Authorization`` alone, so an ``x-api-key`` or ``x-goog-api-key`
 to encode (a ``TypeError`` in ``_build_request``), and the whole ``Authorization`` (a plain dict in
 ``_build_headers``) where a header value was not ASCII (keys86). The client sends a stand-in there, and its HTTP
 client's ``auth`` (httpx's hook, run as each request is sent, after every SDK frame that builds it) writes the key
-over it; a copy of the client (``with_options``) shares its HTTP client, so it sends the key too."""
+over it; a copy of the client (``with_options``) shares its HTTP client, so it sends the key too. A copy given
+an ``http_client`` of its own does not: it sends the stand-in (the provider's 401, never the key); the project
+makes none, its tests do to read what is sent (rvkeys86)."""
 
 from __future__ import annotations
 
