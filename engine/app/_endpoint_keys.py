@@ -23,7 +23,9 @@ from engine.core.errors import ConfigError
 __all__ = ["EndpointKeys", "key_tenant_problem"]
 
 _TENANT = HEADER_TENANT.lower().encode("latin-1")  # as an ASGI scope names a header
-_CREDENTIALS = (b"authorization", b"x-api-key")
+# The headers a caller's key comes in: the two the endpoint takes, and Google's (a Gemini SDK pointed at the
+# endpoint sends its own key there, which the endpoint neither reads nor needs).
+_CREDENTIALS = (b"authorization", b"x-api-key", b"x-goog-api-key")
 
 
 def key_tenant_problem(tenant: str) -> str | None:

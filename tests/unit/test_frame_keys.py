@@ -288,13 +288,15 @@ def test_a_request_the_sdk_cannot_build_holds_no_key_in_its_frames(keyed_env, mo
     assert _quoted(asyncio.run(call())) == []
 
 
-@pytest.mark.parametrize(("asked", "header"), [(False, "authorization"), (False, "x-api-key"), (True, "authorization")])
+@pytest.mark.parametrize(("asked", "header"), [(False, "authorization"), (False, "x-api-key"), (False, "x-goog-api-key"),
+                                              (True, "authorization")])
 def test_the_endpoints_failing_route_holds_no_caller_key_in_its_frames_key_asked_or_not(monkeypatch, asked, header):
     """An endpoint that asks no key (``smartbatch serve`` without ``--http-key-env``) still gets one: an
     application moved to it by its ``base_url`` alone sends the key its SDK reads (``OPENAI_API_KEY``, a real
     provider key). keys86 dropped the caller's key headers from the ASGI scope only where a key is asked: without
     one, every frame a failing route raised through held the key in its ``scope`` (``call_next.scope``,
-    ``wrapped_app.scope``: fails on the code before for both headers). The whole app (``make_app``), its bug's
+    ``wrapped_app.scope``: fails on the code before for each header; Google's ``x-goog-api-key``, which a Gemini
+    SDK pointed at the endpoint sends, was dropped in neither). The whole app (``make_app``), its bug's
     500 caught where the endpoint catches it (``internal_error``)."""
     import hashlib
 
