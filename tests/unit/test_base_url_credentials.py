@@ -38,7 +38,7 @@ def test_the_sdks_send_a_base_urls_credentials_in_place_of_the_key(emu: Emulator
     with oai, ant:
         with pytest.raises(openai.AuthenticationError, match="missing API key"):
             oai.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "hi"}])
-        with pytest.raises(anthropic.AuthenticationError, match="missing API key"):
+        with pytest.raises(anthropic.AuthenticationError, match="x-api-key header is required"):
             ant.messages.create(model="claude-haiku-4-5", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
     with openai.OpenAI(base_url=emu.base_url("openai"), api_key=KEY, max_retries=0) as plain:
         plain.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "hi"}])

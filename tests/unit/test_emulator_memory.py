@@ -31,7 +31,9 @@ def _ask(emu: Emulator, key: str, out: int) -> None:
 def _run(emu: Emulator) -> None:
     """Twelve calls of varied prices over both wire formats: answers, a refusal, keyed calls and a replay."""
     oai = openai.OpenAI(base_url=emu.base_url("openai"), api_key=KEY, max_retries=0)
-    ant = anthropic.Anthropic(base_url=emu.anthropic_base_url("anthropic"), api_key=KEY, max_retries=0)
+    # the key in x-api-key, as Anthropic authenticates it (the installed SDK sends its api_key as a Bearer token)
+    ant = anthropic.Anthropic(base_url=emu.anthropic_base_url("anthropic"), api_key=KEY, max_retries=0,
+                              default_headers={"X-Api-Key": KEY, "Authorization": anthropic.Omit()})
     try:
         for i in range(6):
             _ask(emu, f"k{i}", i)
