@@ -59,7 +59,8 @@ def patch(long_ids: set[str], whole: bool) -> None:
     """Anthropic's batches priced with ``long_ids``' writes at the hour's terms (``SimProvider.end_batch``).
 
     The loop is ``cost.price_batch``'s, member by member, so with no member continuing it bills what the simulator
-    bills: an explicit cache read by entries, a write ending at the last whole block (since stop 84). Until stop 85
+    bills: an explicit cache read by entries, a write ending at the last whole block (since stop 84) and leaving
+    an entry where a later member parts from it sooner (since stop 86, ``entry_marks``). Until stop 85
     it read the leading run of warm blocks and kept every block warm, the simulator's rule before stop 84: with no
     member continuing it billed $0.18-0.34 a seed under the simulator on Mooncake seeds 0-3, and the hour's terms
     looked cheaper by as much (docs/benchmarks.md, "Stop 85")."""
@@ -79,10 +80,12 @@ def patch(long_ids: set[str], whole: bool) -> None:
         pc = self.spec.cache_of(model)
         automatic = pc.automatic
         warm = {b for r in members for b in r.prefix_blocks if self._is_warm(model, b, done)}
-        marks = cost.shared_prefix_marks(members, self.bt, cost.min_cacheable_tokens(self.spec, spec))
+        least = cost.min_cacheable_tokens(self.spec, spec)
+        depths = cost.shared_prefix_depths(members, self.bt, least)
         for k, (r, ok) in enumerate(zip(members, oks)):
-            long = r.id in long_ids
-            mark = max(marks[k], len(r.prefix_blocks)) if long and whole else marks[k]
+            long, shared = r.id in long_ids, depths[k]
+            mark = max(shared[0] if shared else 0, len(r.prefix_blocks)) if long and whole else \
+                shared[0] if shared else 0
             mark = min(mark, r.input_tokens // self.bt)  # the live body marks at most its last whole block
             whole_blocks = r.prefix_blocks if automatic else r.prefix_blocks[:r.input_tokens // self.bt]
             n_warm = cost.warm_run(whole_blocks, warm.__contains__, automatic)
@@ -92,6 +95,9 @@ def patch(long_ids: set[str], whole: bool) -> None:
             price = cost.price_text(prov, prov.models[model], split, r.output_tokens, "batch_api")
             cached = cost.cached_blocks(split.read, split.write, self.bt) if ok else 0
             ends = cost.left_warm(r, split.read, split.write, self.bt, automatic) if ok else ()
+            if ok and split.write and not automatic:  # the shallower entries of its write (since stop 86)
+                extra = cost.entry_marks(shared, n_warm, len(whole_blocks), self.bt, least)[1:]
+                ends = tuple(sorted(set(ends) | {r.prefix_blocks[d - 1] for d in extra}, key=r.prefix_blocks.index))
             out.members.append(sim_providers.Attempt(ok, done, price.total, cached))
             for b in ends:
                 if b not in warm:  # an entry this member wrote

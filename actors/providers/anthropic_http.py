@@ -28,7 +28,7 @@ from actors.providers._sdk_key import STAND_IN, keyed
 from actors.providers._wire import error_message, error_of, message_parts, paced, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
-from engine.core.cost import cached_blocks, min_cacheable_tokens, shared_prefix_marks, warm_run
+from engine.core.cost import cached_blocks, entry_marks, min_cacheable_tokens, shared_prefix_depths, warm_run
 from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key, sent_key
@@ -124,11 +124,13 @@ class AnthropicProvider(HttpBase):
                            now)
         return n
 
-    def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0) -> dict[str, Any]:
+    def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0,
+             parts: Sequence[int] = ()) -> dict[str, Any]:
         """The Messages body. Breakpoints (``cache_control``) go at the end of the prefix believed warm
         (``warm_blocks``: so the read is found), at the end of the prefix a later member of its batch shares
-        (``mark_blocks``: written once, read by the others) and, when the policy asks for a write, at the end of
-        its whole shared prefix."""
+        (``mark_blocks``: written once, read by the others), where later members part from it sooner (``parts``:
+        entries of the same write, ``entry_marks``) and, when the policy asks for a write, at the end of its
+        whole shared prefix."""
         r = job.req
         body: dict[str, Any] = as_messages(dict(r.body or {}), "anthropic", "chat")  # a Responses body, checked
         body["model"] = r.model
@@ -146,8 +148,8 @@ class AnthropicProvider(HttpBase):
         # up to its last whole block: the rest goes with the tail. A count of the request's own blocks that
         # reaches past the rendered ones marks the last rendered block, the longest prefix a call can cache
         # (dropped, the shared prefix of a batch was written by nobody and missed by every later member).
-        marks = {min(k, len(blocks)) - 1 for k in (warm_blocks, mark_blocks) if 0 < k <= len(r.prefix_blocks)
-                 and blocks}
+        marks = {min(k, len(blocks)) - 1 for k in (warm_blocks, mark_blocks, *parts)
+                 if 0 < k <= len(r.prefix_blocks) and blocks}
         if job.cache_write and blocks:
             marks.add(len(blocks) - 1)
         # Beside the body's own marks (its system or tools, as a replayed request carries them) Anthropic takes
@@ -217,18 +219,19 @@ class AnthropicProvider(HttpBase):
         # changes, and a create made again under its key must send the same body.
         bt = self.settings.prefix_block_tokens
         least = max(min_cacheable_tokens(self.spec, self.spec.models[jobs[0].req.model]), 1)
-        marks = shared_prefix_marks([j.req for j in jobs], bt, least)
+        depths = shared_prefix_depths([j.req for j in jobs], bt, least)
         # An entry ends where an earlier member's breakpoint drew a write (Anthropic reads none that stops inside
         # one): a member is marked at the last of those its prompt holds whole, not at the run of blocks earlier
         # ones held, which drew a write no entry ends at (1.25x where the simulator prices it plain, a review).
         ends: set[int] = set()
         reqs = []
-        for j, mark in zip(jobs, marks, strict=True):
-            blocks = j.req.prefix_blocks
+        for j, shared in zip(jobs, depths, strict=True):
+            blocks, mark = j.req.prefix_blocks, shared[0] if shared else 0
             whole = min(len(blocks), j.req.input_tokens // bt)  # the blocks the body renders (``message_parts``)
             at = min(max(self._warm_blocks(j), warm_run(blocks[:whole], ends.__contains__, False)), whole)
-            reqs.append({"custom_id": j.key, "params": self.body(j, at, mark)})
-            ends.update(blocks[k - 1] for k in (at, min(mark, whole)) if k >= at and k * bt >= least)
+            parts = entry_marks(shared, at, whole, bt, least)[1:]  # as ``price_batch`` prices its entries
+            reqs.append({"custom_id": j.key, "params": self.body(j, at, mark, parts)})
+            ends.update(blocks[k - 1] for k in (at, min(mark, whole), *parts) if k >= at and k * bt >= least)
         return reqs
 
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()

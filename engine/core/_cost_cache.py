@@ -7,11 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.request import Request
 
-__all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "left_warm", "min_cacheable_tokens",
-           "shared_prefix_marks", "warm_run"]
+__all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "entry_marks", "left_warm",
+           "min_cacheable_tokens", "shared_prefix_depths", "shared_prefix_marks", "warm_run"]
 
 
 class CacheSplit(NamedTuple):
@@ -106,19 +107,57 @@ def shared_prefix_marks(reqs: Sequence[Request], block_tokens: int = 512, min_to
     reaches, and nothing when that prefix is shorter than ``min_tokens`` (``cache_split``): counted anyway, a
     write was marked that nobody read, and the batch cost more than its members alone (a hunt).
     """
-    later: set[int] = set()
-    marks = [0] * len(reqs)
+    return [d[0] if d else 0 for d in shared_prefix_depths(reqs, block_tokens, min_tokens)]
+
+
+def shared_prefix_depths(reqs: Sequence[Request], block_tokens: int = 512,
+                         min_tokens: int = 0) -> list[tuple[int, ...]]:
+    """For each member, every length of the prefix it shares with some later member, deepest first (the first is
+    ``shared_prefix_marks``'). An explicit cache's entry is read only by a prompt that holds it whole, so one
+    write at the deepest of them serves only the later members that reach it: a turn that parts from the member
+    sooner (another branch of its conversation, an earlier and shorter turn) needs an entry of its own depth
+    (``entry_marks``). A trie of the later members' whole blocks: O(blocks) a member, however large the batch."""
+    root: list = [{}, 0]  # a node: [children by block id, how many later members' whole blocks end here]
+    out: list[tuple[int, ...]] = [()] * len(reqs)
     for i in range(len(reqs) - 1, -1, -1):
         r = reqs[i]
-        k = 0
-        for b in r.prefix_blocks:
-            if b not in later:
+        blocks, node, depths = r.prefix_blocks, root, []
+        for k, b in enumerate(blocks):
+            node = node[0].get(b)
+            if node is None:
                 break
-            k += 1
-        marks[i] = k
+            nxt = blocks[k + 1] if k + 1 < len(blocks) else None
+            # Some later member holds these k + 1 blocks and not the next one of this member's: it parts here.
+            if node[1] or len(node[0]) > (nxt in node[0]):
+                depths.append(k + 1)
+        out[i] = tuple(reversed(depths))
         # Only its whole blocks: a partial last block goes with its tail (the live body), so an entry ending
         # there is not one it holds, and a write marked for it was paid for nobody (a hypothesis case, a review).
-        whole = min(len(r.prefix_blocks), r.input_tokens // block_tokens)
+        whole = min(len(blocks), r.input_tokens // block_tokens)
         if whole * block_tokens >= max(min_tokens, 1):
-            later.update(r.prefix_blocks[:whole])
-    return marks
+            node = root
+            for b in blocks[:whole]:
+                node = node[0].setdefault(b, [{}, 0])
+            node[1] += 1
+    return out
+
+
+def entry_marks(depths: Sequence[int], read: int, whole: int, block_tokens: int, min_tokens: int,
+                room: int = MAX_CACHE_MARKS) -> tuple[int, ...]:
+    """Where an explicit-cache batch member that reads ``read`` leading blocks puts breakpoints beside the one at
+    its read, for the later members that share ``depths`` of its prefix (``shared_prefix_depths``, deepest
+    first), within its ``whole`` blocks: the deepest (its write), then shallower ones past its read, each a
+    cacheable prefix, as many as ``room`` leaves (Anthropic takes four a request, one of them at the read). A
+    write is billed once up to its last breakpoint and leaves an entry at each one (Anthropic's usage, the
+    emulator's ``_explicit``), so the shallower entries cost nothing and serve the turns that part sooner:
+    with one breakpoint they were sent plain. Empty when the member writes nothing (its deepest is no further
+    than its read)."""
+    marks: list[int] = []
+    room -= 1 if read > 0 else 0
+    for d in depths:  # deepest first: once one is no further than the read, or too short to cache, so are the rest
+        d = min(d, whole)
+        if d <= read or d * block_tokens < max(min_tokens, 1) or len(marks) >= room:
+            break
+        if d not in marks:
+            marks.append(d)
+    return tuple(marks)

@@ -17,8 +17,10 @@ from engine.core._cost_cache import (
     cache_read_multiplier,
     cache_split,
     cached_blocks,
+    entry_marks,
     left_warm,
     min_cacheable_tokens,
+    shared_prefix_depths,
     shared_prefix_marks,
     warm_run,
 )
@@ -35,6 +37,7 @@ __all__ = [
     "cache_read_multiplier",
     "cache_split",
     "cached_blocks",
+    "entry_marks",
     "gpu_share_price",
     "gpu_unit_seconds",
     "left_warm",
@@ -47,6 +50,7 @@ __all__ = [
     "price_text",
     "price_usage",
     "reserve_bound",
+    "shared_prefix_depths",
     "shared_prefix_marks",
     "token_prices",
     "warm_run",
@@ -284,7 +288,8 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
 
     ``batch_api``/``sync``: members run in the given order; a prefix written by an earlier member is read
     by later ones when the provider's cache stacks with the mode. At a provider with explicit caching a
-    member marks only the prefix a later member starts with, so no write is paid that nobody reads.
+    member marks only the prefix a later member starts with, so no write is paid that nobody reads, and puts a
+    breakpoint too where a later member parts from it sooner (``entry_marks``: the entry it reads, at no cost).
     ``failed``: positions of members whose attempt fails. They are billed nothing, so they write nothing
     either: a later member does not read a prefix only a failed one would have written (its own marks were
     set at submission, and stand). A member leaves warm only the blocks it read or wrote, not the rest of its
@@ -326,22 +331,25 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     pc = provider.cache_of(spec)
     use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
     warm_set = set(warm) if use_cache else set()
-    marks = (shared_prefix_marks(reqs, block_tokens, min_cacheable_tokens(provider, spec)) if use_cache
-             else [0] * len(reqs))
+    least = min_cacheable_tokens(provider, spec)
+    depths = shared_prefix_depths(reqs, block_tokens, least) if use_cache else [()] * len(reqs)
     gone = set(failed)
     prices = []
     automatic = pc is not None and pc.automatic
-    for k, (r, mark) in enumerate(zip(reqs, marks)):
+    for k, (r, shared) in enumerate(zip(reqs, depths)):
         # An explicit cache's entry is read by a prompt that holds it whole: its partial last block is its own.
         whole = r.prefix_blocks if automatic else r.prefix_blocks[:r.input_tokens // block_tokens]
         n_warm = warm_run(whole, warm_set.__contains__, automatic)
         # The live body marks at most its last whole block: a partial one goes with the tail (automatic: unread).
-        mark = min(mark, r.input_tokens // block_tokens)
+        mark = min(shared[0] if shared else 0, r.input_tokens // block_tokens)
         split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
         prices.append(price_text(provider, spec, split, r.output_tokens, mode))
         kept = use_cache and k not in gone
         cached = cached_blocks(split.read, split.write, block_tokens) if kept else 0
         ends = left_warm(r, split.read, split.write, block_tokens, automatic) if kept else ()
+        if kept and split.write and not automatic:  # the shallower entries its breakpoints leave (``entry_marks``)
+            extra = entry_marks(shared, n_warm, len(whole), block_tokens, least)[1:]
+            ends = tuple(sorted(set(ends) | {r.prefix_blocks[d - 1] for d in extra}, key=r.prefix_blocks.index))
         warm_set.update(ends)
         if warmed is not None:
             warmed.append(cached)

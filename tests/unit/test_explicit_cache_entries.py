@@ -69,18 +69,56 @@ def test_an_entry_ends_at_the_writes_last_whole_block():
 
 
 def test_in_a_batch_a_member_reads_only_the_entry_an_earlier_member_wrote_whole():
-    """Members run in order: the first marks the eight blocks the second shares, and the third, holding only
-    four of them, reads nothing (before: it read four blocks of the first's write). At an automatic cache the
-    third still reads its four blocks (OpenAI keeps every prefix)."""
+    """Members run in order: the first marks the eight blocks the second shares, and a later batch's member
+    holding only four of them reads nothing of that entry (before stop 84: it read four blocks of the write). At
+    an automatic cache it still reads its four blocks (OpenAI keeps every prefix)."""
     a, b, c = _req(0, list(range(1, 9))), _req(1, list(range(1, 10))), _req(2, [1, 2, 3, 4])
-    prices = price_batch([a, b, c], CAT, "batch_api")
-    assert prices[2].total == pytest.approx(price_alone(c, CAT, "batch_api").total)
-    assert prices[1].total < price_alone(b, CAT, "batch_api").total  # it reads the first's eight blocks
     left: list[tuple[int, ...]] = []  # what the simulator keeps warm: the ends of the entries
-    price_batch([a, b, c], CAT, "batch_api", left=left)
-    assert left == [(8,), (8,), ()]  # the second refreshes the entry it read; the third keeps none
+    prices = price_batch([a, b], CAT, "batch_api", left=left)
+    assert prices[1].total < price_alone(b, CAT, "batch_api").total  # it reads the first's eight blocks
+    assert left == [(8,), (8,)]  # the second refreshes the entry it read
+    later = price_batch([c], CAT, "batch_api", warm=[e for ends in left for e in ends])
+    assert later[0].total == pytest.approx(price_alone(c, CAT, "batch_api").total)
     auto = [r.model_copy(update={"provider": "openai", "model": "gpt-5"}) for r in (a, b, c)]
     assert price_batch(auto, CAT, "batch_api")[2].total < price_alone(auto[2], CAT, "batch_api").total
+
+
+def test_a_member_leaves_an_entry_where_a_later_member_parts_from_it_sooner_at_the_same_write():
+    """A write is billed once up to its last breakpoint and leaves an entry at each (Anthropic takes four a
+    request): the first member, whose eight blocks the second shares, also puts a breakpoint at its fourth block,
+    the whole of what the third holds of it, so the third reads those four, and the first pays what its one
+    write cost before (stop 86; before: the third was sent plain, "0.0030795 == 0.0003147")."""
+    a, b, c = _req(0, list(range(1, 9))), _req(1, list(range(1, 10))), _req(2, [1, 2, 3, 4])
+    left: list[tuple[int, ...]] = []
+    prices = price_batch([a, b, c], CAT, "batch_api", left=left)
+    assert prices[0].total == pytest.approx(price_batch([a, b], CAT, "batch_api")[0].total)  # the same write
+    from engine.core.cost import CacheSplit, price_text
+    read4 = price_text(CAT.provider("anthropic"), SPEC, CacheSplit(2048, 0, 0), 1, "batch_api").total
+    assert prices[2].total == pytest.approx(read4)
+    assert left == [(4, 8), (8,), (4,)]  # each entry's end; the third refreshes the one it read
+
+
+def test_a_member_puts_at_most_anthropics_four_breakpoints_the_deepest_kept():
+    """Five later members parting from a ten-block member at 3, 4, 6, 8 and 10 blocks: it writes the ten and
+    leaves entries at the three deepest of the others (four breakpoints); the member parting at three reads
+    nothing. With a warm entry read at two blocks, that read takes one of the four: two more at most."""
+    from engine.core.cost import entry_marks, shared_prefix_depths
+
+    first = list(range(1, 11))
+    later = [first[:k] + [100 + k] for k in (3, 4, 6, 8)] + [first + [99]]
+    reqs = [_req(0, first)] + [_req(i + 1, blocks) for i, blocks in enumerate(later)]
+    depths = shared_prefix_depths(reqs, 512, 1024)
+    assert depths[0] == (10, 8, 6, 4, 3)
+    assert entry_marks(depths[0], 0, 10, 512, 1024) == (10, 8, 6, 4)
+    assert entry_marks(depths[0], 2, 10, 512, 1024) == (10, 8, 6)
+    assert entry_marks(depths[0], 8, 10, 512, 1024) == (10,)  # only past its read
+    assert entry_marks((10, 8, 1), 0, 10, 512, 1024) == (10, 8)  # one block: under Sonnet's 1,024 tokens
+    left: list[tuple[int, ...]] = []
+    prices = price_batch(reqs, CAT, "batch_api", left=left)
+    assert left[0] == (4, 6, 8, 10)
+    # The one parting at three reads nothing (it pays as if first in the batch: it writes for the others).
+    assert prices[1].total == pytest.approx(price_batch(reqs[1:], CAT, "batch_api")[0].total)
+    assert prices[2].total < price_batch(reqs[2:], CAT, "batch_api")[0].total  # the one parting at four reads
 
 
 def test_the_simulator_bills_a_run_of_writing_calls_as_the_emulators_cache_does():
@@ -154,6 +192,12 @@ def test_the_live_batch_body_marks_only_where_an_entry_ends_so_anthropic_bills_w
     billed = [price_text(prov, SPEC, caches.use(prov, SPEC, MODEL, anthropic_prompt(b["params"]), 10.0), 1,
                          "batch_api").total for b in bodies]
     assert billed == pytest.approx([p.total for p in price_batch(reqs, CAT, "batch_api")])
+    # Since stop 86 the first member's body also breaks at the four and six blocks the later ones hold of it, in
+    # its one write: the emulator reads them those entries (before: the third wrote its four blocks again for the
+    # fourth, 0.0039975 at the emulator against 0.0032295 alone).
+    assert [sum("cache_control" in c for c in b["params"]["messages"][0]["content"]) for b in bodies] == [3, 2, 1, 1]
+    assert billed[2] < price_alone(reqs[2], CAT, "batch_api").total
+    assert billed[3] < price_alone(reqs[3], CAT, "batch_api").total
 
 
 def test_live_sync_bodies_sent_to_the_emulator_cost_what_the_simulator_prices_call_by_call():
