@@ -96,7 +96,7 @@ def patch(long_ids: set[str], whole: bool) -> None:
             cached = cost.cached_blocks(split.read, split.write, self.bt) if ok else 0
             ends = cost.left_warm(r, split.read, split.write, self.bt, automatic) if ok else ()
             if ok and split.write and not automatic:  # the shallower entries of its write (since stop 86)
-                extra = cost.entry_marks(shared, n_warm, len(whole_blocks), self.bt, least)[1:]
+                extra = cost.entry_marks(shared, n_warm, len(whole_blocks), self.bt, least, cost.mark_room(r.body))[1:]
                 ends = tuple(sorted(set(ends) | {r.prefix_blocks[d - 1] for d in extra}, key=r.prefix_blocks.index))
             out.members.append(sim_providers.Attempt(ok, done, price.total, cached))
             for b in ends:

@@ -26,8 +26,7 @@ from actors.providers._http import (
 )
 from actors.providers._sdk_key import STAND_IN, keyed
 from actors.providers._wire import error_message, error_of, message_parts, paced, tokens
-from engine.core._api_fields import MAX_CACHE_MARKS
-from engine.core._checks import cache_blocks
+from engine.core._cost_cache import mark_room
 from engine.core.cost import cached_blocks, entry_marks, min_cacheable_tokens, shared_prefix_depths, warm_run
 from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
@@ -154,9 +153,7 @@ class AnthropicProvider(HttpBase):
             marks.add(len(blocks) - 1)
         # Beside the body's own marks (its system or tools, as a replayed request carries them) Anthropic takes
         # four in all: the furthest are kept, as a read looks back from a mark (a review: five went on the wire).
-        room = MAX_CACHE_MARKS - sum(isinstance(b, dict) and b.get("cache_control") is not None
-                                     for _, b in cache_blocks(body))
-        for k in sorted(marks, reverse=True)[:max(room, 0)]:
+        for k in sorted(marks, reverse=True)[:mark_room(body)]:
             content[k]["cache_control"] = _EPHEMERAL
         content.append({"type": "text", "text": tail})
         body["messages"] = [{"role": "user", "content": content}]
@@ -229,7 +226,8 @@ class AnthropicProvider(HttpBase):
             blocks, mark = j.req.prefix_blocks, shared[0] if shared else 0
             whole = min(len(blocks), j.req.input_tokens // bt)  # the blocks the body renders (``message_parts``)
             at = min(max(self._warm_blocks(j), warm_run(blocks[:whole], ends.__contains__, False)), whole)
-            parts = entry_marks(shared, at, whole, bt, least)[1:]  # as ``price_batch`` prices its entries
+            # As ``price_batch`` prices its entries, in the room its body's own marks leave (``mark_room``).
+            parts = entry_marks(shared, at, whole, bt, least, mark_room(j.req.body))[1:]
             reqs.append({"custom_id": j.key, "params": self.body(j, at, mark, parts)})
             ends.update(blocks[k - 1] for k in (at, min(mark, whole), *parts) if k >= at and k * bt >= least)
         return reqs

@@ -8,11 +8,12 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from engine.core._api_fields import MAX_CACHE_MARKS
+from engine.core._body_checks import cache_blocks
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.request import Request
 
 __all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "entry_marks", "left_warm",
-           "min_cacheable_tokens", "shared_prefix_depths", "shared_prefix_marks", "warm_run"]
+           "mark_room", "min_cacheable_tokens", "shared_prefix_depths", "shared_prefix_marks", "warm_run"]
 
 
 class CacheSplit(NamedTuple):
@@ -161,3 +162,12 @@ def entry_marks(depths: Sequence[int], read: int, whole: int, block_tokens: int,
         if d not in marks:
             marks.append(d)
     return tuple(marks)
+
+
+def mark_room(body: dict | None) -> int:
+    """The breakpoints an Anthropic body leaves the engine: four a request, less the ``cache_control`` marks the
+    body carries (its system, tools or a top-level one). The room ``entry_marks`` fills, in the simulator and on
+    the wire alike: counted against all four, a member's shallower entries were priced and marked read though the
+    body kept only its furthest marks (a review of stop 86)."""
+    own = sum(isinstance(b, dict) and b.get("cache_control") is not None for _, b in cache_blocks(body or {}))
+    return max(MAX_CACHE_MARKS - own, 0)

@@ -19,6 +19,7 @@ from engine.core._cost_cache import (
     cached_blocks,
     entry_marks,
     left_warm,
+    mark_room,
     min_cacheable_tokens,
     shared_prefix_depths,
     shared_prefix_marks,
@@ -41,6 +42,7 @@ __all__ = [
     "gpu_share_price",
     "gpu_unit_seconds",
     "left_warm",
+    "mark_room",
     "list_price_text",
     "min_cacheable_tokens",
     "mode_allowed",
@@ -348,7 +350,7 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
         cached = cached_blocks(split.read, split.write, block_tokens) if kept else 0
         ends = left_warm(r, split.read, split.write, block_tokens, automatic) if kept else ()
         if kept and split.write and not automatic:  # the shallower entries its breakpoints leave (``entry_marks``)
-            extra = entry_marks(shared, n_warm, len(whole), block_tokens, least)[1:]
+            extra = entry_marks(shared, n_warm, len(whole), block_tokens, least, mark_room(r.body))[1:]
             ends = tuple(sorted(set(ends) | {r.prefix_blocks[d - 1] for d in extra}, key=r.prefix_blocks.index))
         warm_set.update(ends)
         if warmed is not None:

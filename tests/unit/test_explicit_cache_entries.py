@@ -246,3 +246,39 @@ def test_a_member_marks_no_block_a_later_one_holds_only_in_its_partial_last_bloc
     together = price_batch([writer, reader], CAT, mode)
     assert sum(p.total for p in together) < sum(price_alone(r, CAT, mode).total for r in (writer, reader))
     assert together[1].cached_input > 0  # it reads the writer's two blocks
+
+
+def test_a_batch_members_entries_fit_the_four_breakpoints_its_bodys_own_marks_leave():
+    """A replayed member whose body carries two marks of its own (its system) has room for two breakpoints of the
+    engine's: the furthest were kept on the wire and the entries at four and six blocks never written, while the
+    simulator priced them read and the later members were marked there as if they were, so Anthropic (the
+    emulator) billed them a write (a review of stop 86: 0.0047651 against 0.0012327, 0.0031472 against
+    0.0013863). Each entry now fits the room the body leaves, in the simulator and on the wire alike."""
+    import asyncio
+
+    from actors.providers.anthropic_http import AnthropicProvider
+    from engine.core.clock import ManualClock
+    from engine.core.cost import price_text
+    from engine.core.provider_api import CallJob, Secret
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    s = Settings()
+    s = s.model_copy(update={"providers": s.providers.model_copy(update={"replay": True})})
+    live = AnthropicProvider("anthropic", CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), ManualClock(0.0))
+    system = [{"type": "text", "text": f"rule {k}", "cache_control": {"type": "ephemeral"}} for k in range(2)]
+    first = list(range(1, 11))
+    paths = [first] + [first[:k] + [100 + k] for k in (4, 6, 8)] + [first + [99]]
+    reqs = [_req(i, p, 512 * len(p) + 100).model_copy(update={"provider": "anthropic", "prompt": "p",
+                                                               "body": {"system": system}})
+            for i, p in enumerate(paths)]
+    try:
+        bodies = live.batch_body([CallJob(f"k{i}", r, 0.0, 0, 0, False) for i, r in enumerate(reqs)])
+    finally:
+        asyncio.run(live.close())
+    prov, caches = CAT.provider("anthropic"), PromptCaches()
+    billed = [price_text(prov, SPEC, caches.use(prov, SPEC, MODEL, anthropic_prompt(b["params"]), 10.0), 1,
+                         "batch_api").total for b in bodies]
+    # The system's few tokens sit in the emulator's prefix and not in the simulator's blocks: a hundredth apart.
+    assert billed == pytest.approx([p.total for p in price_batch(reqs, CAT, "batch_api")], rel=1e-2)
+    assert [sum("cache_control" in c for c in b["params"]["messages"][0]["content"]) for b in bodies][0] == 2
