@@ -39,6 +39,7 @@ __all__ = ["AnthropicProvider"]
 _EPHEMERAL = {"type": "ephemeral"}
 FIND_SCAN = 200  # most recent Message Batches looked through for a cut create's batch
 MADE_KEEP = 10_000  # ids of the batches this provider made or adopted, never taken for a cut create's
+PARTS_KEEP = 100_000  # batch members whose shallower breakpoints wait for their answer (``_parts``)
 FIND_ENDED = 3  # ended look-alikes whose results are read to tell which one holds these members
 
 
@@ -98,6 +99,8 @@ class AnthropicProvider(HttpBase):
         # Per batch name whose create got no answer: the newest batch made before it (the lookup stops there).
         self._marks: dict[str, str | None] = {}
         self._slots: dict[int, list] = {}  # by batch size: [its lock, how many hold or wait for it]
+        # By batch member key: the shallower entries its body breaks at (``entry_marks``), noted warm with its answer.
+        self._parts: dict[str, tuple[int, ...]] = {}
 
     def route(self, job: CallJob) -> str:
         return "/v1/messages"
@@ -112,15 +115,17 @@ class AnthropicProvider(HttpBase):
     def _keep_warm(self, job: CallJob, usage: Usage) -> int:
         """Believe warm the leading blocks the call read or wrote (``_warm_of``: the rest drew the next
         breakpoint past the cached prefix, where the provider writes); returns how many."""
-        n = self._warm_of(job, usage)
+        n, parts = self._warm_of(job, usage), self._parts.pop(job.key, ())
         if n:
             now, blocks = self.clock.now(), job.req.prefix_blocks
             until = now + self.spec.cache_of(job.req.model).ttl_s
             # A hit refreshes the entry it read, which ends short of one the call wrote: noted alone, it went
-            # cold in the belief while Anthropic kept it, and the next call marked none and sent it plain.
+            # cold in the belief while Anthropic kept it, and the next call marked none and sent it plain. Its
+            # write left an entry at each breakpoint past the read too: the member that parts there notes it when
+            # it reads it, but not if it failed, and the simulator keeps it (a review of stop 86).
             read = min(cached_blocks(usage.cache_read, 0, self.settings.prefix_block_tokens), n)
-            self._warm.see([WarmNote(self.name, job.req.model, tuple(blocks[:k]), until) for k in {read, n} if k],
-                           now)
+            ends = {read, n} | {k for k in parts if read < k < n}
+            self._warm.see([WarmNote(self.name, job.req.model, tuple(blocks[:k]), until) for k in ends if k], now)
         return n
 
     def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0,
@@ -230,6 +235,10 @@ class AnthropicProvider(HttpBase):
             parts = entry_marks(shared, at, whole, bt, least, mark_room(j.req.body))[1:]
             reqs.append({"custom_id": j.key, "params": self.body(j, at, mark, parts)})
             ends.update(blocks[k - 1] for k in (at, min(mark, whole), *parts) if k >= at and k * bt >= least)
+            if parts:  # dropped when its answer is read (``fetch``); one never read, the oldest past PARTS_KEEP
+                self._parts[j.key] = parts
+        while len(self._parts) > PARTS_KEEP:
+            self._parts.pop(next(iter(self._parts)))
         return reqs
 
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()
@@ -360,6 +369,8 @@ class AnthropicProvider(HttpBase):
                 self._unread_members(handle, [job.key], out)
             # canceled / expired: never ran, not billed; absent, so it is sent again
         self._unnamed(handle, out, [*unread, *(x.get("custom_id") for x in lines)], keyless, "custom_id")
+        for key in handle.jobs:  # a member that failed, or went unread, keeps no note of its breakpoints
+            self._parts.pop(key, None)
         return out
 
     def results_at(self, handle: BatchHandle) -> str:

@@ -57,6 +57,32 @@ def test_the_anthropic_provider_forgets_prefix_blocks_gone_cold():
         asyncio.run(p.close())
 
 
+def test_the_anthropic_provider_lets_go_of_its_batch_members_breakpoints(monkeypatch):
+    """A batch member's shallower breakpoints (stop 86's review, ``_parts``) wait for its answer, which notes them
+    warm and drops them; those of members never answered go past ``PARTS_KEEP``, the oldest first."""
+    import actors.providers.anthropic_http as mod
+
+    monkeypatch.setattr(mod, "PARTS_KEEP", 6)
+    s = Settings()
+    p = AnthropicProvider("anthropic", CAT, s, s.providers.endpoints["anthropic"], Secret("sk-test"), ManualClock(0.0))
+    try:
+        for k in range(20):  # each batch: a ten-block member, then members parting from it at four and ten blocks
+            first = list(range(100 * k, 100 * k + 10))
+            reqs = [Request.model_validate({"id": f"r{k}.{i}", "arrival_s": 0.0, "model": "claude-sonnet-4-5",
+                                            "input_tokens": 512 * len(b) + 100, "output_tokens": 1,
+                                            "prefix_blocks": b})
+                    for i, b in enumerate([first, first[:4] + [99], first + [98]])]
+            jobs = [CallJob(f"k{k}.{i}", r, 0.0, 0, 0) for i, r in enumerate(reqs)]
+            p.batch_body(jobs)
+            assert p._parts[jobs[0].key] == (4,)
+            if k % 2:  # answered: noted warm and let go
+                p._keep_warm(jobs[0], Usage(5220, 1, 0, 5120))
+                assert jobs[0].key not in p._parts and p._warm_blocks(jobs[1]) == 4
+        assert list(p._parts) == [f"k{k}.0" for k in (10, 12, 14, 16, 18)]  # the newest never answered
+    finally:
+        asyncio.run(p.close())
+
+
 def test_ingest_forgets_the_ids_of_a_driver_killed_without_stop(monkeypatch):
     """A driver killed without ``stop()`` never forgets nor leaves; once the hub has dropped it as gone, ingest
     forgets the ids only it held, and keeps those another driver holds too. A driver dropped but only paused

@@ -282,3 +282,45 @@ def test_a_batch_members_entries_fit_the_four_breakpoints_its_bodys_own_marks_le
     # The system's few tokens sit in the emulator's prefix and not in the simulator's blocks: a hundredth apart.
     assert billed == pytest.approx([p.total for p in price_batch(reqs, CAT, "batch_api")], rel=1e-2)
     assert [sum("cache_control" in c for c in b["params"]["messages"][0]["content"]) for b in bodies][0] == 2
+
+
+def test_the_live_belief_keeps_a_members_shallower_entries_when_the_member_that_parts_there_fails():
+    """The first member writes eight blocks and breaks at the fourth for the third, which fails: the simulator keeps
+    that entry warm (its writer ran), and the live provider, which noted only what each call read or wrote whole,
+    did not, so the next batch's four-block member was sent plain where the simulator priced a read (a review of
+    stop 86: 0.0039975 at the emulator against 0.0012327). The belief now notes the entries the body broke at."""
+    import asyncio
+
+    from actors.providers.anthropic_http import AnthropicProvider
+    from engine.core.clock import ManualClock
+    from engine.core.cost import price_text
+    from engine.core.provider_api import CallJob, Secret, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    s = Settings()
+    s = s.model_copy(update={"providers": s.providers.model_copy(update={"replay": True})})
+    live = AnthropicProvider("anthropic", CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), ManualClock(0.0))
+    prov, caches, warm = CAT.provider("anthropic"), PromptCaches(), set()
+    first = list(range(1, 9))
+    batches = [([first, first + [9], first[:4] + [50]], [2]), ([first[:4] + [60]], [])]
+    billed, priced = [], []
+    try:
+        for n, (paths, failed) in enumerate(batches):
+            reqs = [_req(10 * n + i, p, 512 * len(p) + 100).model_copy(update={"provider": "anthropic", "prompt": "p"})
+                    for i, p in enumerate(paths)]
+            jobs = [CallJob(r.id, r, 0.0, 0, 0, False) for r in reqs]
+            bodies, left = live.batch_body(jobs), []
+            prices = price_batch(reqs, CAT, "batch_api", warm=warm, failed=failed, left=left)
+            for i, (j, b, p, ends) in enumerate(zip(jobs, bodies, prices, left, strict=True)):
+                if i in failed:  # billed nothing, read and wrote nothing
+                    continue
+                warm.update(ends)
+                split = caches.use(prov, SPEC, MODEL, anthropic_prompt(b["params"]), 10.0 + n)
+                live._keep_warm(j, Usage(split.read + split.write + split.plain, 1, split.read, split.write))
+                billed.append(price_text(prov, SPEC, split, 1, "batch_api").total)
+                priced.append(p.total)
+    finally:
+        asyncio.run(live.close())
+    assert billed == pytest.approx(priced)
+    assert priced[-1] < price_alone(_req(10, first[:4] + [60], 2148), CAT, "batch_api").total  # the read priced
