@@ -122,26 +122,23 @@ def shared_prefix_depths(reqs: Sequence[Request], block_tokens: int = 512,
     out: list[tuple[int, ...]] = [()] * len(reqs)
     for i in range(len(reqs) - 1, -1, -1):
         r = reqs[i]
-        blocks, path, depths = r.prefix_blocks, [root], []
-        n = len(blocks)
+        blocks, node, depths = r.prefix_blocks, root, []
         for k, b in enumerate(blocks):
-            node = path[-1][0].get(b)
+            node = node[0].get(b)
             if node is None:
                 break
-            path.append(node)
-            kids = node[0]
+            nxt = blocks[k + 1] if k + 1 < len(blocks) else None
             # Some later member holds these k + 1 blocks and not the next one of this member's: it parts here.
-            if node[1] or len(kids) > 1 or (kids and (k + 1 == n or blocks[k + 1] not in kids)):
+            if node[1] or len(node[0]) > (nxt in node[0]):
                 depths.append(k + 1)
         out[i] = tuple(reversed(depths))
         # Only its whole blocks: a partial last block goes with its tail (the live body), so an entry ending
         # there is not one it holds, and a write marked for it was paid for nobody (a hypothesis case, a review).
-        whole = min(n, r.input_tokens // block_tokens)
+        whole = min(len(blocks), r.input_tokens // block_tokens)
         if whole * block_tokens >= max(min_tokens, 1):
-            # The walk above found the blocks the trie holds: only the rest are new (no node made and dropped).
-            node = path[min(len(path) - 1, whole)]
-            for b in blocks[len(path) - 1:whole]:
-                node[0][b] = node = [{}, 0]
+            node = root
+            for b in blocks[:whole]:
+                node = node[0].setdefault(b, [{}, 0])
             node[1] += 1
     return out
 
