@@ -77,7 +77,7 @@ class CutDispatches:
                 self._first = {}
             self._first[id(item)] = item
         self.sim.enqueue(Work(kind, item, [j.req for j in jobs], [j.seq for j in jobs],
-                              [j.attempts for j in jobs], b.cache_write and kind in ("sync", "flex"),
+                              [j.attempts for j in jobs], b.cache_write if kind in ("sync", "flex") else False,
                               b.hedge_at if kind == "batch_api" else None))
 
     def _unqueued(self, item: tuple) -> tuple[float | None, bool]:

@@ -92,23 +92,30 @@ class ConversationLane:
         """Leading prefix blocks of the shortest prefix ``provider``'s cache serves for ``spec``."""
         return max(1, math.ceil(min_cacheable_tokens(provider, spec) / self.params.block_tokens))
 
-    def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
+    def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool | tuple[int, ...], tuple | None]:
         """Whether to mark ``req``'s cacheable prefix for a cache write, and the prefix's key for the runtime to
         record. Marked when a write is likely read again: the same prefix was sent within the cache's TTL, or
         another request whose prompt starts with ``req``'s whole prefix waits in a batch likely late whose
         fallback call comes before the write goes cold (``_expect_calls``). An explicit cache's entry ends where
         the write did, so a turn that parts from ``req``'s prefix before its end (an earlier, shorter turn of the
-        conversation) reads none of it (``engine/emulator/_cache.py``, as Anthropic documents)."""
+        conversation) reads none of it (``engine/emulator/_cache.py``, as Anthropic documents): where such a
+        fallback is expected, the call breaks where it parts too (the depths, ``Decision.cache_write``), and
+        writes up to there when nothing else asks for a write."""
         if (key := self._prefix_key(req)) is None:
             return False, None
         if group.sightings is None:
             return False, key
-        pc = self.catalog.provider(req.provider).cache_of(req.model)
+        provider = self.catalog.provider(req.provider)
+        pc = provider.cache_of(req.model)
         last = group.sightings.last(key)
-        if last is not None and now - last <= pc.ttl_s:
-            return True, key
         cold = now + pc.ttl_s - (self.params.warm_margin_s or 0.0)  # the call must start before the write is cold
-        return group.sightings.expected(key, now, cold, req.uid, writes=req.prefix_blocks), key
+        write = (last is not None and now - last <= pc.ttl_s
+                 or group.sightings.expected(key, now, cold, req.uid, writes=req.prefix_blocks))
+        whole = req.prefix_blocks[:req.input_tokens // self.params.block_tokens]  # the blocks the body renders
+        least = self._cacheable_blocks(provider, provider.models[req.model])
+        if not (parts := group.sightings.parts(key, now, cold, req.uid, whole, least)):  # expected: explicit only
+            return write, key
+        return ((len(whole), *parts) if write else parts), key
 
     def _prefix_key(self, req: Request) -> tuple | None:
         """The key ``req``'s cacheable prefix is recorded under; None where its provider caches none of it."""

@@ -2,9 +2,8 @@
 stream, cancel; cancelled members are not billed, succeeded ones are), with prompt caching by ``cache_control``
 breakpoints on the shared prefix blocks, billed from ``cache_creation_input_tokens``/``cache_read_input_tokens``.
 
-Breakpoints: a request marks the end of the prefix it believes warm at the provider (so the read is found) and,
-when the policy asks for a cache write, the end of its whole shared prefix. Warmth is learnt from the usage the
-provider returns: a call that read or wrote its prefix keeps its blocks warm for the cache's TTL.
+Breakpoints: at the end of the prefix a request believes warm (so the read is found) and where its batch or the
+policy asks for a write (``body``). Warmth is learnt from the usage the provider returns, for the cache's TTL.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from actors.providers._http import (
 )
 from actors.providers._sdk_key import STAND_IN, keyed
 from actors.providers._wire import error_message, error_of, message_parts, paced, tokens
-from engine.core._cost_cache import mark_room
+from engine.core._cost_cache import call_marks, mark_room
 from engine.core.cost import cached_blocks, entry_marks, min_cacheable_tokens, shared_prefix_depths, warm_run
 from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
@@ -124,6 +123,8 @@ class AnthropicProvider(HttpBase):
             # write left an entry at each breakpoint past the read too: the member that parts there notes it when
             # it reads it, but not if it failed, and the simulator keeps it (a review of stop 86).
             read = min(cached_blocks(usage.cache_read, 0, self.settings.prefix_block_tokens), n)
+            parts = parts or call_marks(job.cache_write, read, n, self.settings.prefix_block_tokens, self.spec,
+                                        self.spec.models[job.req.model], mark_room(job.req.body))  # a call's
             ends = {read, n} | {k for k in parts if read < k < n}
             self._warm.see([WarmNote(self.name, job.req.model, tuple(blocks[:k]), until) for k in ends if k], now)
         return n
@@ -152,10 +153,11 @@ class AnthropicProvider(HttpBase):
         # up to its last whole block: the rest goes with the tail. A count of the request's own blocks that
         # reaches past the rendered ones marks the last rendered block, the longest prefix a call can cache
         # (dropped, the shared prefix of a batch was written by nobody and missed by every later member).
-        marks = {min(k, len(blocks)) - 1 for k in (warm_blocks, mark_blocks, *parts)
+        parts = (*parts, *call_marks(job.cache_write, warm_blocks, len(blocks), self.settings.prefix_block_tokens,
+                                     self.spec, self.spec.models[r.model], mark_room(body)))  # a call's depths
+        whole = len(blocks) if job.cache_write and not isinstance(job.cache_write, tuple) else 0
+        marks = {min(k, len(blocks)) - 1 for k in (warm_blocks, mark_blocks, *parts, whole)
                  if 0 < k <= len(r.prefix_blocks) and blocks}
-        if job.cache_write and blocks:
-            marks.add(len(blocks) - 1)
         # Beside the body's own marks (its system or tools, as a replayed request carries them) Anthropic takes
         # four in all: the furthest are kept, as a read looks back from a mark (a review: five went on the wire).
         for k in sorted(marks, reverse=True)[:mark_room(body)]:

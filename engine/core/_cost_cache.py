@@ -12,8 +12,8 @@ from engine.core._body_checks import cache_blocks
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.request import Request
 
-__all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "entry_marks", "left_warm",
-           "mark_room", "min_cacheable_tokens", "shared_prefix_depths", "shared_prefix_marks", "warm_run"]
+__all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "call_marks", "entry_marks",
+           "left_warm", "mark_room", "min_cacheable_tokens", "shared_prefix_depths", "shared_prefix_marks", "warm_run"]
 
 
 class CacheSplit(NamedTuple):
@@ -162,6 +162,17 @@ def entry_marks(depths: Sequence[int], read: int, whole: int, block_tokens: int,
         if d not in marks:
             marks.append(d)
     return tuple(marks)
+
+
+def call_marks(write: object, read: int, whole: int, block_tokens: int, provider: ProviderSpec, spec: ModelSpec,
+               room: int = MAX_CACHE_MARKS) -> tuple[int, ...]:
+    """Where a call at an explicit cache that reads ``read`` leading blocks breaks when the policy names depths
+    (``Decision.cache_write`` a tuple: where fallbacks expected after it part from its prefix, and its whole
+    prefix when it writes for another reason): ``entry_marks`` of them, the first its write. Empty for a plain
+    ``True`` or ``False`` (one write at its whole prefix, or none), as before such depths."""
+    if not isinstance(write, tuple):
+        return ()
+    return entry_marks(write, read, whole, block_tokens, max(min_cacheable_tokens(provider, spec), 1), room)
 
 
 def mark_room(body: dict | None) -> int:

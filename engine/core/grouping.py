@@ -44,7 +44,8 @@ class Decision(NamedTuple):
     """``wait`` until ``wake_at`` (or the next arrival to the group), or ``dispatch`` the first ``take``
     members (0 = all) in ``mode``. ``hedge_at``: for ``batch_api``, the time at which an unfinished batch is
     cancelled and its members sent synchronously. ``cache_write``: mark the shared prompt prefix for the
-    provider's cache (explicit-caching providers). ``prefix``: the key of a prompt prefix this dispatch sends,
+    provider's cache (explicit-caching providers); on a call, a tuple instead names the depths (leading prefix
+    blocks, deepest first) it breaks at, the write reaching the deepest (``PrefixSightings.parts``). ``prefix``: the key of a prompt prefix this dispatch sends,
     for the runtime to record in the group's ``PrefixSightings`` (a policy never records it itself): sent now by
     a call; on a ``batch_api`` dispatch, one key per member taken (or None), whose calls are expected at
     ``hedge_at`` (a batch likely late: ``PrefixSightings.expect``)."""
@@ -54,7 +55,7 @@ class Decision(NamedTuple):
     take: int = 0
     wake_at: float | None = None
     hedge_at: float | None = None
-    cache_write: bool = False
+    cache_write: bool | tuple[int, ...] = False
     recommendation: Recommendation = "process_individually"
     reason: str = ""
     prefix: Hashable | None = None
@@ -126,6 +127,20 @@ class PrefixSightings:
             if u != but and since <= t <= until:
                 return True
         return False
+
+    def parts(self, key: Hashable, since: float, until: float, but: str, blocks: Sequence[int],
+              least: int) -> tuple[int, ...]:
+        """The depths, deepest first, at which requests other than ``but`` expected to call for ``key``'s prefix
+        within [since, until] part from ``blocks`` before its end, each at least ``least`` blocks: a call that
+        breaks there leaves an entry such a prompt holds whole (``engine.core.cost.entry_marks``), where one
+        write at the call's end is read by none of them (``expected`` counts only those)."""
+        out = set()
+        for head, t, u in self._due.get(key, ()):
+            if u != but and since <= t <= until:
+                k = next((i for i, (a, b) in enumerate(zip(head, blocks)) if a != b), min(len(head), len(blocks)))
+                if least <= k < len(blocks):
+                    out.add(k)
+        return tuple(sorted(out, reverse=True))
 
     def __len__(self) -> int:
         return len(self._last)

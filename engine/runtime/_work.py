@@ -43,7 +43,7 @@ class Work(NamedTuple):
     reqs: list[Request]
     idxs: list[int]  # rows of the draws
     attempts: list[int]
-    cache_write: bool = False
+    cache_write: bool | tuple[int, ...] = False  # ``Decision.cache_write``
     hedge_at: float | None = None
 
 

@@ -22,8 +22,10 @@ from engine.core.cost import (
     Mode,
     cache_split,
     cached_blocks,
+    call_marks,
     left_warm,
     list_price_text,
+    mark_room,
     price_alone,
     price_batch,
     price_text,
@@ -249,14 +251,14 @@ class SimProvider:
             self.enqueued.finish(tokens, end, model)
 
     # -- sync calls ---------------------------------------------------------------------------------------
-    def sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
+    def sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool | tuple[int, ...],
              gate: RateGate | None = None, flex: bool = False) -> SyncAttempt:
         """Attempt ``attempt`` of ``r`` (draw row ``i``), starting at ``s`` (at the flex tier if ``flex``)."""
         a, dur = self.draw_sync(i, r, s, attempt, cache_write, flex)
         (gate or self.gates[self._gate_of[r.model]]).take(s, r.input_tokens + r.output_tokens, dur)
         return a
 
-    def draw_sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
+    def draw_sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool | tuple[int, ...],
                   flex: bool = False) -> tuple[SyncAttempt, float]:
         """The drawn outcome of a sync attempt and how long it holds its slot (the gate is not touched). A flex
         call is ``flex.slowdown`` times slower, and refused (quickly, unbilled) when the failure draw lands in the
@@ -278,7 +280,8 @@ class SimProvider:
         cost, cached = self._sync_price(r, spec, s, cache_write, "flex" if flex else "sync")
         return SyncAttempt(True, s + lat, cost, None, cached), dur
 
-    def _sync_price(self, r: Request, spec, start: float, cache_write: bool, mode: Mode = "sync") -> tuple[float, int]:
+    def _sync_price(self, r: Request, spec, start: float, cache_write: bool | tuple[int, ...],
+                    mode: Mode = "sync") -> tuple[float, int]:
         """The call's price and the prefix blocks it left warm."""
         prov = self.spec
         if spec.kind != "text":
@@ -292,12 +295,15 @@ class SimProvider:
         held = blocks if pc.automatic else blocks[:r.input_tokens // self.bt]
         n_warm = warm_run(held, lambda b: self._is_warm(r.model, b, start), pc.automatic)
         # A write marks the last whole block, as the live body does: a partial last block goes with the tail.
-        mark = min(len(blocks), r.input_tokens // self.bt) if cache_write else 0  # (an automatic cache: unread)
+        whole = cache_write and not isinstance(cache_write, tuple)  # (an automatic cache: unread)
+        mark = min(len(blocks), r.input_tokens // self.bt) if whole else 0
+        if parts := call_marks(cache_write, n_warm, len(held), self.bt, prov, spec, mark_room(r.body)):
+            mark, parts = parts[0], parts[1:]  # the depths the policy named: an entry at each, as the live body
         split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, mark, self.bt)
         cached = cached_blocks(split.read, split.write, self.bt)
         if cached:
-            self._keep_warm(r.model, left_warm(r, split.read, split.write, self.bt, pc.automatic), start,
-                            start + pc.ttl_s)
+            ends = left_warm(r, split.read, split.write, self.bt, pc.automatic) + tuple(blocks[k - 1] for k in parts)
+            self._keep_warm(r.model, ends, start, start + pc.ttl_s)
         return price_text(prov, spec, split, r.output_tokens, mode).total, cached
 
     # -- GPU batches ----------------------------------------------------------------------------------------

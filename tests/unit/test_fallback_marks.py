@@ -56,13 +56,14 @@ def test_a_later_turn_whose_prefix_the_batched_turn_does_not_hold_writes_nothing
     """An explicit cache's entry ends where its write did (Anthropic's, the emulator's): the conversation's later
     turn writes past the end of the batched turn's prompt, which reads none of it. A review found every mark the
     rule added on Mooncake seed 0 (17) of this kind: each paid 1.25x at Anthropic for nothing, read only in the
-    simulator, which keeps warmth per block. Marked before (fails on the code before)."""
+    simulator, which keeps warmth per block. Marked before (fails on the code before). Since stop 86 such a turn
+    writes only the part t1 holds whole, as depths (``test_call_parts.py``), never its whole prefix."""
     table = GroupTable(Smart(CAT), CAT)
     assert _try(table, _turn(1, 0.0, PREFIX + [7], 300.0)).mode == "batch_api"
-    assert not _try(table, _turn(2, 60.0, PREFIX + [7, 8], 30.0)).cache_write  # longer: t1 cannot read it
+    assert _try(table, _turn(2, 60.0, PREFIX + [7, 8], 30.0)).cache_write == (21,)  # longer: t1 reads only 21
     table = GroupTable(Smart(CAT), CAT)
     assert _try(table, _turn(1, 0.0, PREFIX + [7], 300.0)).mode == "batch_api"
-    assert not _try(table, _turn(3, 60.0, PREFIX[:-1] + [9], 30.0)).cache_write  # parts from t1 inside: neither
+    assert _try(table, _turn(3, 60.0, PREFIX[:-1] + [9], 30.0)).cache_write == (19,)  # parts from t1 inside
 
 
 def test_a_turn_withdrawn_from_its_batch_is_no_longer_called_for():

@@ -1,0 +1,164 @@
+"""A call's breakpoints where an expected fallback parts from its prefix (stop 86, ``lever86b``): at an explicit
+cache (Anthropic's, the emulator's) an entry ends where a breakpoint drew a write, and a prompt reads only an entry
+it holds whole. A call whose conversation has a turn waiting in a batch likely late (its fallback comes within the
+TTL, ``PrefixSightings.expect``) that holds only part of the call's prefix now breaks where that turn parts from
+it (``PrefixSightings.parts``, ``Decision.cache_write`` as depths), so the fallback reads that entry. Before, the
+call wrote nothing for it (docs/benchmarks.md, "Stop 84", its review) and the fallback paid its prompt cold. One
+rule, ``engine.core.cost.call_marks``, for the simulator and the live body; the emulator bills what the simulator
+prices. No Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from engine.core.cost import CacheSplit, cache_split, price_alone, price_text
+from engine.core.grouping import PrefixSightings
+from engine.core.settings import Settings
+from engine.runtime.scheduler import GroupTable
+from engine.sim.simulator import MODES, simulate
+from policies import Smart, SmartParams
+from tests.unit.test_explicit_cache_entries import CAT as DEFAULT_CAT
+from tests.unit.test_explicit_cache_entries import MODEL, SPEC, _provider, _req
+from tests.unit.test_fallback_marks import CAT, _try, _turn
+from tests.unit.test_warm_followups import PREFIX
+
+
+def test_the_parts_are_the_depths_other_expected_turns_part_from_the_calls_prefix_at():
+    s = PrefixSightings()
+    s.expect("k", 100.0, [("a", (1, 2, 3, 4)), ("b", (1, 2, 9)), ("c", (1, 2, 3, 4, 5, 6)), ("d", (1, 7))], now=0.0)
+    assert s.parts("k", 0.0, 200.0, "x", (1, 2, 3, 4, 5), least=2) == (4, 2)  # c holds it whole; d parts at 1
+    assert s.parts("k", 0.0, 200.0, "a", (1, 2, 3, 4, 5), least=2) == (2,)  # a's own fallback reads nothing of it
+    assert s.parts("k", 0.0, 200.0, "x", (1, 2, 3, 4, 5), least=3) == (4,)  # under the cache's minimum
+    assert s.parts("k", 101.0, 200.0, "x", (1, 2, 3, 4, 5), least=2) == ()  # their calls come before the window
+    assert s.parts("other", 0.0, 200.0, "x", (1, 2), least=1) == ()
+
+
+def test_a_later_turn_breaks_where_the_batched_turn_parts_from_it_and_writes_only_that():
+    """The turn in a batch holds 21 blocks of the later turn's 22 (or 19 of another branch's 20): the call writes up
+    to there, an entry the fallback holds whole (fails on the code before: ``cache_write`` False, nothing written)."""
+    table = GroupTable(Smart(CAT), CAT)
+    assert _try(table, _turn(1, 0.0, PREFIX + [7], 300.0)).mode == "batch_api"
+    later = _try(table, _turn(2, 60.0, PREFIX + [7, 8], 30.0))
+    assert later.mode == "sync" and later.cache_write == (21,) and "prefix marked" in later.reason
+    again = _try(table, _turn(4, 70.0, PREFIX + [7, 8, 10], 30.0))  # t2's prefix sent within the TTL: its whole too
+    assert again.cache_write == (23, 21)
+    table = GroupTable(Smart(CAT), CAT)
+    _try(table, _turn(1, 0.0, PREFIX + [7], 300.0))
+    assert _try(table, _turn(3, 60.0, PREFIX[:-1] + [9], 30.0)).cache_write == (19,)  # another branch
+    off = GroupTable(Smart(CAT, SmartParams(fallback_marks=False)), CAT)
+    _try(off, _turn(1, 0.0, PREFIX + [7], 300.0))
+    assert _try(off, _turn(2, 60.0, PREFIX + [7, 8], 30.0)).cache_write is False
+
+
+def test_in_the_simulator_the_fallback_reads_what_the_later_turn_wrote_for_it():
+    """t1 tries a batch (late in this world), t2 (a later turn, 22 blocks) is called at once: it writes the 21 t1
+    holds and t1's fallback reads them. Before, t2 was sent plain and t1 wrote its 21 blocks itself (marked: t2's
+    prefix was sent within the TTL), read by no one (fails on the code before: t2 cost its cold price)."""
+    reqs = [_turn(1, 0.0, PREFIX + [7], 300.0), _turn(2, 60.0, PREFIX + [7, 8], 30.0)]
+    slow = Settings.model_validate({"sim": {"turnaround_scale": 50.0}})
+    on = simulate(reqs, Smart(CAT), catalog=CAT, settings=slow, seed=1)
+    off = simulate(reqs, Smart(CAT, SmartParams(fallback_marks=False)), catalog=CAT, settings=slow, seed=1)
+    assert [MODES[m] for m in on.mode] == ["sync", "sync"]
+    assert all(on.done_at[i] <= r.deadline_at for i, r in enumerate(reqs))
+    prov, spec = CAT.provider("anthropic"), CAT.model("anthropic", reqs[1].model)
+    t2 = reqs[1]
+    wrote21 = price_text(prov, spec, cache_split(prov, spec, t2.input_tokens, 22, 0, 21, 512), t2.output_tokens, "sync")
+    assert on.cost[1] == pytest.approx(wrote21.total)
+    assert on.cost[0] == pytest.approx(price_alone(reqs[0], CAT, "sync", warm_blocks=21).total)
+    assert off.cost[1] == pytest.approx(price_alone(t2, CAT, "sync").total)
+    assert on.total_cost < off.total_cost
+
+
+def _live(clock):
+    from actors.providers.anthropic_http import AnthropicProvider
+    from engine.core.provider_api import Secret
+
+    s = Settings()
+    s = s.model_copy(update={"providers": s.providers.model_copy(update={"replay": True})})
+    return AnthropicProvider("anthropic", DEFAULT_CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), clock)
+
+
+def test_a_calls_depths_leave_entries_the_emulator_reads_as_the_simulator_prices():
+    """A call of eight blocks named (8, 4): one write of eight, an entry at four too. A prompt parting from it after
+    the fourth block reads those four at the emulator and in the simulator, and pays the same in both (fails on the
+    code before: the body marked only the eighth block, so the emulator read nothing, "0 == 2048")."""
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import CallJob, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    clock, prov, caches, sim = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
+    live = _live(clock)
+    calls = [(_req(0, list(range(1, 9)), 4196), (8, 4)), (_req(1, [1, 2, 3, 4, 50, 51], 3172), False)]
+    try:
+        splits = []
+        for i, (r, write) in enumerate(calls):
+            r = r.model_copy(update={"provider": "anthropic", "prompt": "p"})
+            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
+            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(live.sync_body(job)), clock.now())
+            live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write))
+            assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
+                price_text(prov, SPEC, split, 1, "sync").total)
+            splits.append(split)
+            clock.advance(1.0)
+    finally:
+        asyncio.run(live.close())
+    assert splits[0] == CacheSplit(0, 4096, 100) and splits[1].read == 2048
+    assert live._warm_blocks(CallJob("k9", calls[1][0], 0.0, 0, 0)) == 4  # the belief keeps the entry at four
+
+
+def test_live_sync_bodies_with_depths_cost_at_the_emulator_what_the_simulator_prices_call_by_call():
+    """As ``test_explicit_cache_entries``'s 400 calls, some now naming depths (a subset of their prefix's lengths,
+    the deepest first): each costs at the emulator what the simulator prices."""
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import CallJob, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    clock, prov, caches, sim = ManualClock(0.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
+    live = _live(clock)
+    rng, ids = random.Random(86), {}
+    try:
+        for i in range(300):
+            path = tuple([rng.randrange(2)] + [rng.randrange(2) for _ in range(rng.randrange(7))])
+            blocks = [ids.setdefault(path[:k + 1], len(ids) + 1) for k in range(len(path))]
+            r = _req(i, blocks, 512 * len(blocks) + rng.choice([100, -100, -300, 600]))
+            r = r.model_copy(update={"provider": "anthropic", "prompt": "p"})
+            clock.advance(400.0 if rng.random() < 0.05 else 40.0 + rng.random() * 0.01)
+            u = rng.random()
+            write = (tuple(sorted(rng.sample(range(1, len(blocks) + 1), rng.randint(1, len(blocks))), reverse=True))
+                     if u < 0.5 else u < 0.8)
+            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
+            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(live.sync_body(job)), clock.now())
+            live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write))
+            assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
+                price_text(prov, SPEC, split, 1, "sync").total), (i, blocks, r.input_tokens, write, split)
+    finally:
+        asyncio.run(live.close())
+
+
+def test_a_calls_depths_reach_the_dispatchers_gate_as_decided():
+    """A call waits at its dispatcher's gate as a ``Work`` whose ``cache_write`` the body is built from when the gate
+    lets it start: queued as ``cache_write and kind in (...)``, the depths became ``True`` and the live call wrote
+    its whole prefix, where the simulator priced the depths (fails on the code before: "True == (21,)")."""
+    from actors import Dispatcher, ResultHub
+    from actors._types import BatchJob, Job
+    from engine.core.clock import ManualClock
+    from tests.unit.helpers import Recorder
+    from tests.unit.test_actors import CAT as ACTORS_CAT
+    from tests.unit.test_actors import ledger, req
+
+    async def go():
+        d = Dispatcher("openai", ACTORS_CAT, Settings(), 0, ManualClock(0.0), [Recorder()], ResultHub(), None,
+                       ledger(100.0))
+        queued = []
+        d.sim.enqueue = queued.append
+        for kind, write in (("sync", (21,)), ("sync", True), ("batch_api", (21,))):
+            job = Job(0, req(0), "fp")
+            d._enqueue(kind, BatchJob("b", kind, None, write, "process_individually", "now", [job]), [job])
+        return [w.cache_write for w in queued]
+
+    assert asyncio.run(go()) == [(21,), True, False]
