@@ -79,7 +79,7 @@ class BatchJob(NamedTuple):
     bid: str
     mode: str
     hedge_at: float | None
-    cache_write: bool
+    cache_write: bool | tuple[int, ...]  # ``Decision.cache_write``
     recommendation: str
     reason: str
     jobs: list[Job]

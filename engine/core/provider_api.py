@@ -47,7 +47,9 @@ class CallJob(NamedTuple):
     start: float  # engine time the rate gate let it through
     attempt: int
     row: int  # the request's row of simulated draws
-    cache_write: bool = False  # mark the whole shared prefix for caching (explicit-cache providers)
+    # Mark the whole shared prefix for caching (explicit-cache providers), or the depths a tuple names
+    # (``Decision.cache_write``, ``engine.core.cost.call_marks``).
+    cache_write: bool | tuple[int, ...] = False
     # The sync body, fixed at the first try (``Provider.sync_body``) and journaled: every retry under the same
     # idempotency key, after a restart too, sends the same body, as a provider that honours the key requires.
     body: dict | None = None
