@@ -21,8 +21,9 @@ from typing import Any
 
 from engine.core._logkeys import redact  # one rule for keys, the loggers' filter's too
 from engine.core.request import Request, split_body
+from engine.core.responses_input import as_messages
 
-__all__ = ["billing_refusal", "call_timeout", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
+__all__ = ["billing_refusal", "broke_at", "call_timeout", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
            "redact", "retry_after", "tokens"]
 
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
@@ -231,3 +232,16 @@ async def paced(chunks: AsyncIterator[bytes], headers: Mapping[str, str], settin
             raise asyncio.TimeoutError(f"a results file of {length} bytes read slower than "
                                        f"batch_results_min_kib_s={settings.batch_results_min_kib_s:g}")
         yield chunk
+
+
+def broke_at(req: Request, body: dict | None) -> tuple[int, ...]:
+    """The depths (leading prefix blocks) at which an Anthropic ``body`` of ``req`` breaks, where the engine
+    rendered its prompt (``AnthropicProvider.body``: a text block a prefix block, then the tail); none for a body
+    the caller wrote as messages, or one not known."""
+    if body is None or "messages" in as_messages(dict(req.body or {}), "anthropic", "chat"):
+        return ()
+    msgs = body.get("messages")
+    content = msgs[-1].get("content") if isinstance(msgs, list) and msgs and isinstance(msgs[-1], dict) else None
+    if not isinstance(content, list):
+        return ()
+    return tuple(k + 1 for k, c in enumerate(content[:-1]) if isinstance(c, dict) and "cache_control" in c)

@@ -24,7 +24,7 @@ from actors.providers._http import (
     whole_read,
 )
 from actors.providers._sdk_key import STAND_IN, keyed
-from actors.providers._wire import error_message, error_of, message_parts, paced, tokens
+from actors.providers._wire import broke_at, error_message, error_of, message_parts, paced, tokens
 from engine.core._cost_cache import call_marks, mark_room
 from engine.core.cost import cached_blocks, entry_marks, min_cacheable_tokens, shared_prefix_depths, warm_run
 from engine.core.errors import ProviderError
@@ -123,8 +123,8 @@ class AnthropicProvider(HttpBase):
             # write left an entry at each breakpoint past the read too: the member that parts there notes it when
             # it reads it, but not if it failed, and the simulator keeps it (a review of stop 86).
             read = min(cached_blocks(usage.cache_read, 0, self.settings.prefix_block_tokens), n)
-            parts = parts or call_marks(job.cache_write, read, n, self.settings.prefix_block_tokens, self.spec,
-                                        self.spec.models[job.req.model], mark_room(job.req.body))  # a call's
+            # A sync call's as its body broke (drawn again at the read, they named depths never marked: a review).
+            parts = parts or broke_at(job.req, job.body)
             ends = {read, n} | {k for k in parts if read < k < n}
             self._warm.see([WarmNote(self.name, job.req.model, tuple(blocks[:k]), until) for k in ends if k], now)
         return n
@@ -212,7 +212,7 @@ class AnthropicProvider(HttpBase):
         except Unreadable as exc:
             return self._unreadable(exc)
         try:
-            out = self._outcome(job, msg, rid, "sync")
+            out = self._outcome(job._replace(body=body), msg, rid, "sync")  # the belief reads its marks
         except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an answer of another shape
             return self._unreadable(exc)
         return out._replace(replayed=True) if replayed else out

@@ -11,6 +11,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Container, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, Literal, NamedTuple
 
 from engine.core.catalog import ModelSpec, ProviderSpec
@@ -133,14 +134,22 @@ class PrefixSightings:
         """The depths, deepest first, at which requests other than ``but`` expected to call for ``key``'s prefix
         within [since, until] part from ``blocks`` before its end, each at least ``least`` blocks: a call that
         breaks there leaves an entry such a prompt holds whole (``engine.core.cost.entry_marks``), where one
-        write at the call's end is read by none of them (``expected`` counts only those)."""
-        out = set()
-        for head, t, u in self._due.get(key, ()):
-            if u != but and since <= t <= until:
-                k = next((i for i, (a, b) in enumerate(zip(head, blocks)) if a != b), min(len(head), len(blocks)))
-                if least <= k < len(blocks):
-                    out.add(k)
-        return tuple(sorted(out, reverse=True))
+        write at the call's end is read by none of them (``expected`` counts only those). By the sorted runs of
+        those that hold ``blocks[:k]``, as ``expected``: a pass over all of a system prompt's batch cost a call
+        15 ms at 10,000 members expected (a review)."""
+        due, b, out = self._due.get(key, ()), tuple(blocks), []
+        lo, hi = 0, len(due)
+        for k in range(max(least, 0), len(b)):
+            if k:  # the run that holds the first k blocks, inside the last one
+                lo = bisect.bisect_left(due, b[:k], lo, hi, key=lambda e, k=k: e[0][:k])
+                hi = bisect.bisect_right(due, b[:k], lo, hi, key=lambda e, k=k: e[0][:k])
+            if lo == hi:
+                break
+            n_lo = bisect.bisect_left(due, b[:k + 1], lo, hi, key=lambda e, k=k: e[0][:k + 1])
+            n_hi = bisect.bisect_right(due, b[:k + 1], n_lo, hi, key=lambda e, k=k: e[0][:k + 1])
+            if any(due[i][2] != but and since <= due[i][1] <= until for i in chain(range(lo, n_lo), range(n_hi, hi))):
+                out.append(k)
+        return tuple(reversed(out))
 
     def __len__(self) -> int:
         return len(self._last)
