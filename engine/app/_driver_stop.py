@@ -57,7 +57,9 @@ class Stopping:
         still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
         ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
         long for what its provider batches finished (billed) to be answered (``cancel``, ``wait_cancelled``;
-        Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``.
+        Ctrl-C leaves now); called so in a done-callback, in the thread that delivers those answers, the stop runs
+        in a thread of its own and this call returns at once. Leaving a ``with`` block on an error or Ctrl-C drains
+        for ``settings.stop_drain_s``.
         A Redis budget ledger's settlements waiting for its Redis get up to ``journal.ledger_wait_s``, then go to
         ``journal.ledger_dir`` for the next engine on that ledger (``report()["budget"]["ledger"]["left_at_stop"]``).
         Called again, from any thread, it returns once the first call has ended. Not from a signal handler: one
@@ -66,6 +68,18 @@ class Stopping:
         there instead."""
         if not self._first_stop():
             return
+        if drain_s > 0 and threading.current_thread() is self._puller:
+            # A drain waits for answers this very thread delivers: run here it was skipped, and what the calls under
+            # way finished (billed) failed unread (a new user's tour, stop 86). Claimed here (a stop() elsewhere now
+            # waits for this one), run in a thread of its own, it drains as a stop from any other thread does while
+            # this one goes back to delivering.
+            self._stopper = threading.Thread(target=self._stop_and_end, args=(timeout_s, drain_s),
+                                             name="smartbatch-stop")
+            self._stopper.start()
+            return
+        self._stop_and_end(timeout_s, drain_s)
+
+    def _stop_and_end(self, timeout_s: float, drain_s: float) -> None:
         try:
             self._stop(timeout_s, drain_s)
         finally:

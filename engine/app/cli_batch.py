@@ -313,7 +313,11 @@ def emulate(port: int = typer.Option(8765, min=0, max=65535, help="port on 127.0
     """Serve the loopback provider emulator (OpenAI and Anthropic wire formats, OpenAI's Videos API, Gemini's
     OpenAI layer and Veo) until interrupted. Point the engine at it with --base-url
     openai=http://127.0.0.1:PORT/openai/v1 --base-url anthropic=http://127.0.0.1:PORT/anthropic --base-url
-    google=http://127.0.0.1:PORT/google/v1 (Gemini and Veo; docs/providers.md, "Gemini", "Video")."""
+    google=http://127.0.0.1:PORT/google/v1 (Gemini and Veo; docs/providers.md, "Gemini", "Video"). Your own
+    SDK client: openai.OpenAI(base_url=".../openai/v1", api_key="any"); an Anthropic route, as Anthropic's API,
+    reads the key from x-api-key alone, and the anthropic SDK (2.17) sends api_key as a Bearer token (401 "x-api-key
+    header is required"), so give anthropic.Anthropic(base_url=".../anthropic", api_key="any",
+    default_headers={"x-api-key": "any", "Authorization": anthropic.Omit()})."""
     from engine.emulator import serve
 
     def started(emu) -> None:  # where it listens: with --port 0, nothing else says

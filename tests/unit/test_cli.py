@@ -688,3 +688,26 @@ def test_a_catalog_with_an_infinite_or_negative_price_and_a_variant_of_infinity_
     v.write_bytes(b"\xffvariants: []\n")
     r = runner.invoke(app, ["bench", str(trace), "--policies", "x", "--variants", str(v), "--out", str(tmp_path / "o")])
     _one_error(r, "not UTF-8")
+
+
+def test_emulates_help_tells_how_an_anthropic_sdk_client_sends_its_key_there():
+    """A new user's tour (stop 86): the anthropic SDK (2.17) sends ``api_key`` as a Bearer token, which the emulator,
+    as Anthropic's API, refuses (401 "x-api-key header is required"); ``emulate --help`` named only the engine's
+    ``--base-url``, so a user's own client failed with no word on why. The recipe it gives now is let in, the plain
+    client refused. Fails on the code before (the help says nothing of x-api-key)."""
+    import anthropic
+
+    from engine.emulator import Emulator
+
+    r = runner.invoke(app, ["emulate", "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0, r.output
+    words = " ".join(r.output.split())
+    assert 'default_headers={"x-api-key": "any", "Authorization": anthropic.Omit()}' in words, words
+    with Emulator(latency_scale=0.0, speedup=1e4) as emu:
+        base = emu.anthropic_base_url("anthropic")
+        told = anthropic.Anthropic(base_url=base, api_key="any", max_retries=0,
+                                   default_headers={"x-api-key": "any", "Authorization": anthropic.Omit()})
+        ask = {"model": "claude-haiku-5-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        assert told.messages.create(**ask).usage.output_tokens > 0
+        with pytest.raises(anthropic.AuthenticationError, match="x-api-key header is required"):
+            anthropic.Anthropic(base_url=base, api_key="any", max_retries=0).messages.create(**ask)

@@ -259,3 +259,64 @@ def test_answers_in_the_turn_of_a_result_thread_whose_loop_has_ended_are_failed_
         leave.set()
         e._puller.join(30)
     assert futs[0].result(0).output == "answer 1" and futs[1].result(0).status == "failed"
+
+
+class _LaterPulls:
+    """A hub shard whose pulls answer ``replies`` one at a time, then nothing until the engine's stop wakes it."""
+
+    def __init__(self, eng, replies: list[list[Result]]) -> None:
+        self.eng, self.replies, self.pull = eng, list(replies), self
+
+    def remote(self, *args):
+        return "pull"
+
+    def get(self, ref):
+        if self.replies:
+            return self.replies.pop(0)
+        self.eng._wake.wait(0.05)  # (no answer more: the loop waits as Ray's pull would, until the stop)
+        return []
+
+
+def test_a_drained_stop_a_done_callback_makes_in_the_result_thread_lets_the_calls_under_way_answer(monkeypatch):
+    """A script stops its own engine after its first result with ``stop(drain_s=...)``, in the callback, while two
+    calls are under way (billed when they end). The drain waits for answers the result thread delivers, so there it
+    was skipped at once: the two failed "engine stopped before the request finished (drain() first waits)", paid and
+    unread (a new user's tour, stop 86: at the emulator, 8 requests failed so, $0.0059 of $0.0311 billed unread).
+    Now the stop drains from a thread of its own and both are answered, each once; the script's own stop() made
+    meanwhile waits for that one."""
+    import concurrent.futures
+
+    e, futs, seen = _stoppable(monkeypatch, 3)
+    under_way = futs[1:]
+    waited: list[int] = []
+    monkeypatch.setattr(e, "wait_cancelled", lambda timeout_s, interrupted=None: sum(not f.done() for f in under_way))
+
+    def wind_down(timeout_s, interrupted=None) -> int:  # the calls under way end, and their answers come in
+        _, left = concurrent.futures.wait(under_way, timeout=10)
+        waited.append(len(left))
+        return len(left)
+
+    monkeypatch.setattr(e, "wind_down", wind_down)
+    stopped: list[str] = []
+
+    def stop_after_first(f) -> None:
+        if not stopped:
+            stopped.append(f.request_id)
+            e.stop(timeout_s=5.0, drain_s=30.0)
+            asked.set()
+
+    asked = threading.Event()
+    futs[0].add_done_callback(stop_after_first)
+    hub = _LaterPulls(e, [[_answer(1)], [_answer(2), _answer(3)]])
+    e._h["hubs"], e._ray = [hub], hub
+    e._puller = threading.Thread(target=e._pull_loop)
+    e._puller.start()
+    assert asked.wait(30)
+    e.stop(timeout_s=5.0)  # the script's own stop once told (the with block's exit): it waits for the drained one
+    assert e._stopping.is_set()
+    e._puller.join(30)
+    assert not e._puller.is_alive()
+    assert _read(futs) == [("ok", "answer 1"), ("ok", "answer 2"), ("ok", "answer 3")]
+    assert stopped == ["r1"] and waited == [0]
+    assert sorted(seen) == ["r1", "r2", "r3"]  # each resolved once
+    assert not e._running and e._pending == 0
