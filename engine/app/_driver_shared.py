@@ -362,7 +362,7 @@ class SharedEngine:
                         "being made has no cancel and is billed when it completes), so what they finished (billed) "
                         "is answered (a batch's cancel takes up to 10 minutes at OpenAI and Anthropic, a video "
                         "minutes; Ctrl-C leaves now, what they finished then billed and not read)", self.name, limit_s)
-            left = self.wind_down(limit_s)
+            left = self.wind_down(limit_s, getattr(self, "_drain_cut", None))  # (a Ctrl-C while waiting for it)
             self._drained = left == 0
             if left:
                 log.warning("engine %r stops before its provider batches and calls under way have ended: what they "

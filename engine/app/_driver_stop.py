@@ -47,6 +47,7 @@ class Stopping:
 
     _stopping: threading.Event | None = None  # made by the first stop(), set once it has ended
     _stopper: threading.Thread | None = None  # the thread that runs it
+    _drain_cut: threading.Event | None = None  # set by a Ctrl-C in a thread waiting for it: its drain ends
     _cut_short = False  # left its ``with`` block on an error: the job did not end (``__exit__``)
 
     @masked_actor_errors
@@ -73,8 +74,12 @@ class Stopping:
             # way finished (billed) failed unread (a new user's tour, stop 86). Claimed here (a stop() elsewhere now
             # waits for this one), run in a thread of its own, it drains as a stop from any other thread does while
             # this one goes back to delivering.
+            # Not a daemon (as it would be, made by the result thread): the interpreter's exit waits for it, the
+            # drain bounded by ``drain_s``. A daemon, a script leaving once its callback had stopped the engine
+            # abandoned the drain and the rest of the stop: the answers under way lost, the actors not stopped (a
+            # review, ``rvtour86``).
             self._stopper = threading.Thread(target=self._stop_and_end, args=(timeout_s, drain_s),
-                                             name="smartbatch-stop")
+                                             name="smartbatch-stop", daemon=False)
             self._stopper.start()
             return
         self._stop_and_end(timeout_s, drain_s)
@@ -103,12 +108,25 @@ class Stopping:
         try:
             first = self._stopping is None
             if first:
-                self._stopping, self._stopper = threading.Event(), me
+                self._stopping, self._stopper, self._drain_cut = threading.Event(), me, threading.Event()
         finally:
             self._lock.release()
         if not first and me not in (self._flusher, self._puller, self._checker):
-            self._stopping.wait()
+            self._wait_stopped()
         return first
+
+    def _wait_stopped(self) -> None:
+        """Wait for the stop under way in another thread. A Ctrl-C meanwhile cuts its drain short, as it does a
+        drain in its own thread, and is raised once that stop has ended. Raised at once, it left a done-callback's
+        drained stop draining for up to ``drain_s`` ("Ctrl-C leaves now" not so), and the process, leaving, cut it
+        there: the actors not stopped, the open futures never failed (a review, ``rvtour86``). A second Ctrl-C
+        leaves at once."""
+        try:
+            self._stopping.wait()
+        except KeyboardInterrupt:
+            self._drain_cut.set()
+            self._stopping.wait()
+            raise
 
     def _lock_for_stop(self, me: threading.Thread) -> bool:
         """Take the engine's lock: bounded (``STOP_LOCK_WAIT_S``) only where this thread may hold it itself, a signal

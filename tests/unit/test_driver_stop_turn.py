@@ -320,3 +320,92 @@ def test_a_drained_stop_a_done_callback_makes_in_the_result_thread_lets_the_call
     assert stopped == ["r1"] and waited == [0]
     assert sorted(seen) == ["r1", "r2", "r3"]  # each resolved once
     assert not e._running and e._pending == 0
+
+
+def _drained_from_a_callback(monkeypatch, daemon: bool, answer: bool):
+    """An engine whose first answer's callback stops it with ``stop(drain_s=30)`` in the result thread (``daemon`` as
+    ``Engine.__init__`` makes it), two calls still under way whose answers come in once the drain waits if
+    ``answer``; the drain's wait ends then, at its ``interrupted`` event, or at ``release`` (the test's end)."""
+    e, futs, _ = _stoppable(monkeypatch, 3)
+    answers, release, asked = threading.Event(), threading.Event(), threading.Event()
+    monkeypatch.setattr(e, "wait_cancelled", lambda timeout_s, interrupted=None: sum(not f.done() for f in futs[1:]))
+
+    def wind_down(timeout_s, interrupted=None) -> int:
+        answers.set()
+        while not (release.is_set() or (interrupted is not None and interrupted.is_set())):
+            if all(f.done() for f in futs[1:]):
+                return 0
+            release.wait(0.01)
+        return sum(not f.done() for f in futs[1:])
+
+    monkeypatch.setattr(e, "wind_down", wind_down)
+    futs[0].add_done_callback(lambda f: (e.stop(timeout_s=5.0, drain_s=30.0), asked.set()))
+
+    class Hub:
+        pull = property(lambda self: self)
+
+        def remote(self, *args):
+            return "pull"
+
+        def get(self, ref):
+            if not asked.is_set():
+                return [_answer(1)]
+            e._wake.wait(0.05)
+            return [_answer(2), _answer(3)] if answer and answers.is_set() and not futs[1].done() else []
+
+    e._h["hubs"], e._ray = [Hub()], Hub()
+    e._puller = threading.Thread(target=e._pull_loop, name="smartbatch-pull", daemon=daemon)
+    e._puller.start()
+    assert asked.wait(30)
+    return e, futs, release
+
+
+def test_a_drained_stop_a_done_callback_makes_is_no_daemon_so_the_process_leaving_waits_for_its_answers(monkeypatch):
+    """The result thread is a daemon (``Engine.__init__``), and a thread inherits that: the drained stop's thread
+    was one too, so a script that left once its callback had stopped the engine (the stop returns at once) had its
+    drain and the rest of the stop cut by the interpreter's exit (scratch, ``/tmp/rvtour86/daemon.py``: at exit the
+    stop not ended, the two calls under way ``open``, the actors never stopped). Now the exit waits for it."""
+    e, futs, release = _drained_from_a_callback(monkeypatch, daemon=True, answer=True)
+    try:
+        assert not e._stopper.daemon  # what the interpreter's exit (``threading._shutdown``) joins
+        e._stopper.join(30)
+        assert _read(futs) == [("ok", "answer 1"), ("ok", "answer 2"), ("ok", "answer 3")]
+    finally:
+        release.set()
+        e._stopper.join(30)
+        e._puller.join(30)
+
+
+class _CtrlCInTheWait:
+    """``Engine._stopping`` as a Ctrl-C finds it: its first ``wait()`` raises ``KeyboardInterrupt``."""
+
+    def __init__(self, real: threading.Event) -> None:
+        self.real, self.hit = real, False
+        self.set, self.is_set = real.set, real.is_set
+
+    def wait(self, timeout=None):
+        if not self.hit:
+            self.hit = True
+            raise KeyboardInterrupt
+        return self.real.wait(timeout)
+
+
+def test_a_ctrl_c_while_a_stop_waits_for_a_callbacks_drained_stop_cuts_the_drain_and_stops_the_engine(monkeypatch):
+    """The ``with`` block's exit (or the script's stop()) waits for the drained stop a callback made; a Ctrl-C there
+    raised at once, the drain running on for up to ``drain_s`` ("Ctrl-C leaves now" not so), the process then
+    leaving mid-stop: the actors not stopped, the futures open. Now it ends the drain as a Ctrl-C in a drain's own
+    thread does, and is raised once the stop has ended, every future resolved once."""
+    e, futs, release = _drained_from_a_callback(monkeypatch, daemon=False, answer=False)
+    seen: list[str] = []
+    for f in futs[1:]:
+        f.add_done_callback(lambda f: seen.append(f.request_id))
+    e._stopping = _CtrlCInTheWait(e._stopping)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            e.stop()
+        assert e._stopping.is_set() and not e._running and not release.is_set()
+        assert [f.result(0).status for f in futs] == ["ok", "failed", "failed"] and sorted(seen) == ["r2", "r3"]
+    finally:
+        release.set()
+        e._stopper.join(30)
+        e._puller.join(30)
