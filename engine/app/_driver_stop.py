@@ -10,8 +10,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
-from engine.app._actor_errors import masked_actor_errors
-from engine.core._logkeys import get_logger
+from engine.app._actor_errors import actor_errors, masked_actor_errors
+from engine.core._logkeys import get_logger, words
 from engine.core.errors import ConfigError, SmartbatchError
 
 if TYPE_CHECKING:
@@ -78,11 +78,21 @@ class Stopping:
             # drain bounded by ``drain_s``. A daemon, a script leaving once its callback had stopped the engine
             # abandoned the drain and the rest of the stop: the answers under way lost, the actors not stopped (a
             # review, ``rvtour86``).
-            self._stopper = threading.Thread(target=self._stop_and_end, args=(timeout_s, drain_s),
+            self._stopper = threading.Thread(target=self._stop_in_thread, args=(timeout_s, drain_s),
                                              name="smartbatch-stop", daemon=False)
             self._stopper.start()
             return
         self._stop_and_end(timeout_s, drain_s)
+
+    def _stop_in_thread(self, timeout_s: float, drain_s: float) -> None:
+        """The drained stop a done-callback made: no caller to raise to, its error is logged, masked as ``stop()``
+        raises it. Outside ``masked_actor_errors``, an actor's ``RayTaskError`` (the actor's traceback, a provider's
+        key in its words) went whole to ``threading.excepthook``, printed to stderr (a review, ``rvtour86``)."""
+        try:
+            with actor_errors(getattr(self, "_ray", None), lambda: self.name, "stop()"):
+                self._stop_and_end(timeout_s, drain_s)
+        except Exception as exc:
+            log.error("engine %r: the stop failed (%s: %s)", self.name, type(exc).__name__, words(exc))
 
     def _stop_and_end(self, timeout_s: float, drain_s: float) -> None:
         try:

@@ -409,3 +409,28 @@ def test_a_ctrl_c_while_a_stop_waits_for_a_callbacks_drained_stop_cuts_the_drain
         release.set()
         e._stopper.join(30)
         e._puller.join(30)
+
+
+def test_an_actors_error_in_a_callbacks_drained_stop_reaches_no_hook_with_its_key(monkeypatch, caplog):
+    """The drained stop's thread runs outside ``stop()``'s ``masked_actor_errors``: an actor's ``RayTaskError`` in
+    it (its words the actor's traceback, a provider's key among them) went whole to ``threading.excepthook``, which
+    prints it to stderr (a review, ``rvtour86``). Now it is logged masked, as ``stop()`` raises it elsewhere."""
+    import ray.exceptions
+
+    from tests.unit.test_actor_error_keys import KEY, LEAK, _ray_error
+
+    hooked: list = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: hooked.append(args.exc_value))
+    e, futs, release = _drained_from_a_callback(monkeypatch, daemon=False, answer=False)
+    e._ray.exceptions = ray.exceptions
+
+    def flush() -> None:
+        raise _ray_error(LEAK, "ingest")
+
+    monkeypatch.setattr(e, "_flush", flush)
+    release.set()  # (the drain ends: the stop goes on to its flush)
+    e._stopper.join(30)
+    e._puller.join(30)
+    assert e._stopping.is_set() and not e._running
+    assert [x for x in hooked if KEY in str(x)] == [] and KEY not in caplog.text
+    assert "the stop failed" in caplog.text
