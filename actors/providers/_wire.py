@@ -19,6 +19,7 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from engine.core._cost_cache import mark_room
 from engine.core._logkeys import redact  # one rule for keys, the loggers' filter's too
 from engine.core.request import Request, split_body
 from engine.core.responses_input import as_messages
@@ -245,3 +246,18 @@ def broke_at(req: Request, body: dict | None) -> tuple[int, ...]:
     if not isinstance(content, list):
         return ()
     return tuple(k + 1 for k, c in enumerate(content[:-1]) if isinstance(c, dict) and "cache_control" in c)
+
+
+def entry_blocks(req: Request, cached: int, settings: Any) -> int:
+    """How many of ``req``'s leading prefix blocks an Anthropic entry of ``cached`` tokens (its usage's read, or
+    read and write) covers, in the body ``message_parts`` renders. A body's system text (a replayed line's)
+    comes first in the prompt, so it counts in the usage too: taken for prefix blocks, a 2-token system made a
+    read of two blocks (1,026 tokens) three, an entry never written, and the next call marked it and paid a
+    write the policy priced plain (a review of stop 86). Rounded to the nearest block, as a real tokenizer
+    counts the blocks and the system near, not exactly, what the renderer estimated."""
+    head, bt = 0, settings.prefix_block_tokens
+    if not mark_room(req.body):  # the engine marked none of its blocks: what it read is the body's own
+        return 0
+    if req.body and settings.providers.replay and "messages" not in as_messages(dict(req.body), "anthropic", "chat"):
+        head = math.ceil(len(split_body(req.body)[0]) / settings.chars_per_token)  # as ``message_parts`` sized it
+    return max(cached - head + bt // 2, 0) // bt

@@ -13,6 +13,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
+from actors.providers import _wire
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer, count_at
 from actors.providers._anthropic_stream import stream_bound, streamed_call, whole_call
 from actors.providers._http import (
@@ -26,7 +27,7 @@ from actors.providers._http import (
 from actors.providers._sdk_key import STAND_IN, keyed
 from actors.providers._wire import broke_at, error_message, error_of, message_parts, paced, tokens
 from engine.core._cost_cache import call_marks, mark_room
-from engine.core.cost import cached_blocks, entry_marks, min_cacheable_tokens, shared_prefix_depths, warm_run
+from engine.core.cost import entry_marks, min_cacheable_tokens, shared_prefix_depths, warm_run
 from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key, sent_key
@@ -112,17 +113,17 @@ class AnthropicProvider(HttpBase):
         return self._warm.leading(self.name, r.model, held, self.clock.now(), exact=True)[0]
 
     def _keep_warm(self, job: CallJob, usage: Usage) -> int:
-        """Believe warm the leading blocks the call read or wrote (``_warm_of``: the rest drew the next
-        breakpoint past the cached prefix, where the provider writes); returns how many."""
+        """Believe warm the leading blocks the call read or wrote past its body's system (``entry_blocks``: the
+        rest drew the next breakpoint past the cached prefix, where the provider writes); returns how many."""
         n, parts = self._warm_of(job, usage), self._parts.pop(job.key, ())
+        n = min(_wire.entry_blocks(job.req, usage.cache_read + usage.cache_write, self.settings), n)
         if n:
             now, blocks = self.clock.now(), job.req.prefix_blocks
             until = now + self.spec.cache_of(job.req.model).ttl_s
-            # A hit refreshes the entry it read, which ends short of one the call wrote: noted alone, it went
-            # cold in the belief while Anthropic kept it, and the next call marked none and sent it plain. Its
-            # write left an entry at each breakpoint past the read too: the member that parts there notes it when
-            # it reads it, but not if it failed, and the simulator keeps it (a review of stop 86).
-            read = min(cached_blocks(usage.cache_read, 0, self.settings.prefix_block_tokens), n)
+            # A hit refreshes the entry it read, which ends short of one the call wrote: noted alone, it went cold
+            # in the belief while Anthropic kept it, and the next call sent it plain. Its write left an entry at
+            # each breakpoint past the read too, noted here, as the simulator keeps it, should its member fail.
+            read = min(_wire.entry_blocks(job.req, usage.cache_read, self.settings), n)
             # A sync call's as its body broke (drawn again at the read, they named depths never marked: a review).
             parts = parts or broke_at(job.req, job.body)
             ends = {read, n} | {k for k in parts if read < k < n}
@@ -230,11 +231,11 @@ class AnthropicProvider(HttpBase):
         ends: set[int] = set()
         reqs = []
         for j, shared in zip(jobs, depths, strict=True):
-            blocks, mark = j.req.prefix_blocks, shared[0] if shared else 0
-            whole = min(len(blocks), j.req.input_tokens // bt)  # the blocks the body renders (``message_parts``)
+            blocks, mark, room = j.req.prefix_blocks, shared[0] if shared else 0, mark_room(j.req.body)
+            # The blocks the body renders (``message_parts``); none marked where its own marks leave no room.
+            whole = min(len(blocks), j.req.input_tokens // bt) if room else 0
             at = min(max(self._warm_blocks(j), warm_run(blocks[:whole], ends.__contains__, False)), whole)
-            # As ``price_batch`` prices its entries, in the room its body's own marks leave (``mark_room``).
-            parts = entry_marks(shared, at, whole, bt, least, mark_room(j.req.body))[1:]
+            parts = entry_marks(shared, at, whole, bt, least, room)[1:]  # as ``price_batch`` prices its entries
             reqs.append({"custom_id": j.key, "params": self.body(j, at, mark, parts)})
             ends.update(blocks[k - 1] for k in (at, min(mark, whole), *parts) if k >= at and k * bt >= least)
             if parts:  # dropped when its answer is read (``fetch``); one never read, the oldest past PARTS_KEEP

@@ -11,6 +11,7 @@ from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._body_checks import cache_blocks
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.request import Request
+from engine.core.responses_input import as_messages
 
 __all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "call_marks", "entry_marks",
            "left_warm", "mark_room", "min_cacheable_tokens", "shared_prefix_depths", "shared_prefix_marks", "warm_run"]
@@ -179,6 +180,10 @@ def mark_room(body: dict | None) -> int:
     """The breakpoints an Anthropic body leaves the engine: four a request, less the ``cache_control`` marks the
     body carries (its system, tools or a top-level one). The room ``entry_marks`` fills, in the simulator and on
     the wire alike: counted against all four, a member's shallower entries were priced and marked read though the
-    body kept only its furthest marks (a review of stop 86)."""
+    body kept only its furthest marks (a review of stop 86). None for a body of messages (a caller's own prompt,
+    sent as written, so the engine marks nothing in it): priced as if its prefix blocks were marked, a read the
+    wire never made (a review of stop 86)."""
+    if body and "messages" in as_messages(dict(body), "anthropic", "chat"):
+        return 0
     own = sum(isinstance(b, dict) and b.get("cache_control") is not None for _, b in cache_blocks(body or {}))
     return max(MAX_CACHE_MARKS - own, 0)

@@ -343,9 +343,10 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     for k, (r, shared) in enumerate(zip(reqs, depths)):
         # An explicit cache's entry is read by a prompt that holds it whole: its partial last block is its own.
         whole = r.prefix_blocks if automatic else r.prefix_blocks[:r.input_tokens // block_tokens]
-        n_warm = warm_run(whole, warm_set.__contains__, automatic)
+        room = automatic or mark_room(r.body)  # none left: the wire reads and writes none of its blocks
+        n_warm = warm_run(whole, warm_set.__contains__, automatic) if room else 0
         # The live body marks at most its last whole block: a partial one goes with the tail (automatic: unread).
-        mark = min(shared[0] if shared else 0, r.input_tokens // block_tokens)
+        mark = min(shared[0] if shared else 0, r.input_tokens // block_tokens) if room else 0
         split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
         prices.append(price_text(provider, spec, split, r.output_tokens, mode))
         kept = use_cache and k not in gone

@@ -293,9 +293,12 @@ class SimProvider:
                               r.output_tokens, mode).total, 0
         # An explicit cache's entry is read by a prompt that holds it whole: its partial last block is its own.
         held = blocks if pc.automatic else blocks[:r.input_tokens // self.bt]
-        n_warm = warm_run(held, lambda b: self._is_warm(r.model, b, start), pc.automatic)
+        # A body whose own marks leave the engine no breakpoint (or of messages, sent as written) reads and
+        # writes none of its blocks on the wire: priced so, where the simulator read and wrote them (stop 86).
+        room = mark_room(r.body) if not pc.automatic else 1
+        n_warm = warm_run(held, lambda b: self._is_warm(r.model, b, start), pc.automatic) if room else 0
         # A write marks the last whole block, as the live body does: a partial last block goes with the tail.
-        whole = cache_write and not isinstance(cache_write, tuple)  # (an automatic cache: unread)
+        whole = cache_write and not isinstance(cache_write, tuple) and room  # (an automatic cache: unread)
         mark = min(len(blocks), r.input_tokens // self.bt) if whole else 0
         if parts := call_marks(cache_write, n_warm, len(held), self.bt, prov, spec, mark_room(r.body)):
             mark, parts = parts[0], parts[1:]  # the depths the policy named: an entry at each, as the live body

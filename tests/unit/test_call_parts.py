@@ -243,3 +243,100 @@ def test_a_calls_depths_reach_the_dispatchers_gate_as_decided():
         return [w.cache_write for w in queued]
 
     assert asyncio.run(go()) == [(21,), True, False]
+
+
+def test_the_live_belief_counts_blocks_past_the_bodys_own_system_text():
+    """A replayed line whose body carries a system text of its own (2 tokens) puts those tokens first, so its
+    usage counts them: a read of its two-block entry is 1,026 tokens, which the belief took for three blocks, an
+    entry never written. The next turn, of four blocks, was marked at the third and paid a write of it, priced
+    plain by the simulator (a review of stop 86, "a belief a block too deep"; fails on the code before: the
+    emulator billed 0.0040728 against 0.0036942 priced, the belief 3). The system's own tokens are read with the
+    entry at the emulator, priced plain by the simulator: a few tokens' worth, within the tolerance here."""
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import CallJob, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    clock, prov, caches, sim = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
+    live, believed, splits = _live(clock), [], []
+    try:
+        for i, (blocks, write) in enumerate([([1, 2], True), ([1, 2, 3], False), ([1, 2, 3, 4], False)]):
+            r = _req(i, blocks, 512 * len(blocks) + 100).model_copy(
+                update={"provider": "anthropic", "prompt": "p", "body": {"system": "abcdefgh"}})
+            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
+            job = job._replace(body=live.sync_body(job))
+            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(job.body), clock.now())
+            believed.append(live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write)))
+            assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
+                price_text(prov, SPEC, split, 1, "sync").total, rel=1e-2), (i, split)
+            splits.append(split)
+            clock.advance(1.0)
+    finally:
+        asyncio.run(live.close())
+    assert [s.read > 0 for s in splits] == [False, True, True] and splits[2].write == 0
+    assert believed == [2, 2, 2]  # the one entry the emulator holds, two blocks and the system before them
+
+
+_FOUR_MARKS = {"system": [{"type": "text", "text": f"rule {k}", "cache_control": {"type": "ephemeral"}}
+                          for k in range(4)]}
+_MESSAGES = {"messages": [{"role": "user", "content": "a question of the caller's own " * 150}]}
+
+
+@pytest.mark.parametrize("body", [_FOUR_MARKS, _MESSAGES], ids=["four-own-marks", "messages"])
+def test_a_body_that_leaves_the_engine_no_breakpoint_is_priced_as_the_wire_bills_it(body):
+    """A replayed line whose body carries four ``cache_control`` marks of its own leaves the engine none of
+    Anthropic's four; a body of messages (a caller's own prompt) is sent as written. Either way the wire marks none
+    of its prefix blocks, and the emulator bills them plain, where the simulator priced a write of two blocks and
+    then reads of them (a review of stop 86, "bodies with 3-4 marks of their own" and "a real prompt renders no
+    blocks"; fails on the code before: the first call priced 0.004152 against 0.003384 at the emulator with four
+    marks, 0.004272 against 0.003504 of messages). Each call
+    now costs what the emulator bills, and the belief holds none of its blocks."""
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import CallJob, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    clock, prov, caches, sim = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
+    live, believed = _live(clock), []
+    try:
+        for i, (blocks, write) in enumerate([([1, 2], True), ([1, 2, 3], False), ([1, 2, 3], (3, 2))]):
+            r = _req(i, blocks, 512 * len(blocks) + 100).model_copy(
+                update={"provider": "anthropic", "prompt": "p", "body": body})
+            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
+            job = job._replace(body=live.sync_body(job))
+            prompt = anthropic_prompt(job.body)
+            split = caches.use(prov, SPEC, MODEL, prompt, clock.now())
+            believed.append(live._keep_warm(job, Usage(prompt.tokens, 1, split.read, split.write)))
+            r = r.model_copy(update={"input_tokens": prompt.tokens})  # the caller's prompt, counted as the wire does
+            assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
+                price_text(prov, SPEC, split, 1, "sync").total, rel=1e-3), (i, split)
+            clock.advance(1.0)
+    finally:
+        asyncio.run(live.close())
+    assert believed == [0, 0, 0]
+
+
+@pytest.mark.parametrize("body", [_FOUR_MARKS, _MESSAGES], ids=["four-own-marks", "messages"])
+def test_a_batch_of_bodies_that_leave_no_breakpoint_is_priced_as_the_wire_bills_it(body):
+    """As above, members of one batch: the simulator priced the first member's write of the shared blocks and the
+    later members' reads of them, the wire marked none (fails on the code before: "Mismatched elements: 5 / 5"
+    with four marks and of messages)."""
+    from engine.core.clock import ManualClock
+    from engine.core.cost import price_batch
+    from engine.core.provider_api import CallJob
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    live, first = _live(ManualClock(0.0)), list(range(1, 11))
+    paths = [first] + [first[:k] + [100 + k] for k in (4, 6, 8)] + [first + [99]]
+    reqs = [_req(i, p, 512 * len(p) + 100).model_copy(update={"provider": "anthropic", "prompt": "p", "body": body})
+            for i, p in enumerate(paths)]
+    try:
+        bodies = live.batch_body([CallJob(f"k{i}", r, 0.0, 0, 0, False) for i, r in enumerate(reqs)])
+    finally:
+        asyncio.run(live.close())
+    prov, caches = DEFAULT_CAT.provider("anthropic"), PromptCaches()
+    prompts = [anthropic_prompt(b["params"]) for b in bodies]
+    billed = [price_text(prov, SPEC, caches.use(prov, SPEC, MODEL, p, 10.0), 1, "batch_api").total for p in prompts]
+    reqs = [r.model_copy(update={"input_tokens": p.tokens}) for r, p in zip(reqs, prompts, strict=True)]
+    assert billed == pytest.approx([p.total for p in price_batch(reqs, DEFAULT_CAT, "batch_api")], rel=1e-3)
