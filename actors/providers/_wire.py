@@ -21,11 +21,12 @@ from typing import Any
 
 from engine.core._cost_cache import mark_room
 from engine.core._logkeys import redact  # one rule for keys, the loggers' filter's too
+from engine.core.body_tokens import tool_chars, tool_prompt_tokens
 from engine.core.request import Request, split_body
 from engine.core.responses_input import as_messages
 
 __all__ = ["billing_refusal", "broke_at", "call_timeout", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
-           "redact", "retry_after", "tokens"]
+           "redact", "renders_blocks", "retry_after", "tokens"]
 
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
           "kestrel", "lumen", "meadow", "nimbus", "onyx", "prairie", "quartz", "river", "saffron", "tundra")
@@ -160,6 +161,13 @@ def _filler(chars: int, seed: str) -> str:
     return (unit * (chars // len(unit) + 1))[:chars]
 
 
+def renders_blocks(req: Request, chars_per_token: float, replay: bool = False) -> bool:
+    """Whether ``message_parts`` renders ``req``'s prefix blocks: a replayed line's, or a placeholder prompt's,
+    never a body's outside a replay nor a prompt long enough for its count. One rule for the body and the belief
+    of what it cached (``entry_blocks``)."""
+    return replay or (req.body is None and len(req.prompt) <= (req.input_tokens - 1) * chars_per_token)
+
+
 def message_parts(req: Request, block_tokens: int, chars_per_token: float,
                   replay: bool = False) -> tuple[list[str], str]:
     """The prompt of a request without a body: (texts of its shared prefix blocks, its own tail). A prompt
@@ -173,7 +181,7 @@ def message_parts(req: Request, block_tokens: int, chars_per_token: float,
     # Beside a body (a system prompt, instructions, tools), the prompt is the user's question, whatever the
     # estimate, which holds the body's text and tools too: taken whole, the question read as a placeholder and
     # filler went in its place (reviews). A trace's line has no body.
-    if not replay and (req.body is not None or len(prompt) > (req.input_tokens - 1) * cpt):
+    if not renders_blocks(req, cpt, replay):
         return [], prompt or " "
     own = req.input_tokens - (math.ceil(len(split_body(req.body)[0]) / cpt) if req.body else 0)
     total = int(max(own, 1) * cpt)
@@ -248,16 +256,21 @@ def broke_at(req: Request, body: dict | None) -> tuple[int, ...]:
     return tuple(k + 1 for k, c in enumerate(content[:-1]) if isinstance(c, dict) and "cache_control" in c)
 
 
-def entry_blocks(req: Request, cached: int, settings: Any) -> int:
+def entry_blocks(req: Request, cached: int, settings: Any, catalog: Any) -> int:
     """How many of ``req``'s leading prefix blocks an Anthropic entry of ``cached`` tokens (its usage's read, or
-    read and write) covers, in the body ``message_parts`` renders. A body's system text (a replayed line's)
-    comes first in the prompt, so it counts in the usage too: taken for prefix blocks, a 2-token system made a
-    read of two blocks (1,026 tokens) three, an entry never written, and the next call marked it and paid a
-    write the policy priced plain (a review of stop 86). Rounded to the nearest block, as a real tokenizer
-    counts the blocks and the system near, not exactly, what the renderer estimated."""
-    head, bt = 0, settings.prefix_block_tokens
-    if not mark_room(req.body):  # the engine marked none of its blocks: what it read is the body's own
+    read and write) covers, in the body ``message_parts`` renders. What a body puts before the blocks counts in the
+    usage too: its tools, the system prompt Anthropic adds for them (``catalog``'s ``tool_prompt``) and its system
+    text. Taken for prefix blocks, a 2-token system made a read of two blocks (1,026 tokens) three, an entry never
+    written, and the next call marked it and paid a write the policy priced plain (a review of stop 86); a tool
+    did so too (a review of ``fid86``). Rounded to the nearest block, as a real tokenizer counts the blocks and
+    the head near, not exactly, what the renderer estimated. None where the body renders no block (a body of
+    messages, one whose own marks leave the engine none, any body outside a replay): what it read is its own."""
+    bt, cpt = settings.prefix_block_tokens, settings.chars_per_token
+    if not mark_room(req.body) or not renders_blocks(req, cpt, settings.providers.replay):
         return 0
-    if req.body and settings.providers.replay and "messages" not in as_messages(dict(req.body), "anthropic", "chat"):
-        head = math.ceil(len(split_body(req.body)[0]) / settings.chars_per_token)  # as ``message_parts`` sized it
+    head = 0
+    if req.body:
+        body = as_messages(dict(req.body), "anthropic", "chat")
+        head = (math.ceil(len(split_body(body)[0]) / cpt) + math.ceil(tool_chars(body) / cpt)  # as the emulator
+                + tool_prompt_tokens(body, catalog.tool_prompt(req.provider, req.model)))
     return max(cached - head + bt // 2, 0) // bt

@@ -113,17 +113,17 @@ class AnthropicProvider(HttpBase):
         return self._warm.leading(self.name, r.model, held, self.clock.now(), exact=True)[0]
 
     def _keep_warm(self, job: CallJob, usage: Usage) -> int:
-        """Believe warm the leading blocks the call read or wrote past its body's system (``entry_blocks``: the
+        """Believe warm the leading blocks the call read or wrote past its body's head (``entry_blocks``: the
         rest drew the next breakpoint past the cached prefix, where the provider writes); returns how many."""
         n, parts = self._warm_of(job, usage), self._parts.pop(job.key, ())
-        n = min(_wire.entry_blocks(job.req, usage.cache_read + usage.cache_write, self.settings), n)
+        n = min(_wire.entry_blocks(job.req, usage.cache_read + usage.cache_write, self.settings, self.catalog), n)
         if n:
             now, blocks = self.clock.now(), job.req.prefix_blocks
             until = now + self.spec.cache_of(job.req.model).ttl_s
             # A hit refreshes the entry it read, which ends short of one the call wrote: noted alone, it went cold
             # in the belief while Anthropic kept it, and the next call sent it plain. Its write left an entry at
             # each breakpoint past the read too, noted here, as the simulator keeps it, should its member fail.
-            read = min(_wire.entry_blocks(job.req, usage.cache_read, self.settings), n)
+            read = min(_wire.entry_blocks(job.req, usage.cache_read, self.settings, self.catalog), n)
             # A sync call's as its body broke (drawn again at the read, they named depths never marked: a review).
             parts = parts or broke_at(job.req, job.body)
             ends = {read, n} | {k for k in parts if read < k < n}

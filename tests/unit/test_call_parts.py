@@ -340,3 +340,67 @@ def test_a_batch_of_bodies_that_leave_no_breakpoint_is_priced_as_the_wire_bills_
     billed = [price_text(prov, SPEC, caches.use(prov, SPEC, MODEL, p, 10.0), 1, "batch_api").total for p in prompts]
     reqs = [r.model_copy(update={"input_tokens": p.tokens}) for r, p in zip(reqs, prompts, strict=True)]
     assert billed == pytest.approx([p.total for p in price_batch(reqs, DEFAULT_CAT, "batch_api")], rel=1e-3)
+
+
+_EPHEMERAL = {"type": "ephemeral"}
+_TOOL = {"name": "lookup", "description": "finds a record " * 100, "input_schema": {"type": "object", "properties": {}}}
+
+
+def test_the_live_belief_counts_blocks_past_the_bodys_own_tools_too():
+    """Tools come before the system text in Anthropic's prompt, and with them the system prompt Anthropic adds for
+    tool use (the catalog's ``tool_prompt``, 346 tokens): a replayed line with one tool of 396 tokens read its
+    two-block entry as 1,768 tokens, which the belief took for three blocks, and the next turn was marked at the
+    third and paid a write of 512 tokens at 1.25x, which the simulator does not price (a review of ``fid86``, which
+    counted the system text alone; fails on the code before: "512 == 0", believed [2, 3, 4])."""
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import CallJob, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    clock, prov, caches = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches()
+    live, believed, splits, hidden = _live(clock), [], [], DEFAULT_CAT.tool_prompt("anthropic", MODEL)
+    try:
+        for i, (blocks, write) in enumerate([([1, 2], True), ([1, 2, 3], False), ([1, 2, 3, 4], False)]):
+            r = _req(i, blocks, 512 * len(blocks) + 100).model_copy(
+                update={"provider": "anthropic", "prompt": "p", "body": {"system": "abcdefgh", "tools": [_TOOL]}})
+            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
+            job = job._replace(body=live.sync_body(job))
+            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(job.body, None, hidden), clock.now())
+            believed.append(live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write)))
+            splits.append(split)
+            clock.advance(1.0)
+    finally:
+        asyncio.run(live.close())
+    assert [s.read > 0 for s in splits] == [False, True, True] and splits[2].write == 0, splits
+    assert believed == [2, 2, 2]
+
+
+def test_the_live_belief_notes_no_blocks_of_a_body_sent_as_written():
+    """Outside a replay a body's prompt is the caller's question, sent as written (``message_parts``): no prefix
+    block goes on the wire, yet the read of the body's own marked system text (1,250 tokens) was taken for two of
+    the blocks the request named, believed warm for the policy's next estimate though no entry holds them (a review
+    of ``fid86``; fails on the code before: believed [2, 2, 2])."""
+    from actors.providers.anthropic_http import AnthropicProvider
+    from engine.core.clock import ManualClock
+    from engine.core.provider_api import CallJob, Secret, Usage
+    from engine.emulator._cache import PromptCaches
+    from engine.emulator._text import anthropic_prompt
+
+    s, clock, prov, caches = Settings(), ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches()
+    live = AnthropicProvider("anthropic", DEFAULT_CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), clock)
+    body, believed, splits = {"system": [{"type": "text", "text": "rule " * 1000, "cache_control": _EPHEMERAL}]}, [], []
+    try:
+        for i, blocks in enumerate([[1, 2], [1, 2, 3], [1, 2, 3, 4]]):
+            r = _req(i, blocks, 512 * len(blocks) + 1300).model_copy(
+                update={"provider": "anthropic", "prompt": "what is the rule?", "body": body})
+            job = CallJob(f"k{i}", r, 0.0, 0, 0, True)
+            job = job._replace(body=live.sync_body(job))
+            prompt = anthropic_prompt(job.body)
+            split = caches.use(prov, SPEC, MODEL, prompt, clock.now())
+            believed.append(live._keep_warm(job, Usage(prompt.tokens, 1, split.read, split.write)))
+            splits.append(split)
+            clock.advance(1.0)
+    finally:
+        asyncio.run(live.close())
+    assert [s.read for s in splits] == [0, 1250, 1250]  # the caller's own entry, read at 0.1x all the same
+    assert believed == [0, 0, 0]
