@@ -11,7 +11,7 @@ from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._body_checks import cache_blocks
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.request import Request
-from engine.core.responses_input import as_messages
+from engine.core.responses_input import translates
 
 __all__ = ["CacheSplit", "cache_read_multiplier", "cache_split", "cached_blocks", "call_marks", "entry_marks",
            "left_warm", "mark_room", "min_cacheable_tokens", "shared_prefix_depths", "shared_prefix_marks", "warm_run"]
@@ -183,7 +183,9 @@ def mark_room(body: dict | None) -> int:
     body kept only its furthest marks (a review of stop 86). None for a body of messages (a caller's own prompt,
     sent as written, so the engine marks nothing in it): priced as if its prefix blocks were marked, a read the
     wire never made (a review of stop 86)."""
-    if body and "messages" in as_messages(dict(body), "anthropic", "chat"):
+    # Messages, given or a Responses body's (``as_messages``: one it cannot translate is refused, priced nothing);
+    # asked of the translation, each price of a member translated its whole ``input`` (a review of ``fid86``).
+    if body and ("messages" in body or translates(body, "anthropic", "chat")):
         return 0
     own = sum(isinstance(b, dict) and b.get("cache_control") is not None for _, b in cache_blocks(body or {}))
     return max(MAX_CACHE_MARKS - own, 0)

@@ -404,3 +404,19 @@ def test_the_live_belief_notes_no_blocks_of_a_body_sent_as_written():
         asyncio.run(live.close())
     assert [s.read for s in splits] == [0, 1250, 1250]  # the caller's own entry, read at 0.1x all the same
     assert believed == [0, 0, 0]
+
+
+def test_a_responses_body_has_no_room_without_its_input_translated(monkeypatch):
+    """A Responses body goes to Anthropic as messages, so the engine marks none of it (``mark_room`` 0); the rule
+    asked ``as_messages``, which translated the whole ``input`` at each price of each member (94 us a call at 50
+    items where the count of marks took 0.9 us: the policy prices every candidate batch; a review of ``fid86``;
+    fails on the code before: "2 == 0" translations). A body that cannot be translated is refused, priced nothing."""
+    import engine.core.responses_input as responses_input
+    from engine.core._cost_cache import mark_room
+
+    translated = []
+    monkeypatch.setattr(responses_input, "_translate", lambda *a, **k: translated.append(a) or {"messages": []})
+    resp = {"instructions": "be brief", "input": [{"role": "user", "content": "hi"}] * 50}
+    assert [mark_room(resp), mark_room({"input": "hi"}), mark_room(_MESSAGES), mark_room(None)] == [0, 0, 0, 4]
+    assert mark_room({"system": [{"type": "text", "text": "r", "cache_control": _EPHEMERAL}]}) == 3
+    assert len(translated) == 0
