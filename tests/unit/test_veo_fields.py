@@ -109,7 +109,7 @@ def test_a_stop_with_a_video_under_way_says_it_waits_for_it(caplog):
     from engine.app._driver_shared import SharedEngine
 
     eng = SimpleNamespace(_owner=True, _running=True, _gone=None, _puller=None, name="e",
-                          wait_cancelled=lambda _s: True, wind_down=lambda _s: 0)
+                          wait_cancelled=lambda _s: True, wind_down=lambda _s, _cut=None: 0)
     with caplog.at_level(logging.WARNING, logger="smartbatch"):
         assert SharedEngine._drain_before_stop(eng, 600.0) == 0
     (said,) = [r.getMessage() for r in caplog.records]
