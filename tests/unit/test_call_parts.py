@@ -128,6 +128,18 @@ def _live(clock):
     return AnthropicProvider("anthropic", DEFAULT_CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), clock)
 
 
+def _sent(live, caches, prov, clock, r, write, hidden=None):
+    """One sync call of `r` as the live provider builds its body, read and written by the emulator's caches:
+    the job, the prompt the emulator saw and its cache split."""
+    from engine.core.provider_api import CallJob
+    from engine.emulator._text import anthropic_prompt
+
+    job = CallJob(f"k{r.id}", r, 0.0, 0, 0, write)
+    job = job._replace(body=live.sync_body(job))
+    prompt = anthropic_prompt(job.body, None, hidden)
+    return job, prompt, caches.use(prov, SPEC, MODEL, prompt, clock.now())
+
+
 def test_a_calls_depths_leave_entries_the_emulator_reads_as_the_simulator_prices():
     """A call of eight blocks named (8, 4): one write of eight, an entry at four too. A prompt parting from it after
     the fourth block reads those four at the emulator and in the simulator, and pays the same in both (fails on the
@@ -135,7 +147,6 @@ def test_a_calls_depths_leave_entries_the_emulator_reads_as_the_simulator_prices
     from engine.core.clock import ManualClock
     from engine.core.provider_api import CallJob, Usage
     from engine.emulator._cache import PromptCaches
-    from engine.emulator._text import anthropic_prompt
 
     clock, prov, caches, sim = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
     live = _live(clock)
@@ -144,9 +155,7 @@ def test_a_calls_depths_leave_entries_the_emulator_reads_as_the_simulator_prices
         splits = []
         for i, (r, write) in enumerate(calls):
             r = r.model_copy(update={"provider": "anthropic", "prompt": "p"})
-            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
-            job = job._replace(body=live.sync_body(job))  # as ``call`` passes it to the belief
-            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(job.body), clock.now())
+            job, _, split = _sent(live, caches, prov, clock, r, write)  # the body as ``call`` passes it to the belief
             live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write))
             assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
                 price_text(prov, SPEC, split, 1, "sync").total)
@@ -162,9 +171,8 @@ def test_live_sync_bodies_with_depths_cost_at_the_emulator_what_the_simulator_pr
     """As ``test_explicit_cache_entries``'s 400 calls, some now naming depths (a subset of their prefix's lengths,
     the deepest first): each costs at the emulator what the simulator prices."""
     from engine.core.clock import ManualClock
-    from engine.core.provider_api import CallJob, Usage
+    from engine.core.provider_api import Usage
     from engine.emulator._cache import PromptCaches
-    from engine.emulator._text import anthropic_prompt
 
     clock, prov, caches, sim = ManualClock(0.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
     live = _live(clock)
@@ -179,9 +187,7 @@ def test_live_sync_bodies_with_depths_cost_at_the_emulator_what_the_simulator_pr
             u = rng.random()
             write = (tuple(sorted(rng.sample(range(1, len(blocks) + 1), rng.randint(1, len(blocks))), reverse=True))
                      if u < 0.5 else u < 0.8)
-            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
-            job = job._replace(body=live.sync_body(job))
-            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(job.body), clock.now())
+            job, prompt, split = _sent(live, caches, prov, clock, r, write)
             live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write))
             assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
                 price_text(prov, SPEC, split, 1, "sync").total), (i, blocks, r.input_tokens, write, split)
@@ -253,9 +259,8 @@ def test_the_live_belief_counts_blocks_past_the_bodys_own_system_text():
     emulator billed 0.0040728 against 0.0036942 priced, the belief 3). The system's own tokens are read with the
     entry at the emulator, priced plain by the simulator: a few tokens' worth, within the tolerance here."""
     from engine.core.clock import ManualClock
-    from engine.core.provider_api import CallJob, Usage
+    from engine.core.provider_api import Usage
     from engine.emulator._cache import PromptCaches
-    from engine.emulator._text import anthropic_prompt
 
     clock, prov, caches, sim = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
     live, believed, splits = _live(clock), [], []
@@ -263,9 +268,7 @@ def test_the_live_belief_counts_blocks_past_the_bodys_own_system_text():
         for i, (blocks, write) in enumerate([([1, 2], True), ([1, 2, 3], False), ([1, 2, 3, 4], False)]):
             r = _req(i, blocks, 512 * len(blocks) + 100).model_copy(
                 update={"provider": "anthropic", "prompt": "p", "body": {"system": "abcdefgh"}})
-            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
-            job = job._replace(body=live.sync_body(job))
-            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(job.body), clock.now())
+            job, prompt, split = _sent(live, caches, prov, clock, r, write)
             believed.append(live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write)))
             assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
                 price_text(prov, SPEC, split, 1, "sync").total, rel=1e-2), (i, split)
@@ -292,9 +295,8 @@ def test_a_body_that_leaves_the_engine_no_breakpoint_is_priced_as_the_wire_bills
     marks, 0.004272 against 0.003504 of messages). Each call
     now costs what the emulator bills, and the belief holds none of its blocks."""
     from engine.core.clock import ManualClock
-    from engine.core.provider_api import CallJob, Usage
+    from engine.core.provider_api import Usage
     from engine.emulator._cache import PromptCaches
-    from engine.emulator._text import anthropic_prompt
 
     clock, prov, caches, sim = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches(), _provider()
     live, believed = _live(clock), []
@@ -302,10 +304,7 @@ def test_a_body_that_leaves_the_engine_no_breakpoint_is_priced_as_the_wire_bills
         for i, (blocks, write) in enumerate([([1, 2], True), ([1, 2, 3], False), ([1, 2, 3], (3, 2))]):
             r = _req(i, blocks, 512 * len(blocks) + 100).model_copy(
                 update={"provider": "anthropic", "prompt": "p", "body": body})
-            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
-            job = job._replace(body=live.sync_body(job))
-            prompt = anthropic_prompt(job.body)
-            split = caches.use(prov, SPEC, MODEL, prompt, clock.now())
+            job, prompt, split = _sent(live, caches, prov, clock, r, write)
             believed.append(live._keep_warm(job, Usage(prompt.tokens, 1, split.read, split.write)))
             r = r.model_copy(update={"input_tokens": prompt.tokens})  # the caller's prompt, counted as the wire does
             assert sim._sync_price(r, SPEC, clock.now(), write)[0] == pytest.approx(
@@ -353,9 +352,8 @@ def test_the_live_belief_counts_blocks_past_the_bodys_own_tools_too():
     third and paid a write of 512 tokens at 1.25x, which the simulator does not price (a review of ``fid86``, which
     counted the system text alone; fails on the code before: "512 == 0", believed [2, 3, 4])."""
     from engine.core.clock import ManualClock
-    from engine.core.provider_api import CallJob, Usage
+    from engine.core.provider_api import Usage
     from engine.emulator._cache import PromptCaches
-    from engine.emulator._text import anthropic_prompt
 
     clock, prov, caches = ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches()
     live, believed, splits, hidden = _live(clock), [], [], DEFAULT_CAT.tool_prompt("anthropic", MODEL)
@@ -363,9 +361,7 @@ def test_the_live_belief_counts_blocks_past_the_bodys_own_tools_too():
         for i, (blocks, write) in enumerate([([1, 2], True), ([1, 2, 3], False), ([1, 2, 3, 4], False)]):
             r = _req(i, blocks, 512 * len(blocks) + 100).model_copy(
                 update={"provider": "anthropic", "prompt": "p", "body": {"system": "abcdefgh", "tools": [_TOOL]}})
-            job = CallJob(f"k{i}", r, 0.0, 0, 0, write)
-            job = job._replace(body=live.sync_body(job))
-            split = caches.use(prov, SPEC, MODEL, anthropic_prompt(job.body, None, hidden), clock.now())
+            job, prompt, split = _sent(live, caches, prov, clock, r, write, hidden)
             believed.append(live._keep_warm(job, Usage(r.input_tokens, 1, split.read, split.write)))
             splits.append(split)
             clock.advance(1.0)
@@ -382,9 +378,8 @@ def test_the_live_belief_notes_no_blocks_of_a_body_sent_as_written():
     of ``fid86``; fails on the code before: believed [2, 2, 2])."""
     from actors.providers.anthropic_http import AnthropicProvider
     from engine.core.clock import ManualClock
-    from engine.core.provider_api import CallJob, Secret, Usage
+    from engine.core.provider_api import Secret, Usage
     from engine.emulator._cache import PromptCaches
-    from engine.emulator._text import anthropic_prompt
 
     s, clock, prov, caches = Settings(), ManualClock(10.0), DEFAULT_CAT.provider("anthropic"), PromptCaches()
     live = AnthropicProvider("anthropic", DEFAULT_CAT, s, s.providers.endpoints["anthropic"], Secret("sk-x"), clock)
@@ -393,10 +388,7 @@ def test_the_live_belief_notes_no_blocks_of_a_body_sent_as_written():
         for i, blocks in enumerate([[1, 2], [1, 2, 3], [1, 2, 3, 4]]):
             r = _req(i, blocks, 512 * len(blocks) + 1300).model_copy(
                 update={"provider": "anthropic", "prompt": "what is the rule?", "body": body})
-            job = CallJob(f"k{i}", r, 0.0, 0, 0, True)
-            job = job._replace(body=live.sync_body(job))
-            prompt = anthropic_prompt(job.body)
-            split = caches.use(prov, SPEC, MODEL, prompt, clock.now())
+            job, prompt, split = _sent(live, caches, prov, clock, r, True)
             believed.append(live._keep_warm(job, Usage(prompt.tokens, 1, split.read, split.write)))
             splits.append(split)
             clock.advance(1.0)
